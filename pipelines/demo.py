@@ -1,0 +1,225 @@
+"""Tiny random-weight demo models, written in the real on-disk formats.
+
+No weights can be downloaded here, so the demo and the tests use these. They are built from fixed seeds
+(same files, same hashes on every run of the same library versions) and are only ever read back through the
+real loaders: `from_pretrained` for diffusers and Hugging Face cache folders, `from_single_file` for the
+original-layout checkpoint. Their images are noise; their code paths are the real ones.
+
+Sizes follow SD's geometry where it matters (a 4-level VAE with the usual 8x downsampling) and are tiny
+everywhere else, so a 64-128 px, 8-step job takes a fraction of a second on two CPU cores.
+"""
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from pipelines.ldm_layout import sd15_single_file_state_dict
+from pipelines.tokenizer import write_tokenizer_files
+
+logger = logging.getLogger(__name__)
+
+SD15_FOLDER = "demo-sd15"
+SD15_SINGLE_FILE = "demo-sd15-single.safetensors"
+SDXL_REPO_ID = "demo/tiny-sdxl-base"
+SDXL_CACHE_FOLDER = "models--demo--tiny-sdxl-base"
+REFINER_FOLDER = "demo-sdxl-refiner"
+
+DEMO_LABELS = {
+    "Demo SD1.5": SD15_FOLDER,
+    "Demo SD1.5 (single file)": "demo-sd15-single",
+    "Demo SDXL": SDXL_CACHE_FOLDER,
+    "Demo SDXL Refiner": REFINER_FOLDER,
+}
+
+# The noise schedules real SD1.5 and SDXL checkpoints ship with.
+SD15_SCHEDULER = dict(
+    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+    skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False,
+)  # fmt: skip
+SDXL_SCHEDULER = dict(
+    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+    steps_offset=1, timestep_spacing="leading", interpolation_type="linear", use_karras_sigmas=False,
+)  # fmt: skip
+
+
+def _tokenizer(work: Path, pad_token: str | None = None):
+    from transformers import CLIPTokenizer
+
+    files = work / "tokenizer-files"
+    if not files.exists():
+        write_tokenizer_files(files)
+    extra = {"pad_token": pad_token} if pad_token else {}
+    return CLIPTokenizer.from_pretrained(files, model_max_length=77, **extra)
+
+
+def _text_encoder(tokenizer, seed: int, with_projection: bool = False):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, vocab_size=len(tokenizer), hidden_size=32,
+        intermediate_size=37, num_attention_heads=4, num_hidden_layers=5, projection_dim=32,
+        max_position_embeddings=77, hidden_act="gelu",
+    )  # fmt: skip
+    model_class = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    return model_class(config).eval()
+
+
+def _vae(seed: int, scaling_factor: float):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        block_out_channels=[32, 32, 32, 32], in_channels=3, out_channels=3, latent_channels=4,
+        down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+        layers_per_block=1, norm_num_groups=32, sample_size=128, scaling_factor=scaling_factor,
+    ).eval()  # fmt: skip
+
+
+def _sd15_unet(seed: int):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=2, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=(2, 4), norm_num_groups=32,
+    ).eval()  # fmt: skip
+
+
+def _sdxl_unet(seed: int, cross_attention_dim: int, projection_input_dim: int):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=2, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=projection_input_dim,
+        cross_attention_dim=cross_attention_dim, norm_num_groups=1,
+    ).eval()  # fmt: skip
+
+
+def build_sd15(work: Path, seed: int = 15):
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    tokenizer = _tokenizer(work)
+    return StableDiffusionPipeline(
+        vae=_vae(seed, 0.18215), text_encoder=_text_encoder(tokenizer, seed), tokenizer=tokenizer,
+        unet=_sd15_unet(seed), scheduler=PNDMScheduler(**SD15_SCHEDULER), safety_checker=None,
+        feature_extractor=None, image_encoder=None, requires_safety_checker=False,
+    )  # fmt: skip
+
+
+def build_sdxl_base(work: Path, seed: int = 20):
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    # text_embeds (32, the projection of text_encoder_2) + 6 time ids x 8 = 80
+    return StableDiffusionXLPipeline(
+        vae=_vae(seed, 0.13025), text_encoder=_text_encoder(_tokenizer(work), seed),
+        text_encoder_2=_text_encoder(_tokenizer(work, pad_token="!"), seed + 1, with_projection=True),
+        tokenizer=_tokenizer(work), tokenizer_2=_tokenizer(work, pad_token="!"),
+        unet=_sdxl_unet(seed, cross_attention_dim=64, projection_input_dim=80),
+        scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER), image_encoder=None, feature_extractor=None,
+    )  # fmt: skip
+
+
+def build_sdxl_refiner(work: Path, seed: int = 20):
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline
+
+    # The refiner shares the base's VAE and second text encoder (same seeds), as the real ones do.
+    # text_embeds (32) + 5 time ids (with the aesthetic score) x 8 = 72
+    return StableDiffusionXLImg2ImgPipeline(
+        vae=_vae(seed, 0.13025), text_encoder=None, tokenizer=None,
+        text_encoder_2=_text_encoder(_tokenizer(work, pad_token="!"), seed + 1, with_projection=True),
+        tokenizer_2=_tokenizer(work, pad_token="!"),
+        unet=_sdxl_unet(seed + 2, cross_attention_dim=32, projection_input_dim=72),
+        scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER), image_encoder=None, feature_extractor=None,
+        requires_aesthetics_score=True, force_zeros_for_empty_prompt=False,
+    )  # fmt: skip
+
+
+def _save_pipeline(pipe, directory: Path) -> None:
+    pipe.save_pretrained(directory, safe_serialization=True)
+
+
+def _write_hf_cache_layout(snapshot_source: Path, cache_folder: Path, repo_id: str) -> None:
+    """Lays a saved pipeline out as the Hugging Face cache does: blobs named by hash, snapshot symlinks."""
+    revision = hashlib.sha1(f"{repo_id}@demo".encode()).hexdigest()
+    blobs = cache_folder / "blobs"
+    snapshot = cache_folder / "snapshots" / revision
+    blobs.mkdir(parents=True)
+    for source in sorted(p for p in snapshot_source.rglob("*") if p.is_file()):
+        digest = hashlib.sha256(source.read_bytes()).hexdigest()
+        shutil.copyfile(source, blobs / digest)
+        link = snapshot / source.relative_to(snapshot_source)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blobs / digest, link.parent))
+    (cache_folder / "refs").mkdir()
+    (cache_folder / "refs" / "main").write_text(revision)
+
+
+def _write_single_file_config(pipe, directory: Path) -> None:
+    """The diffusers configs and tokenizer a single-file checkpoint needs offline (no weights)."""
+    pipe.save_config(directory)  # model_index.json
+    pipe.unet.save_config(directory / "unet")
+    pipe.vae.save_config(directory / "vae")
+    pipe.text_encoder.config.save_pretrained(directory / "text_encoder")
+    pipe.tokenizer.save_pretrained(directory / "tokenizer")
+    pipe.scheduler.save_pretrained(directory / "scheduler")
+
+
+def create_demo_models(models_dir: Path, overwrite: bool = False) -> list[Path]:
+    """Writes every demo model into `models_dir`; returns the paths written. Existing ones are kept
+    unless `overwrite` is set."""
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()
+    models_dir.mkdir(parents=True, exist_ok=True)
+    targets = {
+        "sd15": models_dir / SD15_FOLDER,
+        "single": models_dir / SD15_SINGLE_FILE,
+        "sdxl": models_dir / SDXL_CACHE_FOLDER,
+        "refiner": models_dir / REFINER_FOLDER,
+    }
+    written = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        sd15 = None
+        for kind, target in targets.items():
+            if target.exists() and not overwrite:
+                logger.info("keeping existing %s", target)
+                continue
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+            if kind in ("sd15", "single"):
+                sd15 = sd15 or build_sd15(work)
+            if kind == "sd15":
+                _save_pipeline(sd15, target)
+            elif kind == "single":
+                state = sd15_single_file_state_dict(sd15.unet, sd15.vae, sd15.text_encoder)
+                save_file(state, target, metadata={"format": "pt"})
+                config_dir = models_dir / ".configs" / target.stem
+                shutil.rmtree(config_dir, ignore_errors=True)
+                _write_single_file_config(sd15, config_dir)
+            elif kind == "sdxl":
+                staged = work / "sdxl"
+                _save_pipeline(build_sdxl_base(work), staged)
+                _write_hf_cache_layout(staged, target, SDXL_REPO_ID)
+            elif kind == "refiner":
+                _save_pipeline(build_sdxl_refiner(work), target)
+            written.append(target)
+            logger.info("wrote %s", target)
+    return written

@@ -1,0 +1,60 @@
+"""The domain errors of the image engine.
+
+Each one carries a message a user can act on. The service maps them to HTTP status codes in one place
+(`status_code` is the suggested code); the CLI prints the message on one line.
+"""
+
+
+class DiffusionAPIError(Exception):
+    """Base class: a problem with what the caller asked for, not a bug."""
+
+    status_code = 400
+
+    def __init__(self, message: str, *, field: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+    def __reduce__(self):
+        # Keep the field when the error crosses a process boundary (Ray pickles exceptions).
+        return (_rebuild_error, (type(self), self.message, self.field))
+
+
+def _rebuild_error(cls: type[DiffusionAPIError], message: str, field: str | None) -> DiffusionAPIError:
+    return cls(message, field=field)
+
+
+class InvalidRequestError(DiffusionAPIError):
+    """A request field has a value the engine cannot use."""
+
+    status_code = 422
+
+
+class InvalidNameError(DiffusionAPIError):
+    """A name that could escape its folder (`..`, absolute path, NUL byte)."""
+
+    status_code = 400
+
+
+class UnknownModelError(DiffusionAPIError):
+    """No checkpoint with that name or label."""
+
+    status_code = 404
+
+
+class UnknownSamplerError(DiffusionAPIError):
+    """A sampler or schedule type name that does not exist."""
+
+    status_code = 422
+
+
+class BadImageError(DiffusionAPIError):
+    """An input image that cannot be decoded."""
+
+    status_code = 422
+
+
+class ModelLoadError(DiffusionAPIError):
+    """A checkpoint that was found but could not be loaded."""
+
+    status_code = 500

@@ -1,0 +1,40 @@
+"""Paths and defaults, from environment variables with defaults that need no configuring for the demo."""
+
+import os
+from pathlib import Path
+
+from pydantic import BaseModel
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+VERSION = "0.1.0"
+
+
+def _env_path(name: str, default: Path) -> Path:
+    value = os.environ.get(name)
+    return Path(value).expanduser().resolve() if value else default
+
+
+class Settings(BaseModel):
+    """Where things live. Every path can be overridden with a `DIFFUSION_API_*` environment variable."""
+
+    models_dir: Path
+    extra_models_dir: Path  # optional second folder (the seed's `models/`); ignored when missing
+    loras_dir: Path
+    upscalers_dir: Path
+    outputs_dir: Path
+    cache_dir: Path  # hashes and family detection results, keyed by file mtime
+    models_config: Path  # configs/models.yaml: labels, default model
+
+    @classmethod
+    def from_env(cls, root: Path | None = None) -> "Settings":
+        root = _env_path("DIFFUSION_API_HOME", root or PROJECT_ROOT)
+        sd = root / "stable_diffusion"
+        return cls(
+            models_dir=_env_path("DIFFUSION_API_MODELS_DIR", sd / "models"),
+            extra_models_dir=_env_path("DIFFUSION_API_EXTRA_MODELS_DIR", root / "models"),
+            loras_dir=_env_path("DIFFUSION_API_LORAS_DIR", sd / "loras"),
+            upscalers_dir=_env_path("DIFFUSION_API_UPSCALERS_DIR", sd / "upscalers"),
+            outputs_dir=_env_path("DIFFUSION_API_OUTPUTS_DIR", root / "outputs"),
+            cache_dir=_env_path("DIFFUSION_API_CACHE_DIR", sd / ".cache"),
+            models_config=_env_path("DIFFUSION_API_MODELS_CONFIG", root / "configs" / "models.yaml"),
+        )
