@@ -1,0 +1,304 @@
+"""Model discovery: what checkpoints are installed, their family, labels and A1111 hashes.
+
+Three on-disk formats are found in `stable_diffusion/models/` (and the optional extra `models/` folder):
+diffusers folders (`model_index.json`), Hugging Face cache folders (`models--org--name/snapshots/<rev>/`) and
+single-file checkpoints (`.safetensors`, `.ckpt`). The family comes from the files themselves (pipeline
+class and component configs, or tensor names), never from the name. Hashes and families are cached on disk
+by path, size and mtime, so a large checkpoint is hashed once.
+"""
+
+import hashlib
+import json
+import logging
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+from pipelines.errors import UnknownModelError
+from pipelines.names import check_user_name
+from pipelines.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+Family = Literal["sd15", "sdxl", "sdxl-refiner"]
+ModelFormat = Literal["diffusers", "hf-cache", "single-file"]
+FAMILIES: tuple[Family, ...] = ("sd15", "sdxl", "sdxl-refiner")
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+UNET_WEIGHT_FILES = (
+    "diffusion_pytorch_model.safetensors",
+    "diffusion_pytorch_model.fp16.safetensors",
+    "diffusion_pytorch_model.bin",
+    "diffusion_pytorch_model.fp16.bin",
+)
+_A1111_TITLE = re.compile(r"^(?P<name>.+?) \[[0-9a-fA-F]{8,10}\]$")
+
+
+class UnsupportedModelError(Exception):
+    """Files that look like a model of a family this service does not run (skipped with a warning)."""
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One installed checkpoint."""
+
+    name: str  # folder name, or file name without extension
+    label: str  # friendly label from configs/models.yaml, else the name
+    family: Family
+    format: ModelFormat
+    path: Path  # the diffusers folder (the snapshot folder for HF cache) or the checkpoint file
+    config_dir: Path | None = None  # single files: local diffusers configs, when present
+
+    @property
+    def hash_file(self) -> Path:
+        """The file whose sha256 is the A1111 `Model hash`: the checkpoint, or a folder's UNet weights."""
+        if self.format == "single-file":
+            return self.path
+        for filename in UNET_WEIGHT_FILES:
+            candidate = self.path / "unet" / filename
+            if candidate.exists():
+                return candidate
+        raise FileNotFoundError(f"no UNet weights in {self.path / 'unet'}")
+
+
+def _file_key(path: Path) -> str:
+    stat = path.stat()
+    return f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+
+
+def sha256_of_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class FileFactsCache:
+    """sha256 sums and detected families, keyed by (path, size, mtime), kept in one JSON file."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._lock = threading.Lock()
+        self._data: dict[str, dict] | None = None
+
+    def _load(self) -> dict[str, dict]:
+        if self._data is None:
+            try:
+                self._data = json.loads(self.path.read_text())
+            except (OSError, ValueError):
+                self._data = {}
+        return self._data
+
+    def get(self, file: Path, fact: str, compute) -> str:
+        key = _file_key(file)
+        with self._lock:
+            cached = self._load().get(key, {}).get(fact)
+        if cached is not None:
+            return cached
+        value = compute(file)
+        with self._lock:
+            self._load().setdefault(key, {})[fact] = value
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = self.path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(self._data, indent=1, sort_keys=True))
+                tmp.replace(self.path)
+            except OSError as error:  # a read-only folder only costs recomputation
+                logger.warning("could not write %s: %s", self.path, error)
+        return value
+
+
+def _checkpoint_keys(path: Path) -> list[str]:
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            return list(handle.keys())
+    import torch
+
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    state = state.get("state_dict", state)
+    return list(state.keys())
+
+
+def family_of_checkpoint_keys(keys: list[str]) -> Family:
+    """The family of an original-layout (A1111/CompVis) checkpoint, from its tensor names."""
+    has = lambda prefix: any(key.startswith(prefix) for key in keys)  # noqa: E731
+    if not has("model.diffusion_model."):
+        raise UnsupportedModelError("no 'model.diffusion_model.' tensors: not a Stable Diffusion checkpoint")
+    if has("conditioner.embedders.1."):
+        return "sdxl"
+    if has("conditioner.embedders.0.model."):
+        return "sdxl-refiner"
+    if has("cond_stage_model.transformer."):
+        return "sd15"
+    if has("cond_stage_model.model."):
+        raise UnsupportedModelError("an SD 2.x checkpoint (OpenCLIP text encoder); supported: SD1.5 and SDXL")
+    raise UnsupportedModelError("unknown text encoder layout")
+
+
+def family_of_diffusers_folder(folder: Path) -> Family:
+    """The family of a diffusers folder, from `model_index.json` and the UNet config."""
+    index = json.loads((folder / "model_index.json").read_text())
+    class_name = index.get("_class_name", "")
+    unet_config = json.loads((folder / "unet" / "config.json").read_text())
+    if unet_config.get("addition_embed_type") == "text_time":
+        has_first_text_encoder = (index.get("text_encoder") or [None, None])[0] is not None
+        return "sdxl" if has_first_text_encoder else "sdxl-refiner"
+    if class_name.startswith("StableDiffusion") and "XL" not in class_name:
+        return "sd15"
+    raise UnsupportedModelError(f"pipeline class {class_name!r} is not SD1.5 or SDXL")
+
+
+def _hf_snapshot(cache_folder: Path) -> Path | None:
+    """The snapshot `refs/main` points at, else the newest one."""
+    snapshots = cache_folder / "snapshots"
+    ref = cache_folder / "refs" / "main"
+    if ref.is_file():
+        candidate = snapshots / ref.read_text().strip()
+        if (candidate / "model_index.json").exists():
+            return candidate
+    found = [p for p in snapshots.glob("*") if (p / "model_index.json").exists()]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+class ModelCatalog:
+    """Lists and resolves the installed checkpoints. Cheap to call often: scans are small, facts cached."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.facts = FileFactsCache(settings.cache_dir / "file_facts.json")
+
+    # Configuration ---------------------------------------------------------------------------------------
+    def _config(self) -> dict:
+        try:
+            data = yaml.safe_load(self.settings.models_config.read_text()) or {}
+        except FileNotFoundError:
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def configured_aliases(self) -> dict[str, str]:
+        """label -> name, as written in configs/models.yaml."""
+        aliases = self._config().get("aliases") or {}
+        return {str(label): str(name) for label, name in aliases.items()}
+
+    # Discovery ---------------------------------------------------------------------------------------------
+    def _model_dirs(self) -> list[Path]:
+        dirs = [self.settings.models_dir, self.settings.extra_models_dir]
+        return [d for d in dict.fromkeys(dirs) if d.is_dir()]
+
+    def _scan_one(self, path: Path) -> tuple[str, ModelFormat, Path, Family, Path | None] | None:
+        if path.is_dir() and path.name.startswith("models--"):
+            snapshot = _hf_snapshot(path)
+            if snapshot is None:
+                return None
+            family = self.facts.get(snapshot / "model_index.json", "family", lambda _: family_of_diffusers_folder(snapshot))
+            return path.name, "hf-cache", snapshot, family, None
+        if path.is_dir() and (path / "model_index.json").exists():
+            family = self.facts.get(path / "model_index.json", "family", lambda _: family_of_diffusers_folder(path))
+            return path.name, "diffusers", path, family, None
+        if path.is_file() and path.suffix.lower() in SINGLE_FILE_SUFFIXES:
+            family = self.facts.get(path, "family", lambda p: family_of_checkpoint_keys(_checkpoint_keys(p)))
+            config_dir = path.parent / ".configs" / path.stem
+            return path.stem, "single-file", path, family, config_dir if config_dir.is_dir() else None
+        return None
+
+    def list_models(self) -> list[ModelEntry]:
+        """Every usable checkpoint, sorted by name. Unreadable or unsupported ones are logged and skipped."""
+        labels_by_name: dict[str, str] = {}
+        for label, name in self.configured_aliases().items():
+            labels_by_name.setdefault(name, label)
+        entries: dict[str, ModelEntry] = {}
+        for directory in self._model_dirs():
+            for path in sorted(directory.iterdir()):
+                if path.name.startswith("."):
+                    continue
+                try:
+                    found = self._scan_one(path)
+                except UnsupportedModelError as error:
+                    logger.warning("skipping %s: %s", path, error)
+                    continue
+                except (OSError, ValueError, RuntimeError) as error:
+                    logger.warning("skipping unreadable model %s: %s", path, error)
+                    continue
+                if found is None:
+                    continue
+                name, model_format, model_path, family, config_dir = found
+                if name in entries:
+                    logger.warning("ignoring %s: a model named %r was found first", path, name)
+                    continue
+                label = labels_by_name.get(name, name)
+                entries[name] = ModelEntry(name, label, family, model_format, model_path, config_dir)
+        return sorted(entries.values(), key=lambda e: e.name.lower())
+
+    def aliases(self) -> list[tuple[str, str]]:
+        """(label, name) pairs from the config whose model is installed."""
+        installed = {entry.name for entry in self.list_models()}
+        return [(label, name) for label, name in self.configured_aliases().items() if name in installed]
+
+    # Resolution --------------------------------------------------------------------------------------------
+    def default_model(self, family: Family | None = None) -> ModelEntry:
+        models = self.list_models()
+        if not models:
+            raise UnknownModelError(
+                f"no models installed in {self.settings.models_dir}; run 'make demo-models' or add checkpoints",
+                field="model",
+            )
+        configured = self._config().get("default_model")
+        if configured:
+            try:
+                entry = self.resolve(str(configured))
+                if family is None or entry.family == family:
+                    return entry
+            except UnknownModelError:
+                logger.warning("default_model %r from %s is not installed", configured, self.settings.models_config)
+        for wanted in (family or "sd15", family or "sdxl"):
+            for entry in models:
+                if entry.family == wanted:
+                    return entry
+        return models[0]
+
+    def resolve(self, requested: str | None, field: str = "model") -> ModelEntry:
+        """A model by name (folder or file name, with or without extension), label (any case), hub id
+        (`org/name` -> `models--org--name`) or A1111 title (`name [hash]`). None -> the default model."""
+        if requested is None or not requested.strip():
+            return self.default_model()
+        wanted = check_user_name(requested, field, allow_one_slash=True)
+        models = self.list_models()
+        by_name = {entry.name: entry for entry in models}
+        candidates = [wanted]
+        if title := _A1111_TITLE.match(wanted):
+            candidates.append(title["name"])
+        for candidate in list(candidates):
+            stem = Path(candidate).stem if Path(candidate).suffix.lower() in SINGLE_FILE_SUFFIXES else None
+            if stem:
+                candidates.append(stem)
+            if "/" in candidate:
+                candidates.append("models--" + candidate.replace("/", "--"))
+        for candidate in candidates:
+            if candidate in by_name:
+                return by_name[candidate]
+        by_label = {entry.label.lower(): entry for entry in models}
+        for label, name in self.configured_aliases().items():
+            if name in by_name:
+                by_label.setdefault(label.lower(), by_name[name])
+        for candidate in candidates:
+            if candidate.lower() in by_label:
+                return by_label[candidate.lower()]
+        choices = ", ".join(f"'{e.name}' ({e.label})" if e.label != e.name else f"'{e.name}'" for e in models)
+        raise UnknownModelError(
+            f"unknown {field} {requested!r}; installed models: {choices or 'none'}",
+            field=field,
+        )
+
+    # Hashes ------------------------------------------------------------------------------------------------
+    def sha256(self, entry: ModelEntry) -> str:
+        return self.facts.get(entry.hash_file.resolve(), "sha256", sha256_of_file)
+
+    def model_hash(self, entry: ModelEntry) -> str:
+        """A1111's `Model hash`: the first 10 hex digits of the checkpoint's sha256."""
+        return self.sha256(entry)[:10]
