@@ -149,8 +149,8 @@ def read_infotext(image: Image.Image | bytes) -> str | None:
     if isinstance(image, bytes | bytearray):
         try:
             image = Image.open(io.BytesIO(image))
-        except Exception as error:
-            raise BadImageError(f"not a readable image: {error}") from error
+        except Exception as error:  # PIL raises many types for broken files
+            raise BadImageError(f"not a readable image ({type(error).__name__})") from error
     info = dict(image.info)
     text = info.get("parameters")
     if "exif" in info:

@@ -1,0 +1,205 @@
+"""`diffusion-api`: the image engine from the command line (no Ray needed).
+
+Errors are one line on stderr and a non-zero exit code, never a traceback.
+"""
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from pipelines.errors import DiffusionAPIError
+
+OUTPUT_TYPES = {".png": "png", ".jpg": "jpg", ".jpeg": "jpg", ".webp": "webp", ".avif": "avif", ".gif": "gif"}
+# request field -> command-line flag, for error messages
+FLAGS = {
+    "prompt": "--prompt", "negative_prompt": "--negative-prompt", "steps": "--steps", "cfg_scale": "--cfg-scale",
+    "width": "--width", "height": "--height", "model": "--model", "sampler_name": "--sampler",
+    "scheduler_type": "--scheduler-type", "seed": "--seed", "clip_skip": "--clip-skip",
+    "jpeg_quality": "--quality", "image": "--image", "denoising_strength": "--denoising-strength",
+}  # fmt: skip
+
+
+class CliError(Exception):
+    """A user error: printed as one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line instead of usage + message
+        raise CliError(message)
+
+
+def _settings():
+    from pipelines.settings import Settings
+
+    return Settings.from_env()
+
+
+def _catalog():
+    from pipelines.catalog import ModelCatalog
+
+    return ModelCatalog(_settings())
+
+
+def cmd_demo_models(args) -> None:
+    from pipelines.demo import create_demo_models
+
+    models_dir = Path(args.models_dir) if args.models_dir else _settings().models_dir
+    written = create_demo_models(models_dir, overwrite=args.force)
+    for path in written:
+        print(f"wrote {path}")
+    if not written:
+        print(f"demo models already present in {models_dir} (use --force to rewrite them)")
+
+
+def cmd_models(args) -> None:
+    models = _catalog().list_models()
+    if not models:
+        print(f"no models in {_settings().models_dir}; run 'diffusion-api demo-models'")
+        return
+    width = max(len(m.label) for m in models)
+    name_width = max(len(m.name) for m in models)
+    print(f"{'LABEL':<{width}}  {'NAME':<{name_width}}  FAMILY")
+    for model in models:
+        print(f"{model.label:<{width}}  {model.name:<{name_width}}  {model.family}")
+
+
+def _output_type(path: str) -> str:
+    suffix = Path(path).suffix.lower()
+    if suffix not in OUTPUT_TYPES:
+        raise CliError(f"argument --output: unknown image extension {suffix or '(none)'!r}; use one of "
+                       f"{', '.join(OUTPUT_TYPES)}")  # fmt: skip
+    return OUTPUT_TYPES[suffix]
+
+
+def _request_fields(args) -> dict:
+    fields = {
+        "prompt": args.prompt, "negative_prompt": args.negative_prompt, "steps": args.steps,
+        "cfg_scale": args.cfg_scale, "width": args.width, "height": args.height, "model": args.model,
+        "sampler_name": args.sampler, "scheduler_type": args.scheduler_type, "seed": args.seed,
+        "clip_skip": args.clip_skip, "jpeg_quality": args.quality,
+    }  # fmt: skip
+    return {key: value for key, value in fields.items() if value is not None}
+
+
+def _generate(args, mode: str) -> None:
+    from pipelines.generate import ImageEngine
+    from pipelines.images import encode_base64
+    from pipelines.infotext import encode_image
+    from pipelines.schemas import Img2ImgRequest, Txt2ImgRequest
+
+    file_type = _output_type(args.output)
+    fields = _request_fields(args)
+    if mode == "img2img":
+        try:
+            fields["image"] = encode_base64(Path(args.image).read_bytes())
+        except OSError as error:
+            raise CliError(f"argument --image: cannot read {args.image!r}: {error.strerror}") from error
+        if args.denoising_strength is not None:
+            fields["denoising_strength"] = args.denoising_strength
+        request = Img2ImgRequest(**fields)
+    else:
+        request = Txt2ImgRequest(**fields)
+    engine = ImageEngine(_catalog())
+    result = engine.img2img(request) if mode == "img2img" else engine.txt2img(request)
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_bytes(encode_image(result.image, file_type, result.infotext, request.jpeg_quality))
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(f"wrote {output} ({result.width}x{result.height}, seed {result.seed}, "
+          f"{result.generation_time_sec:.2f}s)")  # fmt: skip
+
+
+def cmd_infotext(args) -> None:
+    from pipelines.infotext import read_infotext
+
+    try:
+        data = Path(args.image).read_bytes()
+    except OSError as error:
+        raise CliError(f"argument IMAGE: cannot read {args.image!r}: {error.strerror}") from error
+    text = read_infotext(data)
+    if text is None:
+        raise CliError(f"{args.image}: no generation parameters found in the image")
+    print(text)
+
+
+def cmd_serve(args) -> None:
+    raise CliError("the Ray Serve application is not part of this version yet; use txt2img / img2img")
+
+
+def _add_generation_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="model name or label (see 'diffusion-api models')")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--negative-prompt")
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--cfg-scale", type=float)
+    parser.add_argument("--width", type=int)
+    parser.add_argument("--height", type=int)
+    parser.add_argument("--sampler", help="A1111 sampler name, e.g. 'DPM++ 2M' or 'Euler a'")
+    parser.add_argument("--scheduler-type", help="schedule type, e.g. karras, exponential, automatic")
+    parser.add_argument("--seed", type=int, help="-1 or absent: random")
+    parser.add_argument("--clip-skip", type=int)
+    parser.add_argument("--quality", type=int, help="jpg/webp/avif quality (1-100)")
+    parser.add_argument("--output", required=True, help="output file; .png .jpg .webp .avif .gif")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="diffusion-api", description="Stable Diffusion image engine and service.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    demo = commands.add_parser("demo-models", help="write the tiny random-weight demo models")
+    demo.add_argument("--models-dir", help="target folder (default: stable_diffusion/models)")
+    demo.add_argument("--force", action="store_true", help="rewrite models that exist")
+    demo.set_defaults(handler=cmd_demo_models)
+
+    commands.add_parser("models", help="list installed models: label, name, family").set_defaults(handler=cmd_models)
+
+    txt2img = commands.add_parser("txt2img", help="generate an image from a prompt")
+    _add_generation_flags(txt2img)
+    txt2img.set_defaults(handler=lambda args: _generate(args, "txt2img"))
+
+    img2img = commands.add_parser("img2img", help="generate an image from an image and a prompt")
+    _add_generation_flags(img2img)
+    img2img.add_argument("--image", required=True, help="input image file")
+    img2img.add_argument("--denoising-strength", type=float)
+    img2img.set_defaults(handler=lambda args: _generate(args, "img2img"))
+
+    infotext = commands.add_parser("infotext", help="print the A1111 parameters embedded in an image")
+    infotext.add_argument("image", metavar="IMAGE")
+    infotext.set_defaults(handler=cmd_infotext)
+
+    commands.add_parser("serve", help="start the HTTP service").set_defaults(handler=cmd_serve)
+    return parser
+
+
+def _validation_message(error: ValidationError) -> str:
+    first = error.errors()[0]
+    name = str(first["loc"][0]) if first["loc"] else "input"
+    return f"argument {FLAGS.get(name, name)}: {first['msg']} (got {first.get('input')!r})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+        args.handler(args)
+        return 0
+    except CliError as error:
+        message = str(error)
+    except ValidationError as error:
+        message = _validation_message(error)
+    except DiffusionAPIError as error:
+        flag = FLAGS.get(error.field or "", error.field)
+        message = f"argument {flag}: {error.message}" if flag else error.message
+    except KeyboardInterrupt:
+        message = "interrupted"
+    print(f"diffusion-api: error: {message}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

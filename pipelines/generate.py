@@ -1,0 +1,380 @@
+"""txt2img and img2img on loaded diffusers pipelines.
+
+The flow of a job, top to bottom:
+1. `prepare_job` checks the request and resolves everything that needs no model (sampler, seed, the
+   input image), so bad input fails before any model work;
+2. `ImageEngine.load` returns the model's pipeline from a small LRU cache (loaded with the real loaders);
+3. `ImageEngine.run` runs a list of compatible jobs as one diffusers call with one generator per job, so
+   each job gets exactly its own seed's image, and builds each image's A1111 infotext.
+"""
+
+import logging
+import os
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import psutil
+import torch
+from PIL import Image
+
+from pipelines.catalog import ModelCatalog, ModelEntry
+from pipelines.errors import InvalidRequestError, ModelLoadError
+from pipelines.images import decode_base64_image
+from pipelines.infotext import build_infotext
+from pipelines.samplers import ResolvedSampler, build_scheduler, resolve_sampler
+from pipelines.schemas import GenerationRequest, Img2ImgRequest, Txt2ImgRequest
+from pipelines.settings import VERSION
+
+logger = logging.getLogger(__name__)
+
+INFOTEXT_VERSION = f"DiffusionAPI v{VERSION}"  # must not look like "v1.x": A1111 would apply backcompat
+ProgressCallback = Callable[[int, int, str], None]  # (step, total steps, phase)
+Mode = Literal["txt2img", "img2img"]
+
+
+def select_device(device: str | None = None, dtype: str | None = None) -> tuple[torch.device, torch.dtype]:
+    """CUDA in half precision where present, then Apple MPS, else the CPU in float32.
+
+    `DIFFUSION_API_DEVICE` / `DIFFUSION_API_DTYPE` (e.g. `cuda:1`, `bfloat16`) override the choice.
+    """
+    device = device or os.environ.get("DIFFUSION_API_DEVICE")
+    dtype = dtype or os.environ.get("DIFFUSION_API_DTYPE")
+    if not device:
+        if torch.cuda.is_available():
+            device = "cuda"
+        elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            device = "mps"
+        else:
+            device = "cpu"
+    chosen = torch.device(device)
+    if dtype:
+        torch_dtype = getattr(torch, dtype)
+    else:
+        torch_dtype = torch.float32 if chosen.type == "cpu" else torch.float16
+    return chosen, torch_dtype
+
+
+def memory_mb(device: torch.device) -> float:
+    """GPU memory allocated by torch on an accelerator, else this process's resident memory, in MB."""
+    if device.type == "cuda":
+        return round(torch.cuda.memory_allocated(device) / 2**20, 1)
+    return round(psutil.Process().memory_info().rss / 2**20, 1)
+
+
+@dataclass
+class PreparedJob:
+    """A request with everything resolved that needs no model."""
+
+    mode: Mode
+    prompt: str
+    negative_prompt: str
+    steps: int
+    cfg_scale: float
+    width: int
+    height: int
+    seed: int
+    sampler: ResolvedSampler
+    clip_skip: int
+    init_image: Image.Image | None = None
+    denoising_strength: float | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def batch_key(self) -> tuple:
+        """Jobs with equal keys can run as one diffusers batch."""
+        return (self.mode, self.steps, self.cfg_scale, self.width, self.height, self.sampler.scheduler_class,
+                tuple(sorted(self.sampler.options.items())), self.clip_skip, self.denoising_strength)  # fmt: skip
+
+
+@dataclass
+class GenerationResult:
+    image: Image.Image
+    seed: int
+    infotext: str
+    width: int
+    height: int
+    generation_time_sec: float
+    memory_before_mb: float
+    memory_after_mb: float
+    model: str
+    model_hash: str
+    warnings: list[str]
+
+
+def random_seed() -> int:
+    return secrets.randbelow(2**32)
+
+
+def _reject_unsupported(request: GenerationRequest) -> None:
+    """Features that later versions add; until then they are refused, never silently ignored."""
+    if request.hires is not None and request.hires.enabled:
+        raise InvalidRequestError("'hires' (hires fix) is not available in this version", field="hires")
+    if request.refiner_checkpoint:
+        raise InvalidRequestError(
+            "'refiner_checkpoint' is not available in this version", field="refiner_checkpoint"
+        )
+    if request.loras:
+        raise InvalidRequestError("'loras' are not available in this version", field="loras")
+
+
+def prepare_job(request: Txt2ImgRequest | Img2ImgRequest) -> PreparedJob:
+    """Validates a request and resolves its sampler, seed and input image."""
+    _reject_unsupported(request)
+    sampler = resolve_sampler(request.sampler_name, request.scheduler_type)
+    seed = request.seed if request.seed is not None and request.seed >= 0 else random_seed()
+    job = PreparedJob(
+        mode="img2img" if isinstance(request, Img2ImgRequest) else "txt2img",
+        prompt=request.prompt,
+        negative_prompt=request.negative_prompt,
+        steps=request.steps,
+        cfg_scale=request.cfg_scale,
+        width=request.width,
+        height=request.height,
+        seed=seed,
+        sampler=sampler,
+        clip_skip=request.clip_skip,
+    )
+    if isinstance(request, Img2ImgRequest):
+        effective_steps = int(request.steps * request.denoising_strength)
+        if effective_steps < 1:
+            raise InvalidRequestError(
+                f"steps x denoising_strength must give at least one step (got {request.steps} x "
+                f"{request.denoising_strength}); raise 'steps' or 'denoising_strength'",
+                field="denoising_strength",
+            )
+        image = decode_base64_image(request.image, field="image")
+        job.init_image = image.resize((request.width, request.height), Image.Resampling.LANCZOS)
+        job.denoising_strength = request.denoising_strength
+    return job
+
+
+class LoadedModel:
+    """A checkpoint's pipeline plus the lock that keeps one job at a time on it (jobs set its scheduler)."""
+
+    def __init__(self, entry: ModelEntry, pipe, model_hash: str):
+        self.entry = entry
+        self.pipe = pipe
+        self.model_hash = model_hash
+        self.lock = threading.Lock()
+        self._img2img = None
+
+    def pipeline_for(self, mode: Mode):
+        if self.entry.family == "sdxl-refiner":
+            if mode == "txt2img":
+                raise InvalidRequestError(
+                    f"model '{self.entry.name}' is an SDXL refiner: use it for img2img or as "
+                    "'refiner_checkpoint', not for txt2img",
+                    field="model",
+                )
+            return self.pipe
+        if mode == "txt2img":
+            return self.pipe
+        if self._img2img is None:
+            from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline
+
+            cls = StableDiffusionXLImg2ImgPipeline if self.entry.family == "sdxl" else StableDiffusionImg2ImgPipeline
+            self._img2img = cls.from_pipe(self.pipe)  # shares the modules: no extra memory
+            self._img2img.set_progress_bar_config(disable=True)
+        return self._img2img
+
+
+def load_pipeline(entry: ModelEntry, device: torch.device, dtype: torch.dtype):
+    """Loads a checkpoint with diffusers' own loaders, offline for local folders."""
+    import diffusers
+
+    try:
+        if entry.format == "single-file":
+            cls = {
+                "sd15": diffusers.StableDiffusionPipeline,
+                "sdxl": diffusers.StableDiffusionXLPipeline,
+                "sdxl-refiner": diffusers.StableDiffusionXLImg2ImgPipeline,
+            }[entry.family]
+            extra = {"config": str(entry.config_dir), "local_files_only": True} if entry.config_dir else {}
+            pipe = cls.from_single_file(str(entry.path), dtype=dtype, **extra)
+        else:
+            pipe = diffusers.DiffusionPipeline.from_pretrained(entry.path, dtype=dtype, local_files_only=True)
+    except Exception as error:
+        hint = ""
+        if entry.format == "single-file" and entry.config_dir is None:
+            hint = (
+                f" (offline, a single-file checkpoint needs its diffusers configs in "
+                f"{entry.path.parent / '.configs' / entry.name}/)"
+            )
+        raise ModelLoadError(f"could not load model '{entry.name}': {error}{hint}", field="model") from error
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+class ImageEngine:
+    """Loads checkpoints (LRU-cached) and runs jobs on them. Thread-safe; one job per model at a time."""
+
+    def __init__(
+        self,
+        catalog: ModelCatalog,
+        device: str | None = None,
+        dtype: str | None = None,
+        max_loaded_models: int = 2,
+    ):
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+
+        diffusers_logging.set_verbosity_error()
+        diffusers_logging.disable_progress_bar()
+        transformers_logging.set_verbosity_error()
+        transformers_logging.disable_progress_bar()
+        self.catalog = catalog
+        self.device, self.dtype = select_device(device, dtype)
+        self.max_loaded_models = max_loaded_models
+        self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()
+        self._lock = threading.Lock()
+
+    # Models ------------------------------------------------------------------------------------------------
+    def load(self, model: str | ModelEntry | None) -> LoadedModel:
+        """The loaded pipeline for a model name/label/entry; loads it (evicting the least recently used)."""
+        entry = model if isinstance(model, ModelEntry) else self.catalog.resolve(model)
+        with self._lock:
+            loaded = self._loaded.get(entry.name)
+            if loaded is not None and loaded.entry == entry:
+                self._loaded.move_to_end(entry.name)
+                return loaded
+            while len(self._loaded) >= self.max_loaded_models:
+                name, _ = self._loaded.popitem(last=False)
+                logger.info("unloading model %s", name)
+                self._free_memory()
+            started = time.perf_counter()
+            pipe = load_pipeline(entry, self.device, self.dtype)
+            loaded = LoadedModel(entry, pipe, self.catalog.model_hash(entry))
+            self._loaded[entry.name] = loaded
+            logger.info("loaded model %s in %.2fs on %s", entry.name, time.perf_counter() - started, self.device)
+            return loaded
+
+    def unload(self, name: str) -> None:
+        with self._lock:
+            if self._loaded.pop(name, None) is not None:
+                self._free_memory()
+
+    def loaded_models(self) -> list[str]:
+        return list(self._loaded)
+
+    def _free_memory(self) -> None:
+        import gc
+
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # Jobs --------------------------------------------------------------------------------------------------
+    def txt2img(self, request: Txt2ImgRequest, progress: ProgressCallback | None = None) -> GenerationResult:
+        job = prepare_job(request)
+        return self.run(self.load(request.model), [job], progress)[0]
+
+    def img2img(self, request: Img2ImgRequest, progress: ProgressCallback | None = None) -> GenerationResult:
+        job = prepare_job(request)
+        return self.run(self.load(request.model), [job], progress)[0]
+
+    def run(
+        self, loaded: LoadedModel, jobs: list[PreparedJob], progress: ProgressCallback | None = None
+    ) -> list[GenerationResult]:
+        """Runs compatible jobs as one diffusers call; returns one result per job, in order."""
+        if not jobs:
+            return []
+        first = jobs[0]
+        if any(job.batch_key() != first.batch_key() for job in jobs):
+            raise ValueError("jobs in one batch must share mode, size, steps, cfg, sampler and strength")
+        pipe = loaded.pipeline_for(first.mode)
+        with loaded.lock:
+            memory_before = memory_mb(self.device)
+            started = time.perf_counter()
+            pipe.scheduler = build_scheduler(first.sampler, dict(loaded.pipe.scheduler.config))
+            for job in jobs:
+                job.warnings.extend(w for w in first.sampler.warnings if w not in job.warnings)
+                job.warnings.extend(self._prompt_warnings(pipe, job))
+            images = self._call_pipeline(pipe, jobs, progress)
+            elapsed = round(time.perf_counter() - started, 3)
+            memory_after = memory_mb(self.device)
+        return [
+            GenerationResult(
+                image=image,
+                seed=job.seed,
+                infotext=self.infotext(loaded, job),
+                width=image.width,
+                height=image.height,
+                generation_time_sec=elapsed,
+                memory_before_mb=memory_before,
+                memory_after_mb=memory_after,
+                model=loaded.entry.name,
+                model_hash=loaded.model_hash,
+                warnings=list(job.warnings),
+            )
+            for job, image in zip(jobs, images, strict=True)
+        ]
+
+    def _call_pipeline(self, pipe, jobs: list[PreparedJob], progress: ProgressCallback | None) -> list[Image.Image]:
+        first = jobs[0]
+        phase = "generation"
+
+        def on_step_end(pipeline, step_index, timestep, callback_kwargs):
+            if progress is not None:
+                progress(step_index + 1, pipeline.num_timesteps, phase)
+            return callback_kwargs
+
+        arguments = dict(
+            prompt=[job.prompt for job in jobs],
+            negative_prompt=[job.negative_prompt for job in jobs],
+            num_inference_steps=first.steps,
+            guidance_scale=first.cfg_scale,
+            generator=[torch.Generator("cpu").manual_seed(job.seed) for job in jobs],
+            clip_skip=first.clip_skip - 1 if first.clip_skip > 1 else None,
+            callback_on_step_end=on_step_end,
+        )
+        if first.mode == "img2img":
+            arguments.update(image=[job.init_image for job in jobs], strength=first.denoising_strength)
+            if "width" in _call_parameters(pipe):  # SDXL img2img has no size arguments: the image sets it
+                arguments.update(width=first.width, height=first.height)
+        else:
+            arguments.update(width=first.width, height=first.height)
+        if "clip_skip" not in _call_parameters(pipe):
+            arguments.pop("clip_skip")
+        with torch.inference_mode():
+            return pipe(**arguments).images
+
+    @staticmethod
+    def _prompt_warnings(pipe, job: PreparedJob) -> list[str]:
+        tokenizer = getattr(pipe, "tokenizer", None) or getattr(pipe, "tokenizer_2", None)
+        if tokenizer is None:
+            return []
+        warnings = []
+        for name, text in (("prompt", job.prompt), ("negative_prompt", job.negative_prompt)):
+            count = len(tokenizer(text, truncation=False).input_ids)
+            if count > tokenizer.model_max_length:
+                warnings.append(
+                    f"'{name}' is {count} tokens; only the first {tokenizer.model_max_length} are used."
+                )
+        return warnings
+
+    def infotext(self, loaded: LoadedModel, job: PreparedJob) -> str:
+        params = {
+            "Steps": job.steps,
+            "Sampler": job.sampler.sampler,
+            "Schedule type": job.sampler.schedule_label,
+            "CFG scale": job.cfg_scale,
+            "Seed": job.seed,
+            "Size": f"{job.width}x{job.height}",
+            "Model hash": loaded.model_hash,
+            "Model": loaded.entry.name,
+            "Denoising strength": job.denoising_strength,
+            "Clip skip": job.clip_skip if job.clip_skip >= 2 else None,
+            "RNG": "CPU",
+            "Version": INFOTEXT_VERSION,
+        }
+        return build_infotext(job.prompt, job.negative_prompt, params)
+
+
+def _call_parameters(pipe) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(pipe.__call__).parameters)
