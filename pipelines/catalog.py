@@ -196,7 +196,9 @@ class ModelCatalog:
             snapshot = _hf_snapshot(path)
             if snapshot is None:
                 return None
-            family = self.facts.get(snapshot / "model_index.json", "family", lambda _: family_of_diffusers_folder(snapshot))
+            family = self.facts.get(
+                snapshot / "model_index.json", "family", lambda _: family_of_diffusers_folder(snapshot)
+            )
             return path.name, "hf-cache", snapshot, family, None
         if path.is_dir() and (path / "model_index.json").exists():
             family = self.facts.get(path / "model_index.json", "family", lambda _: family_of_diffusers_folder(path))

@@ -114,9 +114,7 @@ def _reject_unsupported(request: GenerationRequest) -> None:
     if request.hires is not None and request.hires.enabled:
         raise InvalidRequestError("'hires' (hires fix) is not available in this version", field="hires")
     if request.refiner_checkpoint:
-        raise InvalidRequestError(
-            "'refiner_checkpoint' is not available in this version", field="refiner_checkpoint"
-        )
+        raise InvalidRequestError("'refiner_checkpoint' is not available in this version", field="refiner_checkpoint")
     if request.loras:
         raise InvalidRequestError("'loras' are not available in this version", field="loras")
 
@@ -340,6 +338,14 @@ class ImageEngine:
         if "clip_skip" not in _call_parameters(pipe):
             arguments.pop("clip_skip")
         with torch.inference_mode():
+            if arguments.get("clip_skip") and not hasattr(pipe.text_encoder, "text_model") and not _is_sdxl(pipe):
+                # diffusers' SD1.5 clip skip reaches for `text_encoder.text_model`, which transformers 5
+                # removed from CLIPTextModel; encode the prompts here instead, the same way A1111 does.
+                arguments["prompt_embeds"] = _embeds_with_clip_skip(pipe, arguments.pop("prompt"), first.clip_skip)
+                arguments["negative_prompt_embeds"] = _embeds_with_clip_skip(
+                    pipe, arguments.pop("negative_prompt"), first.clip_skip
+                )
+                arguments.pop("clip_skip")
             return pipe(**arguments).images
 
     @staticmethod
@@ -351,9 +357,7 @@ class ImageEngine:
         for name, text in (("prompt", job.prompt), ("negative_prompt", job.negative_prompt)):
             count = len(tokenizer(text, truncation=False).input_ids)
             if count > tokenizer.model_max_length:
-                warnings.append(
-                    f"'{name}' is {count} tokens; only the first {tokenizer.model_max_length} are used."
-                )
+                warnings.append(f"'{name}' is {count} tokens; only the first {tokenizer.model_max_length} are used.")
         return warnings
 
     def infotext(self, loaded: LoadedModel, job: PreparedJob) -> str:
@@ -378,3 +382,20 @@ def _call_parameters(pipe) -> set[str]:
     import inspect
 
     return set(inspect.signature(pipe.__call__).parameters)
+
+
+def _is_sdxl(pipe) -> bool:
+    return hasattr(pipe, "text_encoder_2")
+
+
+def _embeds_with_clip_skip(pipe, prompts: list[str], clip_skip: int) -> torch.Tensor:
+    """CLIP text embeddings from the layer `clip_skip` counts back from the last (A1111's definition:
+    1 = last layer), passed through the final layer norm."""
+    tokens = pipe.tokenizer(
+        prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True,
+        return_tensors="pt",
+    )  # fmt: skip
+    encoder = pipe.text_encoder
+    output = encoder(tokens.input_ids.to(encoder.device), output_hidden_states=True)
+    hidden = output.hidden_states[-clip_skip]
+    return encoder.final_layer_norm(hidden).to(dtype=encoder.dtype)

@@ -36,7 +36,13 @@ _PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 _IMAGE_SIZE = re.compile(r"^(\d+)x(\d+)$")
 
 FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP", "avif": "AVIF", "gif": "GIF"}
-MIME_TYPES = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp", "avif": "image/avif", "gif": "image/gif"}
+MIME_TYPES = {
+    "png": "image/png",
+    "jpg": "image/jpeg",
+    "webp": "image/webp",
+    "avif": "image/avif",
+    "gif": "image/gif",
+}
 
 
 def quote(value: str) -> str:
@@ -168,4 +174,3 @@ def read_infotext(image: Image.Image | bytes) -> str | None:
         comment = info["comment"]
         text = comment.decode("utf8", errors="replace") if isinstance(comment, bytes) else str(comment)
     return text or None
-

@@ -28,21 +28,29 @@ SAMPLERS: dict[str, SamplerSpec] = {
     "DPM++ 2M": SamplerSpec("DPMSolverMultistepScheduler", {}, "karras", aliases=("k_dpmpp_2m",)),
     "DPM++ SDE": SamplerSpec("DPMSolverSDEScheduler", {}, "karras", aliases=("k_dpmpp_sde",)),
     "DPM++ 2M SDE": SamplerSpec(
-        "DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, "exponential",
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "sde-dpmsolver++"},
+        "exponential",
         aliases=("k_dpmpp_2m_sde",),
     ),  # fmt: skip
     "DPM++ 2M SDE Heun": SamplerSpec(
-        "DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_type": "heun"}, "exponential",
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "sde-dpmsolver++", "solver_type": "heun"},
+        "exponential",
         aliases=("k_dpmpp_2m_sde_heun",),
     ),  # fmt: skip
     "DPM++ 2S a": SamplerSpec(
-        "DPMSolverSinglestepScheduler", {"solver_order": 2, "algorithm_type": "sde-dpmsolver++"}, "karras",
+        "DPMSolverSinglestepScheduler",
+        {"solver_order": 2, "algorithm_type": "sde-dpmsolver++"},
+        "karras",
         approximation="diffusers has no ancestral DPM++ 2S; using the single-step DPM-Solver++ (order 2, SDE "
         "variant), which is close but not identical",
         aliases=("k_dpmpp_2s_a",),
     ),  # fmt: skip
     "DPM++ 3M SDE": SamplerSpec(
-        "DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 3}, "exponential",
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "sde-dpmsolver++", "solver_order": 3},
+        "exponential",
         aliases=("k_dpmpp_3m_sde",),
     ),  # fmt: skip
     "Euler a": SamplerSpec("EulerAncestralDiscreteScheduler", aliases=("k_euler_a", "k_euler_ancestral")),
@@ -52,26 +60,30 @@ SAMPLERS: dict[str, SamplerSpec] = {
     "DPM2": SamplerSpec("KDPM2DiscreteScheduler", {}, "karras", aliases=("k_dpm_2",)),
     "DPM2 a": SamplerSpec("KDPM2AncestralDiscreteScheduler", {}, "karras", aliases=("k_dpm_2_a",)),
     "DPM fast": SamplerSpec(
-        "DPMSolverSinglestepScheduler", {"solver_order": 3, "algorithm_type": "dpmsolver++"},
+        "DPMSolverSinglestepScheduler",
+        {"solver_order": 3, "algorithm_type": "dpmsolver++"},
         approximation="diffusers has no DPM fast; using the single-step DPM-Solver++ (order 3), the same "
         "solver family without k-diffusion's fast step schedule",
         aliases=("k_dpm_fast",),
     ),  # fmt: skip
     "DPM adaptive": SamplerSpec(
-        "DPMSolverMultistepScheduler", {},
-        approximation="diffusers has no adaptive-step DPM solver; using DPM++ 2M with the requested number "
-        "of steps",
+        "DPMSolverMultistepScheduler",
+        {},
+        approximation="diffusers has no adaptive-step DPM solver; using DPM++ 2M with the requested number of steps",
         aliases=("k_dpm_ad",),
     ),  # fmt: skip
     "Restart": SamplerSpec(
-        "HeunDiscreteScheduler", {}, "karras",
+        "HeunDiscreteScheduler",
+        {},
+        "karras",
         approximation="diffusers has no Restart sampler; using Heun, the solver Restart is built on, "
         "without the restart noise",
         aliases=("restart",),
     ),  # fmt: skip
     "DDIM": SamplerSpec("DDIMScheduler", aliases=("ddim",)),
     "DDIM CFG++": SamplerSpec(
-        "DDIMScheduler", approximation="diffusers has no CFG++ guidance; using plain DDIM",
+        "DDIMScheduler",
+        approximation="diffusers has no CFG++ guidance; using plain DDIM",
         aliases=("ddim_cfgpp",),
     ),  # fmt: skip
     "PLMS": SamplerSpec("PNDMScheduler", {"skip_prk_steps": True}, aliases=("plms",)),
@@ -100,7 +112,8 @@ SCHEDULES: dict[str, ScheduleSpec] = {
     "karras": ScheduleSpec("Karras", {"use_karras_sigmas": True}),
     "exponential": ScheduleSpec("Exponential", {"use_exponential_sigmas": True}),
     "polyexponential": ScheduleSpec(
-        "Polyexponential", {"use_exponential_sigmas": True},
+        "Polyexponential",
+        {"use_exponential_sigmas": True},
         approximation="diffusers has no polyexponential schedule; using the exponential one",
     ),  # fmt: skip
     "sgm_uniform": ScheduleSpec("SGM Uniform", {"timestep_spacing": "trailing"}),
@@ -108,7 +121,9 @@ SCHEDULES: dict[str, ScheduleSpec] = {
         "KL Optimal", {}, approximation="diffusers has no KL Optimal schedule; using the model's default"
     ),
     "align_your_steps": ScheduleSpec(
-        "Align Your Steps", {}, approximation="Align Your Steps is not applied; using the model's default schedule"
+        "Align Your Steps",
+        {},
+        approximation="Align Your Steps is not applied; using the model's default schedule",
     ),
     "simple": ScheduleSpec("Simple", {"timestep_spacing": "trailing"}),
     "normal": ScheduleSpec("Normal", {"timestep_spacing": "linspace"}),

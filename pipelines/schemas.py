@@ -43,7 +43,9 @@ class GenerationRequest(BaseModel):
     model: str | None = Field(None, max_length=255, description="Model name or label; default from configs")
     sampler_name: str = Field("DPM++ 2M Karras", max_length=64, description="See GET /sampling_methods")
     scheduler_type: str | None = Field(
-        None, max_length=64, description="Schedule type (seed values or A1111 names); default: the sampler's own"
+        None,
+        max_length=64,
+        description="Schedule type (seed values or A1111 names); default: the sampler's own",
     )
     file_type: FileType = Field("jpg", alias="fileType", description="Output format")
     jpeg_quality: int = Field(85, ge=1, le=100, description="Quality for jpg, webp and avif")

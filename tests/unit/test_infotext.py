@@ -29,8 +29,8 @@ PARAMS = {
     "Version": "v1.10.1",
 }
 A1111_LINE = (
-    'Steps: 25, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 6.5, Seed: 42, Size: 32x32, '
-    'Model hash: 31e35c80fc, Model: sd_xl_base_1.0, Denoising strength: 0.45, Clip skip: 2, '
+    "Steps: 25, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 6.5, Seed: 42, Size: 32x32, "
+    "Model hash: 31e35c80fc, Model: sd_xl_base_1.0, Denoising strength: 0.45, Clip skip: 2, "
     'Hires prompt: "a cat, 4k", Hires upscale: 2, Hires steps: 10, Hires upscaler: Latent, '
     'Lora hashes: "add_detail: 7c6bad76eb54", Version: v1.10.1'
 )

@@ -6,9 +6,9 @@ import pytest
 from pipelines.errors import UnknownSamplerError
 from pipelines.samplers import (
     SAMPLERS,
+    SCHEDULES,
     SEED_SAMPLER_NAMES,
     SEED_SCHEDULER_TYPES,
-    SCHEDULES,
     build_scheduler,
     resolve_sampler,
     sampler_names,

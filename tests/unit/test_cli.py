@@ -1,0 +1,109 @@
+"""The `diffusion-api` command line: real runs on the demo models, one-line errors with a non-zero exit."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from pipelines.cli import main
+from pipelines.infotext import parse_infotext, read_infotext
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_models_lists_label_name_family(env_settings, capsys):
+    code, out, _ = run_cli(capsys, "models")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].split() == ["LABEL", "NAME", "FAMILY"]
+    assert any(line.split()[-2:] == ["models--demo--tiny-sdxl-base", "sdxl"] for line in lines)
+    assert any(line.startswith("Demo SD1.5 ") and line.split()[-1] == "sd15" for line in lines)
+
+
+@pytest.mark.parametrize("extension", ["png", "jpg", "webp", "avif", "gif"])
+def test_txt2img_writes_the_format_of_the_extension_with_infotext(env_settings, capsys, tmp_path, extension):
+    output = tmp_path / f"out.{extension}"
+    code, out, err = run_cli(
+        capsys, "txt2img", "--model", "Demo SDXL", "--prompt", "a lighthouse, café", "--negative-prompt",
+        "fog", "--steps", "4", "--cfg-scale", "5.5", "--width", "64", "--height", "80", "--sampler", "Euler a",
+        "--scheduler-type", "automatic", "--seed", "77", "--output", str(output),
+    )  # fmt: skip
+    assert code == 0, err
+    assert "seed 77" in out
+    image = Image.open(output)
+    assert image.size == (64, 80)
+    assert image.format == {"jpg": "JPEG"}.get(extension, extension.upper())
+    parsed = parse_infotext(read_infotext(output.read_bytes()))
+    assert parsed["Prompt"] == "a lighthouse, café"
+    assert parsed["Negative prompt"] == "fog"
+    assert (parsed["Steps"], parsed["CFG scale"], parsed["Seed"], parsed["Sampler"]) == (
+        "4",
+        "5.5",
+        "77",
+        "Euler a",
+    )
+
+
+def test_img2img_and_infotext_commands(env_settings, capsys, tmp_path):
+    source = tmp_path / "in.png"
+    Image.new("RGB", (90, 70), (30, 60, 90)).save(source)
+    output = tmp_path / "out.png"
+    code, _, err = run_cli(
+        capsys, "img2img", "--image", str(source), "--prompt", "a painting", "--steps", "6", "--width", "64",
+        "--height", "64", "--denoising-strength", "0.5", "--seed", "3", "--output", str(output),
+    )  # fmt: skip
+    assert code == 0, err
+    assert Image.open(output).size == (64, 64)
+    code, out, _ = run_cli(capsys, "infotext", str(output))
+    assert code == 0
+    assert out.startswith("a painting\nSteps: 6, ")
+    assert "Denoising strength: 0.5" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["txt2img", "--prompt", "x", "--steps", "0", "--output", "o.png"], "argument --steps"),
+        (["txt2img", "--prompt", "x", "--steps", "many", "--output", "o.png"], "argument --steps"),
+        (["txt2img", "--prompt", "x", "--width", "65", "--output", "o.png"], "argument --width"),
+        (["txt2img", "--prompt", "x", "--sampler", "Euler z", "--output", "o.png"], "argument --sampler"),
+        (["txt2img", "--prompt", "x", "--scheduler-type", "cubic", "--output", "o.png"],
+         "argument --scheduler-type"),
+        (["txt2img", "--prompt", "x", "--model", "nope", "--output", "o.png"], "argument --model"),
+        (["txt2img", "--prompt", "x", "--model", "../../etc/passwd", "--output", "o.png"], "argument --model"),
+        (["txt2img", "--prompt", "x", "--output", "o.bmp"], "argument --output"),
+        (["txt2img", "--output", "o.png"], "--prompt"),
+        (["img2img", "--prompt", "x", "--image", "/no/such/file.png", "--output", "o.png"], "argument --image"),
+        (["infotext", "/no/such/file.png"], "argument IMAGE"),
+        (["frobnicate"], "invalid choice"),
+        ([], "command"),
+    ],
+)  # fmt: skip
+def test_bad_arguments_give_one_line_and_exit_2(env_settings, capsys, tmp_path, argv, expected):
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("diffusion-api: error: ")
+    assert expected in err
+    assert "Traceback" not in err
+
+
+def test_infotext_of_image_without_metadata(capsys, tmp_path):
+    plain = tmp_path / "plain.png"
+    Image.new("RGB", (8, 8)).save(plain)
+    code, _, err = run_cli(capsys, "infotext", str(plain))
+    assert code == 2 and "no generation parameters" in err
+
+
+def test_console_script_entry_point(env_settings):
+    script = os.path.join(os.path.dirname(sys.executable), "diffusion-api")
+    completed = subprocess.run([script, "txt2img", "--prompt", "x", "--steps", "999", "--output", "o.png"],
+                               capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert completed.returncode == 2
+    assert completed.stderr.strip().startswith("diffusion-api: error: argument --steps")
+    assert "Traceback" not in completed.stderr

@@ -1,0 +1,225 @@
+"""txt2img and img2img on the demo models, through the real loaders, asserting on real pixels."""
+
+import base64
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipelines.errors import BadImageError, InvalidRequestError
+from pipelines.generate import ImageEngine, prepare_job
+from pipelines.infotext import encode_image, parse_infotext, read_infotext
+from pipelines.samplers import sampler_names
+from pipelines.schemas import Img2ImgRequest, Txt2ImgRequest
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image).astype(np.int16)
+
+
+def tiny(**fields) -> Txt2ImgRequest:
+    base = {"prompt": "a red fox in the snow", "steps": 6, "width": 64, "height": 64, "seed": 1234}
+    return Txt2ImgRequest(**{**base, **fields})
+
+
+def as_base64_png(image: Image.Image, data_url: bool = False) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    text = base64.b64encode(buffer.getvalue()).decode()
+    return f"data:image/png;base64,{text}" if data_url else text
+
+
+@pytest.mark.parametrize(
+    ("model", "width", "height"),
+    [("Demo SD1.5", 64, 96), ("Demo SD1.5 (single file)", 128, 64), ("Demo SDXL", 96, 64)],
+)
+def test_txt2img_size_and_infotext(engine, catalog, model, width, height):
+    result = engine.txt2img(tiny(model=model, width=width, height=height, negative_prompt="blurry"))
+    assert result.image.size == (width, height) == (result.width, result.height)
+    assert pixels(result.image).std() > 0  # not a blank image
+    entry = catalog.resolve(model)
+    parsed = parse_infotext(result.infotext)
+    assert parsed["Prompt"] == "a red fox in the snow"
+    assert parsed["Negative prompt"] == "blurry"
+    assert (parsed["Size-1"], parsed["Size-2"]) == (str(width), str(height))
+    assert parsed["Model hash"] == catalog.model_hash(entry) == result.model_hash
+    assert parsed["Model"] == entry.name
+    assert parsed["Seed"] == "1234"
+    assert (parsed["Sampler"], parsed["Schedule type"]) == ("DPM++ 2M", "Karras")
+    assert result.infotext.splitlines()[-1].startswith("Steps: 6, Sampler: DPM++ 2M")
+    assert result.generation_time_sec > 0 and result.memory_before_mb > 0 and result.memory_after_mb > 0
+
+
+def test_same_seed_same_pixels_other_seed_other_pixels(engine):
+    first = pixels(engine.txt2img(tiny()).image)
+    again = pixels(engine.txt2img(tiny()).image)
+    other = pixels(engine.txt2img(tiny(seed=1235)).image)
+    assert np.array_equal(first, again)
+    assert np.abs(first - other).mean() > 1
+
+
+def test_determinism_across_engines(catalog, engine):
+    fresh = ImageEngine(catalog, device="cpu")
+    assert np.array_equal(pixels(fresh.txt2img(tiny()).image), pixels(engine.txt2img(tiny()).image))
+
+
+def test_single_file_checkpoint_gives_the_folder_models_pixels(engine):
+    # The single file holds the same weights as the diffusers folder, in the original key layout.
+    folder = engine.txt2img(tiny(model="demo-sd15")).image
+    single = engine.txt2img(tiny(model="demo-sd15-single")).image
+    assert np.array_equal(pixels(folder), pixels(single))
+
+
+@pytest.mark.parametrize("seed", [None, -1])
+def test_random_seed_is_reported_and_reproduces(engine, seed):
+    result = engine.txt2img(tiny(seed=seed))
+    assert 0 <= result.seed < 2**32
+    assert parse_infotext(result.infotext)["Seed"] == str(result.seed)
+    assert np.array_equal(pixels(engine.txt2img(tiny(seed=result.seed)).image), pixels(result.image))
+
+
+@pytest.mark.parametrize("sampler", sampler_names())
+def test_every_sampler_runs(engine, sampler):
+    result = engine.txt2img(tiny(sampler_name=sampler, steps=3))
+    assert result.image.size == (64, 64)
+    assert np.isfinite(pixels(result.image)).all() and pixels(result.image).std() > 0
+    assert parse_infotext(result.infotext)["Sampler"] in sampler
+
+
+def test_samplers_differ(engine):
+    euler = pixels(engine.txt2img(tiny(sampler_name="Euler")).image)
+    ddim = pixels(engine.txt2img(tiny(sampler_name="DDIM")).image)
+    assert not np.array_equal(euler, ddim)  # random tiny weights: the samplers' outputs differ slightly
+
+
+def test_sampler_approximation_reaches_the_job_warnings(engine):
+    result = engine.txt2img(tiny(sampler_name="DPM fast", steps=3))
+    assert any("DPM fast" in warning for warning in result.warnings)
+
+
+def test_progress_reports_every_step_and_never_goes_back(engine):
+    seen = []
+    engine.txt2img(tiny(steps=5), progress=lambda step, total, phase: seen.append((step, total, phase)))
+    assert seen == [(step, 5, "generation") for step in range(1, 6)]
+
+
+@pytest.mark.parametrize("model", ["Demo SD1.5", "Demo SDXL"])
+def test_clip_skip_changes_the_image_and_is_recorded(engine, model):
+    base = engine.txt2img(tiny(model=model))
+    skipped = engine.txt2img(tiny(model=model, clip_skip=2))
+    assert not np.array_equal(pixels(base.image), pixels(skipped.image))
+    assert parse_infotext(skipped.infotext)["Clip skip"] == "2"
+    assert "Clip skip" not in base.infotext
+
+
+@pytest.mark.parametrize("model", ["Demo SD1.5", "Demo SDXL", "Demo SDXL Refiner"])
+def test_img2img_resizes_input_and_changes_pixels(engine, model):
+    source = Image.new("RGB", (100, 80), (20, 160, 40))
+    request = Img2ImgRequest(prompt="a forest", model=model, image=as_base64_png(source, data_url=True),
+                             steps=8, denoising_strength=0.5, width=64, height=72, seed=3)  # fmt: skip
+    result = engine.img2img(request)
+    assert result.image.size == (64, 72)
+    resized = pixels(source.resize((64, 72)))
+    assert np.abs(pixels(result.image) - resized).mean() > 1
+    parsed = parse_infotext(result.infotext)
+    assert parsed["Denoising strength"] == "0.5"
+
+
+def test_img2img_strength_sets_the_steps_run_and_the_result(engine):
+    source = Image.new("RGB", (64, 64), (200, 200, 200))
+
+    def run(strength):
+        seen = []
+        request = Img2ImgRequest(prompt="x", image=as_base64_png(source), steps=10,
+                                 denoising_strength=strength, width=64, height=64, seed=9)  # fmt: skip
+        image = engine.img2img(request, progress=lambda step, total, phase: seen.append(total)).image
+        return pixels(image), seen[-1]
+
+    weak, weak_steps = run(0.3)
+    strong, strong_steps = run(0.9)
+    assert (weak_steps, strong_steps) == (3, 9)  # int(steps x strength), as A1111 runs img2img
+    assert not np.array_equal(weak, strong)
+
+
+def test_img2img_plain_and_data_url_base64_give_the_same_image(engine):
+    source = Image.new("RGB", (64, 64), (10, 90, 200))
+    results = [
+        engine.img2img(
+            Img2ImgRequest(prompt="x", image=as_base64_png(source, data_url=flag), steps=4, width=64, height=64, seed=5)
+        ).image  # fmt: skip
+        for flag in (False, True)
+    ]
+    assert np.array_equal(pixels(results[0]), pixels(results[1]))
+
+
+def test_img2img_too_few_steps_is_a_clear_error():
+    request = Img2ImgRequest(prompt="x", image=as_base64_png(Image.new("RGB", (8, 8))), steps=3,
+                             denoising_strength=0.3)  # fmt: skip
+    with pytest.raises(InvalidRequestError, match="steps x denoising_strength") as raised:
+        prepare_job(request)
+    assert raised.value.field == "denoising_strength"
+
+
+@pytest.mark.parametrize(
+    "data",
+    ["not base64!!", base64.b64encode(b"plain text, not an image").decode(),
+     "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\n truncated").decode()],
+)  # fmt: skip
+def test_bad_input_images_are_rejected(data):
+    with pytest.raises(BadImageError) as raised:
+        prepare_job(Img2ImgRequest(prompt="x", image=data))
+    assert raised.value.field == "image"
+
+
+def test_refiner_cannot_do_txt2img(engine):
+    with pytest.raises(InvalidRequestError, match="SDXL refiner"):
+        engine.txt2img(tiny(model="Demo SDXL Refiner"))
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [({"hires": {"enabled": True}}, "hires"), ({"refiner_checkpoint": "Demo SDXL Refiner"}, "refiner_checkpoint"),
+     ({"loras": ["x"]}, "loras")],
+)  # fmt: skip
+def test_features_of_later_versions_are_refused_not_ignored(fields, field):
+    with pytest.raises(InvalidRequestError) as raised:
+        prepare_job(tiny(**fields))
+    assert raised.value.field == field
+
+
+def test_batch_gives_each_job_its_own_seed_image(engine):
+    loaded = engine.load("Demo SD1.5")
+    jobs = [prepare_job(tiny(seed=11)), prepare_job(tiny(seed=12, prompt="a blue car"))]
+    batch = engine.run(loaded, jobs)
+    singles = [engine.txt2img(tiny(seed=11)), engine.txt2img(tiny(seed=12, prompt="a blue car"))]
+    for batched, single in zip(batch, singles, strict=True):
+        assert batched.seed == single.seed
+        assert np.abs(pixels(batched.image) - pixels(single.image)).max() <= 2  # batched matmuls round apart
+
+
+def test_incompatible_jobs_are_not_batched(engine):
+    with pytest.raises(ValueError, match="share"):
+        engine.run(engine.load("Demo SD1.5"), [prepare_job(tiny()), prepare_job(tiny(steps=7))])
+
+
+def test_lru_cache_reuses_and_evicts(catalog):
+    small = ImageEngine(catalog, device="cpu", max_loaded_models=1)
+    first = small.load("Demo SD1.5")
+    assert small.load("demo-sd15") is first  # reused, not reloaded
+    small.load("Demo SDXL")
+    assert small.loaded_models() == ["models--demo--tiny-sdxl-base"]
+    assert small.load("Demo SD1.5") is not first
+
+
+def test_generated_image_keeps_its_infotext_in_every_format(engine):
+    result = engine.txt2img(tiny(prompt="café, 日本: test"))
+    for file_type in ("png", "jpg", "webp", "avif", "gif"):
+        text = read_infotext(encode_image(result.image, file_type, result.infotext))
+        assert text == result.infotext
+        assert parse_infotext(text)["Prompt"] == "café, 日本: test"
+
+
+def test_long_prompt_is_reported_as_truncated(engine):
+    result = engine.txt2img(tiny(prompt=" ".join(["mountain"] * 100)))
+    assert any("only the first 77" in warning for warning in result.warnings)
