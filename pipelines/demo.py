@@ -183,8 +183,11 @@ def create_demo_models(models_dir: Path, overwrite: bool = False) -> list[Path]:
     """Writes every demo model into `models_dir`; returns the paths written. Existing ones are kept
     unless `overwrite` is set."""
     from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
 
     diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
     models_dir.mkdir(parents=True, exist_ok=True)
     targets = {
         "sd15": models_dir / SD15_FOLDER,
