@@ -283,8 +283,8 @@ class ImageEngine:
         first = jobs[0]
         if any(job.batch_key() != first.batch_key() for job in jobs):
             raise ValueError("jobs in one batch must share mode, size, steps, cfg, sampler and strength")
-        pipe = loaded.pipeline_for(first.mode)
         with loaded.lock:
+            pipe = loaded.pipeline_for(first.mode)
             memory_before = memory_mb(self.device)
             started = time.perf_counter()
             pipe.scheduler = build_scheduler(first.sampler, dict(loaded.pipe.scheduler.config))
