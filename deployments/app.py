@@ -1,0 +1,50 @@
+"""The application builder: binds the deployment graph from config args (`import_path: deployments.app:build_app`)."""
+
+from pathlib import Path
+
+from pydantic import BaseModel
+from ray.serve import Application
+
+from deployments.generators import Refiner, SD15Generator, SDXLGenerator
+from deployments.ingress import Ingress
+from deployments.upscaler import Upscaler
+from pipelines.settings import Settings
+
+
+class AppArgs(BaseModel):
+    """Arguments from the config's `args:`; paths default to the environment / repository layout."""
+
+    models_dir: str | None = None
+    loras_dir: str | None = None
+    upscalers_dir: str | None = None
+    outputs_dir: str | None = None
+    models_config: str | None = None
+    job_database: str | None = None  # default: <outputs_dir>/jobs.sqlite3
+    device: str | None = None  # default: CUDA when present, else CPU
+    stale_job_timeout_s: float = 600.0
+
+
+def build_app(args: dict | None = None) -> Application:
+    parsed = AppArgs(**(args or {}))
+    settings = Settings.from_env()
+    overrides = {
+        key: Path(value).expanduser().resolve()
+        for key in ("models_dir", "loras_dir", "upscalers_dir", "outputs_dir", "models_config")
+        if (value := getattr(parsed, key))
+    }
+    settings = settings.model_copy(update=overrides)
+    database = parsed.job_database or str(settings.outputs_dir / "jobs.sqlite3")
+    plain = settings.model_dump(mode="json")
+    generator_args = {"settings": plain, "job_database": database, "device": parsed.device}
+    return Ingress.bind(
+        SD15Generator.bind(**generator_args),
+        SDXLGenerator.bind(**generator_args),
+        Refiner.bind(**generator_args),
+        Upscaler.bind(settings=plain),
+        settings=plain,
+        job_database=database,
+        stale_job_timeout_s=parsed.stale_job_timeout_s,
+    )
+
+
+app = build_app()

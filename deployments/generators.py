@@ -1,0 +1,108 @@
+"""Generator deployments: one per model family, each holding several checkpoints.
+
+The checkpoint name is the multiplexed model id, so Serve routes a job to a replica that already has that
+checkpoint loaded. All image work is `pipelines.ImageEngine`; this class only places it on a replica, runs
+torch off the event loop, reports progress to the job actor and writes the result.
+"""
+
+import asyncio
+import datetime
+import logging
+import time
+from pathlib import Path
+
+from ray import serve
+
+from deployments.jobs import get_or_create_job_actor
+from pipelines.catalog import ModelCatalog
+from pipelines.errors import DiffusionAPIError
+from pipelines.generate import GenerationResult, ImageEngine, prepare_job
+from pipelines.images import encode_base64
+from pipelines.infotext import encode_image
+from pipelines.schemas import Img2ImgRequest, Txt2ImgRequest
+from pipelines.settings import Settings
+
+logger = logging.getLogger("ray.serve")
+MODELS_PER_REPLICA = 2
+PROGRESS_INTERVAL_S = 0.2
+
+
+class _Generator:
+    """Shared body of the per-family deployments."""
+
+    def __init__(self, settings: dict, job_database: str, device: str | None = None):
+        self.settings = Settings(**settings)
+        self.engine = ImageEngine(ModelCatalog(self.settings), device=device, max_loaded_models=MODELS_PER_REPLICA)
+        self.jobs = get_or_create_job_actor(job_database)
+
+    @serve.multiplexed(max_num_models_per_replica=MODELS_PER_REPLICA)
+    async def get_model(self, model_id: str):
+        return await asyncio.to_thread(self.engine.load, model_id)
+
+    async def generate(self, job_id: str, kind: str, request: dict) -> dict:
+        """Runs one job to its end and records the outcome on the job; returns the result record."""
+        try:
+            parsed = Img2ImgRequest(**request) if kind == "img2img" else Txt2ImgRequest(**request)
+            loaded = await self.get_model(serve.get_multiplexed_model_id())
+            self.jobs.start.remote(job_id)
+            loop = asyncio.get_running_loop()
+            last_report = [0.0]
+
+            def report(step: int, total: int, phase: str) -> None:
+                now = time.monotonic()
+                if step == total or now - last_report[0] >= PROGRESS_INTERVAL_S:
+                    last_report[0] = now
+                    loop.call_soon_threadsafe(lambda: self.jobs.progress.remote(job_id, 100.0 * step / total, phase))
+
+            job = prepare_job(parsed)
+            result = (await asyncio.to_thread(self.engine.run, loaded, [job], report))[0]
+            record = self._save(job_id, parsed, result)
+            await self.jobs.add_warnings.remote(job_id, result.warnings)
+            await self.jobs.complete.remote(job_id, record)
+            return {"job_id": job_id, "output_path": record["output_path"]}
+        except DiffusionAPIError as error:
+            await self.jobs.fail.remote(job_id, error.message)
+            raise
+        except Exception as error:
+            logger.exception("job %s failed", job_id)
+            await self.jobs.fail.remote(job_id, f"generation failed: {type(error).__name__}: {error}")
+            raise
+
+    def _save(self, job_id: str, request: Txt2ImgRequest, result: GenerationResult) -> dict:
+        data = encode_image(result.image, request.file_type, result.infotext, request.jpeg_quality)
+        folder = self.settings.outputs_dir / datetime.date.today().isoformat()
+        folder.mkdir(parents=True, exist_ok=True)
+        path = Path(folder) / f"{job_id}.{request.file_type}"
+        path.write_bytes(data)
+        return {
+            "image": encode_base64(data),
+            "output_path": str(path),
+            "width": result.width,
+            "height": result.height,
+            "file_type": request.file_type,
+            "jpeg_quality": request.jpeg_quality,
+            "generation_time_sec": result.generation_time_sec,
+            "memory_before_mb": result.memory_before_mb,
+            "memory_after_mb": result.memory_after_mb,
+            "seed": result.seed,
+            "infotext": result.infotext,
+        }
+
+    def check_health(self) -> None:
+        """Serve's health check: the replica is healthy while its engine answers."""
+        self.engine.loaded_models()
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=2)
+class SD15Generator(_Generator):
+    """SD 1.5 checkpoints."""
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=2)
+class SDXLGenerator(_Generator):
+    """SDXL base checkpoints."""
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=2)
+class Refiner(_Generator):
+    """SDXL refiner checkpoints (img2img on a refiner model; the base->refiner hand-off comes later)."""

@@ -1,0 +1,202 @@
+"""The HTTP ingress: validates requests, records jobs, hands them to the family's generator.
+
+A job is accepted only after everything that can be checked without a model is checked (model name, family,
+sampler, input image); then it is recorded as `queued` and started detached from the HTTP request, so a
+client that disconnects does not cancel it. The ingress awaits the generator's response in a tracked task
+and records any failure (exception, dead replica) on the job.
+"""
+
+import asyncio
+import contextvars
+import logging
+import uuid
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from ray import serve
+
+from deployments.jobs import get_or_create_job_actor
+from pipelines.catalog import ModelCatalog
+from pipelines.errors import DiffusionAPIError, InvalidRequestError
+from pipelines.generate import prepare_job
+from pipelines.samplers import sampler_names, schedule_type_names
+from pipelines.schemas import (
+    ErrorResponse,
+    HelloResponse,
+    Img2ImgRequest,
+    ModelAlias,
+    ModelAliasesResponse,
+    ModelInfo,
+    ModelsResponse,
+    QueueStatusResponse,
+    SamplingMethodsResponse,
+    Txt2ImgRequest,
+    Txt2ImgResponse,
+)
+from pipelines.settings import VERSION, Settings
+from pipelines.system import health_report
+
+logger = logging.getLogger("ray.serve")
+LORA_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+UPSCALER_SUFFIXES = (".pth", ".safetensors")
+
+app = FastAPI(title="Diffusion API", version=VERSION, description="Stable Diffusion on Ray Serve")
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"status": "error", "error": message})
+
+
+@app.exception_handler(DiffusionAPIError)
+async def _domain_error(request: Request, error: DiffusionAPIError) -> JSONResponse:
+    if error.status_code >= 500:
+        logger.error("%s %s failed: %s", request.method, request.url.path, error.message)
+    return _error(error.status_code, error.message)
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+    parts = []
+    for item in error.errors():
+        location = ".".join(str(part) for part in item["loc"] if part != "body") or "body"
+        parts.append(f"{location}: {item['msg']}" + (f" (got {item['input']!r})" if "input" in item else ""))
+    body = {"status": "error", "error": "; ".join(parts)[:2000], "detail": jsonable_errors(error)}
+    return JSONResponse(status_code=422, content=body)
+
+
+def jsonable_errors(error: RequestValidationError) -> list[dict]:
+    return [{"loc": list(item["loc"]), "msg": item["msg"], "type": item["type"]} for item in error.errors()]
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=200)
+@serve.ingress(app)
+class Ingress:
+    def __init__(self, sd15, sdxl, refiner, upscaler, settings: dict, job_database: str,
+                 stale_job_timeout_s: float = 600.0):  # fmt: skip
+        self.handles = {"sd15": sd15, "sdxl": sdxl, "sdxl-refiner": refiner}
+        self.upscaler = upscaler
+        self.settings = Settings(**settings)
+        self.catalog = ModelCatalog(self.settings)
+        self.job_database = job_database
+        self.jobs = get_or_create_job_actor(job_database)
+        self.stale_job_timeout_s = stale_job_timeout_s
+        self._inflight: set[asyncio.Task] = set()
+        self._reaper: asyncio.Task | None = None
+
+    # Listings --------------------------------------------------------------------------------------------
+    @app.get("/hello", response_model=HelloResponse)
+    async def hello(self) -> HelloResponse:
+        return HelloResponse(ok=True)
+
+    @app.get("/health")
+    async def health(self) -> dict:
+        counts = await self.jobs.counts.remote()
+        active = counts.get("queued", 0) + counts.get("processing", 0)
+        return await asyncio.to_thread(
+            health_report, self.settings.models_dir, self.settings.loras_dir, self.settings.outputs_dir,
+            len(self.catalog.list_models()), len(self._files(self.settings.loras_dir, LORA_SUFFIXES)), active,
+            self.job_database,
+        )  # fmt: skip
+
+    @app.get("/models", response_model=ModelsResponse)
+    async def models(self) -> ModelsResponse:
+        entries = await asyncio.to_thread(self.catalog.list_models)
+        return ModelsResponse(models=[ModelInfo(name=e.name, label=e.label, family=e.family) for e in entries])
+
+    @app.get("/models/aliases", response_model=ModelAliasesResponse)
+    async def model_aliases(self) -> ModelAliasesResponse:
+        pairs = await asyncio.to_thread(self.catalog.aliases)
+        models = [ModelAlias(name=name, label=label) for label, name in pairs]
+        return ModelAliasesResponse(models=models, message=f"{len(models)} model aliases")
+
+    @app.get("/loras")
+    async def loras(self) -> dict:
+        files = self._files(self.settings.loras_dir, LORA_SUFFIXES)
+        return {"status": "success", "loras": [{"name": path.stem, "scale": 1.0} for path in files]}
+
+    @app.get("/upscalers")
+    async def upscalers(self) -> dict:
+        files = self._files(self.settings.upscalers_dir, UPSCALER_SUFFIXES)
+        listed = [{"name": "Latent", "path": "internal"}]
+        listed += [{"name": path.stem, "path": str(path)} for path in files]
+        return {"status": "success", "upscalers": listed}
+
+    @app.get("/sampling_methods", response_model=SamplingMethodsResponse)
+    async def sampling_methods(self) -> SamplingMethodsResponse:
+        return SamplingMethodsResponse(sampling_methods=sampler_names(), scheduler_types=schedule_type_names())
+
+    @staticmethod
+    def _files(folder, suffixes) -> list:
+        if not folder.is_dir():
+            return []
+        return sorted(p for p in folder.rglob("*") if p.suffix.lower() in suffixes and p.is_file())
+
+    # Jobs ------------------------------------------------------------------------------------------------
+    @app.post("/txt2img", response_model=Txt2ImgResponse, responses={422: {"model": ErrorResponse}})
+    async def txt2img(self, request: Txt2ImgRequest) -> Txt2ImgResponse:
+        return await self._submit("txt2img", request)
+
+    @app.post("/img2img", response_model=Txt2ImgResponse, responses={422: {"model": ErrorResponse}})
+    async def img2img(self, request: Img2ImgRequest) -> Txt2ImgResponse:
+        return await self._submit("img2img", request)
+
+    async def _submit(self, kind: str, request: Txt2ImgRequest | Img2ImgRequest) -> Txt2ImgResponse:
+        self._start_reaper()
+        entry = await asyncio.to_thread(self.catalog.resolve, request.model)
+        if entry.family == "sdxl-refiner" and kind == "txt2img":
+            raise InvalidRequestError(
+                f"model '{entry.name}' is an SDXL refiner: use it for img2img or as 'refiner_checkpoint'",
+                field="model",
+            )
+        job = await asyncio.to_thread(prepare_job, request)  # sampler, image, unsupported fields: 4xx now
+        payload = request.model_dump(by_alias=True)
+        payload["model"] = entry.name
+        job_id = uuid.uuid4().hex
+        await self.jobs.create.remote(job_id, kind, payload, job.sampler.warnings)
+        handle = self.handles[entry.family].options(multiplexed_model_id=entry.name)
+        # A fresh context detaches the work from this HTTP request: a client disconnect must not cancel it.
+        task = asyncio.create_task(self._run(job_id, kind, payload, handle), context=contextvars.Context())
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+        return Txt2ImgResponse(job_id=job_id)
+
+    async def _run(self, job_id: str, kind: str, payload: dict, handle) -> None:
+        try:
+            await handle.generate.remote(job_id, kind, payload)
+        except BaseException as error:  # includes CancelledError and a dead replica's ActorDiedError
+            cause = getattr(error, "cause", None)
+            message = getattr(cause, "message", None) or f"{type(error).__name__}: {error}".splitlines()[0]
+            await self.jobs.fail.remote(job_id, message)
+            if isinstance(error, asyncio.CancelledError):
+                raise
+
+    def _start_reaper(self) -> None:
+        if self._reaper is None or self._reaper.done():
+            self._reaper = asyncio.create_task(self._reap_forever(), context=contextvars.Context())
+
+    async def _reap_forever(self) -> None:
+        while True:
+            await asyncio.sleep(min(30.0, self.stale_job_timeout_s / 2))
+            try:
+                await self.jobs.reap_stale.remote(self.stale_job_timeout_s)
+            except Exception:
+                logger.exception("stale-job reaper failed")
+
+    @app.get("/queue/{job_id}", response_model=QueueStatusResponse, responses={404: {"model": ErrorResponse}})
+    async def queue(self, job_id: str):
+        job = await self.jobs.get.remote(job_id)
+        if job is None:
+            return _error(404, f"unknown job_id {job_id!r}")
+        response = QueueStatusResponse(
+            status="error" if job["state"] == "error" else "success",
+            job_id=job_id,
+            progress=job["progress"],
+            current_phase=job["phase"],
+            state=job["state"],
+            error=job["error"],
+            warnings=job["warnings"],
+        )
+        if job["state"] == "done" and job["result"]:
+            response = response.model_copy(update={**job["result"], "payload": job["payload"]})
+        return response

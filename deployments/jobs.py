@@ -1,0 +1,158 @@
+"""The job-status store: one named Ray actor holding every job's state, kept in SQLite.
+
+`JobStore` is a plain class (testable without Ray) with named transitions: `create`, `start`, `progress`,
+`complete`, `fail`, `cancel`. Records live in a SQLite file (in the outputs folder by default), so a finished
+job, image included, is still served after the actor or the whole service restarts. Finished jobs are pruned
+by age and count; a job whose worker stopped reporting is failed by `reap_stale`.
+"""
+
+import json
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import ray
+
+ACTOR_NAME = "diffusion_api_jobs"
+ACTOR_NAMESPACE = "diffusion_api"
+TERMINAL_STATES = ("done", "error", "cancelled")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    state TEXT NOT NULL,
+    phase TEXT NOT NULL,
+    progress REAL NOT NULL,
+    created REAL NOT NULL,
+    updated REAL NOT NULL,
+    payload TEXT NOT NULL,
+    warnings TEXT NOT NULL,
+    result TEXT,
+    error TEXT
+)
+"""
+
+
+class JobStore:
+    def __init__(self, database: str, keep_finished_seconds: float = 7 * 86400, keep_finished_count: int = 10000):
+        Path(database).parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(database, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(_SCHEMA)
+        self._lock = threading.Lock()
+        self.keep_finished_seconds = keep_finished_seconds
+        self.keep_finished_count = keep_finished_count
+
+    def _update(self, job_id: str, only_if_active: bool = True, **fields) -> bool:
+        fields["updated"] = time.time()
+        assignments = ", ".join(f"{key} = ?" for key in fields)
+        condition = " AND state NOT IN ('done', 'error', 'cancelled')" if only_if_active else ""
+        with self._lock:
+            cursor = self._db.execute(
+                f"UPDATE jobs SET {assignments} WHERE job_id = ?{condition}", (*fields.values(), job_id)
+            )
+        return cursor.rowcount == 1
+
+    # Transitions -----------------------------------------------------------------------------------------
+    def create(self, job_id: str, kind: str, payload: dict, warnings: list[str]) -> None:
+        now = time.time()
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO jobs VALUES (?, ?, 'queued', 'queued', 0, ?, ?, ?, ?, NULL, NULL)",
+                (job_id, kind, now, now, json.dumps(payload), json.dumps(warnings)),
+            )
+        self.prune()
+
+    def start(self, job_id: str, phase: str = "generation") -> bool:
+        return self._update(job_id, state="processing", phase=phase)
+
+    def progress(self, job_id: str, progress: float, phase: str) -> bool:
+        """Progress in percent; it never goes backwards."""
+        with self._lock:
+            row = self._db.execute("SELECT progress FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+        if row is None:
+            return False
+        return self._update(job_id, state="processing", phase=phase, progress=max(row[0], min(progress, 99.9)))
+
+    def add_warnings(self, job_id: str, warnings: list[str]) -> None:
+        job = self.get(job_id)
+        if job is not None:
+            merged = job["warnings"] + [w for w in warnings if w not in job["warnings"]]
+            self._update(job_id, only_if_active=False, warnings=json.dumps(merged))
+
+    def complete(self, job_id: str, result: dict) -> bool:
+        return self._update(job_id, state="done", phase="done", progress=100.0, result=json.dumps(result))
+
+    def fail(self, job_id: str, error: str) -> bool:
+        return self._update(job_id, state="error", phase="error", error=error)
+
+    def cancel(self, job_id: str) -> bool:
+        return self._update(job_id, state="cancelled", phase="cancelled", error="cancelled by request")
+
+    # Queries ---------------------------------------------------------------------------------------------
+    def get(self, job_id: str) -> dict | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT job_id, kind, state, phase, progress, created, updated, payload, warnings, result, error "
+                "FROM jobs WHERE job_id = ?",
+                (job_id,),
+            ).fetchone()
+        if row is None:
+            return None
+        keys = ("job_id", "kind", "state", "phase", "progress", "created", "updated", "payload", "warnings",
+                "result", "error")  # fmt: skip
+        job = dict(zip(keys, row, strict=True))
+        job["payload"] = json.loads(job["payload"])
+        job["warnings"] = json.loads(job["warnings"])
+        job["result"] = json.loads(job["result"]) if job["result"] else None
+        return job
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
+        return dict(rows)
+
+    # Housekeeping ----------------------------------------------------------------------------------------
+    def reap_stale(self, timeout_seconds: float) -> list[str]:
+        """Fails active jobs that have not been updated for `timeout_seconds`; returns their ids."""
+        cutoff = time.time() - timeout_seconds
+        with self._lock:
+            stale = [
+                row[0]
+                for row in self._db.execute(
+                    "SELECT job_id FROM jobs WHERE state IN ('queued', 'processing') AND updated < ?", (cutoff,)
+                )
+            ]
+        for job_id in stale:
+            self.fail(job_id, f"the worker stopped reporting for {timeout_seconds:.0f}s; the job was abandoned")
+        return stale
+
+    def prune(self) -> int:
+        cutoff = time.time() - self.keep_finished_seconds
+        with self._lock:
+            removed = self._db.execute(
+                "DELETE FROM jobs WHERE state IN ('done', 'error', 'cancelled') AND updated < ?", (cutoff,)
+            ).rowcount
+            removed += self._db.execute(
+                "DELETE FROM jobs WHERE job_id IN (SELECT job_id FROM jobs WHERE state IN ('done', 'error', "
+                "'cancelled') ORDER BY updated DESC LIMIT -1 OFFSET ?)",
+                (self.keep_finished_count,),
+            ).rowcount
+        return removed
+
+
+def get_or_create_job_actor(database: str, **options):
+    """The one named job-status actor (created by whoever asks first). It restarts on failure and callers'
+    calls are retried; its records survive in the database."""
+    actor_class = ray.remote(JobStore)
+    return actor_class.options(
+        name=ACTOR_NAME,
+        namespace=ACTOR_NAMESPACE,
+        lifetime="detached",
+        get_if_exists=True,
+        num_cpus=0,
+        max_restarts=-1,
+        max_task_retries=-1,
+    ).remote(database, **options)
