@@ -1,0 +1,69 @@
+"""Jobs never hang: a failing generator, a killed replica and a restarted job actor all end in a clear state."""
+
+import json
+import shutil
+import time
+
+import ray
+
+from deployments.jobs import ACTOR_NAME, ACTOR_NAMESPACE
+from tests.serve.conftest import wait_for_job
+
+
+def test_model_that_fails_to_load_ends_the_job_in_error(client, settings):
+    broken = settings.models_dir / "broken-sd15"
+    shutil.copytree(settings.models_dir / "demo-sd15", broken)
+    try:
+        (broken / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"not safetensors")
+        submitted = client.post("/txt2img", json={"prompt": "x", "model": "broken-sd15", "steps": 2,
+                                                   "width": 64, "height": 64})  # fmt: skip
+        assert submitted.status_code == 200
+        job = wait_for_job(client, submitted.json()["job_id"])
+        assert job["state"] == "error"
+        assert job["status"] == "error"
+        assert "could not load model 'broken-sd15'" in job["error"]
+    finally:
+        shutil.rmtree(broken)
+
+
+def _replica_actors(deployment: str) -> list:
+    names = ray.util.list_named_actors(all_namespaces=True)
+    return [
+        ray.get_actor(item["name"], namespace=item["namespace"])
+        for item in names
+        if item["name"].startswith("SERVE_REPLICA::") and f"#{deployment}#" in item["name"]
+    ]
+
+
+def test_killed_generator_replica_fails_the_job_and_serving_continues(client):
+    body = {"prompt": "x", "model": "Demo SD1.5", "steps": 150, "width": 256, "height": 256, "seed": 1}
+    job_id = client.post("/txt2img", json=body).json()["job_id"]
+    deadline = time.monotonic() + 60
+    while client.get(f"/queue/{job_id}").json()["progress"] <= 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for actor in _replica_actors("SD15Generator"):
+        ray.kill(actor, no_restart=True)
+    job = wait_for_job(client, job_id, timeout=60)
+    assert job["state"] == "error"
+    assert job["error"]
+    # Serve replaces the replica; the next job succeeds.
+    next_job = client.post("/txt2img", json={"prompt": "y", "steps": 4, "width": 64, "height": 64}).json()
+    assert wait_for_job(client, next_job["job_id"], timeout=120)["state"] == "done"
+
+
+def test_finished_job_survives_a_job_actor_restart(client):
+    job_id = client.post("/txt2img", json={"prompt": "keep me", "steps": 3, "width": 64, "height": 64}).json()["job_id"]
+    before = wait_for_job(client, job_id)
+    assert before["state"] == "done"
+    actor = ray.get_actor(ACTOR_NAME, namespace=ACTOR_NAMESPACE)
+    ray.kill(actor, no_restart=False)  # the actor restarts and reopens its database
+    deadline = time.monotonic() + 60
+    while True:
+        response = client.get(f"/queue/{job_id}")
+        if response.status_code == 200 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    after = response.json()
+    assert after["state"] == "done"
+    assert after["image"] == before["image"]
+    assert json.dumps(after["payload"]) == json.dumps(before["payload"])
