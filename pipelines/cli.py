@@ -127,7 +127,23 @@ def cmd_infotext(args) -> None:
 
 
 def cmd_serve(args) -> None:
-    raise CliError("the Ray Serve application is not part of this version yet; use txt2img / img2img")
+    """Runs `serve run` on the local config in the foreground; Ctrl-C stops it and its Ray cluster."""
+    import os
+    import shutil
+
+    from pipelines.settings import PROJECT_ROOT
+
+    config = Path(args.config) if args.config else PROJECT_ROOT / "configs" / "serve_local.yaml"
+    if not config.is_file():
+        raise CliError(f"argument --config: no such file {str(config)!r}")
+    serve_cli = shutil.which("serve", path=os.path.dirname(sys.executable)) or shutil.which("serve")
+    if serve_cli is None:
+        raise CliError("the Ray Serve CLI ('serve') is not installed; run 'make install'")
+    environment = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", **os.environ}
+    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))
+    print(f"starting the service from {config} (Ctrl-C stops it)", flush=True)
+    os.chdir(PROJECT_ROOT)
+    os.execve(serve_cli, [serve_cli, "run", str(config)], environment)
 
 
 def _add_generation_flags(parser: argparse.ArgumentParser) -> None:
@@ -172,7 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     infotext.add_argument("image", metavar="IMAGE")
     infotext.set_defaults(handler=cmd_infotext)
 
-    commands.add_parser("serve", help="start the HTTP service").set_defaults(handler=cmd_serve)
+    serve = commands.add_parser("serve", help="start the HTTP service on the local config (Ctrl-C stops it)")
+    serve.add_argument("--config", help="Serve config file (default: configs/serve_local.yaml)")
+    serve.set_defaults(handler=cmd_serve)
     return parser
 
 
