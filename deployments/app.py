@@ -22,6 +22,8 @@ class AppArgs(BaseModel):
     job_database: str | None = None  # default: <outputs_dir>/jobs.sqlite3
     device: str | None = None  # default: CUDA when present, else CPU
     stale_job_timeout_s: float = 600.0
+    keep_finished_jobs_s: float = 7 * 86400  # finished job records older than this are pruned
+    keep_finished_jobs: int = 10000  # and at most this many are kept
 
 
 def build_app(args: dict | None = None) -> Application:
@@ -35,7 +37,11 @@ def build_app(args: dict | None = None) -> Application:
     settings = settings.model_copy(update=overrides)
     database = parsed.job_database or str(settings.outputs_dir / "jobs.sqlite3")
     plain = settings.model_dump(mode="json")
-    generator_args = {"settings": plain, "job_database": database, "device": parsed.device}
+    job_options = {
+        "keep_finished_seconds": parsed.keep_finished_jobs_s,
+        "keep_finished_count": parsed.keep_finished_jobs,
+    }
+    generator_args = {"settings": plain, "job_database": database, "job_options": job_options, "device": parsed.device}
     return Ingress.bind(
         SD15Generator.bind(**generator_args),
         SDXLGenerator.bind(**generator_args),
@@ -43,6 +49,7 @@ def build_app(args: dict | None = None) -> Application:
         Upscaler.bind(settings=plain),
         settings=plain,
         job_database=database,
+        job_options=job_options,
         stale_job_timeout_s=parsed.stale_job_timeout_s,
     )
 

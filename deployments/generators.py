@@ -30,10 +30,10 @@ PROGRESS_INTERVAL_S = 0.2
 class _Generator:
     """Shared body of the per-family deployments."""
 
-    def __init__(self, settings: dict, job_database: str, device: str | None = None):
+    def __init__(self, settings: dict, job_database: str, job_options: dict | None = None, device: str | None = None):
         self.settings = Settings(**settings)
         self.engine = ImageEngine(ModelCatalog(self.settings), device=device, max_loaded_models=MODELS_PER_REPLICA)
-        self.jobs = get_or_create_job_actor(job_database)
+        self.jobs = get_or_create_job_actor(job_database, **(job_options or {}))
 
     @serve.multiplexed(max_num_models_per_replica=MODELS_PER_REPLICA)
     async def get_model(self, model_id: str):

@@ -73,13 +73,13 @@ def jsonable_errors(error: RequestValidationError) -> list[dict]:
 @serve.ingress(app)
 class Ingress:
     def __init__(self, sd15, sdxl, refiner, upscaler, settings: dict, job_database: str,
-                 stale_job_timeout_s: float = 600.0):  # fmt: skip
+                 job_options: dict | None = None, stale_job_timeout_s: float = 600.0):  # fmt: skip
         self.handles = {"sd15": sd15, "sdxl": sdxl, "sdxl-refiner": refiner}
         self.upscaler = upscaler
         self.settings = Settings(**settings)
         self.catalog = ModelCatalog(self.settings)
         self.job_database = job_database
-        self.jobs = get_or_create_job_actor(job_database)
+        self.jobs = get_or_create_job_actor(job_database, **(job_options or {}))
         self.stale_job_timeout_s = stale_job_timeout_s
         self._inflight: set[asyncio.Task] = set()
         self._reaper: asyncio.Task | None = None
