@@ -89,3 +89,11 @@ def test_unknown_job_is_404(client):
     response = client.get("/queue/does-not-exist")
     assert response.status_code == 404
     assert response.json() == {"status": "error", "error": "unknown job_id 'does-not-exist'"}
+
+
+def test_openapi_shows_the_real_contract(client):
+    schema = client.get("/openapi.json").json()
+    request = schema["components"]["schemas"]["Txt2ImgRequest"]["properties"]
+    assert {"prompt", "fileType", "sampler_name", "scheduler_type", "refiner_switch_at", "seed"} <= set(request)
+    assert "/queue/{job_id}" in schema["paths"] and "/img2img" in schema["paths"]
+    assert client.get("/docs").status_code == 200
