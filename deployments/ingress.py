@@ -18,8 +18,8 @@ from ray import serve
 
 from deployments.jobs import get_or_create_job_actor
 from pipelines.catalog import ModelCatalog
-from pipelines.errors import DiffusionAPIError, InvalidRequestError
-from pipelines.generate import prepare_job
+from pipelines.errors import DiffusionAPIError
+from pipelines.generate import check_mode_supported, prepare_job
 from pipelines.samplers import sampler_names, schedule_type_names
 from pipelines.schemas import (
     ErrorResponse,
@@ -144,11 +144,7 @@ class Ingress:
     async def _submit(self, kind: str, request: Txt2ImgRequest | Img2ImgRequest) -> Txt2ImgResponse:
         self._start_reaper()
         entry = await asyncio.to_thread(self.catalog.resolve, request.model)
-        if entry.family == "sdxl-refiner" and kind == "txt2img":
-            raise InvalidRequestError(
-                f"model '{entry.name}' is an SDXL refiner: use it for img2img or as 'refiner_checkpoint'",
-                field="model",
-            )
+        check_mode_supported(entry, kind)
         job = await asyncio.to_thread(prepare_job, request)  # sampler, image, unsupported fields: 4xx now
         payload = request.model_dump(by_alias=True)
         payload["model"] = entry.name

@@ -124,11 +124,12 @@ def build_sd15(work: Path, seed: int = 15):
 def build_sdxl_base(work: Path, seed: int = 20):
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
+    tokenizer, tokenizer_2 = _tokenizer(work), _tokenizer(work, pad_token="!")
     # text_embeds (32, the projection of text_encoder_2) + 6 time ids x 8 = 80
     return StableDiffusionXLPipeline(
-        vae=_vae(seed, 0.13025), text_encoder=_text_encoder(_tokenizer(work), seed),
-        text_encoder_2=_text_encoder(_tokenizer(work, pad_token="!"), seed + 1, with_projection=True),
-        tokenizer=_tokenizer(work), tokenizer_2=_tokenizer(work, pad_token="!"),
+        vae=_vae(seed, 0.13025), text_encoder=_text_encoder(tokenizer, seed),
+        text_encoder_2=_text_encoder(tokenizer_2, seed + 1, with_projection=True),
+        tokenizer=tokenizer, tokenizer_2=tokenizer_2,
         unet=_sdxl_unet(seed, cross_attention_dim=64, projection_input_dim=80),
         scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER), image_encoder=None, feature_extractor=None,
     )  # fmt: skip
@@ -137,12 +138,13 @@ def build_sdxl_base(work: Path, seed: int = 20):
 def build_sdxl_refiner(work: Path, seed: int = 20):
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline
 
+    tokenizer_2 = _tokenizer(work, pad_token="!")
     # The refiner shares the base's VAE and second text encoder (same seeds), as the real ones do.
     # text_embeds (32) + 5 time ids (with the aesthetic score) x 8 = 72
     return StableDiffusionXLImg2ImgPipeline(
         vae=_vae(seed, 0.13025), text_encoder=None, tokenizer=None,
-        text_encoder_2=_text_encoder(_tokenizer(work, pad_token="!"), seed + 1, with_projection=True),
-        tokenizer_2=_tokenizer(work, pad_token="!"),
+        text_encoder_2=_text_encoder(tokenizer_2, seed + 1, with_projection=True),
+        tokenizer_2=tokenizer_2,
         unet=_sdxl_unet(seed + 2, cross_attention_dim=32, projection_input_dim=72),
         scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER), image_encoder=None, feature_extractor=None,
         requires_aesthetics_score=True, force_zeros_for_empty_prompt=False,

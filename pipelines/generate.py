@@ -150,6 +150,15 @@ def prepare_job(request: Txt2ImgRequest | Img2ImgRequest) -> PreparedJob:
     return job
 
 
+def check_mode_supported(entry: ModelEntry, mode: Mode) -> None:
+    """A refiner only continues images: it has no first text encoder for txt2img."""
+    if entry.family == "sdxl-refiner" and mode == "txt2img":
+        raise InvalidRequestError(
+            f"model '{entry.name}' is an SDXL refiner: use it for img2img or as 'refiner_checkpoint', not for txt2img",
+            field="model",
+        )
+
+
 class LoadedModel:
     """A checkpoint's pipeline plus the lock that keeps one job at a time on it (jobs set its scheduler)."""
 
@@ -161,15 +170,8 @@ class LoadedModel:
         self._img2img = None
 
     def pipeline_for(self, mode: Mode):
-        if self.entry.family == "sdxl-refiner":
-            if mode == "txt2img":
-                raise InvalidRequestError(
-                    f"model '{self.entry.name}' is an SDXL refiner: use it for img2img or as "
-                    "'refiner_checkpoint', not for txt2img",
-                    field="model",
-                )
-            return self.pipe
-        if mode == "txt2img":
+        check_mode_supported(self.entry, mode)
+        if mode == "txt2img" or self.entry.family == "sdxl-refiner":
             return self.pipe
         if self._img2img is None:
             from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline
