@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 from ray.serve import Application
 
 from deployments.generators import Refiner, SD15Generator, SDXLGenerator
@@ -12,18 +12,25 @@ from pipelines.settings import Settings
 
 
 class AppArgs(BaseModel):
-    """Arguments from the config's `args:`; paths default to the environment / repository layout."""
+    """Arguments from the config's `args:`; paths default to the environment / repository layout. A misspelt
+    argument is an error, not silently ignored."""
 
+    model_config = ConfigDict(extra="forbid")
     models_dir: str | None = None
     loras_dir: str | None = None
     upscalers_dir: str | None = None
     outputs_dir: str | None = None
     models_config: str | None = None
+    cache_dir: str | None = None  # hashes and detected families of model files
     job_database: str | None = None  # default: <outputs_dir>/jobs.sqlite3
     device: str | None = None  # default: CUDA when present, else CPU
-    stale_job_timeout_s: float = 600.0
-    keep_finished_jobs_s: float = 7 * 86400  # finished job records older than this are pruned
-    keep_finished_jobs: int = 10000  # and at most this many are kept
+    # A job with no progress report (and no ingress still waiting on it) for this long is marked failed.
+    stale_job_timeout_s: float = Field(600.0, gt=0)
+    # Per model family, queued + running, across the service; beyond it POST answers 503 with Retry-After.
+    max_queued_jobs: int = Field(64, ge=1)
+    # Finished job records older than this are pruned, and at most this many are kept.
+    keep_finished_jobs_s: float = Field(7 * 86400, ge=0)
+    keep_finished_jobs: int = Field(10000, ge=0)
 
 
 def build_app(args: dict | None = None) -> Application:
@@ -31,7 +38,7 @@ def build_app(args: dict | None = None) -> Application:
     settings = Settings.from_env()
     overrides = {
         key: Path(value).expanduser().resolve()
-        for key in ("models_dir", "loras_dir", "upscalers_dir", "outputs_dir", "models_config")
+        for key in ("models_dir", "loras_dir", "upscalers_dir", "outputs_dir", "models_config", "cache_dir")
         if (value := getattr(parsed, key))
     }
     settings = settings.model_copy(update=overrides)
@@ -51,6 +58,7 @@ def build_app(args: dict | None = None) -> Application:
         job_database=database,
         job_options=job_options,
         stale_job_timeout_s=parsed.stale_job_timeout_s,
+        max_queued_jobs=parsed.max_queued_jobs,
     )
 
 

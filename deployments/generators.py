@@ -21,6 +21,7 @@ from pipelines.images import encode_base64
 from pipelines.infotext import encode_image
 from pipelines.schemas import Img2ImgRequest, Txt2ImgRequest
 from pipelines.settings import Settings
+from pipelines.system import gpu_info
 
 logger = logging.getLogger("ray.serve")
 MODELS_PER_REPLICA = 2
@@ -34,6 +35,20 @@ class _Generator:
         self.settings = Settings(**settings)
         self.engine = ImageEngine(ModelCatalog(self.settings), device=device, max_loaded_models=MODELS_PER_REPLICA)
         self.jobs = get_or_create_job_actor(job_database, **(job_options or {}))
+        context = serve.get_replica_context()
+        self.replica_name = f"{context.deployment}#{context.replica_id.unique_id}"
+        self._report()
+
+    def _report(self) -> None:
+        """Tells the job actor what this replica runs on; `/health` shows it (the ingress has no GPU)."""
+        report = {
+            "deployment": serve.get_replica_context().deployment,
+            "device": str(self.engine.device),
+            "dtype": str(self.engine.dtype).removeprefix("torch."),
+            "loaded_models": self.engine.loaded_models(),
+            "gpu": gpu_info(),
+        }
+        self.jobs.report_replica.remote(self.replica_name, report)
 
     @serve.multiplexed(max_num_models_per_replica=MODELS_PER_REPLICA)
     async def get_model(self, model_id: str):
@@ -59,6 +74,7 @@ class _Generator:
             record = self._save(job_id, parsed, result)
             await self.jobs.add_warnings.remote(job_id, result.warnings)
             await self.jobs.complete.remote(job_id, record)
+            self._report()
             return {"job_id": job_id, "output_path": record["output_path"]}
         except DiffusionAPIError as error:
             await self.jobs.fail.remote(job_id, error.message)
@@ -89,8 +105,9 @@ class _Generator:
         }
 
     def check_health(self) -> None:
-        """Serve's health check: the replica is healthy while its engine answers."""
-        self.engine.loaded_models()
+        """Serve's health check (every few seconds): the replica is healthy while its engine answers; it also
+        refreshes this replica's report."""
+        self._report()
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=2)

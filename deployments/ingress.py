@@ -15,10 +15,11 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
+from ray.serve.exceptions import BackPressureError
 
 from deployments.jobs import get_or_create_job_actor
 from pipelines.catalog import ModelCatalog
-from pipelines.errors import DiffusionAPIError
+from pipelines.errors import DiffusionAPIError, ServiceBusyError
 from pipelines.generate import check_mode_supported, prepare_job
 from pipelines.samplers import sampler_names, schedule_type_names
 from pipelines.schemas import (
@@ -35,7 +36,7 @@ from pipelines.schemas import (
     Txt2ImgResponse,
 )
 from pipelines.settings import VERSION, Settings
-from pipelines.system import health_report
+from pipelines.system import gpu_info, health_report
 
 logger = logging.getLogger("ray.serve")
 LORA_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -44,12 +45,14 @@ UPSCALER_SUFFIXES = (".pth", ".safetensors")
 app = FastAPI(title="Diffusion API", version=VERSION, description="Stable Diffusion on Ray Serve")
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"status": "error", "error": message})
+def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"status": "error", "error": message}, headers=headers)
 
 
 @app.exception_handler(DiffusionAPIError)
 async def _domain_error(request: Request, error: DiffusionAPIError) -> JSONResponse:
+    if isinstance(error, ServiceBusyError):
+        return _error(error.status_code, error.message, headers={"Retry-After": str(error.retry_after_s)})
     if error.status_code >= 500:
         logger.error("%s %s failed: %s", request.method, request.url.path, error.message)
     return _error(error.status_code, error.message)
@@ -73,7 +76,8 @@ def jsonable_errors(error: RequestValidationError) -> list[dict]:
 @serve.ingress(app)
 class Ingress:
     def __init__(self, sd15, sdxl, refiner, upscaler, settings: dict, job_database: str,
-                 job_options: dict | None = None, stale_job_timeout_s: float = 600.0):  # fmt: skip
+                 job_options: dict | None = None, stale_job_timeout_s: float = 600.0,
+                 max_queued_jobs: int = 64):  # fmt: skip
         self.handles = {"sd15": sd15, "sdxl": sdxl, "sdxl-refiner": refiner}
         self.upscaler = upscaler
         self.settings = Settings(**settings)
@@ -81,7 +85,8 @@ class Ingress:
         self.job_database = job_database
         self.jobs = get_or_create_job_actor(job_database, **(job_options or {}))
         self.stale_job_timeout_s = stale_job_timeout_s
-        self._inflight: set[asyncio.Task] = set()
+        self.max_queued_jobs = max_queued_jobs
+        self._inflight: dict[str, asyncio.Task] = {}  # job id -> the task awaiting its generator
         self._reaper: asyncio.Task | None = None
 
     # Listings --------------------------------------------------------------------------------------------
@@ -92,12 +97,22 @@ class Ingress:
     @app.get("/health")
     async def health(self) -> dict:
         counts = await self.jobs.counts.remote()
+        replicas = await self.jobs.replica_reports.remote()
         active = counts.get("queued", 0) + counts.get("processing", 0)
-        return await asyncio.to_thread(
+        # GPU figures come from the generator replicas (they hold the GPUs); the ingress's own as a fallback.
+        gpus = [report["gpu"] for report in replicas]
+        gpu = next((g for g in gpus if g.get("cuda_available")), gpus[0] if gpus else None) or gpu_info()
+        report = await asyncio.to_thread(
             health_report, self.settings.models_dir, self.settings.loras_dir, self.settings.outputs_dir,
             len(self.catalog.list_models()), len(self._files(self.settings.loras_dir, LORA_SUFFIXES)), active,
-            self.job_database,
+            self.job_database, gpu,
         )  # fmt: skip
+        report["jobs"] = counts
+        report["replicas"] = replicas
+        if not replicas:
+            report["warnings"].append("no generator replica has reported yet")
+            report["status"] = "warning"
+        return report
 
     @app.get("/models", response_model=ModelsResponse)
     async def models(self) -> ModelsResponse:
@@ -149,17 +164,30 @@ class Ingress:
         payload = request.model_dump(by_alias=True)
         payload["model"] = entry.name
         job_id = uuid.uuid4().hex
-        await self.jobs.create.remote(job_id, kind, payload, job.sampler.warnings)
+        created = await self.jobs.create.remote(
+            job_id, kind, payload, job.sampler.warnings, entry.family, self.max_queued_jobs
+        )
+        if not created:
+            raise ServiceBusyError(
+                f"the {entry.family} generators already have {self.max_queued_jobs} jobs queued or running; "
+                f"retry in a few seconds"
+            )
         handle = self.handles[entry.family].options(multiplexed_model_id=entry.name)
         # A fresh context detaches the work from this HTTP request: a client disconnect must not cancel it.
         task = asyncio.create_task(self._run(job_id, kind, payload, handle), context=contextvars.Context())
-        self._inflight.add(task)
-        task.add_done_callback(self._inflight.discard)
+        self._inflight[job_id] = task
+        task.add_done_callback(lambda _: self._inflight.pop(job_id, None))
         return Txt2ImgResponse(job_id=job_id)
 
     async def _run(self, job_id: str, kind: str, payload: dict, handle) -> None:
         try:
-            await handle.generate.remote(job_id, kind, payload)
+            while True:
+                try:
+                    await handle.generate.remote(job_id, kind, payload)
+                    return
+                except BackPressureError:
+                    # Serve's own queue limit (max_queued_requests) is full: the job stays queued and waits.
+                    await asyncio.sleep(1.0)
         except BaseException as error:  # includes CancelledError and a dead replica's ActorDiedError
             cause = getattr(error, "cause", None)
             message = getattr(cause, "message", None) or f"{type(error).__name__}: {error}".splitlines()[0]
@@ -172,15 +200,19 @@ class Ingress:
             self._reaper = asyncio.create_task(self._reap_forever(), context=contextvars.Context())
 
     async def _reap_forever(self) -> None:
+        """Marks jobs nobody works on as failed. Jobs this replica is still waiting on get a heartbeat first,
+        so a long queue is not mistaken for a dead worker."""
         while True:
-            await asyncio.sleep(min(30.0, self.stale_job_timeout_s / 2))
+            await asyncio.sleep(min(30.0, self.stale_job_timeout_s / 3))
             try:
+                await self.jobs.touch_queued.remote(list(self._inflight))
                 await self.jobs.reap_stale.remote(self.stale_job_timeout_s)
             except Exception:
                 logger.exception("stale-job reaper failed")
 
     @app.get("/queue/{job_id}", response_model=QueueStatusResponse, responses={404: {"model": ErrorResponse}})
     async def queue(self, job_id: str):
+        self._start_reaper()
         job = await self.jobs.get.remote(job_id)
         if job is None:
             return _error(404, f"unknown job_id {job_id!r}")

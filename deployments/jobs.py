@@ -6,6 +6,7 @@ job, image included, is still served after the actor or the whole service restar
 by age and count; a job whose worker stopped reporting is failed by `reap_stale`.
 """
 
+import hashlib
 import json
 import sqlite3
 import threading
@@ -14,8 +15,12 @@ from pathlib import Path
 
 import ray
 
-ACTOR_NAME = "diffusion_api_jobs"
+ACTOR_NAME_PREFIX = "diffusion_api_jobs"
 ACTOR_NAMESPACE = "diffusion_api"
+# Bump when JobStore's methods change: the actor is detached and outlives redeploys, so a new interface
+# gets a new actor (same database) instead of calling methods the old one does not have.
+STORE_INTERFACE_VERSION = 2
+REPLICA_REPORT_TTL_S = 60.0
 TERMINAL_STATES = ("done", "error", "cancelled")
 
 _SCHEMA = """
@@ -30,7 +35,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     payload TEXT NOT NULL,
     warnings TEXT NOT NULL,
     result TEXT,
-    error TEXT
+    error TEXT,
+    family TEXT NOT NULL DEFAULT ''
 )
 """
 
@@ -41,7 +47,11 @@ class JobStore:
         self._db = sqlite3.connect(database, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        if "family" not in columns:  # a database written by version 1 of this store
+            self._db.execute("ALTER TABLE jobs ADD COLUMN family TEXT NOT NULL DEFAULT ''")
         self._lock = threading.Lock()
+        self._replica_reports: dict[str, dict] = {}
         self.keep_finished_seconds = keep_finished_seconds
         self.keep_finished_count = keep_finished_count
 
@@ -56,14 +66,25 @@ class JobStore:
         return cursor.rowcount == 1
 
     # Transitions -----------------------------------------------------------------------------------------
-    def create(self, job_id: str, kind: str, payload: dict, warnings: list[str]) -> None:
+    def create(self, job_id: str, kind: str, payload: dict, warnings: list[str], family: str = "",
+               max_active: int | None = None) -> bool:  # fmt: skip
+        """Records a queued job. Refuses (returns False) when `family` already has `max_active` jobs queued or
+        running, so callers can answer "busy, retry later" instead of queueing without bound."""
         now = time.time()
         with self._lock:
+            if max_active is not None:
+                (active,) = self._db.execute(
+                    "SELECT COUNT(*) FROM jobs WHERE family = ? AND state IN ('queued', 'processing')", (family,)
+                ).fetchone()
+                if active >= max_active:
+                    return False
             self._db.execute(
-                "INSERT INTO jobs VALUES (?, ?, 'queued', 'queued', 0, ?, ?, ?, ?, NULL, NULL)",
-                (job_id, kind, now, now, json.dumps(payload), json.dumps(warnings)),
+                "INSERT INTO jobs (job_id, kind, state, phase, progress, created, updated, payload, warnings, "
+                "result, error, family) VALUES (?, ?, 'queued', 'queued', 0, ?, ?, ?, ?, NULL, NULL, ?)",
+                (job_id, kind, now, now, json.dumps(payload), json.dumps(warnings), family),
             )
         self.prune()
+        return True
 
     def start(self, job_id: str, phase: str = "generation") -> bool:
         return self._update(job_id, state="processing", phase=phase)
@@ -75,6 +96,14 @@ class JobStore:
         if row is None:
             return False
         return self._update(job_id, state="processing", phase=phase, progress=max(row[0], min(progress, 99.9)))
+
+    def touch_queued(self, job_ids: list[str]) -> int:
+        """Heartbeat for jobs still waiting for a generator, so the stale-job reaper leaves them alone."""
+        now = time.time()
+        with self._lock:
+            return self._db.executemany(
+                "UPDATE jobs SET updated = ? WHERE job_id = ? AND state = 'queued'", [(now, j) for j in job_ids]
+            ).rowcount
 
     def add_warnings(self, job_id: str, warnings: list[str]) -> None:
         job = self.get(job_id)
@@ -114,6 +143,16 @@ class JobStore:
             rows = self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
         return dict(rows)
 
+    # Replica reports (in memory: replicas send them every few seconds) ------------------------------------
+    def report_replica(self, replica: str, report: dict) -> None:
+        """Generator replicas report their device, GPU memory and loaded models (the ingress has no GPU)."""
+        self._replica_reports[replica] = {**report, "replica": replica, "reported_at": time.time()}
+
+    def replica_reports(self) -> list[dict]:
+        cutoff = time.time() - REPLICA_REPORT_TTL_S
+        self._replica_reports = {k: v for k, v in self._replica_reports.items() if v["reported_at"] >= cutoff}
+        return sorted(self._replica_reports.values(), key=lambda report: report["replica"])
+
     # Housekeeping ----------------------------------------------------------------------------------------
     def reap_stale(self, timeout_seconds: float) -> list[str]:
         """Fails active jobs that have not been updated for `timeout_seconds`; returns their ids."""
@@ -143,12 +182,18 @@ class JobStore:
         return removed
 
 
+def job_actor_name(database: str) -> str:
+    """One actor per database file and store interface, so two apps on one cluster never share a store."""
+    digest = hashlib.sha1(str(Path(database).resolve()).encode()).hexdigest()[:10]
+    return f"{ACTOR_NAME_PREFIX}_v{STORE_INTERFACE_VERSION}_{digest}"
+
+
 def get_or_create_job_actor(database: str, **options):
     """The one named job-status actor (created by whoever asks first). It restarts on failure and callers'
     calls are retried; its records survive in the database."""
     actor_class = ray.remote(JobStore)
     return actor_class.options(
-        name=ACTOR_NAME,
+        name=job_actor_name(database),
         namespace=ACTOR_NAMESPACE,
         lifetime="detached",
         get_if_exists=True,

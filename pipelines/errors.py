@@ -58,3 +58,10 @@ class ModelLoadError(DiffusionAPIError):
     """A checkpoint that was found but could not be loaded."""
 
     status_code = 500
+
+
+class ServiceBusyError(DiffusionAPIError):
+    """Too many jobs are already waiting for this kind of model; the caller should retry later."""
+
+    status_code = 503
+    retry_after_s = 5

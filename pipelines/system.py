@@ -33,8 +33,9 @@ def gpu_info() -> dict:
 
 
 def health_report(models_dir: Path, loras_dir: Path, outputs_dir: Path, model_count: int, lora_count: int,
-                  active_jobs: int, queue_dir: str) -> dict:  # fmt: skip
-    """The seed's HealthResponse; `status` is "warning" when memory or disk run low."""
+                  active_jobs: int, queue_dir: str, gpu: dict | None = None) -> dict:  # fmt: skip
+    """The seed's HealthResponse; `status` is "warning" when memory or disk run low. `gpu` is the figures of
+    the process that holds the GPU (a generator replica), this process's own when not given."""
     memory = psutil.virtual_memory()
     outputs_dir.mkdir(parents=True, exist_ok=True)
     disk = shutil.disk_usage(outputs_dir)
@@ -57,7 +58,7 @@ def health_report(models_dir: Path, loras_dir: Path, outputs_dir: Path, model_co
             "memory_percent": memory.percent,
             "disk_usage_percent": round(100 * disk.used / disk.total, 1),
         },
-        "gpu": gpu_info(),
+        "gpu": gpu if gpu is not None else gpu_info(),
         "models": {"count": model_count, "directory": str(models_dir)},
         "loras": {"count": lora_count, "directory": str(loras_dir)},
         "queue": {"active_jobs": active_jobs, "directory": queue_dir},

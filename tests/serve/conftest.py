@@ -1,12 +1,57 @@
-"""One real Ray cluster and Serve application per test session, on the demo models, reached over HTTP."""
+"""One real Ray cluster per test session, running the production `serve_config.yaml` on the demo models.
+
+The production file asks for GPUs; the cluster declares fake ones (`ray.init(num_gpus=...)`), so the file is
+deployed unchanged through the operator's own command (`serve run`), except for the port, the demo paths and a
+small job limit. Replicas pick their device with `torch.cuda.is_available()`, so they run on the CPU here.
+"""
 
 import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
+import yaml
+
+from pipelines.settings import PROJECT_ROOT
 
 PORT = int(os.environ.get("DIFFUSION_API_TEST_PORT", "8765"))
+MAX_QUEUED_JOBS = 4  # small, so the back-pressure test can fill it
+FAKE_GPUS = 4  # covers every GPU replica of serve_config.yaml at its minimum size, plus one autoscaled
+LOGICAL_CPUS = 6  # serve_config.yaml asks for 5 CPUs at minimum size; they are time-shared on this machine
+
+
+def patched_production_config(settings, outputs: Path) -> dict:
+    config = yaml.safe_load((PROJECT_ROOT / "serve_config.yaml").read_text())
+    config["http_options"] = {**config.get("http_options", {}), "host": "127.0.0.1", "port": PORT}
+    (application,) = config["applications"]
+    application["args"] = {
+        **application.get("args", {}),
+        "models_dir": str(settings.models_dir),
+        "loras_dir": str(settings.loras_dir),
+        "upscalers_dir": str(settings.upscalers_dir),
+        "outputs_dir": str(outputs),
+        "models_config": str(settings.models_config),
+        "cache_dir": str(settings.cache_dir),
+        "max_queued_jobs": MAX_QUEUED_JOBS,
+    }
+    return config
+
+
+def wait_until_running(app_name: str, timeout: float) -> None:
+    from ray import serve
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = serve.status().applications.get(app_name)
+        if status is not None and status.status == "RUNNING":
+            return
+        if status is not None and status.status == "DEPLOY_FAILED":
+            raise RuntimeError(f"deploying serve_config.yaml failed: {status.message}")
+        time.sleep(0.5)
+    raise RuntimeError(f"serve_config.yaml was not RUNNING after {timeout}s: {serve.status()}")
 
 
 @pytest.fixture(scope="session")
@@ -14,20 +59,20 @@ def service(demo_root, settings):
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
-    from ray import serve
 
-    from deployments.app import build_app
+    outputs = demo_root / "outputs"
+    config_path = demo_root / "serve_config.test.yaml"
+    config_path.write_text(yaml.safe_dump(patched_production_config(settings, outputs), sort_keys=False))
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="diffusion_api_tests")
-    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
-    app = build_app({
-        "models_dir": str(settings.models_dir),
-        "outputs_dir": str(demo_root / "outputs"),
-        "models_config": str(settings.models_config),
-        "device": "cpu",
-    })  # fmt: skip
-    serve.run(app, name="diffusion_api", route_prefix="/", logging_config={"enable_access_log": False})
-    yield {"outputs": demo_root / "outputs"}
+    ray.init(num_cpus=LOGICAL_CPUS, num_gpus=FAKE_GPUS, include_dashboard=False, log_to_driver=False,
+             namespace="diffusion_api_tests")  # fmt: skip
+    address = ray.get_runtime_context().gcs_address
+    serve_cli = Path(sys.executable).parent / "serve"
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+    subprocess.run([str(serve_cli), "run", "--non-blocking", "-a", address, str(config_path)],
+                   cwd=PROJECT_ROOT, env=env, check=True, timeout=120, capture_output=True)  # fmt: skip
+    wait_until_running("diffusion_api", timeout=240)
+    yield {"outputs": outputs, "database": str(outputs / "jobs.sqlite3")}
     ray.shutdown()
 
 

@@ -6,7 +6,7 @@ import time
 
 import ray
 
-from deployments.jobs import ACTOR_NAME, ACTOR_NAMESPACE
+from deployments.jobs import ACTOR_NAMESPACE, job_actor_name
 from tests.serve.conftest import wait_for_job
 
 
@@ -51,11 +51,11 @@ def test_killed_generator_replica_fails_the_job_and_serving_continues(client):
     assert wait_for_job(client, next_job["job_id"], timeout=120)["state"] == "done"
 
 
-def test_finished_job_survives_a_job_actor_restart(client):
+def test_finished_job_survives_a_job_actor_restart(client, service):
     job_id = client.post("/txt2img", json={"prompt": "keep me", "steps": 3, "width": 64, "height": 64}).json()["job_id"]
     before = wait_for_job(client, job_id)
     assert before["state"] == "done"
-    actor = ray.get_actor(ACTOR_NAME, namespace=ACTOR_NAMESPACE)
+    actor = ray.get_actor(job_actor_name(service["database"]), namespace=ACTOR_NAMESPACE)
     ray.kill(actor, no_restart=False)  # the actor restarts and reopens its database
     deadline = time.monotonic() + 60
     while True:
@@ -67,3 +67,22 @@ def test_finished_job_survives_a_job_actor_restart(client):
     assert after["state"] == "done"
     assert after["image"] == before["image"]
     assert json.dumps(after["payload"]) == json.dumps(before["payload"])
+
+
+def test_full_queue_answers_503_with_retry_after_and_accepted_jobs_all_finish(client):
+    from tests.serve.conftest import MAX_QUEUED_JOBS
+
+    body = {"prompt": "busy", "model": "Demo SDXL", "steps": 40, "width": 128, "height": 128}
+    responses = [client.post("/txt2img", json=body) for _ in range(MAX_QUEUED_JOBS + 3)]
+    accepted = [r.json()["job_id"] for r in responses if r.status_code == 200]
+    refused = [r for r in responses if r.status_code == 503]
+    assert len(accepted) == MAX_QUEUED_JOBS and len(refused) == 3
+    assert refused[0].headers["Retry-After"] == "5"
+    assert refused[0].json()["status"] == "error" and "retry" in refused[0].json()["error"]
+    assert "sdxl" in refused[0].json()["error"]
+    # SD1.5 has its own limit: a busy SDXL queue does not block it.
+    other = client.post("/txt2img", json={"prompt": "x", "steps": 2, "width": 64, "height": 64})
+    assert other.status_code == 200
+    for job_id in [*accepted, other.json()["job_id"]]:
+        assert wait_for_job(client, job_id, timeout=180)["state"] == "done"
+    assert client.post("/txt2img", json=body | {"steps": 2}).status_code == 200

@@ -18,6 +18,10 @@ def test_hello_and_health(client):
     assert health["models"]["count"] == 4
     assert health["system"]["cpu_count"] >= 1 and health["system"]["memory_total_gb"] > 0
     assert "cuda_available" in health["gpu"] and health["outputs"]["free_space_gb"] > 0
+    # GPU figures come from the generator replicas, which report their device and loaded models.
+    deployments = {replica["deployment"] for replica in health["replicas"]}
+    assert {"SD15Generator", "SDXLGenerator", "Refiner"} <= deployments
+    assert all(replica["device"] == "cpu" and "loaded_models" in replica for replica in health["replicas"])
 
 
 def test_listings(client):

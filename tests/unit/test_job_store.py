@@ -38,3 +38,52 @@ def test_stale_jobs_are_failed_and_old_ones_pruned(tmp_path):
         store.complete(job_id, {})
     store.prune()
     assert store.counts() == {"done": 2}
+
+
+def test_admission_limit_counts_active_jobs_per_family(tmp_path):
+    store = JobStore(str(tmp_path / "jobs.sqlite3"))
+    assert store.create("a", "txt2img", {}, [], "sdxl", max_active=2)
+    assert store.create("b", "txt2img", {}, [], "sdxl", max_active=2)
+    assert not store.create("c", "txt2img", {}, [], "sdxl", max_active=2)
+    assert store.create("d", "txt2img", {}, [], "sd15", max_active=2)
+    store.complete("a", {})
+    assert store.create("c", "txt2img", {}, [], "sdxl", max_active=2)
+    assert store.get("c")["state"] == "queued"
+
+
+def test_queued_jobs_with_a_heartbeat_are_not_reaped(tmp_path):
+    store = JobStore(str(tmp_path / "jobs.sqlite3"))
+    store.create("waiting", "txt2img", {}, [])
+    store.create("orphan", "txt2img", {}, [])
+    time.sleep(0.06)
+    assert store.touch_queued(["waiting", "unknown"]) == 1
+    assert store.reap_stale(0.05) == ["orphan"]
+    assert store.get("waiting")["state"] == "queued"
+
+
+def test_database_of_the_first_version_gains_the_family_column(tmp_path):
+    import sqlite3
+
+    database = tmp_path / "jobs.sqlite3"
+    old = sqlite3.connect(database)
+    old.execute(
+        "CREATE TABLE jobs (job_id TEXT PRIMARY KEY, kind TEXT NOT NULL, state TEXT NOT NULL, phase TEXT NOT NULL,"
+        " progress REAL NOT NULL, created REAL NOT NULL, updated REAL NOT NULL, payload TEXT NOT NULL,"
+        " warnings TEXT NOT NULL, result TEXT, error TEXT)"
+    )
+    old.execute("INSERT INTO jobs VALUES ('old', 'txt2img', 'done', 'done', 100, 1, 1, '{}', '[]', '{}', NULL)")
+    old.commit()
+    old.close()
+    store = JobStore(str(database), keep_finished_seconds=10**12)
+    assert store.get("old")["state"] == "done"
+    assert store.create("new", "txt2img", {}, [], "sd15", max_active=1)
+
+
+def test_replica_reports_expire(tmp_path, monkeypatch):
+    import deployments.jobs as jobs
+
+    store = JobStore(str(tmp_path / "jobs.sqlite3"))
+    store.report_replica("SD15Generator#a", {"device": "cpu"})
+    assert [r["replica"] for r in store.replica_reports()] == ["SD15Generator#a"]
+    monkeypatch.setattr(jobs, "REPLICA_REPORT_TTL_S", -1.0)
+    assert store.replica_reports() == []
