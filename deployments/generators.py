@@ -16,7 +16,7 @@ from ray import serve
 from deployments.jobs import get_or_create_job_actor
 from pipelines.catalog import ModelCatalog
 from pipelines.errors import DiffusionAPIError
-from pipelines.generate import GenerationResult, ImageEngine, prepare_job
+from pipelines.generate import GenerationResult, ImageEngine
 from pipelines.images import encode_base64
 from pipelines.infotext import encode_image
 from pipelines.schemas import Img2ImgRequest, Txt2ImgRequest
@@ -69,7 +69,7 @@ class _Generator:
                     last_report[0] = now
                     loop.call_soon_threadsafe(lambda: self.jobs.progress.remote(job_id, 100.0 * step / total, phase))
 
-            job = prepare_job(parsed)
+            job = self.engine.prepare(parsed, loaded.entry)
             result = (await asyncio.to_thread(self.engine.run, loaded, [job], report))[0]
             record = self._save(job_id, parsed, result)
             await self.jobs.add_warnings.remote(job_id, result.warnings)

@@ -21,11 +21,14 @@ from deployments.jobs import get_or_create_job_actor
 from pipelines.catalog import ModelCatalog
 from pipelines.errors import DiffusionAPIError, ServiceBusyError
 from pipelines.generate import check_mode_supported, prepare_job
+from pipelines.loras import LoraLibrary
 from pipelines.samplers import sampler_names, schedule_type_names
 from pipelines.schemas import (
     ErrorResponse,
     HelloResponse,
     Img2ImgRequest,
+    LoraInfo,
+    LorasResponse,
     ModelAlias,
     ModelAliasesResponse,
     ModelInfo,
@@ -39,7 +42,6 @@ from pipelines.settings import VERSION, Settings
 from pipelines.system import gpu_info, health_report
 
 logger = logging.getLogger("ray.serve")
-LORA_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 UPSCALER_SUFFIXES = (".pth", ".safetensors")
 
 app = FastAPI(title="Diffusion API", version=VERSION, description="Stable Diffusion on Ray Serve")
@@ -82,6 +84,7 @@ class Ingress:
         self.upscaler = upscaler
         self.settings = Settings(**settings)
         self.catalog = ModelCatalog(self.settings)
+        self.loras = LoraLibrary(self.settings, self.catalog.facts)
         self.job_database = job_database
         self.jobs = get_or_create_job_actor(job_database, **(job_options or {}))
         self.stale_job_timeout_s = stale_job_timeout_s
@@ -104,7 +107,7 @@ class Ingress:
         gpu = next((g for g in gpus if g.get("cuda_available")), gpus[0] if gpus else None) or gpu_info()
         report = await asyncio.to_thread(
             health_report, self.settings.models_dir, self.settings.loras_dir, self.settings.outputs_dir,
-            len(self.catalog.list_models()), len(self._files(self.settings.loras_dir, LORA_SUFFIXES)), active,
+            len(self.catalog.list_models()), len(self.loras.list()), active,
             self.job_database, gpu,
         )  # fmt: skip
         report["jobs"] = counts
@@ -125,10 +128,10 @@ class Ingress:
         models = [ModelAlias(name=name, label=label) for label, name in pairs]
         return ModelAliasesResponse(models=models, message=f"{len(models)} model aliases")
 
-    @app.get("/loras")
-    async def loras(self) -> dict:
-        files = self._files(self.settings.loras_dir, LORA_SUFFIXES)
-        return {"status": "success", "loras": [{"name": path.stem, "scale": 1.0} for path in files]}
+    @app.get("/loras", response_model=LorasResponse)
+    async def list_loras(self) -> LorasResponse:
+        found = await asyncio.to_thread(self.loras.list)
+        return LorasResponse(loras=[LoraInfo(name=lora.name, scale=1.0, family=lora.family) for lora in found])
 
     @app.get("/upscalers")
     async def upscalers(self) -> dict:
@@ -160,12 +163,13 @@ class Ingress:
         self._start_reaper()
         entry = await asyncio.to_thread(self.catalog.resolve, request.model)
         check_mode_supported(entry, kind)
-        job = await asyncio.to_thread(prepare_job, request)  # sampler, image, unsupported fields: 4xx now
+        # Sampler, image, LoRAs (unknown: 4xx; incompatible: a warning), unsupported fields: checked now.
+        job = await asyncio.to_thread(prepare_job, request, entry, self.loras)
         payload = request.model_dump(by_alias=True)
         payload["model"] = entry.name
         job_id = uuid.uuid4().hex
         created = await self.jobs.create.remote(
-            job_id, kind, payload, job.sampler.warnings, entry.family, self.max_queued_jobs
+            job_id, kind, payload, job.sampler.warnings + job.warnings, entry.family, self.max_queued_jobs
         )
         if not created:
             raise ServiceBusyError(

@@ -18,7 +18,7 @@ FLAGS = {
     "prompt": "--prompt", "negative_prompt": "--negative-prompt", "steps": "--steps", "cfg_scale": "--cfg-scale",
     "width": "--width", "height": "--height", "model": "--model", "sampler_name": "--sampler",
     "scheduler_type": "--scheduler-type", "seed": "--seed", "clip_skip": "--clip-skip",
-    "jpeg_quality": "--quality", "image": "--image", "denoising_strength": "--denoising-strength",
+    "jpeg_quality": "--quality", "image": "--image", "denoising_strength": "--denoising-strength", "loras": "--lora",
 }  # fmt: skip
 
 
@@ -38,20 +38,72 @@ def _settings():
 
 
 def _catalog():
-    from pipelines.catalog import ModelCatalog
-
-    return ModelCatalog(_settings())
+    return _catalog_for(_settings())
 
 
 def cmd_demo_models(args) -> None:
-    from pipelines.demo import create_demo_models
+    from pipelines.demo import create_demo_loras, create_demo_models
 
     models_dir = Path(args.models_dir) if args.models_dir else _settings().models_dir
+    loras_dir = Path(args.loras_dir) if args.loras_dir else _settings().loras_dir
     written = create_demo_models(models_dir, overwrite=args.force)
+    written += create_demo_loras(loras_dir, overwrite=args.force)
     for path in written:
         print(f"wrote {path}")
     if not written:
-        print(f"demo models already present in {models_dir} (use --force to rewrite them)")
+        print(f"demo models already present in {models_dir} and {loras_dir} (use --force to rewrite them)")
+
+
+def cmd_loras(args) -> None:
+    from pipelines.loras import LoraLibrary
+
+    settings = _settings()
+    found = LoraLibrary(settings).list()
+    if not found:
+        print(f"no LoRAs in {settings.loras_dir}; run 'diffusion-api demo-models' or add .safetensors files")
+        return
+    width = max(len(lora.name) for lora in found)
+    print(f"{'NAME':<{width}}  SCALE  FAMILY")
+    for lora in found:
+        print(f"{lora.name:<{width}}  {1.0:<5}  {lora.family}")
+
+
+def cmd_lora_check(args) -> None:
+    """Every model x every LoRA (or the ones named), checked by loading; prints the report."""
+    from pipelines.generate import ImageEngine
+    from pipelines.lora_check import check_all, format_report
+    from pipelines.loras import LORA_SUFFIXES
+
+    settings = _settings()
+    if args.lora_dir:
+        folder = Path(args.lora_dir)
+        if not folder.is_dir():
+            raise CliError(f"argument --lora-dir: no such folder {args.lora_dir!r}")
+        settings = settings.model_copy(update={"loras_dir": folder})
+    engine = ImageEngine(_catalog_for(settings), max_loaded_models=1)
+    library = engine.loras  # reads settings.loras_dir, the --lora-dir folder when given
+    if args.lora:
+        path = Path(args.lora)
+        if not path.is_file() or path.suffix.lower() not in LORA_SUFFIXES:
+            raise CliError(f"argument --lora: not a LoRA file ({', '.join(LORA_SUFFIXES)}): {args.lora!r}")
+        loras = [library.file(path)]
+    else:
+        loras = library.list()
+    models = [engine.catalog.resolve(args.model)] if args.model else engine.catalog.list_models()
+    if not loras or not models:
+        raise CliError(f"nothing to check: {len(models)} models, {len(loras)} LoRAs (in {settings.loras_dir})")
+    print(f"checking {len(models)} models x {len(loras)} LoRAs by loading each pair...", file=sys.stderr, flush=True)
+    report = format_report(check_all(engine, models, loras))
+    print(report, end="")
+    if args.output:
+        Path(args.output).write_text(report, encoding="utf-8")
+        print(f"report written to {args.output}", file=sys.stderr)
+
+
+def _catalog_for(settings):
+    from pipelines.catalog import ModelCatalog
+
+    return ModelCatalog(settings)
 
 
 def cmd_models(args) -> None:
@@ -79,9 +131,22 @@ def _request_fields(args) -> dict:
         "prompt": args.prompt, "negative_prompt": args.negative_prompt, "steps": args.steps,
         "cfg_scale": args.cfg_scale, "width": args.width, "height": args.height, "model": args.model,
         "sampler_name": args.sampler, "scheduler_type": args.scheduler_type, "seed": args.seed,
-        "clip_skip": args.clip_skip, "jpeg_quality": args.quality,
+        "clip_skip": args.clip_skip, "jpeg_quality": args.quality, "loras": _lora_flags(args.lora),
     }  # fmt: skip
     return {key: value for key, value in fields.items() if value is not None}
+
+
+def _lora_flags(values: list[str] | None) -> list[dict] | None:
+    if not values:
+        return None
+    loras = []
+    for value in values:
+        name, _, scale = value.rpartition(":") if ":" in value else (value, "", "")
+        try:
+            loras.append({"name": name, "scale": float(scale) if scale else 1.0})
+        except ValueError:
+            raise CliError(f"argument --lora: expected NAME or NAME:SCALE, got {value!r}") from None
+    return loras
 
 
 def _generate(args, mode: str) -> None:
@@ -159,6 +224,7 @@ def _add_generation_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, help="-1 or absent: random")
     parser.add_argument("--clip-skip", type=int)
     parser.add_argument("--quality", type=int, help="jpg/webp/avif quality (1-100)")
+    parser.add_argument("--lora", action="append", metavar="NAME[:SCALE]", help="apply a LoRA (repeatable)")
     parser.add_argument("--output", required=True, help="output file; .png .jpg .webp .avif .gif")
 
 
@@ -169,10 +235,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo-models", help="write the tiny random-weight demo models")
     demo.add_argument("--models-dir", help="target folder (default: stable_diffusion/models)")
+    demo.add_argument("--loras-dir", help="target folder for the demo LoRAs (default: stable_diffusion/loras)")
     demo.add_argument("--force", action="store_true", help="rewrite models that exist")
     demo.set_defaults(handler=cmd_demo_models)
 
     commands.add_parser("models", help="list installed models: label, name, family").set_defaults(handler=cmd_models)
+    commands.add_parser("loras", help="list installed LoRAs: name, scale, family").set_defaults(handler=cmd_loras)
+
+    check = commands.add_parser("lora-check", help="LoRA compatibility report (loads every model x LoRA pair)")
+    check.add_argument("--model", help="one model (name or label); default: every model")
+    check.add_argument("--lora", help="one LoRA file (any path)")
+    check.add_argument("--lora-dir", help="check the LoRAs in this folder instead of stable_diffusion/loras")
+    check.add_argument("--output", help="also write the report to this file")
+    check.set_defaults(handler=cmd_lora_check)
 
     txt2img = commands.add_parser("txt2img", help="generate an image from a prompt")
     _add_generation_flags(txt2img)

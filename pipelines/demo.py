@@ -29,6 +29,11 @@ SD15_SINGLE_FILE = "demo-sd15-single.safetensors"
 SDXL_REPO_ID = "demo/tiny-sdxl-base"
 SDXL_CACHE_FOLDER = "models--demo--tiny-sdxl-base"
 REFINER_FOLDER = "demo-sdxl-refiner"
+# Demo LoRAs, one per file format and key style users meet.
+LORA_SD15_KOHYA = "demo-sd15-kohya.safetensors"  # kohya/A1111 keys, UNet + text encoder, with alphas
+LORA_SD15_PEFT = "demo-sd15-peft.safetensors"  # diffusers/peft keys, UNet + text encoder
+LORA_SDXL_PEFT = "demo-sdxl-peft.safetensors"  # diffusers/peft keys, UNet + both text encoders
+LORA_SD15_PT = "demo-sd15-unet-only.pt"  # a pickled (torch.save) kohya state dict, UNet only
 
 DEMO_LABELS = {
     "Demo SD1.5": SD15_FOLDER,
@@ -228,3 +233,83 @@ def create_demo_models(models_dir: Path, overwrite: bool = False) -> list[Path]:
             written.append(target)
             logger.info("wrote %s", target)
     return written
+
+
+# LoRAs ------------------------------------------------------------------------------------------------------
+_UNET_LORA_TARGETS = (".attn1.to_q", ".attn1.to_k", ".attn1.to_v", ".attn1.to_out.0",
+                      ".attn2.to_q", ".attn2.to_k", ".attn2.to_v", ".attn2.to_out.0")  # fmt: skip
+_TEXT_LORA_TARGETS = (".self_attn.q_proj", ".self_attn.k_proj", ".self_attn.v_proj", ".self_attn.out_proj")
+
+
+def _linear_targets(module: torch.nn.Module, suffixes: tuple[str, ...]) -> list[tuple[str, torch.nn.Linear]]:
+    return [
+        (name, layer)
+        for name, layer in module.named_modules()
+        if isinstance(layer, torch.nn.Linear) and name.endswith(suffixes)
+    ]
+
+
+def _text_module_name(name: str) -> str:
+    """Names as real LoRA files write them: transformers 5 dropped CLIPTextModel's `text_model.` level."""
+    return name if name.startswith("text_model.") else f"text_model.{name}"
+
+
+def _lora_pair(layer: torch.nn.Linear, rank: int, generator: torch.Generator, strength: float):
+    down = torch.randn(rank, layer.in_features, generator=generator) * strength
+    up = torch.randn(layer.out_features, rank, generator=generator) * strength
+    return down.contiguous(), up.contiguous()
+
+
+def kohya_lora(pipe, seed: int, rank: int = 4, strength: float = 0.4, text_encoder: bool = True) -> dict:
+    """An SD1.5 LoRA with kohya/A1111 keys: `lora_unet_<module>`/`lora_te_<module>` with `lora_down`,
+    `lora_up` and `alpha`."""
+    generator = torch.Generator().manual_seed(seed)
+    state: dict[str, torch.Tensor] = {}
+    modules = [("lora_unet_", name, layer) for name, layer in _linear_targets(pipe.unet, _UNET_LORA_TARGETS)]
+    if text_encoder:
+        modules += [
+            ("lora_te_", _text_module_name(name), layer)
+            for name, layer in _linear_targets(pipe.text_encoder, _TEXT_LORA_TARGETS)
+        ]
+    for prefix, name, layer in modules:
+        key = prefix + name.replace(".", "_")
+        down, up = _lora_pair(layer, rank, generator, strength)
+        state[f"{key}.lora_down.weight"] = down
+        state[f"{key}.lora_up.weight"] = up
+        state[f"{key}.alpha"] = torch.tensor(float(rank) / 2)
+    return state
+
+
+def peft_lora(pipe, seed: int, rank: int = 4, strength: float = 0.4) -> dict:
+    """A LoRA with diffusers/peft keys (`unet.<module>.lora_A.weight`, `text_encoder[_2].<module>...`)."""
+    generator = torch.Generator().manual_seed(seed)
+    state: dict[str, torch.Tensor] = {}
+    components = [("unet", pipe.unet, _UNET_LORA_TARGETS)]
+    components += [(name, getattr(pipe, name), _TEXT_LORA_TARGETS)
+                   for name in ("text_encoder", "text_encoder_2") if getattr(pipe, name, None) is not None]  # fmt: skip
+    for component, module, targets in components:
+        for name, layer in _linear_targets(module, targets):
+            module_name = name if component == "unet" else _text_module_name(name)
+            down, up = _lora_pair(layer, rank, generator, strength)
+            state[f"{component}.{module_name}.lora_A.weight"] = down
+            state[f"{component}.{module_name}.lora_B.weight"] = up
+    return state
+
+
+def create_demo_loras(loras_dir: Path, overwrite: bool = False) -> list[Path]:
+    """Writes the demo LoRAs (for the demo SD1.5 and SDXL models) into `loras_dir`."""
+    loras_dir.mkdir(parents=True, exist_ok=True)
+    targets = [loras_dir / name for name in (LORA_SD15_KOHYA, LORA_SD15_PEFT, LORA_SDXL_PEFT, LORA_SD15_PT)]
+    if all(target.exists() for target in targets) and not overwrite:
+        return []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        sd15, sdxl = build_sd15(work), build_sdxl_base(work)
+        kohya_metadata = {"ss_base_model_version": "sd_v1", "ss_network_module": "networks.lora"}
+        save_file(kohya_lora(sd15, seed=101), targets[0], metadata=kohya_metadata)
+        save_file(peft_lora(sd15, seed=102), targets[1], metadata={"format": "pt"})
+        save_file(peft_lora(sdxl, seed=103), targets[2], metadata={"format": "pt"})
+        torch.save(kohya_lora(sd15, seed=104, rank=2, text_encoder=False), targets[3])
+    for target in targets:
+        logger.info("wrote %s", target)
+    return targets

@@ -13,6 +13,7 @@ import os
 import secrets
 import threading
 import time
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,11 +27,15 @@ from pipelines.catalog import ModelCatalog, ModelEntry
 from pipelines.errors import InvalidRequestError, ModelLoadError
 from pipelines.images import decode_base64_image
 from pipelines.infotext import build_infotext
+from pipelines.loras import LoraLibrary, LoraUse, lora_hashes_value, prompt_with_lora_tags, read_lora_state_dict
 from pipelines.samplers import ResolvedSampler, build_scheduler, resolve_sampler
 from pipelines.schemas import GenerationRequest, Img2ImgRequest, Txt2ImgRequest
 from pipelines.settings import VERSION
 
 logger = logging.getLogger(__name__)
+# Keeping several LoRA adapters loaded on one model is deliberate (a cache); peft warns about it each time.
+warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute", category=UserWarning)
+warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted", category=UserWarning)
 
 INFOTEXT_VERSION = f"DiffusionAPI v{VERSION}"  # must not look like "v1.x": A1111 would apply backcompat
 ProgressCallback = Callable[[int, int, str], None]  # (step, total steps, phase)
@@ -82,12 +87,15 @@ class PreparedJob:
     clip_skip: int
     init_image: Image.Image | None = None
     denoising_strength: float | None = None
+    loras: list[LoraUse] = field(default_factory=list)  # compatible ones only; `prompt` has no <lora:> tags
     warnings: list[str] = field(default_factory=list)
 
     def batch_key(self) -> tuple:
         """Jobs with equal keys can run as one diffusers batch."""
-        return (self.mode, self.steps, self.cfg_scale, self.width, self.height, self.sampler.scheduler_class,
-                tuple(sorted(self.sampler.options.items())), self.clip_skip, self.denoising_strength)  # fmt: skip
+        loras = tuple((use.adapter_name, use.scale) for use in self.loras)
+        sampler = (self.sampler.scheduler_class, tuple(sorted(self.sampler.options.items())))
+        return (self.mode, self.steps, self.cfg_scale, self.width, self.height, sampler, self.clip_skip,
+                self.denoising_strength, loras)  # fmt: skip
 
 
 @dataclass
@@ -115,18 +123,26 @@ def _reject_unsupported(request: GenerationRequest) -> None:
         raise InvalidRequestError("'hires' (hires fix) is not available in this version", field="hires")
     if request.refiner_checkpoint:
         raise InvalidRequestError("'refiner_checkpoint' is not available in this version", field="refiner_checkpoint")
-    if request.loras:
-        raise InvalidRequestError("'loras' are not available in this version", field="loras")
 
 
-def prepare_job(request: Txt2ImgRequest | Img2ImgRequest) -> PreparedJob:
-    """Validates a request and resolves its sampler, seed and input image."""
+def prepare_job(
+    request: Txt2ImgRequest | Img2ImgRequest, model: ModelEntry | None = None, loras: LoraLibrary | None = None
+) -> PreparedJob:
+    """Validates a request and resolves its sampler, seed, input image and LoRAs (checked against `model`;
+    incompatible ones are dropped with a warning)."""
     _reject_unsupported(request)
+    mode: Mode = "img2img" if isinstance(request, Img2ImgRequest) else "txt2img"
     sampler = resolve_sampler(request.sampler_name, request.scheduler_type)
+    if loras is not None:
+        plan = loras.plan(request.loras, request.prompt, model, mode)
+    elif request.loras or "<lora:" in request.prompt:
+        raise InvalidRequestError("LoRAs need a LoRA folder; none is configured here", field="loras")
+    else:
+        plan = None
     seed = request.seed if request.seed is not None and request.seed >= 0 else random_seed()
     job = PreparedJob(
-        mode="img2img" if isinstance(request, Img2ImgRequest) else "txt2img",
-        prompt=request.prompt,
+        mode=mode,
+        prompt=plan.prompt if plan else request.prompt,
         negative_prompt=request.negative_prompt,
         steps=request.steps,
         cfg_scale=request.cfg_scale,
@@ -135,6 +151,8 @@ def prepare_job(request: Txt2ImgRequest | Img2ImgRequest) -> PreparedJob:
         seed=seed,
         sampler=sampler,
         clip_skip=request.clip_skip,
+        loras=plan.uses if plan else [],
+        warnings=list(plan.warnings) if plan else [],
     )
     if isinstance(request, Img2ImgRequest):
         effective_steps = int(request.steps * request.denoising_strength)
@@ -168,6 +186,63 @@ class LoadedModel:
         self.model_hash = model_hash
         self.lock = threading.Lock()
         self._img2img = None
+        self.adapters: OrderedDict[str, str] = OrderedDict()  # LoRA adapters kept loaded: name -> file
+
+    MAX_CACHED_ADAPTERS = 4
+
+    def apply_loras(self, uses: list[LoraUse]) -> tuple[list[LoraUse], list[str]]:
+        """Loads (or reuses) and activates the job's LoRAs at their scales; returns the ones applied and a
+        warning for each that failed to load (skipped). Call `clear_loras` when the job ends. Hold `lock`."""
+        warnings = []
+        active = []
+        for use in uses:
+            if use.adapter_name not in self.adapters:
+                error = self.load_adapter(use)
+                if error is not None:
+                    warnings.append(f"LoRA '{use.lora.name}' skipped: it could not be loaded into model "
+                                    f"'{self.entry.name}': {error}")  # fmt: skip
+                    continue
+            self.adapters.move_to_end(use.adapter_name)
+            active.append(use)
+        if active:
+            self.pipe.enable_lora()
+            self.pipe.set_adapters([u.adapter_name for u in active], adapter_weights=[u.scale for u in active])
+        return active, warnings
+
+    def load_adapter(self, use: LoraUse) -> str | None:
+        """Loads one LoRA as a named adapter (evicting the least recently used); the error text on failure."""
+        self._evict_adapters(self.MAX_CACHED_ADAPTERS - 1)
+        try:
+            self.pipe.load_lora_weights(read_lora_state_dict(use.lora.path), adapter_name=use.adapter_name)
+        except Exception as error:  # size mismatches are RuntimeError; unknown layers are peft errors
+            self._forget_adapter(use.adapter_name)
+            return f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
+        present = {name for names in self.pipe.get_list_adapters().values() for name in names}
+        if use.adapter_name not in present:
+            return "no layer of the model matched its weights"
+        self.adapters[use.adapter_name] = str(use.lora.path)
+        return None
+
+    def _evict_adapters(self, limit: int) -> None:
+        """Deletes the least recently used adapters until at most `limit` stay loaded."""
+        while len(self.adapters) > max(limit, 0):
+            name, _ = self.adapters.popitem(last=False)
+            self._forget_adapter(name)
+
+    def unload_adapter(self, name: str) -> None:
+        """Removes one LoRA adapter from the model. Hold `lock`."""
+        self.adapters.pop(name, None)
+        self._forget_adapter(name)
+
+    def _forget_adapter(self, name: str) -> None:
+        present = {adapter for names in self.pipe.get_list_adapters().values() for adapter in names}
+        if name in present:
+            self.pipe.delete_adapters([name])
+
+    def clear_loras(self) -> None:
+        """Turns every LoRA off, so the next job sees the model exactly as loaded. Hold `lock`."""
+        if self.adapters:
+            self.pipe.disable_lora()
 
     def pipeline_for(self, mode: Mode):
         check_mode_supported(self.entry, mode)
@@ -227,6 +302,7 @@ class ImageEngine:
         transformers_logging.set_verbosity_error()
         transformers_logging.disable_progress_bar()
         self.catalog = catalog
+        self.loras = LoraLibrary(catalog.settings, catalog.facts)
         self.device, self.dtype = select_device(device, dtype)
         self.max_loaded_models = max_loaded_models
         self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()
@@ -268,13 +344,17 @@ class ImageEngine:
             torch.cuda.empty_cache()
 
     # Jobs --------------------------------------------------------------------------------------------------
+    def prepare(self, request: Txt2ImgRequest | Img2ImgRequest, model: ModelEntry | None = None) -> PreparedJob:
+        """`prepare_job` with this engine's LoRA folder, for `model` (the request's model when not given)."""
+        return prepare_job(request, model or self.catalog.resolve(request.model), self.loras)
+
     def txt2img(self, request: Txt2ImgRequest, progress: ProgressCallback | None = None) -> GenerationResult:
-        job = prepare_job(request)
-        return self.run(self.load(request.model), [job], progress)[0]
+        loaded = self.load(request.model)
+        return self.run(loaded, [self.prepare(request, loaded.entry)], progress)[0]
 
     def img2img(self, request: Img2ImgRequest, progress: ProgressCallback | None = None) -> GenerationResult:
-        job = prepare_job(request)
-        return self.run(self.load(request.model), [job], progress)[0]
+        loaded = self.load(request.model)
+        return self.run(loaded, [self.prepare(request, loaded.entry)], progress)[0]
 
     def run(
         self, loaded: LoadedModel, jobs: list[PreparedJob], progress: ProgressCallback | None = None
@@ -290,10 +370,15 @@ class ImageEngine:
             memory_before = memory_mb(self.device)
             started = time.perf_counter()
             pipe.scheduler = build_scheduler(first.sampler, dict(loaded.pipe.scheduler.config))
-            for job in jobs:
-                job.warnings.extend(w for w in first.sampler.warnings if w not in job.warnings)
-                job.warnings.extend(self._prompt_warnings(pipe, job))
-            images = self._call_pipeline(pipe, jobs, progress)
+            applied, lora_warnings = loaded.apply_loras(first.loras) if first.mode == "txt2img" else ([], [])
+            try:
+                for job in jobs:
+                    job.loras = applied
+                    job.warnings.extend(w for w in first.sampler.warnings + lora_warnings if w not in job.warnings)
+                    job.warnings.extend(self._prompt_warnings(pipe, job))
+                images = self._call_pipeline(pipe, jobs, progress)
+            finally:
+                loaded.clear_loras()
             elapsed = round(time.perf_counter() - started, 3)
             memory_after = memory_mb(self.device)
         return [
@@ -375,9 +460,10 @@ class ImageEngine:
             "Denoising strength": job.denoising_strength,
             "Clip skip": job.clip_skip if job.clip_skip >= 2 else None,
             "RNG": "CPU",
+            "Lora hashes": lora_hashes_value(job.loras),
             "Version": INFOTEXT_VERSION,
         }
-        return build_infotext(job.prompt, job.negative_prompt, params)
+        return build_infotext(prompt_with_lora_tags(job.prompt, job.loras), job.negative_prompt, params)
 
 
 def _call_parameters(pipe) -> set[str]:

@@ -116,6 +116,18 @@ class ModelsResponse(BaseModel):
     error: str | None = None
 
 
+class LoraInfo(BaseModel):
+    name: str = Field(..., description="name to use in 'loras' or <lora:name:weight>")
+    scale: float = 1.0
+    family: str = Field(..., description="sd15, sdxl, sd2 or unknown (detected from the tensors)")
+
+
+class LorasResponse(BaseModel):
+    status: Literal["success", "error"] = "success"
+    loras: list[LoraInfo]
+    error: str | None = None
+
+
 class ModelAlias(BaseModel):
     name: str
     label: str

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.catalog import ModelCatalog
-from pipelines.demo import create_demo_models
+from pipelines.demo import create_demo_loras, create_demo_models
 from pipelines.settings import PROJECT_ROOT, Settings
 
 
@@ -14,6 +14,7 @@ from pipelines.settings import PROJECT_ROOT, Settings
 def demo_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("diffusion-api")
     create_demo_models(root / "stable_diffusion" / "models")
+    create_demo_loras(root / "stable_diffusion" / "loras")
     return root
 
 
@@ -40,6 +41,7 @@ def engine(catalog):
 def env_settings(monkeypatch, settings):
     """Points the CLI (which reads the environment) at the session's demo models."""
     monkeypatch.setenv("DIFFUSION_API_MODELS_DIR", str(settings.models_dir))
+    monkeypatch.setenv("DIFFUSION_API_LORAS_DIR", str(settings.loras_dir))
     monkeypatch.setenv("DIFFUSION_API_CACHE_DIR", str(settings.cache_dir))
     monkeypatch.setenv("DIFFUSION_API_EXTRA_MODELS_DIR", str(settings.extra_models_dir))
     monkeypatch.setenv("DIFFUSION_API_MODELS_CONFIG", str(settings.models_config))

@@ -107,3 +107,41 @@ def test_console_script_entry_point(env_settings):
     assert completed.returncode == 2
     assert completed.stderr.strip().startswith("diffusion-api: error: argument --steps")
     assert "Traceback" not in completed.stderr
+
+
+def test_loras_lists_name_scale_family(env_settings, capsys):
+    code, out, _ = run_cli(capsys, "loras")
+    assert code == 0
+    rows = [line.split() for line in out.splitlines()]
+    assert rows[0] == ["NAME", "SCALE", "FAMILY"]
+    assert ["demo-sdxl-peft", "1.0", "sdxl"] in rows and ["demo-sd15-unet-only", "1.0", "sd15"] in rows
+
+
+def test_txt2img_with_a_lora_flag(env_settings, capsys, tmp_path):
+    output = tmp_path / "lora.png"
+    code, out, err = run_cli(capsys, "txt2img", "--prompt", "x", "--steps", "3", "--width", "64", "--height", "64",
+                             "--lora", "demo-sd15-kohya:0.7", "--output", str(output))  # fmt: skip
+    assert code == 0, err
+    assert "Lora hashes" in parse_infotext(read_infotext(output.read_bytes()))
+    code, _, err = run_cli(capsys, "txt2img", "--prompt", "x", "--lora", "nope", "--output", str(output))
+    assert code == 2 and err.startswith("diffusion-api: error: argument --lora: unknown LoRA 'nope'")
+
+
+def test_lora_check_one_pair_and_report_file(env_settings, capsys, tmp_path):
+    lora = env_settings.loras_dir / "demo-sdxl-peft.safetensors"
+    report = tmp_path / "report.txt"
+    code, out, err = run_cli(capsys, "lora-check", "--model", "Demo SD1.5", "--lora", str(lora),
+                             "--output", str(report))  # fmt: skip
+    assert code == 0, err
+    assert "Total Tests: 1" in out and "Incompatible: 1" in out and "MODEL: Demo SD1.5" in out
+    assert "    Reason: 'demo-sdxl-peft' is an SDXL LoRA; model 'demo-sd15' is SD1.5" in out
+    assert report.read_text(encoding="utf-8") == out
+
+
+def test_lora_check_every_model_and_lora(env_settings, capsys, tmp_path):
+    code, out, err = run_cli(capsys, "lora-check", "--lora-dir", str(env_settings.loras_dir))
+    assert code == 0, err
+    assert "Total Tests: 16" in out and "Compatible: 7" in out and "Success Rate: 43.8%" in out
+    assert "Demo SDXL Refiner: 0/4 (0.0%)" in out
+    code, _, err = run_cli(capsys, "lora-check", "--lora-dir", str(tmp_path / "missing"))
+    assert code == 2 and "--lora-dir: no such folder" in err

@@ -179,8 +179,7 @@ def test_refiner_cannot_do_txt2img(engine):
 
 @pytest.mark.parametrize(
     ("fields", "field"),
-    [({"hires": {"enabled": True}}, "hires"), ({"refiner_checkpoint": "Demo SDXL Refiner"}, "refiner_checkpoint"),
-     ({"loras": ["x"]}, "loras")],
+    [({"hires": {"enabled": True}}, "hires"), ({"refiner_checkpoint": "Demo SDXL Refiner"}, "refiner_checkpoint")],
 )  # fmt: skip
 def test_features_of_later_versions_are_refused_not_ignored(fields, field):
     with pytest.raises(InvalidRequestError) as raised:

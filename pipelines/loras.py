@@ -1,0 +1,430 @@
+"""LoRA files: discovery, family detection, compatibility with a model, and the prompt syntax.
+
+A LoRA is checked against a model before a job is queued, without loading the model: the LoRA's tensors are
+normalised to diffusers/peft module names with diffusers' own converters (kohya/A1111 and diffusers/peft
+files alike), and every targeted layer must exist in the model with the LoRA's input and output sizes. The
+model's layers come from its configs, instantiated on the `meta` device (no weights, no memory). An
+incompatible LoRA is skipped with a sentence the user can act on; the job runs with the others.
+"""
+
+import hashlib
+import json
+import logging
+import re
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from pipelines.catalog import FileFactsCache, ModelEntry, sha256_of_file
+from pipelines.errors import DiffusionAPIError, InvalidRequestError
+from pipelines.names import check_user_name
+from pipelines.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+LORA_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+FAMILY_LABELS = {
+    "sd15": "SD1.5",
+    "sdxl": "SDXL",
+    "sdxl-refiner": "SDXL refiner",
+    "sd2": "SD2.x",
+    "unknown": "unknown-family",
+}
+_PROMPT_TAG = re.compile(r"<lora:([^:>]+)(?::([^:>]*))?>")
+_LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+
+
+class UnknownLoraError(DiffusionAPIError):
+    """No LoRA file with that name."""
+
+    status_code = 404
+
+
+class UnreadableLoraError(DiffusionAPIError):
+    """A LoRA file that cannot be read as tensors."""
+
+    status_code = 422
+
+
+@dataclass(frozen=True)
+class LoraFile:
+    name: str  # path under the LoRA folder without extension, '/'-separated ("styles/ink")
+    path: Path
+    family: str  # sd15, sdxl, sd2 or unknown
+
+
+@dataclass(frozen=True)
+class LoraUse:
+    """A LoRA a job applies, at a scale."""
+
+    lora: LoraFile
+    scale: float
+    short_hash: str  # A1111's 12-character hash, for `Lora hashes`
+
+    @property
+    def adapter_name(self) -> str:
+        # Content-addressed: a changed file is a new adapter; no '.' (peft rejects it).
+        return f"lora_{self.short_hash}"
+
+
+@dataclass
+class LoraPlan:
+    """What a job does with LoRAs: the prompt without `<lora:...>` tags, the ones applied, and warnings."""
+
+    prompt: str
+    uses: list[LoraUse] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+# Reading files -------------------------------------------------------------------------------------------------
+def read_lora_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a `.safetensors`, `.bin`, `.pt` or `.pth` LoRA (pickles load with `weights_only`)."""
+    try:
+        if path.suffix.lower() == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = state.get("state_dict", state) if isinstance(state, dict) else state
+    except Exception as error:
+        raise UnreadableLoraError(f"LoRA '{path.name}' could not be read: {error}", field="loras") from error
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UnreadableLoraError(f"LoRA '{path.name}' holds no tensor dictionary", field="loras")
+    return state
+
+
+def _metadata(path: Path) -> dict[str, str]:
+    if path.suffix.lower() != ".safetensors":
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return handle.metadata() or {}
+
+
+def lora_short_hash(path: Path) -> str:
+    """A1111's LoRA short hash: for `.safetensors` the sha256 of the data after the header ("addnet" hash),
+    for other files the sha256 of the whole file; the first 12 hex characters."""
+    if path.suffix.lower() != ".safetensors":
+        return sha256_of_file(path)[:12]
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        header_size = int.from_bytes(handle.read(8), "little")
+        handle.seek(8 + header_size)
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()[:12]
+
+
+def detect_lora_family(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """sd15, sdxl, sd2 or unknown, from the training metadata, the key names, then the cross-attention width."""
+    hints = (metadata.get("ss_base_model_version", "") + " " + metadata.get("modelspec.architecture", "")).lower()
+    if "xl" in hints:
+        return "sdxl"
+    if "sd_v2" in hints or "v2-" in hints:
+        return "sd2"
+    if "sd_v1" in hints or "stable-diffusion-v1" in hints:
+        return "sd15"
+    keys = list(state)
+    if any(k.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.", "lora_unet_input_blocks", "lora_unet_label_emb"))
+           for k in keys):  # fmt: skip
+        return "sdxl"
+    # The input width of a cross-attention key/value projection is the text encoder's width.
+    for key, tensor in state.items():
+        if re.search(r"attn2[._]to_[kv].*(lora_down|lora_A|lora\.down)", key) and tensor.ndim == 2:
+            width = tensor.shape[1]
+            if width == 768:
+                return "sd15"
+            if width == 2048:
+                return "sdxl"
+            if width == 1024:
+                return "sd2"
+            break
+    if any(k.startswith(("lora_te_", "lora_unet_down_blocks", "text_encoder.")) for k in keys):
+        return "sd15"
+    return "unknown"
+
+
+# Prompt syntax -------------------------------------------------------------------------------------------------
+def parse_prompt_loras(prompt: str) -> tuple[str, list[tuple[str, float]]]:
+    """Removes A1111's `<lora:name>` / `<lora:name:weight>` tags; returns the clean prompt and the tags."""
+    found: list[tuple[str, float]] = []
+
+    def take(match: re.Match) -> str:
+        name, weight = match.group(1).strip(), match.group(2)
+        try:
+            scale = 1.0 if weight is None or not weight.strip() else float(weight)
+        except ValueError:
+            raise InvalidRequestError(
+                f"prompt tag {match.group(0)!r}: the weight must be a number, as in <lora:{name}:0.8>", field="prompt"
+            ) from None
+        found.append((name, scale))
+        return ""
+
+    if "<lora:" in prompt and re.search(r"<lora:[^>]*:[^>]*:[^>]*>", prompt):
+        raise InvalidRequestError(
+            "prompt: only <lora:name> and <lora:name:weight> are supported (no separate text-encoder/UNet weights)",
+            field="prompt",
+        )
+    clean = _PROMPT_TAG.sub(take, prompt)
+    clean = re.sub(r"\s*,\s*(,\s*)+", ", ", re.sub(r"[ \t]{2,}", " ", clean)).strip(" ,")
+    return clean, found
+
+
+def prompt_with_lora_tags(prompt: str, uses: list[LoraUse]) -> str:
+    """The prompt as A1111 writes it into infotext: the LoRAs applied as `<lora:name:scale>` tags."""
+    tags = " ".join(f"<lora:{use.lora.name}:{use.scale:g}>" for use in uses)
+    return f"{prompt} {tags}".strip() if tags else prompt
+
+
+def lora_hashes_value(uses: list[LoraUse]) -> str | None:
+    """A1111's `Lora hashes` value: `name: shorthash, ...` (names without ':' or ',')."""
+    if not uses:
+        return None
+    return ", ".join(f"{use.lora.name.replace(':', '').replace(',', '')}: {use.short_hash}" for use in uses)
+
+
+# Model layers --------------------------------------------------------------------------------------------------
+LayerShapes = dict[str, dict[str, tuple[int, int]]]  # component -> module name -> (in, out)
+
+
+def _layer_shapes(module: torch.nn.Module) -> dict[str, tuple[int, int]]:
+    shapes = {}
+    for name, layer in module.named_modules():
+        if isinstance(layer, torch.nn.Linear):
+            shapes[name] = (layer.in_features, layer.out_features)
+        elif isinstance(layer, torch.nn.Conv2d):
+            shapes[name] = (layer.in_channels, layer.out_channels)
+    return shapes
+
+
+def model_layer_shapes(entry: ModelEntry) -> LayerShapes | None:
+    """The Linear/Conv layers of a model's UNet and text encoders, from its configs on the `meta` device.
+    None when the configs are not on disk (a single-file checkpoint without `.configs/`)."""
+    import transformers
+    from diffusers import UNet2DConditionModel
+
+    root = entry.config_dir if entry.format == "single-file" else entry.path
+    if root is None or not (root / "unet" / "config.json").exists():
+        return None
+    shapes: LayerShapes = {}
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(root / "unet"))
+        shapes["unet"] = _layer_shapes(unet)
+        for component in ("text_encoder", "text_encoder_2"):
+            config_file = root / component / "config.json"
+            if not config_file.exists():
+                continue
+            config = json.loads(config_file.read_text())
+            class_name = (config.get("architectures") or ["CLIPTextModel"])[0]
+            model_class = getattr(transformers, class_name)
+            shapes[component] = _layer_shapes(model_class(model_class.config_class.from_dict(config)))
+    return shapes
+
+
+def lora_layer_shapes(state: dict[str, torch.Tensor], family: str) -> LayerShapes:
+    """The layers a LoRA targets and the (in, out) sizes it expects, in diffusers/peft module names,
+    converted with diffusers' own key converters (the ones `load_lora_weights` uses)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers.utils import (
+        convert_state_dict_to_diffusers,
+        convert_state_dict_to_peft,
+        convert_unet_state_dict_to_peft,
+    )
+
+    pipeline_class = StableDiffusionXLPipeline if family.startswith("sdxl") else StableDiffusionPipeline
+    normalized, _ = pipeline_class.lora_state_dict(dict(state))
+    targets: LayerShapes = {}
+    for component in _LORA_COMPONENTS:
+        part = {k.removeprefix(f"{component}."): v for k, v in normalized.items() if k.startswith(f"{component}.")}
+        if not part:
+            continue
+        part = (
+            convert_unet_state_dict_to_peft(part)
+            if component == "unet"
+            else convert_state_dict_to_peft(convert_state_dict_to_diffusers(part))
+        )
+        layers: dict[str, list[int]] = {}
+        for key, tensor in part.items():
+            match = re.match(r"^(.*)\.lora_([AB])(?:\.[^.]+)?\.weight$", key)
+            if match is None:
+                continue
+            sizes = layers.setdefault(match.group(1), [0, 0])
+            if match.group(2) == "A":
+                sizes[0] = tensor.shape[1]
+            else:
+                sizes[1] = tensor.shape[0]
+        targets[component] = {name: (sizes[0], sizes[1]) for name, sizes in layers.items()}
+    return targets
+
+
+def _find_layer(layers: dict[str, tuple[int, int]], name: str) -> tuple[int, int] | None:
+    # transformers 5 flattened CLIPTextModel (no `text_model.` level); LoRA files still use both forms.
+    for candidate in (name, name.removeprefix("text_model."), f"text_model.{name}"):
+        if candidate in layers:
+            return layers[candidate]
+    return None
+
+
+def incompatibility(lora: LoraFile, targets: LayerShapes, entry: ModelEntry, model: LayerShapes | None) -> str | None:
+    """Why `lora` cannot be applied to the model, in a sentence a user can act on; None when it fits."""
+    model_label = FAMILY_LABELS[entry.family]
+    if entry.family == "sdxl-refiner":
+        return (
+            f"'{lora.name}' cannot be applied to model '{entry.name}': it is an SDXL refiner; LoRAs apply to SD1.5 "
+            f"and SDXL base models"
+        )
+    if lora.family in ("sd15", "sdxl", "sd2") and lora.family != entry.family:
+        article = "an"  # SD1.5, SDXL, SD2.x all read "an ..."
+        return (
+            f"'{lora.name}' is {article} {FAMILY_LABELS[lora.family]} LoRA; model '{entry.name}' is {model_label}: "
+            f"use it with {article} {FAMILY_LABELS[lora.family]} model"
+        )
+    if not any(targets.values()):
+        return f"'{lora.name}' holds no LoRA weights this service can read (kohya/A1111 or diffusers/peft keys)"
+    if model is None:
+        return None  # only the family could be checked
+    for component, layers in targets.items():
+        model_layers = model.get(component)
+        if model_layers is None:
+            return f"'{lora.name}' has weights for a {component} that model '{entry.name}' ({model_label}) lacks"
+        for name, (lora_in, lora_out) in sorted(layers.items()):
+            found = _find_layer(model_layers, name)
+            if found is None:
+                return (
+                    f"'{lora.name}' targets layer {component}.{name}, which model '{entry.name}' ({model_label}) "
+                    f"does not have: it was made for a different architecture"
+                )
+            if (lora_in and lora_in != found[0]) or (lora_out and lora_out != found[1]):
+                return (
+                    f"'{lora.name}' does not fit model '{entry.name}' ({model_label}): layer {component}.{name} is "
+                    f"{found[0]}->{found[1]}, the LoRA expects {lora_in}->{lora_out}; it was made for another "
+                    f"architecture"
+                )
+    return None
+
+
+# The library ---------------------------------------------------------------------------------------------------
+class LoraLibrary:
+    """The LoRA files in the LoRA folder: listing, lookup by name, family, hash and compatibility (cached)."""
+
+    def __init__(self, settings: Settings, facts: FileFactsCache | None = None):
+        self.folder = settings.loras_dir
+        self.facts = facts or FileFactsCache(settings.cache_dir / "file_facts.json")
+        self._lock = threading.Lock()
+        self._targets: dict[tuple[str, str], LayerShapes] = {}
+        self._model_layers: dict[tuple, LayerShapes | None] = {}
+
+    def list(self) -> list[LoraFile]:
+        if not self.folder.is_dir():
+            return []
+        root = self.folder.resolve()
+        found = []
+        for path in sorted(self.folder.rglob("*")):
+            if path.suffix.lower() not in LORA_SUFFIXES or not path.is_file():
+                continue
+            if not path.resolve().is_relative_to(root):
+                logger.warning("skipping LoRA %s: it links outside %s", path, self.folder)
+                continue
+            name = path.relative_to(self.folder).with_suffix("").as_posix()
+            found.append(LoraFile(name=name, path=path, family=self.family(path)))
+        return found
+
+    def file(self, path: Path) -> LoraFile:
+        """A LoRA file given by path (the command-line tools accept files outside the folder)."""
+        return LoraFile(name=path.stem, path=path, family=self.family(path))
+
+    def family(self, path: Path) -> str:
+        def detect(file: Path) -> str:
+            try:
+                return detect_lora_family(read_lora_state_dict(file), _metadata(file))
+            except UnreadableLoraError as error:
+                logger.warning("%s", error.message)
+                return "unknown"
+
+        return self.facts.get(path, "lora_family", detect)
+
+    def short_hash(self, lora: LoraFile) -> str:
+        return self.facts.get(lora.path, "lora_short_hash", lora_short_hash)
+
+    def resolve(self, requested: str, field: str = "loras") -> LoraFile:
+        """By name (with or without extension, with its subfolder or, when unique, without it)."""
+        name = check_user_name(requested, field, allow_one_slash=True)
+        stem = name[: -len(suffix)] if (suffix := Path(name).suffix.lower()) in LORA_SUFFIXES else name
+        available = self.list()
+        for candidates in (
+            [lora for lora in available if lora.name == stem],
+            [lora for lora in available if lora.name.lower() == stem.lower()],
+            [lora for lora in available if lora.path.stem.lower() == Path(stem).name.lower()],
+        ):
+            if len(candidates) == 1:
+                return candidates[0]
+            if len(candidates) > 1:
+                options = ", ".join(repr(lora.name) for lora in candidates)
+                raise InvalidRequestError(f"LoRA {requested!r} is ambiguous; use one of {options}", field=field)
+        names = ", ".join(repr(lora.name) for lora in available) or f"none (the folder {self.folder} is empty)"
+        raise UnknownLoraError(f"unknown LoRA {requested!r}; installed LoRAs: {names}", field=field)
+
+    def targets(self, lora: LoraFile, family: str) -> LayerShapes:
+        stat = lora.path.stat()
+        key = (f"{lora.path}|{stat.st_size}|{stat.st_mtime_ns}", "sdxl" if family.startswith("sdxl") else "sd15")
+        with self._lock:
+            cached = self._targets.get(key)
+        if cached is None:
+            try:
+                cached = lora_layer_shapes(read_lora_state_dict(lora.path), family)
+            except UnreadableLoraError:
+                raise
+            except Exception as error:  # diffusers' converters reject keys they do not know
+                logger.info("LoRA %s: keys not understood: %s", lora.name, error)
+                cached = {}
+            with self._lock:
+                self._targets[key] = cached
+        return cached
+
+    def model_layers(self, entry: ModelEntry) -> LayerShapes | None:
+        key = (entry.name, str(entry.path), entry.path.stat().st_mtime_ns)
+        with self._lock:
+            if key in self._model_layers:
+                return self._model_layers[key]
+        layers = model_layer_shapes(entry)
+        with self._lock:
+            self._model_layers[key] = layers
+        return layers
+
+    def check(self, lora: LoraFile, entry: ModelEntry) -> str | None:
+        """Why `lora` cannot be used with the model (None when it can)."""
+        if entry.family == "sdxl-refiner" or (lora.family in ("sd15", "sdxl", "sd2") and lora.family != entry.family):
+            return incompatibility(lora, {}, entry, None)
+        return incompatibility(lora, self.targets(lora, entry.family), entry, self.model_layers(entry))
+
+    def plan(self, requested: list, prompt: str, entry: ModelEntry | None, mode: str) -> LoraPlan:
+        """Resolves a job's LoRAs (the `loras` field and prompt tags), checks each against the model and
+        returns the ones to apply. Unknown names are errors; incompatible LoRAs are skipped with a warning."""
+        clean_prompt, tagged = parse_prompt_loras(prompt)
+        wanted: list[tuple[str, float]] = [
+            (item, 1.0) if isinstance(item, str) else (item.name, item.scale) for item in requested
+        ] + tagged
+        plan = LoraPlan(prompt=clean_prompt)
+        if not wanted:
+            return plan
+        resolved: dict[Path, tuple[LoraFile, float]] = {}
+        for name, scale in wanted:
+            lora = self.resolve(name)
+            if lora.path in resolved:
+                raise InvalidRequestError(f"LoRA '{lora.name}' is given more than once", field="loras")
+            resolved[lora.path] = (lora, scale)
+        if mode == "img2img":
+            names = ", ".join(f"'{lora.name}'" for lora, _ in resolved.values())
+            plan.warnings.append(f"LoRAs are not applied to img2img; ignored: {names}")
+            return plan
+        for lora, scale in resolved.values():
+            reason = self.check(lora, entry) if entry is not None else None
+            if reason is not None:
+                plan.warnings.append(f"LoRA skipped: {reason}.")
+                continue
+            plan.uses.append(LoraUse(lora=lora, scale=scale, short_hash=self.short_hash(lora)))
+        return plan
