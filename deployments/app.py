@@ -49,11 +49,13 @@ def build_app(args: dict | None = None) -> Application:
         "keep_finished_count": parsed.keep_finished_jobs,
     }
     generator_args = {"settings": plain, "job_database": database, "job_options": job_options, "device": parsed.device}
+    upscaler = Upscaler.bind(settings=plain, device=parsed.device)
+    refiner = Refiner.bind(**generator_args)
     return Ingress.bind(
-        SD15Generator.bind(**generator_args),
-        SDXLGenerator.bind(**generator_args),
-        Refiner.bind(**generator_args),
-        Upscaler.bind(settings=plain),
+        SD15Generator.bind(**generator_args, upscaler=upscaler),
+        SDXLGenerator.bind(**generator_args, upscaler=upscaler, refiner=refiner),
+        refiner,
+        upscaler,
         settings=plain,
         job_database=database,
         job_options=job_options,

@@ -16,7 +16,7 @@ from ray import serve
 from deployments.jobs import get_or_create_job_actor
 from pipelines.catalog import ModelCatalog
 from pipelines.errors import DiffusionAPIError
-from pipelines.generate import GenerationResult, ImageEngine
+from pipelines.generate import PHASE_REFINING, GenerationResult, ImageEngine, PhaseProgress, PreparedJob
 from pipelines.images import encode_base64
 from pipelines.infotext import encode_image
 from pipelines.schemas import Img2ImgRequest, Txt2ImgRequest
@@ -31,7 +31,10 @@ PROGRESS_INTERVAL_S = 0.2
 class _Generator:
     """Shared body of the per-family deployments."""
 
-    def __init__(self, settings: dict, job_database: str, job_options: dict | None = None, device: str | None = None):
+    def __init__(self, settings: dict, job_database: str, job_options: dict | None = None, device: str | None = None,
+                 upscaler=None, refiner=None):  # fmt: skip
+        self.upscaler = upscaler  # handles of the Upscaler and Refiner deployments (hires fix, refiner hand-off)
+        self.refiner = refiner
         self.settings = Settings(**settings)
         self.engine = ImageEngine(ModelCatalog(self.settings), device=device, max_loaded_models=MODELS_PER_REPLICA)
         self.jobs = get_or_create_job_actor(job_database, **(job_options or {}))
@@ -70,7 +73,8 @@ class _Generator:
                     loop.call_soon_threadsafe(lambda: self.jobs.progress.remote(job_id, 100.0 * step / total, phase))
 
             job = self.engine.prepare(parsed, loaded.entry)
-            result = (await asyncio.to_thread(self.engine.run, loaded, [job], report))[0]
+            upscale, refine = self._remote_hooks(job_id, loop)
+            result = (await asyncio.to_thread(self.engine.run, loaded, [job], report, upscale, refine))[0]
             record = self._save(job_id, parsed, result)
             await self.jobs.add_warnings.remote(job_id, result.warnings)
             await self.jobs.complete.remote(job_id, record)
@@ -83,6 +87,22 @@ class _Generator:
             logger.exception("job %s failed", job_id)
             await self.jobs.fail.remote(job_id, f"generation failed: {type(error).__name__}: {error}")
             raise
+
+    def _remote_hooks(self, job_id: str, loop: asyncio.AbstractEventLoop):
+        """The engine's upscale and refine steps, handed to the Upscaler and Refiner deployments. They are
+        called from the worker thread and await the handles on this replica's event loop."""
+
+        def upscale(images, upscaler: str, width: int, height: int):
+            call = self.upscaler.upscale.remote(images, upscaler, width, height)
+            return asyncio.run_coroutine_threadsafe(_awaited(call), loop).result()
+
+        def refine(model, jobs: list[PreparedJob], latents, phases: PhaseProgress):
+            start, end = phases.ranges[PHASE_REFINING]
+            handle = self.refiner.options(multiplexed_model_id=model.name)
+            call = handle.refine.remote(job_id, jobs, latents.cpu(), (start, end))
+            return asyncio.run_coroutine_threadsafe(_awaited(call), loop).result()
+
+        return (upscale if self.upscaler else None), (refine if self.refiner else None)
 
     def _save(self, job_id: str, request: Txt2ImgRequest, result: GenerationResult) -> dict:
         data = encode_image(result.image, request.file_type, result.infotext, request.jpeg_quality)
@@ -122,4 +142,24 @@ class SDXLGenerator(_Generator):
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=2)
 class Refiner(_Generator):
-    """SDXL refiner checkpoints (img2img on a refiner model; the base->refiner hand-off comes later)."""
+    """SDXL refiner checkpoints: img2img jobs on a refiner model, and the refiner's part of base -> refiner jobs
+    (the SDXL generator hands over its latents at `refiner_switch_at`)."""
+
+    async def refine(self, job_id: str, jobs: list[PreparedJob], latents, progress_range: tuple[float, float]):
+        loaded = await self.get_model(serve.get_multiplexed_model_id())
+        loop = asyncio.get_running_loop()
+        start, end = progress_range
+        last_report = [0.0]
+
+        def on_step(step: int, total: int) -> None:
+            now = time.monotonic()
+            if step == total or now - last_report[0] >= PROGRESS_INTERVAL_S:
+                last_report[0] = now
+                percent = 100.0 * (start + (end - start) * step / total)
+                loop.call_soon_threadsafe(lambda: self.jobs.progress.remote(job_id, percent, PHASE_REFINING))
+
+        return await asyncio.to_thread(self.engine.refine, loaded, jobs, latents, on_step)
+
+
+async def _awaited(response):
+    return await response

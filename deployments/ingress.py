@@ -37,12 +37,14 @@ from pipelines.schemas import (
     SamplingMethodsResponse,
     Txt2ImgRequest,
     Txt2ImgResponse,
+    UpscalerInfo,
+    UpscalersResponse,
 )
 from pipelines.settings import VERSION, Settings
 from pipelines.system import gpu_info, health_report
+from pipelines.upscalers import LATENT_MODES, UpscalerLibrary
 
 logger = logging.getLogger("ray.serve")
-UPSCALER_SUFFIXES = (".pth", ".safetensors")
 
 app = FastAPI(title="Diffusion API", version=VERSION, description="Stable Diffusion on Ray Serve")
 
@@ -85,6 +87,7 @@ class Ingress:
         self.settings = Settings(**settings)
         self.catalog = ModelCatalog(self.settings)
         self.loras = LoraLibrary(self.settings, self.catalog.facts)
+        self.upscalers = UpscalerLibrary(self.settings)  # names only: the Upscaler deployment runs them
         self.job_database = job_database
         self.jobs = get_or_create_job_actor(job_database, **(job_options or {}))
         self.stale_job_timeout_s = stale_job_timeout_s
@@ -107,7 +110,7 @@ class Ingress:
         gpu = next((g for g in gpus if g.get("cuda_available")), gpus[0] if gpus else None) or gpu_info()
         report = await asyncio.to_thread(
             health_report, self.settings.models_dir, self.settings.loras_dir, self.settings.outputs_dir,
-            len(self.catalog.list_models()), len(self.loras.list()), active,
+            len(self.catalog.list_models()), len(self.loras.available()), active,
             self.job_database, gpu,
         )  # fmt: skip
         report["jobs"] = counts
@@ -130,25 +133,19 @@ class Ingress:
 
     @app.get("/loras", response_model=LorasResponse)
     async def list_loras(self) -> LorasResponse:
-        found = await asyncio.to_thread(self.loras.list)
+        found = await asyncio.to_thread(self.loras.available)
         return LorasResponse(loras=[LoraInfo(name=lora.name, scale=1.0, family=lora.family) for lora in found])
 
-    @app.get("/upscalers")
-    async def upscalers(self) -> dict:
-        files = self._files(self.settings.upscalers_dir, UPSCALER_SUFFIXES)
-        listed = [{"name": "Latent", "path": "internal"}]
-        listed += [{"name": path.stem, "path": str(path)} for path in files]
-        return {"status": "success", "upscalers": listed}
+    @app.get("/upscalers", response_model=UpscalersResponse)
+    async def list_upscalers(self) -> UpscalersResponse:
+        files = await asyncio.to_thread(self.upscalers.available)
+        listed = [UpscalerInfo(name=name, path="internal") for name in LATENT_MODES]
+        listed += [UpscalerInfo(name=item.name, path=str(item.path)) for item in files]
+        return UpscalersResponse(upscalers=listed)
 
     @app.get("/sampling_methods", response_model=SamplingMethodsResponse)
     async def sampling_methods(self) -> SamplingMethodsResponse:
         return SamplingMethodsResponse(sampling_methods=sampler_names(), scheduler_types=schedule_type_names())
-
-    @staticmethod
-    def _files(folder, suffixes) -> list:
-        if not folder.is_dir():
-            return []
-        return sorted(p for p in folder.rglob("*") if p.suffix.lower() in suffixes and p.is_file())
 
     # Jobs ------------------------------------------------------------------------------------------------
     @app.post("/txt2img", response_model=Txt2ImgResponse, responses={422: {"model": ErrorResponse}})
@@ -164,7 +161,7 @@ class Ingress:
         entry = await asyncio.to_thread(self.catalog.resolve, request.model)
         check_mode_supported(entry, kind)
         # Sampler, image, LoRAs (unknown: 4xx; incompatible: a warning), unsupported fields: checked now.
-        job = await asyncio.to_thread(prepare_job, request, entry, self.loras)
+        job = await asyncio.to_thread(prepare_job, request, entry, self.loras, self.catalog, self.upscalers)
         payload = request.model_dump(by_alias=True)
         payload["model"] = entry.name
         job_id = uuid.uuid4().hex

@@ -1,13 +1,27 @@
-"""The upscaler deployment (Real-ESRGAN-class models through spandrel). Its image work lands with the
-hires-fix/upscaler issue; the deployment is here so the application graph is complete."""
+"""The upscaler deployment: Real-ESRGAN-class models (spandrel), used by hires fix with an external upscaler.
 
+Upscaling runs here rather than in the generators so that its model and memory live on their own replica
+(on a GPU shared with the refiner in serve_config.yaml), and several generators share it.
+"""
+
+import asyncio
+
+from PIL import Image
 from ray import serve
+
+from pipelines.generate import select_device
+from pipelines.settings import Settings
+from pipelines.upscalers import UpscalerLibrary
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=2)
 class Upscaler:
-    def __init__(self, settings: dict):
-        self.settings = settings
+    def __init__(self, settings: dict, device: str | None = None):
+        self.library = UpscalerLibrary(Settings(**settings), device=select_device(device)[0])
+
+    async def upscale(self, images: list[Image.Image], upscaler: str, width: int, height: int) -> list[Image.Image]:
+        """Each image upscaled by the named model (tiled) and resized to exactly `width` x `height`."""
+        return await asyncio.to_thread(lambda: [self.library.upscale(i, upscaler, width, height) for i in images])
 
     def check_health(self) -> None:
-        pass
+        self.library.available()

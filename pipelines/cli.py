@@ -19,6 +19,7 @@ FLAGS = {
     "width": "--width", "height": "--height", "model": "--model", "sampler_name": "--sampler",
     "scheduler_type": "--scheduler-type", "seed": "--seed", "clip_skip": "--clip-skip",
     "jpeg_quality": "--quality", "image": "--image", "denoising_strength": "--denoising-strength", "loras": "--lora",
+    "hires.upscaler": "--upscaler",
 }  # fmt: skip
 
 
@@ -42,23 +43,26 @@ def _catalog():
 
 
 def cmd_demo_models(args) -> None:
-    from pipelines.demo import create_demo_loras, create_demo_models
+    from pipelines.demo import create_demo_loras, create_demo_models, create_demo_upscaler
 
-    models_dir = Path(args.models_dir) if args.models_dir else _settings().models_dir
-    loras_dir = Path(args.loras_dir) if args.loras_dir else _settings().loras_dir
+    settings = _settings()
+    models_dir = Path(args.models_dir) if args.models_dir else settings.models_dir
+    loras_dir = Path(args.loras_dir) if args.loras_dir else settings.loras_dir
+    upscalers_dir = Path(args.upscalers_dir) if args.upscalers_dir else settings.upscalers_dir
     written = create_demo_models(models_dir, overwrite=args.force)
     written += create_demo_loras(loras_dir, overwrite=args.force)
+    written += create_demo_upscaler(upscalers_dir, overwrite=args.force)
     for path in written:
         print(f"wrote {path}")
     if not written:
-        print(f"demo models already present in {models_dir} and {loras_dir} (use --force to rewrite them)")
+        print("demo models, LoRAs and upscaler already present (use --force to rewrite them)")
 
 
 def cmd_loras(args) -> None:
     from pipelines.loras import LoraLibrary
 
     settings = _settings()
-    found = LoraLibrary(settings).list()
+    found = LoraLibrary(settings).available()
     if not found:
         print(f"no LoRAs in {settings.loras_dir}; run 'diffusion-api demo-models' or add .safetensors files")
         return
@@ -88,7 +92,7 @@ def cmd_lora_check(args) -> None:
             raise CliError(f"argument --lora: not a LoRA file ({', '.join(LORA_SUFFIXES)}): {args.lora!r}")
         loras = [library.file(path)]
     else:
-        loras = library.list()
+        loras = library.available()
     models = [engine.catalog.resolve(args.model)] if args.model else engine.catalog.list_models()
     if not loras or not models:
         raise CliError(f"nothing to check: {len(models)} models, {len(loras)} LoRAs (in {settings.loras_dir})")
@@ -98,6 +102,29 @@ def cmd_lora_check(args) -> None:
     if args.output:
         Path(args.output).write_text(report, encoding="utf-8")
         print(f"report written to {args.output}", file=sys.stderr)
+
+
+def cmd_upscale(args) -> None:
+    from PIL import Image, UnidentifiedImageError
+
+    from pipelines.generate import select_device
+    from pipelines.upscalers import UpscalerLibrary
+
+    file_type = _output_type(args.output)
+    if not 1.0 <= args.scale <= 8.0:
+        raise CliError(f"argument --scale: must be between 1 and 8, got {args.scale}")
+    try:
+        image = Image.open(args.image)
+        image.load()
+    except (OSError, UnidentifiedImageError) as error:
+        raise CliError(f"argument IMAGE: cannot read an image from {args.image!r}: {error}") from error
+    library = UpscalerLibrary(_settings(), device=select_device()[0])
+    width, height = round(image.width * args.scale), round(image.height * args.scale)
+    result = library.upscale(image, args.upscaler, width, height)
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    result.save(output, format={"jpg": "JPEG"}.get(file_type, file_type.upper()))
+    print(f"wrote {output} ({result.width}x{result.height})")
 
 
 def _catalog_for(settings):
@@ -236,6 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo-models", help="write the tiny random-weight demo models")
     demo.add_argument("--models-dir", help="target folder (default: stable_diffusion/models)")
     demo.add_argument("--loras-dir", help="target folder for the demo LoRAs (default: stable_diffusion/loras)")
+    demo.add_argument(
+        "--upscalers-dir", help="target folder for the demo upscaler (default: stable_diffusion/upscalers)"
+    )
     demo.add_argument("--force", action="store_true", help="rewrite models that exist")
     demo.set_defaults(handler=cmd_demo_models)
 
@@ -262,6 +292,13 @@ def build_parser() -> argparse.ArgumentParser:
     infotext = commands.add_parser("infotext", help="print the A1111 parameters embedded in an image")
     infotext.add_argument("image", metavar="IMAGE")
     infotext.set_defaults(handler=cmd_infotext)
+
+    upscale = commands.add_parser("upscale", help="upscale an image with an upscaler model (ESRGAN family)")
+    upscale.add_argument("image", metavar="IMAGE")
+    upscale.add_argument("--upscaler", required=True, help="file name in stable_diffusion/upscalers")
+    upscale.add_argument("--scale", type=float, default=4.0, help="final size factor (default 4)")
+    upscale.add_argument("--output", required=True, help="output file; .png .jpg .webp .avif .gif")
+    upscale.set_defaults(handler=cmd_upscale)
 
     serve = commands.add_parser("serve", help="start the HTTP service on the local config (Ctrl-C stops it)")
     serve.add_argument("--config", help="Serve config file (default: configs/serve_local.yaml)")

@@ -34,6 +34,7 @@ LORA_SD15_KOHYA = "demo-sd15-kohya.safetensors"  # kohya/A1111 keys, UNet + text
 LORA_SD15_PEFT = "demo-sd15-peft.safetensors"  # diffusers/peft keys, UNet + text encoder
 LORA_SDXL_PEFT = "demo-sdxl-peft.safetensors"  # diffusers/peft keys, UNet + both text encoders
 LORA_SD15_PT = "demo-sd15-unet-only.pt"  # a pickled (torch.save) kohya state dict, UNet only
+UPSCALER_FILE = "demo-esrgan-x4.pth"  # ESRGAN (RRDBNet, Real-ESRGAN key layout), x4
 
 DEMO_LABELS = {
     "Demo SD1.5": SD15_FOLDER,
@@ -313,3 +314,47 @@ def create_demo_loras(loras_dir: Path, overwrite: bool = False) -> list[Path]:
     for target in targets:
         logger.info("wrote %s", target)
     return targets
+
+
+# Upscaler -------------------------------------------------------------------------------------------------
+def esrgan_state_dict(seed: int = 4, features: int = 16, blocks: int = 1, scale: int = 4) -> dict:
+    """A tiny x4 ESRGAN (RRDBNet) in Real-ESRGAN's key layout (`conv_first`, `body.N.rdbM.convK`, `conv_up1`...).
+
+    spandrel fixes the growth channels at 32. The weights are an identity path (the input's RGB carried through
+    every 3x3 conv's centre tap, the dense blocks near zero) plus small noise, so the output is a recognisable,
+    slightly textured nearest-neighbour x4 of the input rather than black.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    growth = 32
+    state: dict[str, torch.Tensor] = {}
+
+    def conv(name: str, channels_in: int, channels_out: int, identity: bool) -> None:
+        weight = torch.randn(channels_out, channels_in, 3, 3, generator=generator) * 0.002
+        if identity:
+            for channel in range(min(channels_in, channels_out)):
+                weight[channel, channel, 1, 1] += 1.0
+        state[f"{name}.weight"] = weight
+        state[f"{name}.bias"] = torch.zeros(channels_out)
+
+    conv("conv_first", 3, features, identity=True)
+    for block in range(blocks):
+        for dense in (1, 2, 3):
+            for index in range(5):
+                out = growth if index < 4 else features
+                conv(f"body.{block}.rdb{dense}.conv{index + 1}", features + index * growth, out, identity=False)
+    conv("conv_body", features, features, identity=False)
+    for name in ["conv_up1", "conv_up2"][: {2: 1, 4: 2}[scale]] + ["conv_hr"]:
+        conv(name, features, features, identity=True)
+    conv("conv_last", features, 3, identity=True)
+    return state
+
+
+def create_demo_upscaler(upscalers_dir: Path, overwrite: bool = False) -> list[Path]:
+    """Writes the demo ESRGAN x4 upscaler (a pickled state dict, as ESRGAN `.pth` files are)."""
+    target = upscalers_dir / UPSCALER_FILE
+    if target.exists() and not overwrite:
+        return []
+    upscalers_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(esrgan_state_dict(), target)
+    logger.info("wrote %s", target)
+    return [target]

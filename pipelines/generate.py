@@ -27,10 +27,18 @@ from pipelines.catalog import ModelCatalog, ModelEntry
 from pipelines.errors import InvalidRequestError, ModelLoadError
 from pipelines.images import decode_base64_image
 from pipelines.infotext import build_infotext
-from pipelines.loras import LoraLibrary, LoraUse, lora_hashes_value, prompt_with_lora_tags, read_lora_state_dict
+from pipelines.loras import (
+    FAMILY_LABELS,
+    LoraLibrary,
+    LoraUse,
+    lora_hashes_value,
+    prompt_with_lora_tags,
+    read_lora_state_dict,
+)
 from pipelines.samplers import ResolvedSampler, build_scheduler, resolve_sampler
 from pipelines.schemas import GenerationRequest, Img2ImgRequest, Txt2ImgRequest
 from pipelines.settings import VERSION
+from pipelines.upscalers import UpscalerLibrary, hires_size, latent_mode, upscale_latents
 
 logger = logging.getLogger(__name__)
 # Keeping several LoRA adapters loaded on one model is deliberate (a cache); peft warns about it each time.
@@ -38,8 +46,57 @@ warnings.filterwarnings("ignore", message="Already found a `peft_config` attribu
 warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted", category=UserWarning)
 
 INFOTEXT_VERSION = f"DiffusionAPI v{VERSION}"  # must not look like "v1.x": A1111 would apply backcompat
-ProgressCallback = Callable[[int, int, str], None]  # (step, total steps, phase)
+ProgressCallback = Callable[[int, int, str], None]  # (done, total, phase): overall progress across phases
+MAX_HIRES_SIDE = 2048
 Mode = Literal["txt2img", "img2img"]
+
+
+PHASE_GENERATION = "generation"
+PHASE_FIRST_PASS = "initial generation"
+PHASE_UPSCALING = "upscaling"
+PHASE_HIRES_PASS = "hires pass"
+PHASE_REFINING = "refining"
+StepCallback = Callable[[int, int], None]  # (step, steps of this phase)
+
+
+class PhaseProgress:
+    """One overall progress figure across a job's phases (first pass, upscaling, second pass, refiner), each
+    phase weighted by its share of the denoising steps. It never goes backwards."""
+
+    RESOLUTION = 1000
+
+    def __init__(self, progress: ProgressCallback | None, weights: list[tuple[str, float]]):
+        total = sum(weight for _, weight in weights)
+        self.ranges: dict[str, tuple[float, float]] = {}
+        start = 0.0
+        for name, weight in weights:
+            self.ranges[name] = (start, start + weight / total)
+            start += weight / total
+        self.progress = progress
+        self._last = 0
+
+    @classmethod
+    def for_job(cls, job: "PreparedJob", progress: ProgressCallback | None) -> "PhaseProgress":
+        if job.hires is not None:
+            second = max(1, int(job.hires.steps * job.hires.denoising_strength))
+            upscaling = 0.1 * (job.steps + second)
+            return cls(
+                progress, [(PHASE_FIRST_PASS, job.steps), (PHASE_UPSCALING, upscaling), (PHASE_HIRES_PASS, second)]
+            )
+        if job.refiner is not None:
+            refiner_steps = job.steps - int(job.steps * job.refiner.switch_at)
+            return cls(progress, [(PHASE_GENERATION, job.steps - refiner_steps), (PHASE_REFINING, refiner_steps)])
+        return cls(progress, [(PHASE_GENERATION, 1.0)])
+
+    def report(self, phase: str, done: int, total: int) -> None:
+        start, end = self.ranges[phase]
+        value = int(self.RESOLUTION * (start + (end - start) * min(done / max(total, 1), 1.0)))
+        self._last = max(value, self._last)
+        if self.progress is not None:
+            self.progress(self._last, self.RESOLUTION, phase)
+
+    def step(self, phase: str) -> StepCallback:
+        return lambda done, total: self.report(phase, done, total)
 
 
 def select_device(device: str | None = None, dtype: str | None = None) -> tuple[torch.device, torch.dtype]:
@@ -71,6 +128,28 @@ def memory_mb(device: torch.device) -> float:
     return round(psutil.Process().memory_info().rss / 2**20, 1)
 
 
+@dataclass(frozen=True)
+class HiresPlan:
+    """Hires fix: upscale the first pass to `width` x `height`, then a second img2img pass."""
+
+    upscaler: str  # "Latent" (or a variant) or an upscaler file name
+    latent: tuple[str, bool] | None  # the interpolation of a latent upscaler; None for an external one
+    scale: float
+    steps: int
+    denoising_strength: float
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class RefinerPlan:
+    """SDXL base -> refiner hand-off of the latents at `switch_at` of the schedule."""
+
+    model: ModelEntry
+    model_hash: str
+    switch_at: float
+
+
 @dataclass
 class PreparedJob:
     """A request with everything resolved that needs no model."""
@@ -88,14 +167,21 @@ class PreparedJob:
     init_image: Image.Image | None = None
     denoising_strength: float | None = None
     loras: list[LoraUse] = field(default_factory=list)  # compatible ones only; `prompt` has no <lora:> tags
+    hires: HiresPlan | None = None
+    refiner: RefinerPlan | None = None
     warnings: list[str] = field(default_factory=list)
 
     def batch_key(self) -> tuple:
         """Jobs with equal keys can run as one diffusers batch."""
         loras = tuple((use.adapter_name, use.scale) for use in self.loras)
         sampler = (self.sampler.scheduler_class, tuple(sorted(self.sampler.options.items())))
+        refiner = (self.refiner.model.name, self.refiner.switch_at) if self.refiner else None
         return (self.mode, self.steps, self.cfg_scale, self.width, self.height, sampler, self.clip_skip,
-                self.denoising_strength, loras)  # fmt: skip
+                self.denoising_strength, loras, self.hires, refiner)  # fmt: skip
+
+
+UpscaleHook = Callable[[list[Image.Image], str, int, int], list[Image.Image]]  # (images, upscaler, width, height)
+RefineHook = Callable[[ModelEntry, list[PreparedJob], torch.Tensor, PhaseProgress], list[Image.Image]]
 
 
 @dataclass
@@ -117,20 +203,15 @@ def random_seed() -> int:
     return secrets.randbelow(2**32)
 
 
-def _reject_unsupported(request: GenerationRequest) -> None:
-    """Features that later versions add; until then they are refused, never silently ignored."""
-    if request.hires is not None and request.hires.enabled:
-        raise InvalidRequestError("'hires' (hires fix) is not available in this version", field="hires")
-    if request.refiner_checkpoint:
-        raise InvalidRequestError("'refiner_checkpoint' is not available in this version", field="refiner_checkpoint")
-
-
 def prepare_job(
-    request: Txt2ImgRequest | Img2ImgRequest, model: ModelEntry | None = None, loras: LoraLibrary | None = None
+    request: Txt2ImgRequest | Img2ImgRequest,
+    model: ModelEntry | None = None,
+    loras: LoraLibrary | None = None,
+    catalog: ModelCatalog | None = None,
+    upscalers: UpscalerLibrary | None = None,
 ) -> PreparedJob:
-    """Validates a request and resolves its sampler, seed, input image and LoRAs (checked against `model`;
-    incompatible ones are dropped with a warning)."""
-    _reject_unsupported(request)
+    """Validates a request and resolves everything that needs no loaded model: sampler, seed, input image,
+    LoRAs (checked against `model`; incompatible ones dropped with a warning), hires fix and refiner."""
     mode: Mode = "img2img" if isinstance(request, Img2ImgRequest) else "txt2img"
     sampler = resolve_sampler(request.sampler_name, request.scheduler_type)
     if loras is not None:
@@ -165,7 +246,79 @@ def prepare_job(
         image = decode_base64_image(request.image, field="image")
         job.init_image = image.resize((request.width, request.height), Image.Resampling.LANCZOS)
         job.denoising_strength = request.denoising_strength
+    job.hires = _plan_hires(request, mode, upscalers)
+    job.refiner = _plan_refiner(request, mode, model, catalog)
+    if job.hires is not None:
+        job.denoising_strength = job.hires.denoising_strength
+    if job.hires is not None and job.refiner is not None:
+        raise InvalidRequestError(
+            "hires fix and a refiner in one job are not supported; use 'hires' or 'refiner_checkpoint'",
+            field="refiner_checkpoint",
+        )
     return job
+
+
+def _plan_hires(request: GenerationRequest, mode: Mode, upscalers: UpscalerLibrary | None) -> HiresPlan | None:
+    hires = request.hires
+    if hires is None or not hires.enabled:
+        return None
+    if mode != "txt2img":
+        raise InvalidRequestError("'hires' (hires fix) applies to txt2img only", field="hires")
+    if upscalers is None:
+        raise InvalidRequestError("hires fix needs the upscaler folder; none is configured here", field="hires")
+    upscaler = upscalers.check(hires.upscaler)
+    width, height = hires_size(request.width, request.height, hires.scale)
+    if max(width, height) > MAX_HIRES_SIDE:
+        raise InvalidRequestError(
+            f"hires fix would make a {width}x{height} image; the largest side allowed is {MAX_HIRES_SIDE} px: "
+            f"lower 'hires.scale' ({hires.scale}) or the first-pass size",
+            field="hires.scale",
+        )
+    if int(hires.steps * hires.denoising_strength) < 1:
+        raise InvalidRequestError(
+            f"hires.steps x hires.denoising_strength must give at least one step (got {hires.steps} x "
+            f"{hires.denoising_strength})",
+            field="hires.denoising_strength",
+        )
+    return HiresPlan(upscaler=upscaler, latent=latent_mode(upscaler), scale=hires.scale, steps=hires.steps,
+                     denoising_strength=hires.denoising_strength, width=width, height=height)  # fmt: skip
+
+
+def _plan_refiner(
+    request: GenerationRequest, mode: Mode, model: ModelEntry | None, catalog: ModelCatalog | None
+) -> RefinerPlan | None:
+    if not request.refiner_checkpoint:
+        return None
+    if catalog is None:
+        raise InvalidRequestError(
+            "a refiner needs the model catalog; none is configured here", field="refiner_checkpoint"
+        )
+    refiner = catalog.resolve(request.refiner_checkpoint, field="refiner_checkpoint")
+    if refiner.family != "sdxl-refiner":
+        installed = [e.name for e in catalog.list_models() if e.family == "sdxl-refiner"]
+        raise InvalidRequestError(
+            f"'refiner_checkpoint' {refiner.name!r} is not an SDXL refiner (it is an "
+            f"{FAMILY_LABELS[refiner.family]} model); "
+            f"installed refiners: {', '.join(map(repr, installed)) or 'none'}",
+            field="refiner_checkpoint",
+        )
+    if model is not None and model.family != "sdxl":
+        raise InvalidRequestError(
+            f"a refiner works only with SDXL base models; model '{model.name}' is {FAMILY_LABELS[model.family]}",
+            field="refiner_checkpoint",
+        )
+    switch = request.refiner_switch_at
+    base_start = 1.0 - request.denoising_strength if isinstance(request, Img2ImgRequest) else 0.0
+    base_steps = int(request.steps * (switch - base_start))
+    refiner_steps = request.steps - int(request.steps * switch)
+    if not 0.0 < switch < 1.0 or base_steps < 1 or refiner_steps < 1:
+        raise InvalidRequestError(
+            f"refiner_switch_at {switch} leaves {max(base_steps, 0)} step(s) to the base model and {refiner_steps} to "
+            f"the refiner out of {request.steps}; both need at least one"
+            + (f" (img2img starts at 1 - denoising_strength = {base_start:.2f})" if base_start else ""),
+            field="refiner_switch_at",
+        )
+    return RefinerPlan(model=refiner, model_hash=catalog.model_hash(refiner), switch_at=switch)
 
 
 def check_mode_supported(entry: ModelEntry, mode: Mode) -> None:
@@ -304,6 +457,7 @@ class ImageEngine:
         self.catalog = catalog
         self.loras = LoraLibrary(catalog.settings, catalog.facts)
         self.device, self.dtype = select_device(device, dtype)
+        self.upscalers = UpscalerLibrary(catalog.settings, device=self.device)
         self.max_loaded_models = max_loaded_models
         self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()
         self._lock = threading.Lock()
@@ -346,7 +500,8 @@ class ImageEngine:
     # Jobs --------------------------------------------------------------------------------------------------
     def prepare(self, request: Txt2ImgRequest | Img2ImgRequest, model: ModelEntry | None = None) -> PreparedJob:
         """`prepare_job` with this engine's LoRA folder, for `model` (the request's model when not given)."""
-        return prepare_job(request, model or self.catalog.resolve(request.model), self.loras)
+        model = model or self.catalog.resolve(request.model)
+        return prepare_job(request, model, self.loras, self.catalog, self.upscalers)
 
     def txt2img(self, request: Txt2ImgRequest, progress: ProgressCallback | None = None) -> GenerationResult:
         loaded = self.load(request.model)
@@ -357,14 +512,22 @@ class ImageEngine:
         return self.run(loaded, [self.prepare(request, loaded.entry)], progress)[0]
 
     def run(
-        self, loaded: LoadedModel, jobs: list[PreparedJob], progress: ProgressCallback | None = None
+        self,
+        loaded: LoadedModel,
+        jobs: list[PreparedJob],
+        progress: ProgressCallback | None = None,
+        upscale: UpscaleHook | None = None,
+        refine: RefineHook | None = None,
     ) -> list[GenerationResult]:
-        """Runs compatible jobs as one diffusers call; returns one result per job, in order."""
+        """Runs compatible jobs as one diffusers call (plus their hires pass or refiner); returns one result per
+        job, in order. `upscale` and `refine` replace the in-process upscaler and refiner (the service hands
+        that work to other deployments)."""
         if not jobs:
             return []
         first = jobs[0]
         if any(job.batch_key() != first.batch_key() for job in jobs):
             raise ValueError("jobs in one batch must share mode, size, steps, cfg, sampler and strength")
+        phases = PhaseProgress.for_job(first, progress)
         with loaded.lock:
             pipe = loaded.pipeline_for(first.mode)
             memory_before = memory_mb(self.device)
@@ -376,7 +539,14 @@ class ImageEngine:
                     job.loras = applied
                     job.warnings.extend(w for w in first.sampler.warnings + lora_warnings if w not in job.warnings)
                     job.warnings.extend(self._prompt_warnings(pipe, job))
-                images = self._call_pipeline(pipe, jobs, progress)
+                if first.hires is not None:
+                    images = self._run_hires(loaded, pipe, jobs, phases, upscale or self._upscale_here)
+                elif first.refiner is not None:
+                    latents = self._call_pipeline(pipe, jobs, phases.step(PHASE_GENERATION), output_type="latent",
+                                                  denoising_end=first.refiner.switch_at)  # fmt: skip
+                    images = (refine or self._refine_here)(first.refiner.model, jobs, latents, phases)
+                else:
+                    images = self._call_pipeline(pipe, jobs, phases.step(PHASE_GENERATION))
             finally:
                 loaded.clear_loras()
             elapsed = round(time.perf_counter() - started, 3)
@@ -398,13 +568,48 @@ class ImageEngine:
             for job, image in zip(jobs, images, strict=True)
         ]
 
-    def _call_pipeline(self, pipe, jobs: list[PreparedJob], progress: ProgressCallback | None) -> list[Image.Image]:
+    def _run_hires(self, loaded: LoadedModel, pipe, jobs: list[PreparedJob], phases: "PhaseProgress",
+                   upscale: "UpscaleHook") -> list[Image.Image]:  # fmt: skip
+        """First pass at the requested size, upscale (latents, or the decoded image with an upscaler model),
+        then an img2img pass at the final size, with the same seeds."""
+        hires = jobs[0].hires
+        if hires.latent is not None:
+            latents = self._call_pipeline(pipe, jobs, phases.step(PHASE_FIRST_PASS), output_type="latent")
+            phases.report(PHASE_UPSCALING, 0, 1)
+            second_input = upscale_latents(latents, hires.height, hires.width, hires.latent)
+        else:
+            first_pass = self._call_pipeline(pipe, jobs, phases.step(PHASE_FIRST_PASS))
+            phases.report(PHASE_UPSCALING, 0, 1)
+            second_input = upscale(first_pass, hires.upscaler, hires.width, hires.height)
+        phases.report(PHASE_UPSCALING, 1, 1)
+        img2img = loaded.pipeline_for("img2img")
+        img2img.scheduler = build_scheduler(jobs[0].sampler, dict(loaded.pipe.scheduler.config))
+        extra = {"width": hires.width, "height": hires.height} if "width" in _call_parameters(img2img) else {}
+        extra.update(image=second_input, strength=hires.denoising_strength, num_inference_steps=hires.steps)
+        return self._call_pipeline(img2img, jobs, phases.step(PHASE_HIRES_PASS), **extra)
+
+    def _upscale_here(self, images: list[Image.Image], upscaler: str, width: int, height: int) -> list[Image.Image]:
+        return [self.upscalers.upscale(image, upscaler, width, height) for image in images]
+
+    def _refine_here(self, refiner: ModelEntry, jobs: list[PreparedJob], latents, phases: "PhaseProgress"):
+        return self.refine(self.load(refiner), jobs, latents, phases.step(PHASE_REFINING))
+
+    def refine(self, loaded: LoadedModel, jobs: list[PreparedJob], latents, on_step: "StepCallback"):
+        """The refiner's part of a base -> refiner job: the steps after `switch_at`, from the base's latents."""
         first = jobs[0]
-        phase = "generation"
+        with loaded.lock:
+            pipe = loaded.pipeline_for("img2img")
+            pipe.scheduler = build_scheduler(first.sampler, dict(loaded.pipe.scheduler.config))
+            return self._call_pipeline(pipe, jobs, on_step, image=latents.to(self.device, self.dtype),
+                                       denoising_start=first.refiner.switch_at)  # fmt: skip
+
+    def _call_pipeline(self, pipe, jobs: list[PreparedJob], on_step: "StepCallback", **overrides):
+        """One diffusers call for the batch; `overrides` replace or add call arguments (image, strength,
+        output_type, denoising_start/end, ...)."""
+        first = jobs[0]
 
         def on_step_end(pipeline, step_index, timestep, callback_kwargs):
-            if progress is not None:
-                progress(step_index + 1, pipeline.num_timesteps, phase)
+            on_step(step_index + 1, pipeline.num_timesteps)
             return callback_kwargs
 
         arguments = dict(
@@ -420,10 +625,13 @@ class ImageEngine:
             arguments.update(image=[job.init_image for job in jobs], strength=first.denoising_strength)
             if "width" in _call_parameters(pipe):  # SDXL img2img has no size arguments: the image sets it
                 arguments.update(width=first.width, height=first.height)
-        else:
+        elif "width" in _call_parameters(pipe):
             arguments.update(width=first.width, height=first.height)
-        if "clip_skip" not in _call_parameters(pipe):
-            arguments.pop("clip_skip")
+        arguments.update(overrides)
+        parameters = _call_parameters(pipe)
+        for name in ("clip_skip", "denoising_start", "denoising_end"):
+            if name in arguments and name not in parameters:
+                arguments.pop(name)
         with torch.inference_mode():
             if arguments.get("clip_skip") and not hasattr(pipe.text_encoder, "text_model") and not _is_sdxl(pipe):
                 # diffusers' SD1.5 clip skip reaches for `text_encoder.text_model`, which transformers 5
@@ -433,7 +641,8 @@ class ImageEngine:
                     pipe, arguments.pop("negative_prompt"), first.clip_skip
                 )
                 arguments.pop("clip_skip")
-            return pipe(**arguments).images
+            output = pipe(**arguments).images
+        return output
 
     @staticmethod
     def _prompt_warnings(pipe, job: PreparedJob) -> list[str]:
@@ -463,6 +672,12 @@ class ImageEngine:
             "Lora hashes": lora_hashes_value(job.loras),
             "Version": INFOTEXT_VERSION,
         }
+        if job.hires is not None:
+            params.update({"Hires upscale": f"{job.hires.scale:g}", "Hires steps": job.hires.steps,
+                           "Hires upscaler": job.hires.upscaler})  # fmt: skip
+        if job.refiner is not None:
+            params.update({"Refiner": f"{job.refiner.model.name} [{job.refiner.model_hash}]",
+                           "Refiner switch at": job.refiner.switch_at})  # fmt: skip
         return build_infotext(prompt_with_lora_tags(job.prompt, job.loras), job.negative_prompt, params)
 
 

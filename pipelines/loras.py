@@ -318,7 +318,7 @@ class LoraLibrary:
         self._targets: dict[tuple[str, str], LayerShapes] = {}
         self._model_layers: dict[tuple, LayerShapes | None] = {}
 
-    def list(self) -> list[LoraFile]:
+    def available(self) -> list[LoraFile]:
         if not self.folder.is_dir():
             return []
         root = self.folder.resolve()
@@ -354,7 +354,7 @@ class LoraLibrary:
         """By name (with or without extension, with its subfolder or, when unique, without it)."""
         name = check_user_name(requested, field, allow_one_slash=True)
         stem = name[: -len(suffix)] if (suffix := Path(name).suffix.lower()) in LORA_SUFFIXES else name
-        available = self.list()
+        available = self.available()
         for candidates in (
             [lora for lora in available if lora.name == stem],
             [lora for lora in available if lora.name.lower() == stem.lower()],

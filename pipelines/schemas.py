@@ -128,6 +128,17 @@ class LorasResponse(BaseModel):
     error: str | None = None
 
 
+class UpscalerInfo(BaseModel):
+    name: str = Field(..., description="value for 'hires.upscaler'")
+    path: str = Field(..., description='"internal" for the latent modes, else the model file')
+
+
+class UpscalersResponse(BaseModel):
+    status: Literal["success", "error"] = "success"
+    upscalers: list[UpscalerInfo]
+    error: str | None = None
+
+
 class ModelAlias(BaseModel):
     name: str
     label: str

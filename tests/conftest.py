@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.catalog import ModelCatalog
-from pipelines.demo import create_demo_loras, create_demo_models
+from pipelines.demo import create_demo_loras, create_demo_models, create_demo_upscaler
 from pipelines.settings import PROJECT_ROOT, Settings
 
 
@@ -15,6 +15,7 @@ def demo_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("diffusion-api")
     create_demo_models(root / "stable_diffusion" / "models")
     create_demo_loras(root / "stable_diffusion" / "loras")
+    create_demo_upscaler(root / "stable_diffusion" / "upscalers")
     return root
 
 
@@ -42,6 +43,7 @@ def env_settings(monkeypatch, settings):
     """Points the CLI (which reads the environment) at the session's demo models."""
     monkeypatch.setenv("DIFFUSION_API_MODELS_DIR", str(settings.models_dir))
     monkeypatch.setenv("DIFFUSION_API_LORAS_DIR", str(settings.loras_dir))
+    monkeypatch.setenv("DIFFUSION_API_UPSCALERS_DIR", str(settings.upscalers_dir))
     monkeypatch.setenv("DIFFUSION_API_CACHE_DIR", str(settings.cache_dir))
     monkeypatch.setenv("DIFFUSION_API_EXTRA_MODELS_DIR", str(settings.extra_models_dir))
     monkeypatch.setenv("DIFFUSION_API_MODELS_CONFIG", str(settings.models_config))

@@ -100,8 +100,8 @@ def test_sampler_approximation_reaches_the_job_warnings(engine):
 
 def test_progress_reports_every_step_and_never_goes_back(engine):
     seen = []
-    engine.txt2img(tiny(steps=5), progress=lambda step, total, phase: seen.append((step, total, phase)))
-    assert seen == [(step, 5, "generation") for step in range(1, 6)]
+    engine.txt2img(tiny(steps=5), progress=lambda done, total, phase: seen.append((done / total, phase)))
+    assert seen == [(step / 5, "generation") for step in range(1, 6)]  # one report per step, overall fraction
 
 
 @pytest.mark.parametrize("model", ["Demo SD1.5", "Demo SDXL"])
@@ -133,8 +133,8 @@ def test_img2img_strength_sets_the_steps_run_and_the_result(engine):
         seen = []
         request = Img2ImgRequest(prompt="x", image=as_base64_png(source), steps=10,
                                  denoising_strength=strength, width=64, height=64, seed=9)  # fmt: skip
-        image = engine.img2img(request, progress=lambda step, total, phase: seen.append(total)).image
-        return pixels(image), seen[-1]
+        image = engine.img2img(request, progress=lambda done, total, phase: seen.append(done)).image
+        return pixels(image), len(seen)  # one progress report per step run
 
     weak, weak_steps = run(0.3)
     strong, strong_steps = run(0.9)

@@ -31,7 +31,7 @@ def pixels(result) -> np.ndarray:
 
 # Files -----------------------------------------------------------------------------------------------------
 def test_demo_loras_are_listed_with_their_family(engine):
-    found = {lora.name: lora.family for lora in engine.loras.list()}
+    found = {lora.name: lora.family for lora in engine.loras.available()}
     assert found == {"demo-sd15-kohya": "sd15", "demo-sd15-peft": "sd15", "demo-sd15-unet-only": "sd15",
                      "demo-sdxl-peft": "sdxl"}  # fmt: skip
 
@@ -174,7 +174,7 @@ def test_img2img_ignores_loras_and_says_so(engine):
 # The report ------------------------------------------------------------------------------------------------
 def test_report_for_the_demo_models_loads_every_pair(engine, catalog):
     models = [catalog.resolve("Demo SD1.5"), catalog.resolve("Demo SDXL")]
-    results = check_all(engine, models, engine.loras.list())
+    results = check_all(engine, models, engine.loras.available())
     verdicts = {(r.model.name, r.lora.name): r.compatible for r in results}
     assert verdicts == {
         **{("demo-sd15", name): True for name in SD15_LORAS},

@@ -1,0 +1,178 @@
+"""Upscalers: A1111's latent modes and Real-ESRGAN-class models loaded with spandrel.
+
+spandrel (the loader ComfyUI and chaiNNer use) detects the architecture from the weights (ESRGAN, Real-ESRGAN,
+Real-ESRGAN Compact, SwinIR, HAT, ...), so any such `.pth`/`.safetensors` file in the upscaler folder works.
+Inference is tiled, so memory stays bounded for large images; the model's native scale (x2, x4) is followed
+by a resize to the requested size.
+"""
+
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipelines.errors import DiffusionAPIError, InvalidRequestError
+from pipelines.names import check_user_name
+from pipelines.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+UPSCALER_SUFFIXES = (".pth", ".safetensors")
+# A1111's latent upscale modes: name -> (torch interpolate mode, antialias)
+LATENT_MODES: dict[str, tuple[str, bool]] = {
+    "Latent": ("bilinear", False),
+    "Latent (antialiased)": ("bilinear", True),
+    "Latent (bicubic)": ("bicubic", False),
+    "Latent (bicubic antialiased)": ("bicubic", True),
+    "Latent (nearest)": ("nearest", False),
+    "Latent (nearest-exact)": ("nearest-exact", False),
+}
+DEFAULT_TILE = 256
+TILE_OVERLAP = 16
+
+
+class UnknownUpscalerError(DiffusionAPIError):
+    status_code = 422
+
+
+@dataclass(frozen=True)
+class UpscalerFile:
+    name: str
+    path: Path
+
+
+def latent_mode(name: str) -> tuple[str, bool] | None:
+    """The interpolation of a latent upscaler name (any case), or None for an external upscaler."""
+    for known, mode in LATENT_MODES.items():
+        if known.lower() == name.strip().lower():
+            return mode
+    return None
+
+
+def canonical_latent_name(name: str) -> str:
+    return next(known for known in LATENT_MODES if known.lower() == name.strip().lower())
+
+
+def upscale_latents(latents: torch.Tensor, height: int, width: int, mode: tuple[str, bool]) -> torch.Tensor:
+    """Latents resized to the latent size of `height` x `width` pixels (a factor-8 VAE)."""
+    interpolation, antialias = mode
+    size = (height // 8, width // 8)
+    if interpolation in ("nearest", "nearest-exact"):
+        return torch.nn.functional.interpolate(latents, size=size, mode=interpolation)
+    return torch.nn.functional.interpolate(latents, size=size, mode=interpolation, antialias=antialias)
+
+
+def hires_size(width: int, height: int, scale: float) -> tuple[int, int]:
+    """The final hires-fix size: the first-pass size times `scale`, rounded to a multiple of 8."""
+    return max(8, round(width * scale / 8) * 8), max(8, round(height * scale / 8) * 8)
+
+
+class UpscalerLibrary:
+    """The upscaler files, looked up by name; loaded models are cached (a small LRU)."""
+
+    def __init__(self, settings: Settings, device: torch.device | None = None, max_loaded: int = 2):
+        self.folder = settings.upscalers_dir
+        self.device = device or torch.device("cpu")
+        self.max_loaded = max_loaded
+        self._loaded: OrderedDict[str, object] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def available(self) -> list[UpscalerFile]:
+        if not self.folder.is_dir():
+            return []
+        root = self.folder.resolve()
+        found = []
+        for path in sorted(self.folder.rglob("*")):
+            if path.suffix.lower() in UPSCALER_SUFFIXES and path.is_file() and path.resolve().is_relative_to(root):
+                found.append(UpscalerFile(name=path.relative_to(self.folder).with_suffix("").as_posix(), path=path))
+        return found
+
+    def names(self) -> list[str]:
+        return [*LATENT_MODES, *(item.name for item in self.available())]
+
+    def resolve(self, requested: str, field: str = "hires.upscaler") -> UpscalerFile:
+        name = check_user_name(requested, field, allow_one_slash=True)
+        stem = name[: -len(suffix)] if (suffix := Path(name).suffix.lower()) in UPSCALER_SUFFIXES else name
+        available = self.available()
+        for candidates in (
+            [item for item in available if item.name == stem],
+            [item for item in available if item.name.lower() == stem.lower()],
+            [item for item in available if item.path.stem.lower() == Path(stem).name.lower()],
+        ):
+            if len(candidates) == 1:
+                return candidates[0]
+            if len(candidates) > 1:
+                options = ", ".join(repr(item.name) for item in candidates)
+                raise InvalidRequestError(f"upscaler {requested!r} is ambiguous; use one of {options}", field=field)
+        names = ", ".join(repr(n) for n in self.names())
+        raise UnknownUpscalerError(f"unknown upscaler {requested!r}; available: {names}", field=field)
+
+    def check(self, requested: str, field: str = "hires.upscaler") -> str:
+        """The canonical name of a latent mode or an upscaler file; raises a 4xx error for unknown names."""
+        if latent_mode(requested) is not None:
+            return canonical_latent_name(requested)
+        return self.resolve(requested, field).name
+
+    def load(self, requested: str):
+        """The spandrel model descriptor of an upscaler file (cached)."""
+        item = self.resolve(requested)
+        with self._lock:
+            model = self._loaded.get(item.name)
+            if model is not None:
+                self._loaded.move_to_end(item.name)
+                return model
+            from spandrel import ImageModelDescriptor, ModelLoader
+
+            try:
+                model = ModelLoader(device=self.device).load_from_file(str(item.path))
+            except Exception as error:
+                raise DiffusionAPIError(
+                    f"could not load upscaler '{item.name}': {error}", field="hires.upscaler"
+                ) from error
+            if not isinstance(model, ImageModelDescriptor):
+                raise InvalidRequestError(f"'{item.name}' is not an image upscaler model", field="hires.upscaler")
+            model.eval()
+            while len(self._loaded) >= self.max_loaded:
+                self._loaded.popitem(last=False)
+            self._loaded[item.name] = model
+            return model
+
+    def upscale(self, image: Image.Image, requested: str, width: int, height: int, tile: int = DEFAULT_TILE):
+        """`image` upscaled by the named model (tiled), then resized to exactly `width` x `height`."""
+        model = self.load(requested)
+        with self._lock:  # one image at a time per library: bounded memory
+            upscaled = run_tiled(model, image.convert("RGB"), tile, self.device)
+        if upscaled.size != (width, height):
+            upscaled = upscaled.resize((width, height), Image.Resampling.LANCZOS)
+        return upscaled
+
+
+def run_tiled(model, image: Image.Image, tile: int, device: torch.device) -> Image.Image:
+    """Runs an upscaler over overlapping tiles and stitches the centres, so memory depends on the tile size,
+    not the image size."""
+    scale = model.scale
+    array = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1).unsqueeze(0)
+    _, _, height, width = array.shape
+    output = torch.zeros(1, 3, height * scale, width * scale)
+    step = max(tile - 2 * TILE_OVERLAP, 8)
+    with torch.inference_mode():
+        for top in range(0, height, step):
+            for left in range(0, width, step):
+                # The tile with a margin of TILE_OVERLAP on each side (clipped at the borders).
+                y0, x0 = max(top - TILE_OVERLAP, 0), max(left - TILE_OVERLAP, 0)
+                y1, x1 = min(top + step + TILE_OVERLAP, height), min(left + step + TILE_OVERLAP, width)
+                result = model(array[:, :, y0:y1, x0:x1].to(device)).float().cpu()
+                # Keep only the part that belongs to this tile (drop the margins).
+                inner_y0, inner_x0 = (top - y0) * scale, (left - x0) * scale
+                inner_h = (min(top + step, height) - top) * scale
+                inner_w = (min(left + step, width) - left) * scale
+                output[:, :, top * scale : top * scale + inner_h, left * scale : left * scale + inner_w] = result[
+                    :, :, inner_y0 : inner_y0 + inner_h, inner_x0 : inner_x0 + inner_w
+                ]
+    pixels = (output.clamp(0, 1)[0].permute(1, 2, 0).numpy() * 255.0).round().astype(np.uint8)
+    return Image.fromarray(pixels)
