@@ -62,7 +62,8 @@ class _Generator:
         try:
             parsed = Img2ImgRequest(**request) if kind == "img2img" else Txt2ImgRequest(**request)
             loaded = await self.get_model(serve.get_multiplexed_model_id())
-            self.jobs.start.remote(job_id)
+            job = self.engine.prepare(parsed, loaded.entry)
+            self.jobs.start.remote(job_id, PhaseProgress.for_job(job, None).first_phase)
             loop = asyncio.get_running_loop()
             last_report = [0.0]
 
@@ -72,7 +73,6 @@ class _Generator:
                     last_report[0] = now
                     loop.call_soon_threadsafe(lambda: self.jobs.progress.remote(job_id, 100.0 * step / total, phase))
 
-            job = self.engine.prepare(parsed, loaded.entry)
             upscale, refine = self._remote_hooks(job_id, loop)
             result = (await asyncio.to_thread(self.engine.run, loaded, [job], report, upscale, refine))[0]
             record = self._save(job_id, parsed, result)

@@ -88,6 +88,10 @@ class PhaseProgress:
             return cls(progress, [(PHASE_GENERATION, job.steps - refiner_steps), (PHASE_REFINING, refiner_steps)])
         return cls(progress, [(PHASE_GENERATION, 1.0)])
 
+    @property
+    def first_phase(self) -> str:
+        return next(iter(self.ranges))
+
     def report(self, phase: str, done: int, total: int) -> None:
         start, end = self.ranges[phase]
         value = int(self.RESOLUTION * (start + (end - start) * min(done / max(total, 1), 1.0)))
