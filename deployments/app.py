@@ -28,6 +28,9 @@ class AppArgs(BaseModel):
     stale_job_timeout_s: float = Field(600.0, gt=0)
     # Per model family, queued + running, across the service; beyond it POST answers 503 with Retry-After.
     max_queued_jobs: int = Field(64, ge=1)
+    # Access: a file of API keys (one per line; also DIFFUSION_API_KEYS / DIFFUSION_API_KEYS_FILE) and CORS origins.
+    api_keys_file: str | None = None
+    cors_origins: list[str] | None = None
     # Finished job records older than this are pruned, and at most this many are kept.
     keep_finished_jobs_s: float = Field(7 * 86400, ge=0)
     keep_finished_jobs: int = Field(10000, ge=0)
@@ -61,6 +64,8 @@ def build_app(args: dict | None = None) -> Application:
         job_options=job_options,
         stale_job_timeout_s=parsed.stale_job_timeout_s,
         max_queued_jobs=parsed.max_queued_jobs,
+        api_keys_file=parsed.api_keys_file,
+        cors_origins=parsed.cors_origins,
     )
 
 

@@ -8,6 +8,7 @@ torch off the event loop, reports progress to the job actor and writes the resul
 import asyncio
 import datetime
 import logging
+import threading
 import time
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from ray import serve
 
 from deployments.jobs import get_or_create_job_actor
 from pipelines.catalog import ModelCatalog
-from pipelines.errors import DiffusionAPIError
+from pipelines.errors import DiffusionAPIError, JobCancelledError
 from pipelines.generate import PHASE_REFINING, GenerationResult, ImageEngine, PhaseProgress, PreparedJob
 from pipelines.images import encode_base64
 from pipelines.infotext import encode_image
@@ -63,23 +64,33 @@ class _Generator:
             parsed = Img2ImgRequest(**request) if kind == "img2img" else Txt2ImgRequest(**request)
             loaded = await self.get_model(serve.get_multiplexed_model_id())
             job = self.engine.prepare(parsed, loaded.entry)
-            self.jobs.start.remote(job_id, PhaseProgress.for_job(job, None).first_phase)
+            if not await self.jobs.start.remote(job_id, PhaseProgress.for_job(job, None).first_phase):
+                return {"job_id": job_id, "skipped": "the job was cancelled or has ended before it started"}
             loop = asyncio.get_running_loop()
             last_report = [0.0]
+            cancelled = threading.Event()
+
+            async def send_progress(percent: float, phase: str) -> None:
+                if not await self.jobs.progress.remote(job_id, percent, phase):
+                    cancelled.set()  # the job is no longer active: it was cancelled (or failed by the reaper)
 
             def report(step: int, total: int, phase: str) -> None:
                 now = time.monotonic()
                 if step == total or now - last_report[0] >= PROGRESS_INTERVAL_S:
                     last_report[0] = now
-                    loop.call_soon_threadsafe(lambda: self.jobs.progress.remote(job_id, 100.0 * step / total, phase))
+                    asyncio.run_coroutine_threadsafe(send_progress(100.0 * step / total, phase), loop)
 
             upscale, refine = self._remote_hooks(job_id, loop)
-            result = (await asyncio.to_thread(self.engine.run, loaded, [job], report, upscale, refine))[0]
+            run = self.engine.run
+            result = (await asyncio.to_thread(run, loaded, [job], report, upscale, refine, cancelled.is_set))[0]
             record = self._save(job_id, parsed, result)
             await self.jobs.add_warnings.remote(job_id, result.warnings)
             await self.jobs.complete.remote(job_id, record)
             self._report()
             return {"job_id": job_id, "output_path": record["output_path"]}
+        except JobCancelledError:
+            logger.info("job %s cancelled", job_id)
+            return {"job_id": job_id, "cancelled": True}
         except DiffusionAPIError as error:
             await self.jobs.fail.remote(job_id, error.message)
             raise

@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 
+from deployments.access import AccessPolicy, enforce
 from deployments.jobs import get_or_create_job_actor
 from pipelines.catalog import ModelCatalog
 from pipelines.errors import DiffusionAPIError, ServiceBusyError
@@ -24,6 +25,7 @@ from pipelines.generate import check_mode_supported, prepare_job
 from pipelines.loras import LoraLibrary
 from pipelines.samplers import sampler_names, schedule_type_names
 from pipelines.schemas import (
+    CancelResponse,
     ErrorResponse,
     HelloResponse,
     Img2ImgRequest,
@@ -47,6 +49,16 @@ from pipelines.upscalers import LATENT_MODES, UpscalerLibrary
 logger = logging.getLogger("ray.serve")
 
 app = FastAPI(title="Diffusion API", version=VERSION, description="Stable Diffusion on Ray Serve")
+
+
+@app.middleware("http")
+async def _access(request: Request, call_next):
+    # The policy lives on this replica's Ingress instance (built from its app arguments). Serve may ship this
+    # function to the replica by value, so a module global would not be the one __init__ set.
+    policy = getattr(serve.get_replica_context().servable_object, "access", None)
+    if policy is None:  # fail closed: never serve before the replica's access policy exists
+        return _error(503, "the service is starting; retry in a few seconds", headers={"Retry-After": "2"})
+    return await enforce(policy, request, call_next)
 
 
 def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
@@ -81,7 +93,11 @@ def jsonable_errors(error: RequestValidationError) -> list[dict]:
 class Ingress:
     def __init__(self, sd15, sdxl, refiner, upscaler, settings: dict, job_database: str,
                  job_options: dict | None = None, stale_job_timeout_s: float = 600.0,
-                 max_queued_jobs: int = 64):  # fmt: skip
+                 max_queued_jobs: int = 64, api_keys_file: str | None = None,
+                 cors_origins: list[str] | None = None):  # fmt: skip
+        self.access = AccessPolicy.from_config(api_keys_file, cors_origins)
+        if self.access.api_keys:
+            logger.info("API keys are on: %d key(s)", len(self.access.api_keys))
         self.handles = {"sd15": sd15, "sdxl": sdxl, "sdxl-refiner": refiner}
         self.upscaler = upscaler
         self.settings = Settings(**settings)
@@ -210,6 +226,18 @@ class Ingress:
                 await self.jobs.reap_stale.remote(self.stale_job_timeout_s)
             except Exception:
                 logger.exception("stale-job reaper failed")
+
+    @app.delete("/queue/{job_id}", response_model=CancelResponse,
+                responses={404: {"model": ErrorResponse}, 409: {"model": ErrorResponse}})  # fmt: skip
+    async def cancel(self, job_id: str):
+        """Cancels a queued or running job: a queued one never starts, a running one stops at its next step."""
+        job = await self.jobs.get.remote(job_id)
+        if job is None:
+            return _error(404, f"unknown job_id {job_id!r}")
+        if not await self.jobs.cancel.remote(job_id):
+            job = await self.jobs.get.remote(job_id)
+            return _error(409, f"job {job_id} has already ended (state {job['state']!r}); nothing to cancel")
+        return CancelResponse(job_id=job_id)
 
     @app.get("/queue/{job_id}", response_model=QueueStatusResponse, responses={404: {"model": ErrorResponse}})
     async def queue(self, job_id: str):

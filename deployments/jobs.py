@@ -169,17 +169,22 @@ class JobStore:
         return stale
 
     def prune(self) -> int:
+        """Deletes finished jobs older than the retention time or beyond the retention count, with their
+        output files; returns how many were removed."""
         cutoff = time.time() - self.keep_finished_seconds
+        finished = "state IN ('done', 'error', 'cancelled')"
         with self._lock:
-            removed = self._db.execute(
-                "DELETE FROM jobs WHERE state IN ('done', 'error', 'cancelled') AND updated < ?", (cutoff,)
-            ).rowcount
-            removed += self._db.execute(
-                "DELETE FROM jobs WHERE job_id IN (SELECT job_id FROM jobs WHERE state IN ('done', 'error', "
-                "'cancelled') ORDER BY updated DESC LIMIT -1 OFFSET ?)",
-                (self.keep_finished_count,),
-            ).rowcount
-        return removed
+            rows = self._db.execute(
+                f"SELECT job_id, result FROM jobs WHERE {finished} AND (updated < ? OR job_id IN (SELECT job_id FROM "
+                f"jobs WHERE {finished} ORDER BY updated DESC LIMIT -1 OFFSET ?))",
+                (cutoff, self.keep_finished_count),
+            ).fetchall()
+            self._db.executemany("DELETE FROM jobs WHERE job_id = ?", [(job_id,) for job_id, _ in rows])
+        for job_id, result in rows:
+            output = (json.loads(result) if result else {}).get("output_path")
+            if output and Path(output).stem == job_id:  # only files this service named after the job
+                Path(output).unlink(missing_ok=True)
+        return len(rows)
 
 
 def job_actor_name(database: str) -> str:

@@ -65,3 +65,15 @@ class ServiceBusyError(DiffusionAPIError):
 
     status_code = 503
     retry_after_s = 5
+
+
+class JobCancelledError(DiffusionAPIError):
+    """The job was cancelled (DELETE /queue/{id}); raised at the next step boundary."""
+
+    status_code = 409
+
+
+class OutOfMemoryError(DiffusionAPIError):
+    """The accelerator ran out of memory for this job; the replica frees what it can and keeps serving."""
+
+    status_code = 507

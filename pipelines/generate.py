@@ -24,9 +24,10 @@ import torch
 from PIL import Image
 
 from pipelines.catalog import ModelCatalog, ModelEntry
-from pipelines.errors import InvalidRequestError, ModelLoadError
+from pipelines.errors import InvalidRequestError, JobCancelledError, ModelLoadError, OutOfMemoryError
 from pipelines.images import decode_base64_image
 from pipelines.infotext import build_infotext
+from pipelines.limits import LIMITS
 from pipelines.loras import (
     FAMILY_LABELS,
     LoraLibrary,
@@ -47,7 +48,6 @@ warnings.filterwarnings("ignore", message="Adapter .* was active which is now de
 
 INFOTEXT_VERSION = f"DiffusionAPI v{VERSION}"  # must not look like "v1.x": A1111 would apply backcompat
 ProgressCallback = Callable[[int, int, str], None]  # (done, total, phase): overall progress across phases
-MAX_HIRES_SIDE = 2048
 Mode = Literal["txt2img", "img2img"]
 
 
@@ -65,7 +65,13 @@ class PhaseProgress:
 
     RESOLUTION = 1000
 
-    def __init__(self, progress: ProgressCallback | None, weights: list[tuple[str, float]]):
+    def __init__(
+        self,
+        progress: ProgressCallback | None,
+        weights: list[tuple[str, float]],
+        is_cancelled: Callable[[], bool] | None = None,
+    ):
+        self.is_cancelled = is_cancelled
         total = sum(weight for _, weight in weights)
         self.ranges: dict[str, tuple[float, float]] = {}
         start = 0.0
@@ -76,23 +82,27 @@ class PhaseProgress:
         self._last = 0
 
     @classmethod
-    def for_job(cls, job: "PreparedJob", progress: ProgressCallback | None) -> "PhaseProgress":
+    def for_job(cls, job: "PreparedJob", progress: ProgressCallback | None, is_cancelled=None) -> "PhaseProgress":
         if job.hires is not None:
             second = max(1, int(job.hires.steps * job.hires.denoising_strength))
             upscaling = 0.1 * (job.steps + second)
-            return cls(
-                progress, [(PHASE_FIRST_PASS, job.steps), (PHASE_UPSCALING, upscaling), (PHASE_HIRES_PASS, second)]
-            )
-        if job.refiner is not None:
+            weights = [(PHASE_FIRST_PASS, job.steps), (PHASE_UPSCALING, upscaling), (PHASE_HIRES_PASS, second)]
+        elif job.refiner is not None:
             refiner_steps = job.steps - int(job.steps * job.refiner.switch_at)
-            return cls(progress, [(PHASE_GENERATION, job.steps - refiner_steps), (PHASE_REFINING, refiner_steps)])
-        return cls(progress, [(PHASE_GENERATION, 1.0)])
+            weights = [(PHASE_GENERATION, job.steps - refiner_steps), (PHASE_REFINING, refiner_steps)]
+        else:
+            weights = [(PHASE_GENERATION, 1.0)]
+        return cls(progress, weights, is_cancelled)
 
     @property
     def first_phase(self) -> str:
         return next(iter(self.ranges))
 
     def report(self, phase: str, done: int, total: int) -> None:
+        """Records progress; raises JobCancelledError when the job was cancelled, which stops the diffusers
+        loop at this step."""
+        if self.is_cancelled is not None and self.is_cancelled():
+            raise JobCancelledError("cancelled by request")
         start, end = self.ranges[phase]
         value = int(self.RESOLUTION * (start + (end - start) * min(done / max(total, 1), 1.0)))
         self._last = max(value, self._last)
@@ -272,10 +282,10 @@ def _plan_hires(request: GenerationRequest, mode: Mode, upscalers: UpscalerLibra
         raise InvalidRequestError("hires fix needs the upscaler folder; none is configured here", field="hires")
     upscaler = upscalers.check(hires.upscaler)
     width, height = hires_size(request.width, request.height, hires.scale)
-    if max(width, height) > MAX_HIRES_SIDE:
+    if max(width, height) > LIMITS.max_size or width * height > LIMITS.max_pixels:
         raise InvalidRequestError(
-            f"hires fix would make a {width}x{height} image; the largest side allowed is {MAX_HIRES_SIDE} px: "
-            f"lower 'hires.scale' ({hires.scale}) or the first-pass size",
+            f"hires fix would make a {width}x{height} image; allowed are sides up to {LIMITS.max_size} px and "
+            f"{LIMITS.max_pixels} pixels: lower 'hires.scale' ({hires.scale}) or the first-pass size",
             field="hires.scale",
         )
     if int(hires.steps * hires.denoising_strength) < 1:
@@ -522,6 +532,7 @@ class ImageEngine:
         progress: ProgressCallback | None = None,
         upscale: UpscaleHook | None = None,
         refine: RefineHook | None = None,
+        is_cancelled: Callable[[], bool] | None = None,
     ) -> list[GenerationResult]:
         """Runs compatible jobs as one diffusers call (plus their hires pass or refiner); returns one result per
         job, in order. `upscale` and `refine` replace the in-process upscaler and refiner (the service hands
@@ -531,7 +542,7 @@ class ImageEngine:
         first = jobs[0]
         if any(job.batch_key() != first.batch_key() for job in jobs):
             raise ValueError("jobs in one batch must share mode, size, steps, cfg, sampler and strength")
-        phases = PhaseProgress.for_job(first, progress)
+        phases = PhaseProgress.for_job(first, progress, is_cancelled)
         with loaded.lock:
             pipe = loaded.pipeline_for(first.mode)
             memory_before = memory_mb(self.device)
@@ -551,6 +562,13 @@ class ImageEngine:
                     images = (refine or self._refine_here)(first.refiner.model, jobs, latents, phases)
                 else:
                     images = self._call_pipeline(pipe, jobs, phases.step(PHASE_GENERATION))
+            except torch.cuda.OutOfMemoryError as error:
+                self._free_memory()
+                raise OutOfMemoryError(
+                    f"out of GPU memory at {first.width}x{first.height}"
+                    + (f" (hires to {first.hires.width}x{first.hires.height})" if first.hires else "")
+                    + f", {len(jobs)} image(s): try a smaller size, a smaller hires scale or fewer LoRAs ({error})"
+                ) from error
             finally:
                 loaded.clear_loras()
             elapsed = round(time.perf_counter() - started, 3)

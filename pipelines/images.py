@@ -9,8 +9,9 @@ import warnings
 from PIL import Image
 
 from pipelines.errors import BadImageError
+from pipelines.limits import LIMITS
 
-MAX_INPUT_PIXELS = 4096 * 4096
+MAX_INPUT_PIXELS = LIMITS.max_input_image_pixels
 _DATA_URL = re.compile(r"^data:[\w/+.-]*(;[\w=.-]+)*;base64,", re.IGNORECASE)
 
 

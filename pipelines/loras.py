@@ -19,6 +19,7 @@ import torch
 
 from pipelines.catalog import FileFactsCache, ModelEntry, sha256_of_file
 from pipelines.errors import DiffusionAPIError, InvalidRequestError
+from pipelines.limits import LIMITS
 from pipelines.names import check_user_name
 from pipelines.settings import Settings
 
@@ -411,6 +412,16 @@ class LoraLibrary:
         plan = LoraPlan(prompt=clean_prompt)
         if not wanted:
             return plan
+        if len(wanted) > LIMITS.max_loras:
+            raise InvalidRequestError(
+                f"{len(wanted)} LoRAs requested ('loras' plus <lora:...> tags); at most {LIMITS.max_loras} per job",
+                field="loras",
+            )
+        for name, scale in tagged:
+            if abs(scale) > LIMITS.max_lora_scale:
+                raise InvalidRequestError(
+                    f"<lora:{name}:{scale:g}>: the weight must be within +/-{LIMITS.max_lora_scale:g}", field="prompt"
+                )
         resolved: dict[Path, tuple[LoraFile, float]] = {}
         for name, scale in wanted:
             lora = self.resolve(name)

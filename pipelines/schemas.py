@@ -7,9 +7,10 @@ a 422 naming the field before any job exists.
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pipelines.catalog import Family
+from pipelines.limits import LIMITS
 
 FileType = Literal["jpg", "png", "webp", "avif", "gif"]
 JobState = Literal["queued", "processing", "done", "error", "cancelled"]
@@ -18,14 +19,14 @@ MAX_SEED = 2**32 - 1
 
 class LoraRef(BaseModel):
     name: str = Field(..., min_length=1, max_length=255, description="LoRA file name, with or without extension")
-    scale: float = Field(1.0, ge=-10.0, le=10.0, description="LoRA strength")
+    scale: float = Field(1.0, ge=-LIMITS.max_lora_scale, le=LIMITS.max_lora_scale, description="LoRA strength")
 
 
 class HiresConfig(BaseModel):
     enabled: bool = False
-    scale: float = Field(2.0, ge=1.0, le=4.0, description="Upscale factor of the first-pass size")
+    scale: float = Field(2.0, ge=1.0, le=LIMITS.max_hires_scale, description="Upscale factor of the first-pass size")
     upscaler: str = Field("Latent", max_length=255, description='"Latent" (or a variant) or an upscaler name')
-    steps: int = Field(20, ge=1, le=150, description="Steps of the second pass")
+    steps: int = Field(20, ge=1, le=LIMITS.max_steps, description="Steps of the second pass")
     denoising_strength: float = Field(0.4, ge=0.0, le=1.0)
 
 
@@ -34,12 +35,12 @@ class GenerationRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
 
-    prompt: str = Field(..., max_length=20000, description="Main prompt")
-    negative_prompt: str = Field("", max_length=20000)
-    steps: int = Field(30, ge=1, le=150, description="Number of inference steps")
-    cfg_scale: float = Field(7.0, ge=0.0, le=30.0, description="Classifier-free guidance scale")
-    width: int = Field(512, ge=64, le=2048, multiple_of=8)
-    height: int = Field(512, ge=64, le=2048, multiple_of=8)
+    prompt: str = Field(..., max_length=LIMITS.max_prompt_chars, description="Main prompt")
+    negative_prompt: str = Field("", max_length=LIMITS.max_prompt_chars)
+    steps: int = Field(30, ge=1, le=LIMITS.max_steps, description="Number of inference steps")
+    cfg_scale: float = Field(7.0, ge=0.0, le=LIMITS.max_cfg_scale, description="Classifier-free guidance scale")
+    width: int = Field(512, ge=LIMITS.min_size, le=LIMITS.max_size, multiple_of=8)
+    height: int = Field(512, ge=LIMITS.min_size, le=LIMITS.max_size, multiple_of=8)
     model: str | None = Field(None, max_length=255, description="Model name or label; default from configs")
     sampler_name: str = Field("DPM++ 2M Karras", max_length=64, description="See GET /sampling_methods")
     scheduler_type: str | None = Field(
@@ -49,7 +50,7 @@ class GenerationRequest(BaseModel):
     )
     file_type: FileType = Field("jpg", alias="fileType", description="Output format")
     jpeg_quality: int = Field(85, ge=1, le=100, description="Quality for jpg, webp and avif")
-    loras: list[LoraRef | str] = Field(default_factory=list, max_length=16)
+    loras: list[LoraRef | str] = Field(default_factory=list, max_length=LIMITS.max_loras)
     hires: HiresConfig | None = None
     refiner_checkpoint: str | None = Field(None, max_length=255)
     refiner_switch_at: float = Field(0.8, ge=0.0, le=1.0)
@@ -64,6 +65,15 @@ class GenerationRequest(BaseModel):
             return "jpg" if value == "jpeg" else value
         return value
 
+    @model_validator(mode="after")
+    def _check_total_pixels(self):
+        if self.width * self.height > LIMITS.max_pixels:
+            raise ValueError(
+                f"width x height is {self.width}x{self.height} = {self.width * self.height} pixels; at most "
+                f"{LIMITS.max_pixels} are allowed"
+            )
+        return self
+
 
 class Txt2ImgRequest(GenerationRequest):
     pass
@@ -72,6 +82,12 @@ class Txt2ImgRequest(GenerationRequest):
 class Img2ImgRequest(GenerationRequest):
     image: str = Field(..., min_length=1, description="Input image: base64, with or without a data: URL prefix")
     denoising_strength: float = Field(0.75, ge=0.0, le=1.0)
+
+
+class CancelResponse(BaseModel):
+    status: Literal["success"] = "success"
+    job_id: str
+    state: Literal["cancelled"] = "cancelled"
 
 
 class Txt2ImgResponse(BaseModel):

@@ -19,6 +19,7 @@ from pipelines.settings import PROJECT_ROOT
 
 PORT = int(os.environ.get("DIFFUSION_API_TEST_PORT", "8765"))
 MAX_QUEUED_JOBS = 4  # small, so the back-pressure test can fill it
+CORS_ORIGIN = "https://app.example"
 FAKE_GPUS = 4  # covers every GPU replica of serve_config.yaml at its minimum size, plus one autoscaled
 LOGICAL_CPUS = 6  # serve_config.yaml asks for 5 CPUs at minimum size; they are time-shared on this machine
 
@@ -36,6 +37,7 @@ def patched_production_config(settings, outputs: Path) -> dict:
         "models_config": str(settings.models_config),
         "cache_dir": str(settings.cache_dir),
         "max_queued_jobs": MAX_QUEUED_JOBS,
+        "cors_origins": [CORS_ORIGIN],
     }
     return config
 

@@ -60,7 +60,7 @@ def test_refiner_changes_the_image_on_txt2img_and_img2img(client):
     ("fields", "status", "message"),
     [({"hires": {"enabled": True, "upscaler": "nope"}}, 422, "unknown upscaler 'nope'"),
      ({"hires": {"enabled": True, "scale": 9}}, 422, "hires.scale"),
-     ({"hires": {"enabled": True, "scale": 4}, "width": 1024}, 422, "largest side allowed is 2048"),
+     ({"hires": {"enabled": True, "scale": 4}, "width": 1024}, 422, "sides up to 2048 px"),
      ({"refiner_checkpoint": "Demo SDXL Refiner"}, 422, "works only with SDXL base models"),
      ({"model": "Demo SDXL", "refiner_checkpoint": "Demo SD1.5"}, 422, "is not an SDXL refiner"),
      ({"model": "Demo SDXL", "refiner_checkpoint": "nope"}, 404, "unknown refiner_checkpoint 'nope'"),

@@ -51,7 +51,7 @@ def test_hires_second_pass_changes_the_upscaled_first_pass(engine):
 @pytest.mark.parametrize(
     ("fields", "field", "message"),
     [({"hires": {"enabled": True, "upscaler": "nope"}}, "hires.upscaler", "unknown upscaler 'nope'"),
-     ({"hires": {"enabled": True, "scale": 4}, "width": 1024}, "hires.scale", "largest side allowed is 2048"),
+     ({"hires": {"enabled": True, "scale": 4}, "width": 1024}, "hires.scale", "sides up to 2048 px"),
      ({"hires": {"enabled": True, "steps": 2, "denoising_strength": 0.2}}, "hires.denoising_strength", "at least one"),
      ({"model": "Demo SD1.5", "refiner_checkpoint": "Demo SDXL Refiner"}, "refiner_checkpoint",
       "model 'demo-sd15' is SD1.5"),

@@ -87,3 +87,28 @@ def test_replica_reports_expire(tmp_path, monkeypatch):
     assert [r["replica"] for r in store.replica_reports()] == ["SD15Generator#a"]
     monkeypatch.setattr(jobs, "REPLICA_REPORT_TTL_S", -1.0)
     assert store.replica_reports() == []
+
+
+def test_pruning_removes_output_files_of_pruned_jobs_only(tmp_path):
+    store = JobStore(str(tmp_path / "jobs.sqlite3"), keep_finished_count=1)
+    files = {}
+    for job_id in ("old", "new"):
+        files[job_id] = tmp_path / f"{job_id}.png"
+        files[job_id].write_bytes(b"png")
+        store.create(job_id, "txt2img", {}, [])
+        store.complete(job_id, {"output_path": str(files[job_id])})
+        time.sleep(0.01)
+    assert store.prune() == 1
+    assert not files["old"].exists() and files["new"].exists()
+    assert store.get("old") is None and store.get("new")["state"] == "done"
+
+
+def test_cancel_only_active_jobs_and_a_cancelled_job_never_starts(tmp_path):
+    store = JobStore(str(tmp_path / "jobs.sqlite3"))
+    store.create("a", "txt2img", {}, [])
+    assert store.cancel("a")
+    assert not store.start("a") and not store.progress("a", 50, "generation")
+    assert store.get("a")["state"] == "cancelled"
+    store.create("b", "txt2img", {}, [])
+    store.complete("b", {})
+    assert not store.cancel("b")

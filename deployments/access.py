@@ -1,0 +1,82 @@
+"""Access control for the HTTP ingress: optional API keys, CORS, and the request-size limit.
+
+API keys are off unless configured (`DIFFUSION_API_KEYS=key1,key2`, or a file with one key per line in
+`DIFFUSION_API_KEYS_FILE` or the app argument `api_keys_file`). When on, every route except `/hello` needs
+`Authorization: Bearer <key>`; keys are compared in constant time. CORS origins come from
+`DIFFUSION_API_CORS_ORIGINS` (comma-separated, `*` for any) or the app argument `cors_origins`.
+"""
+
+import hmac
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from pipelines.limits import LIMITS
+
+OPEN_PATHS = ("/hello",)
+CORS_METHODS = "GET, POST, DELETE, OPTIONS"
+CORS_HEADERS = "Authorization, Content-Type"
+
+
+@dataclass
+class AccessPolicy:
+    api_keys: list[bytes] = field(default_factory=list)
+    cors_origins: list[str] = field(default_factory=list)
+    max_request_bytes: int = LIMITS.max_request_bytes
+
+    @classmethod
+    def from_config(cls, api_keys_file: str | None = None, cors_origins: list[str] | None = None) -> "AccessPolicy":
+        keys = [key.strip() for key in os.environ.get("DIFFUSION_API_KEYS", "").split(",")]
+        keys_file = api_keys_file or os.environ.get("DIFFUSION_API_KEYS_FILE")
+        if keys_file:
+            lines = Path(keys_file).expanduser().read_text().splitlines()
+            keys += [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+        origins = cors_origins
+        if origins is None:
+            origins = [o.strip() for o in os.environ.get("DIFFUSION_API_CORS_ORIGINS", "").split(",") if o.strip()]
+        return cls(api_keys=[key.encode() for key in keys if key], cors_origins=origins)
+
+    def key_is_valid(self, authorization: str | None) -> bool:
+        if not self.api_keys:
+            return True
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return False
+        offered = token.strip().encode()
+        # Compare with every key (no early exit), each comparison in constant time.
+        matches = [hmac.compare_digest(offered, key) for key in self.api_keys]
+        return any(matches)
+
+    def allowed_origin(self, origin: str | None) -> str | None:
+        if not origin or not self.cors_origins:
+            return None
+        if "*" in self.cors_origins:
+            return "*"
+        return origin if origin in self.cors_origins else None
+
+
+def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"status": "error", "error": message}, headers=headers)
+
+
+async def enforce(policy: AccessPolicy, request: Request, call_next) -> Response:
+    """The checks every request passes before its route: CORS preflight, body size, API key."""
+    origin = policy.allowed_origin(request.headers.get("origin"))
+    cors = {"Access-Control-Allow-Origin": origin, "Vary": "Origin"} if origin else {}
+    if request.method == "OPTIONS" and origin and "access-control-request-method" in request.headers:
+        headers = {**cors, "Access-Control-Allow-Methods": CORS_METHODS, "Access-Control-Allow-Headers": CORS_HEADERS,
+                   "Access-Control-Max-Age": "600"}  # fmt: skip
+        return Response(status_code=204, headers=headers)
+    length = request.headers.get("content-length")
+    if length is not None and (not length.isdigit() or int(length) > policy.max_request_bytes):
+        return _error(413, f"request body is {length} bytes; at most {policy.max_request_bytes} are accepted", cors)
+    path = request.scope["path"].removeprefix(request.scope.get("root_path") or "") or "/"
+    if path not in OPEN_PATHS and not policy.key_is_valid(request.headers.get("authorization")):
+        headers = {**cors, "WWW-Authenticate": "Bearer"}
+        return _error(401, "missing or invalid API key: send the header 'Authorization: Bearer <key>'", headers)
+    response = await call_next(request)
+    response.headers.update(cors)
+    return response
