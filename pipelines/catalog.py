@@ -216,8 +216,13 @@ class ModelCatalog:
             labels_by_name.setdefault(name, label)
         entries: dict[str, ModelEntry] = {}
         for directory in self._model_dirs():
+            root = directory.resolve()
             for path in sorted(directory.iterdir()):
                 if path.name.startswith("."):
+                    continue
+                if not self.settings.allow_external_links and not path.resolve().is_relative_to(root):
+                    logger.warning("skipping %s: it links outside %s (DIFFUSION_API_ALLOW_EXTERNAL_LINKS=1 allows it)",
+                                   path, directory)  # fmt: skip
                     continue
                 try:
                     found = self._scan_one(path)

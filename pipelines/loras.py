@@ -314,6 +314,7 @@ class LoraLibrary:
 
     def __init__(self, settings: Settings, facts: FileFactsCache | None = None):
         self.folder = settings.loras_dir
+        self.allow_external_links = settings.allow_external_links
         self.facts = facts or FileFactsCache(settings.cache_dir / "file_facts.json")
         self._lock = threading.Lock()
         self._targets: dict[tuple[str, str], LayerShapes] = {}
@@ -327,7 +328,7 @@ class LoraLibrary:
         for path in sorted(self.folder.rglob("*")):
             if path.suffix.lower() not in LORA_SUFFIXES or not path.is_file():
                 continue
-            if not path.resolve().is_relative_to(root):
+            if not self.allow_external_links and not path.resolve().is_relative_to(root):
                 logger.warning("skipping LoRA %s: it links outside %s", path, self.folder)
                 continue
             name = path.relative_to(self.folder).with_suffix("").as_posix()

@@ -24,6 +24,9 @@ class Settings(BaseModel):
     outputs_dir: Path
     cache_dir: Path  # hashes and family detection results, keyed by file mtime
     models_config: Path  # configs/models.yaml: labels, default model
+    # Symlinks in the model/LoRA/upscaler folders that point outside them are skipped unless this is on
+    # (DIFFUSION_API_ALLOW_EXTERNAL_LINKS=1), so nothing outside the configured folders is ever read by name.
+    allow_external_links: bool = False
 
     @classmethod
     def from_env(cls, root: Path | None = None) -> "Settings":
@@ -37,4 +40,5 @@ class Settings(BaseModel):
             outputs_dir=_env_path("DIFFUSION_API_OUTPUTS_DIR", root / "outputs"),
             cache_dir=_env_path("DIFFUSION_API_CACHE_DIR", sd / ".cache"),
             models_config=_env_path("DIFFUSION_API_MODELS_CONFIG", root / "configs" / "models.yaml"),
+            allow_external_links=os.environ.get("DIFFUSION_API_ALLOW_EXTERNAL_LINKS", "") in ("1", "true", "yes"),
         )

@@ -77,6 +77,7 @@ class UpscalerLibrary:
 
     def __init__(self, settings: Settings, device: torch.device | None = None, max_loaded: int = 2):
         self.folder = settings.upscalers_dir
+        self.allow_external_links = settings.allow_external_links
         self.device = device or torch.device("cpu")
         self.max_loaded = max_loaded
         self._loaded: OrderedDict[str, object] = OrderedDict()
@@ -88,7 +89,8 @@ class UpscalerLibrary:
         root = self.folder.resolve()
         found = []
         for path in sorted(self.folder.rglob("*")):
-            if path.suffix.lower() in UPSCALER_SUFFIXES and path.is_file() and path.resolve().is_relative_to(root):
+            inside = self.allow_external_links or path.resolve().is_relative_to(root)
+            if path.suffix.lower() in UPSCALER_SUFFIXES and path.is_file() and inside:
                 found.append(UpscalerFile(name=path.relative_to(self.folder).with_suffix("").as_posix(), path=path))
         return found
 

@@ -24,7 +24,7 @@ FAKE_GPUS = 4  # covers every GPU replica of serve_config.yaml at its minimum si
 LOGICAL_CPUS = 6  # serve_config.yaml asks for 5 CPUs at minimum size; they are time-shared on this machine
 
 
-def patched_production_config(settings, outputs: Path) -> dict:
+def patched_production_config(settings, outputs: Path, **arg_overrides) -> dict:
     config = yaml.safe_load((PROJECT_ROOT / "serve_config.yaml").read_text())
     config["http_options"] = {**config.get("http_options", {}), "host": "127.0.0.1", "port": PORT}
     (application,) = config["applications"]
@@ -38,6 +38,7 @@ def patched_production_config(settings, outputs: Path) -> dict:
         "cache_dir": str(settings.cache_dir),
         "max_queued_jobs": MAX_QUEUED_JOBS,
         "cors_origins": [CORS_ORIGIN],
+        **arg_overrides,
     }
     return config
 
@@ -63,18 +64,23 @@ def service(demo_root, settings):
     import ray
 
     outputs = demo_root / "outputs"
-    config_path = demo_root / "serve_config.test.yaml"
-    config_path.write_text(yaml.safe_dump(patched_production_config(settings, outputs), sort_keys=False))
-
     ray.init(num_cpus=LOGICAL_CPUS, num_gpus=FAKE_GPUS, include_dashboard=False, log_to_driver=False,
              namespace="diffusion_api_tests")  # fmt: skip
     address = ray.get_runtime_context().gcs_address
-    serve_cli = Path(sys.executable).parent / "serve"
-    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
-    subprocess.run([str(serve_cli), "run", "--non-blocking", "-a", address, str(config_path)],
-                   cwd=PROJECT_ROOT, env=env, check=True, timeout=120, capture_output=True)  # fmt: skip
-    wait_until_running("diffusion_api", timeout=240)
-    yield {"outputs": outputs, "database": str(outputs / "jobs.sqlite3")}
+
+    def deploy(**arg_overrides) -> None:
+        """Deploys the patched production config with the operator's command (`serve run`)."""
+        config = patched_production_config(settings, outputs, **arg_overrides)
+        config_path = demo_root / "serve_config.test.yaml"
+        config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        serve_cli = Path(sys.executable).parent / "serve"
+        env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+        subprocess.run([str(serve_cli), "run", "--non-blocking", "-a", address, str(config_path)],
+                       cwd=PROJECT_ROOT, env=env, check=True, timeout=120, capture_output=True)  # fmt: skip
+        wait_until_running("diffusion_api", timeout=240)
+
+    deploy()
+    yield {"outputs": outputs, "database": str(outputs / "jobs.sqlite3"), "deploy": deploy}
     ray.shutdown()
 
 

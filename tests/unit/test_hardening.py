@@ -119,3 +119,50 @@ def test_no_keys_configured_means_open_and_cors_and_size_limits(monkeypatch):
     assert "Access-Control-Allow-Origin" not in other.headers
     too_big = client.post("/txt2img", content=b"x" * 1001)
     assert too_big.status_code == 413 and "at most 1000" in too_big.json()["error"]
+
+
+def test_names_never_reach_outside_their_folders_even_through_symlinks(settings, tmp_path):
+    from pipelines.catalog import ModelCatalog
+    from pipelines.errors import InvalidNameError, UnknownModelError
+    from pipelines.generate import prepare_job
+    from pipelines.loras import LoraLibrary, UnknownLoraError
+    from pipelines.upscalers import UnknownUpscalerError, UpscalerLibrary
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    links = {
+        settings.models_dir / "linked-model": settings.models_dir / "demo-sd15",  # inside: allowed
+        settings.models_dir / "escaped-model": outside / "model",
+        settings.loras_dir / "escaped-lora.safetensors": outside / "lora.safetensors",
+        settings.upscalers_dir / "escaped-upscaler.pth": outside / "upscaler.pth",
+    }
+    import shutil
+
+    shutil.copytree(settings.models_dir / "demo-sd15", outside / "model")
+    shutil.copy(settings.loras_dir / "demo-sd15-peft.safetensors", outside / "lora.safetensors")
+    shutil.copy(settings.upscalers_dir / "demo-esrgan-x4.pth", outside / "upscaler.pth")
+    for link, target in links.items():
+        link.symlink_to(target)
+    try:
+        catalog, loras, upscalers = ModelCatalog(settings), LoraLibrary(settings), UpscalerLibrary(settings)
+        names = [entry.name for entry in catalog.list_models()]
+        assert "linked-model" in names and "escaped-model" not in names
+        with pytest.raises(UnknownModelError):
+            catalog.resolve("escaped-model")
+        with pytest.raises(UnknownModelError):
+            catalog.resolve("escaped-model", field="refiner_checkpoint")
+        with pytest.raises(UnknownLoraError):
+            loras.resolve("escaped-lora")
+        with pytest.raises(UnknownUpscalerError):
+            upscalers.resolve("escaped-upscaler")
+        for bad in ("../outside/model", "/etc/passwd", "demo-sd15\x00", "..\\x"):
+            with pytest.raises(InvalidNameError):
+                catalog.resolve(bad)
+        with pytest.raises(InvalidNameError):
+            prepare_job(request(hires={"enabled": True, "upscaler": "../../outside/upscaler"}), None, loras, catalog,
+                        upscalers)  # fmt: skip
+        opened = settings.model_copy(update={"allow_external_links": True})
+        assert "escaped-lora" in [lora.name for lora in LoraLibrary(opened).available()]
+    finally:
+        for link in links:
+            link.unlink()
