@@ -63,7 +63,7 @@ class _Generator:
         try:
             parsed = Img2ImgRequest(**request) if kind == "img2img" else Txt2ImgRequest(**request)
             loaded = await self.get_model(serve.get_multiplexed_model_id())
-            job = self.engine.prepare(parsed, loaded.entry)
+            job = await asyncio.to_thread(self.engine.prepare, parsed, loaded.entry)
             if not await self.jobs.start.remote(job_id, PhaseProgress.for_job(job, None).first_phase):
                 return {"job_id": job_id, "skipped": "the job was cancelled or has ended before it started"}
             loop = asyncio.get_running_loop()
@@ -85,7 +85,8 @@ class _Generator:
             result = (await asyncio.to_thread(run, loaded, [job], report, upscale, refine, cancelled.is_set))[0]
             record = self._save(job_id, parsed, result)
             await self.jobs.add_warnings.remote(job_id, result.warnings)
-            await self.jobs.complete.remote(job_id, record)
+            if not await self.jobs.complete.remote(job_id, record):  # cancelled at the very end: keep no file
+                Path(record["output_path"]).unlink(missing_ok=True)
             self._report()
             return {"job_id": job_id, "output_path": record["output_path"]}
         except JobCancelledError:
