@@ -20,7 +20,7 @@ import torch
 from pipelines.catalog import FileFactsCache, ModelEntry, sha256_of_file
 from pipelines.errors import DiffusionAPIError, InvalidRequestError
 from pipelines.limits import LIMITS
-from pipelines.names import check_user_name
+from pipelines.names import find_named_file, scan_named_files
 from pipelines.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -320,20 +320,11 @@ class LoraLibrary:
         self._targets: dict[tuple[str, str], LayerShapes] = {}
         self._model_layers: dict[tuple, LayerShapes | None] = {}
 
+    def _files(self) -> list[tuple[str, Path]]:
+        return scan_named_files(self.folder, LORA_SUFFIXES, self.allow_external_links)
+
     def available(self) -> list[LoraFile]:
-        if not self.folder.is_dir():
-            return []
-        root = self.folder.resolve()
-        found = []
-        for path in sorted(self.folder.rglob("*")):
-            if path.suffix.lower() not in LORA_SUFFIXES or not path.is_file():
-                continue
-            if not self.allow_external_links and not path.resolve().is_relative_to(root):
-                logger.warning("skipping LoRA %s: it links outside %s", path, self.folder)
-                continue
-            name = path.relative_to(self.folder).with_suffix("").as_posix()
-            found.append(LoraFile(name=name, path=path, family=self.family(path)))
-        return found
+        return [LoraFile(name=name, path=path, family=self.family(path)) for name, path in self._files()]
 
     def file(self, path: Path) -> LoraFile:
         """A LoRA file given by path (the command-line tools accept files outside the folder)."""
@@ -354,20 +345,12 @@ class LoraLibrary:
 
     def resolve(self, requested: str, field: str = "loras") -> LoraFile:
         """By name (with or without extension, with its subfolder or, when unique, without it)."""
-        name = check_user_name(requested, field, allow_one_slash=True)
-        stem = name[: -len(suffix)] if (suffix := Path(name).suffix.lower()) in LORA_SUFFIXES else name
-        available = self.available()
-        for candidates in (
-            [lora for lora in available if lora.name == stem],
-            [lora for lora in available if lora.name.lower() == stem.lower()],
-            [lora for lora in available if lora.path.stem.lower() == Path(stem).name.lower()],
-        ):
-            if len(candidates) == 1:
-                return candidates[0]
-            if len(candidates) > 1:
-                options = ", ".join(repr(lora.name) for lora in candidates)
-                raise InvalidRequestError(f"LoRA {requested!r} is ambiguous; use one of {options}", field=field)
-        names = ", ".join(repr(lora.name) for lora in available) or f"none (the folder {self.folder} is empty)"
+        files = self._files()
+        found = find_named_file(requested, files, LORA_SUFFIXES, field, "LoRA")
+        if found is not None:
+            name, path = found
+            return LoraFile(name=name, path=path, family=self.family(path))  # only the match needs its family
+        names = ", ".join(repr(name) for name, _ in files) or f"none (the folder {self.folder} is empty)"
         raise UnknownLoraError(f"unknown LoRA {requested!r}; installed LoRAs: {names}", field=field)
 
     def targets(self, lora: LoraFile, family: str) -> LayerShapes:

@@ -1,8 +1,12 @@
-"""Checks on names that users send (model, LoRA, upscaler), before they are looked up on disk."""
+"""Checks on names that users send (model, LoRA, upscaler), before they are looked up on disk, and the
+lookup of named files in a folder (LoRAs, upscalers)."""
 
-from pathlib import PurePosixPath, PureWindowsPath
+import logging
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
-from pipelines.errors import InvalidNameError
+from pipelines.errors import InvalidNameError, InvalidRequestError
+
+logger = logging.getLogger(__name__)
 
 
 def check_user_name(value: str, field: str, allow_one_slash: bool = False) -> str:
@@ -24,3 +28,41 @@ def check_user_name(value: str, field: str, allow_one_slash: bool = False) -> st
     if len(parts) > (2 if allow_one_slash else 1) or any(not part for part in parts):
         raise InvalidNameError(f"'{field}' must be a plain name without path separators: {name!r}", field=field)
     return name
+
+
+def scan_named_files(folder: Path, suffixes: tuple[str, ...], allow_external_links: bool) -> list[tuple[str, Path]]:
+    """(name, path) of the files with `suffixes` under `folder` (subfolders too), sorted. The name is the path
+    under the folder without extension, '/'-separated. Symlinks pointing outside the folder are skipped unless
+    `allow_external_links`."""
+    if not folder.is_dir():
+        return []
+    root = folder.resolve()
+    found = []
+    for path in sorted(folder.rglob("*")):
+        if path.suffix.lower() not in suffixes or not path.is_file():
+            continue
+        if not allow_external_links and not path.resolve().is_relative_to(root):
+            logger.warning("skipping %s: it links outside %s", path, folder)
+            continue
+        found.append((path.relative_to(folder).with_suffix("").as_posix(), path))
+    return found
+
+
+def find_named_file(
+    requested: str, files: list[tuple[str, Path]], suffixes: tuple[str, ...], field: str, kind: str
+) -> tuple[str, Path] | None:
+    """The file a user's name means: the exact name (with or without extension), then the name in any case,
+    then the file name alone when it is unique. None when nothing matches; a 4xx when several do."""
+    name = check_user_name(requested, field, allow_one_slash=True)
+    stem = name[: -len(suffix)] if (suffix := Path(name).suffix.lower()) in suffixes else name
+    for candidates in (
+        [item for item in files if item[0] == stem],
+        [item for item in files if item[0].lower() == stem.lower()],
+        [item for item in files if item[1].stem.lower() == Path(stem).name.lower()],
+    ):
+        if len(candidates) == 1:
+            return candidates[0]
+        if len(candidates) > 1:
+            options = ", ".join(repr(item_name) for item_name, _ in candidates)
+            raise InvalidRequestError(f"{kind} {requested!r} is ambiguous; use one of {options}", field=field)
+    return None

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from pipelines.errors import DiffusionAPIError, InvalidRequestError
-from pipelines.names import check_user_name
+from pipelines.names import find_named_file, scan_named_files
 from pipelines.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -46,16 +46,18 @@ class UpscalerFile:
     path: Path
 
 
+_LATENT_NAMES = {name.lower(): name for name in LATENT_MODES}
+
+
+def canonical_latent_name(name: str) -> str | None:
+    """A latent upscaler's name as A1111 spells it (from any case), or None for an external upscaler."""
+    return _LATENT_NAMES.get(name.strip().lower())
+
+
 def latent_mode(name: str) -> tuple[str, bool] | None:
     """The interpolation of a latent upscaler name (any case), or None for an external upscaler."""
-    for known, mode in LATENT_MODES.items():
-        if known.lower() == name.strip().lower():
-            return mode
-    return None
-
-
-def canonical_latent_name(name: str) -> str:
-    return next(known for known in LATENT_MODES if known.lower() == name.strip().lower())
+    canonical = canonical_latent_name(name)
+    return LATENT_MODES[canonical] if canonical else None
 
 
 def upscale_latents(latents: torch.Tensor, height: int, width: int, mode: tuple[str, bool]) -> torch.Tensor:
@@ -84,41 +86,20 @@ class UpscalerLibrary:
         self._lock = threading.Lock()
 
     def available(self) -> list[UpscalerFile]:
-        if not self.folder.is_dir():
-            return []
-        root = self.folder.resolve()
-        found = []
-        for path in sorted(self.folder.rglob("*")):
-            inside = self.allow_external_links or path.resolve().is_relative_to(root)
-            if path.suffix.lower() in UPSCALER_SUFFIXES and path.is_file() and inside:
-                found.append(UpscalerFile(name=path.relative_to(self.folder).with_suffix("").as_posix(), path=path))
-        return found
-
-    def names(self) -> list[str]:
-        return [*LATENT_MODES, *(item.name for item in self.available())]
+        files = scan_named_files(self.folder, UPSCALER_SUFFIXES, self.allow_external_links)
+        return [UpscalerFile(name=name, path=path) for name, path in files]
 
     def resolve(self, requested: str, field: str = "hires.upscaler") -> UpscalerFile:
-        name = check_user_name(requested, field, allow_one_slash=True)
-        stem = name[: -len(suffix)] if (suffix := Path(name).suffix.lower()) in UPSCALER_SUFFIXES else name
-        available = self.available()
-        for candidates in (
-            [item for item in available if item.name == stem],
-            [item for item in available if item.name.lower() == stem.lower()],
-            [item for item in available if item.path.stem.lower() == Path(stem).name.lower()],
-        ):
-            if len(candidates) == 1:
-                return candidates[0]
-            if len(candidates) > 1:
-                options = ", ".join(repr(item.name) for item in candidates)
-                raise InvalidRequestError(f"upscaler {requested!r} is ambiguous; use one of {options}", field=field)
-        names = ", ".join(repr(n) for n in self.names())
+        files = scan_named_files(self.folder, UPSCALER_SUFFIXES, self.allow_external_links)
+        found = find_named_file(requested, files, UPSCALER_SUFFIXES, field, "upscaler")
+        if found is not None:
+            return UpscalerFile(name=found[0], path=found[1])
+        names = ", ".join(repr(n) for n in [*LATENT_MODES, *(name for name, _ in files)])
         raise UnknownUpscalerError(f"unknown upscaler {requested!r}; available: {names}", field=field)
 
     def check(self, requested: str, field: str = "hires.upscaler") -> str:
         """The canonical name of a latent mode or an upscaler file; raises a 4xx error for unknown names."""
-        if latent_mode(requested) is not None:
-            return canonical_latent_name(requested)
-        return self.resolve(requested, field).name
+        return canonical_latent_name(requested) or self.resolve(requested, field).name
 
     def load(self, requested: str):
         """The spandrel model descriptor of an upscaler file (cached)."""
