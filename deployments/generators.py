@@ -67,18 +67,11 @@ class _Generator:
             if not await self.jobs.start.remote(job_id, PhaseProgress.for_job(job, None).first_phase):
                 return {"job_id": job_id, "skipped": "the job was cancelled or has ended before it started"}
             loop = asyncio.get_running_loop()
-            last_report = [0.0]
             cancelled = threading.Event()
+            send = self._progress_sender(job_id, loop, cancelled)
 
-            async def send_progress(percent: float, phase: str) -> None:
-                if not await self.jobs.progress.remote(job_id, percent, phase):
-                    cancelled.set()  # the job is no longer active: it was cancelled (or failed by the reaper)
-
-            def report(step: int, total: int, phase: str) -> None:
-                now = time.monotonic()
-                if step == total or now - last_report[0] >= PROGRESS_INTERVAL_S:
-                    last_report[0] = now
-                    asyncio.run_coroutine_threadsafe(send_progress(100.0 * step / total, phase), loop)
+            def report(done: int, total: int, phase: str) -> None:
+                send(100.0 * done / total, phase, done == total)
 
             upscale, refine = self._remote_hooks(job_id, loop)
             run = self.engine.run
@@ -99,6 +92,24 @@ class _Generator:
             logger.exception("job %s failed", job_id)
             await self.jobs.fail.remote(job_id, f"generation failed: {type(error).__name__}: {error}")
             raise
+
+    def _progress_sender(self, job_id: str, loop: asyncio.AbstractEventLoop, cancelled: threading.Event | None = None):
+        """A function for the worker thread that sends progress (percent, phase, final) to the job actor at most
+        every PROGRESS_INTERVAL_S, and always the final figure. When the actor answers that the job is no longer
+        active (cancelled, or failed by the reaper) it sets `cancelled`."""
+        last_sent = [0.0]
+
+        async def send(percent: float, phase: str) -> None:
+            if not await self.jobs.progress.remote(job_id, percent, phase) and cancelled is not None:
+                cancelled.set()
+
+        def report(percent: float, phase: str, final: bool) -> None:
+            now = time.monotonic()
+            if final or now - last_sent[0] >= PROGRESS_INTERVAL_S:
+                last_sent[0] = now
+                asyncio.run_coroutine_threadsafe(send(percent, phase), loop)
+
+        return report
 
     def _remote_hooks(self, job_id: str, loop: asyncio.AbstractEventLoop):
         """The engine's upscale and refine steps, handed to the Upscaler and Refiner deployments. They are
@@ -159,16 +170,11 @@ class Refiner(_Generator):
 
     async def refine(self, job_id: str, jobs: list[PreparedJob], latents, progress_range: tuple[float, float]):
         loaded = await self.get_model(serve.get_multiplexed_model_id())
-        loop = asyncio.get_running_loop()
         start, end = progress_range
-        last_report = [0.0]
+        send = self._progress_sender(job_id, asyncio.get_running_loop())
 
         def on_step(step: int, total: int) -> None:
-            now = time.monotonic()
-            if step == total or now - last_report[0] >= PROGRESS_INTERVAL_S:
-                last_report[0] = now
-                percent = 100.0 * (start + (end - start) * step / total)
-                loop.call_soon_threadsafe(lambda: self.jobs.progress.remote(job_id, percent, PHASE_REFINING))
+            send(100.0 * (start + (end - start) * step / total), PHASE_REFINING, step == total)
 
         return await asyncio.to_thread(self.engine.refine, loaded, jobs, latents, on_step)
 
