@@ -58,7 +58,6 @@ def build_app(args: dict | None = None) -> Application:
         SD15Generator.bind(**generator_args, upscaler=upscaler),
         SDXLGenerator.bind(**generator_args, upscaler=upscaler, refiner=refiner),
         refiner,
-        upscaler,
         settings=plain,
         job_database=database,
         job_options=job_options,

@@ -91,7 +91,7 @@ def jsonable_errors(error: RequestValidationError) -> list[dict]:
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=200)
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, sd15, sdxl, refiner, upscaler, settings: dict, job_database: str,
+    def __init__(self, sd15, sdxl, refiner, settings: dict, job_database: str,
                  job_options: dict | None = None, stale_job_timeout_s: float = 600.0,
                  max_queued_jobs: int = 64, api_keys_file: str | None = None,
                  cors_origins: list[str] | None = None):  # fmt: skip
@@ -99,7 +99,6 @@ class Ingress:
         if self.access.api_keys:
             logger.info("API keys are on: %d key(s)", len(self.access.api_keys))
         self.handles = {"sd15": sd15, "sdxl": sdxl, "sdxl-refiner": refiner}
-        self.upscaler = upscaler
         self.settings = Settings(**settings)
         self.catalog = ModelCatalog(self.settings)
         self.loras = LoraLibrary(self.settings, self.catalog.facts)
