@@ -606,9 +606,9 @@ class ImageEngine:
         phases.report(PHASE_UPSCALING, 1, 1)
         img2img = loaded.pipeline_for("img2img")
         img2img.scheduler = build_scheduler(jobs[0].sampler, dict(loaded.pipe.scheduler.config))
-        extra = {"width": hires.width, "height": hires.height} if "width" in _call_parameters(img2img) else {}
-        extra.update(image=second_input, strength=hires.denoising_strength, num_inference_steps=hires.steps)
-        return self._call_pipeline(img2img, jobs, phases.step(PHASE_HIRES_PASS), **extra)
+        return self._call_pipeline(img2img, jobs, phases.step(PHASE_HIRES_PASS), image=second_input,
+                                   strength=hires.denoising_strength, num_inference_steps=hires.steps,
+                                   width=hires.width, height=hires.height)  # fmt: skip
 
     def _upscale_here(self, images: list[Image.Image], upscaler: str, width: int, height: int) -> list[Image.Image]:
         return [self.upscalers.upscale(image, upscaler, width, height) for image in images]
@@ -645,13 +645,11 @@ class ImageEngine:
         )
         if first.mode == "img2img":
             arguments.update(image=[job.init_image for job in jobs], strength=first.denoising_strength)
-            if "width" in _call_parameters(pipe):  # SDXL img2img has no size arguments: the image sets it
-                arguments.update(width=first.width, height=first.height)
-        elif "width" in _call_parameters(pipe):
-            arguments.update(width=first.width, height=first.height)
+        arguments.update(width=first.width, height=first.height)
         arguments.update(overrides)
+        # Not every pipeline takes every argument (SDXL img2img has no size: the image sets it).
         parameters = _call_parameters(pipe)
-        for name in ("clip_skip", "denoising_start", "denoising_end"):
+        for name in ("clip_skip", "denoising_start", "denoising_end", "width", "height"):
             if name in arguments and name not in parameters:
                 arguments.pop(name)
         with torch.inference_mode():
