@@ -6,22 +6,29 @@ job, image included, is still served after the actor or the whole service restar
 by age and count; a job whose worker stopped reporting is failed by `reap_stale`.
 """
 
+import asyncio
+import contextlib
 import hashlib
 import json
+import logging
 import sqlite3
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import ray
 
+logger = logging.getLogger("ray.serve")
 ACTOR_NAME_PREFIX = "diffusion_api_jobs"
 ACTOR_NAMESPACE = "diffusion_api"
 # Bump when JobStore's methods change: the actor is detached and outlives redeploys, so a new interface
 # gets a new actor (same database) instead of calling methods the old one does not have.
-STORE_INTERFACE_VERSION = 2
+STORE_INTERFACE_VERSION = 3
 REPLICA_REPORT_TTL_S = 60.0
+PRUNE_INTERVAL_S = 60.0  # retention runs at most this often (on job creation), not on every job
 TERMINAL_STATES = ("done", "error", "cancelled")
+_ACTIVE = "state NOT IN ('done', 'error', 'cancelled')"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -36,9 +43,12 @@ CREATE TABLE IF NOT EXISTS jobs (
     warnings TEXT NOT NULL,
     result TEXT,
     error TEXT,
-    family TEXT NOT NULL DEFAULT ''
+    family TEXT NOT NULL DEFAULT '',
+    batch_size INTEGER
 )
 """
+# Columns added after the first release, with their definitions: an older database gets them at start.
+_ADDED_COLUMNS = {"family": "TEXT NOT NULL DEFAULT ''", "batch_size": "INTEGER"}
 
 
 class JobStore:
@@ -46,24 +56,68 @@ class JobStore:
         Path(database).parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(database, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
+        # Progress, starts and heartbeats are written without waiting for the disk (they survive a crash of
+        # this process, not a power cut); the transitions a client relies on (accepted, done, failed,
+        # cancelled) are written with `durable`, which syncs the log and everything before it.
+        self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute(_SCHEMA)
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
-        if "family" not in columns:  # a database written by version 1 of this store
-            self._db.execute("ALTER TABLE jobs ADD COLUMN family TEXT NOT NULL DEFAULT ''")
+        for column, definition in _ADDED_COLUMNS.items():
+            if column not in columns:
+                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {definition}")
+        self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        self._db.execute("INSERT OR IGNORE INTO meta VALUES ('store_id', ?)", (uuid.uuid4().hex,))
+        (self._store_id,) = self._db.execute("SELECT value FROM meta WHERE key = 'store_id'").fetchone()
+        # The admission count (active jobs of a family) and retention (finished jobs by age) read these.
+        self._db.execute("CREATE INDEX IF NOT EXISTS jobs_family_state ON jobs (family, state)")
+        self._db.execute("CREATE INDEX IF NOT EXISTS jobs_state_updated ON jobs (state, updated)")
         self._lock = threading.Lock()
         self._replica_reports: dict[str, dict] = {}
         self.keep_finished_seconds = keep_finished_seconds
         self.keep_finished_count = keep_finished_count
+        self._last_prune = 0.0
 
-    def _update(self, job_id: str, only_if_active: bool = True, **fields) -> bool:
+    def _execute(self, sql: str, parameters=(), durable: bool = False) -> list[tuple]:
+        """Runs one statement; returns its rows (read before the transaction ends, as SQLite requires)."""
+        if not durable:
+            with self._lock:
+                return self._db.execute(sql, parameters).fetchall()
+        with self._transaction(durable=True) as db:
+            return db.execute(sql, parameters).fetchall()
+
+    @contextlib.contextmanager
+    def _transaction(self, durable: bool):
+        """One write transaction, taken at once (BEGIN IMMEDIATE), so a check and the write after it are atomic
+        across every process that writes this file; `durable` syncs it to disk before it ends."""
+        with self._lock:
+            if durable:
+                self._db.execute("PRAGMA synchronous=FULL")
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+            finally:
+                if durable:
+                    self._db.execute("PRAGMA synchronous=NORMAL")
+
+    def _update_many(self, job_ids: list[str], durable: bool = False, **fields) -> list[str]:
+        """Updates the jobs among `job_ids` that are still active; returns those it updated."""
+        if not job_ids:
+            return []
         fields["updated"] = time.time()
         assignments = ", ".join(f"{key} = ?" for key in fields)
-        condition = " AND state NOT IN ('done', 'error', 'cancelled')" if only_if_active else ""
-        with self._lock:
-            cursor = self._db.execute(
-                f"UPDATE jobs SET {assignments} WHERE job_id = ?{condition}", (*fields.values(), job_id)
-            )
-        return cursor.rowcount == 1
+        marks = ", ".join("?" * len(job_ids))
+        rows = self._execute(
+            f"UPDATE jobs SET {assignments} WHERE job_id IN ({marks}) AND {_ACTIVE} RETURNING job_id",
+            (*fields.values(), *job_ids),
+            durable,
+        )
+        updated = {row[0] for row in rows}
+        return [job_id for job_id in job_ids if job_id in updated]
 
     # Transitions -----------------------------------------------------------------------------------------
     def create(self, job_id: str, kind: str, payload: dict, warnings: list[str], family: str = "",
@@ -71,31 +125,47 @@ class JobStore:
         """Records a queued job. Refuses (returns False) when `family` already has `max_active` jobs queued or
         running, so callers can answer "busy, retry later" instead of queueing without bound."""
         now = time.time()
-        with self._lock:
+        with self._transaction(durable=True) as db:
             if max_active is not None:
-                (active,) = self._db.execute(
+                (active,) = db.execute(
                     "SELECT COUNT(*) FROM jobs WHERE family = ? AND state IN ('queued', 'processing')", (family,)
                 ).fetchone()
                 if active >= max_active:
                     return False
-            self._db.execute(
+            db.execute(
                 "INSERT INTO jobs (job_id, kind, state, phase, progress, created, updated, payload, warnings, "
                 "result, error, family) VALUES (?, ?, 'queued', 'queued', 0, ?, ?, ?, ?, NULL, NULL, ?)",
                 (job_id, kind, now, now, json.dumps(payload), json.dumps(warnings), family),
             )
-        self.prune()
+        if now - self._last_prune >= PRUNE_INTERVAL_S:
+            self._last_prune = now
+            self.prune()
         return True
 
+    def start_many(self, job_ids: list[str], phase: str = "generation", batch_size: int | None = None) -> list[str]:
+        """Marks jobs as running (in one batch of `batch_size`); returns the ones still active, so a job
+        cancelled while it waited never starts."""
+        return self._update_many(job_ids, state="processing", phase=phase, batch_size=batch_size or len(job_ids))
+
     def start(self, job_id: str, phase: str = "generation") -> bool:
-        return self._update(job_id, state="processing", phase=phase)
+        return bool(self.start_many([job_id], phase))
+
+    def progress_many(self, job_ids: list[str], progress: float, phase: str) -> list[str]:
+        """Progress in percent for the jobs of a batch; it never goes backwards. Returns the jobs still
+        active (the others were cancelled or failed meanwhile)."""
+        if not job_ids:
+            return []
+        marks = ", ".join("?" * len(job_ids))
+        rows = self._execute(
+            f"UPDATE jobs SET state = 'processing', phase = ?, progress = MAX(progress, ?), updated = ? "
+            f"WHERE job_id IN ({marks}) AND {_ACTIVE} RETURNING job_id",
+            (phase, min(progress, 99.9), time.time(), *job_ids),
+        )
+        active = {row[0] for row in rows}
+        return [job_id for job_id in job_ids if job_id in active]
 
     def progress(self, job_id: str, progress: float, phase: str) -> bool:
-        """Progress in percent; it never goes backwards."""
-        with self._lock:
-            row = self._db.execute("SELECT progress FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
-        if row is None:
-            return False
-        return self._update(job_id, state="processing", phase=phase, progress=max(row[0], min(progress, 99.9)))
+        return bool(self.progress_many([job_id], progress, phase))
 
     def touch_queued(self, job_ids: list[str]) -> int:
         """Heartbeat for jobs still waiting for a generator, so the stale-job reaper leaves them alone."""
@@ -109,34 +179,46 @@ class JobStore:
         job = self.get(job_id)
         if job is not None:
             merged = job["warnings"] + [w for w in warnings if w not in job["warnings"]]
-            self._update(job_id, only_if_active=False, warnings=json.dumps(merged))
+            self._execute("UPDATE jobs SET warnings = ? WHERE job_id = ?", (json.dumps(merged), job_id))
 
-    def complete(self, job_id: str, result: dict) -> bool:
-        return self._update(job_id, state="done", phase="done", progress=100.0, result=json.dumps(result))
+    def complete_many(self, outcomes: list[tuple[str, dict, list[str]]]) -> list[bool]:
+        """Records finished jobs (job id, result, warnings the run added) in one transaction; a job that was
+        cancelled or failed meanwhile stays as it is (False for it)."""
+        done = []
+        now = time.time()
+        with self._transaction(durable=True) as db:
+            for job_id, result, warnings in outcomes:
+                row = db.execute(f"SELECT warnings FROM jobs WHERE job_id = ? AND {_ACTIVE}", (job_id,)).fetchone()
+                if row is not None:
+                    merged = json.loads(row[0])
+                    merged += [w for w in dict.fromkeys(warnings) if w not in merged]
+                    db.execute(
+                        "UPDATE jobs SET state = 'done', phase = 'done', progress = 100.0, result = ?, "
+                        "warnings = ?, updated = ? WHERE job_id = ?",
+                        (json.dumps(result), json.dumps(merged), now, job_id),
+                    )
+                done.append(row is not None)
+        return done
+
+    def complete(self, job_id: str, result: dict, warnings: list[str] | None = None) -> bool:
+        return self.complete_many([(job_id, result, warnings or [])])[0]
 
     def fail(self, job_id: str, error: str) -> bool:
-        return self._update(job_id, state="error", phase="error", error=error)
+        return bool(self._update_many([job_id], durable=True, state="error", phase="error", error=error))
 
     def cancel(self, job_id: str) -> bool:
-        return self._update(job_id, state="cancelled", phase="cancelled", error="cancelled by request")
+        updated = self._update_many([job_id], durable=True, state="cancelled", phase="cancelled",
+                                    error="cancelled by request")  # fmt: skip
+        return bool(updated)
 
     # Queries ---------------------------------------------------------------------------------------------
     def get(self, job_id: str) -> dict | None:
         with self._lock:
-            row = self._db.execute(
-                "SELECT job_id, kind, state, phase, progress, created, updated, payload, warnings, result, error "
-                "FROM jobs WHERE job_id = ?",
-                (job_id,),
-            ).fetchone()
-        if row is None:
-            return None
-        keys = ("job_id", "kind", "state", "phase", "progress", "created", "updated", "payload", "warnings",
-                "result", "error")  # fmt: skip
-        job = dict(zip(keys, row, strict=True))
-        job["payload"] = json.loads(job["payload"])
-        job["warnings"] = json.loads(job["warnings"])
-        job["result"] = json.loads(job["result"]) if job["result"] else None
-        return job
+            return read_job(self._db, job_id)
+
+    def store_id(self) -> str:
+        """This database's identity: a reader that opens the file itself checks it is the same database."""
+        return self._store_id
 
     def counts(self) -> dict[str, int]:
         with self._lock:
@@ -185,6 +267,114 @@ class JobStore:
             if output and Path(output).stem == job_id:  # only files this service named after the job
                 Path(output).unlink(missing_ok=True)
         return len(rows)
+
+
+_JOB_COLUMNS = ("job_id", "kind", "state", "phase", "progress", "created", "updated", "payload", "warnings",
+                "result", "error", "batch_size")  # fmt: skip
+
+
+def read_job(db: sqlite3.Connection, job_id: str) -> dict | None:
+    row = db.execute(f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+    if row is None:
+        return None
+    job = dict(zip(_JOB_COLUMNS, row, strict=True))
+    job["payload"] = json.loads(job["payload"])
+    job["warnings"] = json.loads(job["warnings"])
+    job["result"] = json.loads(job["result"]) if job["result"] else None
+    return job
+
+
+def same_store(database: str, store_id: str) -> bool:
+    """Whether `database` is a file this process can open and is the store with id `store_id` (not another
+    node's file that happens to have the same path). Checked read-only, so a foreign file is never changed."""
+    path = Path(database)
+    if not path.is_file():
+        return False
+    try:
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            row = db.execute("SELECT value FROM meta WHERE key = 'store_id'").fetchone()
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return False
+    return row is not None and row[0] == store_id
+
+
+class JobsClient:
+    """The job store as the replicas use it.
+
+    Where this process can open the job actor's own database file (the replica runs on the actor's node, or
+    the file is on a shared volume: checked by store id), job transitions and status reads go straight to the
+    file: SQLite's WAL and write locks make that safe across processes, and it saves an actor call (a few ms)
+    on every step of a job and on every status poll. Anywhere else every call goes to the job actor. Replica
+    reports live in the actor's memory and always go there.
+    """
+
+    def __init__(self, database: str, **options):
+        self.database = database
+        self.actor = get_or_create_job_actor(database, **options)
+        self._options = options
+        self._local: JobStore | None = None
+        self._checked = False
+        self._checking = asyncio.Lock()
+
+    async def _store(self) -> "JobStore | None":
+        async with self._checking:
+            if self._checked:
+                return self._local
+            store_id = await self.actor.store_id.remote()  # also waits for the actor to set the file up
+            if await asyncio.to_thread(same_store, self.database, store_id):
+                self._local = JobStore(self.database, **self._options)
+            self._checked = True
+            logger.info("job store: %s", f"the file {self.database}" if self._local else "the job actor")
+            return self._local
+
+    async def _call(self, method: str, *args):
+        store = await self._store()
+        if store is not None:
+            try:
+                return getattr(store, method)(*args)
+            except sqlite3.Error:
+                logger.warning("job store %s failed on the file; asking the job actor", method, exc_info=True)
+        return await getattr(self.actor, method).remote(*args)
+
+    async def create(self, job_id: str, kind: str, payload: dict, warnings: list[str], family: str = "",
+                     max_active: int | None = None) -> bool:  # fmt: skip
+        return await self._call("create", job_id, kind, payload, warnings, family, max_active)
+
+    async def start_many(self, job_ids: list[str], phase: str, batch_size: int | None = None) -> list[str]:
+        return await self._call("start_many", job_ids, phase, batch_size)
+
+    async def progress_many(self, job_ids: list[str], progress: float, phase: str) -> list[str]:
+        return await self._call("progress_many", job_ids, progress, phase)
+
+    async def complete_many(self, outcomes: list[tuple[str, dict, list[str]]]) -> list[bool]:
+        return await self._call("complete_many", outcomes)
+
+    async def fail(self, job_id: str, error: str) -> bool:
+        return await self._call("fail", job_id, error)
+
+    async def cancel(self, job_id: str) -> bool:
+        return await self._call("cancel", job_id)
+
+    async def get(self, job_id: str) -> dict | None:
+        return await self._call("get", job_id)
+
+    async def counts(self) -> dict[str, int]:
+        return await self._call("counts")
+
+    async def touch_queued(self, job_ids: list[str]) -> int:
+        return await self._call("touch_queued", job_ids)
+
+    async def reap_stale(self, timeout_seconds: float) -> list[str]:
+        return await self._call("reap_stale", timeout_seconds)
+
+    async def replica_reports(self) -> list[dict]:
+        return await self.actor.replica_reports.remote()
+
+    def report_replica(self, replica: str, report: dict) -> None:
+        self.actor.report_replica.remote(replica, report)
 
 
 def job_actor_name(database: str) -> str:
