@@ -24,7 +24,13 @@ import torch
 from PIL import Image
 
 from pipelines.catalog import ModelCatalog, ModelEntry
-from pipelines.errors import InvalidRequestError, JobCancelledError, ModelLoadError, OutOfMemoryError
+from pipelines.errors import (
+    DiffusionAPIError,
+    InvalidRequestError,
+    JobCancelledError,
+    ModelLoadError,
+    OutOfMemoryError,
+)
 from pipelines.images import decode_base64_image
 from pipelines.infotext import build_infotext
 from pipelines.limits import LIMITS
@@ -39,6 +45,7 @@ from pipelines.loras import (
 from pipelines.samplers import ResolvedSampler, build_scheduler, resolve_sampler
 from pipelines.schemas import GenerationRequest, Img2ImgRequest, Txt2ImgRequest
 from pipelines.settings import VERSION
+from pipelines.speed import SpeedOptions, apply_speed_options, set_qkv_fused, set_vae_tiling
 from pipelines.upscalers import UpscalerLibrary, hires_size, latent_mode, upscale_latents
 
 logger = logging.getLogger(__name__)
@@ -48,6 +55,8 @@ warnings.filterwarnings("ignore", message="Adapter .* was active which is now de
 
 INFOTEXT_VERSION = f"DiffusionAPI v{VERSION}"  # must not look like "v1.x": A1111 would apply backcompat
 ProgressCallback = Callable[[int, int, str], None]  # (done, total, phase): overall progress across phases
+# (the jobs of the running call, done, total, phase): a batch's progress, for the jobs it concerns
+BatchProgressCallback = Callable[[list["PreparedJob"], int, int, str], None]
 Mode = Literal["txt2img", "img2img"]
 
 
@@ -114,7 +123,8 @@ class PhaseProgress:
 
 
 def select_device(device: str | None = None, dtype: str | None = None) -> tuple[torch.device, torch.dtype]:
-    """CUDA in half precision where present, then Apple MPS, else the CPU in float32.
+    """CUDA in half precision (bfloat16 where the GPU has it) where present, then Apple MPS, else the CPU in
+    float32.
 
     `DIFFUSION_API_DEVICE` / `DIFFUSION_API_DTYPE` (e.g. `cuda:1`, `bfloat16`) override the choice.
     """
@@ -130,6 +140,8 @@ def select_device(device: str | None = None, dtype: str | None = None) -> tuple[
     chosen = torch.device(device)
     if dtype:
         torch_dtype = getattr(torch, dtype)
+    elif chosen.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        torch_dtype = torch.bfloat16  # as fast as float16 on Ampere and later, and no overflow to NaN
     else:
         torch_dtype = torch.float32 if chosen.type == "cpu" else torch.float16
     return chosen, torch_dtype
@@ -184,11 +196,14 @@ class PreparedJob:
     hires: HiresPlan | None = None
     refiner: RefinerPlan | None = None
     warnings: list[str] = field(default_factory=list)
+    job_id: str = ""  # the service's id for the job (logs, progress and hand-offs of a batch)
 
     def batch_key(self) -> tuple:
-        """Jobs with equal keys can run as one diffusers batch."""
+        """Jobs with equal keys can run as one diffusers batch: everything but prompt, seed, input image and
+        output format. The sampler's A1111 names are part of it, so each job's infotext names its own."""
         loras = tuple((use.adapter_name, use.scale) for use in self.loras)
-        sampler = (self.sampler.scheduler_class, tuple(sorted(self.sampler.options.items())))
+        sampler = (self.sampler.sampler, self.sampler.schedule_label, self.sampler.scheduler_class,
+                   tuple(sorted(self.sampler.options.items())))  # fmt: skip
         refiner = (self.refiner.model.name, self.refiner.switch_at) if self.refiner else None
         return (self.mode, self.steps, self.cfg_scale, self.width, self.height, sampler, self.clip_skip,
                 self.denoising_strength, loras, self.hires, refiner)  # fmt: skip
@@ -352,6 +367,8 @@ class LoadedModel:
         self.pipe = pipe
         self.model_hash = model_hash
         self.lock = threading.Lock()
+        self.speed: list[str] = []  # speed options applied at load
+        self.qkv_fused = False
         self._img2img = None
         self.adapters: OrderedDict[str, str] = OrderedDict()  # LoRA adapters kept loaded: name -> file
 
@@ -460,6 +477,8 @@ class ImageEngine:
         device: str | None = None,
         dtype: str | None = None,
         max_loaded_models: int = 2,
+        torch_threads: int | None = None,
+        speed: SpeedOptions | None = None,
     ):
         from diffusers.utils import logging as diffusers_logging
         from transformers.utils import logging as transformers_logging
@@ -468,9 +487,13 @@ class ImageEngine:
         diffusers_logging.disable_progress_bar()
         transformers_logging.set_verbosity_error()
         transformers_logging.disable_progress_bar()
+        if torch_threads:
+            # Ray sets OMP_NUM_THREADS=1 in replicas with num_cpus <= 1: without this, torch runs on one core.
+            torch.set_num_threads(torch_threads)
         self.catalog = catalog
         self.loras = LoraLibrary(catalog.settings, catalog.facts)
         self.device, self.dtype = select_device(device, dtype)
+        self.speed = speed or SpeedOptions.from_env()
         self.upscalers = UpscalerLibrary(catalog.settings, device=self.device)
         self.max_loaded_models = max_loaded_models
         self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()
@@ -491,10 +514,20 @@ class ImageEngine:
                 self._free_memory()
             started = time.perf_counter()
             pipe = load_pipeline(entry, self.device, self.dtype)
-            loaded = LoadedModel(entry, pipe, self.catalog.model_hash(entry))
-            self._loaded[entry.name] = loaded
-            logger.info("loaded model %s in %.2fs on %s", entry.name, time.perf_counter() - started, self.device)
+            loaded = self.adopt(entry, pipe)
+            options = ", ".join(loaded.speed) or "no speed options"
+            logger.info("loaded model %s in %.2fs on %s (%s; %s)", entry.name, time.perf_counter() - started,
+                        self.device, str(self.dtype).removeprefix("torch."), options)  # fmt: skip
             return loaded
+
+    def adopt(self, entry: ModelEntry, pipe) -> LoadedModel:
+        """Takes a pipeline built elsewhere (the GPU benchmark's full-size random models) as the loaded model
+        for `entry`, with this engine's speed options applied. Hold no lock; `load` calls it under its own."""
+        loaded = LoadedModel(entry, pipe, self.catalog.model_hash(entry) if entry.path.exists() else "0" * 10)
+        loaded.speed = apply_speed_options(pipe, self.speed)
+        loaded.qkv_fused = "fused QKV" in loaded.speed
+        self._loaded[entry.name] = loaded
+        return loaded
 
     def unload(self, name: str) -> None:
         with self._lock:
@@ -549,11 +582,16 @@ class ImageEngine:
             started = time.perf_counter()
             pipe.scheduler = build_scheduler(first.sampler, dict(loaded.pipe.scheduler.config))
             applied, lora_warnings = loaded.apply_loras(first.loras) if first.mode == "txt2img" else ([], [])
+            if applied and loaded.qkv_fused:
+                set_qkv_fused(loaded.pipe, False)
+            final_size = (first.hires.width, first.hires.height) if first.hires else (first.width, first.height)
+            set_vae_tiling(loaded.pipe, self.speed, *final_size)
             try:
                 for job in jobs:
+                    job.sampler = first.sampler  # equal in a batch; build_scheduler may have adjusted its label
                     job.loras = applied
-                    job.warnings.extend(w for w in first.sampler.warnings + lora_warnings if w not in job.warnings)
-                    job.warnings.extend(self._prompt_warnings(pipe, job))
+                    new_warnings = first.sampler.warnings + lora_warnings + self._prompt_warnings(pipe, job)
+                    job.warnings.extend(w for w in dict.fromkeys(new_warnings) if w not in job.warnings)
                 if first.hires is not None:
                     images = self._run_hires(loaded, pipe, jobs, phases, upscale or self._upscale_here)
                 elif first.refiner is not None:
@@ -571,6 +609,8 @@ class ImageEngine:
                 ) from error
             finally:
                 loaded.clear_loras()
+                if applied and loaded.qkv_fused:
+                    set_qkv_fused(loaded.pipe, True)
             elapsed = round(time.perf_counter() - started, 3)
             memory_after = memory_mb(self.device)
         return [
@@ -589,6 +629,45 @@ class ImageEngine:
             )
             for job, image in zip(jobs, images, strict=True)
         ]
+
+    def run_batch(
+        self,
+        loaded: LoadedModel,
+        jobs: list[PreparedJob],
+        progress: BatchProgressCallback | None = None,
+        upscale: UpscaleHook | None = None,
+        refine: RefineHook | None = None,
+        is_cancelled: Callable[[PreparedJob], bool] | None = None,
+    ) -> list[GenerationResult | DiffusionAPIError]:
+        """Runs jobs from different requests as one batch and gives each its own outcome: its result, or the
+        error that ended it. A job cancelled while its batch-mates run on gets JobCancelledError (its image is
+        discarded); the call stops early only when every job of the batch is cancelled. When the batch runs
+        out of memory, each job is retried alone before any job fails."""
+
+        def run_group(group: list[PreparedJob]) -> list[GenerationResult | DiffusionAPIError]:
+            on_progress = (lambda done, total, phase: progress(group, done, total, phase)) if progress else None
+            all_cancelled = (lambda: all(is_cancelled(job) for job in group)) if is_cancelled else None
+            results = self.run(loaded, group, on_progress, upscale, refine, all_cancelled)
+            return [
+                JobCancelledError("cancelled by request") if is_cancelled and is_cancelled(job) else result
+                for job, result in zip(group, results, strict=True)
+            ]
+
+        try:
+            return run_group(jobs)
+        except JobCancelledError as error:
+            return [error] * len(jobs)
+        except OutOfMemoryError as error:
+            if len(jobs) == 1:
+                return [error]
+            logger.warning("a batch of %d ran out of memory; retrying its jobs one by one", len(jobs))
+        outcomes: list[GenerationResult | DiffusionAPIError] = []
+        for job in jobs:
+            try:
+                outcomes.extend(run_group([job]))
+            except DiffusionAPIError as error:  # out of memory alone too, cancelled, ...
+                outcomes.append(error)
+        return outcomes
 
     def _run_hires(self, loaded: LoadedModel, pipe, jobs: list[PreparedJob], phases: "PhaseProgress",
                    upscale: "UpscaleHook") -> list[Image.Image]:  # fmt: skip
@@ -622,6 +701,7 @@ class ImageEngine:
         with loaded.lock:
             pipe = loaded.pipeline_for("img2img")
             pipe.scheduler = build_scheduler(first.sampler, dict(loaded.pipe.scheduler.config))
+            set_vae_tiling(loaded.pipe, self.speed, first.width, first.height)
             return self._call_pipeline(pipe, jobs, on_step, image=latents.to(self.device, self.dtype),
                                        denoising_start=first.refiner.switch_at)  # fmt: skip
 
