@@ -1,6 +1,7 @@
 """The application builder: binds the deployment graph from config args (`import_path: deployments.app:build_app`)."""
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from ray.serve import Application
@@ -9,6 +10,7 @@ from deployments.generators import Refiner, SD15Generator, SDXLGenerator
 from deployments.ingress import Ingress
 from deployments.upscaler import Upscaler
 from pipelines.settings import Settings
+from pipelines.speed import SpeedOptions
 
 
 class AppArgs(BaseModel):
@@ -34,6 +36,12 @@ class AppArgs(BaseModel):
     # Finished job records older than this are pruned, and at most this many are kept.
     keep_finished_jobs_s: float = Field(7 * 86400, ge=0)
     keep_finished_jobs: int = Field(10000, ge=0)
+    # Engine: torch's CPU threads per replica (default: the CPUs the replica asked for, rounded up; -1: every
+    # core; -2: every core but one), precision (default: bfloat16 on GPUs that have it, else float16; float32 on
+    # the CPU) and the speed options of pipelines/speed.py (attention, channels_last, fuse_qkv, compile, ...).
+    torch_threads: int | None = Field(None, ge=-64, le=1024)
+    dtype: Literal["float16", "bfloat16", "float32"] | None = None
+    speed: SpeedOptions | None = None
 
 
 def build_app(args: dict | None = None) -> Application:
@@ -51,8 +59,14 @@ def build_app(args: dict | None = None) -> Application:
         "keep_finished_seconds": parsed.keep_finished_jobs_s,
         "keep_finished_count": parsed.keep_finished_jobs,
     }
-    generator_args = {"settings": plain, "job_database": database, "job_options": job_options, "device": parsed.device}
-    upscaler = Upscaler.bind(settings=plain, device=parsed.device)
+    engine_options = {
+        "torch_threads": parsed.torch_threads,
+        "dtype": parsed.dtype,
+        "speed": parsed.speed.model_dump(exclude_unset=True) if parsed.speed else None,
+    }
+    generator_args = {"settings": plain, "job_database": database, "job_options": job_options, "device": parsed.device,
+                      "engine_options": engine_options}  # fmt: skip
+    upscaler = Upscaler.bind(settings=plain, device=parsed.device, torch_threads=parsed.torch_threads)
     refiner = Refiner.bind(**generator_args)
     return Ingress.bind(
         SD15Generator.bind(**generator_args, upscaler=upscaler),

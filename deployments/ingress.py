@@ -13,15 +13,15 @@ import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 
-from deployments.access import AccessPolicy, enforce
-from deployments.jobs import get_or_create_job_actor
-from pipelines.catalog import ModelCatalog
+from deployments.access import AccessMiddleware, AccessPolicy
+from deployments.jobs import JobsClient
+from pipelines.catalog import ModelCatalog, ModelEntry
 from pipelines.errors import DiffusionAPIError, ServiceBusyError
-from pipelines.generate import check_mode_supported, prepare_job
+from pipelines.generate import PreparedJob, check_mode_supported, prepare_job
 from pipelines.loras import LoraLibrary
 from pipelines.samplers import sampler_names, schedule_type_names
 from pipelines.schemas import (
@@ -51,14 +51,13 @@ logger = logging.getLogger("ray.serve")
 app = FastAPI(title="Diffusion API", version=VERSION, description="Stable Diffusion on Ray Serve")
 
 
-@app.middleware("http")
-async def _access(request: Request, call_next):
-    # The policy lives on this replica's Ingress instance (built from its app arguments). Serve may ship this
-    # function to the replica by value, so a module global would not be the one __init__ set.
-    policy = getattr(serve.get_replica_context().servable_object, "access", None)
-    if policy is None:  # fail closed: never serve before the replica's access policy exists
-        return _error(503, "the service is starting; retry in a few seconds", headers={"Retry-After": "2"})
-    return await enforce(policy, request, call_next)
+def _replica_access_policy() -> AccessPolicy | None:
+    # The policy lives on this replica's Ingress instance (built from its app arguments). Serve may ship the
+    # app to the replica by value, so a module global would not be the one __init__ set.
+    return getattr(serve.get_replica_context().servable_object, "access", None)
+
+
+app.add_middleware(AccessMiddleware, get_policy=_replica_access_policy)
 
 
 def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
@@ -104,10 +103,11 @@ class Ingress:
         self.loras = LoraLibrary(self.settings, self.catalog.facts)
         self.upscalers = UpscalerLibrary(self.settings)  # names only: the Upscaler deployment runs them
         self.job_database = job_database
-        self.jobs = get_or_create_job_actor(job_database, **(job_options or {}))
+        self.jobs = JobsClient(job_database, **(job_options or {}))
         self.stale_job_timeout_s = stale_job_timeout_s
         self.max_queued_jobs = max_queued_jobs
         self._inflight: dict[str, asyncio.Task] = {}  # job id -> the task awaiting its generator
+        self._admitting = 0  # POSTs being validated and recorded right now
         self._reaper: asyncio.Task | None = None
 
     # Listings --------------------------------------------------------------------------------------------
@@ -117,8 +117,8 @@ class Ingress:
 
     @app.get("/health")
     async def health(self) -> dict:
-        counts = await self.jobs.counts.remote()
-        replicas = await self.jobs.replica_reports.remote()
+        counts = await self.jobs.counts()
+        replicas = await self.jobs.replica_reports()
         active = counts.get("queued", 0) + counts.get("processing", 0)
         # GPU figures come from the generator replicas (they hold the GPUs); the ingress's own as a fallback.
         gpus = [report["gpu"] for report in replicas]
@@ -172,15 +172,19 @@ class Ingress:
         return await self._submit("img2img", request)
 
     async def _submit(self, kind: str, request: Txt2ImgRequest | Img2ImgRequest) -> Txt2ImgResponse:
+        self._admitting += 1
+        try:
+            return await self._admit(kind, request)
+        finally:
+            self._admitting -= 1
+
+    async def _admit(self, kind: str, request: Txt2ImgRequest | Img2ImgRequest) -> Txt2ImgResponse:
         self._start_reaper()
-        entry = await asyncio.to_thread(self.catalog.resolve, request.model)
-        check_mode_supported(entry, kind)
-        # Sampler, image, LoRAs (unknown: 4xx; incompatible: a warning), unsupported fields: checked now.
-        job = await asyncio.to_thread(prepare_job, request, entry, self.loras, self.catalog, self.upscalers)
+        entry, job = await asyncio.to_thread(self._check, kind, request)
         payload = request.model_dump(by_alias=True)
         payload["model"] = entry.name
         job_id = uuid.uuid4().hex
-        created = await self.jobs.create.remote(
+        created = await self.jobs.create(
             job_id, kind, payload, job.sampler.warnings + job.warnings, entry.family, self.max_queued_jobs
         )
         if not created:
@@ -189,17 +193,21 @@ class Ingress:
                 f"retry in a few seconds"
             )
         handle = self.handles[entry.family].options(multiplexed_model_id=entry.name)
+        # Other submissions still being admitted here are a burst: the generator may hold this job a moment
+        # for them to join its batch (it never waits for a lone job).
+        more_coming = self._admitting - 1
         # A fresh context detaches the work from this HTTP request: a client disconnect must not cancel it.
-        task = asyncio.create_task(self._run(job_id, kind, payload, handle), context=contextvars.Context())
+        run = self._run(job_id, kind, payload, handle, more_coming)
+        task = asyncio.create_task(run, context=contextvars.Context())
         self._inflight[job_id] = task
         task.add_done_callback(lambda _: self._inflight.pop(job_id, None))
         return Txt2ImgResponse(job_id=job_id)
 
-    async def _run(self, job_id: str, kind: str, payload: dict, handle) -> None:
+    async def _run(self, job_id: str, kind: str, payload: dict, handle, more_coming: int = 0) -> None:
         try:
             while True:
                 try:
-                    await handle.generate.remote(job_id, kind, payload)
+                    await handle.generate.remote(job_id, kind, payload, more_coming)
                     return
                 except BackPressureError:
                     # Serve's own queue limit (max_queued_requests) is full: the job stays queued and waits.
@@ -207,9 +215,16 @@ class Ingress:
         except BaseException as error:  # includes CancelledError and a dead replica's ActorDiedError
             cause = getattr(error, "cause", None)
             message = getattr(cause, "message", None) or f"{type(error).__name__}: {error}".splitlines()[0]
-            await self.jobs.fail.remote(job_id, message)
+            await self.jobs.fail(job_id, message)
             if isinstance(error, asyncio.CancelledError):
                 raise
+
+    def _check(self, kind: str, request: Txt2ImgRequest | Img2ImgRequest) -> tuple[ModelEntry, PreparedJob]:
+        """Everything that can be checked before a job exists (in a worker thread: it reads files): the model,
+        the mode, sampler, image, LoRAs (unknown: 4xx; incompatible: a warning), hires fix and refiner."""
+        entry = self.catalog.resolve(request.model)
+        check_mode_supported(entry, kind)
+        return entry, prepare_job(request, entry, self.loras, self.catalog, self.upscalers)
 
     def _start_reaper(self) -> None:
         if self._reaper is None or self._reaper.done():
@@ -221,8 +236,8 @@ class Ingress:
         while True:
             await asyncio.sleep(min(30.0, self.stale_job_timeout_s / 3))
             try:
-                await self.jobs.touch_queued.remote(list(self._inflight))
-                await self.jobs.reap_stale.remote(self.stale_job_timeout_s)
+                await self.jobs.touch_queued(list(self._inflight))
+                await self.jobs.reap_stale(self.stale_job_timeout_s)
             except Exception:
                 logger.exception("stale-job reaper failed")
 
@@ -230,29 +245,33 @@ class Ingress:
                 responses={404: {"model": ErrorResponse}, 409: {"model": ErrorResponse}})  # fmt: skip
     async def cancel(self, job_id: str):
         """Cancels a queued or running job: a queued one never starts, a running one stops at its next step."""
-        job = await self.jobs.get.remote(job_id)
+        job = await self.jobs.get(job_id)
         if job is None:
             return _error(404, f"unknown job_id {job_id!r}")
-        if not await self.jobs.cancel.remote(job_id):
-            job = await self.jobs.get.remote(job_id)
+        if not await self.jobs.cancel(job_id):
+            job = await self.jobs.get(job_id)
             return _error(409, f"job {job_id} has already ended (state {job['state']!r}); nothing to cancel")
         return CancelResponse(job_id=job_id)
 
     @app.get("/queue/{job_id}", response_model=QueueStatusResponse, responses={404: {"model": ErrorResponse}})
     async def queue(self, job_id: str):
         self._start_reaper()
-        job = await self.jobs.get.remote(job_id)
+        job = await self.jobs.get(job_id)
         if job is None:
             return _error(404, f"unknown job_id {job_id!r}")
-        response = QueueStatusResponse(
-            status="error" if job["state"] == "error" else "success",
-            job_id=job_id,
-            progress=job["progress"],
-            current_phase=job["phase"],
-            state=job["state"],
-            error=job["error"],
-            warnings=job["warnings"],
-        )
+        fields = {
+            "status": "error" if job["state"] == "error" else "success",
+            "job_id": job_id,
+            "progress": job["progress"],
+            "current_phase": job["phase"],
+            "state": job["state"],
+            "error": job["error"],
+            "warnings": job["warnings"],
+            "batch_size": job["batch_size"],
+        }
         if job["state"] == "done" and job["result"]:
-            response = response.model_copy(update={**job["result"], "payload": job["payload"]})
-        return response
+            fields.update({**job["result"], "payload": job["payload"]})
+        # Serialized here (pydantic's JSON encoder) rather than re-validated by FastAPI: this is the route
+        # clients poll.
+        body = QueueStatusResponse.model_validate(fields).model_dump_json()
+        return Response(content=body, media_type="application/json")

@@ -6,9 +6,11 @@ Upscaling runs here rather than in the generators so that its model and memory l
 
 import asyncio
 
+import torch
 from PIL import Image
 from ray import serve
 
+from deployments.generators import torch_thread_count
 from pipelines.generate import select_device
 from pipelines.settings import Settings
 from pipelines.upscalers import UpscalerLibrary
@@ -16,7 +18,8 @@ from pipelines.upscalers import UpscalerLibrary
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=2)
 class Upscaler:
-    def __init__(self, settings: dict, device: str | None = None):
+    def __init__(self, settings: dict, device: str | None = None, torch_threads: int | None = None):
+        torch.set_num_threads(torch_thread_count(torch_threads))
         self.library = UpscalerLibrary(Settings(**settings), device=select_device(device)[0])
 
     async def upscale(self, images: list[Image.Image], upscaler: str, width: int, height: int) -> list[Image.Image]:

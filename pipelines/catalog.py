@@ -172,14 +172,21 @@ class ModelCatalog:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.facts = FileFactsCache(settings.cache_dir / "file_facts.json")
+        self._parsed_config: tuple[tuple[int, int], dict] | None = None
 
     # Configuration ---------------------------------------------------------------------------------------
     def _config(self) -> dict:
+        """configs/models.yaml, parsed again only when the file changes (parsing YAML costs milliseconds, and
+        every request resolves its model)."""
         try:
-            data = yaml.safe_load(self.settings.models_config.read_text()) or {}
+            stat = self.settings.models_config.stat()
         except FileNotFoundError:
             return {}
-        return data if isinstance(data, dict) else {}
+        version = (stat.st_mtime_ns, stat.st_size)
+        if self._parsed_config is None or self._parsed_config[0] != version:
+            data = yaml.safe_load(self.settings.models_config.read_text()) or {}
+            self._parsed_config = (version, data if isinstance(data, dict) else {})
+        return self._parsed_config[1]
 
     def configured_aliases(self) -> dict[str, str]:
         """label -> name, as written in configs/models.yaml."""

@@ -118,6 +118,7 @@ class QueueStatusResponse(BaseModel):
     memory_after_mb: float | None = None
     seed: int | None = None
     infotext: str | None = None
+    batch_size: int | None = Field(None, description="How many jobs ran together in this job's diffusers call")
 
 
 class ModelInfo(BaseModel):

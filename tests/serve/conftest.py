@@ -6,8 +6,10 @@ small job limit. Replicas pick their device with `torch.cuda.is_available()`, so
 """
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import httpx
 import pytest
 import yaml
 
+from pipelines.cli import SERVE_ENVIRONMENT
 from pipelines.settings import PROJECT_ROOT
 
 PORT = int(os.environ.get("DIFFUSION_API_TEST_PORT", "8765"))
@@ -57,10 +60,31 @@ def wait_until_running(app_name: str, timeout: float) -> None:
     raise RuntimeError(f"serve_config.yaml was not RUNNING after {timeout}s: {serve.status()}")
 
 
+def throughput_mode_environment(haproxy: Path) -> dict[str, str]:
+    """Ray Serve's high-throughput mode, as `make serve` runs it, with HAProxy's files (in `haproxy`) and ports
+    and the replicas' direct ports of this session's own, so the suite runs beside a running service."""
+    return {
+        **SERVE_ENVIRONMENT,
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(haproxy / "haproxy.cfg"),
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": str(haproxy / "admin.sock"),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(haproxy),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(haproxy / "server-state"),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(PORT + 1),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(PORT + 2),
+        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": "32000",
+        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": "32999",
+        "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": "42000",
+        "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": "42999",
+    }
+
+
 @pytest.fixture(scope="session")
 def service(demo_root, settings):
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    haproxy = Path(tempfile.mkdtemp(prefix="haproxy-", dir="/tmp"))  # short: its socket path has at most 97 chars
+    for name, value in throughput_mode_environment(haproxy).items():
+        os.environ.setdefault(name, value)  # read by the cluster's processes, which ray.init starts below
     import ray
 
     outputs = demo_root / "outputs"
@@ -75,13 +99,16 @@ def service(demo_root, settings):
         config_path.write_text(yaml.safe_dump(config, sort_keys=False))
         serve_cli = Path(sys.executable).parent / "serve"
         env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
-        subprocess.run([str(serve_cli), "run", "--non-blocking", "-a", address, str(config_path)],
-                       cwd=PROJECT_ROOT, env=env, check=True, timeout=120, capture_output=True)  # fmt: skip
+        done = subprocess.run([str(serve_cli), "run", "--non-blocking", "-a", address, str(config_path)],
+                              cwd=PROJECT_ROOT, env=env, timeout=120, capture_output=True, text=True)  # fmt: skip
+        if done.returncode != 0:
+            raise RuntimeError(f"serve run failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
         wait_until_running("diffusion_api", timeout=240)
 
     deploy()
     yield {"outputs": outputs, "database": str(outputs / "jobs.sqlite3"), "deploy": deploy}
     ray.shutdown()
+    shutil.rmtree(haproxy, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -4,11 +4,11 @@ keeps serving, request limits come from configs/limits.yaml, and the access poli
 import numpy as np
 import pytest
 import torch
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
-from deployments.access import AccessPolicy, enforce
+from deployments.access import AccessMiddleware, AccessPolicy
 from pipelines.errors import JobCancelledError, OutOfMemoryError
 from pipelines.limits import LIMITS, Limits, load_limits
 from pipelines.schemas import Txt2ImgRequest
@@ -72,10 +72,7 @@ def test_limits_come_from_the_config_and_bound_the_schema(tmp_path):
 
 def app_with(policy: AccessPolicy) -> TestClient:
     app = FastAPI()
-
-    @app.middleware("http")
-    async def access(request: Request, call_next):
-        return await enforce(policy, request, call_next)
+    app.add_middleware(AccessMiddleware, get_policy=lambda: policy)
 
     @app.get("/hello")
     async def hello():
