@@ -42,7 +42,7 @@ from pipelines.loras import (
     prompt_with_lora_tags,
     read_lora_state_dict,
 )
-from pipelines.samplers import ResolvedSampler, build_scheduler, resolve_sampler
+from pipelines.samplers import SCHEDULERS_WITH_NOISE_PER_CALL, ResolvedSampler, build_scheduler, resolve_sampler
 from pipelines.schemas import GenerationRequest, Img2ImgRequest, Txt2ImgRequest
 from pipelines.settings import VERSION
 from pipelines.speed import SpeedOptions, apply_speed_options, set_qkv_fused, set_vae_tiling
@@ -205,8 +205,9 @@ class PreparedJob:
         sampler = (self.sampler.sampler, self.sampler.schedule_label, self.sampler.scheduler_class,
                    tuple(sorted(self.sampler.options.items())))  # fmt: skip
         refiner = (self.refiner.model.name, self.refiner.switch_at) if self.refiner else None
+        alone = id(self) if self.sampler.scheduler_class in SCHEDULERS_WITH_NOISE_PER_CALL else None
         return (self.mode, self.steps, self.cfg_scale, self.width, self.height, sampler, self.clip_skip,
-                self.denoising_strength, loras, self.hires, refiner)  # fmt: skip
+                self.denoising_strength, loras, self.hires, refiner, alone)  # fmt: skip
 
 
 UpscaleHook = Callable[[list[Image.Image], str, int, int], list[Image.Image]]  # (images, upscaler, width, height)
@@ -550,6 +551,24 @@ class ImageEngine:
         model = model or self.catalog.resolve(request.model)
         return prepare_job(request, model, self.loras, self.catalog, self.upscalers)
 
+    def warm_up(self, model: str, width: int, height: int, steps: int, batch_sizes: list[int]) -> float:
+        """Loads `model` and runs throwaway jobs of each batch size, so work done on a model's first calls
+        (torch.compile compiles per shape) happens now rather than on a user's job; returns the seconds."""
+        started = time.perf_counter()
+        loaded = self.load(model)
+        mode: Mode = "img2img" if loaded.entry.family == "sdxl-refiner" else "txt2img"
+        for batch_size in batch_sizes:
+            fields = {"prompt": "warm-up", "model": loaded.entry.name, "steps": steps, "width": width,
+                      "height": height}  # fmt: skip
+            requests = [
+                Img2ImgRequest(**fields, image=_gray_png_base64(width, height), seed=seed)
+                if mode == "img2img"
+                else Txt2ImgRequest(**fields, seed=seed)
+                for seed in range(batch_size)
+            ]
+            self.run(loaded, [self.prepare(request, loaded.entry) for request in requests])
+        return time.perf_counter() - started
+
     def txt2img(self, request: Txt2ImgRequest, progress: ProgressCallback | None = None) -> GenerationResult:
         loaded = self.load(request.model)
         return self.run(loaded, [self.prepare(request, loaded.entry)], progress)[0]
@@ -779,6 +798,15 @@ class ImageEngine:
             params.update({"Refiner": f"{job.refiner.model.name} [{job.refiner.model_hash}]",
                            "Refiner switch at": job.refiner.switch_at})  # fmt: skip
         return build_infotext(prompt_with_lora_tags(job.prompt, job.loras), job.negative_prompt, params)
+
+
+def _gray_png_base64(width: int, height: int) -> str:
+    import base64
+    import io
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (128, 128, 128)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def _call_parameters(pipe) -> set[str]:

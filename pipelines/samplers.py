@@ -162,6 +162,12 @@ def _sampler_key(value: str) -> str | None:
     return None
 
 
+# Schedulers whose noise is drawn once per diffusers call rather than per image from each job's generator
+# (DPM++ SDE's Brownian tree is seeded from the first generator only): a job batched with others would not
+# get its own seed's image, so jobs on these never share a batch.
+SCHEDULERS_WITH_NOISE_PER_CALL = frozenset({"DPMSolverSDEScheduler"})
+
+
 @dataclass
 class ResolvedSampler:
     """What a job runs: the diffusers class and options, plus the A1111 names for its infotext."""
