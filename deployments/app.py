@@ -13,6 +13,18 @@ from pipelines.settings import Settings
 from pipelines.speed import SpeedOptions
 
 
+class WarmupJob(BaseModel):
+    """Throwaway jobs a generator runs at replica start, before it takes traffic (torch.compile compiles per
+    shape): the first user job of this model, size and batch size does not pay for it."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(..., min_length=1)
+    width: int = Field(512, ge=64, le=2048, multiple_of=8)
+    height: int = Field(512, ge=64, le=2048, multiple_of=8)
+    steps: int = Field(2, ge=1, le=150)
+    batch_sizes: list[int] = Field([1], min_length=1)
+
+
 class AppArgs(BaseModel):
     """Arguments from the config's `args:`; paths default to the environment / repository layout. A misspelt
     argument is an error, not silently ignored."""
@@ -42,6 +54,8 @@ class AppArgs(BaseModel):
     torch_threads: int | None = Field(None, ge=-64, le=1024)
     dtype: Literal["float16", "bfloat16", "float32"] | None = None
     speed: SpeedOptions | None = None
+    # Jobs each generator runs at start for the models of its family (an unknown model stops the deploy).
+    warmup: list[WarmupJob] = Field(default_factory=list)
 
 
 def build_app(args: dict | None = None) -> Application:
@@ -63,6 +77,7 @@ def build_app(args: dict | None = None) -> Application:
         "torch_threads": parsed.torch_threads,
         "dtype": parsed.dtype,
         "speed": parsed.speed.model_dump(exclude_unset=True) if parsed.speed else None,
+        "warmup": [job.model_dump() for job in parsed.warmup],
     }
     generator_args = {"settings": plain, "job_database": database, "job_options": job_options, "device": parsed.device,
                       "engine_options": engine_options}  # fmt: skip

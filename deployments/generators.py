@@ -90,6 +90,7 @@ def torch_thread_count(configured: int | None) -> int:
 class _Generator:
     """Shared body of the per-family deployments."""
 
+    FAMILY = ""  # the model family this deployment serves
     DEFAULT_BATCHING = BatchingConfig()
 
     def __init__(self, settings: dict, job_database: str, job_options: dict | None = None, device: str | None = None,
@@ -109,7 +110,18 @@ class _Generator:
         self.replica_name = f"{context.deployment}#{context.replica_id.unique_id}"
         self._reported_models: list[str] | None = None
         logger.info("%s: torch threads %d, %s", self.replica_name, threads, self.batching)
+        self._warm_up(options.get("warmup") or [])
         self._report()
+
+    def _warm_up(self, jobs: list[dict]) -> None:
+        """Runs the configured warm-up jobs of this deployment's family before the replica takes traffic (Serve
+        health-checks a replica only once its constructor has returned)."""
+        for job in jobs:
+            entry = self.engine.catalog.resolve(job["model"], field="warmup.model")
+            if entry.family == self.FAMILY:
+                seconds = self.engine.warm_up(entry.name, job["width"], job["height"], job["steps"],
+                                              job["batch_sizes"])  # fmt: skip
+                logger.info("%s: warmed up %s in %.1fs (%s)", self.replica_name, entry.name, seconds, job)
 
     def reconfigure(self, user_config: dict) -> None:
         """Serve passes the deployment's `user_config` (batching); omitted keys keep the family's defaults."""
@@ -294,6 +306,7 @@ class SD15Generator(_Generator):
     """SD 1.5 checkpoints. Batches of up to 8 images of 512x512 (2 MP): about 7 GB of activations in half
     precision with SDPA, next to 2 GB of weights."""
 
+    FAMILY = "sd15"
     DEFAULT_BATCHING = BatchingConfig(max_batch_size=8, max_batch_pixels=8 * 512 * 512)
 
 
@@ -302,6 +315,7 @@ class SDXLGenerator(_Generator):
     """SDXL base checkpoints. Batches of up to 4 images of 1024x1024 (4 MP): the UNet's activations at
     128x128 latents are about 4x SD1.5's per image, next to 7 GB of weights."""
 
+    FAMILY = "sdxl"
     DEFAULT_BATCHING = BatchingConfig(max_batch_size=4, max_batch_pixels=4 * 1024 * 1024)
 
 
@@ -310,6 +324,7 @@ class Refiner(_Generator):
     """SDXL refiner checkpoints: img2img jobs on a refiner model, and the refiner's part of base -> refiner jobs
     (the SDXL generator hands over its latents at `refiner_switch_at`)."""
 
+    FAMILY = "sdxl-refiner"
     DEFAULT_BATCHING = BatchingConfig(max_batch_size=4, max_batch_pixels=4 * 1024 * 1024)
 
     async def refine(self, jobs: list[PreparedJob], latents, progress_range: tuple[float, float]):

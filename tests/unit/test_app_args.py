@@ -15,3 +15,13 @@ def test_limits_must_be_positive():
     with pytest.raises(ValidationError, match="max_queued_jobs"):
         AppArgs(max_queued_jobs=0)
     assert AppArgs().max_queued_jobs == 64
+
+
+def test_engine_and_warm_up_arguments_are_checked():
+    args = AppArgs(torch_threads=-2, dtype="bfloat16", speed={"channels_last": True},
+                   warmup=[{"model": "Demo SD1.5", "batch_sizes": [1, 4]}])  # fmt: skip
+    assert args.speed.channels_last and args.warmup[0].width == 512
+    for bad in ({"speed": {"chanels_last": True}}, {"dtype": "float8"}, {"warmup": [{"model": "x", "width": 65}]},
+                {"warmup": [{"modle": "x"}]}):  # fmt: skip
+        with pytest.raises(ValidationError):
+            AppArgs(**bad)
