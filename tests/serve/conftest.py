@@ -21,9 +21,12 @@ from pipelines.cli import SERVE_ENVIRONMENT
 from pipelines.settings import PROJECT_ROOT
 
 PORT = int(os.environ.get("DIFFUSION_API_TEST_PORT", "8765"))
-MAX_QUEUED_JOBS = 4  # small, so the back-pressure test can fill it
+MAX_QUEUED_JOBS = 12  # small, so the back-pressure test can fill it; above 4, the SD1.5 autoscaling target
 CORS_ORIGIN = "https://app.example"
 FAKE_GPUS = 4  # covers every GPU replica of serve_config.yaml at its minimum size, plus one autoscaled
+# Compiled models are warmed at replica start; the demo's are not compiled, but the warm-up path is the same.
+WARMUP = [{"model": "Demo SD1.5", "width": 64, "height": 64, "steps": 2, "batch_sizes": [1, 2]},
+          {"model": "Demo SDXL Refiner", "width": 64, "height": 64, "steps": 2, "batch_sizes": [1]}]  # fmt: skip
 LOGICAL_CPUS = 6  # serve_config.yaml asks for 5 CPUs at minimum size; they are time-shared on this machine
 
 
@@ -41,6 +44,7 @@ def patched_production_config(settings, outputs: Path, **arg_overrides) -> dict:
         "cache_dir": str(settings.cache_dir),
         "max_queued_jobs": MAX_QUEUED_JOBS,
         "cors_origins": [CORS_ORIGIN],
+        "warmup": WARMUP,
         **arg_overrides,
     }
     return config

@@ -2,7 +2,7 @@
 
 import time
 
-from deployments.jobs import JobStore
+from deployments.jobs import JobStore, same_store
 
 
 def test_transitions_progress_never_goes_back_and_terminal_states_stick(tmp_path):
@@ -112,3 +112,54 @@ def test_cancel_only_active_jobs_and_a_cancelled_job_never_starts(tmp_path):
     store.create("b", "txt2img", {}, [])
     store.complete("b", {})
     assert not store.cancel("b")
+
+
+def test_a_batch_starts_reports_and_finishes_together_and_a_cancelled_job_stays_cancelled(tmp_path):
+    store = JobStore(str(tmp_path / "jobs.sqlite3"))
+    for job_id in ("a", "b", "c"):
+        store.create(job_id, "txt2img", {"prompt": job_id}, ["from submission"])
+    store.cancel("b")
+    assert store.start_many(["a", "b", "c"], "generation", 3) == ["a", "c"]  # b never starts
+    assert store.get("a")["batch_size"] == 3 and store.get("a")["state"] == "processing"
+    assert store.progress_many(["a", "b", "c"], 40.0, "generation") == ["a", "c"]
+    store.cancel("c")
+    assert store.progress_many(["a", "c"], 20.0, "generation") == ["a"]  # the generator learns c was cancelled
+    assert store.get("a")["progress"] == 40.0  # never backwards
+    done = store.complete_many([("a", {"seed": 1}, ["from the run", "from submission"]), ("c", {"seed": 3}, [])])
+    assert done == [True, False]
+    a, c = store.get("a"), store.get("c")
+    assert (a["state"], a["result"], a["warnings"]) == ("done", {"seed": 1}, ["from submission", "from the run"])
+    assert (c["state"], c["result"]) == ("cancelled", None)
+
+
+def test_active_jobs_fail_and_cancel_durably(tmp_path):
+    database = str(tmp_path / "jobs.sqlite3")
+    store = JobStore(database)
+    store.create("a", "txt2img", {}, [])
+    store.create("b", "txt2img", {}, [])
+    store.start("a")
+    assert store.fail("a", "boom") and store.cancel("b")
+    reopened = JobStore(database)
+    assert (reopened.get("a")["state"], reopened.get("a")["error"]) == ("error", "boom")
+    assert reopened.get("b")["state"] == "cancelled"
+
+
+def test_two_writers_on_one_file_share_the_admission_limit(tmp_path):
+    """Replicas write the actor's database file directly (JobsClient): the limit holds across connections."""
+    database = str(tmp_path / "jobs.sqlite3")
+    first, second = JobStore(database), JobStore(database)
+    assert first.create("a", "txt2img", {}, [], "sd15", max_active=2)
+    assert second.create("b", "txt2img", {}, [], "sd15", max_active=2)
+    assert not first.create("c", "txt2img", {}, [], "sd15", max_active=2)
+    assert second.start_many(["a"]) == ["a"] and first.get("a")["state"] == "processing"
+
+
+def test_a_replica_opens_the_file_only_when_it_is_the_actors_own_database(tmp_path):
+    database = str(tmp_path / "jobs.sqlite3")
+    store = JobStore(database)
+    assert same_store(database, store.store_id())
+    assert JobStore(database).store_id() == store.store_id()  # stable across reopening
+    other = str(tmp_path / "other.sqlite3")
+    JobStore(other)
+    assert not same_store(other, store.store_id())  # another node's file at the same path
+    assert not same_store(str(tmp_path / "missing.sqlite3"), store.store_id())
