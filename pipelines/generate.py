@@ -122,7 +122,9 @@ class PhaseProgress:
         return lambda done, total: self.report(phase, done, total)
 
 
-def select_device(device: str | None = None, dtype: str | None = None) -> tuple[torch.device, torch.dtype]:
+def select_device(
+    device: str | None = None, dtype: str | torch.dtype | None = None
+) -> tuple[torch.device, torch.dtype]:
     """CUDA in half precision (bfloat16 where the GPU has it) where present, then Apple MPS, else the CPU in
     float32.
 
@@ -138,7 +140,9 @@ def select_device(device: str | None = None, dtype: str | None = None) -> tuple[
         else:
             device = "cpu"
     chosen = torch.device(device)
-    if dtype:
+    if isinstance(dtype, torch.dtype):
+        torch_dtype = dtype
+    elif dtype:
         torch_dtype = getattr(torch, dtype)
     elif chosen.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         torch_dtype = torch.bfloat16  # as fast as float16 on Ampere and later, and no overflow to NaN
@@ -476,7 +480,7 @@ class ImageEngine:
         self,
         catalog: ModelCatalog,
         device: str | None = None,
-        dtype: str | None = None,
+        dtype: str | torch.dtype | None = None,
         max_loaded_models: int = 2,
         torch_threads: int | None = None,
         speed: SpeedOptions | None = None,
@@ -509,21 +513,30 @@ class ImageEngine:
             if loaded is not None and loaded.entry == entry:
                 self._loaded.move_to_end(entry.name)
                 return loaded
-            while len(self._loaded) >= self.max_loaded_models:
-                name, _ = self._loaded.popitem(last=False)
-                logger.info("unloading model %s", name)
-                self._free_memory()
+            self._make_room()
             started = time.perf_counter()
-            pipe = load_pipeline(entry, self.device, self.dtype)
-            loaded = self.adopt(entry, pipe)
+            loaded = self._keep(entry, load_pipeline(entry, self.device, self.dtype))
             options = ", ".join(loaded.speed) or "no speed options"
             logger.info("loaded model %s in %.2fs on %s (%s; %s)", entry.name, time.perf_counter() - started,
                         self.device, str(self.dtype).removeprefix("torch."), options)  # fmt: skip
             return loaded
 
     def adopt(self, entry: ModelEntry, pipe) -> LoadedModel:
-        """Takes a pipeline built elsewhere (the GPU benchmark's full-size random models) as the loaded model
-        for `entry`, with this engine's speed options applied. Hold no lock; `load` calls it under its own."""
+        """Takes a pipeline built elsewhere (the GPU benchmark's full-size random models) as the loaded model for
+        `entry`, as `load` would: progress bars off, this engine's speed options applied, LRU eviction."""
+        pipe.set_progress_bar_config(disable=True)
+        with self._lock:
+            self._loaded.pop(entry.name, None)
+            self._make_room()
+            return self._keep(entry, pipe)
+
+    def _make_room(self) -> None:
+        while len(self._loaded) >= self.max_loaded_models:
+            name, _ = self._loaded.popitem(last=False)
+            logger.info("unloading model %s", name)
+            self._free_memory()
+
+    def _keep(self, entry: ModelEntry, pipe) -> LoadedModel:
         loaded = LoadedModel(entry, pipe, self.catalog.model_hash(entry) if entry.path.exists() else "0" * 10)
         loaded.speed = apply_speed_options(pipe, self.speed)
         loaded.qkv_fused = "fused QKV" in loaded.speed
