@@ -106,11 +106,13 @@ class JobBatcher:
 
     async def _next_batch(self) -> list[_Waiting]:
         """The oldest waiting job and its batch-mates. While more jobs are on their way (being prepared here,
-        or announced by their sender), it waits for them, up to `wait_s` after the oldest job's arrival."""
+        or announced by the sender of a waiting job: each announcement counts from its own job, so a burst
+        that trickles in keeps extending it), it waits for them, up to `wait_s` after the oldest job's
+        arrival."""
         first = self._waiting[0]
         deadline = first.arrived + self.wait_s
         while (
-            (self._incoming > 0 or self._submitted - first.sequence - 1 < first.more_coming)
+            (self._incoming > 0 or self._submitted - 1 < max(w.sequence + w.more_coming for w in self._waiting))
             and len(self._mates(first)) < first.limit
             and (remaining := deadline - time.monotonic()) > 0
         ):

@@ -57,7 +57,7 @@ class BatchingConfig(BaseModel):
 
     # How long an idle replica waits for batch-mates after a job arrives; 0 turns batching off. Jobs that
     # arrive while a batch runs join the next batch without any added wait.
-    batch_wait_ms: float = Field(50.0, ge=0, le=1000)
+    batch_wait_ms: float = Field(100.0, ge=0, le=1000)
     max_batch_size: int = Field(8, ge=1, le=64)
     max_batch_pixels: int = Field(8 * 512 * 512, ge=64 * 64)
 

@@ -57,6 +57,28 @@ def _replica_access_policy() -> AccessPolicy | None:
     return getattr(serve.get_replica_context().servable_object, "access", None)
 
 
+class _CountSubmissions:
+    """Counts job submissions from the moment they reach this replica, before their bodies are read and
+    validated, so that a burst is known while its first job is handed to a generator (which then holds it a
+    moment for the others to join its batch). Plain ASGI; the count lives on the replica's Ingress."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        counted = scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in ("/txt2img", "/img2img")
+        ingress = serve.get_replica_context().servable_object if counted else None
+        if not hasattr(ingress, "submissions_arriving"):
+            await self.app(scope, receive, send)
+            return
+        ingress.submissions_arriving += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            ingress.submissions_arriving -= 1
+
+
+app.add_middleware(_CountSubmissions)
 app.add_middleware(AccessMiddleware, get_policy=_replica_access_policy)
 
 
@@ -107,7 +129,7 @@ class Ingress:
         self.stale_job_timeout_s = stale_job_timeout_s
         self.max_queued_jobs = max_queued_jobs
         self._inflight: dict[str, asyncio.Task] = {}  # job id -> the task awaiting its generator
-        self._admitting = 0  # POSTs being validated and recorded right now
+        self.submissions_arriving = 0  # POSTs of jobs received and not yet answered (counted by _CountSubmissions)
         self._reaper: asyncio.Task | None = None
 
     # Listings --------------------------------------------------------------------------------------------
@@ -172,13 +194,6 @@ class Ingress:
         return await self._submit("img2img", request)
 
     async def _submit(self, kind: str, request: Txt2ImgRequest | Img2ImgRequest) -> Txt2ImgResponse:
-        self._admitting += 1
-        try:
-            return await self._admit(kind, request)
-        finally:
-            self._admitting -= 1
-
-    async def _admit(self, kind: str, request: Txt2ImgRequest | Img2ImgRequest) -> Txt2ImgResponse:
         self._start_reaper()
         entry, job = await asyncio.to_thread(self._check, kind, request)
         payload = request.model_dump(by_alias=True)
@@ -193,9 +208,9 @@ class Ingress:
                 f"retry in a few seconds"
             )
         handle = self.handles[entry.family].options(multiplexed_model_id=entry.name)
-        # Other submissions still being admitted here are a burst: the generator may hold this job a moment
-        # for them to join its batch (it never waits for a lone job).
-        more_coming = self._admitting - 1
+        # Other submissions this replica has received and not yet answered are a burst: the generator may hold
+        # this job a moment for them to join its batch (it never waits for a lone job).
+        more_coming = self.submissions_arriving - 1
         # A fresh context detaches the work from this HTTP request: a client disconnect must not cancel it.
         run = self._run(job_id, kind, payload, handle, more_coming)
         task = asyncio.create_task(run, context=contextvars.Context())

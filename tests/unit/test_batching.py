@@ -72,6 +72,20 @@ def test_a_burst_waits_for_the_jobs_its_sender_announced():
     assert run(scenario()) == [["a1", "a2", "a3"]]
 
 
+def test_a_burst_that_trickles_in_keeps_extending_the_wait_until_its_last_job():
+    async def scenario():
+        recorder = Recorder()
+        batcher = JobBatcher(recorder, max_batch_size=8, wait_s=30.0)
+        tasks = []
+        for name, announced in (("a1", 1), ("a2", 1), ("a3", 0)):  # each sender knew of one more, then none
+            tasks.append(asyncio.create_task(batcher.submit("a", name, more_coming=announced)))
+            await asyncio.sleep(0.03)
+        await asyncio.gather(*tasks)
+        return recorder.batches
+
+    assert run(scenario()) == [["a1", "a2", "a3"]]
+
+
 def test_jobs_being_prepared_are_waited_for():
     async def scenario():
         recorder = Recorder()
