@@ -56,10 +56,6 @@ class JobBatcher:
         self.max_batch_size = max(1, max_batch_size)
         self.wait_s = max(0.0, wait_s)
 
-    @property
-    def waiting(self) -> int:
-        return len(self._waiting)
-
     @contextlib.contextmanager
     def expecting(self):
         """Announces a job that is being prepared and will be submitted soon (or fail): a batch that could
@@ -112,7 +108,10 @@ class JobBatcher:
         first = self._waiting[0]
         deadline = first.arrived + self.wait_s
         while (
-            (self._incoming > 0 or self._submitted - 1 < max(w.sequence + w.more_coming for w in self._waiting))
+            (
+                self._incoming > 0
+                or self._submitted - 1 < max((w.sequence + w.more_coming for w in self._waiting), default=-1)
+            )
             and len(self._mates(first)) < first.limit
             and (remaining := deadline - time.monotonic()) > 0
         ):

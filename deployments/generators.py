@@ -4,7 +4,7 @@ The checkpoint name is the multiplexed model id, so Serve routes a job to a repl
 checkpoint loaded. Jobs from different requests that can share one diffusers call (same checkpoint and
 `PreparedJob.batch_key()`) are gathered by the replica's `JobBatcher` and run as one batch. All image work
 is `pipelines.ImageEngine`; this class only places it on a replica, runs torch off the event loop, reports
-progress to the job actor and writes the results.
+progress to the job store and writes the results.
 """
 
 import asyncio
@@ -28,7 +28,6 @@ from pipelines.generate import (
     PHASE_REFINING,
     GenerationResult,
     ImageEngine,
-    LoadedModel,
     PhaseProgress,
     PreparedJob,
 )
@@ -64,12 +63,13 @@ class BatchingConfig(BaseModel):
 
 @dataclass
 class QueuedJob:
-    """One request waiting in, or running as part of, a batch."""
+    """One request waiting in, or running as part of, a batch. It names its model rather than holding the
+    loaded pipeline, so a model evicted while the job waits is not kept in memory beside its successor."""
 
     job_id: str
     request: Txt2ImgRequest
     job: PreparedJob
-    loaded: LoadedModel
+    model: str
 
 
 def torch_thread_count(configured: int | None) -> int:
@@ -91,7 +91,7 @@ class _Generator:
     """Shared body of the per-family deployments."""
 
     FAMILY = ""  # the model family this deployment serves
-    DEFAULT_BATCHING = BatchingConfig()
+    DEFAULT_BATCHING = BatchingConfig()  # SD1.5's: 8 jobs, 8 x 512x512 pixels
 
     def __init__(self, settings: dict, job_database: str, job_options: dict | None = None, device: str | None = None,
                  upscaler=None, refiner=None, engine_options: dict | None = None):  # fmt: skip
@@ -159,7 +159,7 @@ class _Generator:
             job.job_id = job_id
             width, height = (job.hires.width, job.hires.height) if job.hires else (job.width, job.height)
             limit = max(1, self.batching.max_batch_pixels // (width * height))
-            queued = QueuedJob(job_id, parsed, job, loaded)
+            queued = QueuedJob(job_id, parsed, job, loaded.entry.name)
             outcome = await self.batcher.submit((loaded.entry.name, job.batch_key()), queued, limit, more_coming)
         except DiffusionAPIError as error:
             await self.jobs.fail(job_id, error.message)
@@ -173,73 +173,87 @@ class _Generator:
         return outcome
 
     async def _run_batch(self, batch: list[QueuedJob]) -> list[dict | BaseException]:
-        """Runs one batch: marks its jobs as started, runs them in one diffusers call off the event loop,
-        writes each image and records each job's outcome. The start is recorded while the batch already
-        runs: a job that was cancelled while it waited is found cancelled at the first step and discarded
-        (the run stops there when the whole batch was)."""
+        """Runs one batch: starts its jobs (one cancelled while it waited is left out: it never starts), runs
+        the rest in one diffusers call off the event loop, writes each image and records each job's outcome."""
+        job_ids = [queued.job_id for queued in batch]
+        phase = PhaseProgress.for_job(batch[0].job, None).first_phase
+        started = set(await self.jobs.start_many(job_ids, phase, len(batch)))
+        skipped = {"skipped": "the job was cancelled or has ended before it started"}
+        outcomes: dict[str, dict | BaseException] = {
+            job_id: {"job_id": job_id, **skipped} for job_id in job_ids if job_id not in started
+        }
+        running = [queued for queued in batch if queued.job_id in started]
+        if running:
+            outcomes.update(await self._run_started(running))
+        if self._reported_models != self.engine.loaded_models():
+            self._report()
+        return [outcomes[job_id] for job_id in job_ids]
+
+    async def _run_started(self, batch: list[QueuedJob]) -> dict[str, dict | BaseException]:
         loop = asyncio.get_running_loop()
         job_ids = [queued.job_id for queued in batch]
-        cancelled: set[str] = set()  # filled from the job actor's replies; read by the worker thread
-        phase = PhaseProgress.for_job(batch[0].job, None).first_phase
-        started = asyncio.ensure_future(self.jobs.start_many(job_ids, phase, len(batch)))
-        started.add_done_callback(lambda done: done.exception() or cancelled.update(set(job_ids) - set(done.result())))
-        progress = self._progress_sender(loop, cancelled)
+        loaded = await self.get_model(batch[0].model)
+        cancelled: set[str] = set()  # filled from the job store's replies; read by the worker thread
+        progress = self._progress_sender(loop, job_ids, cancelled)
         upscale, refine = self._remote_hooks(loop)
-        logger.info("batch of %d on %s: %s", len(batch), batch[0].loaded.entry.name, " ".join(job_ids))
+        logger.info("batch of %d on %s: %s", len(batch), batch[0].model, " ".join(job_ids))
 
         def generate_and_save() -> list[dict | BaseException]:
-            results = self.engine.run_batch(batch[0].loaded, [queued.job for queued in batch], progress, upscale,
-                                            refine, lambda job: job.job_id in cancelled)  # fmt: skip
-            return [
-                self._save(queued, result, len(batch)) if isinstance(result, GenerationResult) else result
-                for queued, result in zip(batch, results, strict=True)
-            ]
+            results = self.engine.run_batch(loaded, [queued.job for queued in batch], progress, upscale, refine,
+                                            lambda job: job.job_id in cancelled)  # fmt: skip
+            return [self._save(queued, result) if isinstance(result, GenerationResult) else result
+                    for queued, result in zip(batch, results, strict=True)]  # fmt: skip
 
         try:
             results = await asyncio.to_thread(generate_and_save)
-            await started
         except Exception as error:  # a bug or a broken model: every job of the batch ends in error
             logger.exception("batch %s failed", job_ids)
             message = error.message if isinstance(error, DiffusionAPIError) else (
                 f"generation failed: {type(error).__name__}: {error}")  # fmt: skip
             await asyncio.gather(*(self.jobs.fail(job_id, message) for job_id in job_ids))
-            return [error] * len(batch)
-        outcomes = await self._record(batch, results)
-        if self._reported_models != self.engine.loaded_models():
-            self._report()
-        return outcomes
+            return dict.fromkeys(job_ids, error)
+        return await self._record(batch, results)
 
-    async def _record(self, batch: list[QueuedJob], results: list[dict | BaseException]) -> list[dict | BaseException]:
+    async def _record(
+        self, batch: list[QueuedJob], results: list[dict | BaseException]
+    ) -> dict[str, dict | BaseException]:
         """Records each job's outcome: done (one store transaction for the batch), cancelled or failed."""
         finished = [(queued, record) for queued, record in zip(batch, results, strict=True) if isinstance(record, dict)]
-        completed = await self.jobs.complete_many(
-            [(queued.job_id, record, record.pop("warnings")) for queued, record in finished]
-        )
-        for (_, record), done in zip(finished, completed, strict=True):
-            if not done:  # cancelled at the very end: keep no file
-                Path(record["output_path"]).unlink(missing_ok=True)
-        outcomes: list[dict | BaseException] = []
+        if finished:
+            completed = await self.jobs.complete_many(
+                [(queued.job_id, record, record.pop("warnings")) for queued, record in finished]
+            )
+            for (_, record), done in zip(finished, completed, strict=True):
+                if not done:  # cancelled at the very end: keep no file
+                    Path(record["output_path"]).unlink(missing_ok=True)
+        outcomes: dict[str, dict | BaseException] = {}
         for queued, result in zip(batch, results, strict=True):
             if isinstance(result, dict):
-                outcomes.append({"job_id": queued.job_id, "output_path": result["output_path"]})
+                outcomes[queued.job_id] = {"job_id": queued.job_id, "output_path": result["output_path"]}
             elif isinstance(result, JobCancelledError):
                 logger.info("job %s cancelled", queued.job_id)
-                outcomes.append({"job_id": queued.job_id, "cancelled": True})
+                outcomes[queued.job_id] = {"job_id": queued.job_id, "cancelled": True}
             else:
-                await self.jobs.fail(queued.job_id, getattr(result, "message", str(result)))
-                outcomes.append(result)
+                message = (
+                    result.message if isinstance(result, DiffusionAPIError) else f"{type(result).__name__}: {result}"
+                )
+                await self.jobs.fail(queued.job_id, message)
+                outcomes[queued.job_id] = result
         return outcomes
 
-    def _progress_sender(self, loop: asyncio.AbstractEventLoop, cancelled: set[str] | None = None):
-        """A function for the worker thread that sends a batch's progress (jobs, done, total, phase) to the job
-        actor at most every PROGRESS_INTERVAL_S, and always the final figure. Jobs the actor reports as no
-        longer active (cancelled, or failed by the reaper) are added to `cancelled`."""
+    def _progress_sender(self, loop: asyncio.AbstractEventLoop, batch_ids: list[str], cancelled: set[str]):
+        """A function for the worker thread that sends progress (jobs of the running call, done, total, phase)
+        to the job store at most every PROGRESS_INTERVAL_S, and always the final figure. Jobs the store reports
+        as no longer active (cancelled, or failed by the reaper) are added to `cancelled`. Jobs of the batch that
+        wait for their turn (an out-of-memory batch retried job by job) get a heartbeat with it."""
         last_sent = [0.0]
 
         async def send(job_ids: list[str], percent: float, phase: str) -> None:
             active = await self.jobs.progress_many(job_ids, percent, phase)
-            if cancelled is not None:
-                cancelled.update(set(job_ids) - set(active))
+            cancelled.update(set(job_ids) - set(active))
+            waiting = [job_id for job_id in batch_ids if job_id not in job_ids and job_id not in cancelled]
+            if waiting:
+                await self.jobs.touch_active(waiting)
 
         def report(jobs: list[PreparedJob], done: int, total: int, phase: str) -> None:
             now = time.monotonic()
@@ -270,15 +284,20 @@ class _Generator:
 
         return (upscale if self.upscaler else None), (refine if self.refiner else None)
 
-    def _save(self, queued: QueuedJob, result: GenerationResult, batch_size: int) -> dict:
+    def _save(self, queued: QueuedJob, result: GenerationResult) -> dict | BaseException:
         """Encodes the image with its infotext and writes it (in the worker thread, off the event loop); the
-        record the job store keeps, with the warnings the run added."""
+        record the job store keeps, with the warnings the run added. A job whose image cannot be written ends
+        in error alone; its batch-mates keep theirs."""
         request = queued.request
-        data = encode_image(result.image, request.file_type, result.infotext, request.jpeg_quality)
-        folder = self.settings.outputs_dir / datetime.date.today().isoformat()
-        folder.mkdir(parents=True, exist_ok=True)
-        path = Path(folder) / f"{queued.job_id}.{request.file_type}"
-        path.write_bytes(data)
+        try:
+            data = encode_image(result.image, request.file_type, result.infotext, request.jpeg_quality)
+            folder = self.settings.outputs_dir / datetime.date.today().isoformat()
+            folder.mkdir(parents=True, exist_ok=True)
+            path = Path(folder) / f"{queued.job_id}.{request.file_type}"
+            path.write_bytes(data)
+        except OSError as error:
+            logger.exception("job %s: writing its image failed", queued.job_id)
+            return DiffusionAPIError(f"the image could not be written: {error}")
         return {
             "image": encode_base64(data),
             "output_path": str(path),
@@ -291,7 +310,7 @@ class _Generator:
             "memory_after_mb": result.memory_after_mb,
             "seed": result.seed,
             "infotext": result.infotext,
-            "batch_size": batch_size,
+            "batch_size": result.batch_size,
             "warnings": result.warnings,
         }
 
@@ -307,7 +326,6 @@ class SD15Generator(_Generator):
     precision with SDPA, next to 2 GB of weights."""
 
     FAMILY = "sd15"
-    DEFAULT_BATCHING = BatchingConfig(max_batch_size=8, max_batch_pixels=8 * 512 * 512)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=8)
@@ -331,7 +349,7 @@ class Refiner(_Generator):
         """The refiner's steps for a batch the SDXL generator started (its jobs are already running)."""
         loaded = await self.get_model(serve.get_multiplexed_model_id())
         start, end = progress_range
-        send = self._progress_sender(asyncio.get_running_loop())
+        send = self._progress_sender(asyncio.get_running_loop(), [job.job_id for job in jobs], set())
 
         def on_step(step: int, total: int) -> None:
             send(jobs, round(1000 * (start + (end - start) * step / total)), 1000, PHASE_REFINING)

@@ -57,6 +57,9 @@ def _replica_access_policy() -> AccessPolicy | None:
     return getattr(serve.get_replica_context().servable_object, "access", None)
 
 
+ARRIVING = "diffusion_api_submission_arriving"
+
+
 class _CountSubmissions:
     """Counts job submissions from the moment they reach this replica, before their bodies are read and
     validated, so that a burst is known while its first job is handed to a generator (which then holds it a
@@ -66,16 +69,20 @@ class _CountSubmissions:
         self.app = app
 
     async def __call__(self, scope, receive, send) -> None:
-        counted = scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in ("/txt2img", "/img2img")
+        path = scope["path"].removeprefix(scope.get("root_path") or "") if scope["type"] == "http" else ""
+        counted = scope["type"] == "http" and scope["method"] == "POST" and path in ("/txt2img", "/img2img")
         ingress = serve.get_replica_context().servable_object if counted else None
         if not hasattr(ingress, "submissions_arriving"):
             await self.app(scope, receive, send)
             return
+        state = scope.setdefault("state", {})
+        state[ARRIVING] = True  # the route clears it when it hands the job over (see Ingress._submit)
         ingress.submissions_arriving += 1
         try:
             await self.app(scope, receive, send)
         finally:
-            ingress.submissions_arriving -= 1
+            if state.pop(ARRIVING, False):  # refused (4xx, 503) before it was handed over
+                ingress.submissions_arriving -= 1
 
 
 app.add_middleware(_CountSubmissions)
@@ -129,7 +136,7 @@ class Ingress:
         self.stale_job_timeout_s = stale_job_timeout_s
         self.max_queued_jobs = max_queued_jobs
         self._inflight: dict[str, asyncio.Task] = {}  # job id -> the task awaiting its generator
-        self.submissions_arriving = 0  # POSTs of jobs received and not yet answered (counted by _CountSubmissions)
+        self.submissions_arriving = 0  # job POSTs received and not yet handed to a generator (_CountSubmissions)
         self._reaper: asyncio.Task | None = None
 
     # Listings --------------------------------------------------------------------------------------------
@@ -186,14 +193,14 @@ class Ingress:
 
     # Jobs ------------------------------------------------------------------------------------------------
     @app.post("/txt2img", response_model=Txt2ImgResponse, responses={422: {"model": ErrorResponse}})
-    async def txt2img(self, request: Txt2ImgRequest) -> Txt2ImgResponse:
-        return await self._submit("txt2img", request)
+    async def txt2img(self, request: Txt2ImgRequest, http: Request) -> Txt2ImgResponse:
+        return await self._submit("txt2img", request, http)
 
     @app.post("/img2img", response_model=Txt2ImgResponse, responses={422: {"model": ErrorResponse}})
-    async def img2img(self, request: Img2ImgRequest) -> Txt2ImgResponse:
-        return await self._submit("img2img", request)
+    async def img2img(self, request: Img2ImgRequest, http: Request) -> Txt2ImgResponse:
+        return await self._submit("img2img", request, http)
 
-    async def _submit(self, kind: str, request: Txt2ImgRequest | Img2ImgRequest) -> Txt2ImgResponse:
+    async def _submit(self, kind: str, request: Txt2ImgRequest | Img2ImgRequest, http: Request) -> Txt2ImgResponse:
         self._start_reaper()
         entry, job = await asyncio.to_thread(self._check, kind, request)
         payload = request.model_dump(by_alias=True)
@@ -208,9 +215,11 @@ class Ingress:
                 f"retry in a few seconds"
             )
         handle = self.handles[entry.family].options(multiplexed_model_id=entry.name)
-        # Other submissions this replica has received and not yet answered are a burst: the generator may hold
+        # Submissions this replica has received and not yet handed over are a burst: the generator may hold
         # this job a moment for them to join its batch (it never waits for a lone job).
-        more_coming = self.submissions_arriving - 1
+        if http.scope.get("state", {}).pop(ARRIVING, False):
+            self.submissions_arriving -= 1
+        more_coming = self.submissions_arriving
         # A fresh context detaches the work from this HTTP request: a client disconnect must not cancel it.
         run = self._run(job_id, kind, payload, handle, more_coming)
         task = asyncio.create_task(run, context=contextvars.Context())

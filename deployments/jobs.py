@@ -1,9 +1,10 @@
-"""The job-status store: one named Ray actor holding every job's state, kept in SQLite.
+"""The job store: every job's state in a SQLite file, behind a named Ray actor.
 
-`JobStore` is a plain class (testable without Ray) with named transitions: `create`, `start`, `progress`,
-`complete`, `fail`, `cancel`. Records live in a SQLite file (in the outputs folder by default), so a finished
-job, image included, is still served after the actor or the whole service restarts. Finished jobs are pruned
-by age and count; a job whose worker stopped reporting is failed by `reap_stale`.
+`JobStore` is a plain class (testable without Ray) with named transitions: `create`, `start_many`,
+`progress_many`, `complete_many`, `fail`, `cancel`. Records live in a SQLite file (in the outputs folder by
+default), so a finished job, image included, is still served after the actor or the whole service restarts.
+Finished jobs are pruned by age and count; a job whose worker stopped reporting is failed by `reap_stale`.
+Replicas reach it through `JobsClient`: straight to the file on the actor's node, else through the actor.
 """
 
 import asyncio
@@ -28,7 +29,8 @@ STORE_INTERFACE_VERSION = 3
 REPLICA_REPORT_TTL_S = 60.0
 PRUNE_INTERVAL_S = 60.0  # retention runs at most this often (on job creation), not on every job
 TERMINAL_STATES = ("done", "error", "cancelled")
-_ACTIVE = "state NOT IN ('done', 'error', 'cancelled')"
+_TERMINAL = ", ".join(f"'{state}'" for state in TERMINAL_STATES)
+_ACTIVE = f"state NOT IN ({_TERMINAL})"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -139,7 +141,10 @@ class JobStore:
             )
         if now - self._last_prune >= PRUNE_INTERVAL_S:
             self._last_prune = now
-            self.prune()
+            try:
+                self.prune()
+            except (sqlite3.Error, OSError):  # the job is recorded; retention runs again later
+                logger.warning("pruning finished jobs failed", exc_info=True)
         return True
 
     def start_many(self, job_ids: list[str], phase: str = "generation", batch_size: int | None = None) -> list[str]:
@@ -167,6 +172,11 @@ class JobStore:
     def progress(self, job_id: str, progress: float, phase: str) -> bool:
         return bool(self.progress_many([job_id], progress, phase))
 
+    def touch_active(self, job_ids: list[str]) -> int:
+        """Heartbeat for started jobs that wait for their turn inside a batch (an out-of-memory batch retried
+        job by job), so the stale-job reaper leaves them alone."""
+        return len(self._update_many(job_ids))
+
     def touch_queued(self, job_ids: list[str]) -> int:
         """Heartbeat for jobs still waiting for a generator, so the stale-job reaper leaves them alone."""
         now = time.time()
@@ -175,15 +185,10 @@ class JobStore:
                 "UPDATE jobs SET updated = ? WHERE job_id = ? AND state = 'queued'", [(now, j) for j in job_ids]
             ).rowcount
 
-    def add_warnings(self, job_id: str, warnings: list[str]) -> None:
-        job = self.get(job_id)
-        if job is not None:
-            merged = job["warnings"] + [w for w in warnings if w not in job["warnings"]]
-            self._execute("UPDATE jobs SET warnings = ? WHERE job_id = ?", (json.dumps(merged), job_id))
-
     def complete_many(self, outcomes: list[tuple[str, dict, list[str]]]) -> list[bool]:
         """Records finished jobs (job id, result, warnings the run added) in one transaction; a job that was
-        cancelled or failed meanwhile stays as it is (False for it)."""
+        cancelled or failed meanwhile stays as it is (False for it). A result's `batch_size` (the call the job
+        finally ran in: 1 after an out-of-memory retry) replaces the one recorded at start."""
         done = []
         now = time.time()
         with self._transaction(durable=True) as db:
@@ -192,10 +197,12 @@ class JobStore:
                 if row is not None:
                     merged = json.loads(row[0])
                     merged += [w for w in dict.fromkeys(warnings) if w not in merged]
+                    result = dict(result)
+                    batch_size = result.pop("batch_size", None)  # kept in its column, with the batch it ran in
                     db.execute(
                         "UPDATE jobs SET state = 'done', phase = 'done', progress = 100.0, result = ?, "
-                        "warnings = ?, updated = ? WHERE job_id = ?",
-                        (json.dumps(result), json.dumps(merged), now, job_id),
+                        "warnings = ?, batch_size = COALESCE(?, batch_size), updated = ? WHERE job_id = ?",
+                        (json.dumps(result), json.dumps(merged), batch_size, now, job_id),
                     )
                 done.append(row is not None)
         return done
@@ -217,8 +224,13 @@ class JobStore:
             return read_job(self._db, job_id)
 
     def store_id(self) -> str:
-        """This database's identity: a reader that opens the file itself checks it is the same database."""
+        """This database's identity: a replica that opens the file itself checks it is the same database."""
         return self._store_id
+
+    def location(self) -> tuple[str, str]:
+        """(store id, Ray node id of this actor): the file may be shared only by processes on this node, since
+        SQLite's WAL and locks do not work across hosts (a network volume included)."""
+        return self._store_id, ray.get_runtime_context().get_node_id()
 
     def counts(self) -> dict[str, int]:
         with self._lock:
@@ -254,7 +266,7 @@ class JobStore:
         """Deletes finished jobs older than the retention time or beyond the retention count, with their
         output files; returns how many were removed."""
         cutoff = time.time() - self.keep_finished_seconds
-        finished = "state IN ('done', 'error', 'cancelled')"
+        finished = f"state IN ({_TERMINAL})"
         with self._lock:
             rows = self._db.execute(
                 f"SELECT job_id, result FROM jobs WHERE {finished} AND (updated < ? OR job_id IN (SELECT job_id FROM "
@@ -304,11 +316,11 @@ def same_store(database: str, store_id: str) -> bool:
 class JobsClient:
     """The job store as the replicas use it.
 
-    Where this process can open the job actor's own database file (the replica runs on the actor's node, or
-    the file is on a shared volume: checked by store id), job transitions and status reads go straight to the
-    file: SQLite's WAL and write locks make that safe across processes, and it saves an actor call (a few ms)
-    on every step of a job and on every status poll. Anywhere else every call goes to the job actor. Replica
-    reports live in the actor's memory and always go there.
+    A replica on the job actor's node that can open the actor's own database file (checked by store id) reads
+    and writes it directly, in a worker thread: SQLite's WAL and write locks make that safe between processes
+    of one host, and it saves an actor call (a few ms) on every step of a job and on every status poll.
+    Replicas on other nodes (SQLite does not work across hosts, shared volumes included) call the actor.
+    Replica reports live in the actor's memory and always go there.
     """
 
     def __init__(self, database: str, **options):
@@ -323,9 +335,13 @@ class JobsClient:
         async with self._checking:
             if self._checked:
                 return self._local
-            store_id = await self.actor.store_id.remote()  # also waits for the actor to set the file up
-            if await asyncio.to_thread(same_store, self.database, store_id):
-                self._local = JobStore(self.database, **self._options)
+            store_id, node = await self.actor.location.remote()  # also waits for the actor to set the file up
+            if node == ray.get_runtime_context().get_node_id():
+                try:
+                    if await asyncio.to_thread(same_store, self.database, store_id):
+                        self._local = await asyncio.to_thread(JobStore, self.database, **self._options)
+                except sqlite3.Error:
+                    logger.warning("cannot open the job database %s here; using the job actor", self.database)
             self._checked = True
             logger.info("job store: %s", f"the file {self.database}" if self._local else "the job actor")
             return self._local
@@ -333,8 +349,8 @@ class JobsClient:
     async def _call(self, method: str, *args):
         store = await self._store()
         if store is not None:
-            try:
-                return getattr(store, method)(*args)
+            try:  # off the event loop: a durable commit waits for the disk, a busy file for its lock
+                return await asyncio.to_thread(getattr(store, method), *args)
             except sqlite3.Error:
                 logger.warning("job store %s failed on the file; asking the job actor", method, exc_info=True)
         return await getattr(self.actor, method).remote(*args)
@@ -363,6 +379,9 @@ class JobsClient:
 
     async def counts(self) -> dict[str, int]:
         return await self._call("counts")
+
+    async def touch_active(self, job_ids: list[str]) -> int:
+        return await self._call("touch_active", job_ids)
 
     async def touch_queued(self, job_ids: list[str]) -> int:
         return await self._call("touch_queued", job_ids)

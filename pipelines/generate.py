@@ -231,6 +231,7 @@ class GenerationResult:
     model: str
     model_hash: str
     warnings: list[str]
+    batch_size: int = 1  # how many jobs ran in the diffusers call that made this image
 
 
 def random_seed() -> int:
@@ -658,6 +659,7 @@ class ImageEngine:
                 model=loaded.entry.name,
                 model_hash=loaded.model_hash,
                 warnings=list(job.warnings),
+                batch_size=len(jobs),
             )
             for job, image in zip(jobs, images, strict=True)
         ]

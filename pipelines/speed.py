@@ -46,8 +46,9 @@ class SpeedOptions(BaseModel):
     compile: bool = False
     compile_mode: CompileMode = "max-autotune-no-cudagraphs"
     # Decode in tiles: "auto" when an output has more than `vae_tiling_min_pixels` (large hires outputs),
-    # which bounds the decoder's memory; tiles are blended, so pixels differ slightly from a whole decode.
-    vae_tiling: Literal["auto", "always", "never"] = "auto"
+    # which bounds the decoder's memory; tiles are blended, so pixels differ slightly from a whole decode
+    # (hence off by default: a seed gives the same image with or without it).
+    vae_tiling: Literal["auto", "always", "never"] = "never"
     vae_tiling_min_pixels: int = Field(1536 * 1024, ge=64 * 64)
     # Decode a batch one image at a time: a batch's decode needs one image's memory (same pixels).
     vae_slicing: bool = True

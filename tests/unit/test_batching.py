@@ -190,6 +190,7 @@ def test_a_batched_job_gets_the_pixels_and_infotext_it_gets_alone(engine, model,
         alone = engine.txt2img(request)
         assert np.abs(pixels(batched) - pixels(alone)).mean() <= 1.0  # <= 1/255 on average
         assert batched.infotext == alone.infotext and batched.seed == request.seed
+        assert (batched.batch_size, alone.batch_size) == (3, 1)
 
 
 def test_a_cancelled_job_is_discarded_while_its_batch_mates_run_on(engine):
@@ -242,7 +243,7 @@ def test_an_out_of_memory_batch_retries_its_jobs_one_by_one(engine, monkeypatch)
     monkeypatch.setattr(loaded, "pipe", OutOfMemoryForBatches(loaded.pipe, fits=1))
     outcomes = engine.run_batch(loaded, [engine.prepare(tiny(seed=seed), loaded.entry) for seed in (4, 5)])
     for outcome, alone in zip(outcomes, expected, strict=True):
-        assert isinstance(outcome, GenerationResult)
+        assert isinstance(outcome, GenerationResult) and outcome.batch_size == 1  # each ran alone in the end
         assert np.abs(pixels(outcome) - pixels(alone)).mean() <= 1.0
     monkeypatch.setattr(loaded, "pipe", OutOfMemoryForBatches(loaded.pipe.pipe, fits=0))
     (alone,) = engine.run_batch(loaded, [engine.prepare(tiny(seed=6), loaded.entry)])

@@ -125,10 +125,12 @@ def test_a_batch_starts_reports_and_finishes_together_and_a_cancelled_job_stays_
     store.cancel("c")
     assert store.progress_many(["a", "c"], 20.0, "generation") == ["a"]  # the generator learns c was cancelled
     assert store.get("a")["progress"] == 40.0  # never backwards
-    done = store.complete_many([("a", {"seed": 1}, ["from the run", "from submission"]), ("c", {"seed": 3}, [])])
+    done = store.complete_many([("a", {"seed": 1, "batch_size": 1}, ["from the run", "from submission"]),
+                                ("c", {"seed": 3}, [])])  # fmt: skip
     assert done == [True, False]
     a, c = store.get("a"), store.get("c")
     assert (a["state"], a["result"], a["warnings"]) == ("done", {"seed": 1}, ["from submission", "from the run"])
+    assert a["batch_size"] == 1  # it finally ran alone (an out-of-memory batch retried job by job)
     assert (c["state"], c["result"]) == ("cancelled", None)
 
 
