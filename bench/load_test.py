@@ -1,7 +1,8 @@
 """Load test: N clients submit tiny jobs and poll them for a fixed time against a running service.
 
 Run by hand (e.g. against `make serve`); prints jobs submitted/completed/failed/lost, submit-to-done p50/p95,
-HTTP errors by status and the 5xx count. A 503 (back-pressure) is retried after its Retry-After and counted.
+HTTP errors by status and the 5xx count. A 429 (back-pressure: the queue is full) is retried after its
+Retry-After and counted.
 
 .venv/bin/python bench/load_test.py --clients 8 --seconds 120 [--url http://127.0.0.1:8000] [--api-key KEY]
 """
@@ -24,7 +25,7 @@ class Tally:
         self.cancelled = 0
         self.latencies: list[float] = []
         self.statuses: collections.Counter = collections.Counter()
-        self.retries_503 = 0
+        self.retries_429 = 0
         self.transport_errors = 0
         self.unfinished: list[str] = []
 
@@ -36,9 +37,9 @@ async def one_job(client: httpx.AsyncClient, tally: Tally, index: int, steps: in
     while True:
         response = await client.post("/txt2img", json=body)
         tally.statuses[response.status_code] += 1
-        if response.status_code != 503:
+        if response.status_code != 429:
             break
-        tally.retries_503 += 1
+        tally.retries_429 += 1
         await asyncio.sleep(float(response.headers.get("Retry-After", "1")))
     if response.status_code != 200:
         tally.failed.append(f"submit {response.status_code}: {response.text[:200]}")
@@ -100,7 +101,7 @@ async def main() -> None:
     await asyncio.gather(*(client_loop(args.url, headers, tally, i, stop_at, args.steps, args.size, args.job_timeout)
                            for i in range(args.clients)))  # fmt: skip
     wall = time.perf_counter() - started
-    server_errors = sum(count for status, count in tally.statuses.items() if status >= 500 and status != 503)
+    server_errors = sum(count for status, count in tally.statuses.items() if status >= 500)
     print(f"{args.clients} clients, {args.seconds:.0f} s (wall {wall:.0f} s), {args.size} px, {args.steps} steps, "
           f"models {', '.join(MODELS)}")  # fmt: skip
     print(
@@ -111,8 +112,8 @@ async def main() -> None:
     print(f"submit->done p50 {percentile(tally.latencies, 0.5):.3f} s  p95 {percentile(tally.latencies, 0.95):.3f} s  "
           f"max {max(tally.latencies, default=float('nan')):.3f} s")  # fmt: skip
     print(
-        f"HTTP statuses {dict(sorted(tally.statuses.items()))}  5xx (other than 503) {server_errors}  "
-        f"503 retried {tally.retries_503}  transport errors {tally.transport_errors}"
+        f"HTTP statuses {dict(sorted(tally.statuses.items()))}  5xx {server_errors}  "
+        f"429 retried {tally.retries_429}  transport errors {tally.transport_errors}"
     )
     for line in tally.failed[:10]:
         print(f"  failure: {line}")

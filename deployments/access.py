@@ -74,7 +74,7 @@ def check_request(policy: AccessPolicy, scope: Scope) -> tuple[Response | None, 
         preflight = {**cors, "Access-Control-Allow-Methods": CORS_METHODS, "Access-Control-Allow-Headers": CORS_HEADERS,
                      "Access-Control-Max-Age": "600"}  # fmt: skip
         return Response(status_code=204, headers=preflight), cors
-    length = headers.get("content-length")
+    length = headers.get("content-length") if scope["method"] in ("POST", "PUT", "PATCH") else None
     if length is not None and (not length.isdigit() or int(length) > policy.max_request_bytes):
         too_large = f"request body is {length} bytes; at most {policy.max_request_bytes} are accepted"
         return _error(413, too_large, cors), cors
@@ -83,6 +83,12 @@ def check_request(policy: AccessPolicy, scope: Scope) -> tuple[Response | None, 
         refused = {**cors, "WWW-Authenticate": "Bearer"}
         return _error(401, "missing or invalid API key: send the header 'Authorization: Bearer <key>'", refused), cors
     return None, cors
+
+
+def is_json(content_type: str) -> bool:
+    """application/json, or any application/*+json, whatever its parameters (charset)."""
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    return media_type == "application/json" or (media_type.startswith("application/") and media_type.endswith("+json"))
 
 
 class AccessMiddleware:

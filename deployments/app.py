@@ -40,7 +40,7 @@ class AppArgs(BaseModel):
     device: str | None = None  # default: CUDA when present, else CPU
     # A job with no progress report (and no ingress still waiting on it) for this long is marked failed.
     stale_job_timeout_s: float = Field(600.0, gt=0)
-    # Per model family, queued + running, across the service; beyond it POST answers 503 with Retry-After.
+    # Per model family, queued + running, across the service; beyond it POST answers 429 with Retry-After.
     max_queued_jobs: int = Field(64, ge=1)
     # Access: a file of API keys (one per line; also DIFFUSION_API_KEYS / DIFFUSION_API_KEYS_FILE) and CORS origins.
     api_keys_file: str | None = None

@@ -10,14 +10,18 @@ import asyncio
 import contextvars
 import logging
 import uuid
+from typing import Annotated
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from ray import serve
-from ray.serve.exceptions import BackPressureError
+from ray.serve.exceptions import BackPressureError, RayServeException
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import get_route_path
 
-from deployments.access import AccessMiddleware, AccessPolicy
+from deployments.access import AccessMiddleware, AccessPolicy, is_json
+from deployments.contract import documented_errors, documented_methods, install_openapi
 from deployments.jobs import JobsClient
 from pipelines.catalog import ModelCatalog, ModelEntry
 from pipelines.errors import DiffusionAPIError, ServiceBusyError
@@ -25,8 +29,9 @@ from pipelines.generate import PreparedJob, check_mode_supported, prepare_job
 from pipelines.loras import LoraLibrary
 from pipelines.samplers import sampler_names, schedule_type_names
 from pipelines.schemas import (
+    JOB_ID_PATTERN,
     CancelResponse,
-    ErrorResponse,
+    HealthResponse,
     HelloResponse,
     Img2ImgRequest,
     LoraInfo,
@@ -89,6 +94,17 @@ app.add_middleware(_CountSubmissions)
 app.add_middleware(AccessMiddleware, get_policy=_replica_access_policy)
 
 
+def _api_keys_on() -> bool:
+    try:
+        policy = _replica_access_policy()
+    except RayServeException:  # outside a replica: the schema read offline, without keys
+        return False
+    return bool(policy and policy.api_keys)
+
+
+install_openapi(app, api_keys_on=_api_keys_on)
+
+
 def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
     return JSONResponse(status_code=status, content={"status": "error", "error": message}, headers=headers)
 
@@ -116,6 +132,55 @@ def jsonable_errors(error: RequestValidationError) -> list[dict]:
     return [{"loc": list(item["loc"]), "msg": item["msg"], "type": item["type"]} for item in error.errors()]
 
 
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+    """Starlette's own answers (unknown path, method not allowed) in the API's error shape. A 405 lists in
+    `Allow` every method the schema documents for the path: Starlette names only the first matching route's."""
+    headers = dict(error.headers or {})
+    if error.status_code == 405:
+        headers["Allow"] = ", ".join(documented_methods(request.app, get_route_path(request.scope))) or headers.get(
+            "Allow", ""
+        )
+        message = f"{request.method} is not allowed on {request.url.path}; allowed: {headers['Allow']}"
+    elif error.status_code == 404:
+        message = f"no such path: {request.url.path} (see /docs)"
+    elif error.status_code == 400:
+        message = f"the request body cannot be read as JSON: {error.detail}"
+    else:
+        message = str(error.detail)
+    return _error(error.status_code, message, headers=headers)
+
+
+class UnsupportedMediaTypeError(DiffusionAPIError):
+    status_code = 415
+
+
+async def require_json_body(request: Request) -> None:
+    """Job bodies are JSON: another content type is a 415 that says so (FastAPI alone would answer a 422
+    about a missing object). A body without a content type is read as JSON."""
+    content_type = request.headers.get("content-type")
+    if content_type is not None and not is_json(content_type):
+        raise UnsupportedMediaTypeError(
+            f"the request body must be JSON (Content-Type: application/json), not {content_type[:100]!r}"
+        )
+
+
+JobId = Annotated[str, Path(pattern=JOB_ID_PATTERN, description="The job_id POST /txt2img or /img2img answered")]
+JOB_SUBMISSION_ERRORS = (400, 401, 404, 413, 415, 422, 429, 503)
+
+
+def unknown_field_warnings(kind: str, fields: list[str]) -> list[str]:
+    """Unknown fields are ignored (as A1111 does), and said so, since a misspelt field would otherwise go
+    unnoticed."""
+    if not fields:
+        return []
+    named = ", ".join(repr(name[:60]) for name in fields[:10])
+    if len(fields) > 10:
+        named += f" and {len(fields) - 10} more"
+    hint = "; hires fix ('hires') applies to txt2img only" if kind == "img2img" and "hires" in fields else ""
+    return [f"unknown field(s) ignored: {named}{hint}"]
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=200)
 @serve.ingress(app)
 class Ingress:
@@ -140,11 +205,11 @@ class Ingress:
         self._reaper: asyncio.Task | None = None
 
     # Listings --------------------------------------------------------------------------------------------
-    @app.get("/hello", response_model=HelloResponse)
+    @app.get("/hello", response_model=HelloResponse, responses=documented_errors(503))
     async def hello(self) -> HelloResponse:
         return HelloResponse(ok=True)
 
-    @app.get("/health")
+    @app.get("/health", response_model=HealthResponse, responses=documented_errors(401, 503))
     async def health(self) -> dict:
         counts = await self.jobs.counts()
         replicas = await self.jobs.replica_reports()
@@ -164,51 +229,55 @@ class Ingress:
             report["status"] = "warning"
         return report
 
-    @app.get("/models", response_model=ModelsResponse)
+    @app.get("/models", response_model=ModelsResponse, responses=documented_errors(401, 503))
     async def models(self) -> ModelsResponse:
         entries = await asyncio.to_thread(self.catalog.list_models)
         return ModelsResponse(models=[ModelInfo(name=e.name, label=e.label, family=e.family) for e in entries])
 
-    @app.get("/models/aliases", response_model=ModelAliasesResponse)
+    @app.get("/models/aliases", response_model=ModelAliasesResponse, responses=documented_errors(401, 503))
     async def model_aliases(self) -> ModelAliasesResponse:
         pairs = await asyncio.to_thread(self.catalog.aliases)
         models = [ModelAlias(name=name, label=label) for label, name in pairs]
         return ModelAliasesResponse(models=models, message=f"{len(models)} model aliases")
 
-    @app.get("/loras", response_model=LorasResponse)
+    @app.get("/loras", response_model=LorasResponse, responses=documented_errors(401, 503))
     async def list_loras(self) -> LorasResponse:
         found = await asyncio.to_thread(self.loras.available)
         return LorasResponse(loras=[LoraInfo(name=lora.name, scale=1.0, family=lora.family) for lora in found])
 
-    @app.get("/upscalers", response_model=UpscalersResponse)
+    @app.get("/upscalers", response_model=UpscalersResponse, responses=documented_errors(401, 503))
     async def list_upscalers(self) -> UpscalersResponse:
         files = await asyncio.to_thread(self.upscalers.available)
         listed = [UpscalerInfo(name=name, path="internal") for name in LATENT_MODES]
         listed += [UpscalerInfo(name=item.name, path=str(item.path)) for item in files]
         return UpscalersResponse(upscalers=listed)
 
-    @app.get("/sampling_methods", response_model=SamplingMethodsResponse)
+    @app.get("/sampling_methods", response_model=SamplingMethodsResponse, responses=documented_errors(401, 503))
     async def sampling_methods(self) -> SamplingMethodsResponse:
         return SamplingMethodsResponse(sampling_methods=sampler_names(), scheduler_types=schedule_type_names())
 
     # Jobs ------------------------------------------------------------------------------------------------
-    @app.post("/txt2img", response_model=Txt2ImgResponse, responses={422: {"model": ErrorResponse}})
+    @app.post("/txt2img", response_model=Txt2ImgResponse, responses=documented_errors(*JOB_SUBMISSION_ERRORS),
+              dependencies=[Depends(require_json_body)])  # fmt: skip
     async def txt2img(self, request: Txt2ImgRequest, http: Request) -> Txt2ImgResponse:
         return await self._submit("txt2img", request, http)
 
-    @app.post("/img2img", response_model=Txt2ImgResponse, responses={422: {"model": ErrorResponse}})
+    @app.post("/img2img", response_model=Txt2ImgResponse, responses=documented_errors(*JOB_SUBMISSION_ERRORS),
+              dependencies=[Depends(require_json_body)])  # fmt: skip
     async def img2img(self, request: Img2ImgRequest, http: Request) -> Txt2ImgResponse:
         return await self._submit("img2img", request, http)
 
     async def _submit(self, kind: str, request: Txt2ImgRequest | Img2ImgRequest, http: Request) -> Txt2ImgResponse:
         self._start_reaper()
         entry, job = await asyncio.to_thread(self._check, kind, request)
+        unknown = request.unknown_fields()
         payload = request.model_dump(by_alias=True)
+        for name in request.model_extra or {}:  # not `exclude`: an unknown "file_type" would drop "fileType"
+            payload.pop(name, None)
         payload["model"] = entry.name
         job_id = uuid.uuid4().hex
-        created = await self.jobs.create(
-            job_id, kind, payload, job.sampler.warnings + job.warnings, entry.family, self.max_queued_jobs
-        )
+        warnings = job.sampler.warnings + job.warnings + unknown_field_warnings(kind, unknown)
+        created = await self.jobs.create(job_id, kind, payload, warnings, entry.family, self.max_queued_jobs)
         if not created:
             raise ServiceBusyError(
                 f"the {entry.family} generators already have {self.max_queued_jobs} jobs queued or running; "
@@ -266,8 +335,8 @@ class Ingress:
                 logger.exception("stale-job reaper failed")
 
     @app.delete("/queue/{job_id}", response_model=CancelResponse,
-                responses={404: {"model": ErrorResponse}, 409: {"model": ErrorResponse}})  # fmt: skip
-    async def cancel(self, job_id: str):
+                responses=documented_errors(401, 404, 409, 422, 503))  # fmt: skip
+    async def cancel(self, job_id: JobId):
         """Cancels a queued or running job: a queued one never starts, a running one stops at its next step."""
         job = await self.jobs.get(job_id)
         if job is None:
@@ -277,8 +346,8 @@ class Ingress:
             return _error(409, f"job {job_id} has already ended (state {job['state']!r}); nothing to cancel")
         return CancelResponse(job_id=job_id)
 
-    @app.get("/queue/{job_id}", response_model=QueueStatusResponse, responses={404: {"model": ErrorResponse}})
-    async def queue(self, job_id: str):
+    @app.get("/queue/{job_id}", response_model=QueueStatusResponse, responses=documented_errors(401, 404, 422, 503))
+    async def queue(self, job_id: JobId):
         self._start_reaper()
         job = await self.jobs.get(job_id)
         if job is None:

@@ -31,9 +31,10 @@ class InvalidRequestError(DiffusionAPIError):
 
 
 class InvalidNameError(DiffusionAPIError):
-    """A name that could escape its folder (`..`, absolute path, NUL byte)."""
+    """A name that could escape its folder (`..`, absolute path, NUL byte). No installed file has such a name,
+    so it is a 404 like any other unknown name, with a message that says why."""
 
-    status_code = 400
+    status_code = 404
 
 
 class UnknownModelError(DiffusionAPIError):
@@ -61,9 +62,10 @@ class ModelLoadError(DiffusionAPIError):
 
 
 class ServiceBusyError(DiffusionAPIError):
-    """Too many jobs are already waiting for this kind of model; the caller should retry later."""
+    """Too many jobs are already waiting for this kind of model; the caller should retry later (429 with
+    Retry-After: the service is healthy, its callers have queued all the work it accepts for now)."""
 
-    status_code = 503
+    status_code = 429
     retry_after_s = 5
 
 

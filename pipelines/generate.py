@@ -9,6 +9,7 @@ The flow of a job, top to bottom:
 """
 
 import logging
+import math
 import os
 import secrets
 import threading
@@ -30,6 +31,7 @@ from pipelines.errors import (
     JobCancelledError,
     ModelLoadError,
     OutOfMemoryError,
+    UnknownModelError,
 )
 from pipelines.images import decode_base64_image
 from pipelines.infotext import build_infotext
@@ -271,57 +273,65 @@ def prepare_job(
         warnings=list(plan.warnings) if plan else [],
     )
     if isinstance(request, Img2ImgRequest):
-        effective_steps = int(request.steps * request.denoising_strength)
-        if effective_steps < 1:
-            raise InvalidRequestError(
-                f"steps x denoising_strength must give at least one step (got {request.steps} x "
-                f"{request.denoising_strength}); raise 'steps' or 'denoising_strength'",
-                field="denoising_strength",
-            )
         image = decode_base64_image(request.image, field="image")
         job.init_image = image.resize((request.width, request.height), Image.Resampling.LANCZOS)
-        job.denoising_strength = request.denoising_strength
-    job.hires = _plan_hires(request, mode, upscalers)
-    job.refiner = _plan_refiner(request, mode, model, catalog)
+        job.denoising_strength = at_least_one_step(request.steps, request.denoising_strength, "", job.warnings)
+    job.hires = _plan_hires(request, mode, upscalers, job.warnings)
+    job.refiner = _plan_refiner(request, mode, model, catalog, job.warnings)
     if job.hires is not None:
         job.denoising_strength = job.hires.denoising_strength
-    if job.hires is not None and job.refiner is not None:
-        raise InvalidRequestError(
-            "hires fix and a refiner in one job are not supported; use 'hires' or 'refiner_checkpoint'",
-            field="refiner_checkpoint",
-        )
     return job
 
 
-def _plan_hires(request: GenerationRequest, mode: Mode, upscalers: UpscalerLibrary | None) -> HiresPlan | None:
-    hires = request.hires
+def at_least_one_step(steps: int, strength: float, field_prefix: str, warnings: list[str]) -> float:
+    """The denoising strength to run: the requested one, or the smallest that gives one step where steps x
+    strength is below one (A1111 then runs one step at the lowest noise level rather than refusing)."""
+    if int(steps * strength) >= 1:
+        return strength
+    smallest = min(1.0, 1.0 / steps + 1e-9)
+    warnings.append(
+        f"{field_prefix}steps x {field_prefix}denoising_strength = {steps} x {strength:g} is less than one step; "
+        f"ran one step (denoising strength {smallest:.4g}), as A1111 does"
+    )
+    return smallest
+
+
+def _plan_hires(
+    request: GenerationRequest, mode: Mode, upscalers: UpscalerLibrary | None, warnings: list[str]
+) -> HiresPlan | None:
+    hires = request.hires if isinstance(request, Txt2ImgRequest) else None  # a field of txt2img only
     if hires is None or not hires.enabled:
         return None
-    if mode != "txt2img":
-        raise InvalidRequestError("'hires' (hires fix) applies to txt2img only", field="hires")
     if upscalers is None:
         raise InvalidRequestError("hires fix needs the upscaler folder; none is configured here", field="hires")
     upscaler = upscalers.check(hires.upscaler)
-    width, height = hires_size(request.width, request.height, hires.scale)
+    scale = hires.scale
+    width, height = hires_size(request.width, request.height, scale)
     if max(width, height) > LIMITS.max_size or width * height > LIMITS.max_pixels:
-        raise InvalidRequestError(
-            f"hires fix would make a {width}x{height} image; allowed are sides up to {LIMITS.max_size} px and "
-            f"{LIMITS.max_pixels} pixels: lower 'hires.scale' ({hires.scale}) or the first-pass size",
-            field="hires.scale",
+        # The largest factor within the limits (the first pass itself is within them: at least 1x).
+        first_pixels = request.width * request.height
+        scale = min(LIMITS.max_size / max(request.width, request.height), math.sqrt(LIMITS.max_pixels / first_pixels))
+        fitted = (max(8, int(request.width * scale) // 8 * 8), max(8, int(request.height * scale) // 8 * 8))
+        warnings.append(
+            f"hires fix: {hires.scale:g}x would make {width}x{height}, above the limits of {LIMITS.max_size} px a "
+            f"side and {LIMITS.max_pixels} pixels; upscaled {scale:.3g}x to {fitted[0]}x{fitted[1]} instead"
         )
-    if int(hires.steps * hires.denoising_strength) < 1:
-        raise InvalidRequestError(
-            f"hires.steps x hires.denoising_strength must give at least one step (got {hires.steps} x "
-            f"{hires.denoising_strength})",
-            field="hires.denoising_strength",
-        )
-    return HiresPlan(upscaler=upscaler, latent=latent_mode(upscaler), scale=hires.scale, steps=hires.steps,
-                     denoising_strength=hires.denoising_strength, width=width, height=height)  # fmt: skip
+        width, height = fitted
+        scale = round(scale, 3)
+    strength = at_least_one_step(hires.steps, hires.denoising_strength, "hires.", warnings)
+    return HiresPlan(upscaler=upscaler, latent=latent_mode(upscaler), scale=scale, steps=hires.steps,
+                     denoising_strength=strength, width=width, height=height)  # fmt: skip
 
 
 def _plan_refiner(
-    request: GenerationRequest, mode: Mode, model: ModelEntry | None, catalog: ModelCatalog | None
+    request: GenerationRequest,
+    mode: Mode,
+    model: ModelEntry | None,
+    catalog: ModelCatalog | None,
+    warnings: list[str],
 ) -> RefinerPlan | None:
+    """The refiner hand-off. A refiner that cannot take part (another base family, hires fix, too few steps
+    to share) is left out with a warning, as an incompatible LoRA is: the request itself is well formed."""
     if not request.refiner_checkpoint:
         return None
     if catalog is None:
@@ -331,36 +341,40 @@ def _plan_refiner(
     refiner = catalog.resolve(request.refiner_checkpoint, field="refiner_checkpoint")
     if refiner.family != "sdxl-refiner":
         installed = [e.name for e in catalog.list_models() if e.family == "sdxl-refiner"]
-        raise InvalidRequestError(
+        raise UnknownModelError(
             f"'refiner_checkpoint' {refiner.name!r} is not an SDXL refiner (it is an "
             f"{FAMILY_LABELS[refiner.family]} model); "
             f"installed refiners: {', '.join(map(repr, installed)) or 'none'}",
             field="refiner_checkpoint",
         )
+    skipped = f"refiner '{refiner.name}' not used: "
     if model is not None and model.family != "sdxl":
-        raise InvalidRequestError(
-            f"a refiner works only with SDXL base models; model '{model.name}' is {FAMILY_LABELS[model.family]}",
-            field="refiner_checkpoint",
-        )
-    switch = request.refiner_switch_at
+        warnings.append(skipped + f"a refiner continues SDXL base models; '{model.name}' is "
+                        f"{FAMILY_LABELS[model.family]}")  # fmt: skip
+        return None
+    if isinstance(request, Txt2ImgRequest) and request.hires is not None and request.hires.enabled:
+        warnings.append(skipped + "hires fix and a refiner in one job are not supported; the job ran with hires fix")
+        return None
     base_start = 1.0 - request.denoising_strength if isinstance(request, Img2ImgRequest) else 0.0
+    switch = request.refiner_switch_at
     base_steps = int(request.steps * (switch - base_start))
     refiner_steps = request.steps - int(request.steps * switch)
-    if not 0.0 < switch < 1.0 or base_steps < 1 or refiner_steps < 1:
-        raise InvalidRequestError(
-            f"refiner_switch_at {switch} leaves {max(base_steps, 0)} step(s) to the base model and {refiner_steps} to "
-            f"the refiner out of {request.steps}; both need at least one"
-            + (f" (img2img starts at 1 - denoising_strength = {base_start:.2f})" if base_start else ""),
-            field="refiner_switch_at",
+    if base_steps < 1 or refiner_steps < 1:
+        warnings.append(
+            skipped + f"refiner_switch_at {switch:g} leaves {max(base_steps, 0)} step(s) to the base model and "
+            f"{refiner_steps} to the refiner out of {request.steps}; both need at least one"
+            + (f" (img2img starts at 1 - denoising_strength = {base_start:.2f})" if base_start else "")
         )
+        return None
     return RefinerPlan(model=refiner, model_hash=catalog.model_hash(refiner), switch_at=switch)
 
 
 def check_mode_supported(entry: ModelEntry, mode: Mode) -> None:
     """A refiner only continues images: it has no first text encoder for txt2img."""
     if entry.family == "sdxl-refiner" and mode == "txt2img":
-        raise InvalidRequestError(
-            f"model '{entry.name}' is an SDXL refiner: use it for img2img or as 'refiner_checkpoint', not for txt2img",
+        raise UnknownModelError(
+            f"model '{entry.name}' is an SDXL refiner, not a txt2img model: use it for img2img or as "
+            "'refiner_checkpoint'",
             field="model",
         )
 
@@ -619,11 +633,13 @@ class ImageEngine:
                 set_qkv_fused(loaded.pipe, False)
             final_size = (first.hires.width, first.hires.height) if first.hires else (first.width, first.height)
             set_vae_tiling(loaded.pipe, self.speed, *final_size)
+            clip_warnings = _fit_clip_skip(pipe, jobs)
             try:
                 for job in jobs:
                     job.sampler = first.sampler  # equal in a batch; build_scheduler may have adjusted its label
                     job.loras = applied
-                    new_warnings = first.sampler.warnings + lora_warnings + self._prompt_warnings(pipe, job)
+                    new_warnings = (first.sampler.warnings + lora_warnings + clip_warnings
+                                    + self._prompt_warnings(pipe, job))  # fmt: skip
                     job.warnings.extend(w for w in dict.fromkeys(new_warnings) if w not in job.warnings)
                 if first.hires is not None:
                     images = self._run_hires(loaded, pipe, jobs, phases, upscale or self._upscale_here)
@@ -832,6 +848,20 @@ def _call_parameters(pipe) -> set[str]:
 
 def _is_sdxl(pipe) -> bool:
     return hasattr(pipe, "text_encoder_2")
+
+
+def _fit_clip_skip(pipe, jobs: list[PreparedJob]) -> list[str]:
+    """Clip skip counts back through the text encoder's layers; a model with fewer layers than asked for (a
+    small or pruned encoder) uses its first layer, and the job says so."""
+    encoders = [getattr(pipe, name, None) for name in ("text_encoder", "text_encoder_2")]
+    layers = [encoder.config.num_hidden_layers for encoder in encoders if encoder is not None]
+    deepest = min(layers, default=jobs[0].clip_skip)
+    if jobs[0].clip_skip <= deepest:
+        return []
+    asked = jobs[0].clip_skip
+    for job in jobs:
+        job.clip_skip = deepest
+    return [f"clip_skip {asked} is more than the text encoder's {deepest} layers; used {deepest}"]
 
 
 def _embeds_with_clip_skip(pipe, prompts: list[str], clip_skip: int) -> torch.Tensor:

@@ -18,7 +18,9 @@ class Limits(BaseModel):
 
     min_size: int = Field(64, ge=8, multiple_of=8)  # width/height in pixels (multiples of 8)
     max_size: int = Field(2048, ge=64, multiple_of=8)
-    max_pixels: int = Field(1536 * 1536, ge=64 * 64)  # width x height, and the hires-fix final size
+    # width x height, and the hires-fix final size. At max_size squared (the default) it adds nothing to the
+    # per-side bounds; below, it is a rule JSON Schema cannot state, so /openapi.json only describes it.
+    max_pixels: int = Field(2048 * 2048, ge=64 * 64)
     max_steps: int = Field(150, ge=1)
     max_cfg_scale: float = Field(30.0, gt=0)
     max_prompt_chars: int = Field(20000, ge=1)

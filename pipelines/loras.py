@@ -10,6 +10,7 @@ incompatible LoRA is skipped with a sentence the user can act on; the job runs w
 import hashlib
 import json
 import logging
+import math
 import re
 import threading
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 
 from pipelines.catalog import FileFactsCache, ModelEntry, sha256_of_file
-from pipelines.errors import DiffusionAPIError, InvalidRequestError
+from pipelines.errors import DiffusionAPIError
 from pipelines.limits import LIMITS
 from pipelines.names import find_named_file, scan_named_files
 from pipelines.settings import Settings
@@ -150,29 +151,40 @@ def detect_lora_family(state: dict[str, torch.Tensor], metadata: dict[str, str])
 
 
 # Prompt syntax -------------------------------------------------------------------------------------------------
-def parse_prompt_loras(prompt: str) -> tuple[str, list[tuple[str, float]]]:
-    """Removes A1111's `<lora:name>` / `<lora:name:weight>` tags; returns the clean prompt and the tags."""
+def parse_prompt_loras(prompt: str) -> tuple[str, list[tuple[str, float]], list[str]]:
+    """Removes A1111's `<lora:name>` / `<lora:name:weight>` tags; returns the clean prompt, the tags and a
+    warning for each tag that cannot be used (it is removed and skipped, as the prompt itself is valid text)."""
     found: list[tuple[str, float]] = []
+    warnings: list[str] = []
+
+    def split_weights(match: re.Match) -> str:
+        warnings.append(f"prompt tag {match.group(0)!r} skipped: separate text-encoder/UNet weights are not "
+                        "supported; write <lora:name:weight>")  # fmt: skip
+        return ""
 
     def take(match: re.Match) -> str:
         name, weight = match.group(1).strip(), match.group(2)
         try:
             scale = 1.0 if weight is None or not weight.strip() else float(weight)
         except ValueError:
-            raise InvalidRequestError(
-                f"prompt tag {match.group(0)!r}: the weight must be a number, as in <lora:{name}:0.8>", field="prompt"
-            ) from None
+            scale = math.nan
+        if not math.isfinite(scale):
+            warnings.append(
+                f"prompt tag {match.group(0)!r} skipped: the weight must be a number, as in <lora:{name}:0.8>"
+            )
+            return ""
+        if abs(scale) > LIMITS.max_lora_scale:
+            limited = math.copysign(LIMITS.max_lora_scale, scale)
+            warnings.append(f"prompt tag {match.group(0)!r}: the weight is limited to +/-{LIMITS.max_lora_scale:g}; "
+                            f"used {limited:g}")  # fmt: skip
+            scale = limited
         found.append((name, scale))
         return ""
 
-    if "<lora:" in prompt and re.search(r"<lora:[^>]*:[^>]*:[^>]*>", prompt):
-        raise InvalidRequestError(
-            "prompt: only <lora:name> and <lora:name:weight> are supported (no separate text-encoder/UNet weights)",
-            field="prompt",
-        )
-    clean = _PROMPT_TAG.sub(take, prompt)
+    clean = re.sub(r"<lora:[^>]*:[^>]*:[^>]*>", split_weights, prompt) if "<lora:" in prompt else prompt
+    clean = _PROMPT_TAG.sub(take, clean)
     clean = re.sub(r"\s*,\s*(,\s*)+", ", ", re.sub(r"[ \t]{2,}", " ", clean)).strip(" ,")
-    return clean, found
+    return clean, found, warnings
 
 
 def prompt_with_lora_tags(prompt: str, uses: list[LoraUse]) -> str:
@@ -389,28 +401,26 @@ class LoraLibrary:
     def plan(self, requested: list, prompt: str, entry: ModelEntry | None, mode: str) -> LoraPlan:
         """Resolves a job's LoRAs (the `loras` field and prompt tags), checks each against the model and
         returns the ones to apply. Unknown names are errors; incompatible LoRAs are skipped with a warning."""
-        clean_prompt, tagged = parse_prompt_loras(prompt)
+        clean_prompt, tagged, tag_warnings = parse_prompt_loras(prompt)
         wanted: list[tuple[str, float]] = [
             (item, 1.0) if isinstance(item, str) else (item.name, item.scale) for item in requested
         ] + tagged
-        plan = LoraPlan(prompt=clean_prompt)
+        plan = LoraPlan(prompt=clean_prompt, warnings=tag_warnings)
         if not wanted:
             return plan
         if len(wanted) > LIMITS.max_loras:
-            raise InvalidRequestError(
-                f"{len(wanted)} LoRAs requested ('loras' plus <lora:...> tags); at most {LIMITS.max_loras} per job",
-                field="loras",
-            )
-        for name, scale in tagged:
-            if abs(scale) > LIMITS.max_lora_scale:
-                raise InvalidRequestError(
-                    f"<lora:{name}:{scale:g}>: the weight must be within +/-{LIMITS.max_lora_scale:g}", field="prompt"
-                )
+            dropped = ", ".join(repr(name) for name, _ in wanted[LIMITS.max_loras :])
+            plan.warnings.append(f"{len(wanted)} LoRAs requested ('loras' plus <lora:...> tags); at most "
+                                 f"{LIMITS.max_loras} per job: skipped {dropped}")  # fmt: skip
+            wanted = wanted[: LIMITS.max_loras]
         resolved: dict[Path, tuple[LoraFile, float]] = {}
         for name, scale in wanted:
             lora = self.resolve(name)
             if lora.path in resolved:
-                raise InvalidRequestError(f"LoRA '{lora.name}' is given more than once", field="loras")
+                first_scale = resolved[lora.path][1]
+                plan.warnings.append(f"LoRA '{lora.name}' is given more than once; used once, at its first scale "
+                                     f"({first_scale:g})")  # fmt: skip
+                continue
             resolved[lora.path] = (lora, scale)
         if mode == "img2img":
             names = ", ".join(f"'{lora.name}'" for lora, _ in resolved.values())

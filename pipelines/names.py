@@ -13,7 +13,7 @@ def check_user_name(value: str, field: str, allow_one_slash: bool = False) -> st
     """Rejects names that could reach outside their folder. Returns the name, stripped.
 
     Lookups only ever match names found by scanning the folder, so this is a second line of defence, and
-    it turns an attempt into a clear 400 instead of a confusing "not found".
+    it turns an attempt into a 404 that says why the name can never be found.
     """
     name = value.strip()
     if not name:

@@ -145,6 +145,27 @@ def schedule_type_names() -> list[str]:
     return list(dict.fromkeys(SEED_SCHEDULER_TYPES + list(SCHEDULES)))
 
 
+# A1111's names from before the schedule type was a field of its own (v1.5 to v1.9): the schedule is in the name.
+LEGACY_SAMPLER_NAMES = [
+    "DPM++ 2M Karras", "DPM++ SDE Karras", "DPM++ 2M SDE Exponential", "DPM++ 2M SDE Karras",
+    "DPM++ 2M SDE Heun Karras", "DPM++ 2M SDE Heun Exponential", "DPM++ 3M SDE Karras", "DPM++ 3M SDE Exponential",
+    "DPM2 Karras", "DPM2 a Karras", "DPM++ 2S a Karras", "LMS Karras",
+]  # fmt: skip
+
+
+def accepted_sampler_names() -> list[str]:
+    """Every value `sampler_name` takes, exactly as written (the API schema's enum): the listed names, A1111's
+    older names with the schedule in them and k-diffusion's aliases."""
+    aliases = [alias for spec in SAMPLERS.values() for alias in spec.aliases]
+    return list(dict.fromkeys(sampler_names() + LEGACY_SAMPLER_NAMES + aliases))
+
+
+def accepted_schedule_types() -> list[str]:
+    """Every value `scheduler_type` takes, exactly as written (the API schema's enum): the listed values and
+    A1111's labels."""
+    return list(dict.fromkeys(schedule_type_names() + [spec.label for spec in SCHEDULES.values()]))
+
+
 def _schedule_key(value: str) -> str | None:
     wanted = value.strip().lower()
     wanted = SEED_SCHEDULE_ALIASES.get(wanted, wanted)

@@ -1,69 +1,121 @@
 """The public API contract: pydantic models for every request and response.
 
-Field names follow the seed API exactly (including `fileType`), so existing clients keep working; unknown
-fields are ignored, as A1111 does. Bounds here are the first line of validation: a request outside them gets
-a 422 naming the field before any job exists.
+`/openapi.json` is generated from these models, so they say exactly what the service accepts: strict types (a
+boolean is not a number, a number is not a string), closed sets as enums built from the tables the code uses
+(sampler names, schedule types, file types, latent upscale modes), bounds from configs/limits.yaml. Field
+names follow the seed API exactly (including `fileType`). Unknown fields are accepted and ignored, as A1111
+does, and each one is named in the job's warnings.
 """
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 from pipelines.catalog import Family
 from pipelines.limits import LIMITS
+from pipelines.samplers import accepted_sampler_names, accepted_schedule_types
+from pipelines.upscalers import LATENT_MODES
 
+FILE_TYPES = ("jpg", "jpeg", "png", "webp", "avif", "gif")  # "jpeg" is read as "jpg"
 FileType = Literal["jpg", "png", "webp", "avif", "gif"]
 JobState = Literal["queued", "processing", "done", "error", "cancelled"]
 MAX_SEED = 2**32 - 1
+JOB_ID_PATTERN = "^[0-9a-f]{32}$"  # uuid4().hex
+IMAGE_FORMAT = "image-base64"  # a custom string format; tests/schemathesis_hooks.py generates it
+
+SamplerName = Literal[tuple(accepted_sampler_names())]
+ScheduleType = Literal[tuple(accepted_schedule_types())]
+RequestFileType = Literal[FILE_TYPES]
+LatentUpscaler = Literal[tuple(LATENT_MODES)]
+
+
+def whole_numbers_as_integers(value: Any) -> Any:
+    """JSON Schema counts 30.0 as an integer; strict pydantic would not. (A float field takes the int as it
+    is; booleans and strings stay refused.)"""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+Name = Annotated[str, StringConstraints(min_length=1, max_length=255)]
+
+SIZE_RULE = "Pixels, a multiple of 8" + (
+    f"; width x height at most {LIMITS.max_pixels}" if LIMITS.max_pixels < LIMITS.max_size**2 else ""
+)
+
+# Strict types everywhere in the native API; unknown fields are kept aside (`model_extra`) to be named in the
+# job's warnings, never used.
+REQUEST_CONFIG = ConfigDict(strict=True, extra="allow", populate_by_name=True)
 
 
 class LoraRef(BaseModel):
-    name: str = Field(..., min_length=1, max_length=255, description="LoRA file name, with or without extension")
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    name: Name = Field(..., description="LoRA file name, with or without extension (see GET /loras)")
     scale: float = Field(1.0, ge=-LIMITS.max_lora_scale, le=LIMITS.max_lora_scale, description="LoRA strength")
 
 
 class HiresConfig(BaseModel):
+    """A1111's hires fix (txt2img only): the first pass, upscaled by `scale`, then an img2img pass."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+
     enabled: bool = False
-    scale: float = Field(2.0, ge=1.0, le=LIMITS.max_hires_scale, description="Upscale factor of the first-pass size")
-    upscaler: str = Field("Latent", max_length=255, description='"Latent" (or a variant) or an upscaler name')
+    scale: float = Field(
+        2.0,
+        ge=1.0,
+        le=LIMITS.max_hires_scale,
+        description=f"Upscale factor of the first-pass size. A final size above {LIMITS.max_size} px a side "
+        f"or {LIMITS.max_pixels} pixels is reduced to fit, with a warning",
+    )
+    upscaler: LatentUpscaler | Name = Field(
+        "Latent", description="A latent mode or the name of an upscaler model (see GET /upscalers)"
+    )
     steps: int = Field(20, ge=1, le=LIMITS.max_steps, description="Steps of the second pass")
-    denoising_strength: float = Field(0.4, ge=0.0, le=1.0)
+    denoising_strength: float = Field(
+        0.4, ge=0.0, le=1.0, description="Of the second pass; at least one step always runs (as in A1111)"
+    )
+
+    _whole_numbers = field_validator("*", mode="before")(whole_numbers_as_integers)
 
 
 class GenerationRequest(BaseModel):
     """Fields shared by txt2img and img2img."""
 
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    model_config = REQUEST_CONFIG
 
     prompt: str = Field(..., max_length=LIMITS.max_prompt_chars, description="Main prompt")
     negative_prompt: str = Field("", max_length=LIMITS.max_prompt_chars)
     steps: int = Field(30, ge=1, le=LIMITS.max_steps, description="Number of inference steps")
     cfg_scale: float = Field(7.0, ge=0.0, le=LIMITS.max_cfg_scale, description="Classifier-free guidance scale")
-    width: int = Field(512, ge=LIMITS.min_size, le=LIMITS.max_size, multiple_of=8)
-    height: int = Field(512, ge=LIMITS.min_size, le=LIMITS.max_size, multiple_of=8)
-    model: str | None = Field(None, max_length=255, description="Model name or label; default from configs")
-    sampler_name: str = Field("DPM++ 2M Karras", max_length=64, description="See GET /sampling_methods")
-    scheduler_type: str | None = Field(
-        None,
-        max_length=64,
-        description="Schedule type (seed values or A1111 names); default: the sampler's own",
+    width: int = Field(512, ge=LIMITS.min_size, le=LIMITS.max_size, multiple_of=8, description=SIZE_RULE)
+    height: int = Field(512, ge=LIMITS.min_size, le=LIMITS.max_size, multiple_of=8, description=SIZE_RULE)
+    model: str | None = Field(
+        None, max_length=255, description="Model name or label (see GET /models); absent or empty: the default"
     )
-    file_type: FileType = Field("jpg", alias="fileType", description="Output format")
+    sampler_name: SamplerName = Field("DPM++ 2M Karras", description="See GET /sampling_methods")
+    scheduler_type: ScheduleType | None = Field(
+        None, description="Schedule type (seed values or A1111 names); absent: the sampler's own"
+    )
+    file_type: RequestFileType = Field("jpg", alias="fileType", description='Output format ("jpeg" = "jpg")')
     jpeg_quality: int = Field(85, ge=1, le=100, description="Quality for jpg, webp and avif")
-    loras: list[LoraRef | str] = Field(default_factory=list, max_length=LIMITS.max_loras)
-    hires: HiresConfig | None = None
-    refiner_checkpoint: str | None = Field(None, max_length=255)
-    refiner_switch_at: float = Field(0.8, ge=0.0, le=1.0)
+    loras: list[LoraRef | Name] = Field(default_factory=list, max_length=LIMITS.max_loras)
+    refiner_checkpoint: str | None = Field(
+        None,
+        max_length=255,
+        description="An SDXL refiner model (see GET /models) that finishes an SDXL job; with another base model, "
+        "or with hires fix, it is not used and the job says so in its warnings",
+    )
+    refiner_switch_at: float = Field(
+        0.8, gt=0.0, lt=1.0, description="Fraction of the steps after which the refiner takes over"
+    )
     seed: int | None = Field(None, ge=-1, le=MAX_SEED, description="-1 or absent: a random seed, reported back")
     clip_skip: int = Field(1, ge=1, le=12, description="A1111 clip skip (1 = use the last layer)")
 
-    @field_validator("file_type", mode="before")
+    _whole_numbers = field_validator("*", mode="before")(whole_numbers_as_integers)
+
+    @field_validator("file_type", mode="after")
     @classmethod
-    def _normalise_file_type(cls, value):
-        if isinstance(value, str):
-            value = value.strip().lower().lstrip(".")
-            return "jpg" if value == "jpeg" else value
-        return value
+    def _jpeg_is_jpg(cls, value: str) -> str:
+        return "jpg" if value == "jpeg" else value
 
     @model_validator(mode="after")
     def _check_total_pixels(self):
@@ -74,14 +126,31 @@ class GenerationRequest(BaseModel):
             )
         return self
 
+    def unknown_fields(self) -> list[str]:
+        """The fields this service does not know, top-level first ("cfg", "hires.bogus", "loras[0].weight")."""
+        names = sorted(self.model_extra or {})
+        for index, lora in enumerate(self.loras):
+            if isinstance(lora, LoraRef):
+                names += [f"loras[{index}].{name}" for name in sorted(lora.model_extra or {})]
+        hires = self.__dict__.get("hires")  # a field of txt2img only
+        if isinstance(hires, HiresConfig):
+            names += [f"hires.{name}" for name in sorted(hires.model_extra or {})]
+        return names
+
 
 class Txt2ImgRequest(GenerationRequest):
-    pass
+    hires: HiresConfig | None = None
 
 
 class Img2ImgRequest(GenerationRequest):
-    image: str = Field(..., min_length=1, description="Input image: base64, with or without a data: URL prefix")
-    denoising_strength: float = Field(0.75, ge=0.0, le=1.0)
+    image: str = Field(
+        ...,
+        min_length=1,
+        json_schema_extra={"format": IMAGE_FORMAT},
+        description="Input image: a PNG, JPEG, WebP (or any format Pillow reads) file in base64, with or "
+        f"without a data: URL prefix; at most {LIMITS.max_input_image_pixels} pixels",
+    )
+    denoising_strength: float = Field(0.75, ge=0.0, le=1.0, description="At least one step always runs (as in A1111)")
 
 
 class CancelResponse(BaseModel):
@@ -178,6 +247,83 @@ class HelloResponse(BaseModel):
     ok: bool = True
 
 
+class HealthSystem(BaseModel):
+    cpu_count: int
+    memory_total_gb: float
+    memory_available_gb: float
+    memory_percent: float
+    disk_usage_percent: float
+
+
+class GpuInfo(BaseModel):
+    """Torch's view of the accelerator; the memory figures are there when CUDA is."""
+
+    model_config = ConfigDict(extra="allow")
+
+    cuda_available: bool
+    device_name: str
+    mps_available: bool | None = None
+    cuda_version: str | None = None
+    gpu_count: int | None = None
+    current_device: int | None = None
+    memory_allocated_gb: float | None = None
+    memory_reserved_gb: float | None = None
+
+
+class FolderCount(BaseModel):
+    count: int
+    directory: str
+
+
+class QueueInfo(BaseModel):
+    active_jobs: int
+    directory: str = Field(..., description="The job database")
+
+
+class OutputsInfo(BaseModel):
+    available: bool
+    free_space_gb: float
+    directory: str
+
+
+class ReplicaReport(BaseModel):
+    """What a generator replica last reported (every few seconds): its device and loaded models."""
+
+    model_config = ConfigDict(extra="allow")
+
+    replica: str
+    reported_at: float
+    deployment: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+    loaded_models: list[str] = Field(default_factory=list)
+    gpu: GpuInfo | None = None
+
+
+class HealthResponse(BaseModel):
+    status: Literal["healthy", "warning"]
+    timestamp: float
+    version: str
+    system: HealthSystem
+    gpu: GpuInfo
+    models: FolderCount
+    loras: FolderCount
+    queue: QueueInfo
+    outputs: OutputsInfo
+    warnings: list[str]
+    jobs: dict[JobState, int] = Field(..., description="Jobs in the store by state")
+    replicas: list[ReplicaReport]
+
+
+class ValidationIssue(BaseModel):
+    loc: list[str | int] = Field(..., description='Where: ["body", "width"], ["path", "job_id"], ...')
+    msg: str
+    type: str
+
+
 class ErrorResponse(BaseModel):
+    """The body of every error answer, whatever its status code."""
+
     status: Literal["error"] = "error"
-    error: str
+    error: str = Field(..., description="What is wrong and what is allowed, for people")
+    detail: list[ValidationIssue] | None = Field(None, description="422 only: each invalid field")

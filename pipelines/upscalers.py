@@ -37,7 +37,7 @@ TILE_OVERLAP = 16
 
 
 class UnknownUpscalerError(DiffusionAPIError):
-    status_code = 422
+    status_code = 404
 
 
 @dataclass(frozen=True)

@@ -69,13 +69,13 @@ def test_finished_job_survives_a_job_actor_restart(client, service):
     assert json.dumps(after["payload"]) == json.dumps(before["payload"])
 
 
-def test_full_queue_answers_503_with_retry_after_and_accepted_jobs_all_finish(client):
+def test_full_queue_answers_429_with_retry_after_and_accepted_jobs_all_finish(client):
     from tests.serve.conftest import MAX_QUEUED_JOBS
 
     body = {"prompt": "busy", "model": "Demo SDXL", "steps": 40, "width": 128, "height": 128}
     responses = [client.post("/txt2img", json=body) for _ in range(MAX_QUEUED_JOBS + 3)]
     accepted = [r.json()["job_id"] for r in responses if r.status_code == 200]
-    refused = [r for r in responses if r.status_code == 503]
+    refused = [r for r in responses if r.status_code == 429]
     assert len(accepted) == MAX_QUEUED_JOBS and len(refused) == 3
     assert refused[0].headers["Retry-After"] == "5"
     assert refused[0].json()["status"] == "error" and "retry" in refused[0].json()["error"]

@@ -58,24 +58,34 @@ def test_refiner_changes_the_image_on_txt2img_and_img2img(client):
 
 @pytest.mark.parametrize(
     ("fields", "status", "message"),
-    [({"hires": {"enabled": True, "upscaler": "nope"}}, 422, "unknown upscaler 'nope'"),
+    [({"hires": {"enabled": True, "upscaler": "nope"}}, 404, "unknown upscaler 'nope'"),
      ({"hires": {"enabled": True, "scale": 9}}, 422, "hires.scale"),
-     ({"hires": {"enabled": True, "scale": 4}, "width": 1024}, 422, "sides up to 2048 px"),
-     ({"refiner_checkpoint": "Demo SDXL Refiner"}, 422, "works only with SDXL base models"),
-     ({"model": "Demo SDXL", "refiner_checkpoint": "Demo SD1.5"}, 422, "is not an SDXL refiner"),
+     ({"model": "Demo SDXL", "refiner_checkpoint": "Demo SD1.5"}, 404, "is not an SDXL refiner"),
      ({"model": "Demo SDXL", "refiner_checkpoint": "nope"}, 404, "unknown refiner_checkpoint 'nope'"),
      ({"model": "Demo SDXL", "refiner_checkpoint": "Demo SDXL Refiner", "refiner_switch_at": 0}, 422,
-      "refiner_switch_at"),
-     ({"model": "Demo SDXL", "refiner_checkpoint": "Demo SDXL Refiner", "hires": {"enabled": True}}, 422,
-      "not supported")],
+      "refiner_switch_at")],
 )  # fmt: skip
-def test_invalid_combinations_are_4xx_before_a_job_exists(client, fields, status, message):
+def test_invalid_hires_and_refiner_fields_are_4xx_before_a_job_exists(client, fields, status, message):
     response = client.post("/txt2img", json={"prompt": "x", "width": 64, "height": 64, **fields})
     assert response.status_code == status, response.text
     assert response.json()["status"] == "error" and message in response.json()["error"]
 
 
-def test_hires_on_img2img_is_refused(client):
+@pytest.mark.parametrize(
+    ("fields", "warning"),
+    [({"hires": {"enabled": True, "scale": 4}, "width": 1024, "height": 64}, "upscaled 2x to 2048x128 instead"),
+     ({"refiner_checkpoint": "Demo SDXL Refiner"}, "refiner 'demo-sdxl-refiner' not used: a refiner continues SDXL"),
+     ({"model": "Demo SDXL", "refiner_checkpoint": "Demo SDXL Refiner", "hires": {"enabled": True, "steps": 2}},
+      "hires fix and a refiner in one job are not supported")],
+)  # fmt: skip
+def test_valid_fields_that_cannot_all_apply_run_with_a_warning(client, fields, warning):
+    """Each field is within its schema, so the job runs; what could not apply is said in its warnings."""
+    job = submit(client, **{"steps": 2, **fields})
+    assert any(warning in line for line in job["warnings"]), job["warnings"]
+
+
+def test_hires_sent_to_img2img_is_ignored_and_said_so(client):
     start = submit(client)["image"]
-    response = client.post("/img2img", json={"prompt": "x", "image": start, "hires": {"enabled": True}})
-    assert response.status_code == 422 and "txt2img only" in response.json()["error"]
+    job = submit(client, "/img2img", image=start, hires={"enabled": True}, steps=4)
+    assert job["width"] == 64
+    assert any("unknown field(s) ignored: 'hires'" in line and "txt2img only" in line for line in job["warnings"])

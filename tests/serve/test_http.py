@@ -72,12 +72,16 @@ def test_img2img_job(client):
     ("path", "body", "status", "expected"),
     [
         ("/txt2img", {"prompt": "x", "model": "nope"}, 404, "unknown model 'nope'"),
-        ("/txt2img", {"prompt": "x", "model": "../etc"}, 400, "'model'"),
+        ("/txt2img", {"prompt": "x", "model": "../etc"}, 404, "'model' must not contain '..'"),
         ("/txt2img", {"prompt": "x", "steps": 0}, 422, "steps"),
         ("/txt2img", {"prompt": "x", "width": 65}, 422, "width"),
         ("/txt2img", {"prompt": "x", "sampler_name": "Euler z"}, 422, "sampler_name"),
         ("/txt2img", {"prompt": "x", "fileType": "bmp"}, 422, "fileType"),
-        ("/txt2img", {"prompt": "x", "model": "Demo SDXL Refiner"}, 422, "refiner"),
+        ("/txt2img", {"prompt": "x", "model": "Demo SDXL Refiner"}, 404, "not a txt2img model"),
+        ("/txt2img", {"prompt": "x", "seed": False}, 422, "seed: Input should be a valid integer"),
+        ("/txt2img", {"prompt": "x", "steps": "8"}, 422, "steps: Input should be a valid integer"),
+        ("/txt2img", {"prompt": "x", "hires": {"enabled": 1}}, 422, "hires.enabled"),
+        ("/txt2img", {"prompt": "x", "sampler_name": "euler a"}, 422, "sampler_name"),
         ("/img2img", {"prompt": "x", "image": "not base64!"}, 422, "'image'"),
         ("/txt2img", {}, 422, "prompt"),
     ],
@@ -89,10 +93,12 @@ def test_bad_requests_get_clear_4xx(client, path, body, status, expected):
     assert expected in response.json()["error"]
 
 
-def test_unknown_job_is_404(client):
-    response = client.get("/queue/does-not-exist")
+def test_unknown_job_is_404_and_a_malformed_id_422(client):
+    response = client.get(f"/queue/{'0' * 32}")
     assert response.status_code == 404
-    assert response.json() == {"status": "error", "error": "unknown job_id 'does-not-exist'"}
+    assert response.json() == {"status": "error", "error": f"unknown job_id '{'0' * 32}'"}
+    malformed = client.get("/queue/does-not-exist")
+    assert malformed.status_code == 422 and "job_id" in malformed.json()["error"]
 
 
 def test_openapi_shows_the_real_contract(client):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.errors import BadImageError, InvalidRequestError
+from pipelines.errors import BadImageError, InvalidRequestError, UnknownModelError
 from pipelines.generate import ImageEngine, prepare_job
 from pipelines.infotext import encode_image, parse_infotext, read_infotext
 from pipelines.samplers import sampler_names
@@ -153,12 +153,16 @@ def test_img2img_plain_and_data_url_base64_give_the_same_image(engine):
     assert np.array_equal(pixels(results[0]), pixels(results[1]))
 
 
-def test_img2img_too_few_steps_is_a_clear_error():
-    request = Img2ImgRequest(prompt="x", image=as_base64_png(Image.new("RGB", (8, 8))), steps=3,
-                             denoising_strength=0.3)  # fmt: skip
-    with pytest.raises(InvalidRequestError, match="steps x denoising_strength") as raised:
-        prepare_job(request)
-    assert raised.value.field == "denoising_strength"
+def test_img2img_with_less_than_one_step_runs_one_step_with_a_warning(engine):
+    source = Image.new("RGB", (64, 64), (200, 60, 60))
+    steps_run = []
+    request = Img2ImgRequest(prompt="x", image=as_base64_png(source), steps=3, denoising_strength=0.3, width=64,
+                             height=64, seed=4)  # fmt: skip
+    result = engine.img2img(request, progress=lambda done, total, phase: steps_run.append(done))
+    assert len(steps_run) == 1  # int(3 x 0.3) = 0 steps: A1111 runs one at the lowest noise level
+    assert any("steps x denoising_strength = 3 x 0.3 is less than one step" in w for w in result.warnings)
+    one_step = engine.img2img(request.model_copy(update={"denoising_strength": 0.34}))  # int(3 x 0.34) = 1
+    assert np.array_equal(pixels(result.image), pixels(one_step.image))
 
 
 @pytest.mark.parametrize(
@@ -173,7 +177,7 @@ def test_bad_input_images_are_rejected(data):
 
 
 def test_refiner_cannot_do_txt2img(engine):
-    with pytest.raises(InvalidRequestError, match="SDXL refiner"):
+    with pytest.raises(UnknownModelError, match="SDXL refiner, not a txt2img model"):
         engine.txt2img(tiny(model="Demo SDXL Refiner"))
 
 
@@ -222,3 +226,12 @@ def test_generated_image_keeps_its_infotext_in_every_format(engine):
 def test_long_prompt_is_reported_as_truncated(engine):
     result = engine.txt2img(tiny(prompt=" ".join(["mountain"] * 100)))
     assert any("only the first 77" in warning for warning in result.warnings)
+
+
+def test_clip_skip_beyond_the_encoders_layers_uses_its_first_layer_with_a_warning(engine):
+    layers = engine.load("Demo SD1.5").pipe.text_encoder.config.num_hidden_layers
+    deepest = engine.txt2img(tiny(clip_skip=layers))
+    beyond = engine.txt2img(tiny(clip_skip=12))
+    assert np.array_equal(pixels(beyond.image), pixels(deepest.image))
+    assert beyond.warnings == [f"clip_skip 12 is more than the text encoder's {layers} layers; used {layers}"]
+    assert parse_infotext(beyond.infotext)["Clip skip"] == str(layers)

@@ -9,6 +9,7 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
 from deployments.access import AccessMiddleware, AccessPolicy
+from deployments.contract import documented_errors, install_openapi
 from pipelines.errors import JobCancelledError, OutOfMemoryError
 from pipelines.limits import LIMITS, Limits, load_limits
 from pipelines.schemas import Txt2ImgRequest
@@ -55,7 +56,7 @@ def test_out_of_memory_is_a_clear_error_and_the_engine_keeps_serving(engine, mon
     assert engine.txt2img(request()).image.size == (64, 64)
 
 
-def test_limits_come_from_the_config_and_bound_the_schema(tmp_path):
+def test_limits_come_from_the_config_and_bound_the_schema(tmp_path, monkeypatch):
     assert load_limits() == LIMITS and LIMITS.max_steps == 150 and LIMITS.max_loras == 8
     custom = tmp_path / "limits.yaml"
     custom.write_text("max_steps: 40\n")
@@ -63,11 +64,14 @@ def test_limits_come_from_the_config_and_bound_the_schema(tmp_path):
     custom.write_text("max_stepz: 40\n")
     with pytest.raises(SystemExit, match="max_stepz"):
         load_limits(custom)
+    assert LIMITS.max_pixels == LIMITS.max_size**2  # by default the per-side bounds say it all
+    assert request(width=2048, height=2048).width == 2048
+    monkeypatch.setattr(LIMITS, "max_pixels", 1536 * 1536)  # an operator's tighter pixel budget still holds
     with pytest.raises(ValidationError, match="at most 2359296"):
         request(width=2048, height=2048)
     with pytest.raises(ValidationError, match="loras"):
         request(loras=[f"x{i}" for i in range(LIMITS.max_loras + 1)])
-    assert Limits().max_pixels == LIMITS.max_pixels
+    assert Limits() == load_limits()  # the file's values are the defaults
 
 
 def app_with(policy: AccessPolicy) -> TestClient:
@@ -163,3 +167,23 @@ def test_names_never_reach_outside_their_folders_even_through_symlinks(settings,
     finally:
         for link in links:
             link.unlink()
+
+
+@pytest.mark.parametrize("keys_on", [True, False])
+def test_the_schema_declares_bearer_keys_exactly_when_they_are_on(keys_on):
+    app = FastAPI()
+
+    @app.get("/hello")
+    async def hello():
+        return {"ok": True}
+
+    @app.get("/models", responses=documented_errors(401, 503))
+    async def models():
+        return {"models": []}
+
+    install_openapi(app, api_keys_on=lambda: keys_on)
+    schema = TestClient(app).get("/openapi.json").json()
+    assert ("securitySchemes" in schema.get("components", {})) is keys_on
+    assert "security" not in schema["paths"]["/hello"]["get"]
+    assert schema["paths"]["/models"]["get"].get("security") == ([{"apiKey": []}] if keys_on else None)
+    assert schema["paths"]["/models"]["get"]["responses"]["401"]["headers"]["WWW-Authenticate"]["required"]

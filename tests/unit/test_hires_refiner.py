@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.errors import InvalidRequestError
+from pipelines.errors import UnknownModelError
 from pipelines.infotext import parse_infotext
 from pipelines.schemas import Img2ImgRequest, Txt2ImgRequest
 from pipelines.upscalers import LATENT_MODES, UnknownUpscalerError, hires_size, run_tiled
@@ -51,26 +51,47 @@ def test_hires_second_pass_changes_the_upscaled_first_pass(engine):
 @pytest.mark.parametrize(
     ("fields", "field", "message"),
     [({"hires": {"enabled": True, "upscaler": "nope"}}, "hires.upscaler", "unknown upscaler 'nope'"),
-     ({"hires": {"enabled": True, "scale": 4}, "width": 1024}, "hires.scale", "sides up to 2048 px"),
-     ({"hires": {"enabled": True, "steps": 2, "denoising_strength": 0.2}}, "hires.denoising_strength", "at least one"),
-     ({"model": "Demo SD1.5", "refiner_checkpoint": "Demo SDXL Refiner"}, "refiner_checkpoint",
-      "model 'demo-sd15' is SD1.5"),
-     ({"model": "Demo SDXL", "refiner_checkpoint": "Demo SD1.5"}, "refiner_checkpoint", "is not an SDXL refiner"),
-     ({"model": "Demo SDXL", "refiner_checkpoint": "Demo SDXL Refiner", "refiner_switch_at": 1.0}, "refiner_switch_at",
-      "both need at least one"),
-     ({"model": "Demo SDXL", "refiner_checkpoint": "Demo SDXL Refiner", "hires": {"enabled": True}},
-      "refiner_checkpoint", "not supported")],
+     ({"model": "Demo SDXL", "refiner_checkpoint": "Demo SD1.5"}, "refiner_checkpoint", "is not an SDXL refiner")],
 )  # fmt: skip
-def test_invalid_hires_and_refiner_requests_are_refused(engine, fields, field, message):
-    with pytest.raises((InvalidRequestError, UnknownUpscalerError), match=message) as raised:
+def test_unknown_upscalers_and_refiners_are_404(engine, fields, field, message):
+    with pytest.raises((UnknownModelError, UnknownUpscalerError), match=message) as raised:
         engine.prepare(request(**fields))
-    assert raised.value.field == field and 400 <= raised.value.status_code < 500
+    assert raised.value.field == field and raised.value.status_code == 404
 
 
-def test_hires_is_refused_on_img2img(engine):
+def test_hires_beyond_the_size_limits_is_fitted_with_a_warning(engine):
+    job = engine.prepare(request(width=1024, height=512, hires={"enabled": True, "scale": 4}))
+    assert (job.hires.width, job.hires.height, job.hires.scale) == (2048, 1024, 2.0)
+    assert any("4x would make 4096x2048" in warning and "2048x1024 instead" in warning for warning in job.warnings)
+
+
+def test_hires_with_less_than_one_step_runs_one_step(engine):
+    hires = {"enabled": True, "scale": 1.5, "steps": 2, "denoising_strength": 0.2}
+    steps_run = []
+    result = engine.txt2img(request(hires=hires), progress=lambda done, total, phase: steps_run.append(phase))
+    assert steps_run.count("hires pass") == 1
+    assert any("hires.steps x hires.denoising_strength = 2 x 0.2" in warning for warning in result.warnings)
+
+
+@pytest.mark.parametrize(
+    ("fields", "reason"),
+    [({"model": "Demo SD1.5"}, "'demo-sd15' is SD1.5"),
+     ({"model": "Demo SDXL", "steps": 1}, "both need at least one"),
+     ({"model": "Demo SDXL", "hires": {"enabled": True}}, "the job ran with hires fix")],
+)  # fmt: skip
+def test_a_refiner_that_cannot_take_part_is_left_out_with_a_warning(engine, fields, reason):
+    job = engine.prepare(request(refiner_checkpoint="Demo SDXL Refiner", **fields))
+    assert job.refiner is None
+    assert any(warning.startswith("refiner 'demo-sdxl-refiner' not used") and reason in warning
+               for warning in job.warnings)  # fmt: skip
+
+
+def test_hires_is_not_a_field_of_img2img(engine):
     start = as_base64_png(engine.txt2img(request()).image)
-    with pytest.raises(InvalidRequestError, match="txt2img only"):
-        engine.prepare(Img2ImgRequest(prompt="x", image=start, hires={"enabled": True}))
+    img2img = Img2ImgRequest(prompt="x", image=start, hires={"enabled": True}, steps=4, width=64, height=64)
+    assert img2img.unknown_fields() == ["hires"]
+    assert engine.prepare(img2img).hires is None
+    assert "hires" not in Img2ImgRequest.model_json_schema()["properties"]
 
 
 def test_refiner_changes_the_image_and_reports_its_phase(engine):

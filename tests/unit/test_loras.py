@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipelines.demo import build_sdxl_base, peft_lora
-from pipelines.errors import InvalidNameError, InvalidRequestError
+from pipelines.errors import InvalidNameError
 from pipelines.generate import prepare_job
 from pipelines.infotext import parse_infotext
 from pipelines.lora_check import check_all, format_report
@@ -71,21 +71,33 @@ def test_short_hash_ignores_the_header_as_a1111_does(tmp_path, settings):
 
 
 def test_prompt_tags_are_removed_and_parsed():
-    clean, tags = parse_prompt_loras("a cat, <lora:ink:0.6>, sitting <lora:demo-sd15-kohya>")
-    assert clean == "a cat, sitting" and tags == [("ink", 0.6), ("demo-sd15-kohya", 1.0)]
-    with pytest.raises(InvalidRequestError, match="weight must be a number"):
-        parse_prompt_loras("<lora:ink:strong>")
-    with pytest.raises(InvalidRequestError, match="only <lora:name>"):
-        parse_prompt_loras("<lora:ink:0.5:1.0>")
+    clean, tags, warnings = parse_prompt_loras("a cat, <lora:ink:0.6>, sitting <lora:demo-sd15-kohya>")
+    assert clean == "a cat, sitting" and tags == [("ink", 0.6), ("demo-sd15-kohya", 1.0)] and warnings == []
+
+
+def test_prompt_tags_that_cannot_be_used_are_skipped_with_a_warning():
+    clean, tags, warnings = parse_prompt_loras("a cat <lora:ink:strong> <lora:ink:0.5:1.0> <lora:ink:9> <lora:ink:nan>")
+    assert clean == "a cat" and tags == [("ink", 4.0)]
+    assert warnings == [
+        "prompt tag '<lora:ink:0.5:1.0>' skipped: separate text-encoder/UNet weights are not supported; write "
+        "<lora:name:weight>",
+        "prompt tag '<lora:ink:strong>' skipped: the weight must be a number, as in <lora:ink:0.8>",
+        "prompt tag '<lora:ink:9>': the weight is limited to +/-4; used 4",
+        "prompt tag '<lora:ink:nan>' skipped: the weight must be a number, as in <lora:ink:0.8>",
+    ]
 
 
 # The pre-job plan ----------------------------------------------------------------------------------------
 def test_unknown_lora_fails_before_any_model_work(engine, catalog):
     with pytest.raises(UnknownLoraError, match="'nope'"):
         prepare_job(request(loras=["nope"]), catalog.resolve("Demo SD1.5"), engine.loras)
-    with pytest.raises(InvalidRequestError, match="more than once"):
-        prepare_job(request(prompt="x <lora:demo-sd15-peft>", loras=["demo-sd15-peft"]),
-                    catalog.resolve("Demo SD1.5"), engine.loras)  # fmt: skip
+
+
+def test_a_lora_given_twice_is_used_once_with_a_warning(engine, catalog):
+    job = prepare_job(request(prompt="x <lora:demo-sd15-peft:0.5>", loras=[{"name": "demo-sd15-peft", "scale": 0.8}]),
+                      catalog.resolve("Demo SD1.5"), engine.loras)  # fmt: skip
+    assert [(use.lora.name, use.scale) for use in job.loras] == [("demo-sd15-peft", 0.8)]
+    assert job.warnings == ["LoRA 'demo-sd15-peft' is given more than once; used once, at its first scale (0.8)"]
 
 
 def test_lora_of_an_unknown_family_is_checked_against_the_model_layers(tmp_path, settings, engine, catalog):

@@ -6,9 +6,10 @@ import pytest
 from pipelines.errors import UnknownSamplerError
 from pipelines.samplers import (
     SAMPLERS,
-    SCHEDULES,
     SEED_SAMPLER_NAMES,
     SEED_SCHEDULER_TYPES,
+    accepted_sampler_names,
+    accepted_schedule_types,
     build_scheduler,
     resolve_sampler,
     sampler_names,
@@ -26,9 +27,13 @@ def test_listing_starts_with_the_seed_names_and_contains_a1111_names():
     assert names[: len(SEED_SAMPLER_NAMES)] == SEED_SAMPLER_NAMES
     assert set(SAMPLERS) <= set(names)
     assert schedule_type_names()[:5] == SEED_SCHEDULER_TYPES
+    # What the API accepts (its schema's enums) is the listing plus older and alternative spellings.
+    assert set(names) <= set(accepted_sampler_names()) and "k_euler_a" in accepted_sampler_names()
+    assert "DPM++ 3M SDE Exponential" in accepted_sampler_names()
+    assert set(schedule_type_names()) <= set(accepted_schedule_types()) and "SGM Uniform" in accepted_schedule_types()
 
 
-@pytest.mark.parametrize("name", sampler_names())
+@pytest.mark.parametrize("name", accepted_sampler_names())
 def test_every_sampler_name_builds_a_diffusers_scheduler(name):
     resolved = resolve_sampler(name, None)
     scheduler = build_scheduler(resolved, SD15_SCHEDULER_CONFIG)
@@ -36,7 +41,7 @@ def test_every_sampler_name_builds_a_diffusers_scheduler(name):
     scheduler.set_timesteps(5)
 
 
-@pytest.mark.parametrize("schedule", schedule_type_names() + [spec.label for spec in SCHEDULES.values()])
+@pytest.mark.parametrize("schedule", accepted_schedule_types())
 def test_every_schedule_type_name_and_label_resolves(schedule):
     resolved = resolve_sampler("Euler", schedule)
     scheduler = build_scheduler(resolved, SD15_SCHEDULER_CONFIG)

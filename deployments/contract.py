@@ -1,0 +1,79 @@
+"""What `/openapi.json` says beyond each route's own models: every error answer an operation can give (one
+body shape for all of them, with their headers) and, when API keys are on, the bearer security scheme.
+
+Clients are generated from this schema and gateways validate against it, so an answer that is not listed
+here is a bug; the schemathesis test (tests/serve/test_schema_fuzz.py) checks every operation against it.
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from starlette.routing import compile_path
+
+from deployments.access import OPEN_PATHS
+from pipelines.schemas import ErrorResponse
+
+ERROR_DESCRIPTIONS = {
+    400: "The request body cannot be decoded as text (malformed JSON text is a 422)",
+    401: "API keys are on and the request has no valid `Authorization: Bearer <key>` header",
+    404: "An unknown job, or an unknown model, LoRA, upscaler or refiner (the message lists the installed ones)",
+    409: "The job has already ended: there is nothing to cancel",
+    413: "The request body is larger than `max_request_bytes` (configs/limits.yaml)",
+    415: "The request body is not JSON: send `Content-Type: application/json`",
+    422: "Malformed JSON, or a field missing, of the wrong type or out of range; `detail` names each one",
+    429: "This model family's queue is full (`max_queued_jobs`); retry after `Retry-After` seconds",
+    503: "The service is starting; retry after `Retry-After` seconds",
+}
+
+_RETRY_AFTER = {
+    "Retry-After": {"description": "Seconds to wait before retrying", "required": True, "schema": {"type": "integer"}}
+}
+ERROR_HEADERS: dict[int, dict[str, Any]] = {
+    401: {"WWW-Authenticate": {"description": "`Bearer`", "required": True, "schema": {"type": "string"}}},
+    429: _RETRY_AFTER,
+    503: _RETRY_AFTER,
+}
+
+
+def documented_errors(*status_codes: int) -> dict[int | str, dict[str, Any]]:
+    """The `responses` of a route: each status code with the error model, its description and headers."""
+    responses: dict[int | str, dict[str, Any]] = {}
+    for code in status_codes:
+        responses[code] = {"model": ErrorResponse, "description": ERROR_DESCRIPTIONS[code]}
+        if code in ERROR_HEADERS:
+            responses[code]["headers"] = ERROR_HEADERS[code]
+    return responses
+
+
+def documented_methods(app: FastAPI, path: str) -> list[str]:
+    """The methods /openapi.json documents for the path template `path` matches (`/queue/<id>` -> DELETE, GET)."""
+    for template, operations in app.openapi()["paths"].items():
+        pattern, _, _ = compile_path(template)
+        if pattern.match(path):
+            return sorted(method.upper() for method in operations)
+    return []
+
+
+def install_openapi(app: FastAPI, api_keys_on: Callable[[], bool]) -> None:
+    """Builds the schema on its first request in each replica (where the access policy is known). With API
+    keys on, every operation but the open ones (`/hello`) declares the bearer scheme; with keys off it declares
+    none, since none is checked."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        if api_keys_on():
+            schema.setdefault("components", {})["securitySchemes"] = {
+                "apiKey": {"type": "http", "scheme": "bearer", "description": "One of the service's API keys"}
+            }
+            for path, operations in schema["paths"].items():
+                if path not in OPEN_PATHS:
+                    for operation in operations.values():
+                        operation["security"] = [{"apiKey": []}]
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi
