@@ -86,7 +86,7 @@ class _CountSubmissions:
         try:
             await self.app(scope, receive, send)
         finally:
-            if state.pop(ARRIVING, False):  # refused (4xx, 503) before it was handed over
+            if state.pop(ARRIVING, False):  # refused (4xx) before it was handed over
                 ingress.submissions_arriving -= 1
 
 
@@ -138,9 +138,8 @@ async def _http_error(request: Request, error: StarletteHTTPException) -> JSONRe
     `Allow` every method the schema documents for the path: Starlette names only the first matching route's."""
     headers = dict(error.headers or {})
     if error.status_code == 405:
-        headers["Allow"] = ", ".join(documented_methods(request.app, get_route_path(request.scope))) or headers.get(
-            "Allow", ""
-        )
+        allowed = documented_methods(request.app, get_route_path(request.scope))
+        headers["Allow"] = ", ".join(allowed) if allowed else headers.get("Allow", "")
         message = f"{request.method} is not allowed on {request.url.path}; allowed: {headers['Allow']}"
     elif error.status_code == 404:
         message = f"no such path: {request.url.path} (see /docs)"
