@@ -14,6 +14,7 @@ from pathlib import Path
 
 from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import Headers, MutableHeaders
+from starlette.routing import get_route_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pipelines.limits import LIMITS
@@ -60,7 +61,8 @@ class AccessPolicy:
         return origin if origin in self.cors_origins else None
 
 
-def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+def error_response(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    """The API's error body, whatever the status."""
     return JSONResponse(status_code=status, content={"status": "error", "error": message}, headers=headers)
 
 
@@ -77,11 +79,12 @@ def check_request(policy: AccessPolicy, scope: Scope) -> tuple[Response | None, 
     length = headers.get("content-length") if scope["method"] in ("POST", "PUT", "PATCH") else None
     if length is not None and (not length.isdigit() or int(length) > policy.max_request_bytes):
         too_large = f"request body is {length} bytes; at most {policy.max_request_bytes} are accepted"
-        return _error(413, too_large, cors), cors
-    path = scope["path"].removeprefix(scope.get("root_path") or "") or "/"
+        return error_response(413, too_large, cors), cors
+    path = get_route_path(scope) or "/"
     if path not in OPEN_PATHS and not policy.key_is_valid(headers.get("authorization")):
         refused = {**cors, "WWW-Authenticate": "Bearer"}
-        return _error(401, "missing or invalid API key: send the header 'Authorization: Bearer <key>'", refused), cors
+        missing_key = "missing or invalid API key: send the header 'Authorization: Bearer <key>'"
+        return error_response(401, missing_key, refused), cors
     return None, cors
 
 
@@ -108,7 +111,9 @@ class AccessMiddleware:
             return
         policy = self.get_policy()
         if policy is None:
-            starting = _error(503, "the service is starting; retry in a few seconds", headers={"Retry-After": "2"})
+            starting = error_response(
+                503, "the service is starting; retry in a few seconds", headers={"Retry-After": "2"}
+            )
             await starting(scope, receive, send)
             return
         answer, cors = check_request(policy, scope)

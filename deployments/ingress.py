@@ -20,7 +20,7 @@ from ray.serve.exceptions import BackPressureError, RayServeException
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import get_route_path
 
-from deployments.access import AccessMiddleware, AccessPolicy, is_json
+from deployments.access import AccessMiddleware, AccessPolicy, error_response, is_json
 from deployments.contract import documented_errors, documented_methods, install_openapi
 from deployments.jobs import JobsClient
 from pipelines.catalog import ModelCatalog, ModelEntry
@@ -74,8 +74,9 @@ class _CountSubmissions:
         self.app = app
 
     async def __call__(self, scope, receive, send) -> None:
-        path = scope["path"].removeprefix(scope.get("root_path") or "") if scope["type"] == "http" else ""
-        counted = scope["type"] == "http" and scope["method"] == "POST" and path in ("/txt2img", "/img2img")
+        counted = (
+            scope["type"] == "http" and scope["method"] == "POST" and get_route_path(scope) in ("/txt2img", "/img2img")
+        )
         ingress = serve.get_replica_context().servable_object if counted else None
         if not hasattr(ingress, "submissions_arriving"):
             await self.app(scope, receive, send)
@@ -105,17 +106,13 @@ def _api_keys_on() -> bool:
 install_openapi(app, api_keys_on=_api_keys_on)
 
 
-def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"status": "error", "error": message}, headers=headers)
-
-
 @app.exception_handler(DiffusionAPIError)
 async def _domain_error(request: Request, error: DiffusionAPIError) -> JSONResponse:
     if isinstance(error, ServiceBusyError):
-        return _error(error.status_code, error.message, headers={"Retry-After": str(error.retry_after_s)})
+        return error_response(error.status_code, error.message, headers={"Retry-After": str(error.retry_after_s)})
     if error.status_code >= 500:
         logger.error("%s %s failed: %s", request.method, request.url.path, error.message)
-    return _error(error.status_code, error.message)
+    return error_response(error.status_code, error.message)
 
 
 @app.exception_handler(RequestValidationError)
@@ -147,7 +144,7 @@ async def _http_error(request: Request, error: StarletteHTTPException) -> JSONRe
         message = f"the request body cannot be read as JSON: {error.detail}"
     else:
         message = str(error.detail)
-    return _error(error.status_code, message, headers=headers)
+    return error_response(error.status_code, message, headers=headers)
 
 
 class UnsupportedMediaTypeError(DiffusionAPIError):
@@ -339,10 +336,10 @@ class Ingress:
         """Cancels a queued or running job: a queued one never starts, a running one stops at its next step."""
         job = await self.jobs.get(job_id)
         if job is None:
-            return _error(404, f"unknown job_id {job_id!r}")
+            return error_response(404, f"unknown job_id {job_id!r}")
         if not await self.jobs.cancel(job_id):
             job = await self.jobs.get(job_id)
-            return _error(409, f"job {job_id} has already ended (state {job['state']!r}); nothing to cancel")
+            return error_response(409, f"job {job_id} has already ended (state {job['state']!r}); nothing to cancel")
         return CancelResponse(job_id=job_id)
 
     @app.get("/queue/{job_id}", response_model=QueueStatusResponse, responses=documented_errors(401, 404, 422, 503))
@@ -350,7 +347,7 @@ class Ingress:
         self._start_reaper()
         job = await self.jobs.get(job_id)
         if job is None:
-            return _error(404, f"unknown job_id {job_id!r}")
+            return error_response(404, f"unknown job_id {job_id!r}")
         fields = {
             "status": "error" if job["state"] == "error" else "success",
             "job_id": job_id,

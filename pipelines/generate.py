@@ -8,6 +8,7 @@ The flow of a job, top to bottom:
    each job gets exactly its own seed's image, and builds each image's A1111 infotext.
 """
 
+import io
 import logging
 import math
 import os
@@ -33,7 +34,7 @@ from pipelines.errors import (
     OutOfMemoryError,
     UnknownModelError,
 )
-from pipelines.images import decode_base64_image
+from pipelines.images import decode_base64_image, encode_base64
 from pipelines.infotext import build_infotext
 from pipelines.limits import LIMITS
 from pipelines.loras import (
@@ -832,12 +833,9 @@ class ImageEngine:
 
 
 def _gray_png_base64(width: int, height: int) -> str:
-    import base64
-    import io
-
     buffer = io.BytesIO()
     Image.new("RGB", (width, height), (128, 128, 128)).save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+    return encode_base64(buffer.getvalue())
 
 
 def _call_parameters(pipe) -> set[str]:
