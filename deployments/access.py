@@ -2,21 +2,27 @@
 
 API keys are off unless configured (`DIFFUSION_API_KEYS=key1,key2`, or a file with one key per line in
 `DIFFUSION_API_KEYS_FILE` or the app argument `api_keys_file`). When on, every route except `/hello` needs
-`Authorization: Bearer <key>`; keys are compared in constant time. CORS origins come from
+`Authorization: Bearer <key>` (or, for A1111 clients, `Basic` credentials with the key as the password);
+keys are compared in constant time. CORS origins come from
 `DIFFUSION_API_CORS_ORIGINS` (comma-separated, `*` for any) or the app argument `cors_origins`.
 """
 
+import base64
+import binascii
+import hashlib
 import hmac
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.routing import get_route_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from pipelines.errors import DiffusionAPIError
 from pipelines.limits import LIMITS
 
 OPEN_PATHS = ("/hello",)
@@ -43,15 +49,34 @@ class AccessPolicy:
         return cls(api_keys=[key.encode() for key in keys if key], cors_origins=origins)
 
     def key_is_valid(self, authorization: str | None) -> bool:
+        return not self.api_keys or self.key_of(authorization) is not None
+
+    def key_of(self, authorization: str | None) -> bytes | None:
+        """The API key an `Authorization` header carries, if it is one of ours: `Bearer <key>`, or A1111's
+        `Basic base64(user:password)` with the key as the password (what A1111 clients send). None when keys
+        are off: then any header (clients send `Basic ` even with no credentials) is ignored."""
         if not self.api_keys:
-            return True
+            return None
         scheme, _, token = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            return False
         offered = token.strip().encode()
+        if scheme.lower() == "basic":
+            try:
+                offered = base64.b64decode(offered, validate=True).partition(b":")[2]
+            except (binascii.Error, ValueError):
+                return None
+        elif scheme.lower() != "bearer":
+            return None
+        if not offered:
+            return None
         # Compare with every key (no early exit), each comparison in constant time.
         matches = [hmac.compare_digest(offered, key) for key in self.api_keys]
-        return any(matches)
+        return self.api_keys[matches.index(True)] if any(matches) else None
+
+    def owner_of(self, authorization: str | None) -> str:
+        """Whose job this is, for the A1111 API's progress and interrupt: a fingerprint of the caller's key
+        ("" with keys off: every caller is the same one)."""
+        key = self.key_of(authorization)
+        return hashlib.sha256(key).hexdigest()[:16] if key else ""
 
     def allowed_origin(self, origin: str | None) -> str | None:
         if not origin or not self.cors_origins:
@@ -61,9 +86,38 @@ class AccessPolicy:
         return origin if origin in self.cors_origins else None
 
 
-def error_response(status: int, message: str, headers: dict | None = None) -> JSONResponse:
-    """The API's error body, whatever the status."""
-    return JSONResponse(status_code=status, content={"status": "error", "error": message}, headers=headers)
+A1111_PREFIX = "/sdapi/"
+
+
+def is_a1111_path(path: str) -> bool:
+    return path.startswith(A1111_PREFIX)
+
+
+def error_response(status: int, message: str, headers: dict | None = None, a1111: bool = False,
+                   error: str = "HTTPException") -> JSONResponse:  # fmt: skip
+    """The API's error body, whatever the status; on the A1111 API (`a1111`), A1111's own error shape
+    `{error, detail, body, errors}` (its clients read `detail`)."""
+    if a1111:
+        content = {"error": error, "detail": message, "body": "", "errors": message}
+    else:
+        content = {"status": "error", "error": message}
+    return JSONResponse(status_code=status, content=content, headers=headers)
+
+
+class CollapseLeadingSlashes:
+    """`//sdapi/v1/txt2img` is `/sdapi/v1/txt2img`: some A1111 clients join a base URL ending in `/` with a
+    path starting with one."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] == "http" and path.startswith("//"):
+            scope = {**scope, "path": "/" + path.lstrip("/")}
+            if "raw_path" in scope:
+                scope["raw_path"] = b"/" + scope["raw_path"].lstrip(b"/")
+        await self.app(scope, receive, send)
 
 
 def check_request(policy: AccessPolicy, scope: Scope) -> tuple[Response | None, dict[str, str]]:
@@ -79,12 +133,14 @@ def check_request(policy: AccessPolicy, scope: Scope) -> tuple[Response | None, 
     length = headers.get("content-length") if scope["method"] in ("POST", "PUT", "PATCH") else None
     if length is not None and (not length.isdigit() or int(length) > policy.max_request_bytes):
         too_large = f"request body is {length} bytes; at most {policy.max_request_bytes} are accepted"
-        return error_response(413, too_large, cors), cors
+        return error_response(413, too_large, cors, a1111=is_a1111_path(get_route_path(scope))), cors
     path = get_route_path(scope) or "/"
     if path not in OPEN_PATHS and not policy.key_is_valid(headers.get("authorization")):
         refused = {**cors, "WWW-Authenticate": "Bearer"}
         missing_key = "missing or invalid API key: send the header 'Authorization: Bearer <key>'"
-        return error_response(401, missing_key, refused), cors
+        if is_a1111_path(path):
+            missing_key += " (or Basic credentials with the key as the password)"
+        return error_response(401, missing_key, refused, a1111=is_a1111_path(path)), cors
     return None, cors
 
 
@@ -112,7 +168,10 @@ class AccessMiddleware:
         policy = self.get_policy()
         if policy is None:
             starting = error_response(
-                503, "the service is starting; retry in a few seconds", headers={"Retry-After": "2"}
+                503,
+                "the service is starting; retry in a few seconds",
+                headers={"Retry-After": "2"},
+                a1111=is_a1111_path(get_route_path(scope)),
             )
             await starting(scope, receive, send)
             return
@@ -130,3 +189,17 @@ class AccessMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_with_cors)
+
+
+class UnsupportedMediaTypeError(DiffusionAPIError):
+    status_code = 415
+
+
+async def require_json_body(request: Request) -> None:
+    """Job bodies are JSON: another content type is a 415 that says so (FastAPI alone would answer a 422
+    about a missing object). A body without a content type is read as JSON."""
+    content_type = request.headers.get("content-type")
+    if content_type is not None and not is_json(content_type):
+        raise UnsupportedMediaTypeError(
+            f"the request body must be JSON (Content-Type: application/json), not {content_type[:100]!r}"
+        )

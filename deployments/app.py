@@ -94,6 +94,7 @@ def build_app(args: dict | None = None) -> Application:
         max_queued_jobs=parsed.max_queued_jobs,
         api_keys_file=parsed.api_keys_file,
         cors_origins=parsed.cors_origins,
+        upscaler=upscaler,
     )
 
 

@@ -70,18 +70,31 @@ class JobBatcher:
     async def submit(self, key: Hashable, item: Any, limit: int | None = None, more_coming: int = 0) -> Any:
         """Queues `item` under `key`; `limit` caps the size of the batch it may run in (default and upper
         bound: `max_batch_size`); `more_coming`: how many more jobs the sender is sending right now."""
+        (outcome,) = await self.submit_many([(key, item)], limit, more_coming)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    async def submit_many(self, items: list[tuple[Hashable, Any]], limit: int | None = None,
+                          more_coming: int = 0) -> list[Any]:  # fmt: skip
+        """Queues several (key, item) pairs at once, in order (the images of one request, which batch together
+        up to `limit`); returns their outcomes in order, an exception that ended an item's batch in its place."""
         limit = max(1, min(limit or self.max_batch_size, self.max_batch_size))
-        waiting = _Waiting(key, item, limit, more_coming, self._submitted)
-        self._submitted += 1
-        self._waiting.append(waiting)
+        queued = []
+        for key, item in items:
+            queued.append(_Waiting(key, item, limit, more_coming, self._submitted))
+            self._submitted += 1
+        self._waiting.extend(queued)
         self._arrival.set()
         if self._runner is None or self._runner.done():
             self._runner = asyncio.get_running_loop().create_task(self._run_forever())
+        futures = asyncio.gather(*(waiting.future for waiting in queued), return_exceptions=True)
         try:
-            return await asyncio.shield(waiting.future)
+            return await asyncio.shield(futures)
         except asyncio.CancelledError:
-            if waiting in self._waiting:  # not started yet: it never will
-                self._waiting.remove(waiting)
+            for waiting in queued:
+                if waiting in self._waiting:  # not started yet: it never will
+                    self._waiting.remove(waiting)
             raise
 
     async def _run_forever(self) -> None:

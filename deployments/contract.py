@@ -13,6 +13,7 @@ from fastapi.openapi.utils import get_openapi
 from starlette.routing import compile_path
 
 from deployments.access import OPEN_PATHS
+from pipelines.a1111_schemas import A1111Error
 from pipelines.schemas import ErrorResponse
 
 ERROR_DESCRIPTIONS = {
@@ -42,6 +43,26 @@ def documented_errors(*status_codes: int) -> dict[int | str, dict[str, Any]]:
     responses: dict[int | str, dict[str, Any]] = {}
     for code in status_codes:
         responses[code] = {"model": ErrorResponse, "description": ERROR_DESCRIPTIONS[code]}
+        if code in ERROR_HEADERS:
+            responses[code]["headers"] = ERROR_HEADERS[code]
+    return responses
+
+
+A1111_ERROR_DESCRIPTIONS = {
+    **ERROR_DESCRIPTIONS,
+    401: "API keys are on and the request has neither `Authorization: Bearer <key>` nor Basic credentials with "
+    "a key as the password",
+    404: "An unknown model, sampler, scheduler or upscaler (as A1111 answers); the message lists what exists",
+    422: "A value outside this service's limits, or of a type A1111 would refuse too; `detail` says which",
+    500: "The generation failed (A1111's error body; `detail` says why): the job's record keeps the error",
+}
+
+
+def documented_a1111_errors(*status_codes: int) -> dict[int | str, dict[str, Any]]:
+    """`responses` of an A1111-API route: A1111's error body `{error, detail, body, errors}`."""
+    responses: dict[int | str, dict[str, Any]] = {}
+    for code in status_codes:
+        responses[code] = {"model": A1111Error, "description": A1111_ERROR_DESCRIPTIONS[code]}
         if code in ERROR_HEADERS:
             responses[code]["headers"] = ERROR_HEADERS[code]
     return responses

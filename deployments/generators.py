@@ -13,7 +13,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from deployments.batching import JobBatcher
-from deployments.jobs import JobsClient
+from deployments.jobs import PER_IMAGE_FIELDS, JobsClient
 from pipelines.catalog import ModelCatalog
 from pipelines.errors import DiffusionAPIError, JobCancelledError
 from pipelines.generate import (
@@ -63,13 +63,49 @@ class BatchingConfig(BaseModel):
 
 @dataclass
 class QueuedJob:
-    """One request waiting in, or running as part of, a batch. It names its model rather than holding the
-    loaded pipeline, so a model evicted while the job waits is not kept in memory beside its successor."""
+    """One image of a request (`batch_size` x `n_iter` images: `job.image_index` of `job.image_count`) waiting
+    in, or running as part of, a batch. It names its model rather than holding the loaded pipeline, so a model
+    evicted while the job waits is not kept in memory beside its successor."""
 
     job_id: str
     request: Txt2ImgRequest
     job: PreparedJob
     model: str
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.job_id, self.job.image_index
+
+
+@dataclass
+class CollectedImages:
+    """The finished images of one job, gathered across the batches they run in; the job is recorded as done
+    once all of them are in."""
+
+    count: int
+    records: dict[int, dict] = field(default_factory=dict)  # image index -> saved image record
+    seconds: float = 0.0  # time in the diffusers calls that made them
+
+    @property
+    def complete(self) -> bool:
+        return len(self.records) == self.count
+
+    def result(self) -> tuple[dict, list[str]]:
+        """The job's result record (lists of every image's fields; `image` & co. are read from their first
+        items) and the warnings its images' runs added."""
+        records = [self.records[index] for index in range(self.count)]
+        first = records[0]
+        warnings = list(dict.fromkeys(w for record in records for w in record["warnings"]))
+        result = {key: value for key, value in first.items() if key not in PER_IMAGE_FIELDS and key != "warnings"}
+        result.update({plural: [record[single] for record in records] for single, plural in PER_IMAGE_FIELDS.items()})
+        result["generation_time_sec"] = round(self.seconds, 3)
+        result["batch_size"] = max(record["batch_size"] for record in records)
+        return result, warnings
+
+    def discard_files(self) -> None:
+        for record in self.records.values():
+            Path(record["output_path"]).unlink(missing_ok=True)
+        self.records.clear()
 
 
 def torch_thread_count(configured: int | None) -> int:
@@ -109,6 +145,7 @@ class _Generator:
         context = serve.get_replica_context()
         self.replica_name = f"{context.deployment}#{context.replica_id.unique_id}"
         self._reported_models: list[str] | None = None
+        self._collected: dict[str, CollectedImages] = {}  # job id -> its finished images, until all are in
         logger.info("%s: torch threads %d, %s", self.replica_name, threads, self.batching)
         self._warm_up(options.get("warmup") or [])
         self._report()
@@ -148,9 +185,9 @@ class _Generator:
         return await asyncio.to_thread(self.engine.load, model_id)
 
     async def generate(self, job_id: str, kind: str, request: dict, more_coming: int = 0) -> dict:
-        """Runs one job to its end (in a batch with compatible jobs) and records the outcome on the job;
-        returns the result record. `more_coming`: how many more jobs the ingress was admitting when it sent
-        this one (a burst): this one may wait up to `batch_wait_ms` for them to join its batch."""
+        """Runs one job to its end (its images in batches, with compatible jobs) and records the outcome on
+        the job; returns the result record. `more_coming`: how many more jobs the ingress was admitting when it
+        sent this one (a burst): this one may wait up to `batch_wait_ms` for them to join its batch."""
         try:
             with self.batcher.expecting():  # batch-mates already waiting may wait for this job to join them
                 parsed = Img2ImgRequest(**request) if kind == "img2img" else Txt2ImgRequest(**request)
@@ -159,8 +196,11 @@ class _Generator:
             job.job_id = job_id
             width, height = (job.hires.width, job.hires.height) if job.hires else (job.width, job.height)
             limit = max(1, self.batching.max_batch_pixels // (width * height))
-            queued = QueuedJob(job_id, parsed, job, loaded.entry.name)
-            outcome = await self.batcher.submit((loaded.entry.name, job.batch_key()), queued, limit, more_coming)
+            images = job.per_image(parsed.batch_size * parsed.n_iter)
+            self._collected[job_id] = CollectedImages(len(images))
+            units = [((loaded.entry.name, image.batch_key()), QueuedJob(job_id, parsed, image, loaded.entry.name))
+                     for image in images]  # fmt: skip
+            outcomes = await self.batcher.submit_many(units, limit, more_coming)
         except DiffusionAPIError as error:
             await self.jobs.fail(job_id, error.message)
             raise
@@ -168,30 +208,35 @@ class _Generator:
             logger.exception("job %s failed", job_id)
             await self.jobs.fail(job_id, f"generation failed: {type(error).__name__}: {error}")
             raise
-        if isinstance(outcome, BaseException):  # already recorded on the job by the batch
-            raise outcome
-        return outcome
+        finally:
+            collected = self._collected.pop(job_id, None)
+            if collected is not None and not collected.complete:  # failed or cancelled: keep no file
+                collected.discard_files()
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):  # already recorded on the job by its batch
+                raise outcome
+        return outcomes[-1]
 
     async def _run_batch(self, batch: list[QueuedJob]) -> list[dict | BaseException]:
         """Runs one batch: starts its jobs (one cancelled while it waited is left out: it never starts), runs
         the rest in one diffusers call off the event loop, writes each image and records each job's outcome."""
-        job_ids = [queued.job_id for queued in batch]
+        job_ids = list(dict.fromkeys(queued.job_id for queued in batch))
         phase = PhaseProgress.for_job(batch[0].job, None).first_phase
         started = set(await self.jobs.start_many(job_ids, phase, len(batch)))
         skipped = {"skipped": "the job was cancelled or has ended before it started"}
-        outcomes: dict[str, dict | BaseException] = {
-            job_id: {"job_id": job_id, **skipped} for job_id in job_ids if job_id not in started
+        outcomes: dict[tuple[str, int], dict | BaseException] = {
+            queued.key: {"job_id": queued.job_id, **skipped} for queued in batch if queued.job_id not in started
         }
         running = [queued for queued in batch if queued.job_id in started]
         if running:
             outcomes.update(await self._run_started(running))
         if self._reported_models != self.engine.loaded_models():
             self._report()
-        return [outcomes[job_id] for job_id in job_ids]
+        return [outcomes[queued.key] for queued in batch]
 
-    async def _run_started(self, batch: list[QueuedJob]) -> dict[str, dict | BaseException]:
+    async def _run_started(self, batch: list[QueuedJob]) -> dict[tuple[str, int], dict | BaseException]:
         loop = asyncio.get_running_loop()
-        job_ids = [queued.job_id for queued in batch]
+        job_ids = list(dict.fromkeys(queued.job_id for queued in batch))
         loaded = await self.get_model(batch[0].model)
         cancelled: set[str] = set()  # filled from the job store's replies; read by the worker thread
         progress = self._progress_sender(loop, job_ids, cancelled)
@@ -211,47 +256,73 @@ class _Generator:
             message = error.message if isinstance(error, DiffusionAPIError) else (
                 f"generation failed: {type(error).__name__}: {error}")  # fmt: skip
             await asyncio.gather(*(self.jobs.fail(job_id, message) for job_id in job_ids))
-            return dict.fromkeys(job_ids, error)
+            return {queued.key: error for queued in batch}
         return await self._record(batch, results)
 
     async def _record(
         self, batch: list[QueuedJob], results: list[dict | BaseException]
-    ) -> dict[str, dict | BaseException]:
-        """Records each job's outcome: done (one store transaction for the batch), cancelled or failed."""
-        finished = [(queued, record) for queued, record in zip(batch, results, strict=True) if isinstance(record, dict)]
-        if finished:
-            completed = await self.jobs.complete_many(
-                [(queued.job_id, record, record.pop("warnings")) for queued, record in finished]
-            )
-            for (_, record), done in zip(finished, completed, strict=True):
-                if not done:  # cancelled at the very end: keep no file
-                    Path(record["output_path"]).unlink(missing_ok=True)
-        outcomes: dict[str, dict | BaseException] = {}
+    ) -> dict[tuple[str, int], dict | BaseException]:
+        """Records each job's outcome: its images are collected until all are in, then the job is done (one
+        store transaction for every job the batch completes); a cancelled or failed image ends its job (the
+        job's other images are discarded)."""
+        outcomes: dict[tuple[str, int], dict | BaseException] = {}
+        failures: dict[str, str] = {}
+        seconds: dict[str, set[float]] = {}
         for queued, result in zip(batch, results, strict=True):
-            if isinstance(result, dict):
-                outcomes[queued.job_id] = {"job_id": queued.job_id, "output_path": result["output_path"]}
+            collected = self._collected.get(queued.job_id)
+            if isinstance(result, dict) and collected is not None:
+                collected.records[queued.job.image_index] = result
+                seconds.setdefault(queued.job_id, set()).add(result["generation_time_sec"])
+                outcomes[queued.key] = {"job_id": queued.job_id, "output_path": result["output_path"]}
+            elif isinstance(result, dict):  # its job has ended meanwhile (generate() gave up on it)
+                Path(result["output_path"]).unlink(missing_ok=True)
+                outcomes[queued.key] = {"job_id": queued.job_id, "skipped": "the job has ended"}
             elif isinstance(result, JobCancelledError):
                 logger.info("job %s cancelled", queued.job_id)
-                outcomes[queued.job_id] = {"job_id": queued.job_id, "cancelled": True}
+                outcomes[queued.key] = {"job_id": queued.job_id, "cancelled": True}
             else:
-                message = (
-                    result.message if isinstance(result, DiffusionAPIError) else f"{type(result).__name__}: {result}"
-                )
-                await self.jobs.fail(queued.job_id, message)
-                outcomes[queued.job_id] = result
+                failures.setdefault(queued.job_id, result.message if isinstance(result, DiffusionAPIError)
+                                    else f"{type(result).__name__}: {result}")  # fmt: skip
+                outcomes[queued.key] = result
+        for job_id, times in seconds.items():
+            self._collected[job_id].seconds += sum(times)  # one figure per diffusers call (OOM retries: several)
+        finished = [
+            job_id
+            for job_id in dict.fromkeys(queued.job_id for queued in batch)
+            if job_id not in failures and job_id in self._collected and self._collected[job_id].complete
+        ]
+        if finished:
+            results_and_warnings = [self._collected[job_id].result() for job_id in finished]
+            completed = await self.jobs.complete_many(
+                [
+                    (job_id, result, warnings)
+                    for job_id, (result, warnings) in zip(finished, results_and_warnings, strict=True)
+                ]  # fmt: skip
+            )
+            for job_id, done in zip(finished, completed, strict=True):
+                if not done:  # cancelled at the very end: keep no file
+                    self._collected[job_id].discard_files()
+        for job_id, message in failures.items():
+            await self.jobs.fail(job_id, message)
         return outcomes
 
     def _progress_sender(self, loop: asyncio.AbstractEventLoop, batch_ids: list[str], cancelled: set[str]):
-        """A function for the worker thread that sends progress (jobs of the running call, done, total, phase)
-        to the job store at most every PROGRESS_INTERVAL_S, and always the final figure. Jobs the store reports
-        as no longer active (cancelled, or failed by the reaper) are added to `cancelled`. Jobs of the batch that
-        wait for their turn (an out-of-memory batch retried job by job) get a heartbeat with it."""
+        """A function for the worker thread that sends progress (images of the running call, done, total,
+        phase) to the job store at most every PROGRESS_INTERVAL_S, and always the final figure. A job of several
+        images counts the ones made before this call. Jobs the store reports as no longer active (cancelled, or
+        failed by the reaper) are added to `cancelled`. Jobs of the batch that wait for their turn (an
+        out-of-memory batch retried job by job) get a heartbeat with it."""
         last_sent = [0.0]
 
-        async def send(job_ids: list[str], percent: float, phase: str) -> None:
-            active = await self.jobs.progress_many(job_ids, percent, phase)
-            cancelled.update(set(job_ids) - set(active))
-            waiting = [job_id for job_id in batch_ids if job_id not in job_ids and job_id not in cancelled]
+        async def send(percents: dict[str, float], phase: str) -> None:
+            by_percent: dict[float, list[str]] = {}
+            for job_id, percent in percents.items():
+                by_percent.setdefault(percent, []).append(job_id)
+            active = set()
+            for percent, job_ids in by_percent.items():
+                active.update(await self.jobs.progress_many(job_ids, percent, phase))
+            cancelled.update(set(percents) - active)
+            waiting = [job_id for job_id in batch_ids if job_id not in percents and job_id not in cancelled]
             if waiting:
                 await self.jobs.touch_active(waiting)
 
@@ -259,8 +330,14 @@ class _Generator:
             now = time.monotonic()
             if done == total or now - last_sent[0] >= PROGRESS_INTERVAL_S:
                 last_sent[0] = now
-                job_ids = [job.job_id for job in jobs]
-                asyncio.run_coroutine_threadsafe(send(job_ids, 100.0 * done / total, phase), loop)
+                images: dict[str, list[PreparedJob]] = {}
+                for job in jobs:
+                    images.setdefault(job.job_id, []).append(job)
+                percents = {
+                    job_id: round(100.0 * (mine[0].image_index + len(mine) * done / total) / mine[0].image_count, 2)
+                    for job_id, mine in images.items()
+                }
+                asyncio.run_coroutine_threadsafe(send(percents, phase), loop)
 
         return report
 
@@ -285,15 +362,17 @@ class _Generator:
         return (upscale if self.upscaler else None), (refine if self.refiner else None)
 
     def _save(self, queued: QueuedJob, result: GenerationResult) -> dict | BaseException:
-        """Encodes the image with its infotext and writes it (in the worker thread, off the event loop); the
-        record the job store keeps, with the warnings the run added. A job whose image cannot be written ends
-        in error alone; its batch-mates keep theirs."""
+        """Encodes one image with its infotext and writes it (in the worker thread, off the event loop): the
+        job's first image is `<job id>.<ext>`, the others `<job id>-<index>.<ext>`. Returns its record, with
+        the warnings the run added. A job whose image cannot be written ends in error alone; its batch-mates
+        keep theirs."""
         request = queued.request
+        index = queued.job.image_index
         try:
             data = encode_image(result.image, request.file_type, result.infotext, request.jpeg_quality)
             folder = self.settings.outputs_dir / datetime.date.today().isoformat()
             folder.mkdir(parents=True, exist_ok=True)
-            path = Path(folder) / f"{queued.job_id}.{request.file_type}"
+            path = Path(folder) / f"{queued.job_id}{f'-{index}' if index else ''}.{request.file_type}"
             path.write_bytes(data)
         except OSError as error:
             logger.exception("job %s: writing its image failed", queued.job_id)

@@ -20,9 +20,18 @@ from ray.serve.exceptions import BackPressureError, RayServeException
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import get_route_path
 
-from deployments.access import AccessMiddleware, AccessPolicy, error_response, is_json
+from deployments.a1111_routes import A1111Routes
+from deployments.a1111_routes import router as a1111_router
+from deployments.access import (
+    AccessMiddleware,
+    AccessPolicy,
+    CollapseLeadingSlashes,
+    error_response,
+    is_a1111_path,
+    require_json_body,
+)
 from deployments.contract import documented_errors, documented_methods, install_openapi
-from deployments.jobs import JobsClient
+from deployments.jobs import JobsClient, image_fields
 from pipelines.catalog import ModelCatalog, ModelEntry
 from pipelines.errors import DiffusionAPIError, ServiceBusyError
 from pipelines.generate import PreparedJob, check_mode_supported, prepare_job
@@ -49,7 +58,7 @@ from pipelines.schemas import (
 )
 from pipelines.settings import VERSION, Settings
 from pipelines.system import gpu_info, health_report
-from pipelines.upscalers import LATENT_MODES, UpscalerLibrary
+from pipelines.upscalers import LATENT_MODES, RESIZE_MODES, UpscalerLibrary
 
 logger = logging.getLogger("ray.serve")
 
@@ -63,6 +72,7 @@ def _replica_access_policy() -> AccessPolicy | None:
 
 
 ARRIVING = "diffusion_api_submission_arriving"
+SUBMISSION_PATHS = ("/txt2img", "/img2img", "/sdapi/v1/txt2img", "/sdapi/v1/img2img")
 
 
 class _CountSubmissions:
@@ -74,9 +84,7 @@ class _CountSubmissions:
         self.app = app
 
     async def __call__(self, scope, receive, send) -> None:
-        counted = (
-            scope["type"] == "http" and scope["method"] == "POST" and get_route_path(scope) in ("/txt2img", "/img2img")
-        )
+        counted = scope["type"] == "http" and scope["method"] == "POST" and get_route_path(scope) in SUBMISSION_PATHS
         ingress = serve.get_replica_context().servable_object if counted else None
         if not hasattr(ingress, "submissions_arriving"):
             await self.app(scope, receive, send)
@@ -93,6 +101,8 @@ class _CountSubmissions:
 
 app.add_middleware(_CountSubmissions)
 app.add_middleware(AccessMiddleware, get_policy=_replica_access_policy)
+app.add_middleware(CollapseLeadingSlashes)  # outermost: every check sees the collapsed path
+app.include_router(a1111_router)
 
 
 def _api_keys_on() -> bool:
@@ -106,13 +116,19 @@ def _api_keys_on() -> bool:
 install_openapi(app, api_keys_on=_api_keys_on)
 
 
+def _on_a1111_api(request: Request) -> bool:
+    return is_a1111_path(get_route_path(request.scope))
+
+
 @app.exception_handler(DiffusionAPIError)
 async def _domain_error(request: Request, error: DiffusionAPIError) -> JSONResponse:
+    a1111 = _on_a1111_api(request)
     if isinstance(error, ServiceBusyError):
-        return error_response(error.status_code, error.message, headers={"Retry-After": str(error.retry_after_s)})
+        return error_response(error.status_code, error.message, headers={"Retry-After": str(error.retry_after_s)},
+                              a1111=a1111)  # fmt: skip
     if error.status_code >= 500:
         logger.error("%s %s failed: %s", request.method, request.url.path, error.message)
-    return error_response(error.status_code, error.message)
+    return error_response(error.status_code, error.message, a1111=a1111, error=type(error).__name__)
 
 
 @app.exception_handler(RequestValidationError)
@@ -121,7 +137,11 @@ async def _validation_error(request: Request, error: RequestValidationError) -> 
     for item in error.errors():
         location = ".".join(str(part) for part in item["loc"] if part != "body") or "body"
         parts.append(f"{location}: {item['msg']}" + (f" (got {item['input']!r})" if "input" in item else ""))
-    body = {"status": "error", "error": "; ".join(parts)[:2000], "detail": jsonable_errors(error)}
+    message = "; ".join(parts)[:2000]
+    if _on_a1111_api(request):
+        body = {"error": "RequestValidationError", "detail": jsonable_errors(error), "body": "", "errors": message}
+    else:
+        body = {"status": "error", "error": message, "detail": jsonable_errors(error)}
     return JSONResponse(status_code=422, content=body)
 
 
@@ -144,21 +164,7 @@ async def _http_error(request: Request, error: StarletteHTTPException) -> JSONRe
         message = f"the request body cannot be read as JSON: {error.detail}"
     else:
         message = str(error.detail)
-    return error_response(error.status_code, message, headers=headers)
-
-
-class UnsupportedMediaTypeError(DiffusionAPIError):
-    status_code = 415
-
-
-async def require_json_body(request: Request) -> None:
-    """Job bodies are JSON: another content type is a 415 that says so (FastAPI alone would answer a 422
-    about a missing object). A body without a content type is read as JSON."""
-    content_type = request.headers.get("content-type")
-    if content_type is not None and not is_json(content_type):
-        raise UnsupportedMediaTypeError(
-            f"the request body must be JSON (Content-Type: application/json), not {content_type[:100]!r}"
-        )
+    return error_response(error.status_code, message, headers=headers, a1111=_on_a1111_api(request))
 
 
 JobId = Annotated[str, Path(pattern=JOB_ID_PATTERN, description="The job_id POST /txt2img or /img2img answered")]
@@ -179,15 +185,16 @@ def unknown_field_warnings(kind: str, fields: list[str]) -> list[str]:
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=200)
 @serve.ingress(app)
-class Ingress:
+class Ingress(A1111Routes):
     def __init__(self, sd15, sdxl, refiner, settings: dict, job_database: str,
                  job_options: dict | None = None, stale_job_timeout_s: float = 600.0,
                  max_queued_jobs: int = 64, api_keys_file: str | None = None,
-                 cors_origins: list[str] | None = None):  # fmt: skip
+                 cors_origins: list[str] | None = None, upscaler=None):  # fmt: skip
         self.access = AccessPolicy.from_config(api_keys_file, cors_origins)
         if self.access.api_keys:
             logger.info("API keys are on: %d key(s)", len(self.access.api_keys))
         self.handles = {"sd15": sd15, "sdxl": sdxl, "sdxl-refiner": refiner}
+        self.upscaler = upscaler  # the Upscaler deployment (the A1111 API's extras)
         self.settings = Settings(**settings)
         self.catalog = ModelCatalog(self.settings)
         self.loras = LoraLibrary(self.settings, self.catalog.facts)
@@ -244,7 +251,7 @@ class Ingress:
     @app.get("/upscalers", response_model=UpscalersResponse, responses=documented_errors(401, 503))
     async def list_upscalers(self) -> UpscalersResponse:
         files = await asyncio.to_thread(self.upscalers.available)
-        listed = [UpscalerInfo(name=name, path="internal") for name in LATENT_MODES]
+        listed = [UpscalerInfo(name=name, path="internal") for name in (*LATENT_MODES, *RESIZE_MODES)]
         listed += [UpscalerInfo(name=item.name, path=str(item.path)) for item in files]
         return UpscalersResponse(upscalers=listed)
 
@@ -264,16 +271,23 @@ class Ingress:
         return await self._submit("img2img", request, http)
 
     async def _submit(self, kind: str, request: Txt2ImgRequest | Img2ImgRequest, http: Request) -> Txt2ImgResponse:
+        job_id = await self._submit_job(kind, request, http, unknown_field_warnings(kind, request.unknown_fields()))
+        return Txt2ImgResponse(job_id=job_id)
+
+    async def _submit_job(self, kind: str, request: Txt2ImgRequest | Img2ImgRequest, http: Request,
+                          warnings: list[str], origin: str = "", owner: str = "") -> str:  # fmt: skip
+        """Checks, records and starts a job (of either API); returns its id once it is recorded as queued."""
         self._start_reaper()
-        entry, job = await asyncio.to_thread(self._check, kind, request)
-        unknown = request.unknown_fields()
+        default_model = await self.default_model_name() if not (request.model or "").strip() else None
+        entry, job = await asyncio.to_thread(self._check, kind, request, default_model)
         payload = request.model_dump(by_alias=True)
         for name in request.model_extra or {}:  # not `exclude`: an unknown "file_type" would drop "fileType"
             payload.pop(name, None)
         payload["model"] = entry.name
         job_id = uuid.uuid4().hex
-        warnings = job.sampler.warnings + job.warnings + unknown_field_warnings(kind, unknown)
-        created = await self.jobs.create(job_id, kind, payload, warnings, entry.family, self.max_queued_jobs)
+        warnings = job.sampler.warnings + job.warnings + warnings
+        created = await self.jobs.create(job_id, kind, payload, warnings, entry.family, self.max_queued_jobs,
+                                         origin, owner)  # fmt: skip
         if not created:
             raise ServiceBusyError(
                 f"the {entry.family} generators already have {self.max_queued_jobs} jobs queued or running; "
@@ -290,7 +304,7 @@ class Ingress:
         task = asyncio.create_task(run, context=contextvars.Context())
         self._inflight[job_id] = task
         task.add_done_callback(lambda _: self._inflight.pop(job_id, None))
-        return Txt2ImgResponse(job_id=job_id)
+        return job_id
 
     async def _run(self, job_id: str, kind: str, payload: dict, handle, more_coming: int = 0) -> None:
         try:
@@ -308,10 +322,12 @@ class Ingress:
             if isinstance(error, asyncio.CancelledError):
                 raise
 
-    def _check(self, kind: str, request: Txt2ImgRequest | Img2ImgRequest) -> tuple[ModelEntry, PreparedJob]:
-        """Everything that can be checked before a job exists (in a worker thread: it reads files): the model,
-        the mode, sampler, image, LoRAs (unknown: 4xx; incompatible: a warning), hires fix and refiner."""
-        entry = self.catalog.resolve(request.model)
+    def _check(self, kind: str, request: Txt2ImgRequest | Img2ImgRequest,
+               default_model: str | None = None) -> tuple[ModelEntry, PreparedJob]:  # fmt: skip
+        """Everything that can be checked before a job exists (in a worker thread: it reads files): the model
+        (absent: the service-wide default), the mode, sampler, image, LoRAs (unknown: 4xx; incompatible: a
+        warning), hires fix and refiner."""
+        entry = self.catalog.resolve(request.model or default_model)
         check_mode_supported(entry, kind)
         return entry, prepare_job(request, entry, self.loras, self.catalog, self.upscalers)
 
@@ -359,7 +375,7 @@ class Ingress:
             "batch_size": job["batch_size"],
         }
         if job["state"] == "done" and job["result"]:
-            fields.update({**job["result"], "payload": job["payload"]})
+            fields.update({**image_fields(job["result"]), "payload": job["payload"]})
         # Serialized here (pydantic's JSON encoder) rather than re-validated by FastAPI: this is the route
         # clients poll.
         body = QueueStatusResponse.model_validate(fields).model_dump_json()

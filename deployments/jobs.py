@@ -25,7 +25,7 @@ ACTOR_NAME_PREFIX = "diffusion_api_jobs"
 ACTOR_NAMESPACE = "diffusion_api"
 # Bump when JobStore's methods change: the actor is detached and outlives redeploys, so a new interface
 # gets a new actor (same database) instead of calling methods the old one does not have.
-STORE_INTERFACE_VERSION = 3
+STORE_INTERFACE_VERSION = 4
 REPLICA_REPORT_TTL_S = 60.0
 PRUNE_INTERVAL_S = 60.0  # retention runs at most this often (on job creation), not on every job
 TERMINAL_STATES = ("done", "error", "cancelled")
@@ -46,11 +46,14 @@ CREATE TABLE IF NOT EXISTS jobs (
     result TEXT,
     error TEXT,
     family TEXT NOT NULL DEFAULT '',
-    batch_size INTEGER
+    batch_size INTEGER,
+    origin TEXT NOT NULL DEFAULT '',
+    owner TEXT NOT NULL DEFAULT ''
 )
 """
 # Columns added after the first release, with their definitions: an older database gets them at start.
-_ADDED_COLUMNS = {"family": "TEXT NOT NULL DEFAULT ''", "batch_size": "INTEGER"}
+_ADDED_COLUMNS = {"family": "TEXT NOT NULL DEFAULT ''", "batch_size": "INTEGER",
+                  "origin": "TEXT NOT NULL DEFAULT ''", "owner": "TEXT NOT NULL DEFAULT ''"}  # fmt: skip
 
 
 class JobStore:
@@ -69,6 +72,8 @@ class JobStore:
                 self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {definition}")
         self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
         self._db.execute("INSERT OR IGNORE INTO meta VALUES ('store_id', ?)", (uuid.uuid4().hex,))
+        # Service settings every ingress replica shares (the A1111 API's default model), kept across restarts.
+        self._db.execute("CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
         (self._store_id,) = self._db.execute("SELECT value FROM meta WHERE key = 'store_id'").fetchone()
         # The admission count (active jobs of a family) and retention (finished jobs by age) read these.
         self._db.execute("CREATE INDEX IF NOT EXISTS jobs_family_state ON jobs (family, state)")
@@ -123,9 +128,10 @@ class JobStore:
 
     # Transitions -----------------------------------------------------------------------------------------
     def create(self, job_id: str, kind: str, payload: dict, warnings: list[str], family: str = "",
-               max_active: int | None = None) -> bool:  # fmt: skip
+               max_active: int | None = None, origin: str = "", owner: str = "") -> bool:  # fmt: skip
         """Records a queued job. Refuses (returns False) when `family` already has `max_active` jobs queued or
-        running, so callers can answer "busy, retry later" instead of queueing without bound."""
+        running, so callers can answer "busy, retry later" instead of queueing without bound. `origin` is the
+        API that took it ("" native, "sdapi" A1111's), `owner` who sent it (an API key's fingerprint)."""
         now = time.time()
         with self._transaction(durable=True) as db:
             if max_active is not None:
@@ -136,8 +142,9 @@ class JobStore:
                     return False
             db.execute(
                 "INSERT INTO jobs (job_id, kind, state, phase, progress, created, updated, payload, warnings, "
-                "result, error, family) VALUES (?, ?, 'queued', 'queued', 0, ?, ?, ?, ?, NULL, NULL, ?)",
-                (job_id, kind, now, now, json.dumps(payload), json.dumps(warnings), family),
+                "result, error, family, origin, owner) "
+                "VALUES (?, ?, 'queued', 'queued', 0, ?, ?, ?, ?, NULL, NULL, ?, ?, ?)",
+                (job_id, kind, now, now, json.dumps(payload), json.dumps(warnings), family, origin, owner),
             )
         if now - self._last_prune >= PRUNE_INTERVAL_S:
             self._last_prune = now
@@ -232,6 +239,28 @@ class JobStore:
         SQLite's WAL and locks do not work across hosts (a network volume included)."""
         return self._store_id, ray.get_runtime_context().get_node_id()
 
+    def active_jobs(self, origin: str, owner: str | None = None) -> list[dict]:
+        """The queued and running jobs `origin` took (of `owner` only, unless None), oldest first: id, state,
+        phase, progress, steps and creation time."""
+        query = (f"SELECT job_id, state, phase, progress, created, json_extract(payload, '$.steps') FROM jobs "
+                 f"WHERE {_ACTIVE} AND origin = ?")  # fmt: skip
+        parameters: tuple = (origin,)
+        if owner is not None:
+            query += " AND owner = ?"
+            parameters += (owner,)
+        with self._lock:
+            rows = self._db.execute(query + " ORDER BY created", parameters).fetchall()
+        columns = ("job_id", "state", "phase", "progress", "created", "steps")
+        return [dict(zip(columns, row, strict=True)) for row in rows]
+
+    def get_setting(self, key: str) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def set_setting(self, key: str, value: str) -> None:
+        self._execute("INSERT OR REPLACE INTO settings (key, value) VALUES (?, ?)", (key, value), durable=True)
+
     def counts(self) -> dict[str, int]:
         with self._lock:
             rows = self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
@@ -275,10 +304,26 @@ class JobStore:
             ).fetchall()
             self._db.executemany("DELETE FROM jobs WHERE job_id = ?", [(job_id,) for job_id, _ in rows])
         for job_id, result in rows:
-            output = (json.loads(result) if result else {}).get("output_path")
-            if output and Path(output).stem == job_id:  # only files this service named after the job
-                Path(output).unlink(missing_ok=True)
+            for output in image_fields(json.loads(result) if result else {}).get("output_paths") or []:
+                stem = Path(output).stem
+                if stem == job_id or stem.startswith(f"{job_id}-"):  # only files this service named after the job
+                    Path(output).unlink(missing_ok=True)
         return len(rows)
+
+
+PER_IMAGE_FIELDS = {"image": "images", "output_path": "output_paths", "seed": "seeds", "infotext": "infotexts"}
+
+
+def image_fields(result: dict) -> dict:
+    """A result record with both the per-image lists (`images`, `seeds`, ...) and their first items (`image`,
+    `seed`, ...): a record holds the lists, one written before multi-image jobs only the single fields."""
+    result = dict(result)
+    for single, plural in PER_IMAGE_FIELDS.items():
+        if result.get(plural):
+            result[single] = result[plural][0]
+        elif single in result:
+            result[plural] = [result[single]]
+    return result
 
 
 _JOB_COLUMNS = ("job_id", "kind", "state", "phase", "progress", "created", "updated", "payload", "warnings",
@@ -356,8 +401,17 @@ class JobsClient:
         return await getattr(self.actor, method).remote(*args)
 
     async def create(self, job_id: str, kind: str, payload: dict, warnings: list[str], family: str = "",
-                     max_active: int | None = None) -> bool:  # fmt: skip
-        return await self._call("create", job_id, kind, payload, warnings, family, max_active)
+                     max_active: int | None = None, origin: str = "", owner: str = "") -> bool:  # fmt: skip
+        return await self._call("create", job_id, kind, payload, warnings, family, max_active, origin, owner)
+
+    async def active_jobs(self, origin: str, owner: str | None = None) -> list[dict]:
+        return await self._call("active_jobs", origin, owner)
+
+    async def get_setting(self, key: str) -> str | None:
+        return await self._call("get_setting", key)
+
+    async def set_setting(self, key: str, value: str) -> None:
+        return await self._call("set_setting", key, value)
 
     async def start_many(self, job_ids: list[str], phase: str, batch_size: int | None = None) -> list[str]:
         return await self._call("start_many", job_ids, phase, batch_size)

@@ -18,7 +18,7 @@ import time
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import psutil
@@ -204,6 +204,18 @@ class PreparedJob:
     refiner: RefinerPlan | None = None
     warnings: list[str] = field(default_factory=list)
     job_id: str = ""  # the service's id for the job (logs, progress and hand-offs of a batch)
+    image_index: int = 0  # which of its request's images this is (batch_size x n_iter images, seed + index)
+    image_count: int = 1
+
+    def per_image(self, count: int) -> list["PreparedJob"]:
+        """The `count` images of one request (`batch_size` x `n_iter`), as A1111 makes them: seeds seed,
+        seed + 1, ...; each is a job of its own for the engine (one torch.Generator per image)."""
+        return [
+            replace(
+                self, seed=self.seed + index, warnings=list(self.warnings), image_index=index, image_count=count
+            )  # fmt: skip
+            for index in range(count)
+        ]
 
     def batch_key(self) -> tuple:
         """Jobs with equal keys can run as one diffusers batch: everything but prompt, seed, input image and

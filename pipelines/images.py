@@ -15,15 +15,19 @@ MAX_INPUT_PIXELS = LIMITS.max_input_image_pixels
 _DATA_URL = re.compile(r"^data:[\w/+.-]*(;[\w=.-]+)*;base64,", re.IGNORECASE)
 
 
+def decode_base64_bytes(data: str, field: str = "image") -> bytes:
+    """The bytes of base64 text, with or without a data: URL prefix; invalid base64 is a BadImageError."""
+    text = re.sub(r"\s+", "", _DATA_URL.sub("", data.strip(), count=1))
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as error:
+        raise BadImageError(f"'{field}' is not valid base64: {error}", field=field) from error
+
+
 def decode_base64_image(data: str, field: str = "image", max_pixels: int = MAX_INPUT_PIXELS) -> Image.Image:
     """An RGB image from base64 text. Anything that is not a complete, reasonably sized image is a
     BadImageError naming the field."""
-    text = _DATA_URL.sub("", data.strip(), count=1)
-    text = re.sub(r"\s+", "", text)
-    try:
-        raw = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError) as error:
-        raise BadImageError(f"'{field}' is not valid base64: {error}", field=field) from error
+    raw = decode_base64_bytes(data, field)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

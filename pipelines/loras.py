@@ -34,7 +34,7 @@ FAMILY_LABELS = {
     "sd2": "SD2.x",
     "unknown": "unknown-family",
 }
-_PROMPT_TAG = re.compile(r"<lora:([^:>]+)(?::([^:>]*))?>")
+PROMPT_LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^:>]*))?>")
 _LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
 
@@ -182,7 +182,7 @@ def parse_prompt_loras(prompt: str) -> tuple[str, list[tuple[str, float]], list[
         return ""
 
     clean = re.sub(r"<lora:[^>]*:[^>]*:[^>]*>", split_weights, prompt) if "<lora:" in prompt else prompt
-    clean = _PROMPT_TAG.sub(take, clean)
+    clean = PROMPT_LORA_TAG.sub(take, clean)
     clean = re.sub(r"\s*,\s*(,\s*)+", ", ", re.sub(r"[ \t]{2,}", " ", clean)).strip(" ,")
     return clean, found, warnings
 

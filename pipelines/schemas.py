@@ -109,6 +109,12 @@ class GenerationRequest(BaseModel):
     )
     seed: int | None = Field(None, ge=-1, le=MAX_SEED, description="-1 or absent: a random seed, reported back")
     clip_skip: int = Field(1, ge=1, le=12, description="A1111 clip skip (1 = use the last layer)")
+    batch_size: int = Field(
+        1, ge=1, le=LIMITS.max_batch_size, description="Images per call (as A1111): seeds seed, seed+1, ..."
+    )
+    n_iter: int = Field(
+        1, ge=1, le=LIMITS.max_n_iter, description="Calls per request (as A1111); batch_size x n_iter images in all"
+    )
 
     _whole_numbers = field_validator("*", mode="before")(whole_numbers_as_integers)
 
@@ -187,7 +193,13 @@ class QueueStatusResponse(BaseModel):
     memory_after_mb: float | None = None
     seed: int | None = None
     infotext: str | None = None
-    batch_size: int | None = Field(None, description="How many jobs ran together in this job's diffusers call")
+    batch_size: int | None = Field(
+        None, description="How many images (this job's and other jobs') ran together in this job's diffusers call"
+    )
+    images: list[str] | None = Field(None, description="Every image of the job, base64 (`image` is the first)")
+    output_paths: list[str] | None = None
+    seeds: list[int] | None = Field(None, description="Each image's seed: seed, seed+1, ... (as A1111)")
+    infotexts: list[str] | None = None
 
 
 class ModelInfo(BaseModel):

@@ -32,6 +32,8 @@ LATENT_MODES: dict[str, tuple[str, bool]] = {
     "Latent (nearest)": ("nearest", False),
     "Latent (nearest-exact)": ("nearest-exact", False),
 }
+# A1111's upscalers that are a plain image resize (no model file)
+RESIZE_MODES: dict[str, Image.Resampling] = {"Lanczos": Image.Resampling.LANCZOS, "Nearest": Image.Resampling.NEAREST}
 DEFAULT_TILE = 256
 TILE_OVERLAP = 16
 
@@ -52,6 +54,11 @@ _LATENT_NAMES = {name.lower(): name for name in LATENT_MODES}
 def canonical_latent_name(name: str) -> str | None:
     """A latent upscaler's name as A1111 spells it (from any case), or None for an external upscaler."""
     return _LATENT_NAMES.get(name.strip().lower())
+
+
+def canonical_resize_name(name: str) -> str | None:
+    """A plain-resize upscaler's name as A1111 spells it (`Lanczos`, `Nearest`, any case), else None."""
+    return {mode.lower(): mode for mode in RESIZE_MODES}.get(name.strip().lower())
 
 
 def latent_mode(name: str) -> tuple[str, bool] | None:
@@ -94,12 +101,14 @@ class UpscalerLibrary:
         found = find_named_file(requested, files, UPSCALER_SUFFIXES, field, "upscaler")
         if found is not None:
             return UpscalerFile(name=found[0], path=found[1])
-        names = ", ".join(repr(n) for n in [*LATENT_MODES, *(name for name, _ in files)])
+        names = ", ".join(repr(n) for n in [*LATENT_MODES, *RESIZE_MODES, *(name for name, _ in files)])
         raise UnknownUpscalerError(f"unknown upscaler {requested!r}; available: {names}", field=field)
 
     def check(self, requested: str, field: str = "hires.upscaler") -> str:
-        """The canonical name of a latent mode or an upscaler file; raises a 4xx error for unknown names."""
-        return canonical_latent_name(requested) or self.resolve(requested, field).name
+        """The canonical name of a latent mode, a plain resize or an upscaler file; raises a 4xx error for
+        unknown names."""
+        built_in = canonical_latent_name(requested) or canonical_resize_name(requested)
+        return built_in or self.resolve(requested, field).name
 
     def load(self, requested: str):
         """The spandrel model descriptor of an upscaler file (cached)."""
@@ -126,7 +135,10 @@ class UpscalerLibrary:
             return model
 
     def upscale(self, image: Image.Image, requested: str, width: int, height: int, tile: int = DEFAULT_TILE):
-        """`image` upscaled by the named model (tiled), then resized to exactly `width` x `height`."""
+        """`image` upscaled by the named model (tiled), then resized to exactly `width` x `height`; a plain
+        resize (`Lanczos`, `Nearest`) needs no model."""
+        if resize := canonical_resize_name(requested):
+            return image.convert("RGB").resize((width, height), RESIZE_MODES[resize])
         model = self.load(requested)
         with self._lock:  # one image at a time per library: bounded memory
             upscaled = run_tiled(model, image.convert("RGB"), tile, self.device)

@@ -1,0 +1,255 @@
+"""The A1111-compatible API, `/sdapi/v1/...`, as routes of the ingress (a mixin of `Ingress`).
+
+Existing A1111 clients (webuiapi, Open WebUI, SillyTavern, LibreChat, ...) work unchanged. Their txt2img and
+img2img calls become ordinary jobs (the same validation, queue, generator replicas, batching and job store as
+`POST /txt2img`; each has a job id and shows in `/queue/{id}`); the call answers when the images are done, so
+many run at once, unlike A1111's one-at-a-time lock. The translation is pipelines/a1111.py.
+"""
+
+import asyncio
+import contextlib
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Depends, Request
+
+from deployments.access import error_response, require_json_body
+from deployments.contract import documented_a1111_errors
+from deployments.jobs import image_fields
+from pipelines import a1111
+from pipelines.a1111_schemas import (
+    A1111Img2ImgRequest,
+    A1111Txt2ImgRequest,
+    Embeddings,
+    ExtrasBatchImagesRequest,
+    ExtrasBatchImagesResponse,
+    ExtrasOptions,
+    ExtrasSingleImageRequest,
+    ExtrasSingleImageResponse,
+    GenerationResponse,
+    LatentUpscaleMode,
+    Lora,
+    Memory,
+    PngInfoRequest,
+    PngInfoResponse,
+    Progress,
+    Sampler,
+    Scheduler,
+    Scripts,
+    SdModel,
+    SdVae,
+    Upscaler,
+)
+from pipelines.errors import InvalidRequestError, UnknownModelError
+from pipelines.images import decode_base64_bytes, decode_base64_image, encode_base64
+from pipelines.infotext import encode_image, read_infotext
+from pipelines.limits import LIMITS
+from pipelines.upscalers import canonical_latent_name
+
+router = APIRouter(prefix="/sdapi/v1", tags=["A1111-compatible API"])
+DEFAULT_MODEL_SETTING = "sd_model_checkpoint"
+ORIGIN = "sdapi"
+LISTING_ERRORS = documented_a1111_errors(401, 503)
+BODY_ERRORS = (400, 401, 413, 415, 422, 503)  # routes that read a JSON body
+UPSCALE_ERRORS = documented_a1111_errors(*BODY_ERRORS, 404)
+GENERATION_ERRORS = documented_a1111_errors(400, 401, 404, 413, 415, 422, 429, 500, 503)
+
+
+class A1111Routes:
+    """Routes of the A1111 API; `Ingress` provides the catalog, libraries, job store and job submission."""
+
+    # Generation ----------------------------------------------------------------------------------------------
+    @router.post("/txt2img", response_model=GenerationResponse, responses=GENERATION_ERRORS,
+                 dependencies=[Depends(require_json_body)])  # fmt: skip
+    async def sdapi_txt2img(self, request: A1111Txt2ImgRequest, http: Request):
+        return await self._sdapi_generate(request, http)
+
+    @router.post("/img2img", response_model=GenerationResponse, responses=GENERATION_ERRORS,
+                 dependencies=[Depends(require_json_body)])  # fmt: skip
+    async def sdapi_img2img(self, request: A1111Img2ImgRequest, http: Request):
+        return await self._sdapi_generate(request, http)
+
+    async def _sdapi_generate(self, request: A1111Txt2ImgRequest | A1111Img2ImgRequest, http: Request):
+        """Submits the job as any other, then waits for it (shielded: a client that goes away does not cancel
+        it) and answers in A1111's shape."""
+        mapped = await asyncio.to_thread(a1111.to_native, request, await self.default_model_name(), self.loras)
+        owner = self.access.owner_of(http.headers.get("authorization"))
+        job_id = await self._submit_job(mapped.kind, mapped.native, http, mapped.warnings, ORIGIN, owner)
+        task = self._inflight.get(job_id)
+        if task is not None:
+            with contextlib.suppress(Exception):  # a failure is recorded on the job by the task
+                await asyncio.shield(task)
+        job = await self.jobs.get(job_id)
+        while job is not None and job["state"] in ("queued", "processing"):  # another replica runs it
+            await asyncio.sleep(0.25)
+            job = await self.jobs.get(job_id)
+        if job is None:
+            return error_response(500, f"job {job_id} has disappeared (pruned?)", a1111=True)
+        if job["state"] == "error":
+            return error_response(500, f"job {job_id} failed: {job['error']}", a1111=True, error="GenerationError")
+        result = image_fields(job["result"] or {})
+        warnings = list(job["warnings"])
+        if job["state"] == "cancelled":
+            warnings.append("interrupted: the job was cancelled before its images were done")
+        images = result.get("images") or []
+        info = a1111.generation_info(request, job, result, warnings)
+        info["interrupted"] = job["state"] == "cancelled"
+        send = request.send_images is not False
+        return GenerationResponse(images=images if send else [], parameters=a1111.parameters_echo(request),
+                                  info=a1111.json_info(info))  # fmt: skip
+
+    @router.get("/progress", response_model=Progress, responses=documented_a1111_errors(401, 422, 503))
+    async def sdapi_progress(self, http: Request, skip_current_image: bool = False) -> Progress:
+        """The caller's running A1111-API jobs (with API keys: those of the caller's key)."""
+        jobs = await self.jobs.active_jobs(ORIGIN, self._owner_filter(http))
+        return Progress.model_validate(a1111.progress_report(jobs, time.time()))
+
+    @router.post("/interrupt", response_model=dict[str, Any], responses=LISTING_ERRORS)
+    async def sdapi_interrupt(self, http: Request) -> dict:
+        """Cancels the caller's queued and running A1111-API jobs; never native jobs, never other keys' jobs."""
+        for job in await self.jobs.active_jobs(ORIGIN, self._owner_filter(http)):
+            await self.jobs.cancel(job["job_id"])
+        return {}
+
+    @router.post("/skip", response_model=dict[str, Any], responses=LISTING_ERRORS)
+    async def sdapi_skip(self, http: Request) -> dict:
+        """As `interrupt` (a job's images are made together here, so there is no single image to skip)."""
+        return await self.sdapi_interrupt(http)
+
+    def _owner_filter(self, http: Request) -> str | None:
+        return self.access.owner_of(http.headers.get("authorization")) if self.access.api_keys else None
+
+    # Options and the default model --------------------------------------------------------------------------
+    async def default_model_name(self) -> str | None:
+        """The service-wide default model set through `POST /sdapi/v1/options` (kept in the job store, so every
+        ingress replica shares it and it survives restarts); None when never set or no longer installed."""
+        name = await self.jobs.get_setting(DEFAULT_MODEL_SETTING)
+        if name is None:
+            return None
+        try:
+            return (await asyncio.to_thread(self.catalog.resolve, name)).name
+        except UnknownModelError:
+            return None
+
+    @router.get("/options", response_model=dict[str, Any], responses=LISTING_ERRORS)
+    async def sdapi_get_options(self) -> dict:
+        name = await self.default_model_name()
+        default = await asyncio.to_thread(self.catalog.resolve, name)
+        return await asyncio.to_thread(a1111.options, self.catalog, default)
+
+    @router.post("/options", response_model=None, responses=documented_a1111_errors(*BODY_ERRORS, 404),
+                 dependencies=[Depends(require_json_body)])  # fmt: skip
+    async def sdapi_set_options(self, options: Annotated[dict[str, Any], Body()]) -> None:
+        """Takes the whole dict GET returned (clients post it back); changes the default model, ignores the rest."""
+        wanted = options.get(DEFAULT_MODEL_SETTING)
+        if wanted is not None:
+            if not isinstance(wanted, str):
+                raise InvalidRequestError(f"{DEFAULT_MODEL_SETTING} must be a model title or name", field="options")
+            entry = await asyncio.to_thread(self.catalog.resolve, wanted, DEFAULT_MODEL_SETTING)
+            await self.jobs.set_setting(DEFAULT_MODEL_SETTING, entry.name)
+        return None
+
+    @router.get("/cmd-flags", response_model=dict[str, Any], responses=LISTING_ERRORS)
+    async def sdapi_cmd_flags(self) -> dict:
+        return a1111.cmd_flags()
+
+    # Listings -------------------------------------------------------------------------------------------------
+    @router.get("/sd-models", response_model=list[SdModel], responses=LISTING_ERRORS)
+    async def sdapi_sd_models(self) -> list[dict]:
+        return await asyncio.to_thread(a1111.sd_models, self.catalog)
+
+    @router.get("/sd-vae", response_model=list[SdVae], responses=LISTING_ERRORS)
+    async def sdapi_sd_vae(self) -> list[dict]:
+        return []  # VAE choice is not available yet: every model decodes with its own VAE
+
+    @router.get("/samplers", response_model=list[Sampler], responses=LISTING_ERRORS)
+    async def sdapi_samplers(self) -> list[dict]:
+        return a1111.samplers()
+
+    @router.get("/schedulers", response_model=list[Scheduler], responses=LISTING_ERRORS)
+    async def sdapi_schedulers(self) -> list[dict]:
+        return a1111.schedulers()
+
+    @router.get("/upscalers", response_model=list[Upscaler], responses=LISTING_ERRORS)
+    async def sdapi_upscalers(self) -> list[dict]:
+        return await asyncio.to_thread(a1111.upscalers, self.upscalers)
+
+    @router.get("/latent-upscale-modes", response_model=list[LatentUpscaleMode], responses=LISTING_ERRORS)
+    async def sdapi_latent_upscale_modes(self) -> list[dict]:
+        return a1111.latent_upscale_modes()
+
+    @router.get("/loras", response_model=list[Lora], responses=LISTING_ERRORS)
+    async def sdapi_loras(self) -> list[dict]:
+        return await asyncio.to_thread(a1111.loras, self.loras)
+
+    @router.get("/embeddings", response_model=Embeddings, responses=LISTING_ERRORS)
+    async def sdapi_embeddings(self) -> Embeddings:
+        return Embeddings()  # textual-inversion embeddings are not available yet
+
+    @router.get("/scripts", response_model=Scripts, responses=LISTING_ERRORS)
+    async def sdapi_scripts(self) -> Scripts:
+        return Scripts()  # no scripts: webuiapi then adds no alwayson_scripts of its own
+
+    @router.get("/memory", response_model=Memory, responses=LISTING_ERRORS)
+    async def sdapi_memory(self) -> dict:
+        return await asyncio.to_thread(a1111.memory_report)
+
+    @router.post("/refresh-checkpoints", response_model=None, responses=LISTING_ERRORS)
+    async def sdapi_refresh_checkpoints(self) -> None:
+        """Model folders are read on every listing and request; there is nothing to refresh."""
+        return None
+
+    @router.post("/refresh-loras", response_model=None, responses=LISTING_ERRORS)
+    async def sdapi_refresh_loras(self) -> None:
+        return None
+
+    @router.post("/unload-checkpoint", response_model=dict[str, Any], responses=LISTING_ERRORS)
+    async def sdapi_unload_checkpoint(self) -> dict:
+        """Generator replicas load and evict models themselves (by use); accepted and ignored."""
+        return {}
+
+    @router.post("/reload-checkpoint", response_model=dict[str, Any], responses=LISTING_ERRORS)
+    async def sdapi_reload_checkpoint(self) -> dict:
+        return {}
+
+    # Images ---------------------------------------------------------------------------------------------------
+    @router.post("/png-info", response_model=PngInfoResponse, responses=documented_a1111_errors(*BODY_ERRORS),
+                 dependencies=[Depends(require_json_body)])  # fmt: skip
+    async def sdapi_png_info(self, request: PngInfoRequest) -> dict:
+        return await asyncio.to_thread(a1111.png_info, request.image)
+
+    @router.post("/extra-single-image", response_model=ExtrasSingleImageResponse,
+                 responses=UPSCALE_ERRORS, dependencies=[Depends(require_json_body)])  # fmt: skip
+    async def sdapi_extra_single_image(self, request: ExtrasSingleImageRequest) -> ExtrasSingleImageResponse:
+        (image,) = await self._upscale_images(request, [(request.image, "image")])
+        return ExtrasSingleImageResponse(html_info="", image=image)
+
+    @router.post("/extra-batch-images", response_model=ExtrasBatchImagesResponse,
+                 responses=UPSCALE_ERRORS, dependencies=[Depends(require_json_body)])  # fmt: skip
+    async def sdapi_extra_batch_images(self, request: ExtrasBatchImagesRequest) -> ExtrasBatchImagesResponse:
+        sources = [(item.data, f"imageList[{index}].data") for index, item in enumerate(request.imageList)]
+        return ExtrasBatchImagesResponse(html_info="", images=await self._upscale_images(request, sources))
+
+    async def _upscale_images(self, options: ExtrasOptions, sources: list[tuple[str, str]]) -> list[str]:
+        """Each image upscaled by `upscaler_1` on the Upscaler deployment, as PNG base64 keeping its infotext."""
+        name = options.upscaler_1 or "None"
+        if canonical_latent_name(name):
+            raise InvalidRequestError(f"upscaler_1 {name!r} is a latent mode (hires fix only)", field="upscaler_1")
+        name = "Lanczos" if name.strip().lower() == "none" else await asyncio.to_thread(
+            self.upscalers.check, name, "upscaler_1")  # fmt: skip
+        results = []
+        for data, field in sources:
+            image = await asyncio.to_thread(decode_base64_image, data, field)
+            width, height = a1111.extras_size(image, options.resize_mode, options.upscaling_resize,
+                                              options.upscaling_resize_w, options.upscaling_resize_h)  # fmt: skip
+            if width * height > LIMITS.max_input_image_pixels:
+                raise InvalidRequestError(
+                    f"{field}: upscaled to {width}x{height}, above the {LIMITS.max_input_image_pixels} pixels "
+                    f"allowed; use a smaller upscaling_resize",
+                    field="upscaling_resize",
+                )
+            (upscaled,) = await self.upscaler.upscale.remote([image], name, width, height)
+            infotext = await asyncio.to_thread(read_infotext, decode_base64_bytes(data, field))
+            encoded = await asyncio.to_thread(encode_image, upscaled, "png", infotext)
+            results.append(encode_base64(encoded))
+        return results

@@ -1,0 +1,182 @@
+"""The A1111 API translation (pipelines/a1111.py), Basic credentials, and the job store's parts it uses."""
+
+import base64
+import io
+import json
+
+import pytest
+from PIL import Image
+
+from deployments.access import AccessPolicy
+from deployments.jobs import JobStore, image_fields
+from pipelines import a1111
+from pipelines.a1111_schemas import A1111Img2ImgRequest, A1111Txt2ImgRequest
+from pipelines.errors import DiffusionAPIError
+from pipelines.infotext import encode_image
+
+
+def png_base64(infotext: str | None = None) -> str:
+    data = encode_image(Image.new("RGB", (16, 16), "red"), "png", infotext)
+    return base64.b64encode(data).decode()
+
+
+def test_numbers_as_strings_nulls_and_unknown_fields_are_accepted():
+    request = A1111Txt2ImgRequest(prompt="x", steps="12", cfg_scale="6.5", hr_scale="1.0", seed=None, url="x")
+    mapped = a1111.to_native(request, default_model=None)
+    assert (mapped.native.steps, mapped.native.cfg_scale, mapped.native.seed) == (12, 6.5, None)
+    assert mapped.warnings == ["unknown field(s) ignored: 'url'"]
+    assert mapped.native.file_type == "png" and mapped.kind == "txt2img"
+
+
+@pytest.mark.parametrize(
+    ("sampler_name", "sampler_index", "scheduler", "expected"),
+    [
+        ("DPM++ 2M Karras", "Euler", None, ("DPM++ 2M", "karras")),
+        (None, "Euler a", "automatic", ("Euler a", "automatic")),
+        ("DPM++ 2M", "Euler", "SGM Uniform", ("DPM++ 2M", "sgm_uniform")),
+        ("k_euler", None, "Exponential", ("Euler", "exponential")),
+    ],
+)
+def test_samplers_by_name_or_index_and_schedulers_by_name_or_label(sampler_name, sampler_index, scheduler, expected):
+    request = A1111Txt2ImgRequest(sampler_name=sampler_name, sampler_index=sampler_index, scheduler=scheduler)
+    native = a1111.to_native(request, None).native
+    assert native.sampler_name == expected[0]
+    assert native.scheduler_type in (expected[1], None if expected[1] == "automatic" else expected[1])
+
+
+def test_an_unknown_sampler_is_a_404_as_in_a1111():
+    with pytest.raises(a1111.A1111NotFoundError, match="Sampler not found"):
+        a1111.to_native(A1111Txt2ImgRequest(sampler_name="Bogus"), None)
+    with pytest.raises(a1111.A1111NotFoundError, match="scheduler"):
+        a1111.to_native(A1111Txt2ImgRequest(scheduler="bogus"), None)
+
+
+def test_hires_fields_map_to_the_native_hires_fix():
+    request = A1111Txt2ImgRequest(width=64, height=64, steps=10, enable_hr=True, hr_resize_x=128, hr_resize_y=96,
+                                  hr_upscaler="None", denoising_strength=0.3)  # fmt: skip
+    mapped = a1111.to_native(request, None)
+    hires = mapped.native.hires
+    assert (hires.enabled, hires.scale, hires.upscaler, hires.steps, hires.denoising_strength) == (
+        True, 2.0, "Lanczos", 10, 0.3)  # fmt: skip
+    assert "another aspect ratio" in mapped.warnings[0]
+    assert a1111.to_native(A1111Txt2ImgRequest(enable_hr=False), None).native.hires is None
+
+
+def test_model_clip_skip_refiner_and_sizes_come_from_a1111_fields():
+    request = A1111Txt2ImgRequest(
+        width=100, height=64, override_settings={"sd_model_checkpoint": "demo [0123456789]",
+                                                 "CLIP_stop_at_last_layers": "2", "sd_vae": "Automatic"},
+        refiner_checkpoint="refiner", refiner_switch_at=0.7, restore_faces=True,
+    )  # fmt: skip
+    mapped = a1111.to_native(request, default_model="other")
+    native = mapped.native
+    assert (native.model, native.clip_skip, native.width) == ("demo [0123456789]", 2, 96)
+    assert (native.refiner_checkpoint, native.refiner_switch_at) == ("refiner", 0.7)
+    assert "not supported here, ignored: restore_faces" in mapped.warnings
+    assert any("width 100" in warning for warning in mapped.warnings)
+    assert a1111.to_native(A1111Txt2ImgRequest(), default_model="other").native.model == "other"
+    unused = a1111.to_native(A1111Txt2ImgRequest(refiner_checkpoint="r", refiner_switch_at=1.0), None)
+    assert unused.native.refiner_checkpoint is None and "refiner" in unused.warnings[0]
+
+
+def test_img2img_takes_the_first_init_image_and_says_what_it_ignored():
+    image = "data:image/png;base64," + png_base64()
+    mapped = a1111.to_native(A1111Img2ImgRequest(init_images=[image, image], mask=png_base64()), None)
+    assert mapped.kind == "img2img" and mapped.native.image == image and mapped.native.denoising_strength == 0.75
+    assert "mask" in mapped.warnings[0] and "init_images[1:]" in mapped.warnings[0]
+    with pytest.raises(DiffusionAPIError, match="init_images"):
+        a1111.to_native(A1111Img2ImgRequest(init_images=[]), None)
+
+
+def test_out_of_limit_values_name_the_a1111_field():
+    with pytest.raises(DiffusionAPIError, match="^hr_second_pass_steps:"):
+        a1111.to_native(A1111Txt2ImgRequest(enable_hr=True, hr_second_pass_steps=1000), None)
+    with pytest.raises(ValueError):
+        A1111Txt2ImgRequest(cfg_scale="1e999")
+
+
+def test_generation_info_is_a1111_processed_js():
+    infotexts = [
+        f"a cat\nSteps: 3, Sampler: Euler a, Schedule type: Automatic, CFG scale: 7.0, Seed: {seed}, Size: 64x64, "
+        f"Model hash: 0123456789, Model: demo, Clip skip: 2, Version: x"
+        for seed in (5, 6)
+    ]
+    payload = {"width": 64, "height": 64, "sampler_name": "Euler a", "cfg_scale": 7.0, "steps": 3, "batch_size": 2}
+    job = {"job_id": "a" * 32, "created": 1.7e9, "payload": payload}
+    result = image_fields({"images": ["i1", "i2"], "seeds": [5, 6], "infotexts": infotexts})
+    info = a1111.generation_info(A1111Txt2ImgRequest(prompt="a cat", batch_size=2), job, result, ["w"])
+    assert info["all_seeds"] == [5, 6] and info["all_prompts"] == ["a cat", "a cat"] and info["seed"] == 5
+    assert (info["sd_model_name"], info["sd_model_hash"], info["clip_skip"]) == ("demo", "0123456789", 2)
+    assert info["infotexts"] == infotexts and info["index_of_first_image"] == 0 and info["warnings"] == ["w"]
+    assert json.loads(a1111.json_info(info)) == info
+
+
+def test_progress_report_is_idle_with_no_jobs_and_follows_the_running_one():
+    idle = a1111.progress_report([], now=100.0)
+    assert idle["progress"] == 0 and idle["state"]["job_count"] == 0
+    jobs = [{"job_id": "a", "state": "processing", "phase": "generation", "progress": 50.0, "created": 90.0,
+             "steps": 20}, {"job_id": "b", "state": "queued", "phase": "queued", "progress": 0.0, "created": 95.0,
+                            "steps": 20}]  # fmt: skip
+    running = a1111.progress_report(jobs, now=100.0)
+    assert running["progress"] == 0.5 and running["eta_relative"] == 10.0
+    assert running["state"]["job_count"] == 2 and running["state"]["sampling_step"] == 10
+
+
+def test_png_info_reads_the_infotext_and_parses_it():
+    text = "a dog\nNegative prompt: ugly\nSteps: 5, Sampler: Euler, CFG scale: 7.0, Seed: 1, Size: 32x48"
+    read = a1111.png_info("data:image/png;base64," + png_base64(text))
+    assert read["info"] == text and read["parameters"]["Negative prompt"] == "ugly"
+    assert (read["parameters"]["Size-1"], read["parameters"]["Size-2"]) == ("32", "48")
+    assert a1111.png_info("") == {"info": "", "items": {}, "parameters": {}}
+    with pytest.raises(DiffusionAPIError):
+        a1111.png_info("not base64!")
+
+
+def test_basic_credentials_carry_the_api_key_and_are_ignored_with_keys_off():
+    policy = AccessPolicy(api_keys=[b"secret-key"])
+    basic = "Basic " + base64.b64encode(b"anyone:secret-key").decode()
+    assert policy.key_is_valid(basic) and policy.key_is_valid("Bearer secret-key")
+    assert not policy.key_is_valid("Basic " + base64.b64encode(b"anyone:wrong").decode())
+    assert not policy.key_is_valid("Basic Og==") and not policy.key_is_valid("Basic !!")
+    assert policy.owner_of(basic) == policy.owner_of("Bearer secret-key") != ""
+    open_policy = AccessPolicy()
+    assert open_policy.key_is_valid("Basic ") and open_policy.owner_of("Basic Og==") == ""
+
+
+def test_job_store_keeps_settings_and_lists_active_jobs_by_origin_and_owner(tmp_path):
+    store = JobStore(str(tmp_path / "jobs.sqlite3"))
+    store.create("a" * 32, "txt2img", {"steps": 4}, [], "sd15", None, "sdapi", "k1")
+    store.create("b" * 32, "txt2img", {"steps": 4}, [], "sd15", None, "sdapi", "k2")
+    store.create("c" * 32, "txt2img", {"steps": 4}, [], "sd15")
+    assert [job["job_id"] for job in store.active_jobs("sdapi")] == ["a" * 32, "b" * 32]
+    assert [job["job_id"] for job in store.active_jobs("sdapi", "k2")] == ["b" * 32]
+    store.cancel("b" * 32)
+    assert store.active_jobs("sdapi", "k2") == [] and store.active_jobs("sdapi", "k1")[0]["steps"] == 4
+    store.set_setting("sd_model_checkpoint", "demo")
+    assert JobStore(str(tmp_path / "jobs.sqlite3")).get_setting("sd_model_checkpoint") == "demo"
+
+
+def test_pruning_removes_every_image_file_of_a_job(tmp_path):
+    store = JobStore(str(tmp_path / "jobs.sqlite3"), keep_finished_count=0)
+    job_id = "d" * 32
+    paths = [tmp_path / f"{job_id}.png", tmp_path / f"{job_id}-1.png"]
+    for path in paths:
+        path.write_bytes(b"x")
+    store.create(job_id, "txt2img", {}, [])
+    store.complete(job_id, {"output_paths": [str(path) for path in paths], "images": ["a", "b"]})
+    assert store.prune() == 1 and not any(path.exists() for path in paths)
+
+
+def test_extras_size_by_scale_or_to_a_size():
+    image = Image.new("RGB", (40, 30))
+    assert a1111.extras_size(image, 0, 2.0, 0, 0) == (80, 60)
+    assert a1111.extras_size(image, 1, 2.0, 64, 48) == (64, 48)
+    with pytest.raises(DiffusionAPIError):
+        a1111.extras_size(image, 0, 0.0, 0, 0)
+
+
+def test_images_decode_from_png_info_items():
+    data = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(data, format="PNG")
+    read = a1111.png_info(base64.b64encode(data.getvalue()).decode())
+    assert read == {"info": "", "items": {}, "parameters": {}}
