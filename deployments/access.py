@@ -11,6 +11,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -101,7 +102,15 @@ def error_response(status: int, message: str, headers: dict | None = None, a1111
         content = {"error": error, "detail": message, "body": "", "errors": message}
     else:
         content = {"status": "error", "error": message}
-    return JSONResponse(status_code=status, content=content, headers=headers)
+    return AsciiJSONResponse(status_code=status, content=content, headers=headers)
+
+
+class AsciiJSONResponse(JSONResponse):
+    """JSON with non-ASCII characters escaped: an error message may quote what the client sent, and a lone
+    surrogate (valid in JSON text, not in UTF-8) would make Starlette's UTF-8 rendering fail with a 500."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
 
 
 class CollapseLeadingSlashes:

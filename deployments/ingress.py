@@ -25,6 +25,7 @@ from deployments.a1111_routes import router as a1111_router
 from deployments.access import (
     AccessMiddleware,
     AccessPolicy,
+    AsciiJSONResponse,
     CollapseLeadingSlashes,
     error_response,
     is_a1111_path,
@@ -142,7 +143,7 @@ async def _validation_error(request: Request, error: RequestValidationError) -> 
         body = {"error": "RequestValidationError", "detail": jsonable_errors(error), "body": "", "errors": message}
     else:
         body = {"status": "error", "error": message, "detail": jsonable_errors(error)}
-    return JSONResponse(status_code=422, content=body)
+    return AsciiJSONResponse(status_code=422, content=body)
 
 
 def jsonable_errors(error: RequestValidationError) -> list[dict]:

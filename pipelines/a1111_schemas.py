@@ -191,9 +191,10 @@ class Progress(BaseModel):
 
 
 class PngInfoRequest(BaseModel):
-    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+    model_config = ConfigDict(strict=True, extra="allow")
 
-    image: str = Field("", description="An image file in base64, with or without a data: URL prefix")
+    image: str = Field(..., min_length=1, json_schema_extra={"format": IMAGE_FORMAT},
+                       description="An image file in base64, with or without a data: URL prefix")  # fmt: skip
 
 
 class PngInfoResponse(BaseModel):
