@@ -8,6 +8,7 @@ many run at once, unlike A1111's one-at-a-time lock. The translation is pipeline
 
 import asyncio
 import contextlib
+import logging
 import time
 from typing import Annotated, Any
 
@@ -15,7 +16,7 @@ from fastapi import APIRouter, Body, Depends, Request
 
 from deployments.access import error_response, require_json_body
 from deployments.contract import documented_a1111_errors
-from deployments.jobs import image_fields
+from deployments.jobs import TERMINAL_STATES, image_fields
 from pipelines import a1111
 from pipelines.a1111_schemas import (
     A1111Img2ImgRequest,
@@ -44,15 +45,17 @@ from pipelines.errors import InvalidRequestError, UnknownModelError
 from pipelines.images import decode_base64_bytes, decode_base64_image, encode_base64
 from pipelines.infotext import encode_image, read_infotext
 from pipelines.limits import LIMITS
-from pipelines.upscalers import canonical_latent_name
+from pipelines.upscalers import RESIZE_MODES, canonical_latent_name
 
+logger = logging.getLogger("ray.serve")
 router = APIRouter(prefix="/sdapi/v1", tags=["A1111-compatible API"])
 DEFAULT_MODEL_SETTING = "sd_model_checkpoint"
 ORIGIN = "sdapi"
+STORE_RETRIES = 60  # seconds of an unanswering job store before a waiting call gives up (the job goes on)
 LISTING_ERRORS = documented_a1111_errors(401, 503)
 BODY_ERRORS = (400, 401, 413, 415, 422, 503)  # routes that read a JSON body
 UPSCALE_ERRORS = documented_a1111_errors(*BODY_ERRORS, 404)
-GENERATION_ERRORS = documented_a1111_errors(400, 401, 404, 413, 415, 422, 429, 500, 503)
+GENERATION_ERRORS = documented_a1111_errors(400, 401, 404, 409, 413, 415, 422, 429, 500, 503)
 
 
 class A1111Routes:
@@ -75,28 +78,44 @@ class A1111Routes:
         mapped = await asyncio.to_thread(a1111.to_native, request, await self.default_model_name(), self.loras)
         owner = self.access.owner_of(http.headers.get("authorization"))
         job_id = await self._submit_job(mapped.kind, mapped.native, http, mapped.warnings, ORIGIN, owner)
-        task = self._inflight.get(job_id)
-        if task is not None:
-            with contextlib.suppress(Exception):  # a failure is recorded on the job by the task
-                await asyncio.shield(task)
-        job = await self.jobs.get(job_id)
-        while job is not None and job["state"] in ("queued", "processing"):  # another replica runs it
-            await asyncio.sleep(0.25)
-            job = await self.jobs.get(job_id)
+        job = await self._ended_job(job_id)
         if job is None:
             return error_response(500, f"job {job_id} has disappeared (pruned?)", a1111=True)
         if job["state"] == "error":
             return error_response(500, f"job {job_id} failed: {job['error']}", a1111=True, error="GenerationError")
-        result = image_fields(job["result"] or {})
-        warnings = list(job["warnings"])
         if job["state"] == "cancelled":
-            warnings.append("interrupted: the job was cancelled before its images were done")
+            return error_response(409, f"interrupted: job {job_id} was cancelled (POST /sdapi/v1/interrupt or skip, or "
+                                  f"DELETE /queue/{job_id}) before its images were done", a1111=True,
+                                  error="Interrupted")  # fmt: skip
+        result = image_fields(job["result"] or {})
         images = result.get("images") or []
-        info = a1111.generation_info(request, job, result, warnings)
-        info["interrupted"] = job["state"] == "cancelled"
+        info = a1111.generation_info(request, job, result, list(job["warnings"]))
         send = request.send_images is not False
         return GenerationResponse(images=images if send else [], parameters=a1111.parameters_echo(request),
                                   info=a1111.json_info(info))  # fmt: skip
+
+    async def _ended_job(self, job_id: str) -> dict | None:
+        """The job's record once it has ended. The task this replica started usually ends it (shielded: a
+        client that goes away does not cancel the job); otherwise (a job another replica finishes, or the
+        stale-job reaper) the record is polled. A job store that does not answer is retried for a minute."""
+        task = self._inflight.get(job_id)
+        if task is not None:
+            with contextlib.suppress(Exception):  # a failure is recorded on the job by the task
+                await asyncio.shield(task)
+        unanswered = 0
+        while True:
+            try:
+                job = await self.jobs.get(job_id)
+            except Exception:
+                unanswered += 1
+                if unanswered > STORE_RETRIES:
+                    raise
+                logger.warning("job store did not answer for job %s; retrying", job_id, exc_info=True)
+                await asyncio.sleep(1.0)
+                continue
+            if job is None or job["state"] in TERMINAL_STATES:
+                return job
+            await asyncio.sleep(0.25)
 
     @router.get("/progress", response_model=Progress, responses=documented_a1111_errors(401, 422, 503))
     async def sdapi_progress(self, http: Request, skip_current_image: bool = False) -> Progress:
@@ -134,7 +153,10 @@ class A1111Routes:
     @router.get("/options", response_model=dict[str, Any], responses=LISTING_ERRORS)
     async def sdapi_get_options(self) -> dict:
         name = await self.default_model_name()
-        default = await asyncio.to_thread(self.catalog.resolve, name)
+        try:
+            default = await asyncio.to_thread(self.catalog.resolve, name)
+        except UnknownModelError:  # no model installed: the options still answer (clients check the connection)
+            default = None
         return await asyncio.to_thread(a1111.options, self.catalog, default)
 
     @router.post("/options", response_model=None, responses=documented_a1111_errors(*BODY_ERRORS, 404),
@@ -242,6 +264,13 @@ class A1111Routes:
             image = await asyncio.to_thread(decode_base64_image, data, field)
             width, height = a1111.extras_size(image, options.resize_mode, options.upscaling_resize,
                                               options.upscaling_resize_w, options.upscaling_resize_h)  # fmt: skip
+            if name not in RESIZE_MODES and image.width * image.height > a1111.MAX_MODEL_UPSCALE_INPUT_PIXELS:
+                raise InvalidRequestError(
+                    f"{field} is {image.width}x{image.height}; upscaler models take at most "
+                    f"{a1111.MAX_MODEL_UPSCALE_INPUT_PIXELS} pixels (they upscale the whole image up to 4x first); "
+                    f"use Lanczos or a smaller image",
+                    field=field,
+                )
             if width * height > LIMITS.max_input_image_pixels:
                 raise InvalidRequestError(
                     f"{field}: upscaled to {width}x{height}, above the {LIMITS.max_input_image_pixels} pixels "

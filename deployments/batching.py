@@ -9,7 +9,8 @@ waiting job and every waiting job with the same key (up to the batch limit). So:
 - a job that arrives at an idle replica waits for batch-mates only while other jobs are on their way (being
   prepared on this replica, or announced by the ingress that is admitting a burst), and at most `wait_s`
   (0 turns batching off); a lone job never waits;
-- jobs with different keys never share a batch, and the oldest job always goes next (first come, first served).
+- jobs with different keys never share a batch, and the oldest job always goes next (first come, first served);
+- the images of one request (`batch_size` x `n_iter`, submitted together) share calls even with batching off.
 
 Plain asyncio, no Ray: the generator deployment owns one `JobBatcher` and gives it the function that runs
 a batch.
@@ -30,6 +31,7 @@ class _Waiting:
     limit: int  # the largest batch this job may join (it depends on the image size)
     more_coming: int  # how many more jobs its sender was sending when it sent this one (a burst)
     sequence: int  # submissions before it
+    group: int  # its `submit_many` call: the images of one request batch together even with batching off
     arrived: float = field(default_factory=time.monotonic)
     future: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
@@ -81,21 +83,17 @@ class JobBatcher:
         up to `limit`); returns their outcomes in order, an exception that ended an item's batch in its place."""
         limit = max(1, min(limit or self.max_batch_size, self.max_batch_size))
         queued = []
+        group = self._submitted
         for key, item in items:
-            queued.append(_Waiting(key, item, limit, more_coming, self._submitted))
+            queued.append(_Waiting(key, item, limit, more_coming, self._submitted, group))
             self._submitted += 1
         self._waiting.extend(queued)
         self._arrival.set()
         if self._runner is None or self._runner.done():
             self._runner = asyncio.get_running_loop().create_task(self._run_forever())
-        futures = asyncio.gather(*(waiting.future for waiting in queued), return_exceptions=True)
-        try:
-            return await asyncio.shield(futures)
-        except asyncio.CancelledError:
-            for waiting in queued:
-                if waiting in self._waiting:  # not started yet: it never will
-                    self._waiting.remove(waiting)
-            raise
+        # Shielded: a caller that stops waiting (its ingress replica died, say) does not withdraw its items;
+        # they run and their outcomes are recorded by `run_batch`, so the job is not lost.
+        return await asyncio.shield(asyncio.gather(*(waiting.future for waiting in queued), return_exceptions=True))
 
     async def _run_forever(self) -> None:
         while self._waiting:
@@ -133,7 +131,10 @@ class JobBatcher:
                 await asyncio.wait_for(self._arrival.wait(), remaining)
             except TimeoutError:
                 break
-        batch = self._mates(first)[: first.limit if self.wait_s > 0 else 1]
+        mates = self._mates(first)
+        if self.wait_s <= 0:  # batching off: only the images of one request share a call
+            mates = [waiting for waiting in mates if waiting.group == first.group]
+        batch = mates[: first.limit]
         for waiting in batch:
             self._waiting.remove(waiting)
         return batch

@@ -53,8 +53,10 @@ A1111_ERROR_DESCRIPTIONS = {
     401: "API keys are on and the request has neither `Authorization: Bearer <key>` nor Basic credentials with "
     "a key as the password",
     404: "An unknown model, sampler, scheduler or upscaler (as A1111 answers); the message lists what exists",
+    409: "The job was cancelled (`POST /sdapi/v1/interrupt` or `skip`, or `DELETE /queue/{job_id}`) before its "
+    "images were done",
     422: "A value outside this service's limits, or of a type A1111 would refuse too; `detail` says which",
-    500: "The generation failed (A1111's error body; `detail` says why): the job's record keeps the error",
+    500: "The generation failed, or the service failed unexpectedly (A1111's error body; `detail` says why)",
 }
 
 

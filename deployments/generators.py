@@ -85,6 +85,8 @@ class CollectedImages:
     count: int
     records: dict[int, dict] = field(default_factory=dict)  # image index -> saved image record
     seconds: float = 0.0  # time in the diffusers calls that made them
+    settled: int = 0  # images whose batch has given them an outcome (made, failed, cancelled or skipped)
+    recorded: bool = False  # the job store has the job as done with these images
 
     @property
     def complete(self) -> bool:
@@ -208,10 +210,6 @@ class _Generator:
             logger.exception("job %s failed", job_id)
             await self.jobs.fail(job_id, f"generation failed: {type(error).__name__}: {error}")
             raise
-        finally:
-            collected = self._collected.pop(job_id, None)
-            if collected is not None and not collected.complete:  # failed or cancelled: keep no file
-                collected.discard_files()
         for outcome in outcomes:
             if isinstance(outcome, BaseException):  # already recorded on the job by its batch
                 raise outcome
@@ -228,11 +226,27 @@ class _Generator:
             queued.key: {"job_id": queued.job_id, **skipped} for queued in batch if queued.job_id not in started
         }
         running = [queued for queued in batch if queued.job_id in started]
-        if running:
-            outcomes.update(await self._run_started(running))
+        try:
+            if running:
+                outcomes.update(await self._run_started(running))
+        finally:
+            self._settle(batch)
         if self._reported_models != self.engine.loaded_models():
             self._report()
         return [outcomes[queued.key] for queued in batch]
+
+    def _settle(self, batch: list[QueuedJob]) -> None:
+        """Counts the batch's images as settled; a job whose images have all settled is forgotten, its files
+        discarded unless it was completed (it failed, or was cancelled, part-way)."""
+        for queued in batch:
+            collected = self._collected.get(queued.job_id)
+            if collected is None:
+                continue
+            collected.settled += 1
+            if collected.settled >= collected.count:
+                del self._collected[queued.job_id]
+                if not collected.recorded:
+                    collected.discard_files()
 
     async def _run_started(self, batch: list[QueuedJob]) -> dict[tuple[str, int], dict | BaseException]:
         loop = asyncio.get_running_loop()
@@ -269,14 +283,10 @@ class _Generator:
         failures: dict[str, str] = {}
         seconds: dict[str, set[float]] = {}
         for queued, result in zip(batch, results, strict=True):
-            collected = self._collected.get(queued.job_id)
-            if isinstance(result, dict) and collected is not None:
-                collected.records[queued.job.image_index] = result
+            if isinstance(result, dict):
+                self._collected[queued.job_id].records[queued.job.image_index] = result
                 seconds.setdefault(queued.job_id, set()).add(result["generation_time_sec"])
                 outcomes[queued.key] = {"job_id": queued.job_id, "output_path": result["output_path"]}
-            elif isinstance(result, dict):  # its job has ended meanwhile (generate() gave up on it)
-                Path(result["output_path"]).unlink(missing_ok=True)
-                outcomes[queued.key] = {"job_id": queued.job_id, "skipped": "the job has ended"}
             elif isinstance(result, JobCancelledError):
                 logger.info("job %s cancelled", queued.job_id)
                 outcomes[queued.key] = {"job_id": queued.job_id, "cancelled": True}
@@ -300,8 +310,7 @@ class _Generator:
                 ]  # fmt: skip
             )
             for job_id, done in zip(finished, completed, strict=True):
-                if not done:  # cancelled at the very end: keep no file
-                    self._collected[job_id].discard_files()
+                self._collected[job_id].recorded = done  # not done: cancelled at the very end (no file is kept)
         for job_id, message in failures.items():
             await self.jobs.fail(job_id, message)
         return outcomes
@@ -311,7 +320,8 @@ class _Generator:
         phase) to the job store at most every PROGRESS_INTERVAL_S, and always the final figure. A job of several
         images counts the ones made before this call. Jobs the store reports as no longer active (cancelled, or
         failed by the reaper) are added to `cancelled`. Jobs of the batch that wait for their turn (an
-        out-of-memory batch retried job by job) get a heartbeat with it."""
+        out-of-memory batch retried job by job), and jobs with images waiting for a later batch, get a heartbeat
+        with it."""
         last_sent = [0.0]
 
         async def send(percents: dict[str, float], phase: str) -> None:
@@ -322,7 +332,9 @@ class _Generator:
             for percent, job_ids in by_percent.items():
                 active.update(await self.jobs.progress_many(job_ids, percent, phase))
             cancelled.update(set(percents) - active)
-            waiting = [job_id for job_id in batch_ids if job_id not in percents and job_id not in cancelled]
+            # Batch-mates waiting for their turn, and started jobs whose other images wait for a later batch.
+            waiting = [job_id for job_id in dict.fromkeys([*batch_ids, *self._collected])
+                       if job_id not in percents and job_id not in cancelled]  # fmt: skip
             if waiting:
                 await self.jobs.touch_active(waiting)
 

@@ -132,6 +132,14 @@ async def _domain_error(request: Request, error: DiffusionAPIError) -> JSONRespo
     return error_response(error.status_code, error.message, a1111=a1111, error=type(error).__name__)
 
 
+@app.exception_handler(Exception)
+async def _unexpected_error(request: Request, error: Exception) -> JSONResponse:
+    """A bug still answers JSON (A1111's error body on its paths), never Starlette's plain-text page."""
+    logger.error("%s %s failed", request.method, request.url.path, exc_info=error)
+    message = f"internal error: {type(error).__name__}: {str(error)[:500]}"
+    return error_response(500, message, a1111=_on_a1111_api(request), error=type(error).__name__)
+
+
 @app.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
     parts = []

@@ -191,7 +191,11 @@ def to_native(
         "fileType": "png",  # A1111's default samples format; its API answers PNG
         "model": overrides.get("sd_model_checkpoint") or default_model,
     }
-    if (clip_skip := number_from_text(overrides.get("CLIP_stop_at_last_layers"))) is not None:
+    try:
+        clip_skip = number_from_text(overrides.get("CLIP_stop_at_last_layers"))
+    except ValueError as error:
+        raise InvalidRequestError(f"override_settings.CLIP_stop_at_last_layers: {error}", field="clip_skip") from None
+    if clip_skip is not None:
         native["clip_skip"] = clip_skip
     if _is_set(request.refiner_checkpoint):
         switch_at = request.refiner_switch_at if request.refiner_switch_at is not None else 0.8
@@ -413,11 +417,11 @@ def memory_report() -> dict:
     return report
 
 
-def options(catalog: ModelCatalog, default: ModelEntry) -> dict:
-    """A1111's `GET /options`: what this service has of them. Clients post the whole dict back."""
+def options(catalog: ModelCatalog, default: ModelEntry | None) -> dict:
+    """A1111's `GET /options`: what this service has of them (no model: null). Clients post the dict back."""
     return {
-        "sd_model_checkpoint": model_title(catalog, default),
-        "sd_checkpoint_hash": catalog.sha256(default),
+        "sd_model_checkpoint": model_title(catalog, default) if default else None,
+        "sd_checkpoint_hash": catalog.sha256(default) if default else None,
         "CLIP_stop_at_last_layers": 1,
         "sd_vae": "Automatic",
         "samples_format": "png",
@@ -457,6 +461,10 @@ def png_info(image_base64: str) -> dict:
 
 def json_info(info: dict) -> str:
     return json.dumps(info, ensure_ascii=False)
+
+
+# A model upscaler works on the whole input at its own scale (up to 4x) before the resize to the target size.
+MAX_MODEL_UPSCALE_INPUT_PIXELS = LIMITS.max_input_image_pixels // 16
 
 
 def extras_size(image: Image.Image, resize_mode: int, scale: float, width: int, height: int) -> tuple[int, int]:

@@ -221,7 +221,10 @@ def cmd_infotext(args) -> None:
 # Ray Serve's high-throughput mode (Ray's own switches, documented for production in the README): HAProxy
 # in front instead of the Python proxy actor, direct replica-to-replica gRPC, user code on the replica's main
 # event loop. It cuts the CPU an HTTP request costs several times over (bench/RESULTS.md).
-SERVE_ENVIRONMENT = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+# The replicas' gRPC accepts messages up to 4 MiB by default: images handed between deployments (an upscaled
+# 2048x2048 image is 12 MiB, an img2img input up to `max_request_bytes`) need more.
+SERVE_ENVIRONMENT = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1",
+                     "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(512 * 2**20)}  # fmt: skip
 
 
 def cmd_serve(args) -> None:

@@ -28,7 +28,7 @@ class Limits(BaseModel):
     max_lora_scale: float = Field(4.0, gt=0)  # scales are allowed in [-max, +max]
     max_hires_scale: float = Field(4.0, ge=1.0)
     max_batch_size: int = Field(8, ge=1, le=64)  # `batch_size`: images per call of one request
-    max_n_iter: int = Field(16, ge=1)  # `n_iter`: calls per request
+    max_n_iter: int = Field(4, ge=1)  # `n_iter`: calls per request (the job record holds every image)
     max_input_image_pixels: int = Field(4096 * 4096, ge=64 * 64)  # img2img input, before resizing
     max_request_bytes: int = Field(32 * 2**20, ge=1024)  # larger request bodies get 413
 

@@ -4,6 +4,7 @@ with request bodies shaped like Open WebUI's, SillyTavern's and LibreChat's (rea
 import base64
 import io
 import json
+import re
 import threading
 import time
 from pathlib import Path
@@ -110,9 +111,14 @@ def test_interrupt_stops_the_callers_sdapi_job_and_leaves_native_jobs_alone(api,
         "job_id"
     ]
     outcome = {}
-    worker = threading.Thread(
-        target=lambda: outcome.update(result=api.txt2img(prompt="long", steps=150, width=256, height=256))
-    )
+
+    def generate() -> None:
+        try:
+            outcome["result"] = api.txt2img(prompt="long", steps=150, width=256, height=256)
+        except RuntimeError as error:  # webuiapi raises RuntimeError(status, body) for a non-200 answer
+            outcome["error"] = error
+
+    worker = threading.Thread(target=generate)
     worker.start()
     deadline = time.monotonic() + 60
     while api.get_progress()["state"]["job_count"] == 0 and time.monotonic() < deadline:
@@ -120,9 +126,11 @@ def test_interrupt_stops_the_callers_sdapi_job_and_leaves_native_jobs_alone(api,
     assert api.get_progress()["state"]["job_count"] == 1  # the sdapi job only, not the native one
     assert api.interrupt() == {}
     worker.join(timeout=120)
-    result = outcome["result"]
-    assert result.images == [] and result.info["interrupted"] is True
-    assert client.get(f"/queue/{result.info['job_id']}").json()["state"] == "cancelled"
+    status, body = outcome["error"].args
+    answer = json.loads(body)
+    assert status == 409 and answer["error"] == "Interrupted" and answer["detail"].startswith("interrupted")
+    job_id = re.search(r"job ([0-9a-f]{32})", answer["detail"]).group(1)
+    assert client.get(f"/queue/{job_id}").json()["state"] == "cancelled"
     assert wait_for_job(client, native_id)["state"] == "done"
     progress = api.get_progress()
     assert progress["progress"] == 0 and progress["state"]["job_count"] == 0
@@ -133,6 +141,10 @@ def test_webuiapi_upscales_through_the_upscaler_deployment(api):
     lanczos = api.extra_single_image(image=image, upscaler_1="Lanczos", upscaling_resize=2)
     assert lanczos.image.size == (128, 128)
     assert lanczos.image.info.get("parameters") == image.info["parameters"]  # the infotext is kept
+    # 12 MiB of pixels from the Upscaler deployment: beyond Ray Serve's default 4 MiB gRPC message limit.
+    large = api.extra_single_image(image=image, upscaler_1="Lanczos", resize_mode=1, upscaling_resize_w=2048,
+                                   upscaling_resize_h=2048)  # fmt: skip
+    assert large.image.size == (2048, 2048)
     esrgan = api.extra_batch_images(images=[image, image], upscaler_1="demo-esrgan-x4", upscaling_resize=3)
     assert [item.size for item in esrgan.images] == [(192, 192), (192, 192)]
 
@@ -231,3 +243,35 @@ def test_native_batch_size_and_n_iter(client, service):
     with httpx.Client(base_url=f"http://127.0.0.1:{PORT}") as plain:
         refused = plain.post("/txt2img", json={"prompt": "x", "batch_size": 9})
     assert refused.status_code == 422 and "batch_size" in refused.json()["error"]
+
+
+def test_concurrent_sdapi_calls_share_one_batch_with_a_batch_size_request(api, client):
+    # A native job keeps an SD1.5 generator busy; three A1111 calls are accepted meanwhile (each holds its
+    # HTTP request) and run batched: as one call of 1 + 1 + 2 images when one replica serves SD1.5, and at
+    # least the two images of the batch_size request together (earlier tests may have scaled SD1.5 up).
+    blocker = client.post("/txt2img", json={"prompt": "busy", "steps": 40, "width": 128, "height": 128, "seed": 1})
+    blocker_id = blocker.json()["job_id"]
+    deadline = time.monotonic() + 60
+    while client.get(f"/queue/{blocker_id}").json()["state"] == "queued" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    results: dict[int, webuiapi.WebUIApiResult] = {}
+
+    def call(seed: int, batch_size: int) -> None:
+        results[seed] = api.txt2img(prompt="together", seed=seed, batch_size=batch_size, **FAST)
+
+    threads = [threading.Thread(target=call, args=args) for args in ((301, 1), (302, 1), (303, 2))]
+    for thread in threads:
+        thread.start()
+    seen = 0
+    while any(thread.is_alive() for thread in threads) and time.monotonic() < deadline:
+        seen = max(seen, api.get_progress()["state"]["job_count"])
+        time.sleep(0.02)
+    assert seen == 3  # all three were in the service at once
+    for thread in threads:
+        thread.join(timeout=120)
+    assert [len(results[seed].images) for seed in (301, 302, 303)] == [1, 1, 2]
+    assert results[303].info["all_seeds"] == [303, 304]
+    jobs = [client.get(f"/queue/{results[seed].info['job_id']}").json() for seed in (301, 302, 303)]
+    assert [job["state"] for job in jobs] == ["done"] * 3
+    assert jobs[2]["batch_size"] >= 2 and all(job["batch_size"] >= 1 for job in jobs)
+    assert wait_for_job(client, blocker_id)["batch_size"] == 1

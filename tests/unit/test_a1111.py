@@ -93,6 +93,10 @@ def test_out_of_limit_values_name_the_a1111_field():
         a1111.to_native(A1111Txt2ImgRequest(enable_hr=True, hr_second_pass_steps=1000), None)
     with pytest.raises(ValueError):
         A1111Txt2ImgRequest(cfg_scale="1e999")
+    with pytest.raises(ValueError):
+        A1111Txt2ImgRequest(steps=True)
+    with pytest.raises(DiffusionAPIError, match="CLIP_stop_at_last_layers"):
+        a1111.to_native(A1111Txt2ImgRequest(override_settings={"CLIP_stop_at_last_layers": True}), None)
 
 
 def test_generation_info_is_a1111_processed_js():

@@ -142,7 +142,7 @@ def test_a_failed_batch_fails_its_own_jobs_only_and_the_next_batch_runs():
     assert isinstance(bad, RuntimeError) and good == "done good"
 
 
-def test_a_waiting_job_that_is_withdrawn_never_runs():
+def test_a_waiting_job_whose_caller_stops_waiting_still_runs():
     async def scenario():
         recorder = Recorder(hold=True)
         batcher = JobBatcher(recorder, max_batch_size=8, wait_s=0.0)
@@ -157,7 +157,19 @@ def test_a_waiting_job_that_is_withdrawn_never_runs():
         await asyncio.sleep(0.05)
         return recorder.batches
 
-    assert run(scenario()) == [["x0"]]
+    assert run(scenario()) == [["x0"], ["a1"]]
+
+
+def test_with_batching_off_the_images_of_one_request_still_share_a_call():
+    async def scenario():
+        recorder = Recorder(hold=False)
+        batcher = JobBatcher(recorder, max_batch_size=8, wait_s=0.0)
+        one = asyncio.create_task(batcher.submit_many([("k", "a0"), ("k", "a1"), ("k", "a2")], limit=2))
+        other = asyncio.create_task(batcher.submit("k", "b0"))
+        await asyncio.gather(one, other)
+        return recorder.batches
+
+    assert run(scenario()) == [["a0", "a1"], ["a2"], ["b0"]]
 
 
 # Engine ----------------------------------------------------------------------------------------------------
