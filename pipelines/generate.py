@@ -45,6 +45,7 @@ from pipelines.loras import (
     prompt_with_lora_tags,
     read_lora_state_dict,
 )
+from pipelines.prompts import encode_prompts, needs_own_encoding, without_emphasis
 from pipelines.samplers import SCHEDULERS_WITH_NOISE_PER_CALL, ResolvedSampler, build_scheduler, resolve_sampler
 from pipelines.schemas import GenerationRequest, Img2ImgRequest, Txt2ImgRequest
 from pipelines.settings import VERSION
@@ -651,8 +652,7 @@ class ImageEngine:
                 for job in jobs:
                     job.sampler = first.sampler  # equal in a batch; build_scheduler may have adjusted its label
                     job.loras = applied
-                    new_warnings = (first.sampler.warnings + lora_warnings + clip_warnings
-                                    + self._prompt_warnings(pipe, job))  # fmt: skip
+                    new_warnings = first.sampler.warnings + lora_warnings + clip_warnings
                     job.warnings.extend(w for w in dict.fromkeys(new_warnings) if w not in job.warnings)
                 if first.hires is not None:
                     images = self._run_hires(loaded, pipe, jobs, phases, upscale or self._upscale_here)
@@ -777,9 +777,13 @@ class ImageEngine:
             on_step(step_index + 1, pipeline.num_timesteps)
             return callback_kwargs
 
+        prompts, negatives = [job.prompt for job in jobs], [job.negative_prompt for job in jobs]
+        # Emphasis, BREAK or more than 75 tokens: A1111's chunked, weighted encoding (pipelines/prompts.py);
+        # otherwise diffusers' own, so that a plain prompt gives the pixels it always did.
+        own_encoding = any(needs_own_encoding(pipe, text) for text in prompts + negatives)
         arguments = dict(
-            prompt=[job.prompt for job in jobs],
-            negative_prompt=[job.negative_prompt for job in jobs],
+            prompt=[without_emphasis(text) for text in prompts],
+            negative_prompt=[without_emphasis(text) for text in negatives],
             num_inference_steps=first.steps,
             guidance_scale=first.cfg_scale,
             generator=[torch.Generator("cpu").manual_seed(job.seed) for job in jobs],
@@ -796,7 +800,11 @@ class ImageEngine:
             if name in arguments and name not in parameters:
                 arguments.pop(name)
         with torch.inference_mode():
-            if arguments.get("clip_skip") and not hasattr(pipe.text_encoder, "text_model") and not _is_sdxl(pipe):
+            if own_encoding:
+                arguments.update(encode_prompts(pipe, prompts, negatives, first.clip_skip))
+                for name in ("prompt", "negative_prompt", "clip_skip"):
+                    arguments.pop(name, None)
+            elif arguments.get("clip_skip") and not hasattr(pipe.text_encoder, "text_model") and not _is_sdxl(pipe):
                 # diffusers' SD1.5 clip skip reaches for `text_encoder.text_model`, which transformers 5
                 # removed from CLIPTextModel; encode the prompts here instead, the same way A1111 does.
                 arguments["prompt_embeds"] = _embeds_with_clip_skip(pipe, arguments.pop("prompt"), first.clip_skip)
@@ -806,18 +814,6 @@ class ImageEngine:
                 arguments.pop("clip_skip")
             output = pipe(**arguments).images
         return output
-
-    @staticmethod
-    def _prompt_warnings(pipe, job: PreparedJob) -> list[str]:
-        tokenizer = getattr(pipe, "tokenizer", None) or getattr(pipe, "tokenizer_2", None)
-        if tokenizer is None:
-            return []
-        warnings = []
-        for name, text in (("prompt", job.prompt), ("negative_prompt", job.negative_prompt)):
-            count = len(tokenizer(text, truncation=False).input_ids)
-            if count > tokenizer.model_max_length:
-                warnings.append(f"'{name}' is {count} tokens; only the first {tokenizer.model_max_length} are used.")
-        return warnings
 
     def infotext(self, loaded: LoadedModel, job: PreparedJob) -> str:
         params = {

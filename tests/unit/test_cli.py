@@ -145,3 +145,19 @@ def test_lora_check_every_model_and_lora(env_settings, capsys, tmp_path):
     assert "Demo SDXL Refiner: 0/4 (0.0%)" in out
     code, _, err = run_cli(capsys, "lora-check", "--lora-dir", str(tmp_path / "missing"))
     assert code == 2 and "--lora-dir: no such folder" in err
+
+
+def test_txt2img_reads_emphasis_and_the_tail_of_long_prompts(env_settings, capsys, tmp_path):
+    head = ", ".join(["a mountain"] * 40)
+    prompts = {"plain": "a fox", "weight_one": "(a fox:1.0)", "weighted": "(a fox:1.6)",
+               "lake": f"{head}, a lake", "desert": f"{head}, a desert"}  # fmt: skip
+    images = {}
+    for name, prompt in prompts.items():
+        output = tmp_path / f"{name}.png"
+        code, _, err = run_cli(capsys, "txt2img", "--prompt", prompt, "--steps", "4", "--width", "64", "--height",
+                               "64", "--seed", "5", "--output", str(output))  # fmt: skip
+        assert code == 0 and "tokens" not in err, err
+        images[name] = Image.open(output).tobytes()
+    assert images["plain"] == images["weight_one"] != images["weighted"]
+    assert images["lake"] != images["desert"]
+    assert parse_infotext(read_infotext((tmp_path / "weighted.png").read_bytes()))["Prompt"] == "(a fox:1.6)"

@@ -223,11 +223,6 @@ def test_generated_image_keeps_its_infotext_in_every_format(engine):
         assert parse_infotext(text)["Prompt"] == "café, 日本: test"
 
 
-def test_long_prompt_is_reported_as_truncated(engine):
-    result = engine.txt2img(tiny(prompt=" ".join(["mountain"] * 100)))
-    assert any("only the first 77" in warning for warning in result.warnings)
-
-
 def test_clip_skip_beyond_the_encoders_layers_uses_its_first_layer_with_a_warning(engine):
     layers = engine.load("Demo SD1.5").pipe.text_encoder.config.num_hidden_layers
     deepest = engine.txt2img(tiny(clip_skip=layers))
