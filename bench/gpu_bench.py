@@ -46,7 +46,8 @@ try:
     from pipelines.catalog import Family, ModelCatalog, ModelEntry
     from pipelines.demo import SD15_SCHEDULER, SDXL_SCHEDULER, build_sd15, build_sdxl_base
     from pipelines.errors import OutOfMemoryError
-    from pipelines.generate import ImageEngine, LoadedModel, select_device
+    from pipelines.generate import ImageEngine
+    from pipelines.models import LoadedModel, select_device
     from pipelines.schemas import Txt2ImgRequest
     from pipelines.settings import Settings
     from pipelines.speed import CompileMode, SpeedOptions, set_vae_tiling

@@ -24,15 +24,11 @@ from deployments.batching import JobBatcher
 from deployments.jobs import PER_IMAGE_FIELDS, JobsClient
 from pipelines.catalog import ModelCatalog
 from pipelines.errors import DiffusionAPIError, JobCancelledError
-from pipelines.generate import (
-    PHASE_REFINING,
-    GenerationResult,
-    ImageEngine,
-    PhaseProgress,
-    PreparedJob,
-)
+from pipelines.generate import GenerationResult, ImageEngine
 from pipelines.images import encode_base64
 from pipelines.infotext import encode_image
+from pipelines.prepare import PreparedJob
+from pipelines.progress import PHASE_REFINING, PhaseProgress
 from pipelines.schemas import Img2ImgRequest, Txt2ImgRequest
 from pipelines.settings import Settings
 from pipelines.speed import SpeedOptions

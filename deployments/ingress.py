@@ -35,8 +35,9 @@ from deployments.contract import documented_errors, documented_methods, install_
 from deployments.jobs import JobsClient, image_fields
 from pipelines.catalog import ModelCatalog, ModelEntry
 from pipelines.errors import DiffusionAPIError, ServiceBusyError
-from pipelines.generate import PreparedJob, check_mode_supported, prepare_job
 from pipelines.loras import LoraLibrary
+from pipelines.models import check_mode_supported
+from pipelines.prepare import PreparedJob, prepare_job
 from pipelines.samplers import sampler_names, schedule_type_names
 from pipelines.schemas import (
     JOB_ID_PATTERN,

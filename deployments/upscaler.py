@@ -11,7 +11,7 @@ from PIL import Image
 from ray import serve
 
 from deployments.generators import torch_thread_count
-from pipelines.generate import select_device
+from pipelines.models import select_device
 from pipelines.settings import Settings
 from pipelines.upscalers import UpscalerLibrary
 

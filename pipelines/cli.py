@@ -107,7 +107,7 @@ def cmd_lora_check(args) -> None:
 def cmd_upscale(args) -> None:
     from PIL import Image, UnidentifiedImageError
 
-    from pipelines.generate import select_device
+    from pipelines.models import select_device
     from pipelines.upscalers import UpscalerLibrary
 
     file_type = _output_type(args.output)

@@ -8,8 +8,9 @@ import pytest
 from PIL import Image
 
 from pipelines.errors import BadImageError, InvalidRequestError, UnknownModelError
-from pipelines.generate import ImageEngine, prepare_job
+from pipelines.generate import ImageEngine
 from pipelines.infotext import encode_image, parse_infotext, read_infotext
+from pipelines.prepare import prepare_job
 from pipelines.samplers import sampler_names
 from pipelines.schemas import Img2ImgRequest, Txt2ImgRequest
 

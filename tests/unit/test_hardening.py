@@ -125,8 +125,8 @@ def test_no_keys_configured_means_open_and_cors_and_size_limits(monkeypatch):
 def test_names_never_reach_outside_their_folders_even_through_symlinks(settings, tmp_path):
     from pipelines.catalog import ModelCatalog
     from pipelines.errors import InvalidNameError, UnknownModelError
-    from pipelines.generate import prepare_job
     from pipelines.loras import LoraLibrary, UnknownLoraError
+    from pipelines.prepare import prepare_job
     from pipelines.upscalers import UnknownUpscalerError, UpscalerLibrary
 
     outside = tmp_path / "outside"

@@ -10,10 +10,10 @@ from safetensors.torch import load_file, save_file
 
 from pipelines.demo import build_sdxl_base, peft_lora
 from pipelines.errors import InvalidNameError
-from pipelines.generate import prepare_job
 from pipelines.infotext import parse_infotext
 from pipelines.lora_check import check_all, format_report
 from pipelines.loras import UnknownLoraError, detect_lora_family, lora_short_hash, parse_prompt_loras
+from pipelines.prepare import prepare_job
 from pipelines.schemas import Img2ImgRequest, Txt2ImgRequest
 from tests.unit.test_generate import as_base64_png
 

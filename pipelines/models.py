@@ -1,0 +1,177 @@
+"""Loaded models: the device and precision, a checkpoint loaded through diffusers' own loaders, and the
+per-model state a job changes and must restore (LoRA adapters, the pipeline for its mode)."""
+
+import logging
+import os
+import threading
+import warnings
+from collections import OrderedDict
+from typing import Literal
+
+import psutil
+import torch
+
+from pipelines.catalog import ModelEntry
+from pipelines.errors import ModelLoadError, UnknownModelError
+from pipelines.loras import LoraUse, read_lora_state_dict
+
+logger = logging.getLogger(__name__)
+Mode = Literal["txt2img", "img2img"]
+# Keeping several LoRA adapters loaded on one model is deliberate (a cache); peft warns about it each time.
+warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute", category=UserWarning)
+warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted", category=UserWarning)
+
+
+def select_device(
+    device: str | None = None, dtype: str | torch.dtype | None = None
+) -> tuple[torch.device, torch.dtype]:
+    """CUDA in half precision (bfloat16 where the GPU has it) where present, then Apple MPS, else the CPU in
+    float32.
+
+    `DIFFUSION_API_DEVICE` / `DIFFUSION_API_DTYPE` (e.g. `cuda:1`, `bfloat16`) override the choice.
+    """
+    device = device or os.environ.get("DIFFUSION_API_DEVICE")
+    dtype = dtype or os.environ.get("DIFFUSION_API_DTYPE")
+    if not device:
+        if torch.cuda.is_available():
+            device = "cuda"
+        elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            device = "mps"
+        else:
+            device = "cpu"
+    chosen = torch.device(device)
+    if isinstance(dtype, torch.dtype):
+        torch_dtype = dtype
+    elif dtype:
+        torch_dtype = getattr(torch, dtype)
+    elif chosen.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        torch_dtype = torch.bfloat16  # as fast as float16 on Ampere and later, and no overflow to NaN
+    else:
+        torch_dtype = torch.float32 if chosen.type == "cpu" else torch.float16
+    return chosen, torch_dtype
+
+
+def memory_mb(device: torch.device) -> float:
+    """GPU memory allocated by torch on an accelerator, else this process's resident memory, in MB."""
+    if device.type == "cuda":
+        return round(torch.cuda.memory_allocated(device) / 2**20, 1)
+    return round(psutil.Process().memory_info().rss / 2**20, 1)
+
+
+class LoadedModel:
+    """A checkpoint's pipeline plus the lock that keeps one job at a time on it (jobs set its scheduler)."""
+
+    def __init__(self, entry: ModelEntry, pipe, model_hash: str):
+        self.entry = entry
+        self.pipe = pipe
+        self.model_hash = model_hash
+        self.lock = threading.Lock()
+        self.speed: list[str] = []  # speed options applied at load
+        self.qkv_fused = False
+        self._img2img = None
+        self.adapters: OrderedDict[str, str] = OrderedDict()  # LoRA adapters kept loaded: name -> file
+
+    MAX_CACHED_ADAPTERS = 4
+
+    def apply_loras(self, uses: list[LoraUse]) -> tuple[list[LoraUse], list[str]]:
+        """Loads (or reuses) and activates the job's LoRAs at their scales; returns the ones applied and a
+        warning for each that failed to load (skipped). Call `clear_loras` when the job ends. Hold `lock`."""
+        warnings = []
+        active = []
+        for use in uses:
+            if use.adapter_name not in self.adapters:
+                error = self.load_adapter(use)
+                if error is not None:
+                    warnings.append(f"LoRA '{use.lora.name}' skipped: it could not be loaded into model "
+                                    f"'{self.entry.name}': {error}")  # fmt: skip
+                    continue
+            self.adapters.move_to_end(use.adapter_name)
+            active.append(use)
+        if active:
+            self.pipe.enable_lora()
+            self.pipe.set_adapters([u.adapter_name for u in active], adapter_weights=[u.scale for u in active])
+        return active, warnings
+
+    def load_adapter(self, use: LoraUse) -> str | None:
+        """Loads one LoRA as a named adapter (evicting the least recently used); the error text on failure."""
+        self._evict_adapters(self.MAX_CACHED_ADAPTERS - 1)
+        try:
+            self.pipe.load_lora_weights(read_lora_state_dict(use.lora.path), adapter_name=use.adapter_name)
+        except Exception as error:  # size mismatches are RuntimeError; unknown layers are peft errors
+            self._forget_adapter(use.adapter_name)
+            return f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
+        present = {name for names in self.pipe.get_list_adapters().values() for name in names}
+        if use.adapter_name not in present:
+            return "no layer of the model matched its weights"
+        self.adapters[use.adapter_name] = str(use.lora.path)
+        return None
+
+    def _evict_adapters(self, limit: int) -> None:
+        """Deletes the least recently used adapters until at most `limit` stay loaded."""
+        while len(self.adapters) > max(limit, 0):
+            name, _ = self.adapters.popitem(last=False)
+            self._forget_adapter(name)
+
+    def unload_adapter(self, name: str) -> None:
+        """Removes one LoRA adapter from the model. Hold `lock`."""
+        self.adapters.pop(name, None)
+        self._forget_adapter(name)
+
+    def _forget_adapter(self, name: str) -> None:
+        present = {adapter for names in self.pipe.get_list_adapters().values() for adapter in names}
+        if name in present:
+            self.pipe.delete_adapters([name])
+
+    def clear_loras(self) -> None:
+        """Turns every LoRA off, so the next job sees the model exactly as loaded. Hold `lock`."""
+        if self.adapters:
+            self.pipe.disable_lora()
+
+    def pipeline_for(self, mode: Mode):
+        check_mode_supported(self.entry, mode)
+        if mode == "txt2img" or self.entry.family == "sdxl-refiner":
+            return self.pipe
+        if self._img2img is None:
+            from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline
+
+            cls = StableDiffusionXLImg2ImgPipeline if self.entry.family == "sdxl" else StableDiffusionImg2ImgPipeline
+            self._img2img = cls.from_pipe(self.pipe)  # shares the modules: no extra memory
+            self._img2img.set_progress_bar_config(disable=True)
+        return self._img2img
+
+
+def load_pipeline(entry: ModelEntry, device: torch.device, dtype: torch.dtype):
+    """Loads a checkpoint with diffusers' own loaders, offline for local folders."""
+    import diffusers
+
+    try:
+        if entry.format == "single-file":
+            cls = {
+                "sd15": diffusers.StableDiffusionPipeline,
+                "sdxl": diffusers.StableDiffusionXLPipeline,
+                "sdxl-refiner": diffusers.StableDiffusionXLImg2ImgPipeline,
+            }[entry.family]
+            extra = {"config": str(entry.config_dir), "local_files_only": True} if entry.config_dir else {}
+            pipe = cls.from_single_file(str(entry.path), dtype=dtype, **extra)
+        else:
+            pipe = diffusers.DiffusionPipeline.from_pretrained(entry.path, dtype=dtype, local_files_only=True)
+    except Exception as error:
+        hint = ""
+        if entry.format == "single-file" and entry.config_dir is None:
+            hint = (
+                f" (offline, a single-file checkpoint needs its diffusers configs in "
+                f"{entry.path.parent / '.configs' / entry.name}/)"
+            )
+        raise ModelLoadError(f"could not load model '{entry.name}': {error}{hint}", field="model") from error
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def check_mode_supported(entry: ModelEntry, mode: Mode) -> None:
+    """A refiner only continues images: it has no first text encoder for txt2img."""
+    if entry.family == "sdxl-refiner" and mode == "txt2img":
+        raise UnknownModelError(
+            f"model '{entry.name}' is an SDXL refiner, not a txt2img model: use it for img2img or as "
+            "'refiner_checkpoint'",
+            field="model",
+        )

@@ -1,0 +1,226 @@
+"""Preparing a job: everything about a request that needs no loaded model (sampler, seed, input image,
+LoRAs, hires fix, refiner), checked and resolved before any model work, so bad input fails first."""
+
+import math
+import secrets
+from dataclasses import dataclass, field, replace
+
+from PIL import Image
+
+from pipelines.catalog import ModelCatalog, ModelEntry
+from pipelines.errors import (
+    InvalidRequestError,
+    UnknownModelError,
+)
+from pipelines.images import decode_base64_image
+from pipelines.limits import LIMITS
+from pipelines.loras import (
+    FAMILY_LABELS,
+    LoraLibrary,
+    LoraUse,
+)
+from pipelines.models import Mode
+from pipelines.samplers import SCHEDULERS_WITH_NOISE_PER_CALL, ResolvedSampler, resolve_sampler
+from pipelines.schemas import GenerationRequest, Img2ImgRequest, Txt2ImgRequest
+from pipelines.upscalers import UpscalerLibrary, hires_size, latent_mode
+
+
+@dataclass(frozen=True)
+class HiresPlan:
+    """Hires fix: upscale the first pass to `width` x `height`, then a second img2img pass."""
+
+    upscaler: str  # "Latent" (or a variant) or an upscaler file name
+    latent: tuple[str, bool] | None  # the interpolation of a latent upscaler; None for an external one
+    scale: float
+    steps: int
+    denoising_strength: float
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class RefinerPlan:
+    """SDXL base -> refiner hand-off of the latents at `switch_at` of the schedule."""
+
+    model: ModelEntry
+    model_hash: str
+    switch_at: float
+
+
+@dataclass
+class PreparedJob:
+    """A request with everything resolved that needs no model."""
+
+    mode: Mode
+    prompt: str
+    negative_prompt: str
+    steps: int
+    cfg_scale: float
+    width: int
+    height: int
+    seed: int
+    sampler: ResolvedSampler
+    clip_skip: int
+    init_image: Image.Image | None = None
+    denoising_strength: float | None = None
+    loras: list[LoraUse] = field(default_factory=list)  # compatible ones only; `prompt` has no <lora:> tags
+    hires: HiresPlan | None = None
+    refiner: RefinerPlan | None = None
+    warnings: list[str] = field(default_factory=list)
+    job_id: str = ""  # the service's id for the job (logs, progress and hand-offs of a batch)
+    image_index: int = 0  # which of its request's images this is (batch_size x n_iter images, seed + index)
+    image_count: int = 1
+
+    def per_image(self, count: int) -> list["PreparedJob"]:
+        """The `count` images of one request (`batch_size` x `n_iter`), as A1111 makes them: seeds seed,
+        seed + 1, ...; each is a job of its own for the engine (one torch.Generator per image)."""
+        return [
+            replace(
+                self, seed=self.seed + index, warnings=list(self.warnings), image_index=index, image_count=count
+            )  # fmt: skip
+            for index in range(count)
+        ]
+
+    def batch_key(self) -> tuple:
+        """Jobs with equal keys can run as one diffusers batch: everything but prompt, seed, input image and
+        output format. The sampler's A1111 names are part of it, so each job's infotext names its own."""
+        loras = tuple((use.adapter_name, use.scale) for use in self.loras)
+        sampler = (self.sampler.sampler, self.sampler.schedule_label, self.sampler.scheduler_class,
+                   tuple(sorted(self.sampler.options.items())))  # fmt: skip
+        refiner = (self.refiner.model.name, self.refiner.switch_at) if self.refiner else None
+        alone = id(self) if self.sampler.scheduler_class in SCHEDULERS_WITH_NOISE_PER_CALL else None
+        return (self.mode, self.steps, self.cfg_scale, self.width, self.height, sampler, self.clip_skip,
+                self.denoising_strength, loras, self.hires, refiner, alone)  # fmt: skip
+
+
+def random_seed() -> int:
+    return secrets.randbelow(2**32)
+
+
+def prepare_job(
+    request: Txt2ImgRequest | Img2ImgRequest,
+    model: ModelEntry | None = None,
+    loras: LoraLibrary | None = None,
+    catalog: ModelCatalog | None = None,
+    upscalers: UpscalerLibrary | None = None,
+) -> PreparedJob:
+    """Validates a request and resolves everything that needs no loaded model: sampler, seed, input image,
+    LoRAs (checked against `model`; incompatible ones dropped with a warning), hires fix and refiner."""
+    mode: Mode = "img2img" if isinstance(request, Img2ImgRequest) else "txt2img"
+    sampler = resolve_sampler(request.sampler_name, request.scheduler_type)
+    if loras is not None:
+        plan = loras.plan(request.loras, request.prompt, model, mode)
+    elif request.loras or "<lora:" in request.prompt:
+        raise InvalidRequestError("LoRAs need a LoRA folder; none is configured here", field="loras")
+    else:
+        plan = None
+    seed = request.seed if request.seed is not None and request.seed >= 0 else random_seed()
+    job = PreparedJob(
+        mode=mode,
+        prompt=plan.prompt if plan else request.prompt,
+        negative_prompt=request.negative_prompt,
+        steps=request.steps,
+        cfg_scale=request.cfg_scale,
+        width=request.width,
+        height=request.height,
+        seed=seed,
+        sampler=sampler,
+        clip_skip=request.clip_skip,
+        loras=plan.uses if plan else [],
+        warnings=list(plan.warnings) if plan else [],
+    )
+    if isinstance(request, Img2ImgRequest):
+        image = decode_base64_image(request.image, field="image")
+        job.init_image = image.resize((request.width, request.height), Image.Resampling.LANCZOS)
+        job.denoising_strength = at_least_one_step(request.steps, request.denoising_strength, "", job.warnings)
+    job.hires = _plan_hires(request, mode, upscalers, job.warnings)
+    job.refiner = _plan_refiner(request, mode, model, catalog, job.warnings)
+    if job.hires is not None:
+        job.denoising_strength = job.hires.denoising_strength
+    return job
+
+
+def at_least_one_step(steps: int, strength: float, field_prefix: str, warnings: list[str]) -> float:
+    """The denoising strength to run: the requested one, or the smallest that gives one step where steps x
+    strength is below one (A1111 then runs one step at the lowest noise level rather than refusing)."""
+    if int(steps * strength) >= 1:
+        return strength
+    smallest = min(1.0, 1.0 / steps + 1e-9)
+    warnings.append(
+        f"{field_prefix}steps x {field_prefix}denoising_strength = {steps} x {strength:g} is less than one step; "
+        f"ran one step (denoising strength {smallest:.4g}), as A1111 does"
+    )
+    return smallest
+
+
+def _plan_hires(
+    request: GenerationRequest, mode: Mode, upscalers: UpscalerLibrary | None, warnings: list[str]
+) -> HiresPlan | None:
+    hires = request.hires if isinstance(request, Txt2ImgRequest) else None  # a field of txt2img only
+    if hires is None or not hires.enabled:
+        return None
+    if upscalers is None:
+        raise InvalidRequestError("hires fix needs the upscaler folder; none is configured here", field="hires")
+    upscaler = upscalers.check(hires.upscaler)
+    scale = hires.scale
+    width, height = hires_size(request.width, request.height, scale)
+    if max(width, height) > LIMITS.max_size or width * height > LIMITS.max_pixels:
+        # The largest factor within the limits (the first pass itself is within them: at least 1x).
+        first_pixels = request.width * request.height
+        scale = min(LIMITS.max_size / max(request.width, request.height), math.sqrt(LIMITS.max_pixels / first_pixels))
+        fitted = (max(8, int(request.width * scale) // 8 * 8), max(8, int(request.height * scale) // 8 * 8))
+        warnings.append(
+            f"hires fix: {hires.scale:g}x would make {width}x{height}, above the limits of {LIMITS.max_size} px a "
+            f"side and {LIMITS.max_pixels} pixels; upscaled {scale:.3g}x to {fitted[0]}x{fitted[1]} instead"
+        )
+        width, height = fitted
+        scale = round(scale, 3)
+    strength = at_least_one_step(hires.steps, hires.denoising_strength, "hires.", warnings)
+    return HiresPlan(upscaler=upscaler, latent=latent_mode(upscaler), scale=scale, steps=hires.steps,
+                     denoising_strength=strength, width=width, height=height)  # fmt: skip
+
+
+def _plan_refiner(
+    request: GenerationRequest,
+    mode: Mode,
+    model: ModelEntry | None,
+    catalog: ModelCatalog | None,
+    warnings: list[str],
+) -> RefinerPlan | None:
+    """The refiner hand-off. A refiner that cannot take part (another base family, hires fix, too few steps
+    to share) is left out with a warning, as an incompatible LoRA is: the request itself is well formed."""
+    if not request.refiner_checkpoint:
+        return None
+    if catalog is None:
+        raise InvalidRequestError(
+            "a refiner needs the model catalog; none is configured here", field="refiner_checkpoint"
+        )
+    refiner = catalog.resolve(request.refiner_checkpoint, field="refiner_checkpoint")
+    if refiner.family != "sdxl-refiner":
+        installed = [e.name for e in catalog.list_models() if e.family == "sdxl-refiner"]
+        raise UnknownModelError(
+            f"'refiner_checkpoint' {refiner.name!r} is not an SDXL refiner (it is an "
+            f"{FAMILY_LABELS[refiner.family]} model); "
+            f"installed refiners: {', '.join(map(repr, installed)) or 'none'}",
+            field="refiner_checkpoint",
+        )
+    skipped = f"refiner '{refiner.name}' not used: "
+    if model is not None and model.family != "sdxl":
+        warnings.append(skipped + f"a refiner continues SDXL base models; '{model.name}' is "
+                        f"{FAMILY_LABELS[model.family]}")  # fmt: skip
+        return None
+    if isinstance(request, Txt2ImgRequest) and request.hires is not None and request.hires.enabled:
+        warnings.append(skipped + "hires fix and a refiner in one job are not supported; the job ran with hires fix")
+        return None
+    base_start = 1.0 - request.denoising_strength if isinstance(request, Img2ImgRequest) else 0.0
+    switch = request.refiner_switch_at
+    base_steps = int(request.steps * (switch - base_start))
+    refiner_steps = request.steps - int(request.steps * switch)
+    if base_steps < 1 or refiner_steps < 1:
+        warnings.append(
+            skipped + f"refiner_switch_at {switch:g} leaves {max(base_steps, 0)} step(s) to the base model and "
+            f"{refiner_steps} to the refiner out of {request.steps}; both need at least one"
+            + (f" (img2img starts at 1 - denoising_strength = {base_start:.2f})" if base_start else "")
+        )
+        return None
+    return RefinerPlan(model=refiner, model_hash=catalog.model_hash(refiner), switch_at=switch)
