@@ -182,7 +182,8 @@ class A1111Routes:
 
     @router.get("/sd-vae", response_model=list[SdVae], responses=LISTING_ERRORS)
     async def sdapi_sd_vae(self) -> list[dict]:
-        return []  # VAE choice is not available yet: every model decodes with its own VAE
+        found = await asyncio.to_thread(self.vaes.available)
+        return [{"model_name": vae.path.name, "filename": str(vae.path)} for vae in found]
 
     @router.get("/samplers", response_model=list[Sampler], responses=LISTING_ERRORS)
     async def sdapi_samplers(self) -> list[dict]:

@@ -57,10 +57,13 @@ from pipelines.schemas import (
     Txt2ImgResponse,
     UpscalerInfo,
     UpscalersResponse,
+    VaeInfo,
+    VaesResponse,
 )
 from pipelines.settings import VERSION, Settings
 from pipelines.system import gpu_info, health_report
 from pipelines.upscalers import LATENT_MODES, RESIZE_MODES, UpscalerLibrary
+from pipelines.vaes import VaeLibrary
 
 logger = logging.getLogger("ray.serve")
 
@@ -209,6 +212,7 @@ class Ingress(A1111Routes):
         self.catalog = ModelCatalog(self.settings)
         self.loras = LoraLibrary(self.settings, self.catalog.facts)
         self.upscalers = UpscalerLibrary(self.settings)  # names only: the Upscaler deployment runs them
+        self.vaes = VaeLibrary(self.settings, self.catalog.facts)  # names and hashes: the generators load them
         self.job_database = job_database
         self.jobs = JobsClient(job_database, **(job_options or {}))
         self.stale_job_timeout_s = stale_job_timeout_s
@@ -264,6 +268,11 @@ class Ingress(A1111Routes):
         listed = [UpscalerInfo(name=name, path="internal") for name in (*LATENT_MODES, *RESIZE_MODES)]
         listed += [UpscalerInfo(name=item.name, path=str(item.path)) for item in files]
         return UpscalersResponse(upscalers=listed)
+
+    @app.get("/vaes", response_model=VaesResponse, responses=documented_errors(401, 503))
+    async def list_vaes(self) -> VaesResponse:
+        found = await asyncio.to_thread(self.vaes.available)
+        return VaesResponse(vaes=[VaeInfo(name=vae.name, path=str(vae.path)) for vae in found])
 
     @app.get("/sampling_methods", response_model=SamplingMethodsResponse, responses=documented_errors(401, 503))
     async def sampling_methods(self) -> SamplingMethodsResponse:
@@ -339,7 +348,7 @@ class Ingress(A1111Routes):
         warning), hires fix and refiner."""
         entry = self.catalog.resolve(request.model or default_model)
         check_mode_supported(entry, kind)
-        return entry, prepare_job(request, entry, self.loras, self.catalog, self.upscalers)
+        return entry, prepare_job(request, entry, self.loras, self.catalog, self.upscalers, self.vaes)
 
     def _start_reaper(self) -> None:
         if self._reaper is None or self._reaper.done():

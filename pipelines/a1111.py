@@ -62,6 +62,7 @@ _A1111_FIELD_OF = {
     "model": "override_settings.sd_model_checkpoint",
     "clip_skip": "override_settings.CLIP_stop_at_last_layers",
     "image": "init_images",
+    "vae": "override_settings.sd_vae",
     "hires.scale": "hr_scale",
     "hires.steps": "hr_second_pass_steps",
     "hires.denoising_strength": "denoising_strength",
@@ -115,8 +116,6 @@ def _unsupported_warnings(request: A1111GenerationRequest, kind: Kind) -> list[s
         asked["mask"] = _is_set(request.mask)
         asked["resize_mode"] = bool(request.resize_mode)
         asked["init_images[1:]"] = len(request.init_images or []) > 1
-    vae = (request.override_settings or {}).get("sd_vae")
-    asked["override_settings.sd_vae"] = _is_set(vae) and str(vae).lower() != "automatic"
     names = [name for name, on in asked.items() if on]
     if not names:
         return []
@@ -191,6 +190,8 @@ def to_native(
         "fileType": "png",  # A1111's default samples format; its API answers PNG
         "model": overrides.get("sd_model_checkpoint") or default_model,
     }
+    if isinstance(vae := overrides.get("sd_vae"), str) and vae.strip():
+        native["vae"] = vae  # "Automatic" and "None" mean the model's own, as in A1111
     try:
         clip_skip = number_from_text(overrides.get("CLIP_stop_at_last_layers"))
     except ValueError as error:
@@ -294,8 +295,8 @@ def generation_info(request: A1111GenerationRequest, job: dict, result: dict, wa
         "face_restoration_model": None,
         "sd_model_name": params.get("Model"),
         "sd_model_hash": params.get("Model hash"),
-        "sd_vae_name": None,
-        "sd_vae_hash": None,
+        "sd_vae_name": params.get("VAE"),
+        "sd_vae_hash": params.get("VAE hash"),
         "seed_resize_from_w": -1,
         "seed_resize_from_h": -1,
         "denoising_strength": float(denoising) if denoising else native.get("denoising_strength", 0),

@@ -19,7 +19,7 @@ FLAGS = {
     "width": "--width", "height": "--height", "model": "--model", "sampler_name": "--sampler",
     "scheduler_type": "--scheduler-type", "seed": "--seed", "clip_skip": "--clip-skip",
     "jpeg_quality": "--quality", "image": "--image", "denoising_strength": "--denoising-strength", "loras": "--lora",
-    "hires.upscaler": "--upscaler",
+    "hires.upscaler": "--upscaler", "vae": "--vae",
 }  # fmt: skip
 
 
@@ -43,7 +43,7 @@ def _catalog():
 
 
 def cmd_demo_models(args) -> None:
-    from pipelines.demo import create_demo_loras, create_demo_models, create_demo_upscaler
+    from pipelines.demo import create_demo_loras, create_demo_models, create_demo_upscaler, create_demo_vae
 
     settings = _settings()
     models_dir = Path(args.models_dir) if args.models_dir else settings.models_dir
@@ -52,10 +52,25 @@ def cmd_demo_models(args) -> None:
     written = create_demo_models(models_dir, overwrite=args.force)
     written += create_demo_loras(loras_dir, overwrite=args.force)
     written += create_demo_upscaler(upscalers_dir, overwrite=args.force)
+    written += create_demo_vae(Path(args.vaes_dir) if args.vaes_dir else settings.vaes_dir, overwrite=args.force)
     for path in written:
         print(f"wrote {path}")
     if not written:
-        print("demo models, LoRAs and upscaler already present (use --force to rewrite them)")
+        print("demo models, LoRAs, upscaler and VAE already present (use --force to rewrite them)")
+
+
+def cmd_vaes(args) -> None:
+    from pipelines.vaes import VaeLibrary
+
+    settings = _settings()
+    found = VaeLibrary(settings).available()
+    if not found:
+        print(f"no VAEs in {settings.vaes_dir}; run 'diffusion-api demo-models' or add .safetensors files")
+        return
+    width = max(len(vae.name) for vae in found)
+    print(f"{'NAME':<{width}}  PATH")
+    for vae in found:
+        print(f"{vae.name:<{width}}  {vae.path}")
 
 
 def cmd_loras(args) -> None:
@@ -159,6 +174,7 @@ def _request_fields(args) -> dict:
         "cfg_scale": args.cfg_scale, "width": args.width, "height": args.height, "model": args.model,
         "sampler_name": args.sampler, "scheduler_type": args.scheduler_type, "seed": args.seed,
         "clip_skip": args.clip_skip, "jpeg_quality": args.quality, "loras": _lora_flags(args.lora),
+        "vae": args.vae,
     }  # fmt: skip
     return {key: value for key, value in fields.items() if value is not None}
 
@@ -261,6 +277,7 @@ def _add_generation_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clip-skip", type=int)
     parser.add_argument("--quality", type=int, help="jpg/webp/avif quality (1-100)")
     parser.add_argument("--lora", action="append", metavar="NAME[:SCALE]", help="apply a LoRA (repeatable)")
+    parser.add_argument("--vae", help="a VAE (see 'diffusion-api vaes'); default: the model's own")
     parser.add_argument("--output", required=True, help="output file; .png .jpg .webp .avif .gif")
 
 
@@ -275,11 +292,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--upscalers-dir", help="target folder for the demo upscaler (default: stable_diffusion/upscalers)"
     )
+    demo.add_argument("--vaes-dir", help="target folder for the demo VAE (default: stable_diffusion/vae)")
     demo.add_argument("--force", action="store_true", help="rewrite models that exist")
     demo.set_defaults(handler=cmd_demo_models)
 
     commands.add_parser("models", help="list installed models: label, name, family").set_defaults(handler=cmd_models)
     commands.add_parser("loras", help="list installed LoRAs: name, scale, family").set_defaults(handler=cmd_loras)
+    commands.add_parser("vaes", help="list installed VAEs: name, path").set_defaults(handler=cmd_vaes)
 
     check = commands.add_parser("lora-check", help="LoRA compatibility report (loads every model x LoRA pair)")
     check.add_argument("--model", help="one model (name or label); default: every model")

@@ -236,6 +236,25 @@ def create_demo_models(models_dir: Path, overwrite: bool = False) -> list[Path]:
     return written
 
 
+# VAE ----------------------------------------------------------------------------------------------------------
+DEMO_VAE_FILE = "demo-vae-ft.safetensors"
+
+
+def create_demo_vae(vaes_dir: Path, overwrite: bool = False) -> list[Path]:
+    """An SD1.5-layout VAE with weights of its own (so choosing it changes the image), in A1111's single-file
+    layout, as VAE files are shared."""
+    from pipelines.ldm_layout import vae_ldm_state_dict
+
+    target = vaes_dir / DEMO_VAE_FILE
+    if target.exists() and not overwrite:
+        logger.info("keeping existing %s", target)
+        return []
+    vaes_dir.mkdir(parents=True, exist_ok=True)
+    save_file(vae_ldm_state_dict(_vae(seed=77, scaling_factor=0.18215)), target, metadata={"format": "pt"})
+    logger.info("wrote %s", target)
+    return [target]
+
+
 # LoRAs ------------------------------------------------------------------------------------------------------
 _UNET_LORA_TARGETS = (".attn1.to_q", ".attn1.to_k", ".attn1.to_v", ".attn1.to_out.0",
                       ".attn2.to_q", ".attn2.to_k", ".attn2.to_v", ".attn2.to_out.0")  # fmt: skip

@@ -53,6 +53,7 @@ from pipelines.schemas import Img2ImgRequest, Txt2ImgRequest
 from pipelines.settings import VERSION
 from pipelines.speed import SpeedOptions, apply_speed_options, set_qkv_fused, set_vae_tiling
 from pipelines.upscalers import UpscalerLibrary, upscale_latents
+from pipelines.vaes import VaeLibrary
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +103,7 @@ class ImageEngine:
             torch.set_num_threads(torch_threads)
         self.catalog = catalog
         self.loras = LoraLibrary(catalog.settings, catalog.facts)
+        self.vaes = VaeLibrary(catalog.settings, catalog.facts)
         self.device, self.dtype = select_device(device, dtype)
         self.speed = speed or SpeedOptions.from_env()
         self.upscalers = UpscalerLibrary(catalog.settings, device=self.device)
@@ -167,7 +169,7 @@ class ImageEngine:
     def prepare(self, request: Txt2ImgRequest | Img2ImgRequest, model: ModelEntry | None = None) -> PreparedJob:
         """`prepare_job` with this engine's LoRA folder, for `model` (the request's model when not given)."""
         model = model or self.catalog.resolve(request.model)
-        return prepare_job(request, model, self.loras, self.catalog, self.upscalers)
+        return prepare_job(request, model, self.loras, self.catalog, self.upscalers, self.vaes)
 
     def warm_up(self, model: str, width: int, height: int, steps: int, batch_sizes: list[int]) -> float:
         """Loads `model` and runs throwaway jobs of each batch size, so work done on a model's first calls
@@ -213,7 +215,7 @@ class ImageEngine:
         if any(job.batch_key() != first.batch_key() for job in jobs):
             raise ValueError("jobs in one batch must share mode, size, steps, cfg, sampler and strength")
         phases = PhaseProgress.for_job(first, progress, is_cancelled)
-        with loaded.lock:
+        with loaded.lock, loaded.vae_swapped(self._vae_for(loaded, first)):
             pipe = loaded.pipeline_for(first.mode)
             memory_before = memory_mb(self.device)
             started = time.perf_counter()
@@ -337,12 +339,16 @@ class ImageEngine:
     def refine(self, loaded: LoadedModel, jobs: list[PreparedJob], latents, on_step: "StepCallback"):
         """The refiner's part of a base -> refiner job: the steps after `switch_at`, from the base's latents."""
         first = jobs[0]
-        with loaded.lock:
+        with loaded.lock, loaded.vae_swapped(self._vae_for(loaded, first)):
             pipe = loaded.pipeline_for("img2img")
             pipe.scheduler = build_scheduler(first.sampler, dict(loaded.pipe.scheduler.config))
             set_vae_tiling(loaded.pipe, self.speed, first.width, first.height)
             return self._call_pipeline(pipe, jobs, on_step, image=latents.to(self.device, self.dtype),
                                        denoising_start=first.refiner.switch_at)  # fmt: skip
+
+    def _vae_for(self, loaded: LoadedModel, job: PreparedJob):
+        """The job's chosen VAE, loaded like the model's own (None: the model's own)."""
+        return self.vaes.load(job.vae, loaded.pipe.vae) if job.vae else None
 
     def _call_pipeline(self, pipe, jobs: list[PreparedJob], on_step: "StepCallback", **overrides):
         """One diffusers call for the batch; `overrides` replace or add call arguments (image, strength,
@@ -401,6 +407,8 @@ class ImageEngine:
             "Size": f"{job.width}x{job.height}",
             "Model hash": loaded.model_hash,
             "Model": loaded.entry.name,
+            "VAE hash": self.vaes.short_hash(job.vae) if job.vae else None,
+            "VAE": job.vae.infotext_name if job.vae else None,
             "Denoising strength": job.denoising_strength,
             "Clip skip": job.clip_skip if job.clip_skip >= 2 else None,
             "RNG": "CPU",

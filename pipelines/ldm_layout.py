@@ -89,6 +89,18 @@ def vae_key_to_ldm(key: str, num_up_blocks: int) -> str:
     return key  # conv_in, conv_out, quant_conv, post_quant_conv keep their names
 
 
+def vae_ldm_state_dict(vae) -> dict[str, torch.Tensor]:
+    """A diffusers AutoencoderKL as an original-layout VAE state dict (A1111's VAE files, without prefix)."""
+    num_up = len(vae.config.up_block_types)
+    state: dict[str, torch.Tensor] = {}
+    for key, tensor in vae.state_dict().items():
+        new_key = vae_key_to_ldm(key, num_up)
+        if ".mid.attn_1." in new_key and new_key.endswith(".weight") and tensor.ndim == 2:
+            tensor = tensor[:, :, None, None]  # the original VAE attention uses 1x1 convolutions
+        state[new_key] = tensor.contiguous()
+    return state
+
+
 def sd15_single_file_state_dict(unet, vae, text_encoder) -> dict[str, torch.Tensor]:
     """The whole SD1.5 pipeline as one original-layout state dict."""
     up_has_attention = [hasattr(block, "attentions") for block in unet.up_blocks]
@@ -96,12 +108,8 @@ def sd15_single_file_state_dict(unet, vae, text_encoder) -> dict[str, torch.Tens
     state: dict[str, torch.Tensor] = {}
     for key, tensor in unet.state_dict().items():
         state[UNET_PREFIX + unet_key_to_ldm(key, layers, up_has_attention)] = tensor
-    num_up = len(vae.config.up_block_types)
-    for key, tensor in vae.state_dict().items():
-        new_key = vae_key_to_ldm(key, num_up)
-        if ".mid.attn_1." in new_key and new_key.endswith(".weight") and tensor.ndim == 2:
-            tensor = tensor[:, :, None, None]  # the original VAE attention uses 1x1 convolutions
-        state[VAE_PREFIX + new_key] = tensor
+    for key, tensor in vae_ldm_state_dict(vae).items():
+        state[VAE_PREFIX + key] = tensor
     for key, tensor in text_encoder.state_dict().items():
         state[CLIP_PREFIX + key.removeprefix("text_model.")] = tensor
     return {key: tensor.contiguous() for key, tensor in state.items()}

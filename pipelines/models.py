@@ -1,6 +1,7 @@
 """Loaded models: the device and precision, a checkpoint loaded through diffusers' own loaders, and the
 per-model state a job changes and must restore (LoRA adapters, the pipeline for its mode)."""
 
+import contextlib
 import logging
 import os
 import threading
@@ -121,6 +122,26 @@ class LoadedModel:
         present = {adapter for names in self.pipe.get_list_adapters().values() for adapter in names}
         if name in present:
             self.pipe.delete_adapters([name])
+
+    @contextlib.contextmanager
+    def vae_swapped(self, vae):
+        """Decodes (and encodes) with `vae` instead of the model's own while the block runs, on every pipeline
+        of this model (an img2img pipeline made meanwhile included), and puts the model's own back after, so
+        no job's choice leaks into the next. Hold `lock`. None: the model's own."""
+        if vae is None:
+            yield
+            return
+        own = self.pipe.vae
+        self._set_vae(vae)
+        try:
+            yield
+        finally:
+            self._set_vae(own)
+
+    def _set_vae(self, vae) -> None:
+        for pipe in (self.pipe, self._img2img):
+            if pipe is not None:
+                pipe.vae = vae
 
     def clear_loras(self) -> None:
         """Turns every LoRA off, so the next job sees the model exactly as loaded. Hold `lock`."""

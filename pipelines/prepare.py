@@ -23,6 +23,7 @@ from pipelines.models import Mode
 from pipelines.samplers import SCHEDULERS_WITH_NOISE_PER_CALL, ResolvedSampler, resolve_sampler
 from pipelines.schemas import GenerationRequest, Img2ImgRequest, Txt2ImgRequest
 from pipelines.upscalers import UpscalerLibrary, hires_size, latent_mode
+from pipelines.vaes import VaeFile, VaeLibrary, is_automatic
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,7 @@ class PreparedJob:
     loras: list[LoraUse] = field(default_factory=list)  # compatible ones only; `prompt` has no <lora:> tags
     hires: HiresPlan | None = None
     refiner: RefinerPlan | None = None
+    vae: VaeFile | None = None  # a chosen VAE; None: the model's own
     warnings: list[str] = field(default_factory=list)
     job_id: str = ""  # the service's id for the job (logs, progress and hand-offs of a batch)
     image_index: int = 0  # which of its request's images this is (batch_size x n_iter images, seed + index)
@@ -89,8 +91,9 @@ class PreparedJob:
                    tuple(sorted(self.sampler.options.items())))  # fmt: skip
         refiner = (self.refiner.model.name, self.refiner.switch_at) if self.refiner else None
         alone = id(self) if self.sampler.scheduler_class in SCHEDULERS_WITH_NOISE_PER_CALL else None
+        vae = str(self.vae.path) if self.vae else None
         return (self.mode, self.steps, self.cfg_scale, self.width, self.height, sampler, self.clip_skip,
-                self.denoising_strength, loras, self.hires, refiner, alone)  # fmt: skip
+                self.denoising_strength, loras, self.hires, refiner, vae, alone)  # fmt: skip
 
 
 def random_seed() -> int:
@@ -103,9 +106,11 @@ def prepare_job(
     loras: LoraLibrary | None = None,
     catalog: ModelCatalog | None = None,
     upscalers: UpscalerLibrary | None = None,
+    vaes: VaeLibrary | None = None,
 ) -> PreparedJob:
     """Validates a request and resolves everything that needs no loaded model: sampler, seed, input image,
-    LoRAs (checked against `model`; incompatible ones dropped with a warning), hires fix and refiner."""
+    LoRAs (checked against `model`; incompatible ones dropped with a warning), hires fix, refiner and VAE (an
+    unknown one is a 404)."""
     mode: Mode = "img2img" if isinstance(request, Img2ImgRequest) else "txt2img"
     sampler = resolve_sampler(request.sampler_name, request.scheduler_type)
     if loras is not None:
@@ -133,6 +138,10 @@ def prepare_job(
         image = decode_base64_image(request.image, field="image")
         job.init_image = image.resize((request.width, request.height), Image.Resampling.LANCZOS)
         job.denoising_strength = at_least_one_step(request.steps, request.denoising_strength, "", job.warnings)
+    if not is_automatic(request.vae):
+        if vaes is None:
+            raise InvalidRequestError("a VAE needs the VAE folder; none is configured here", field="vae")
+        job.vae = vaes.resolve(request.vae)
     job.hires = _plan_hires(request, mode, upscalers, job.warnings)
     job.refiner = _plan_refiner(request, mode, model, catalog, job.warnings)
     if job.hires is not None:

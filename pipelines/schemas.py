@@ -109,6 +109,9 @@ class GenerationRequest(BaseModel):
     )
     seed: int | None = Field(None, ge=-1, le=MAX_SEED, description="-1 or absent: a random seed, reported back")
     clip_skip: int = Field(1, ge=1, le=12, description="A1111 clip skip (1 = use the last layer)")
+    vae: str | None = Field(
+        None, max_length=255, description="A VAE name (see GET /vaes); absent, 'Automatic' or 'None': the model's own"
+    )
     batch_size: int = Field(
         1, ge=1, le=LIMITS.max_batch_size, description="Images per call (as A1111): seeds seed, seed+1, ..."
     )
@@ -234,6 +237,17 @@ class UpscalerInfo(BaseModel):
 class UpscalersResponse(BaseModel):
     status: Literal["success", "error"] = "success"
     upscalers: list[UpscalerInfo]
+    error: str | None = None
+
+
+class VaeInfo(BaseModel):
+    name: str = Field(..., description="value for 'vae'")
+    path: str
+
+
+class VaesResponse(BaseModel):
+    status: Literal["success", "error"] = "success"
+    vaes: list[VaeInfo]
     error: str | None = None
 
 

@@ -21,6 +21,7 @@ class Settings(BaseModel):
     extra_models_dir: Path  # optional second folder (the seed's `models/`); ignored when missing
     loras_dir: Path
     upscalers_dir: Path
+    vaes_dir: Path
     outputs_dir: Path
     cache_dir: Path  # hashes and family detection results, keyed by file mtime
     models_config: Path  # configs/models.yaml: labels, default model
@@ -37,6 +38,7 @@ class Settings(BaseModel):
             extra_models_dir=_env_path("DIFFUSION_API_EXTRA_MODELS_DIR", root / "models"),
             loras_dir=_env_path("DIFFUSION_API_LORAS_DIR", sd / "loras"),
             upscalers_dir=_env_path("DIFFUSION_API_UPSCALERS_DIR", sd / "upscalers"),
+            vaes_dir=_env_path("DIFFUSION_API_VAES_DIR", sd / "vae"),
             outputs_dir=_env_path("DIFFUSION_API_OUTPUTS_DIR", root / "outputs"),
             cache_dir=_env_path("DIFFUSION_API_CACHE_DIR", sd / ".cache"),
             models_config=_env_path("DIFFUSION_API_MODELS_CONFIG", root / "configs" / "models.yaml"),

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.catalog import ModelCatalog
-from pipelines.demo import create_demo_loras, create_demo_models, create_demo_upscaler
+from pipelines.demo import create_demo_loras, create_demo_models, create_demo_upscaler, create_demo_vae
 from pipelines.settings import PROJECT_ROOT, Settings
 
 
@@ -16,6 +16,7 @@ def demo_root(tmp_path_factory) -> Path:
     create_demo_models(root / "stable_diffusion" / "models")
     create_demo_loras(root / "stable_diffusion" / "loras")
     create_demo_upscaler(root / "stable_diffusion" / "upscalers")
+    create_demo_vae(root / "stable_diffusion" / "vae")
     return root
 
 
@@ -44,6 +45,7 @@ def env_settings(monkeypatch, settings):
     monkeypatch.setenv("DIFFUSION_API_MODELS_DIR", str(settings.models_dir))
     monkeypatch.setenv("DIFFUSION_API_LORAS_DIR", str(settings.loras_dir))
     monkeypatch.setenv("DIFFUSION_API_UPSCALERS_DIR", str(settings.upscalers_dir))
+    monkeypatch.setenv("DIFFUSION_API_VAES_DIR", str(settings.vaes_dir))
     monkeypatch.setenv("DIFFUSION_API_CACHE_DIR", str(settings.cache_dir))
     monkeypatch.setenv("DIFFUSION_API_EXTRA_MODELS_DIR", str(settings.extra_models_dir))
     monkeypatch.setenv("DIFFUSION_API_MODELS_CONFIG", str(settings.models_config))

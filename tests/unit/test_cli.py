@@ -161,3 +161,15 @@ def test_txt2img_reads_emphasis_and_the_tail_of_long_prompts(env_settings, capsy
     assert images["plain"] == images["weight_one"] != images["weighted"]
     assert images["lake"] != images["desert"]
     assert parse_infotext(read_infotext((tmp_path / "weighted.png").read_bytes()))["Prompt"] == "(a fox:1.6)"
+
+
+def test_vaes_listing_and_txt2img_with_a_vae(env_settings, capsys, tmp_path):
+    code, out, _ = run_cli(capsys, "vaes")
+    assert code == 0 and out.splitlines()[1].split()[0] == "demo-vae-ft"
+    output = tmp_path / "vae.png"
+    code, _, err = run_cli(capsys, "txt2img", "--prompt", "a fox", "--steps", "3", "--width", "64", "--height", "64",
+                           "--vae", "demo-vae-ft", "--output", str(output))  # fmt: skip
+    assert code == 0, err
+    assert parse_infotext(read_infotext(output.read_bytes()))["VAE"] == "demo-vae-ft.safetensors"
+    code, _, err = run_cli(capsys, "txt2img", "--prompt", "a fox", "--vae", "nope", "--output", str(output))
+    assert code != 0 and "unknown vae 'nope'" in err

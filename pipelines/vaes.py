@@ -1,0 +1,132 @@
+"""VAE files users choose per job (A1111's `sd_vae`): `stable_diffusion/vae/`, in A1111's single-file layout
+(`.safetensors`, `.pt`, `.ckpt`) or as diffusers folders.
+
+A single file is converted with diffusers' own LDM-to-diffusers VAE conversion into a VAE built from the
+model's own VAE configuration (the architecture SD1.5 and SDXL VAEs share; the model's scaling factor), so
+nothing is fetched from the hub. Loaded VAEs are kept in a small per-process cache.
+"""
+
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pipelines.catalog import FileFactsCache, sha256_of_file
+from pipelines.errors import DiffusionAPIError, ModelLoadError
+from pipelines.names import find_named_file, scan_named_files
+from pipelines.settings import Settings
+
+logger = logging.getLogger(__name__)
+VAE_SUFFIXES = (".safetensors", ".pt", ".ckpt")
+DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+AUTOMATIC_NAMES = ("", "automatic", "none")  # the model's own VAE (A1111's "Automatic" and "None")
+
+
+class UnknownVaeError(DiffusionAPIError):
+    status_code = 404
+
+
+@dataclass(frozen=True)
+class VaeFile:
+    name: str  # as listed and requested: the path under the folder, without extension
+    path: Path  # the file, or the diffusers folder
+
+    @property
+    def weights_file(self) -> Path:
+        if self.path.is_file():
+            return self.path
+        return next(self.path / name for name in DIFFUSERS_WEIGHTS if (self.path / name).exists())
+
+    @property
+    def infotext_name(self) -> str:
+        """A1111's `VAE:` value: the file's name (with its extension), or the folder's."""
+        return self.path.name
+
+
+def is_automatic(requested: str | None) -> bool:
+    return requested is None or requested.strip().lower() in AUTOMATIC_NAMES
+
+
+class VaeLibrary:
+    def __init__(self, settings: Settings, facts: FileFactsCache | None = None, max_loaded: int = 2):
+        self.folder = settings.vaes_dir
+        self.allow_external_links = settings.allow_external_links
+        self.facts = facts or FileFactsCache(settings.cache_dir / "file_facts.json")
+        self.max_loaded = max_loaded
+        self._loaded: OrderedDict[tuple, torch.nn.Module] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _entries(self) -> list[tuple[str, Path]]:
+        folders = []
+        if self.folder.is_dir():
+            for config in sorted(self.folder.rglob("config.json")):
+                folder = config.parent
+                if any((folder / name).exists() for name in DIFFUSERS_WEIGHTS):
+                    folders.append((folder.relative_to(self.folder).as_posix(), folder))
+        files = scan_named_files(self.folder, VAE_SUFFIXES, self.allow_external_links)
+        # A diffusers folder's own weights file is part of the folder, not a VAE file of its own.
+        files = [(name, path) for name, path in files if not any(path.is_relative_to(folder) for _, folder in folders)]
+        return sorted(files + folders)
+
+    def available(self) -> list[VaeFile]:
+        return [VaeFile(name, path) for name, path in self._entries()]
+
+    def resolve(self, requested: str | None, field: str = "vae") -> VaeFile | None:
+        """The VAE a request names; None for the model's own ("Automatic", "None" or absent)."""
+        if is_automatic(requested):
+            return None
+        entries = self._entries()
+        found = find_named_file(requested, entries, VAE_SUFFIXES, field, "VAE")
+        if found is None:
+            names = ", ".join(repr(name) for name, _ in entries) or f"none (the folder {self.folder} is empty)"
+            raise UnknownVaeError(f"unknown vae {requested!r}; installed VAEs: {names} (or 'Automatic')", field=field)
+        return VaeFile(*found)
+
+    def short_hash(self, vae: VaeFile) -> str:
+        """A1111's `VAE hash`: the first 10 hex digits of the file's sha256."""
+        return self.facts.get(vae.weights_file.resolve(), "sha256", sha256_of_file)[:10]
+
+    def load(self, vae: VaeFile, like: torch.nn.Module) -> torch.nn.Module:
+        """The VAE as a diffusers AutoencoderKL on the device and in the precision of `like` (the model's own
+        VAE, whose configuration a single file is read into); cached."""
+        key = (str(vae.path), vae.path.stat().st_mtime_ns, like.device, like.dtype, like.config.scaling_factor)
+        with self._lock:
+            if key in self._loaded:
+                self._loaded.move_to_end(key)
+                return self._loaded[key]
+            try:
+                loaded = self._read(vae, like)
+            except (OSError, RuntimeError, KeyError, ValueError) as error:
+                raise ModelLoadError(f"could not load VAE '{vae.name}': {error}", field="vae") from error
+            loaded = loaded.to(device=like.device, dtype=like.dtype).eval()
+            while len(self._loaded) >= self.max_loaded:
+                self._loaded.popitem(last=False)
+            self._loaded[key] = loaded
+            return loaded
+
+    @staticmethod
+    def _read(vae: VaeFile, like: torch.nn.Module) -> torch.nn.Module:
+        from diffusers import AutoencoderKL
+        from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+        if vae.path.is_dir():
+            return AutoencoderKL.from_pretrained(vae.path)
+        if vae.path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(vae.path))
+        else:
+            state = torch.load(vae.path, map_location="cpu", weights_only=True)
+            state = state.get("state_dict", state)
+        config = dict(like.config)
+        model = AutoencoderKL.from_config(config)
+        converted = convert_ldm_vae_checkpoint(state, config)
+        missing, unexpected = model.load_state_dict(converted, strict=False)
+        if missing:
+            raise ValueError(f"{len(missing)} VAE weights missing (e.g. {missing[0]}): not a VAE of this layout")
+        if unexpected:
+            logger.warning("VAE %s: %d unexpected weights ignored", vae.name, len(unexpected))
+        return model
