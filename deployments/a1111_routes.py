@@ -207,7 +207,14 @@ class A1111Routes:
 
     @router.get("/embeddings", response_model=Embeddings, responses=LISTING_ERRORS)
     async def sdapi_embeddings(self) -> Embeddings:
-        return Embeddings()  # textual-inversion embeddings are not available yet
+        """A1111's shape: the SD1.5 and SDXL embeddings as `loaded` (used when a prompt names them), others as
+        `skipped`."""
+        found = await asyncio.to_thread(self.embeddings.available)
+        listing = {"loaded": {}, "skipped": {}}
+        for item in found:
+            entry = {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "family": item.family}
+            listing["loaded" if item.family in ("sd15", "sdxl") else "skipped"][item.name] = entry
+        return Embeddings(**listing)
 
     @router.get("/scripts", response_model=Scripts, responses=LISTING_ERRORS)
     async def sdapi_scripts(self) -> Scripts:

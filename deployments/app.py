@@ -34,6 +34,7 @@ class AppArgs(BaseModel):
     loras_dir: str | None = None
     upscalers_dir: str | None = None
     vaes_dir: str | None = None
+    embeddings_dir: str | None = None
     outputs_dir: str | None = None
     models_config: str | None = None
     cache_dir: str | None = None  # hashes and detected families of model files
@@ -64,7 +65,16 @@ def build_app(args: dict | None = None) -> Application:
     settings = Settings.from_env()
     overrides = {
         key: Path(value).expanduser().resolve()
-        for key in ("models_dir", "loras_dir", "upscalers_dir", "vaes_dir", "outputs_dir", "models_config", "cache_dir")
+        for key in (
+            "models_dir",
+            "loras_dir",
+            "upscalers_dir",
+            "vaes_dir",
+            "embeddings_dir",
+            "outputs_dir",
+            "models_config",
+            "cache_dir",
+        )
         if (value := getattr(parsed, key))
     }
     settings = settings.model_copy(update=overrides)

@@ -34,6 +34,7 @@ from deployments.access import (
 from deployments.contract import documented_errors, documented_methods, install_openapi
 from deployments.jobs import JobsClient, image_fields
 from pipelines.catalog import ModelCatalog, ModelEntry
+from pipelines.embeddings import EmbeddingLibrary
 from pipelines.errors import DiffusionAPIError, ServiceBusyError
 from pipelines.loras import LoraLibrary
 from pipelines.models import check_mode_supported
@@ -42,6 +43,8 @@ from pipelines.samplers import sampler_names, schedule_type_names
 from pipelines.schemas import (
     JOB_ID_PATTERN,
     CancelResponse,
+    EmbeddingInfo,
+    EmbeddingsResponse,
     HealthResponse,
     HelloResponse,
     Img2ImgRequest,
@@ -213,6 +216,7 @@ class Ingress(A1111Routes):
         self.loras = LoraLibrary(self.settings, self.catalog.facts)
         self.upscalers = UpscalerLibrary(self.settings)  # names only: the Upscaler deployment runs them
         self.vaes = VaeLibrary(self.settings, self.catalog.facts)  # names and hashes: the generators load them
+        self.embeddings = EmbeddingLibrary(self.settings, self.catalog.facts)
         self.job_database = job_database
         self.jobs = JobsClient(job_database, **(job_options or {}))
         self.stale_job_timeout_s = stale_job_timeout_s
@@ -273,6 +277,11 @@ class Ingress(A1111Routes):
     async def list_vaes(self) -> VaesResponse:
         found = await asyncio.to_thread(self.vaes.available)
         return VaesResponse(vaes=[VaeInfo(name=vae.name, path=str(vae.path)) for vae in found])
+
+    @app.get("/embeddings", response_model=EmbeddingsResponse, responses=documented_errors(401, 503))
+    async def list_embeddings(self) -> EmbeddingsResponse:
+        found = await asyncio.to_thread(self.embeddings.available)
+        return EmbeddingsResponse(embeddings=[EmbeddingInfo(name=item.name, family=item.family) for item in found])
 
     @app.get("/sampling_methods", response_model=SamplingMethodsResponse, responses=documented_errors(401, 503))
     async def sampling_methods(self) -> SamplingMethodsResponse:
@@ -348,7 +357,8 @@ class Ingress(A1111Routes):
         warning), hires fix and refiner."""
         entry = self.catalog.resolve(request.model or default_model)
         check_mode_supported(entry, kind)
-        return entry, prepare_job(request, entry, self.loras, self.catalog, self.upscalers, self.vaes)
+        return entry, prepare_job(request, entry, self.loras, self.catalog, self.upscalers, self.vaes,
+                                  self.embeddings)  # fmt: skip
 
     def _start_reaper(self) -> None:
         if self._reaper is None or self._reaper.done():

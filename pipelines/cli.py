@@ -43,7 +43,13 @@ def _catalog():
 
 
 def cmd_demo_models(args) -> None:
-    from pipelines.demo import create_demo_loras, create_demo_models, create_demo_upscaler, create_demo_vae
+    from pipelines.demo import (
+        create_demo_embeddings,
+        create_demo_loras,
+        create_demo_models,
+        create_demo_upscaler,
+        create_demo_vae,
+    )
 
     settings = _settings()
     models_dir = Path(args.models_dir) if args.models_dir else settings.models_dir
@@ -53,10 +59,12 @@ def cmd_demo_models(args) -> None:
     written += create_demo_loras(loras_dir, overwrite=args.force)
     written += create_demo_upscaler(upscalers_dir, overwrite=args.force)
     written += create_demo_vae(Path(args.vaes_dir) if args.vaes_dir else settings.vaes_dir, overwrite=args.force)
+    embeddings_dir = Path(args.embeddings_dir) if args.embeddings_dir else settings.embeddings_dir
+    written += create_demo_embeddings(embeddings_dir, overwrite=args.force)
     for path in written:
         print(f"wrote {path}")
     if not written:
-        print("demo models, LoRAs, upscaler and VAE already present (use --force to rewrite them)")
+        print("demo models, LoRAs, upscaler, VAE and embeddings already present (use --force to rewrite them)")
 
 
 def cmd_vaes(args) -> None:
@@ -71,6 +79,20 @@ def cmd_vaes(args) -> None:
     print(f"{'NAME':<{width}}  PATH")
     for vae in found:
         print(f"{vae.name:<{width}}  {vae.path}")
+
+
+def cmd_embeddings(args) -> None:
+    from pipelines.embeddings import EmbeddingLibrary
+
+    settings = _settings()
+    found = EmbeddingLibrary(settings).available()
+    if not found:
+        print(f"no embeddings in {settings.embeddings_dir}; run 'diffusion-api demo-models' or add files")
+        return
+    width = max(len(item.name) for item in found)
+    print(f"{'NAME':<{width}}  FAMILY")
+    for item in found:
+        print(f"{item.name:<{width}}  {item.family}")
 
 
 def cmd_loras(args) -> None:
@@ -293,12 +315,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--upscalers-dir", help="target folder for the demo upscaler (default: stable_diffusion/upscalers)"
     )
     demo.add_argument("--vaes-dir", help="target folder for the demo VAE (default: stable_diffusion/vae)")
+    demo.add_argument("--embeddings-dir", help="target folder for the demo embeddings (default: "
+                      "stable_diffusion/embeddings)")  # fmt: skip
     demo.add_argument("--force", action="store_true", help="rewrite models that exist")
     demo.set_defaults(handler=cmd_demo_models)
 
     commands.add_parser("models", help="list installed models: label, name, family").set_defaults(handler=cmd_models)
     commands.add_parser("loras", help="list installed LoRAs: name, scale, family").set_defaults(handler=cmd_loras)
     commands.add_parser("vaes", help="list installed VAEs: name, path").set_defaults(handler=cmd_vaes)
+    commands.add_parser("embeddings", help="list installed embeddings: name, family").set_defaults(
+        handler=cmd_embeddings
+    )
 
     check = commands.add_parser("lora-check", help="LoRA compatibility report (loads every model x LoRA pair)")
     check.add_argument("--model", help="one model (name or label); default: every model")

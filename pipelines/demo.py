@@ -255,6 +255,33 @@ def create_demo_vae(vaes_dir: Path, overwrite: bool = False) -> list[Path]:
     return [target]
 
 
+# Embeddings ---------------------------------------------------------------------------------------------------
+DEMO_SD15_EMBEDDING = "demo-style.pt"  # A1111's .pt layout: string_to_param["*"], two vectors
+DEMO_SDXL_EMBEDDING = "demo-xl-style.safetensors"  # SDXL's: clip_l and clip_g
+DEMO_TEXT_WIDTH = 32  # the demo text encoders' hidden size (768 / 1280 in real models)
+
+
+def create_demo_embeddings(embeddings_dir: Path, overwrite: bool = False) -> list[Path]:
+    """Textual-inversion embeddings for the demo models in the real formats, with vectors strong enough to
+    change the image."""
+    generator = torch.Generator().manual_seed(31)
+    embeddings_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    sd15 = embeddings_dir / DEMO_SD15_EMBEDDING
+    if overwrite or not sd15.exists():
+        vectors = torch.randn(2, DEMO_TEXT_WIDTH, generator=generator) * 3
+        torch.save({"string_to_param": {"*": vectors}, "name": sd15.stem, "step": 100}, sd15)
+        written.append(sd15)
+    sdxl = embeddings_dir / DEMO_SDXL_EMBEDDING
+    if overwrite or not sdxl.exists():
+        save_file({"clip_l": torch.randn(1, DEMO_TEXT_WIDTH, generator=generator) * 3,
+                   "clip_g": torch.randn(1, DEMO_TEXT_WIDTH, generator=generator) * 3}, sdxl)  # fmt: skip
+        written.append(sdxl)
+    for path in written:
+        logger.info("wrote %s", path)
+    return written
+
+
 # LoRAs ------------------------------------------------------------------------------------------------------
 _UNET_LORA_TARGETS = (".attn1.to_q", ".attn1.to_k", ".attn1.to_v", ".attn1.to_out.0",
                       ".attn2.to_q", ".attn2.to_k", ".attn2.to_v", ".attn2.to_out.0")  # fmt: skip

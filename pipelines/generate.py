@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from pipelines.catalog import ModelCatalog, ModelEntry
+from pipelines.embeddings import EmbeddingLibrary, load_into, rewrite_prompt, unload_from
 from pipelines.errors import (
     DiffusionAPIError,
     JobCancelledError,
@@ -104,6 +105,7 @@ class ImageEngine:
         self.catalog = catalog
         self.loras = LoraLibrary(catalog.settings, catalog.facts)
         self.vaes = VaeLibrary(catalog.settings, catalog.facts)
+        self.embeddings = EmbeddingLibrary(catalog.settings, catalog.facts)
         self.device, self.dtype = select_device(device, dtype)
         self.speed = speed or SpeedOptions.from_env()
         self.upscalers = UpscalerLibrary(catalog.settings, device=self.device)
@@ -169,7 +171,7 @@ class ImageEngine:
     def prepare(self, request: Txt2ImgRequest | Img2ImgRequest, model: ModelEntry | None = None) -> PreparedJob:
         """`prepare_job` with this engine's LoRA folder, for `model` (the request's model when not given)."""
         model = model or self.catalog.resolve(request.model)
-        return prepare_job(request, model, self.loras, self.catalog, self.upscalers, self.vaes)
+        return prepare_job(request, model, self.loras, self.catalog, self.upscalers, self.vaes, self.embeddings)
 
     def warm_up(self, model: str, width: int, height: int, steps: int, batch_sizes: list[int]) -> float:
         """Loads `model` and runs throwaway jobs of each batch size, so work done on a model's first calls
@@ -226,7 +228,9 @@ class ImageEngine:
             final_size = (first.hires.width, first.hires.height) if first.hires else (first.width, first.height)
             set_vae_tiling(loaded.pipe, self.speed, *final_size)
             clip_warnings = _fit_clip_skip(pipe, jobs)
+            embeddings: list[tuple] = []
             try:
+                embeddings = load_into(loaded.pipe, _embeddings_of(jobs))  # unloaded after the call
                 for job in jobs:
                     job.sampler = first.sampler  # equal in a batch; build_scheduler may have adjusted its label
                     job.loras = applied
@@ -248,6 +252,7 @@ class ImageEngine:
                     + f", {len(jobs)} image(s): try a smaller size, a smaller hires scale or fewer LoRAs ({error})"
                 ) from error
             finally:
+                unload_from(loaded.pipe, embeddings)
                 loaded.clear_loras()
                 if applied and loaded.qkv_fused:
                     set_qkv_fused(loaded.pipe, True)
@@ -343,8 +348,12 @@ class ImageEngine:
             pipe = loaded.pipeline_for("img2img")
             pipe.scheduler = build_scheduler(first.sampler, dict(loaded.pipe.scheduler.config))
             set_vae_tiling(loaded.pipe, self.speed, first.width, first.height)
-            return self._call_pipeline(pipe, jobs, on_step, image=latents.to(self.device, self.dtype),
-                                       denoising_start=first.refiner.switch_at)  # fmt: skip
+            embeddings = load_into(loaded.pipe, _embeddings_of(jobs))
+            try:
+                return self._call_pipeline(pipe, jobs, on_step, image=latents.to(self.device, self.dtype),
+                                           denoising_start=first.refiner.switch_at)  # fmt: skip
+            finally:
+                unload_from(loaded.pipe, embeddings)
 
     def _vae_for(self, loaded: LoadedModel, job: PreparedJob):
         """The job's chosen VAE, loaded like the model's own (None: the model's own)."""
@@ -359,7 +368,9 @@ class ImageEngine:
             on_step(step_index + 1, pipeline.num_timesteps)
             return callback_kwargs
 
-        prompts, negatives = [job.prompt for job in jobs], [job.negative_prompt for job in jobs]
+        # Embedding names become the tokens they were loaded as; other families' names are dropped.
+        prompts = [rewrite_prompt(job.prompt, job.embeddings, job.foreign_embeddings) for job in jobs]
+        negatives = [rewrite_prompt(job.negative_prompt, job.embeddings, job.foreign_embeddings) for job in jobs]
         # Emphasis, BREAK or more than 75 tokens: A1111's chunked, weighted encoding (pipelines/prompts.py);
         # otherwise diffusers' own, so that a plain prompt gives the pixels it always did.
         own_encoding = any(needs_own_encoding(pipe, text) for text in prompts + negatives)
@@ -413,6 +424,8 @@ class ImageEngine:
             "Clip skip": job.clip_skip if job.clip_skip >= 2 else None,
             "RNG": "CPU",
             "Lora hashes": lora_hashes_value(job.loras),
+            "TI hashes": ", ".join(f"{item.name}: {self.embeddings.short_hash(item)}" for item in job.embeddings)
+            or None,
             "Version": INFOTEXT_VERSION,
         }
         if job.hires is not None:
@@ -422,6 +435,11 @@ class ImageEngine:
             params.update({"Refiner": f"{job.refiner.model.name} [{job.refiner.model_hash}]",
                            "Refiner switch at": job.refiner.switch_at})  # fmt: skip
         return build_infotext(prompt_with_lora_tags(job.prompt, job.loras), job.negative_prompt, params)
+
+
+def _embeddings_of(jobs: list[PreparedJob]) -> list:
+    """The embeddings any job of the batch names, once each."""
+    return list({item.path: item for job in jobs for item in job.embeddings}.values())
 
 
 def _gray_png_base64(width: int, height: int) -> str:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, replace
 from PIL import Image
 
 from pipelines.catalog import ModelCatalog, ModelEntry
+from pipelines.embeddings import EmbeddingFile, EmbeddingLibrary
 from pipelines.errors import (
     InvalidRequestError,
     UnknownModelError,
@@ -68,6 +69,8 @@ class PreparedJob:
     hires: HiresPlan | None = None
     refiner: RefinerPlan | None = None
     vae: VaeFile | None = None  # a chosen VAE; None: the model's own
+    embeddings: list[EmbeddingFile] = field(default_factory=list)  # named in its prompts, of its model's family
+    foreign_embeddings: list[EmbeddingFile] = field(default_factory=list)  # of another family: names removed
     warnings: list[str] = field(default_factory=list)
     job_id: str = ""  # the service's id for the job (logs, progress and hand-offs of a batch)
     image_index: int = 0  # which of its request's images this is (batch_size x n_iter images, seed + index)
@@ -107,6 +110,7 @@ def prepare_job(
     catalog: ModelCatalog | None = None,
     upscalers: UpscalerLibrary | None = None,
     vaes: VaeLibrary | None = None,
+    embeddings: EmbeddingLibrary | None = None,
 ) -> PreparedJob:
     """Validates a request and resolves everything that needs no loaded model: sampler, seed, input image,
     LoRAs (checked against `model`; incompatible ones dropped with a warning), hires fix, refiner and VAE (an
@@ -142,6 +146,10 @@ def prepare_job(
         if vaes is None:
             raise InvalidRequestError("a VAE needs the VAE folder; none is configured here", field="vae")
         job.vae = vaes.resolve(request.vae)
+    if embeddings is not None and model is not None:
+        job.embeddings, job.foreign_embeddings = embeddings.named_in([job.prompt, job.negative_prompt], model.family)
+        job.warnings += [f"embedding '{item.name}' is for {item.family} models, not {model.family}; its name was "
+                         f"removed from the prompt" for item in job.foreign_embeddings]  # fmt: skip
     job.hires = _plan_hires(request, mode, upscalers, job.warnings)
     job.refiner = _plan_refiner(request, mode, model, catalog, job.warnings)
     if job.hires is not None:

@@ -207,6 +207,8 @@ def encode_prompts(pipe, prompts: list[str], negative_prompts: list[str], clip_s
         dtype = encoder.dtype
         per_text = []
         for index, text in enumerate(texts):
+            if hasattr(pipe, "maybe_convert_prompt"):  # a multi-vector embedding's token becomes all its tokens
+                text = pipe.maybe_convert_prompt(text, tokenizer)
             states = []
             for number, chunk in enumerate(tokenize_chunks(tokenizer, parse_emphasis(text))):
                 hidden, chunk_pooled = _encode_chunk(encoder, chunk.tokens, chunk.weights, clip_skip, sdxl)

@@ -251,6 +251,17 @@ class VaesResponse(BaseModel):
     error: str | None = None
 
 
+class EmbeddingInfo(BaseModel):
+    name: str = Field(..., description="the word that calls it in a prompt")
+    family: str = Field(..., description="sd15, sdxl, sd2 or unknown (from the file)")
+
+
+class EmbeddingsResponse(BaseModel):
+    status: Literal["success", "error"] = "success"
+    embeddings: list[EmbeddingInfo]
+    error: str | None = None
+
+
 class ModelAlias(BaseModel):
     name: str
     label: str

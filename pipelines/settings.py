@@ -22,6 +22,7 @@ class Settings(BaseModel):
     loras_dir: Path
     upscalers_dir: Path
     vaes_dir: Path
+    embeddings_dir: Path
     outputs_dir: Path
     cache_dir: Path  # hashes and family detection results, keyed by file mtime
     models_config: Path  # configs/models.yaml: labels, default model
@@ -39,6 +40,7 @@ class Settings(BaseModel):
             loras_dir=_env_path("DIFFUSION_API_LORAS_DIR", sd / "loras"),
             upscalers_dir=_env_path("DIFFUSION_API_UPSCALERS_DIR", sd / "upscalers"),
             vaes_dir=_env_path("DIFFUSION_API_VAES_DIR", sd / "vae"),
+            embeddings_dir=_env_path("DIFFUSION_API_EMBEDDINGS_DIR", sd / "embeddings"),
             outputs_dir=_env_path("DIFFUSION_API_OUTPUTS_DIR", root / "outputs"),
             cache_dir=_env_path("DIFFUSION_API_CACHE_DIR", sd / ".cache"),
             models_config=_env_path("DIFFUSION_API_MODELS_CONFIG", root / "configs" / "models.yaml"),

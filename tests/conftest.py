@@ -6,7 +6,13 @@ from pathlib import Path
 import pytest
 
 from pipelines.catalog import ModelCatalog
-from pipelines.demo import create_demo_loras, create_demo_models, create_demo_upscaler, create_demo_vae
+from pipelines.demo import (
+    create_demo_embeddings,
+    create_demo_loras,
+    create_demo_models,
+    create_demo_upscaler,
+    create_demo_vae,
+)
 from pipelines.settings import PROJECT_ROOT, Settings
 
 
@@ -17,6 +23,7 @@ def demo_root(tmp_path_factory) -> Path:
     create_demo_loras(root / "stable_diffusion" / "loras")
     create_demo_upscaler(root / "stable_diffusion" / "upscalers")
     create_demo_vae(root / "stable_diffusion" / "vae")
+    create_demo_embeddings(root / "stable_diffusion" / "embeddings")
     return root
 
 
@@ -46,6 +53,7 @@ def env_settings(monkeypatch, settings):
     monkeypatch.setenv("DIFFUSION_API_LORAS_DIR", str(settings.loras_dir))
     monkeypatch.setenv("DIFFUSION_API_UPSCALERS_DIR", str(settings.upscalers_dir))
     monkeypatch.setenv("DIFFUSION_API_VAES_DIR", str(settings.vaes_dir))
+    monkeypatch.setenv("DIFFUSION_API_EMBEDDINGS_DIR", str(settings.embeddings_dir))
     monkeypatch.setenv("DIFFUSION_API_CACHE_DIR", str(settings.cache_dir))
     monkeypatch.setenv("DIFFUSION_API_EXTRA_MODELS_DIR", str(settings.extra_models_dir))
     monkeypatch.setenv("DIFFUSION_API_MODELS_CONFIG", str(settings.models_config))

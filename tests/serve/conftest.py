@@ -39,6 +39,7 @@ def patched_production_config(settings, outputs: Path, **arg_overrides) -> dict:
         "models_dir": str(settings.models_dir),
         "loras_dir": str(settings.loras_dir),
         "vaes_dir": str(settings.vaes_dir),
+        "embeddings_dir": str(settings.embeddings_dir),
         "upscalers_dir": str(settings.upscalers_dir),
         "outputs_dir": str(outputs),
         "models_config": str(settings.models_config),

@@ -1,4 +1,4 @@
-"""VAE choice through HTTP: the listing, a job with a VAE, an unknown VAE, and A1111's `sd_vae`."""
+"""VAE choice and textual-inversion embeddings through HTTP: listings, jobs that use them, A1111's `sd_vae`."""
 
 import base64
 import io
@@ -30,3 +30,12 @@ def test_a1111_sd_vae_override(client):
     assert info["sd_vae_name"] == "demo-vae-ft.safetensors" and len(info["sd_vae_hash"]) == 10
     automatic = {**body, "override_settings": {"sd_vae": "Automatic"}}
     assert json.loads(client.post("/sdapi/v1/txt2img", json=automatic).json()["info"])["sd_vae_name"] is None
+
+
+def test_embeddings_are_listed_and_used_by_name(client):
+    listed = client.get("/embeddings").json()["embeddings"]
+    assert {"name": "demo-style", "family": "sd15"} in listed
+    job_id = client.post("/txt2img", json={**FAST, "prompt": "a lighthouse, demo-style"}).json()["job_id"]
+    assert parse_infotext(wait_for_job(client, job_id)["infotext"])["TI hashes"].startswith("demo-style: ")
+    foreign = client.post("/txt2img", json={**FAST, "prompt": "a lighthouse, demo-xl-style"}).json()["job_id"]
+    assert any("demo-xl-style" in warning for warning in wait_for_job(client, foreign)["warnings"])

@@ -173,3 +173,9 @@ def test_vaes_listing_and_txt2img_with_a_vae(env_settings, capsys, tmp_path):
     assert parse_infotext(read_infotext(output.read_bytes()))["VAE"] == "demo-vae-ft.safetensors"
     code, _, err = run_cli(capsys, "txt2img", "--prompt", "a fox", "--vae", "nope", "--output", str(output))
     assert code != 0 and "unknown vae 'nope'" in err
+
+
+def test_embeddings_listing(env_settings, capsys):
+    code, out, _ = run_cli(capsys, "embeddings")
+    assert code == 0
+    assert [line.split() for line in out.splitlines()[1:]] == [["demo-style", "sd15"], ["demo-xl-style", "sdxl"]]

@@ -1,0 +1,62 @@
+"""Textual-inversion embeddings (pipelines/embeddings.py) on the demo models: files, family, pixels, infotext."""
+
+import numpy as np
+
+from pipelines.embeddings import EmbeddingLibrary, read_vectors
+from pipelines.infotext import parse_infotext
+from pipelines.schemas import Txt2ImgRequest
+
+BASE = {"steps": 4, "width": 64, "height": 64, "seed": 17}
+
+
+def pixels(result) -> np.ndarray:
+    return np.asarray(result.image).astype(np.int16)
+
+
+def test_the_library_reads_both_formats_and_their_families(settings):
+    found = {item.name: item for item in EmbeddingLibrary(settings).available()}
+    assert {name: item.family for name, item in found.items()} == {"demo-style": "sd15", "demo-xl-style": "sdxl"}
+    assert read_vectors(found["demo-style"].path)["clip_l"].shape[0] == 2  # two vectors, A1111's .pt layout
+    assert set(read_vectors(found["demo-xl-style"].path)) == {"clip_l", "clip_g"}
+
+
+def test_an_embedding_named_in_a_prompt_changes_the_image_and_is_unloaded_after(engine):
+    plain = engine.txt2img(Txt2ImgRequest(prompt="a fox in the snow", **BASE))
+    styled = engine.txt2img(Txt2ImgRequest(prompt="a fox in the snow, Demo-Style", **BASE))
+    negative = engine.txt2img(Txt2ImgRequest(prompt="a fox in the snow", negative_prompt="demo-style", **BASE))
+    after = engine.txt2img(Txt2ImgRequest(prompt="a fox in the snow", **BASE))
+    assert not np.array_equal(pixels(plain), pixels(styled))
+    assert not np.array_equal(pixels(plain), pixels(negative))
+    assert np.array_equal(pixels(plain), pixels(after))
+    assert engine.load("Demo SD1.5").pipe.tokenizer.added_tokens_encoder.keys().isdisjoint({"<ti-demo-style>"})
+    params = parse_infotext(styled.infotext)
+    assert params["TI hashes"].startswith("demo-style: ") and len(params["TI hashes"].split(": ")[1]) == 12
+    assert params["Prompt"] == "a fox in the snow, Demo-Style"  # as written
+
+
+def test_weighted_embeddings_and_sdxl_files(engine):
+    styled = engine.txt2img(Txt2ImgRequest(prompt="a fox, demo-style", **BASE))
+    stronger = engine.txt2img(Txt2ImgRequest(prompt="a fox, (demo-style:1.4)", **BASE))
+    assert not np.array_equal(pixels(styled), pixels(stronger))
+    plain_xl = engine.txt2img(Txt2ImgRequest(prompt="a fox", model="Demo SDXL", **BASE))
+    styled_xl = engine.txt2img(Txt2ImgRequest(prompt="a fox demo-xl-style", model="Demo SDXL", **BASE))
+    assert not np.array_equal(pixels(plain_xl), pixels(styled_xl))
+    assert "demo-xl-style: " in parse_infotext(styled_xl.infotext)["TI hashes"]
+
+
+def test_an_embedding_of_the_other_family_is_skipped_with_a_warning_not_read_as_text(engine):
+    result = engine.txt2img(Txt2ImgRequest(prompt="a fox demo-xl-style", **BASE))
+    without = engine.txt2img(Txt2ImgRequest(prompt="a fox", **BASE))
+    assert any("'demo-xl-style' is for sdxl models" in warning for warning in result.warnings)
+    assert np.array_equal(pixels(result), pixels(without))  # the name is removed, not encoded as words
+    assert "TI hashes" not in parse_infotext(result.infotext)
+
+
+def test_a_batch_mate_that_names_no_embedding_keeps_its_pixels(engine):
+    loaded = engine.load("Demo SD1.5")
+    jobs = [engine.prepare(Txt2ImgRequest(prompt="a fox, demo-style", **BASE), loaded.entry),
+            engine.prepare(Txt2ImgRequest(prompt="a harbour", **{**BASE, "seed": 5}), loaded.entry)]  # fmt: skip
+    batched = engine.run(loaded, jobs)
+    alone = engine.txt2img(Txt2ImgRequest(prompt="a harbour", **{**BASE, "seed": 5}))
+    assert np.abs(pixels(batched[1]) - pixels(alone)).max() <= 2
+    assert "TI hashes" not in parse_infotext(batched[1].infotext)
