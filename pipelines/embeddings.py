@@ -8,6 +8,7 @@ loader, and unloads them after the call, so an embedding's name never changes an
 of an installed embedding of another family is removed from the prompt with a warning (never read as text).
 """
 
+import logging
 import re
 import threading
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from pipelines.names import scan_named_files
 from pipelines.settings import Settings
 
 EMBEDDING_SUFFIXES = (".pt", ".safetensors", ".bin")
+logger = logging.getLogger(__name__)
 SD2_WIDTH = 1024  # OpenCLIP-H: SD 2.x, which this service does not run
 
 
@@ -53,7 +55,7 @@ def read_vectors(path: Path) -> dict[str, torch.Tensor]:
 def _family(path: Path) -> str:
     try:
         vectors = read_vectors(path)
-    except (OSError, ValueError, RuntimeError, KeyError):
+    except Exception:  # any unreadable file (truncated, pickled classes, not an embedding) is listed as unknown
         return "unknown"
     if "clip_g" in vectors:
         return "sdxl"
@@ -71,9 +73,16 @@ class EmbeddingLibrary:
         self._lock = threading.Lock()
 
     def available(self) -> list[EmbeddingFile]:
-        files = scan_named_files(self.folder, EMBEDDING_SUFFIXES, self.allow_external_links)
-        return [EmbeddingFile(Path(name).name, path, self.facts.get(path, "embedding_family", _family))
-                for name, path in files]  # fmt: skip
+        """The embeddings, one per name (a prompt word calls one file: a second file with the same name, in
+        another format or subfolder, is skipped with a log line)."""
+        found: dict[str, EmbeddingFile] = {}
+        for name, path in scan_named_files(self.folder, EMBEDDING_SUFFIXES, self.allow_external_links):
+            word = Path(name).name
+            if word.lower() in found:
+                logger.warning("embedding %s skipped: %s has the same name", path, found[word.lower()].path)
+                continue
+            found[word.lower()] = EmbeddingFile(word, path, self.facts.get(path, "embedding_family", _family))
+        return list(found.values())
 
     def short_hash(self, embedding: EmbeddingFile) -> str:
         """A1111's `TI hashes` value for it: the first 12 hex digits of the file's sha256."""
@@ -109,32 +118,40 @@ def rewrite_prompt(text: str, usable: list[EmbeddingFile], foreign: list[Embeddi
     return text
 
 
-def load_into(pipe, embeddings: list[EmbeddingFile]) -> list[tuple]:
-    """Loads the embeddings into the pipeline's tokenizers and text encoders; returns what to unload (all of
-    it is unloaded again when one fails to load)."""
+def load_into(pipe, embeddings: list[EmbeddingFile]) -> tuple[list[tuple], dict[str, str]]:
+    """Loads the embeddings into the pipeline's tokenizers and text encoders. Returns what to unload, and the
+    embeddings that could not be loaded (unreadable, or vectors of another width than the text encoder's) with
+    the reason: their jobs go on without them."""
     loaded: list[tuple] = []
-    try:
-        _load_each(pipe, embeddings, loaded)
-    except Exception:
-        unload_from(pipe, loaded)
-        raise
-    return loaded
-
-
-def _load_each(pipe, embeddings: list[EmbeddingFile], loaded: list[tuple]) -> None:
+    skipped: dict[str, str] = {}
     for embedding in embeddings:
-        vectors = read_vectors(embedding.path)
-        for key, tokenizer_name, encoder_name in (("clip_l", "tokenizer", "text_encoder"),
-                                                  ("clip_g", "tokenizer_2", "text_encoder_2")):  # fmt: skip
-            tokenizer, encoder = getattr(pipe, tokenizer_name, None), getattr(pipe, encoder_name, None)
-            if key not in vectors or tokenizer is None or encoder is None:
-                continue
-            tensor = vectors[key].reshape(-1, vectors[key].shape[-1])
+        try:
+            vectors = read_vectors(embedding.path)
+            plan = []
+            for key, tokenizer_name, encoder_name in (("clip_l", "tokenizer", "text_encoder"),
+                                                      ("clip_g", "tokenizer_2", "text_encoder_2")):  # fmt: skip
+                tokenizer, encoder = getattr(pipe, tokenizer_name, None), getattr(pipe, encoder_name, None)
+                if key not in vectors or tokenizer is None or encoder is None:
+                    continue
+                tensor = vectors[key].reshape(-1, vectors[key].shape[-1])
+                width = encoder.get_input_embeddings().embedding_dim
+                if tensor.shape[-1] != width:
+                    raise ValueError(f"its vectors are {tensor.shape[-1]} wide; this model's text encoder's {width}")
+                plan.append((tensor, tokenizer, encoder))
+        except Exception as error:  # a user's file: any failure skips it, with the reason
+            skipped[embedding.name] = str(error)[:200]
+            continue
+        for tensor, tokenizer, encoder in plan:
             pipe.load_textual_inversion(tensor, token=token_of(embedding), tokenizer=tokenizer, text_encoder=encoder)
             loaded.append((token_of(embedding), tokenizer, encoder, len(tensor)))
+    return loaded, skipped
 
 
 def unload_from(pipe, loaded: list[tuple]) -> None:
+    """Removes the loaded tokens and vectors again; each one on its own, so one failure leaves no other behind."""
     for token, tokenizer, encoder, count in loaded:
         tokens = [token] + [f"{token}_{index}" for index in range(1, count)]
-        pipe.unload_textual_inversion(tokens=tokens, tokenizer=tokenizer, text_encoder=encoder)
+        try:
+            pipe.unload_textual_inversion(tokens=tokens, tokenizer=tokenizer, text_encoder=encoder)
+        except Exception:
+            logger.exception("unloading embedding token %s failed", token)

@@ -230,7 +230,7 @@ class ImageEngine:
             clip_warnings = _fit_clip_skip(pipe, jobs)
             embeddings: list[tuple] = []
             try:
-                embeddings = load_into(loaded.pipe, _embeddings_of(jobs))  # unloaded after the call
+                embeddings = _load_embeddings(loaded.pipe, jobs)  # unloaded after the call
                 for job in jobs:
                     job.sampler = first.sampler  # equal in a batch; build_scheduler may have adjusted its label
                     job.loras = applied
@@ -252,7 +252,7 @@ class ImageEngine:
                     + f", {len(jobs)} image(s): try a smaller size, a smaller hires scale or fewer LoRAs ({error})"
                 ) from error
             finally:
-                unload_from(loaded.pipe, embeddings)
+                unload_from(loaded.pipe, embeddings)  # logs its own failures: the LoRAs below are cleared anyway
                 loaded.clear_loras()
                 if applied and loaded.qkv_fused:
                     set_qkv_fused(loaded.pipe, True)
@@ -348,7 +348,7 @@ class ImageEngine:
             pipe = loaded.pipeline_for("img2img")
             pipe.scheduler = build_scheduler(first.sampler, dict(loaded.pipe.scheduler.config))
             set_vae_tiling(loaded.pipe, self.speed, first.width, first.height)
-            embeddings = load_into(loaded.pipe, _embeddings_of(jobs))
+            embeddings = _load_embeddings(loaded.pipe, jobs)
             try:
                 return self._call_pipeline(pipe, jobs, on_step, image=latents.to(self.device, self.dtype),
                                            denoising_start=first.refiner.switch_at)  # fmt: skip
@@ -437,9 +437,17 @@ class ImageEngine:
         return build_infotext(prompt_with_lora_tags(job.prompt, job.loras), job.negative_prompt, params)
 
 
-def _embeddings_of(jobs: list[PreparedJob]) -> list:
-    """The embeddings any job of the batch names, once each."""
-    return list({item.path: item for job in jobs for item in job.embeddings}.values())
+def _load_embeddings(pipe, jobs: list[PreparedJob]) -> list[tuple]:
+    """Loads the embeddings any job of the batch names (once each); one that cannot be loaded into this model
+    is dropped from its jobs' prompts with a warning, and they go on. Returns what to unload after the call."""
+    wanted = list({item.path: item for job in jobs for item in job.embeddings}.values())
+    loaded, skipped = load_into(pipe, wanted)
+    for job in jobs:
+        for item in [item for item in job.embeddings if item.name in skipped]:
+            job.embeddings.remove(item)
+            job.foreign_embeddings.append(item)
+            job.warnings.append(f"embedding '{item.name}' was skipped: {skipped[item.name]}")
+    return loaded
 
 
 def _gray_png_base64(width: int, height: int) -> str:

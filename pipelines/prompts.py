@@ -25,7 +25,7 @@ CHUNK_TOKENS = 75  # tokens per chunk, between its BOS and EOS
 COMMA_BACKTRACK = 20  # a full chunk is cut after a comma among its last this many tokens (A1111's default)
 ROUND_FACTOR = 1.1
 BREAK = "BREAK"
-_BREAK_MARK = -1.0  # the weight that marks a BREAK between spans
+_BREAK_MARK = -1.0  # a BREAK span's weight (as A1111 writes it); `Span.is_break` is what marks it
 _BREAK_SPLIT = re.compile(r"\s*\bBREAK\b\s*", re.S)
 # The pieces of the syntax: an escaped character, a lone backslash, an opening bracket, `:weight)` closing a
 # round bracket, a closing bracket, a run of plain text, a lone colon.
@@ -36,10 +36,7 @@ _PIECE = re.compile(r"\\[()\[\]\\]|\\|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|]|[^\\()\[
 class Span:
     text: str
     weight: float
-
-    @property
-    def is_break(self) -> bool:
-        return self.weight == _BREAK_MARK
+    is_break: bool = False  # a BREAK between spans (its own flag: a weight of -1 is a weight like any other)
 
 
 def parse_emphasis(prompt: str) -> list[Span]:
@@ -70,7 +67,7 @@ def parse_emphasis(prompt: str) -> list[Span]:
         else:
             for index, part in enumerate(_BREAK_SPLIT.split(piece)):
                 if index:
-                    spans.append(Span(BREAK, _BREAK_MARK))
+                    spans.append(Span(BREAK, _BREAK_MARK, is_break=True))
                 spans.append(Span(part, 1.0))
     for start in open_round:  # still open at the end: they apply to the rest of the prompt
         scale_from(start, ROUND_FACTOR)
@@ -78,7 +75,7 @@ def parse_emphasis(prompt: str) -> list[Span]:
         scale_from(start, 1 / ROUND_FACTOR)
     merged: list[Span] = []
     for span in spans:
-        if merged and span.weight == merged[-1].weight and not span.is_break:
+        if merged and span.weight == merged[-1].weight and not span.is_break and not merged[-1].is_break:
             merged[-1].text += span.text
         else:
             merged.append(span)
@@ -151,7 +148,10 @@ def needs_own_encoding(pipe, prompt: str) -> bool:
     if any(span.is_break or span.weight != 1.0 for span in spans):
         return True
     tokenizer = pipe.tokenizer or pipe.tokenizer_2
-    return len(tokenizer(plain_text(spans), add_special_tokens=False, truncation=False).input_ids) > CHUNK_TOKENS
+    text = plain_text(spans)
+    if hasattr(pipe, "maybe_convert_prompt"):  # a loaded multi-vector embedding counts all its tokens
+        text = pipe.maybe_convert_prompt(text, tokenizer)
+    return len(tokenizer(text, add_special_tokens=False, truncation=False).input_ids) > CHUNK_TOKENS
 
 
 def without_emphasis(prompt: str) -> str:

@@ -99,7 +99,7 @@ class VaeLibrary:
                 return self._loaded[key]
             try:
                 loaded = self._read(vae, like)
-            except (OSError, RuntimeError, KeyError, ValueError) as error:
+            except Exception as error:  # a user's file: unreadable, pickled classes, another layout
                 raise ModelLoadError(f"could not load VAE '{vae.name}': {error}", field="vae") from error
             loaded = loaded.to(device=like.device, dtype=like.dtype).eval()
             while len(self._loaded) >= self.max_loaded:

@@ -60,3 +60,28 @@ def test_a_batch_mate_that_names_no_embedding_keeps_its_pixels(engine):
     alone = engine.txt2img(Txt2ImgRequest(prompt="a harbour", **{**BASE, "seed": 5}))
     assert np.abs(pixels(batched[1]) - pixels(alone)).max() <= 2
     assert "TI hashes" not in parse_infotext(batched[1].infotext)
+
+
+def test_an_embedding_of_another_width_is_skipped_with_its_reason(engine, settings, tmp_path):
+    import torch
+
+    from pipelines.catalog import ModelCatalog
+    from pipelines.generate import ImageEngine
+
+    torch.save({"string_to_param": {"*": torch.ones(1, 768)}}, tmp_path / "wide.pt")
+    (tmp_path / "broken.safetensors").write_bytes(b"not a file")
+    other = ImageEngine(ModelCatalog(settings.model_copy(update={"embeddings_dir": tmp_path})), device="cpu")
+    assert {item.name: item.family for item in other.embeddings.available()} == {"broken": "unknown", "wide": "sd15"}
+    result = other.txt2img(Txt2ImgRequest(prompt="a fox wide", **BASE))
+    plain = other.txt2img(Txt2ImgRequest(prompt="a fox", **BASE))
+    assert any("'wide' was skipped: its vectors are 768 wide" in warning for warning in result.warnings)
+    assert np.array_equal(pixels(result), pixels(plain))  # the name was dropped, not read as a word
+    assert "TI hashes" not in parse_infotext(result.infotext)
+
+
+def test_a_weight_of_minus_one_is_a_weight_not_a_break():
+    from pipelines.prompts import parse_emphasis
+
+    spans = parse_emphasis("a (cat:-1) BREAK b")
+    expected = [("a ", 1.0, False), ("cat", -1.0, False), ("", 1.0, False), ("BREAK", -1.0, True), ("b", 1.0, False)]
+    assert [(span.text, span.weight, span.is_break) for span in spans] == expected
