@@ -35,7 +35,7 @@ from pipelines.loras import PROMPT_LORA_TAG, LoraLibrary
 from pipelines.samplers import SAMPLERS, SCHEDULES, resolve_sampler
 from pipelines.schemas import Img2ImgRequest, Txt2ImgRequest
 from pipelines.settings import VERSION
-from pipelines.upscalers import LATENT_MODES, RESIZE_MODES, UpscalerLibrary, canonical_resize_name
+from pipelines.upscalers import LATENT_MODES, RESIZE_MODES, UpscalerLibrary
 
 Kind = Literal["txt2img", "img2img"]
 
@@ -475,7 +475,3 @@ def extras_size(image: Image.Image, resize_mode: int, scale: float, width: int, 
     if scale <= 0:
         raise InvalidRequestError("upscaling_resize must be above 0", field="upscaling_resize")
     return max(1, round(image.width * scale)), max(1, round(image.height * scale))
-
-
-def is_plain_resize(name: str) -> bool:
-    return name.strip().lower() == "none" or canonical_resize_name(name) is not None
