@@ -38,11 +38,13 @@ ERROR_HEADERS: dict[int, dict[str, Any]] = {
 }
 
 
-def documented_errors(*status_codes: int) -> dict[int | str, dict[str, Any]]:
+def documented_errors(
+    *status_codes: int, model: type = ErrorResponse, descriptions: dict[int, str] = ERROR_DESCRIPTIONS
+) -> dict[int | str, dict[str, Any]]:
     """The `responses` of a route: each status code with the error model, its description and headers."""
     responses: dict[int | str, dict[str, Any]] = {}
     for code in status_codes:
-        responses[code] = {"model": ErrorResponse, "description": ERROR_DESCRIPTIONS[code]}
+        responses[code] = {"model": model, "description": descriptions[code]}
         if code in ERROR_HEADERS:
             responses[code]["headers"] = ERROR_HEADERS[code]
     return responses
@@ -62,12 +64,7 @@ A1111_ERROR_DESCRIPTIONS = {
 
 def documented_a1111_errors(*status_codes: int) -> dict[int | str, dict[str, Any]]:
     """`responses` of an A1111-API route: A1111's error body `{error, detail, body, errors}`."""
-    responses: dict[int | str, dict[str, Any]] = {}
-    for code in status_codes:
-        responses[code] = {"model": A1111Error, "description": A1111_ERROR_DESCRIPTIONS[code]}
-        if code in ERROR_HEADERS:
-            responses[code]["headers"] = ERROR_HEADERS[code]
-    return responses
+    return documented_errors(*status_codes, model=A1111Error, descriptions=A1111_ERROR_DESCRIPTIONS)
 
 
 def documented_methods(app: FastAPI, path: str) -> list[str]:
