@@ -41,7 +41,7 @@ from pipelines.a1111_schemas import (
     SdVae,
     Upscaler,
 )
-from pipelines.errors import InvalidRequestError, UnknownModelError
+from pipelines.errors import DiffusionAPIError, InvalidRequestError, UnknownModelError
 from pipelines.images import decode_base64_bytes, decode_base64_image, encode_base64
 from pipelines.infotext import encode_image, read_infotext
 from pipelines.limits import LIMITS
@@ -89,10 +89,17 @@ class A1111Routes:
                                   error="Interrupted")  # fmt: skip
         result = image_fields(job["result"] or {})
         images = result.get("images") or []
-        info = a1111.generation_info(request, job, result, list(job["warnings"]))
+        info = a1111.generation_info(request, job, result, list(job["warnings"]), self._is_inpainting(job))
         send = request.send_images is not False
         return GenerationResponse(images=images if send else [], parameters=a1111.parameters_echo(request),
                                   info=a1111.json_info(info))  # fmt: skip
+
+    def _is_inpainting(self, job: dict) -> bool:
+        """Whether the job's model is an inpainting checkpoint (A1111's `is_using_inpainting_conditioning`)."""
+        try:
+            return self.catalog.resolve(job["payload"].get("model")).inpainting
+        except DiffusionAPIError:  # uninstalled since
+            return False
 
     async def _ended_job(self, job_id: str) -> dict | None:
         """The job's record once it has ended. The task this replica started usually ends it (shielded: a

@@ -253,7 +253,9 @@ class Ingress(A1111Routes):
     @app.get("/models", response_model=ModelsResponse, responses=documented_errors(401, 503))
     async def models(self) -> ModelsResponse:
         entries = await asyncio.to_thread(self.catalog.list_models)
-        return ModelsResponse(models=[ModelInfo(name=e.name, label=e.label, family=e.family) for e in entries])
+        return ModelsResponse(
+            models=[ModelInfo(name=e.name, label=e.label, family=e.family, inpainting=e.inpainting) for e in entries]
+        )
 
     @app.get("/models/aliases", response_model=ModelAliasesResponse, responses=documented_errors(401, 503))
     async def model_aliases(self) -> ModelAliasesResponse:

@@ -53,8 +53,7 @@ KNOWN_A1111_FIELDS = frozenset(
         "s_min_uncond", "s_churn", "s_tmax", "s_tmin", "s_noise", "override_settings_restore_afterwards",
         "disable_extra_networks", "comments", "firstpass_image", "firstphase_width", "firstphase_height",
         "script_args", "infotext", "force_task_id", "hr_additional_modules", "sampler_index", "image_cfg_scale",
-        "mask_blur", "mask_blur_x", "mask_blur_y", "mask_round", "inpainting_fill", "inpaint_full_res",
-        "inpaint_full_res_padding", "inpainting_mask_invert", "initial_noise_multiplier", "latent_mask", "user",
+        "mask_round", "initial_noise_multiplier", "latent_mask", "user",
     ]
 )  # fmt: skip
 # Where a native field came from, for error messages that name the field the client sent.
@@ -113,14 +112,12 @@ def _unsupported_warnings(request: A1111GenerationRequest, kind: Kind) -> list[s
             bool(request.hr_negative_prompt) and request.hr_negative_prompt != request.negative_prompt
         )
     if isinstance(request, A1111Img2ImgRequest):
-        asked["mask"] = _is_set(request.mask)
         asked["resize_mode"] = bool(request.resize_mode)
         asked["init_images[1:]"] = len(request.init_images or []) > 1
     names = [name for name, on in asked.items() if on]
     if not names:
         return []
-    return [f"not supported here, ignored: {', '.join(names)}" + (
-        " (inpainting: the whole image was repainted)" if "mask" in names else "")]  # fmt: skip
+    return [f"not supported here, ignored: {', '.join(names)}"]
 
 
 def unknown_a1111_fields(request: A1111GenerationRequest) -> list[str]:
@@ -211,11 +208,31 @@ def to_native(
             raise InvalidRequestError("init_images: img2img needs at least one input image", field="init_images")
         native["image"] = request.init_images[0]
         native["denoising_strength"] = request.denoising_strength if request.denoising_strength is not None else 0.75
+        if _is_set(request.mask):
+            native.update(_inpainting(request, warnings))
     model = Img2ImgRequest if kind == "img2img" else Txt2ImgRequest
     try:
         return MappedRequest(kind, model.model_validate(native), warnings)
     except ValidationError as error:
         raise InvalidRequestError(_validation_message(error), field=None) from None
+
+
+def _inpainting(request: A1111Img2ImgRequest, warnings: list[str]) -> dict:
+    """A1111's mask fields as native ones, with A1111's API defaults (`mask_blur` sets both directions)."""
+    default = lambda value, fallback: fallback if value is None else value  # noqa: E731
+    blur_x = default(request.mask_blur, default(request.mask_blur_x, 4))
+    blur_y = default(request.mask_blur, default(request.mask_blur_y, 4))
+    if blur_x != blur_y:
+        warnings.append(f"mask_blur_x {blur_x} and mask_blur_y {blur_y} differ; the mask was blurred by "
+                        f"{max(blur_x, blur_y)} px in both directions")  # fmt: skip
+    return {
+        "mask": request.mask,
+        "mask_blur": max(blur_x, blur_y),
+        "inpainting_fill": default(request.inpainting_fill, 0),
+        "inpaint_full_res": default(request.inpaint_full_res, True),
+        "inpaint_full_res_padding": default(request.inpaint_full_res_padding, 0),
+        "inpainting_mask_invert": bool(request.inpainting_mask_invert),
+    }
 
 
 def _hires(request: A1111Txt2ImgRequest, width: int, height: int, steps: int, warnings: list[str]) -> dict:
@@ -263,9 +280,11 @@ def parameters_echo(request: A1111GenerationRequest) -> dict:
     return echo
 
 
-def generation_info(request: A1111GenerationRequest, job: dict, result: dict, warnings: list[str]) -> dict:
+def generation_info(
+    request: A1111GenerationRequest, job: dict, result: dict, warnings: list[str], inpainting_model: bool = False
+) -> dict:
     """A1111's `info` (`Processed.js()`) for a finished job, read from its record and first infotext, plus
-    this service's `job_id` and `warnings`."""
+    this service's `job_id` and `warnings`. `inpainting_model`: the job ran on an inpainting checkpoint."""
     infotexts: list[str] = result.get("infotexts") or []
     seeds: list[int] = result.get("seeds") or []
     params = parse_infotext(infotexts[0]) if infotexts else {}
@@ -273,7 +292,8 @@ def generation_info(request: A1111GenerationRequest, job: dict, result: dict, wa
     native = job["payload"]
     subseed = request.subseed if request.subseed is not None and request.subseed >= 0 else seeds[0] if seeds else -1
     extra_keys = ("Schedule type", "Hires upscale", "Hires steps", "Hires upscaler", "Lora hashes", "Refiner",
-                  "Refiner switch at")  # fmt: skip
+                  "Refiner switch at", "Mask blur", "Inpaint area", "Masked area padding",
+                  "Masked content")  # fmt: skip
     denoising = params.get("Denoising strength")
     return {
         "prompt": request.prompt or "",
@@ -306,7 +326,7 @@ def generation_info(request: A1111GenerationRequest, job: dict, result: dict, wa
         "styles": [],
         "job_timestamp": datetime.datetime.fromtimestamp(job["created"]).strftime("%Y%m%d%H%M%S"),
         "clip_skip": int(params.get("Clip skip", 1)),
-        "is_using_inpainting_conditioning": False,
+        "is_using_inpainting_conditioning": inpainting_model,
         "version": VERSION,
         "job_id": job["job_id"],
         "warnings": warnings,

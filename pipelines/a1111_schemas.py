@@ -95,6 +95,13 @@ class A1111Img2ImgRequest(A1111GenerationRequest):
     )
     resize_mode: LaxInt = 0
     mask: Text = None
+    mask_blur: LaxInt = None  # both directions; else mask_blur_x / mask_blur_y
+    mask_blur_x: LaxInt = 4
+    mask_blur_y: LaxInt = 4
+    inpainting_fill: LaxInt = 0  # A1111's API defaults differ from its UI's: fill, "Only masked", no padding
+    inpaint_full_res: Flag = True
+    inpaint_full_res_padding: LaxInt = 0
+    inpainting_mask_invert: LaxInt = 0
     include_init_images: Flag = False
 
 

@@ -12,7 +12,7 @@ import json
 import logging
 import re
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -51,6 +51,7 @@ class ModelEntry:
     format: ModelFormat
     path: Path  # the diffusers folder (the snapshot folder for HF cache) or the checkpoint file
     config_dir: Path | None = None  # single files: local diffusers configs, when present
+    inpainting: bool = False  # a 9-channel UNet (image + mask conditioning): an inpainting checkpoint
 
     @property
     def hash_file(self) -> Path:
@@ -141,6 +142,28 @@ def family_of_checkpoint_keys(keys: list[str]) -> Family:
     raise UnsupportedModelError("unknown text encoder layout")
 
 
+UNET_INPUT_KEY = "model.diffusion_model.input_blocks.0.0.weight"
+INPAINTING_CHANNELS = 9  # 4 latent + 1 mask + 4 masked-image latent channels
+
+
+def unet_input_channels_of_checkpoint(path: Path) -> int:
+    """The UNet's input channels in an original-layout checkpoint (9 for inpainting checkpoints)."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            return int(handle.get_slice(UNET_INPUT_KEY).get_shape()[1]) if UNET_INPUT_KEY in handle.keys() else 4  # noqa: SIM118
+    import torch
+
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    state = state.get("state_dict", state)
+    return int(state[UNET_INPUT_KEY].shape[1]) if UNET_INPUT_KEY in state else 4
+
+
+def unet_input_channels_of_folder(folder: Path) -> int:
+    return int(json.loads((folder / "unet" / "config.json").read_text()).get("in_channels", 4))
+
+
 def family_of_diffusers_folder(folder: Path) -> Family:
     """The family of a diffusers folder, from `model_index.json` and the UNet config."""
     index = json.loads((folder / "model_index.json").read_text())
@@ -198,22 +221,22 @@ class ModelCatalog:
         dirs = [self.settings.models_dir, self.settings.extra_models_dir]
         return [d for d in dict.fromkeys(dirs) if d.is_dir()]
 
-    def _scan_one(self, path: Path) -> tuple[str, ModelFormat, Path, Family, Path | None] | None:
-        if path.is_dir() and path.name.startswith("models--"):
-            snapshot = _hf_snapshot(path)
-            if snapshot is None:
-                return None
-            family = self.facts.get(
-                snapshot / "model_index.json", "family", lambda _: family_of_diffusers_folder(snapshot)
-            )
-            return path.name, "hf-cache", snapshot, family, None
-        if path.is_dir() and (path / "model_index.json").exists():
-            family = self.facts.get(path / "model_index.json", "family", lambda _: family_of_diffusers_folder(path))
-            return path.name, "diffusers", path, family, None
+    def _scan_one(self, path: Path) -> ModelEntry | None:
+        """The model at `path` (named as found; the label is set by the caller), or None if it is none."""
+        folder = _hf_snapshot(path) if path.is_dir() and path.name.startswith("models--") else path
+        if folder is not None and folder.is_dir() and (folder / "model_index.json").exists():
+            unet_config = folder / "unet" / "config.json"
+            family = self.facts.get(unet_config, "family", lambda _: family_of_diffusers_folder(folder))
+            channels = self.facts.get(unet_config, "unet_in_channels", lambda _: unet_input_channels_of_folder(folder))
+            model_format: ModelFormat = "hf-cache" if folder != path else "diffusers"
+            return ModelEntry(path.name, path.name, family, model_format, folder,
+                              inpainting=channels == INPAINTING_CHANNELS)  # fmt: skip
         if path.is_file() and path.suffix.lower() in SINGLE_FILE_SUFFIXES:
             family = self.facts.get(path, "family", lambda p: family_of_checkpoint_keys(_checkpoint_keys(p)))
+            channels = self.facts.get(path, "unet_in_channels", unet_input_channels_of_checkpoint)
             config_dir = path.parent / ".configs" / path.stem
-            return path.stem, "single-file", path, family, config_dir if config_dir.is_dir() else None
+            return ModelEntry(path.stem, path.stem, family, "single-file", path,
+                              config_dir if config_dir.is_dir() else None, channels == INPAINTING_CHANNELS)  # fmt: skip
         return None
 
     def list_models(self) -> list[ModelEntry]:
@@ -241,12 +264,10 @@ class ModelCatalog:
                     continue
                 if found is None:
                     continue
-                name, model_format, model_path, family, config_dir = found
-                if name in entries:
-                    logger.warning("ignoring %s: a model named %r was found first", path, name)
+                if found.name in entries:
+                    logger.warning("ignoring %s: a model named %r was found first", path, found.name)
                     continue
-                label = labels_by_name.get(name, name)
-                entries[name] = ModelEntry(name, label, family, model_format, model_path, config_dir)
+                entries[found.name] = replace(found, label=labels_by_name.get(found.name, found.name))
         return sorted(entries.values(), key=lambda e: e.name.lower())
 
     def aliases(self) -> list[tuple[str, str]]:

@@ -12,6 +12,8 @@ from pydantic import ValidationError
 
 from pipelines.errors import DiffusionAPIError
 
+# `img2img --masked-content`: A1111's "Masked content" names -> `inpainting_fill`
+MASKED_CONTENT_CHOICES = {"fill": 0, "original": 1, "latent-noise": 2, "latent-nothing": 3}
 OUTPUT_TYPES = {".png": "png", ".jpg": "jpg", ".jpeg": "jpg", ".webp": "webp", ".avif": "avif", ".gif": "gif"}
 # request field -> command-line flag, for error messages
 FLAGS = {
@@ -179,7 +181,8 @@ def cmd_models(args) -> None:
     name_width = max(len(m.name) for m in models)
     print(f"{'LABEL':<{width}}  {'NAME':<{name_width}}  FAMILY")
     for model in models:
-        print(f"{model.label:<{width}}  {model.name:<{name_width}}  {model.family}")
+        print(f"{model.label:<{width}}  {model.name:<{name_width}}  {model.family}"
+              + ("  (inpainting)" if model.inpainting else ""))  # fmt: skip
 
 
 def _output_type(path: str) -> str:
@@ -229,6 +232,14 @@ def _generate(args, mode: str) -> None:
             raise CliError(f"argument --image: cannot read {args.image!r}: {error.strerror}") from error
         if args.denoising_strength is not None:
             fields["denoising_strength"] = args.denoising_strength
+        if args.mask:
+            try:
+                fields["mask"] = encode_base64(Path(args.mask).read_bytes())
+            except OSError as error:
+                raise CliError(f"argument --mask: cannot read {args.mask!r}: {error.strerror}") from error
+            fields.update(mask_blur=args.mask_blur, inpainting_fill=MASKED_CONTENT_CHOICES[args.masked_content],
+                          inpainting_mask_invert=args.invert_mask, inpaint_full_res=args.only_masked,
+                          inpaint_full_res_padding=args.padding)  # fmt: skip
         request = Img2ImgRequest(**fields)
     else:
         request = Txt2ImgRequest(**fields)
@@ -342,6 +353,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_flags(img2img)
     img2img.add_argument("--image", required=True, help="input image file")
     img2img.add_argument("--denoising-strength", type=float)
+    img2img.add_argument("--mask", help="inpainting: mask image file (white = repaint)")
+    img2img.add_argument("--mask-blur", type=int, default=4, help="mask edge blur in px (default 4)")
+    img2img.add_argument("--masked-content", choices=list(MASKED_CONTENT_CHOICES), default="original",
+                         help="what the masked area starts from (default original)")  # fmt: skip
+    img2img.add_argument("--invert-mask", action="store_true", help="repaint the black part of the mask")
+    img2img.add_argument(
+        "--only-masked",
+        action="store_true",
+        help="repaint only the masked region (plus --padding) at the full size, then paste it back",
+    )
+    img2img.add_argument("--padding", type=int, default=32, help="--only-masked: px around the mask (default 32)")
     img2img.set_defaults(handler=lambda args: _generate(args, "img2img"))
 
     infotext = commands.add_parser("infotext", help="print the A1111 parameters embedded in an image")

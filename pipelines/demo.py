@@ -29,6 +29,7 @@ SD15_SINGLE_FILE = "demo-sd15-single.safetensors"
 SDXL_REPO_ID = "demo/tiny-sdxl-base"
 SDXL_CACHE_FOLDER = "models--demo--tiny-sdxl-base"
 REFINER_FOLDER = "demo-sdxl-refiner"
+SD15_INPAINTING_FILE = "demo-sd15-inpainting.safetensors"  # 9-channel UNet, A1111's single-file layout
 # Demo LoRAs, one per file format and key style users meet.
 LORA_SD15_KOHYA = "demo-sd15-kohya.safetensors"  # kohya/A1111 keys, UNet + text encoder, with alphas
 LORA_SD15_PEFT = "demo-sd15-peft.safetensors"  # diffusers/peft keys, UNet + text encoder
@@ -41,6 +42,7 @@ DEMO_LABELS = {
     "Demo SD1.5 (single file)": "demo-sd15-single",
     "Demo SDXL": SDXL_CACHE_FOLDER,
     "Demo SDXL Refiner": REFINER_FOLDER,
+    "Demo SD1.5 Inpainting": "demo-sd15-inpainting",
 }
 
 # The noise schedules real SD1.5 and SDXL checkpoints ship with.
@@ -89,12 +91,12 @@ def _vae(seed: int, scaling_factor: float):
     ).eval()  # fmt: skip
 
 
-def _sd15_unet(seed: int):
+def _sd15_unet(seed: int, in_channels: int = 4):
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
     return UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=2, sample_size=8, in_channels=4, out_channels=4,
+        block_out_channels=(32, 64), layers_per_block=2, sample_size=8, in_channels=in_channels, out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=32, attention_head_dim=(2, 4), norm_num_groups=32,
@@ -123,6 +125,18 @@ def build_sd15(work: Path, seed: int = 15):
     return StableDiffusionPipeline(
         vae=_vae(seed, 0.18215), text_encoder=_text_encoder(tokenizer, seed), tokenizer=tokenizer,
         unet=_sd15_unet(seed), scheduler=PNDMScheduler(**SD15_SCHEDULER), safety_checker=None,
+        feature_extractor=None, image_encoder=None, requires_safety_checker=False,
+    )  # fmt: skip
+
+
+def build_sd15_inpainting(work: Path, seed: int = 16):
+    """An SD1.5 inpainting checkpoint: its UNet also takes the mask and the masked image's latents (9 channels)."""
+    from diffusers import PNDMScheduler, StableDiffusionInpaintPipeline
+
+    tokenizer = _tokenizer(work)
+    return StableDiffusionInpaintPipeline(
+        vae=_vae(seed, 0.18215), text_encoder=_text_encoder(tokenizer, seed), tokenizer=tokenizer,
+        unet=_sd15_unet(seed, in_channels=9), scheduler=PNDMScheduler(**SD15_SCHEDULER), safety_checker=None,
         feature_extractor=None, image_encoder=None, requires_safety_checker=False,
     )  # fmt: skip
 
@@ -202,6 +216,7 @@ def create_demo_models(models_dir: Path, overwrite: bool = False) -> list[Path]:
         "single": models_dir / SD15_SINGLE_FILE,
         "sdxl": models_dir / SDXL_CACHE_FOLDER,
         "refiner": models_dir / REFINER_FOLDER,
+        "inpainting": models_dir / SD15_INPAINTING_FILE,
     }
     written = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -219,12 +234,13 @@ def create_demo_models(models_dir: Path, overwrite: bool = False) -> list[Path]:
                 sd15 = sd15 or build_sd15(work)
             if kind == "sd15":
                 _save_pipeline(sd15, target)
-            elif kind == "single":
-                state = sd15_single_file_state_dict(sd15.unet, sd15.vae, sd15.text_encoder)
+            elif kind in ("single", "inpainting"):
+                pipe = sd15 if kind == "single" else build_sd15_inpainting(work)
+                state = sd15_single_file_state_dict(pipe.unet, pipe.vae, pipe.text_encoder)
                 save_file(state, target, metadata={"format": "pt"})
                 config_dir = models_dir / ".configs" / target.stem
                 shutil.rmtree(config_dir, ignore_errors=True)
-                _write_single_file_config(sd15, config_dir)
+                _write_single_file_config(pipe, config_dir)
             elif kind == "sdxl":
                 staged = work / "sdxl"
                 _save_pipeline(build_sdxl_base(work), staged)

@@ -30,6 +30,7 @@ from pipelines.errors import (
 )
 from pipelines.images import encode_base64
 from pipelines.infotext import build_infotext
+from pipelines.inpaint import inpaint_arguments, is_inpaint_pipeline, paste_back
 from pipelines.loras import (
     LoraLibrary,
     lora_hashes_value,
@@ -218,7 +219,7 @@ class ImageEngine:
             raise ValueError("jobs in one batch must share mode, size, steps, cfg, sampler and strength")
         phases = PhaseProgress.for_job(first, progress, is_cancelled)
         with loaded.lock, loaded.vae_swapped(self._vae_for(loaded, first)):
-            pipe = loaded.pipeline_for(first.mode)
+            pipe = loaded.pipeline_for(first.mode, masked=first.inpaint is not None)
             memory_before = memory_mb(self.device)
             started = time.perf_counter()
             pipe.scheduler = build_scheduler(first.sampler, dict(loaded.pipe.scheduler.config))
@@ -244,6 +245,8 @@ class ImageEngine:
                     images = (refine or self._refine_here)(first.refiner.model, jobs, latents, phases)
                 else:
                     images = self._call_pipeline(pipe, jobs, phases.step(PHASE_GENERATION))
+                images = [paste_back(image, job.inpaint) if job.inpaint else image
+                          for job, image in zip(jobs, images, strict=True)]  # fmt: skip
             except torch.cuda.OutOfMemoryError as error:
                 self._free_memory()
                 raise OutOfMemoryError(
@@ -393,6 +396,9 @@ class ImageEngine:
             if name in arguments and name not in parameters:
                 arguments.pop(name)
         with torch.inference_mode():
+            if is_inpaint_pipeline(pipe):  # a mask, or an inpainting checkpoint
+                masks = [job.inpaint for job in jobs]
+                arguments.update(inpaint_arguments(pipe, masks, [job.seed for job in jobs], arguments))
             if own_encoding:
                 arguments.update(encode_prompts(pipe, prompts, negatives, first.clip_skip))
                 for name in ("prompt", "negative_prompt", "clip_skip"):
@@ -423,6 +429,7 @@ class ImageEngine:
             "Denoising strength": job.denoising_strength,
             "Clip skip": job.clip_skip if job.clip_skip >= 2 else None,
             "RNG": "CPU",
+            **(job.inpaint.infotext_params() if job.inpaint else {}),
             "Lora hashes": lora_hashes_value(job.loras),
             "TI hashes": ", ".join(f"{item.name}: {self.embeddings.short_hash(item)}" for item in job.embeddings)
             or None,

@@ -24,9 +24,11 @@ def decode_base64_bytes(data: str, field: str = "image") -> bytes:
         raise BadImageError(f"'{field}' is not valid base64: {error}", field=field) from error
 
 
-def decode_base64_image(data: str, field: str = "image", max_pixels: int = MAX_INPUT_PIXELS) -> Image.Image:
-    """An RGB image from base64 text. Anything that is not a complete, reasonably sized image is a
-    BadImageError naming the field."""
+def decode_base64_image(
+    data: str, field: str = "image", max_pixels: int = MAX_INPUT_PIXELS, mode: str | None = "RGB"
+) -> Image.Image:
+    """An image (in `mode`; None: as stored) from base64 text. Anything that is not a complete, reasonably
+    sized image is a BadImageError naming the field."""
     raw = decode_base64_bytes(data, field)
     try:
         with warnings.catch_warnings():
@@ -46,7 +48,9 @@ def decode_base64_image(data: str, field: str = "image", max_pixels: int = MAX_I
         raise BadImageError(f"'{field}' is not an image in a format Pillow reads", field=field) from error
     except Exception as error:  # PIL raises many types for broken files
         raise BadImageError(f"'{field}' is not a readable image ({error})", field=field) from error
-    return image.convert("RGB")
+    if mode is None:
+        return image if image.mode in ("RGBA", "L", "RGB") else image.convert("RGBA")
+    return image.convert(mode)
 
 
 def encode_base64(data: bytes) -> str:

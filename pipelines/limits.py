@@ -29,6 +29,7 @@ class Limits(BaseModel):
     max_hires_scale: float = Field(4.0, ge=1.0)
     max_batch_size: int = Field(8, ge=1, le=64)  # `batch_size`: images per call of one request
     max_n_iter: int = Field(4, ge=1)  # `n_iter`: calls per request (the job record holds every image)
+    max_mask_blur: int = Field(64, ge=0)  # `mask_blur` in pixels
     max_input_image_pixels: int = Field(4096 * 4096, ge=64 * 64)  # img2img input, before resizing
     max_request_bytes: int = Field(32 * 2**20, ge=1024)  # larger request bodies get 413
 

@@ -70,6 +70,7 @@ class LoadedModel:
         self.speed: list[str] = []  # speed options applied at load
         self.qkv_fused = False
         self._img2img = None
+        self._inpaint = None
         self.adapters: OrderedDict[str, str] = OrderedDict()  # LoRA adapters kept loaded: name -> file
 
     MAX_CACHED_ADAPTERS = 4
@@ -139,7 +140,7 @@ class LoadedModel:
             self._set_vae(own)
 
     def _set_vae(self, vae) -> None:
-        for pipe in (self.pipe, self._img2img):
+        for pipe in (self.pipe, self._img2img, self._inpaint):
             if pipe is not None:
                 pipe.vae = vae
 
@@ -148,8 +149,17 @@ class LoadedModel:
         if self.adapters:
             self.pipe.disable_lora()
 
-    def pipeline_for(self, mode: Mode):
+    def pipeline_for(self, mode: Mode, masked: bool = False):
+        """The pipeline for a job: an inpainting checkpoint's is its inpainting pipeline whatever the mode (a job
+        without a mask repaints everything); an ordinary checkpoint's shares its modules with its txt2img one."""
         check_mode_supported(self.entry, mode)
+        if self.entry.inpainting:
+            return self.pipe
+        if masked:
+            if self._inpaint is None:
+                self._inpaint = inpainting_class(self.entry.family).from_pipe(self.pipe)
+                self._inpaint.set_progress_bar_config(disable=True)
+            return self._inpaint
         if mode == "txt2img" or self.entry.family == "sdxl-refiner":
             return self.pipe
         if self._img2img is None:
@@ -161,8 +171,15 @@ class LoadedModel:
         return self._img2img
 
 
+def inpainting_class(family: str):
+    from diffusers import StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline
+
+    return StableDiffusionInpaintPipeline if family == "sd15" else StableDiffusionXLInpaintPipeline
+
+
 def load_pipeline(entry: ModelEntry, device: torch.device, dtype: torch.dtype):
-    """Loads a checkpoint with diffusers' own loaders, offline for local folders."""
+    """Loads a checkpoint with diffusers' own loaders, offline for local folders. An inpainting checkpoint is
+    loaded as diffusers' inpainting pipeline (its UNet takes the mask and the masked image too)."""
     import diffusers
 
     try:
@@ -172,10 +189,13 @@ def load_pipeline(entry: ModelEntry, device: torch.device, dtype: torch.dtype):
                 "sdxl": diffusers.StableDiffusionXLPipeline,
                 "sdxl-refiner": diffusers.StableDiffusionXLImg2ImgPipeline,
             }[entry.family]
+            cls = inpainting_class(entry.family) if entry.inpainting else cls
             extra = {"config": str(entry.config_dir), "local_files_only": True} if entry.config_dir else {}
             pipe = cls.from_single_file(str(entry.path), dtype=dtype, **extra)
         else:
             pipe = diffusers.DiffusionPipeline.from_pretrained(entry.path, dtype=dtype, local_files_only=True)
+            if entry.inpainting and not isinstance(pipe, inpainting_class(entry.family)):
+                pipe = inpainting_class(entry.family).from_pipe(pipe)  # a folder saved with the txt2img class
     except Exception as error:
         hint = ""
         if entry.format == "single-file" and entry.config_dir is None:

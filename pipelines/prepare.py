@@ -14,6 +14,7 @@ from pipelines.errors import (
     UnknownModelError,
 )
 from pipelines.images import decode_base64_image
+from pipelines.inpaint import InpaintPlan, plan_inpainting
 from pipelines.limits import LIMITS
 from pipelines.loras import (
     FAMILY_LABELS,
@@ -65,6 +66,7 @@ class PreparedJob:
     clip_skip: int
     init_image: Image.Image | None = None
     denoising_strength: float | None = None
+    inpaint: InpaintPlan | None = None  # img2img with a mask
     loras: list[LoraUse] = field(default_factory=list)  # compatible ones only; `prompt` has no <lora:> tags
     hires: HiresPlan | None = None
     refiner: RefinerPlan | None = None
@@ -95,8 +97,9 @@ class PreparedJob:
         refiner = (self.refiner.model.name, self.refiner.switch_at) if self.refiner else None
         alone = id(self) if self.sampler.scheduler_class in SCHEDULERS_WITH_NOISE_PER_CALL else None
         vae = str(self.vae.path) if self.vae else None
+        masked = self.inpaint.fill if self.inpaint else None  # the inpainting pipeline; one start per batch
         return (self.mode, self.steps, self.cfg_scale, self.width, self.height, sampler, self.clip_skip,
-                self.denoising_strength, loras, self.hires, refiner, vae, alone)  # fmt: skip
+                self.denoising_strength, loras, self.hires, refiner, vae, masked, alone)  # fmt: skip
 
 
 def random_seed() -> int:
@@ -142,6 +145,15 @@ def prepare_job(
         image = decode_base64_image(request.image, field="image")
         job.init_image = image.resize((request.width, request.height), Image.Resampling.LANCZOS)
         job.denoising_strength = at_least_one_step(request.steps, request.denoising_strength, "", job.warnings)
+        if request.mask:
+            mask = decode_base64_image(request.mask, field="mask", mode=None)
+            job.init_image, job.inpaint = plan_inpainting(
+                image, mask, request.width, request.height, blur=request.mask_blur,
+                invert=request.inpainting_mask_invert, fill=request.inpainting_fill,
+                full_res=request.inpaint_full_res, padding=request.inpaint_full_res_padding, warnings=job.warnings,
+            )  # fmt: skip
+        elif ignored := request.ignored_mask_fields():
+            job.warnings.append(f"{', '.join(ignored)} ignored: they apply to inpainting, and no 'mask' was sent")
     if not is_automatic(request.vae):
         if vaes is None:
             raise InvalidRequestError("a VAE needs the VAE folder; none is configured here", field="vae")

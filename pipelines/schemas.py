@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 from pipelines.catalog import Family
+from pipelines.inpaint import InpaintingFill
 from pipelines.limits import LIMITS
 from pipelines.samplers import accepted_sampler_names, accepted_schedule_types
 from pipelines.upscalers import LATENT_MODES
@@ -160,6 +161,41 @@ class Img2ImgRequest(GenerationRequest):
         f"without a data: URL prefix; at most {LIMITS.max_input_image_pixels} pixels",
     )
     denoising_strength: float = Field(0.75, ge=0.0, le=1.0, description="At least one step always runs (as in A1111)")
+    mask: str | None = Field(
+        None,
+        min_length=1,
+        json_schema_extra={"format": IMAGE_FORMAT},
+        description="Inpainting: a mask image in base64 (white = repaint; an RGBA file with transparency: its "
+        "opaque pixels), resized to the image if its size differs. Outside the blurred mask the result keeps "
+        "the input's pixels",
+    )
+    mask_blur: int = Field(4, ge=0, le=LIMITS.max_mask_blur, description="Pixels of Gaussian blur on the mask's edge")
+    inpainting_mask_invert: bool = Field(False, description="Repaint the black part of the mask instead")
+    inpainting_fill: InpaintingFill = Field(
+        1, description="What the masked area starts from: 0 fill (its surroundings' colours), 1 original, 2 latent "
+        "noise, 3 latent nothing (A1111's 'Masked content')",
+    )  # fmt: skip
+    inpaint_full_res: bool = Field(
+        False,
+        description="A1111's 'Only masked': repaint the masked region (plus padding) at width x height and paste "
+        "it back; the result then has the input image's size",
+    )
+    inpaint_full_res_padding: int = Field(
+        32, ge=0, le=LIMITS.max_size, description="'Only masked': pixels around the mask included in the crop"
+    )
+
+    @field_validator("inpainting_fill", mode="before")
+    @classmethod
+    def _fill_is_not_a_boolean(cls, value: Any) -> Any:
+        if isinstance(value, bool):  # Python counts True as 1; JSON does not
+            raise ValueError("Input should be 0, 1, 2 or 3, not a boolean")
+        return value
+
+    def ignored_mask_fields(self) -> list[str]:
+        """Mask settings sent without a mask (they change nothing)."""
+        names = ("mask_blur", "inpainting_mask_invert", "inpainting_fill", "inpaint_full_res",
+                 "inpaint_full_res_padding")  # fmt: skip
+        return [] if self.mask else [name for name in names if name in self.model_fields_set]
 
 
 class CancelResponse(BaseModel):
@@ -209,6 +245,7 @@ class ModelInfo(BaseModel):
     name: str
     label: str
     family: Family
+    inpainting: bool = Field(False, description="An inpainting checkpoint (9-channel UNet); it also does txt2img")
 
 
 class ModelsResponse(BaseModel):

@@ -81,9 +81,10 @@ def test_model_clip_skip_refiner_and_sizes_come_from_a1111_fields():
 
 def test_img2img_takes_the_first_init_image_and_says_what_it_ignored():
     image = "data:image/png;base64," + png_base64()
-    mapped = a1111.to_native(A1111Img2ImgRequest(init_images=[image, image], mask=png_base64()), None)
+    mapped = a1111.to_native(A1111Img2ImgRequest(init_images=[image, image], resize_mode=1), None)
     assert mapped.kind == "img2img" and mapped.native.image == image and mapped.native.denoising_strength == 0.75
-    assert "mask" in mapped.warnings[0] and "init_images[1:]" in mapped.warnings[0]
+    assert "resize_mode" in mapped.warnings[0] and "init_images[1:]" in mapped.warnings[0]
+    assert mapped.native.mask is None
     with pytest.raises(DiffusionAPIError, match="init_images"):
         a1111.to_native(A1111Img2ImgRequest(init_images=[]), None)
 
@@ -183,3 +184,22 @@ def test_images_decode_from_png_info_items():
     Image.new("RGB", (8, 8)).save(data, format="PNG")
     read = a1111.png_info(base64.b64encode(data.getvalue()).decode())
     assert read == {"info": "", "items": {}, "parameters": {}}
+
+
+def test_a_mask_is_inpainting_with_a1111s_api_defaults():
+    image = "data:image/png;base64," + png_base64()
+    mapped = a1111.to_native(A1111Img2ImgRequest(init_images=[image], mask=image), None)
+    native = mapped.native
+    assert native.mask == image and not mapped.warnings
+    # A1111's API (not its UI) defaults: fill, "Only masked", no padding, blur 4
+    assert (native.mask_blur, native.inpainting_fill, native.inpaint_full_res, native.inpaint_full_res_padding,
+            native.inpainting_mask_invert) == (4, 0, True, 0, False)  # fmt: skip
+    sent = A1111Img2ImgRequest(init_images=[image], mask=image, mask_blur="8", inpainting_fill=1,
+                               inpaint_full_res=0, inpaint_full_res_padding=32, inpainting_mask_invert=1)  # fmt: skip
+    native = a1111.to_native(sent, None).native
+    assert (native.mask_blur, native.inpainting_fill, native.inpaint_full_res, native.inpaint_full_res_padding,
+            native.inpainting_mask_invert) == (8, 1, False, 32, True)  # fmt: skip
+    uneven = a1111.to_native(A1111Img2ImgRequest(init_images=[image], mask=image, mask_blur_x=2, mask_blur_y=6), None)
+    assert uneven.native.mask_blur == 6 and "mask_blur_x 2 and mask_blur_y 6 differ" in uneven.warnings[0]
+    with pytest.raises(DiffusionAPIError, match="^inpainting_fill:"):
+        a1111.to_native(A1111Img2ImgRequest(init_images=[image], mask=image, inpainting_fill=7), None)

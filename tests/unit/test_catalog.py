@@ -22,7 +22,9 @@ def test_every_demo_format_is_found_with_its_family(catalog):
         ("demo-sd15-single", "single-file", "sd15"),
         ("models--demo--tiny-sdxl-base", "hf-cache", "sdxl"),
         ("demo-sdxl-refiner", "diffusers", "sdxl-refiner"),
+        ("demo-sd15-inpainting", "single-file", "sd15"),
     }
+    assert [m.name for m in catalog.list_models() if m.inpainting] == ["demo-sd15-inpainting"]
 
 
 def test_labels_come_from_configs_models_yaml(catalog):
