@@ -89,7 +89,8 @@ class A1111Routes:
                                   error="Interrupted")  # fmt: skip
         result = image_fields(job["result"] or {})
         images = result.get("images") or []
-        info = a1111.generation_info(request, job, result, list(job["warnings"]), self._is_inpainting(job))
+        inpainting = await asyncio.to_thread(self._is_inpainting, job)
+        info = a1111.generation_info(request, job, result, list(job["warnings"]), inpainting)
         send = request.send_images is not False
         return GenerationResponse(images=images if send else [], parameters=a1111.parameters_echo(request),
                                   info=a1111.json_info(info))  # fmt: skip

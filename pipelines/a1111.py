@@ -113,6 +113,7 @@ def _unsupported_warnings(request: A1111GenerationRequest, kind: Kind) -> list[s
         )
     if isinstance(request, A1111Img2ImgRequest):
         asked["resize_mode"] = bool(request.resize_mode)
+        asked["mask_round"] = (request.model_extra or {}).get("mask_round") is False
         asked["init_images[1:]"] = len(request.init_images or []) > 1
     names = [name for name, on in asked.items() if on]
     if not names:
@@ -292,7 +293,7 @@ def generation_info(
     native = job["payload"]
     subseed = request.subseed if request.subseed is not None and request.subseed >= 0 else seeds[0] if seeds else -1
     extra_keys = ("Schedule type", "Hires upscale", "Hires steps", "Hires upscaler", "Lora hashes", "Refiner",
-                  "Refiner switch at", "Mask blur", "Inpaint area", "Masked area padding",
+                  "Refiner switch at", "Mask blur", "Mask mode", "Inpaint area", "Masked area padding",
                   "Masked content")  # fmt: skip
     denoising = params.get("Denoising strength")
     return {

@@ -226,7 +226,7 @@ class ModelCatalog:
         folder = _hf_snapshot(path) if path.is_dir() and path.name.startswith("models--") else path
         if folder is not None and folder.is_dir() and (folder / "model_index.json").exists():
             unet_config = folder / "unet" / "config.json"
-            family = self.facts.get(unet_config, "family", lambda _: family_of_diffusers_folder(folder))
+            family = self.facts.get(folder / "model_index.json", "family", lambda _: family_of_diffusers_folder(folder))
             channels = self.facts.get(unet_config, "unet_in_channels", lambda _: unet_input_channels_of_folder(folder))
             model_format: ModelFormat = "hf-cache" if folder != path else "diffusers"
             return ModelEntry(path.name, path.name, family, model_format, folder,

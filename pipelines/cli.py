@@ -21,7 +21,8 @@ FLAGS = {
     "width": "--width", "height": "--height", "model": "--model", "sampler_name": "--sampler",
     "scheduler_type": "--scheduler-type", "seed": "--seed", "clip_skip": "--clip-skip",
     "jpeg_quality": "--quality", "image": "--image", "denoising_strength": "--denoising-strength", "loras": "--lora",
-    "hires.upscaler": "--upscaler", "vae": "--vae",
+    "hires.upscaler": "--upscaler", "vae": "--vae", "mask": "--mask", "mask_blur": "--mask-blur",
+    "inpainting_fill": "--masked-content", "inpaint_full_res_padding": "--padding",
 }  # fmt: skip
 
 

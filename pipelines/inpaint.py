@@ -34,11 +34,14 @@ class InpaintPlan:
     fill: InpaintingFill
     blur: int
     padding: int
+    inverted: bool = False
 
     def infotext_params(self) -> dict:
-        """A1111's keys for it (`Masked content` only when it is not "original", as A1111 writes them)."""
+        """A1111's keys for it, written only where A1111 writes them (`Masked content` when it is not
+        "original", `Mask blur` when there is one)."""
         return {
-            "Mask blur": self.blur,
+            "Mask blur": self.blur or None,
+            "Mask mode": "Inpaint not masked" if self.inverted else None,
             "Inpaint area": "Only masked" if self.paste_box else None,
             "Masked area padding": self.padding if self.paste_box else None,
             "Masked content": MASKED_CONTENT[self.fill] if self.fill != 1 else None,
@@ -93,15 +96,15 @@ def plan_inpainting(
         kept = ImageOps.invert(mask)
         overlay = image.convert("RGBA")
     overlay.putalpha(kept)
-    if fill == 0:
+    if fill != 1:  # A1111 fills for the latent modes too (the inpainting checkpoints' conditioning sees it)
         start = fill_masked(start, model_mask)
-    return start, InpaintPlan(model_mask, overlay, box, fill, blur, padding)
+    return start, InpaintPlan(model_mask, overlay, box, fill, blur, padding, invert)
 
 
 def crop_box(mask: Image.Image, padding: int, width: int, height: int) -> tuple[int, int, int, int] | None:
     """ "Only masked": the masked pixels' bounding box plus `padding`, grown around its centre to the aspect
-    ratio of width x height and kept inside the image (so the crop is not distorted when it is resized).
-    None for an empty mask."""
+    ratio of width x height (the growth rounded down, as A1111) and kept inside the image (so the crop is
+    not distorted when it is resized). None for an empty mask."""
     found = mask.getbbox()
     if found is None:
         return None
@@ -109,9 +112,9 @@ def crop_box(mask: Image.Image, padding: int, width: int, height: int) -> tuple[
     x1, y1 = max(x1 - padding, 0), max(y1 - padding, 0)
     x2, y2 = min(x2 + padding, mask.width), min(y2 + padding, mask.height)
     if (x2 - x1) / (y2 - y1) > width / height:
-        y1, y2 = _grown(y1, y2, round((x2 - x1) * height / width), mask.height)
+        y1, y2 = _grown(y1, y2, int((x2 - x1) * height / width), mask.height)
     else:
-        x1, x2 = _grown(x1, x2, round((y2 - y1) * width / height), mask.width)
+        x1, x2 = _grown(x1, x2, int((y2 - y1) * width / height), mask.width)
     return x1, y1, x2, y2
 
 
@@ -169,11 +172,11 @@ def inpaint_arguments(pipe, plans: list[InpaintPlan | None], seeds: list[int], a
     masks = [plan.mask if plan else Image.new("L", (width, height), 255) for plan in plans]
     image = arguments.get("image")
     extra: dict = {"mask_image": masks}
-    if image is None:  # txt2img: strength stays at its default of 1.0 (start from pure noise)
-        extra["image"] = [Image.new("RGB", (width, height), GRAY)] * count
+    if image is None:  # txt2img: from pure noise (SDXL's inpainting pipeline defaults to 0.9999, one step less)
+        extra.update(image=[Image.new("RGB", (width, height), GRAY)] * count, strength=1.0)
     elif isinstance(image, torch.Tensor):  # latents (a latent hires pass): no pixels to mask
-        blank = torch.zeros(count, 3, height, width, device=pipe.device, dtype=pipe.vae.dtype)
-        extra["masked_image_latents"] = _encode(pipe, blank, seeds)
+        blank = torch.zeros(1, 3, height, width, device=pipe.device, dtype=pipe.vae.dtype)
+        extra["masked_image_latents"] = _encode(pipe, blank, seeds[:1]).repeat(count, 1, 1, 1)
     fill = plans[0].fill if plans[0] else 1  # one fill per batch (PreparedJob.batch_key)
     if fill in (2, 3) and not isinstance(image, torch.Tensor):
         extra.update(_masked_content_latents(pipe, extra.get("image", image), masks, seeds, fill, width, height))
@@ -191,8 +194,8 @@ def _masked_content_latents(pipe, images, masks, seeds: list[int], fill: int, wi
     mask = pipe.mask_processor.preprocess(masks, height=height, width=width).to(pipe.device, pipe.vae.dtype)
     latents = _encode(pipe, pixels, seeds)
     latent_mask = torch.nn.functional.interpolate(mask, size=latents.shape[-2:]).round()
-    if fill == 2:
-        generators = [torch.Generator("cpu").manual_seed(seed + 0x5EED) for seed in seeds]
+    if fill == 2:  # A1111 draws it from the job's seed
+        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
         replacement = randn_tensor(latents.shape, generator=generators, device=latents.device, dtype=latents.dtype)
     else:
         replacement = torch.zeros_like(latents)

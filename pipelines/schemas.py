@@ -192,10 +192,11 @@ class Img2ImgRequest(GenerationRequest):
         return value
 
     def ignored_mask_fields(self) -> list[str]:
-        """Mask settings sent without a mask (they change nothing)."""
+        """Mask settings other than their defaults sent without a mask (they change nothing)."""
         names = ("mask_blur", "inpainting_mask_invert", "inpainting_fill", "inpaint_full_res",
                  "inpaint_full_res_padding")  # fmt: skip
-        return [] if self.mask else [name for name in names if name in self.model_fields_set]
+        fields = type(self).model_fields
+        return [] if self.mask else [name for name in names if getattr(self, name) != fields[name].default]
 
 
 class CancelResponse(BaseModel):

@@ -15,7 +15,7 @@ def test_hello_and_health(client):
     assert client.get("/hello").json() == {"ok": True}
     health = client.get("/health").json()
     assert health["status"] in ("healthy", "warning")
-    assert health["models"]["count"] == 4
+    assert health["models"]["count"] == 5
     assert health["system"]["cpu_count"] >= 1 and health["system"]["memory_total_gb"] > 0
     assert "cuda_available" in health["gpu"] and health["outputs"]["free_space_gb"] > 0
     # GPU figures come from the generator replicas, which report their device and loaded models.
@@ -26,7 +26,7 @@ def test_hello_and_health(client):
 
 def test_listings(client):
     models = client.get("/models").json()
-    assert {"name": "demo-sd15", "label": "Demo SD1.5", "family": "sd15"} in models["models"]
+    assert {"name": "demo-sd15", "label": "Demo SD1.5", "family": "sd15", "inpainting": False} in models["models"]
     aliases = client.get("/models/aliases").json()
     assert {"name": "models--demo--tiny-sdxl-base", "label": "Demo SDXL"} in aliases["models"]
     methods = client.get("/sampling_methods").json()

@@ -89,6 +89,8 @@ def test_an_inverted_mask_repaints_the_other_part(engine):
     before = np.asarray(input_image())
     assert np.array_equal(straight[:, 48:], before[:, 48:]) and not np.array_equal(straight[:, :48], before[:, :48])
     assert np.array_equal(inverted[:, :48], before[:, :48]) and not np.array_equal(inverted[:, 48:], before[:, 48:])
+    params = parse_infotext(inpaint(engine, "demo-sd15", mask, mask_blur=0, inpainting_mask_invert=True).infotext)
+    assert params["Mask mode"] == "Inpaint not masked" and "Mask blur" not in params  # as A1111 writes them
 
 
 def test_a_batch_of_masked_jobs_gives_each_job_its_own_image(engine):
@@ -137,6 +139,16 @@ def test_an_sdxl_inpainting_folder_is_detected_and_inpaints(settings, tmp_path):
     result = inpaint(engine, "tiny-sdxl-inpainting", mask)
     kept = kept_area(mask)
     assert np.array_equal(np.asarray(result.image)[kept], np.asarray(input_image())[kept])
+    # txt2img runs every step from pure noise (diffusers' SDXL inpainting default strength would skip one)
+    unet_calls = []
+    hook = engine.load("tiny-sdxl-inpainting").pipe.unet.register_forward_hook(lambda *_: unet_calls.append(1))
+    try:
+        from pipelines.schemas import Txt2ImgRequest
+
+        engine.txt2img(Txt2ImgRequest(**BASE, model="tiny-sdxl-inpainting"))
+    finally:
+        hook.remove()
+    assert len(unet_calls) == BASE["steps"]
 
 
 def test_mask_preparation():
@@ -182,3 +194,5 @@ def test_bad_mask_fields_are_refused_and_unused_ones_are_said(engine):
         engine.prepare(Img2ImgRequest(**BASE, image=image, mask="bm90IGFuIGltYWdl"))
     job = engine.prepare(Img2ImgRequest(**BASE, image=image, inpaint_full_res=True, mask_blur=2))
     assert job.inpaint is None and "mask_blur, inpaint_full_res ignored" in job.warnings[0]
+    defaults = Img2ImgRequest(**BASE, image=image, mask_blur=4, inpainting_fill=1)  # clients that send them all
+    assert engine.prepare(defaults).warnings == []
