@@ -16,7 +16,7 @@ from fastapi import APIRouter, Body, Depends, Request
 
 from deployments.access import error_response, require_json_body
 from deployments.contract import documented_a1111_errors
-from deployments.jobs import TERMINAL_STATES, image_fields
+from deployments.jobs import TERMINAL_STATES
 from pipelines import a1111
 from pipelines.a1111_schemas import (
     A1111Img2ImgRequest,
@@ -87,7 +87,9 @@ class A1111Routes:
             return error_response(409, f"interrupted: job {job_id} was cancelled (POST /sdapi/v1/interrupt or skip, or "
                                   f"DELETE /queue/{job_id}) before its images were done", a1111=True,
                                   error="Interrupted")  # fmt: skip
-        result = image_fields(job["result"] or {})
+        result, missing = await self.with_image_bytes(job["result"] or {})
+        if missing:
+            return error_response(500, f"job {job_id} finished, but {'; '.join(missing)}", a1111=True)
         images = result.get("images") or []
         inpainting = await asyncio.to_thread(self._is_inpainting, job)
         info = a1111.generation_info(request, job, result, list(job["warnings"]), inpainting)

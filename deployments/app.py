@@ -11,6 +11,7 @@ from deployments.ingress import Ingress
 from deployments.upscaler import Upscaler
 from pipelines.settings import Settings
 from pipelines.speed import SpeedOptions
+from pipelines.storage import OutputStorage, is_url
 
 
 class WarmupJob(BaseModel):
@@ -35,7 +36,7 @@ class AppArgs(BaseModel):
     upscalers_dir: str | None = None
     vaes_dir: str | None = None
     embeddings_dir: str | None = None
-    outputs_dir: str | None = None
+    outputs_dir: str | None = None  # a local folder, or an fsspec URL for the images (s3://..., file:///...)
     models_config: str | None = None
     cache_dir: str | None = None  # hashes and detected families of model files
     job_database: str | None = None  # default: <outputs_dir>/jobs.sqlite3
@@ -77,12 +78,17 @@ def build_app(args: dict | None = None) -> Application:
         )
         if (value := getattr(parsed, key))
     }
+    if parsed.outputs_dir and is_url(parsed.outputs_dir):  # images in shared storage; local things stay local
+        overrides.pop("outputs_dir")
+        overrides["outputs_url"] = parsed.outputs_dir
     settings = settings.model_copy(update=overrides)
+    OutputStorage(settings.outputs_location)  # an unknown protocol or a missing package stops the deploy here
     database = parsed.job_database or str(settings.outputs_dir / "jobs.sqlite3")
     plain = settings.model_dump(mode="json")
     job_options = {
         "keep_finished_seconds": parsed.keep_finished_jobs_s,
         "keep_finished_count": parsed.keep_finished_jobs,
+        "outputs": settings.outputs_location,
     }
     engine_options = {
         "torch_threads": parsed.torch_threads,

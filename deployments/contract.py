@@ -14,6 +14,7 @@ from starlette.routing import compile_path
 
 from deployments.access import OPEN_PATHS
 from pipelines.a1111_schemas import A1111Error
+from pipelines.infotext import MIME_TYPES
 from pipelines.schemas import ErrorResponse
 
 ERROR_DESCRIPTIONS = {
@@ -25,7 +26,18 @@ ERROR_DESCRIPTIONS = {
     415: "The request body is not JSON: send `Content-Type: application/json`",
     422: "Malformed JSON, or a field missing, of the wrong type or out of range; `detail` names each one",
     429: "This model family's queue is full (`max_queued_jobs`); retry after `Retry-After` seconds",
+    500: "The output storage could not be read, or the service failed unexpectedly; the message says why",
     503: "The service is starting; retry after `Retry-After` seconds",
+}
+
+# GET /queue/{job_id}/image: the file in its own type, and what its error statuses mean there.
+IMAGE_CONTENT = {
+    mime: {"schema": {"type": "string", "format": "binary"}} for mime in dict.fromkeys(MIME_TYPES.values())
+}
+IMAGE_ERRORS = {
+    **ERROR_DESCRIPTIONS,
+    404: "An unknown job, an `index` beyond the job's images, or an image no longer in the output storage",
+    409: "The job has not finished, or it ended without an image (error, cancelled)",
 }
 
 _RETRY_AFTER = {

@@ -8,13 +8,11 @@ progress to the job store and writes the results.
 """
 
 import asyncio
-import datetime
 import logging
 import math
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import ray
 from pydantic import BaseModel, ConfigDict, Field
@@ -25,13 +23,13 @@ from deployments.jobs import PER_IMAGE_FIELDS, JobsClient
 from pipelines.catalog import ModelCatalog
 from pipelines.errors import DiffusionAPIError, JobCancelledError
 from pipelines.generate import GenerationResult, ImageEngine
-from pipelines.images import encode_base64
 from pipelines.infotext import encode_image
 from pipelines.prepare import PreparedJob
 from pipelines.progress import PHASE_REFINING, PhaseProgress
 from pipelines.schemas import Img2ImgRequest, Txt2ImgRequest
 from pipelines.settings import Settings
 from pipelines.speed import SpeedOptions
+from pipelines.storage import OutputStorage, StorageError
 from pipelines.system import gpu_info
 
 logger = logging.getLogger("ray.serve")
@@ -95,14 +93,15 @@ class CollectedImages:
         first = records[0]
         warnings = list(dict.fromkeys(w for record in records for w in record["warnings"]))
         result = {key: value for key, value in first.items() if key not in PER_IMAGE_FIELDS and key != "warnings"}
-        result.update({plural: [record[single] for record in records] for single, plural in PER_IMAGE_FIELDS.items()})
+        result.update({plural: [record[single] for record in records]
+                       for single, plural in PER_IMAGE_FIELDS.items() if single in first})  # fmt: skip
         result["generation_time_sec"] = round(self.seconds, 3)
         result["batch_size"] = max(record["batch_size"] for record in records)
         return result, warnings
 
-    def discard_files(self) -> None:
+    def discard_files(self, storage: OutputStorage) -> None:
         for record in self.records.values():
-            Path(record["output_path"]).unlink(missing_ok=True)
+            storage.delete(record["output_path"])
         self.records.clear()
 
 
@@ -132,6 +131,7 @@ class _Generator:
         self.upscaler = upscaler  # handles of the Upscaler and Refiner deployments (hires fix, refiner hand-off)
         self.refiner = refiner
         self.settings = Settings(**settings)
+        self.storage = OutputStorage(self.settings.outputs_location)
         options = dict(engine_options or {})
         threads = torch_thread_count(options.get("torch_threads"))
         self.engine = ImageEngine(ModelCatalog(self.settings), device=device, dtype=options.get("dtype"),
@@ -242,7 +242,7 @@ class _Generator:
             if collected.settled >= collected.count:
                 del self._collected[queued.job_id]
                 if not collected.recorded:
-                    collected.discard_files()
+                    collected.discard_files(self.storage)
 
     async def _run_started(self, batch: list[QueuedJob]) -> dict[tuple[str, int], dict | BaseException]:
         loop = asyncio.get_running_loop()
@@ -370,24 +370,20 @@ class _Generator:
         return (upscale if self.upscaler else None), (refine if self.refiner else None)
 
     def _save(self, queued: QueuedJob, result: GenerationResult) -> dict | BaseException:
-        """Encodes one image with its infotext and writes it (in the worker thread, off the event loop): the
-        job's first image is `<job id>.<ext>`, the others `<job id>-<index>.<ext>`. Returns its record, with
+        """Encodes one image with its infotext and writes it to the output storage (in the worker thread, off
+        the event loop): the job's first image is `<job id>.<ext>`, the others `<job id>-<index>.<ext>`.
+        Returns its record (the image's location, not its bytes: those stay out of the job database), with
         the warnings the run added. A job whose image cannot be written ends in error alone; its batch-mates
         keep theirs."""
         request = queued.request
-        index = queued.job.image_index
         try:
             data = encode_image(result.image, request.file_type, result.infotext, request.jpeg_quality)
-            folder = self.settings.outputs_dir / datetime.date.today().isoformat()
-            folder.mkdir(parents=True, exist_ok=True)
-            path = Path(folder) / f"{queued.job_id}{f'-{index}' if index else ''}.{request.file_type}"
-            path.write_bytes(data)
-        except OSError as error:
+            stored = self.storage.save(queued.job_id, queued.job.image_index, request.file_type, data)
+        except (OSError, StorageError) as error:
             logger.exception("job %s: writing its image failed", queued.job_id)
             return DiffusionAPIError(f"the image could not be written: {error}")
         return {
-            "image": encode_base64(data),
-            "output_path": str(path),
+            "output_path": stored,
             "width": result.width,
             "height": result.height,
             "file_type": request.file_type,

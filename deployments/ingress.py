@@ -12,7 +12,7 @@ import logging
 import uuid
 from typing import Annotated
 
-from fastapi import Depends, FastAPI, Path, Request
+from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from ray import serve
@@ -31,11 +31,14 @@ from deployments.access import (
     is_a1111_path,
     require_json_body,
 )
-from deployments.contract import documented_errors, documented_methods, install_openapi
-from deployments.jobs import JobsClient, image_fields
+from deployments.contract import IMAGE_CONTENT, IMAGE_ERRORS, documented_errors, documented_methods, install_openapi
+from deployments.jobs import TERMINAL_STATES, JobsClient, image_fields
 from pipelines.catalog import ModelCatalog, ModelEntry
 from pipelines.embeddings import EmbeddingLibrary
 from pipelines.errors import DiffusionAPIError, ServiceBusyError
+from pipelines.images import decode_base64_bytes, encode_base64
+from pipelines.infotext import MIME_TYPES
+from pipelines.limits import LIMITS
 from pipelines.loras import LoraLibrary
 from pipelines.models import check_mode_supported
 from pipelines.prepare import PreparedJob, prepare_job
@@ -64,9 +67,12 @@ from pipelines.schemas import (
     VaesResponse,
 )
 from pipelines.settings import VERSION, Settings
+from pipelines.storage import MissingImageError, OutputStorage
 from pipelines.system import gpu_info, health_report
 from pipelines.upscalers import LATENT_MODES, RESIZE_MODES, UpscalerLibrary
 from pipelines.vaes import VaeLibrary
+
+MAX_IMAGES = LIMITS.max_batch_size * LIMITS.max_n_iter  # the most images one job makes
 
 logger = logging.getLogger("ray.serve")
 
@@ -217,6 +223,7 @@ class Ingress(A1111Routes):
         self.upscalers = UpscalerLibrary(self.settings)  # names only: the Upscaler deployment runs them
         self.vaes = VaeLibrary(self.settings, self.catalog.facts)  # names and hashes: the generators load them
         self.embeddings = EmbeddingLibrary(self.settings, self.catalog.facts)
+        self.storage = OutputStorage(self.settings.outputs_location)
         self.job_database = job_database
         self.jobs = JobsClient(job_database, **(job_options or {}))
         self.stale_job_timeout_s = stale_job_timeout_s
@@ -240,7 +247,7 @@ class Ingress(A1111Routes):
         gpu = next((g for g in gpus if g.get("cuda_available")), gpus[0] if gpus else None) or gpu_info()
         report = await asyncio.to_thread(
             health_report, self.settings.models_dir, self.settings.loras_dir, self.settings.outputs_dir,
-            len(self.catalog.list_models()), len(self.loras.available()), active,
+            self.storage, len(self.catalog.list_models()), len(self.loras.available()), active,
             self.job_database, gpu,
         )  # fmt: skip
         report["jobs"] = counts
@@ -352,6 +359,61 @@ class Ingress(A1111Routes):
             if isinstance(error, asyncio.CancelledError):
                 raise
 
+    async def with_image_bytes(self, result: dict) -> tuple[dict, list[str]]:
+        """A finished job's result with its images (base64) read from the output storage, where the job
+        database keeps only their locations (records written before the storage held their bytes inline), and
+        a warning for each image no longer there (then `images` is left out). An unreachable storage is a
+        StorageError (500)."""
+        result = image_fields(result)
+        if result.get("images") or not result.get("output_paths"):
+            return result, []
+        found = await asyncio.gather(*(self._stored_image(path) for path in result["output_paths"]))
+        missing = [f"image {path} is no longer in the output storage" for path, data in
+                   zip(result["output_paths"], found, strict=True) if data is None]  # fmt: skip
+        if not missing:
+            result["images"] = [encode_base64(data) for data in found]
+            result["image"] = result["images"][0]
+        return result, missing
+
+    async def _stored_image(self, path: str) -> bytes | None:
+        try:
+            return await asyncio.to_thread(self.storage.read, path)
+        except MissingImageError:
+            return None
+
+    @app.get(
+        "/queue/{job_id}/image",
+        response_class=Response,
+        responses={
+            200: {"description": "The image file, with its infotext", "content": IMAGE_CONTENT},
+            **documented_errors(401, 404, 409, 422, 500, 503, descriptions=IMAGE_ERRORS),
+        },
+    )
+    async def job_image(self, job_id: JobId, index: Annotated[int, Query(ge=0, le=MAX_IMAGES - 1)] = 0):
+        """A finished job's image file (`index`: which of a batch's images, 0 first), streamed from the output
+        storage with its content type, so clients and browsers fetch images without reading node paths."""
+        job = await self.jobs.get(job_id)
+        if job is None:
+            return error_response(404, f"unknown job_id {job_id!r}")
+        if job["state"] != "done" or not job["result"]:
+            return error_response(409, f"job {job_id} is {job['state']}: it has no image" +
+                                  ("" if job["state"] in TERMINAL_STATES else " yet"))  # fmt: skip
+        result = image_fields(job["result"])
+        paths, inline = result.get("output_paths") or [], result.get("images") or []
+        count = max(len(paths), len(inline))
+        if index >= count:
+            return error_response(404, f"job {job_id} has {count} image(s); index {index} is beyond them")
+        if index < len(inline):  # a record from before the output storage: the bytes are in the record
+            data = decode_base64_bytes(inline[index], "image")
+        else:
+            data = await asyncio.to_thread(self.storage.read, paths[index])  # MissingImageError: 404
+        file_type = result.get("file_type") or "png"
+        return Response(
+            content=data,
+            media_type=MIME_TYPES.get(file_type, "application/octet-stream"),
+            headers={"Content-Disposition": f'inline; filename="{job_id}-{index}.{file_type}"'},
+        )
+
     def _check(self, kind: str, request: Txt2ImgRequest | Img2ImgRequest,
                default_model: str | None = None) -> tuple[ModelEntry, PreparedJob]:  # fmt: skip
         """Everything that can be checked before a job exists (in a worker thread: it reads files): the model
@@ -389,7 +451,8 @@ class Ingress(A1111Routes):
             return error_response(409, f"job {job_id} has already ended (state {job['state']!r}); nothing to cancel")
         return CancelResponse(job_id=job_id)
 
-    @app.get("/queue/{job_id}", response_model=QueueStatusResponse, responses=documented_errors(401, 404, 422, 503))
+    @app.get("/queue/{job_id}", response_model=QueueStatusResponse,
+             responses=documented_errors(401, 404, 422, 500, 503))  # fmt: skip
     async def queue(self, job_id: JobId):
         self._start_reaper()
         job = await self.jobs.get(job_id)
@@ -406,7 +469,9 @@ class Ingress(A1111Routes):
             "batch_size": job["batch_size"],
         }
         if job["state"] == "done" and job["result"]:
-            fields.update({**image_fields(job["result"]), "payload": job["payload"]})
+            result, missing = await self.with_image_bytes(job["result"])
+            fields.update({**image_fields(result), "payload": job["payload"]})
+            fields["warnings"] = job["warnings"] + missing
         # Serialized here (pydantic's JSON encoder) rather than re-validated by FastAPI: this is the route
         # clients poll.
         body = QueueStatusResponse.model_validate(fields).model_dump_json()

@@ -20,12 +20,14 @@ from pathlib import Path
 
 import ray
 
+from pipelines.storage import OutputStorage, is_url
+
 logger = logging.getLogger("ray.serve")
 ACTOR_NAME_PREFIX = "diffusion_api_jobs"
 ACTOR_NAMESPACE = "diffusion_api"
 # Bump when JobStore's methods change: the actor is detached and outlives redeploys, so a new interface
 # gets a new actor (same database) instead of calling methods the old one does not have.
-STORE_INTERFACE_VERSION = 4
+STORE_INTERFACE_VERSION = 5
 REPLICA_REPORT_TTL_S = 60.0
 PRUNE_INTERVAL_S = 60.0  # retention runs at most this often (on job creation), not on every job
 TERMINAL_STATES = ("done", "error", "cancelled")
@@ -57,7 +59,8 @@ _ADDED_COLUMNS = {"family": "TEXT NOT NULL DEFAULT ''", "batch_size": "INTEGER",
 
 
 class JobStore:
-    def __init__(self, database: str, keep_finished_seconds: float = 7 * 86400, keep_finished_count: int = 10000):
+    def __init__(self, database: str, keep_finished_seconds: float = 7 * 86400, keep_finished_count: int = 10000,
+                 outputs: str | None = None):  # fmt: skip
         Path(database).parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(database, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -82,6 +85,7 @@ class JobStore:
         self._replica_reports: dict[str, dict] = {}
         self.keep_finished_seconds = keep_finished_seconds
         self.keep_finished_count = keep_finished_count
+        self.outputs = OutputStorage(outputs) if outputs else None  # where pruned jobs' images are deleted
         self._last_prune = 0.0
 
     def _execute(self, sql: str, parameters=(), durable: bool = False) -> list[tuple]:
@@ -293,7 +297,7 @@ class JobStore:
 
     def prune(self) -> int:
         """Deletes finished jobs older than the retention time or beyond the retention count, with their
-        output files; returns how many were removed."""
+        images in the output storage; returns how many were removed."""
         cutoff = time.time() - self.keep_finished_seconds
         finished = f"state IN ({_TERMINAL})"
         with self._lock:
@@ -306,7 +310,11 @@ class JobStore:
         for job_id, result in rows:
             for output in image_fields(json.loads(result) if result else {}).get("output_paths") or []:
                 stem = Path(output).stem
-                if stem == job_id or stem.startswith(f"{job_id}-"):  # only files this service named after the job
+                if stem != job_id and not stem.startswith(f"{job_id}-"):  # only files named after the job
+                    continue
+                if self.outputs is not None:
+                    self.outputs.delete(output)  # only under the storage's root
+                elif not is_url(output):
                     Path(output).unlink(missing_ok=True)
         return len(rows)
 

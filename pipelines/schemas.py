@@ -356,9 +356,9 @@ class QueueInfo(BaseModel):
 
 
 class OutputsInfo(BaseModel):
-    available: bool
-    free_space_gb: float
-    directory: str
+    available: bool = Field(..., description="Images can be written to the output storage")
+    free_space_gb: float | None = Field(..., description="Free space of a local output folder; null for object storage")
+    directory: str = Field(..., description="Where images are stored: a local folder or a URL")
 
 
 class ReplicaReport(BaseModel):

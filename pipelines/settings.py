@@ -23,7 +23,10 @@ class Settings(BaseModel):
     upscalers_dir: Path
     vaes_dir: Path
     embeddings_dir: Path
-    outputs_dir: Path
+    outputs_dir: Path  # local things the service keeps by default: the job database, images unless outputs_url
+    # Images in storage every node reaches (an fsspec URL: s3://bucket/prefix, file:///mnt/shared/...), given as
+    # `outputs_dir` (app argument or DIFFUSION_API_OUTPUTS_DIR); None: images go in outputs_dir.
+    outputs_url: str | None = None
     cache_dir: Path  # hashes and family detection results, keyed by file mtime
     models_config: Path  # configs/models.yaml: labels, default model
     # Symlinks in the model/LoRA/upscaler folders that point outside them are skipped unless this is on
@@ -34,6 +37,8 @@ class Settings(BaseModel):
     def from_env(cls, root: Path | None = None) -> "Settings":
         root = _env_path("DIFFUSION_API_HOME", root or PROJECT_ROOT)
         sd = root / "stable_diffusion"
+        outputs = os.environ.get("DIFFUSION_API_OUTPUTS_DIR", "")
+        outputs_url = outputs if "://" in outputs else None  # then the local things stay in root/outputs
         return cls(
             models_dir=_env_path("DIFFUSION_API_MODELS_DIR", sd / "models"),
             extra_models_dir=_env_path("DIFFUSION_API_EXTRA_MODELS_DIR", root / "models"),
@@ -41,8 +46,14 @@ class Settings(BaseModel):
             upscalers_dir=_env_path("DIFFUSION_API_UPSCALERS_DIR", sd / "upscalers"),
             vaes_dir=_env_path("DIFFUSION_API_VAES_DIR", sd / "vae"),
             embeddings_dir=_env_path("DIFFUSION_API_EMBEDDINGS_DIR", sd / "embeddings"),
-            outputs_dir=_env_path("DIFFUSION_API_OUTPUTS_DIR", root / "outputs"),
+            outputs_dir=root / "outputs" if outputs_url else _env_path("DIFFUSION_API_OUTPUTS_DIR", root / "outputs"),
+            outputs_url=outputs_url,
             cache_dir=_env_path("DIFFUSION_API_CACHE_DIR", sd / ".cache"),
             models_config=_env_path("DIFFUSION_API_MODELS_CONFIG", root / "configs" / "models.yaml"),
             allow_external_links=os.environ.get("DIFFUSION_API_ALLOW_EXTERNAL_LINKS", "") in ("1", "true", "yes"),
         )
+
+    @property
+    def outputs_location(self) -> str:
+        """Where images are stored: the URL when one is configured, else the local folder."""
+        return self.outputs_url or str(self.outputs_dir)

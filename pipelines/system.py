@@ -8,6 +8,7 @@ from pathlib import Path
 import psutil
 
 from pipelines.settings import VERSION
+from pipelines.storage import OutputStorage
 
 
 def gpu_info() -> dict:
@@ -32,19 +33,25 @@ def gpu_info() -> dict:
     return info
 
 
-def health_report(models_dir: Path, loras_dir: Path, outputs_dir: Path, model_count: int, lora_count: int,
-                  active_jobs: int, queue_dir: str, gpu: dict | None = None) -> dict:  # fmt: skip
-    """The seed's HealthResponse; `status` is "warning" when memory or disk run low. `gpu` is the figures of
-    the process that holds the GPU (a generator replica), this process's own when not given."""
+def health_report(models_dir: Path, loras_dir: Path, outputs_dir: Path, outputs: OutputStorage, model_count: int,
+                  lora_count: int, active_jobs: int, queue_dir: str, gpu: dict | None = None) -> dict:  # fmt: skip
+    """The seed's HealthResponse; `status` is "warning" when memory or disk run low or the output storage
+    cannot be written. `outputs_dir` is the local folder (the job database by default), `outputs` where the
+    images go (that folder, or a URL). `gpu` is the figures of the process that holds the GPU (a generator
+    replica), this process's own when not given."""
     memory = psutil.virtual_memory()
     outputs_dir.mkdir(parents=True, exist_ok=True)
     disk = shutil.disk_usage(outputs_dir)
     warnings = []
     if memory.percent > 90:
         warnings.append(f"memory is {memory.percent:.0f}% used")
-    free_gb = disk.free / 2**30
-    if free_gb < 2:
-        warnings.append(f"only {free_gb:.1f} GB free for outputs in {outputs_dir}")
+    available = outputs.available()
+    if not available:
+        warnings.append(f"the output storage {outputs.location} cannot be written")
+    # Free space where the images go: a local folder's disk; unknown (None) for object storage.
+    free_gb = shutil.disk_usage(outputs.root).free / 2**30 if outputs.is_local and available else None
+    if free_gb is not None and free_gb < 2:
+        warnings.append(f"only {free_gb:.1f} GB free for outputs in {outputs.location}")
     if model_count == 0:
         warnings.append(f"no models in {models_dir}; run 'make demo-models'")
     return {
@@ -63,9 +70,9 @@ def health_report(models_dir: Path, loras_dir: Path, outputs_dir: Path, model_co
         "loras": {"count": lora_count, "directory": str(loras_dir)},
         "queue": {"active_jobs": active_jobs, "directory": queue_dir},
         "outputs": {
-            "available": os.access(outputs_dir, os.W_OK),
-            "free_space_gb": round(free_gb, 2),
-            "directory": str(outputs_dir),
+            "available": available,
+            "free_space_gb": round(free_gb, 2) if free_gb is not None else None,
+            "directory": outputs.location,
         },  # fmt: skip
         "warnings": warnings,
     }

@@ -31,6 +31,8 @@ LOGICAL_CPUS = 6  # serve_config.yaml asks for 5 CPUs at minimum size; they are 
 
 
 def patched_production_config(settings, outputs: Path, **arg_overrides) -> dict:
+    """serve_config.yaml with this session's folders. Images go to a `file://` URL (the output storage's fsspec
+    path, as on a cluster with shared storage); the job database stays in `outputs`."""
     config = yaml.safe_load((PROJECT_ROOT / "serve_config.yaml").read_text())
     config["http_options"] = {**config.get("http_options", {}), "host": "127.0.0.1", "port": PORT}
     (application,) = config["applications"]
@@ -41,7 +43,8 @@ def patched_production_config(settings, outputs: Path, **arg_overrides) -> dict:
         "vaes_dir": str(settings.vaes_dir),
         "embeddings_dir": str(settings.embeddings_dir),
         "upscalers_dir": str(settings.upscalers_dir),
-        "outputs_dir": str(outputs),
+        "outputs_dir": (outputs / "images").as_uri(),
+        "job_database": str(outputs / "jobs.sqlite3"),
         "models_config": str(settings.models_config),
         "cache_dir": str(settings.cache_dir),
         "max_queued_jobs": MAX_QUEUED_JOBS,
@@ -112,7 +115,12 @@ def service(demo_root, settings):
         wait_until_running("diffusion_api", timeout=240)
 
     deploy()
-    yield {"outputs": outputs, "database": str(outputs / "jobs.sqlite3"), "deploy": deploy}
+    yield {
+        "outputs": outputs,
+        "images": outputs / "images",
+        "database": str(outputs / "jobs.sqlite3"),
+        "deploy": deploy,
+    }
     ray.shutdown()
     shutil.rmtree(haproxy, ignore_errors=True)
 

@@ -70,5 +70,5 @@ def test_cancelling_one_job_of_a_running_batch_leaves_its_batch_mates_alone(clie
     assert (first["state"], last["state"]) == ("done", "done")
     assert first["batch_size"] == last["batch_size"] == 3
     assert cancelled["state"] == "cancelled" and cancelled["image"] is None and cancelled["progress"] < 100
-    assert not list(service["outputs"].glob(f"*/{ids[1]}.*"))  # its image was discarded, not written
+    assert not list(service["images"].glob(f"*/{ids[1]}.*"))  # its image was discarded, not written
     assert wait_for_job(client, blocker)["state"] == "done"

@@ -20,7 +20,8 @@ def test_every_operation_documents_its_error_answers_with_one_body(schema):
         ("get", "/health"): {"200", "401", "503"},
         ("post", "/txt2img"): {"200", "400", "401", "404", "413", "415", "422", "429", "503"},
         ("post", "/img2img"): {"200", "400", "401", "404", "413", "415", "422", "429", "503"},
-        ("get", "/queue/{job_id}"): {"200", "401", "404", "422", "503"},
+        ("get", "/queue/{job_id}"): {"200", "401", "404", "422", "500", "503"},
+        ("get", "/queue/{job_id}/image"): {"200", "401", "404", "409", "422", "500", "503"},
         ("delete", "/queue/{job_id}"): {"200", "401", "404", "409", "422", "503"},
     }
     for (method, path), codes in expected.items():
@@ -29,6 +30,8 @@ def test_every_operation_documents_its_error_answers_with_one_body(schema):
         for code in codes - {"200"}:
             body = responses[code]["content"]["application/json"]["schema"]
             assert body == {"$ref": "#/components/schemas/ErrorResponse"}, (method, path, code)
+    image = schema["paths"]["/queue/{job_id}/image"]["get"]["responses"]["200"]["content"]
+    assert set(image) == {"image/png", "image/jpeg", "image/webp", "image/avif", "image/gif"}
     busy = schema["paths"]["/txt2img"]["post"]["responses"]["429"]
     assert busy["headers"]["Retry-After"]["required"] is True
 

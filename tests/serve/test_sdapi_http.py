@@ -237,8 +237,9 @@ def test_native_batch_size_and_n_iter(client, service):
     assert job["seeds"] == [20, 21, 22, 23, 24, 25] and job["seed"] == 20
     assert job["image"] == job["images"][0] and job["output_path"] == job["output_paths"][0]
     assert len(set(job["images"])) == 6
-    for seed, path, text in zip(job["seeds"], job["output_paths"], job["infotexts"], strict=True):
-        assert f"Seed: {seed}," in text and read_infotext(Path(path).read_bytes()) == text
+    for index, (seed, text) in enumerate(zip(job["seeds"], job["infotexts"], strict=True)):
+        stored = client.get(f"/queue/{job_id}/image", params={"index": index}).content
+        assert f"Seed: {seed}," in text and read_infotext(stored) == text
     assert Path(job["output_paths"][1]).name == f"{job_id}-1.png"
     with httpx.Client(base_url=f"http://127.0.0.1:{PORT}") as plain:
         refused = plain.post("/txt2img", json={"prompt": "x", "batch_size": 9})

@@ -25,3 +25,19 @@ def test_engine_and_warm_up_arguments_are_checked():
                 {"warmup": [{"modle": "x"}]}):  # fmt: skip
         with pytest.raises(ValidationError):
             AppArgs(**bad)
+
+
+def test_outputs_dir_may_be_an_fsspec_url_for_the_images(tmp_path, monkeypatch):
+    from deployments.app import build_app
+    from pipelines.settings import Settings
+    from pipelines.storage import StorageError
+
+    url = (tmp_path / "shared").as_uri()
+    app = build_app({"outputs_dir": url})
+    ingress_settings = Settings(**app._bound_deployment.init_kwargs["settings"])
+    assert ingress_settings.outputs_url == url and ingress_settings.outputs_location == url
+    assert ingress_settings.outputs_dir == Settings.from_env().outputs_dir  # the job database stays local
+    monkeypatch.setenv("DIFFUSION_API_OUTPUTS_DIR", url)
+    assert Settings.from_env().outputs_location == url
+    with pytest.raises(StorageError, match="nope"):
+        build_app({"outputs_dir": "nope://bucket/images"})
