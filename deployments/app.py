@@ -45,6 +45,8 @@ class AppArgs(BaseModel):
     stale_job_timeout_s: float = Field(600.0, gt=0)
     # Per model family, queued + running, across the service; beyond it POST answers 429 with Retry-After.
     max_queued_jobs: int = Field(64, ge=1)
+    # Dispatches of a job whose generator replica or node is lost mid-job (the first included).
+    max_attempts: int = Field(3, ge=1, le=10)
     # Access: a file of API keys (one per line; also DIFFUSION_API_KEYS / DIFFUSION_API_KEYS_FILE) and CORS origins.
     api_keys_file: str | None = None
     cors_origins: list[str] | None = None
@@ -109,6 +111,7 @@ def build_app(args: dict | None = None) -> Application:
         job_options=job_options,
         stale_job_timeout_s=parsed.stale_job_timeout_s,
         max_queued_jobs=parsed.max_queued_jobs,
+        max_attempts=parsed.max_attempts,
         api_keys_file=parsed.api_keys_file,
         cors_origins=parsed.cors_origins,
         upscaler=upscaler,

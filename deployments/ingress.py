@@ -12,10 +12,12 @@ import logging
 import uuid
 from typing import Annotated
 
+import grpc
 from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, RayServeException
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import get_route_path
@@ -72,6 +74,7 @@ from pipelines.system import gpu_info, health_report
 from pipelines.upscalers import LATENT_MODES, RESIZE_MODES, UpscalerLibrary
 from pipelines.vaes import VaeLibrary
 
+RETRY_WARNING = "retried after a worker failure (its generator replica or node was lost)"
 MAX_IMAGES = LIMITS.max_batch_size * LIMITS.max_n_iter  # the most images one job makes
 
 logger = logging.getLogger("ray.serve")
@@ -211,7 +214,7 @@ class Ingress(A1111Routes):
     def __init__(self, sd15, sdxl, refiner, settings: dict, job_database: str,
                  job_options: dict | None = None, stale_job_timeout_s: float = 600.0,
                  max_queued_jobs: int = 64, api_keys_file: str | None = None,
-                 cors_origins: list[str] | None = None, upscaler=None):  # fmt: skip
+                 cors_origins: list[str] | None = None, upscaler=None, max_attempts: int = 3):  # fmt: skip
         self.access = AccessPolicy.from_config(api_keys_file, cors_origins)
         if self.access.api_keys:
             logger.info("API keys are on: %d key(s)", len(self.access.api_keys))
@@ -228,6 +231,7 @@ class Ingress(A1111Routes):
         self.jobs = JobsClient(job_database, **(job_options or {}))
         self.stale_job_timeout_s = stale_job_timeout_s
         self.max_queued_jobs = max_queued_jobs
+        self.max_attempts = max_attempts  # dispatches of a job whose worker is lost, the first included
         self._inflight: dict[str, asyncio.Task] = {}  # job id -> the task awaiting its generator
         self.submissions_arriving = 0  # job POSTs received and not yet handed to a generator (_CountSubmissions)
         self._reaper: asyncio.Task | None = None
@@ -321,6 +325,7 @@ class Ingress(A1111Routes):
         for name in request.model_extra or {}:  # not `exclude`: an unknown "file_type" would drop "fileType"
             payload.pop(name, None)
         payload["model"] = entry.name
+        payload["seed"] = job.seed  # a random seed is fixed now, so a retried job makes the same image
         job_id = uuid.uuid4().hex
         warnings = job.sampler.warnings + job.warnings + warnings
         created = await self.jobs.create(job_id, kind, payload, warnings, entry.family, self.max_queued_jobs,
@@ -344,6 +349,10 @@ class Ingress(A1111Routes):
         return job_id
 
     async def _run(self, job_id: str, kind: str, payload: dict, handle, more_coming: int = 0) -> None:
+        """Dispatches a job to its generator deployment until it ends. A job whose generator replica or node
+        dies with it is dispatched again (Serve routes it to a live or replacement replica), up to
+        `max_attempts` in all; jobs are deterministic (the seed is fixed at submission), so the retry makes the
+        image the first attempt would have made, under the same name."""
         try:
             while True:
                 try:
@@ -352,6 +361,14 @@ class Ingress(A1111Routes):
                 except BackPressureError:
                     # Serve's own queue limit (max_queued_requests) is full: the job stays queued and waits.
                     await asyncio.sleep(1.0)
+                except (RayActorError, grpc.aio.AioRpcError) as error:  # the replica (or its node) is gone
+                    cause = f"{type(error).__name__}: {error}".splitlines()[0][:300]
+                    attempt = await self.jobs.retry(job_id, RETRY_WARNING, self.max_attempts, cause)
+                    if attempt is None:  # it ended meanwhile (cancelled, done), or that was its last attempt
+                        return
+                    logger.warning("job %s: its generator was lost (%s); dispatching attempt %d", job_id, cause,
+                                   attempt)  # fmt: skip
+                    more_coming = 0
         except BaseException as error:  # includes CancelledError and a dead replica's ActorDiedError
             cause = getattr(error, "cause", None)
             message = getattr(cause, "message", None) or f"{type(error).__name__}: {error}".splitlines()[0]
@@ -467,6 +484,7 @@ class Ingress(A1111Routes):
             "error": job["error"],
             "warnings": job["warnings"],
             "batch_size": job["batch_size"],
+            "attempts": job["attempts"],
         }
         if job["state"] == "done" and job["result"]:
             result, missing = await self.with_image_bytes(job["result"])

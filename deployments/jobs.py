@@ -50,12 +50,14 @@ CREATE TABLE IF NOT EXISTS jobs (
     family TEXT NOT NULL DEFAULT '',
     batch_size INTEGER,
     origin TEXT NOT NULL DEFAULT '',
-    owner TEXT NOT NULL DEFAULT ''
+    owner TEXT NOT NULL DEFAULT '',
+    attempts INTEGER NOT NULL DEFAULT 1
 )
 """
 # Columns added after the first release, with their definitions: an older database gets them at start.
 _ADDED_COLUMNS = {"family": "TEXT NOT NULL DEFAULT ''", "batch_size": "INTEGER",
-                  "origin": "TEXT NOT NULL DEFAULT ''", "owner": "TEXT NOT NULL DEFAULT ''"}  # fmt: skip
+                  "origin": "TEXT NOT NULL DEFAULT ''", "owner": "TEXT NOT NULL DEFAULT ''",
+                  "attempts": "INTEGER NOT NULL DEFAULT 1"}  # fmt: skip
 
 
 class JobStore:
@@ -221,6 +223,33 @@ class JobStore:
     def complete(self, job_id: str, result: dict, warnings: list[str] | None = None) -> bool:
         return self.complete_many([(job_id, result, warnings or [])])[0]
 
+    def retry(self, job_id: str, warning: str, max_attempts: int, cause: str) -> int | None:
+        """Puts a job whose worker died (replica or node lost) back in the queue for another attempt, with
+        `warning` once among its warnings; returns the new attempt's number. None when the job has ended
+        meanwhile (done, cancelled: never retried) or has had `max_attempts` attempts: then it is failed here,
+        with a message that says so."""
+        now = time.time()
+        with self._transaction(durable=True) as db:
+            query = f"SELECT attempts, warnings FROM jobs WHERE job_id = ? AND {_ACTIVE}"
+            row = db.execute(query, (job_id,)).fetchone()
+            if row is None:
+                return None
+            attempts, warnings = row[0], json.loads(row[1])
+            if attempts >= max_attempts:
+                error = (f"its worker was lost on each of its {attempts} attempt(s) (last: {cause}); not retried "
+                         f"again (max_attempts {max_attempts})")  # fmt: skip
+                db.execute("UPDATE jobs SET state = 'error', phase = 'error', error = ?, updated = ? WHERE job_id = ?",
+                           (error, now, job_id))  # fmt: skip
+                return None
+            if warning not in warnings:
+                warnings.append(warning)
+            db.execute(
+                "UPDATE jobs SET state = 'queued', phase = 'queued', progress = 0, attempts = attempts + 1, "
+                "warnings = ?, updated = ? WHERE job_id = ?",
+                (json.dumps(warnings), now, job_id),
+            )
+            return attempts + 1
+
     def fail(self, job_id: str, error: str) -> bool:
         return bool(self._update_many([job_id], durable=True, state="error", phase="error", error=error))
 
@@ -335,7 +364,7 @@ def image_fields(result: dict) -> dict:
 
 
 _JOB_COLUMNS = ("job_id", "kind", "state", "phase", "progress", "created", "updated", "payload", "warnings",
-                "result", "error", "batch_size")  # fmt: skip
+                "result", "error", "batch_size", "attempts")  # fmt: skip
 
 
 def read_job(db: sqlite3.Connection, job_id: str) -> dict | None:
@@ -432,6 +461,9 @@ class JobsClient:
 
     async def fail(self, job_id: str, error: str) -> bool:
         return await self._call("fail", job_id, error)
+
+    async def retry(self, job_id: str, warning: str, max_attempts: int, cause: str) -> int | None:
+        return await self._call("retry", job_id, warning, max_attempts, cause)
 
     async def cancel(self, job_id: str) -> bool:
         return await self._call("cancel", job_id)

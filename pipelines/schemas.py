@@ -236,6 +236,9 @@ class QueueStatusResponse(BaseModel):
     batch_size: int | None = Field(
         None, description="How many images (this job's and other jobs') ran together in this job's diffusers call"
     )
+    attempts: int = Field(
+        1, ge=1, description="How many times the job was dispatched: more than 1 after its worker was lost"
+    )
     images: list[str] | None = Field(None, description="Every image of the job, base64 (`image` is the first)")
     output_paths: list[str] | None = None
     seeds: list[int] | None = Field(None, description="Each image's seed: seed, seed+1, ... (as A1111)")

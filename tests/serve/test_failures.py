@@ -1,10 +1,15 @@
-"""Jobs never hang: a failing generator, a killed replica and a restarted job actor all end in a clear state."""
+"""Jobs never hang and are not lost: a failing generator ends in a clear error, a killed generator replica is
+retried (up to max_attempts) with the same image, a restarted job actor or service keeps its records."""
 
+import base64
+import io
 import json
 import shutil
 import time
+from pathlib import Path
 
 import ray
+from PIL import Image
 
 from deployments.jobs import ACTOR_NAMESPACE, job_actor_name
 from tests.serve.conftest import wait_for_job
@@ -35,20 +40,62 @@ def _replica_actors(deployment: str) -> list:
     ]
 
 
-def test_killed_generator_replica_fails_the_job_and_serving_continues(client):
-    body = {"prompt": "x", "model": "Demo SD1.5", "steps": 150, "width": 256, "height": 256, "seed": 1}
-    job_id = client.post("/txt2img", json=body).json()["job_id"]
-    deadline = time.monotonic() + 60
-    while client.get(f"/queue/{job_id}").json()["progress"] <= 0 and time.monotonic() < deadline:
+def _running(client, job_id: str, attempt: int) -> dict:
+    """Waits until the job's `attempt`-th dispatch is generating (progress above 0)."""
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        status = client.get(f"/queue/{job_id}").json()
+        if status["state"] == "processing" and status["progress"] > 0 and status["attempts"] == attempt:
+            return status
+        assert status["state"] in ("queued", "processing"), status
         time.sleep(0.05)
-    for actor in _replica_actors("SD15Generator"):
+    raise AssertionError(f"attempt {attempt} of job {job_id} never ran: {status}")
+
+
+def _kill_generators(deployment: str = "SD15Generator") -> None:
+    for actor in _replica_actors(deployment):
         ray.kill(actor, no_restart=True)
-    job = wait_for_job(client, job_id, timeout=60)
-    assert job["state"] == "error"
-    assert job["error"]
-    # Serve replaces the replica; the next job succeeds.
+
+
+def test_a_job_whose_generator_replica_dies_is_retried_and_makes_the_same_image(client):
+    body = {"prompt": "x", "model": "Demo SD1.5", "steps": 60, "width": 256, "height": 256, "fileType": "png"}
+    job_id = client.post("/txt2img", json=body).json()["job_id"]  # a random seed: fixed at submission
+    _running(client, job_id, attempt=1)
+    _kill_generators()
+    job = wait_for_job(client, job_id, timeout=240)
+    assert job["state"] == "done" and job["attempts"] == 2, job
+    assert "retried after a worker failure (its generator replica or node was lost)" in job["warnings"]
+    # The same request with the job's seed, run once: the same pixels (and the same file name: no second file).
+    reference = wait_for_job(client, client.post("/txt2img", json={**body, "seed": job["seed"]}).json()["job_id"])
+    assert reference["attempts"] == 1
+    pixels = [Image.open(io.BytesIO(base64.b64decode(j["image"]))).tobytes() for j in (job, reference)]
+    assert pixels[0] == pixels[1]
+    assert len(list(Path(job["output_path"].removeprefix("file://")).parent.glob(f"{job_id}*"))) == 1
+
+
+def test_a_job_that_loses_its_worker_every_time_ends_in_error_after_max_attempts(client):
+    body = {"prompt": "y", "model": "Demo SD1.5", "steps": 150, "width": 256, "height": 256, "seed": 4}
+    job_id = client.post("/txt2img", json=body).json()["job_id"]
+    for attempt in (1, 2, 3):  # max_attempts is 3 by default
+        _running(client, job_id, attempt)
+        _kill_generators()
+    job = wait_for_job(client, job_id, timeout=120)
+    assert job["state"] == "error" and job["attempts"] == 3, job
+    assert "lost on each of its 3 attempt(s)" in job["error"] and "max_attempts 3" in job["error"]
+    # Serve replaces the replicas; the next job succeeds.
     next_job = client.post("/txt2img", json={"prompt": "y", "steps": 4, "width": 64, "height": 64}).json()
-    assert wait_for_job(client, next_job["job_id"], timeout=120)["state"] == "done"
+    assert wait_for_job(client, next_job["job_id"], timeout=180)["state"] == "done"
+
+
+def test_a_cancelled_job_is_not_retried_when_its_worker_dies(client):
+    body = {"prompt": "z", "model": "Demo SD1.5", "steps": 150, "width": 256, "height": 256, "seed": 5}
+    job_id = client.post("/txt2img", json=body).json()["job_id"]
+    _running(client, job_id, attempt=1)
+    assert client.delete(f"/queue/{job_id}").status_code == 200
+    _kill_generators()
+    time.sleep(3)
+    job = client.get(f"/queue/{job_id}").json()
+    assert job["state"] == "cancelled" and job["attempts"] == 1
 
 
 def test_finished_job_survives_a_job_actor_restart(client, service):

@@ -165,3 +165,22 @@ def test_a_replica_opens_the_file_only_when_it_is_the_actors_own_database(tmp_pa
     JobStore(other)
     assert not same_store(other, store.store_id())  # another node's file at the same path
     assert not same_store(str(tmp_path / "missing.sqlite3"), store.store_id())
+
+
+def test_retry_requeues_an_active_job_until_its_last_attempt(tmp_path):
+    store = JobStore(str(tmp_path / "jobs.sqlite3"))
+    store.create("r", "txt2img", {"prompt": "x"}, ["first"])
+    store.start("r")
+    store.progress("r", 40.0, "generation")
+    assert store.retry("r", "retried", max_attempts=3, cause="ActorDiedError") == 2
+    job = store.get("r")
+    assert (job["state"], job["progress"], job["attempts"], job["warnings"]) == ("queued", 0.0, 2, ["first", "retried"])
+    assert store.retry("r", "retried", max_attempts=3, cause="ActorDiedError") == 3
+    assert store.get("r")["warnings"] == ["first", "retried"]  # said once
+    assert store.retry("r", "retried", max_attempts=3, cause="ActorDiedError: gone") is None
+    job = store.get("r")
+    assert job["state"] == "error" and "each of its 3 attempt(s) (last: ActorDiedError: gone)" in job["error"]
+    store.create("c", "txt2img", {"prompt": "x"}, [])
+    store.cancel("c")
+    assert store.retry("c", "retried", max_attempts=3, cause="x") is None  # a cancelled job is never retried
+    assert store.get("c")["state"] == "cancelled" and store.get("c")["attempts"] == 1
