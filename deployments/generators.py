@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from deployments.batching import JobBatcher
-from deployments.jobs import PER_IMAGE_FIELDS, JobsClient
+from deployments.jobs import LEASE_RENEW_S, PER_IMAGE_FIELDS, JobsClient
 from pipelines.catalog import ModelCatalog
 from pipelines.errors import DiffusionAPIError, JobCancelledError
 from pipelines.generate import GenerationResult, ImageEngine
@@ -144,6 +144,7 @@ class _Generator:
         self.replica_name = f"{context.deployment}#{context.replica_id.unique_id}"
         self._reported_models: list[str] | None = None
         self._collected: dict[str, CollectedImages] = {}  # job id -> its finished images, until all are in
+        self._lease_keeper: asyncio.Task | None = None
         logger.info("%s: torch threads %d, %s", self.replica_name, threads, self.batching)
         self._warm_up(options.get("warmup") or [])
         self._report()
@@ -186,6 +187,8 @@ class _Generator:
         """Runs one job to its end (its images in batches, with compatible jobs) and records the outcome on
         the job; returns the result record. `more_coming`: how many more jobs the ingress was admitting when it
         sent this one (a burst): this one may wait up to `batch_wait_ms` for them to join its batch."""
+        if self._lease_keeper is None or self._lease_keeper.done():
+            self._lease_keeper = asyncio.create_task(self._keep_leases())
         try:
             with self.batcher.expecting():  # batch-mates already waiting may wait for this job to join them
                 parsed = Img2ImgRequest(**request) if kind == "img2img" else Txt2ImgRequest(**request)
@@ -396,6 +399,16 @@ class _Generator:
             "batch_size": result.batch_size,
             "warnings": result.warnings,
         }
+
+    async def _keep_leases(self) -> None:
+        """Renews the leases of the jobs this replica holds (waiting in its batcher or running), so no ingress
+        replica takes a job that is still being worked on for an abandoned one."""
+        while True:
+            await asyncio.sleep(LEASE_RENEW_S)
+            try:
+                await self.jobs.renew_leases(list(self._collected))
+            except Exception:
+                logger.exception("renewing job leases failed")
 
     def check_health(self) -> None:
         """Serve's health check (every few seconds): the replica is healthy while its engine answers; it also

@@ -9,6 +9,7 @@ and records any failure (exception, dead replica) on the job.
 import asyncio
 import contextvars
 import logging
+import time
 import uuid
 from typing import Annotated
 
@@ -34,7 +35,7 @@ from deployments.access import (
     require_json_body,
 )
 from deployments.contract import IMAGE_CONTENT, IMAGE_ERRORS, documented_errors, documented_methods, install_openapi
-from deployments.jobs import TERMINAL_STATES, JobsClient, image_fields
+from deployments.jobs import LEASE_RENEW_S, TERMINAL_STATES, JobsClient, image_fields
 from pipelines.catalog import ModelCatalog, ModelEntry
 from pipelines.embeddings import EmbeddingLibrary
 from pipelines.errors import DiffusionAPIError, ServiceBusyError
@@ -75,6 +76,7 @@ from pipelines.upscalers import LATENT_MODES, RESIZE_MODES, UpscalerLibrary
 from pipelines.vaes import VaeLibrary
 
 RETRY_WARNING = "retried after a worker failure (its generator replica or node was lost)"
+RECOVERY_WARNING = "dispatched again after the service restarted or the ingress replica that dispatched it was lost"
 MAX_IMAGES = LIMITS.max_batch_size * LIMITS.max_n_iter  # the most images one job makes
 
 logger = logging.getLogger("ray.serve")
@@ -341,12 +343,15 @@ class Ingress(A1111Routes):
         if http.scope.get("state", {}).pop(ARRIVING, False):
             self.submissions_arriving -= 1
         more_coming = self.submissions_arriving
+        self._start_run(job_id, kind, payload, handle, more_coming)
+        return job_id
+
+    def _start_run(self, job_id: str, kind: str, payload: dict, handle, more_coming: int = 0) -> None:
         # A fresh context detaches the work from this HTTP request: a client disconnect must not cancel it.
         run = self._run(job_id, kind, payload, handle, more_coming)
         task = asyncio.create_task(run, context=contextvars.Context())
         self._inflight[job_id] = task
         task.add_done_callback(lambda _: self._inflight.pop(job_id, None))
-        return job_id
 
     async def _run(self, job_id: str, kind: str, payload: dict, handle, more_coming: int = 0) -> None:
         """Dispatches a job to its generator deployment until it ends. A job whose generator replica or node
@@ -446,15 +451,45 @@ class Ingress(A1111Routes):
             self._reaper = asyncio.create_task(self._reap_forever(), context=contextvars.Context())
 
     async def _reap_forever(self) -> None:
-        """Marks jobs nobody works on as failed. Jobs this replica is still waiting on get a heartbeat first,
-        so a long queue is not mistaken for a dead worker."""
+        """The job keeper, every LEASE_RENEW_S: renews the leases of the jobs this replica dispatches; claims
+        the jobs nobody holds any more (after a crash of the service, or of the ingress replica that dispatched
+        them) and dispatches them again; and now and then fails jobs that are held but have stopped
+        progressing for `stale_job_timeout_s` (jobs this replica still waits on get a heartbeat first, so a long
+        queue is not mistaken for a stuck worker)."""
+        last_reaped = time.monotonic()
         while True:
-            await asyncio.sleep(min(30.0, self.stale_job_timeout_s / 3))
+            await asyncio.sleep(LEASE_RENEW_S)
             try:
-                await self.jobs.touch_queued(list(self._inflight))
-                await self.jobs.reap_stale(self.stale_job_timeout_s)
+                inflight = list(self._inflight)
+                await self.jobs.renew_leases(inflight)
+                if time.monotonic() - last_reaped >= min(30.0, self.stale_job_timeout_s / 3):
+                    last_reaped = time.monotonic()
+                    await self.jobs.touch_queued(inflight)
+                    await self.jobs.reap_stale(self.stale_job_timeout_s)
+                for orphan in await self.jobs.claim_orphans():
+                    await self._dispatch_again(orphan)
             except Exception:
-                logger.exception("stale-job reaper failed")
+                logger.exception("the job keeper failed; it runs again in %.0fs", LEASE_RENEW_S)
+
+    async def _dispatch_again(self, orphan: dict) -> None:
+        """Dispatches a job nobody held any more, as a new attempt (failed instead after its last one)."""
+        job_id = orphan["job_id"]
+        cause = "nobody held it any more (the service restarted, or its ingress replica was lost)"
+        attempt = await self.jobs.retry(job_id, RECOVERY_WARNING, self.max_attempts, cause)
+        if attempt is None:
+            return
+        handle = self.handles.get(orphan["family"])
+        if handle is None:
+            await self.jobs.fail(job_id, f"cannot dispatch it again: unknown model family {orphan['family']!r}")
+            return
+        logger.warning("job %s: %s; dispatching attempt %d", job_id, cause, attempt)
+        model = orphan["payload"].get("model")
+        self._start_run(job_id, orphan["kind"], orphan["payload"], handle.options(multiplexed_model_id=model))
+
+    async def check_health(self) -> None:
+        """Serve's health check (every few seconds); it also starts the job keeper on a fresh replica, so jobs
+        left by a crash are dispatched again without waiting for a request."""
+        self._start_reaper()
 
     @app.delete("/queue/{job_id}", response_model=CancelResponse,
                 responses=documented_errors(401, 404, 409, 422, 503))  # fmt: skip

@@ -29,6 +29,12 @@ ACTOR_NAMESPACE = "diffusion_api"
 # gets a new actor (same database) instead of calling methods the old one does not have.
 STORE_INTERFACE_VERSION = 5
 REPLICA_REPORT_TTL_S = 60.0
+# An active job is held by the processes working on it (the ingress replica dispatching it, the generator
+# replica queueing or running it), which renew its lease every LEASE_RENEW_S. A job whose lease has run out
+# has lost them all (a crash of the service, a dead ingress replica): any ingress replica claims and
+# dispatches it again.
+LEASE_S = 15.0
+LEASE_RENEW_S = 3.0
 PRUNE_INTERVAL_S = 60.0  # retention runs at most this often (on job creation), not on every job
 TERMINAL_STATES = ("done", "error", "cancelled")
 _TERMINAL = ", ".join(f"'{state}'" for state in TERMINAL_STATES)
@@ -51,13 +57,14 @@ CREATE TABLE IF NOT EXISTS jobs (
     batch_size INTEGER,
     origin TEXT NOT NULL DEFAULT '',
     owner TEXT NOT NULL DEFAULT '',
-    attempts INTEGER NOT NULL DEFAULT 1
+    attempts INTEGER NOT NULL DEFAULT 1,
+    lease_until REAL NOT NULL DEFAULT 0
 )
 """
 # Columns added after the first release, with their definitions: an older database gets them at start.
 _ADDED_COLUMNS = {"family": "TEXT NOT NULL DEFAULT ''", "batch_size": "INTEGER",
                   "origin": "TEXT NOT NULL DEFAULT ''", "owner": "TEXT NOT NULL DEFAULT ''",
-                  "attempts": "INTEGER NOT NULL DEFAULT 1"}  # fmt: skip
+                  "attempts": "INTEGER NOT NULL DEFAULT 1", "lease_until": "REAL NOT NULL DEFAULT 0"}  # fmt: skip
 
 
 class JobStore:
@@ -148,10 +155,11 @@ class JobStore:
                     return False
             db.execute(
                 "INSERT INTO jobs (job_id, kind, state, phase, progress, created, updated, payload, warnings, "
-                "result, error, family, origin, owner) "
-                "VALUES (?, ?, 'queued', 'queued', 0, ?, ?, ?, ?, NULL, NULL, ?, ?, ?)",
-                (job_id, kind, now, now, json.dumps(payload), json.dumps(warnings), family, origin, owner),
-            )
+                "result, error, family, origin, owner, lease_until) "
+                "VALUES (?, ?, 'queued', 'queued', 0, ?, ?, ?, ?, NULL, NULL, ?, ?, ?, ?)",
+                (job_id, kind, now, now, json.dumps(payload), json.dumps(warnings), family, origin, owner,
+                 now + LEASE_S),
+            )  # fmt: skip
         if now - self._last_prune >= PRUNE_INTERVAL_S:
             self._last_prune = now
             try:
@@ -189,6 +197,35 @@ class JobStore:
         """Heartbeat for started jobs that wait for their turn inside a batch (an out-of-memory batch retried
         job by job), so the stale-job reaper leaves them alone."""
         return len(self._update_many(job_ids))
+
+    def renew_leases(self, job_ids: list[str]) -> int:
+        """The holders' heartbeat: the active jobs among `job_ids` stay theirs for another LEASE_S."""
+        if not job_ids:
+            return 0
+        marks = ", ".join("?" * len(job_ids))
+        rows = self._execute(
+            f"UPDATE jobs SET lease_until = MAX(lease_until, ?) WHERE job_id IN ({marks}) AND {_ACTIVE} "
+            f"RETURNING job_id",
+            (time.time() + LEASE_S, *job_ids),
+        )
+        return len(rows)
+
+    def claim_orphans(self, limit: int = 16) -> list[dict]:
+        """Takes up to `limit` active jobs whose lease has run out (nobody holds them any more) for the caller,
+        atomically (one caller gets each); returns them (job id, kind, payload, family) to dispatch again."""
+        now = time.time()
+        # Every ingress replica asks every few seconds and the answer is nearly always "none": a plain read
+        # answers that without taking the write lock.
+        if not self._execute(f"SELECT 1 FROM jobs WHERE {_ACTIVE} AND lease_until < ? LIMIT 1", (now,)):
+            return []
+        with self._transaction(durable=True) as db:
+            rows = db.execute(
+                f"UPDATE jobs SET lease_until = ? WHERE job_id IN (SELECT job_id FROM jobs WHERE {_ACTIVE} AND "
+                f"lease_until < ? ORDER BY created LIMIT ?) RETURNING job_id, kind, payload, family",
+                (now + LEASE_S, now, limit),
+            ).fetchall()
+        return [{"job_id": job_id, "kind": kind, "payload": json.loads(payload), "family": family}
+                for job_id, kind, payload, family in rows]  # fmt: skip
 
     def touch_queued(self, job_ids: list[str]) -> int:
         """Heartbeat for jobs still waiting for a generator, so the stale-job reaper leaves them alone."""
@@ -311,13 +348,17 @@ class JobStore:
 
     # Housekeeping ----------------------------------------------------------------------------------------
     def reap_stale(self, timeout_seconds: float) -> list[str]:
-        """Fails active jobs that have not been updated for `timeout_seconds`; returns their ids."""
-        cutoff = time.time() - timeout_seconds
+        """Fails active jobs that are held (their lease is live) but have not been updated for `timeout_seconds`:
+        a worker that is alive and stuck. (Jobs nobody holds are claimed and dispatched again instead.) Returns
+        their ids."""
+        now = time.time()
         with self._lock:
             stale = [
                 row[0]
                 for row in self._db.execute(
-                    "SELECT job_id FROM jobs WHERE state IN ('queued', 'processing') AND updated < ?", (cutoff,)
+                    "SELECT job_id FROM jobs WHERE state IN ('queued', 'processing') AND updated < ? AND "
+                    "lease_until >= ?",
+                    (now - timeout_seconds, now),
                 )
             ]
         for job_id in stale:
@@ -476,6 +517,12 @@ class JobsClient:
 
     async def touch_active(self, job_ids: list[str]) -> int:
         return await self._call("touch_active", job_ids)
+
+    async def renew_leases(self, job_ids: list[str]) -> int:
+        return await self._call("renew_leases", job_ids)
+
+    async def claim_orphans(self, limit: int = 16) -> list[dict]:
+        return await self._call("claim_orphans", limit)
 
     async def touch_queued(self, job_ids: list[str]) -> int:
         return await self._call("touch_queued", job_ids)

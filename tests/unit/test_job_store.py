@@ -184,3 +184,29 @@ def test_retry_requeues_an_active_job_until_its_last_attempt(tmp_path):
     store.cancel("c")
     assert store.retry("c", "retried", max_attempts=3, cause="x") is None  # a cancelled job is never retried
     assert store.get("c")["state"] == "cancelled" and store.get("c")["attempts"] == 1
+
+
+def test_jobs_nobody_holds_are_claimed_once_and_held_ones_never(tmp_path, monkeypatch):
+    from deployments import jobs as jobs_module
+
+    monkeypatch.setattr(jobs_module, "LEASE_S", 0.2)
+    store = JobStore(str(tmp_path / "jobs.sqlite3"))
+    for job_id in ("held", "orphan", "done"):
+        store.create(job_id, "txt2img", {"prompt": job_id, "model": "m"}, [], family="sd15")
+    store.start("orphan")
+    store.complete("done", {"output_path": "x"})
+    time.sleep(0.3)
+    assert store.renew_leases(["held", "done"]) == 1  # ended jobs have no lease to renew
+    claimed = store.claim_orphans()
+    assert [(job["job_id"], job["family"], job["payload"]["prompt"]) for job in claimed] == [
+        ("orphan", "sd15", "orphan")
+    ]
+    assert store.claim_orphans() == []  # the claim is a lease of its own: nobody else takes it now
+    time.sleep(0.3)
+    assert {job["job_id"] for job in store.claim_orphans()} == {"held", "orphan"}
+    # A stuck job (held, no progress) is reaped; one nobody holds is left to be claimed and dispatched again.
+    store.create("lost", "txt2img", {"prompt": "lost"}, [], family="sd15")
+    time.sleep(0.3)
+    store.renew_leases(["held"])
+    assert store.reap_stale(0.0) == ["held"]
+    assert store.get("lost")["state"] == "queued"
