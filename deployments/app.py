@@ -1,5 +1,6 @@
 """The application builder: binds the deployment graph from config args (`import_path: deployments.app:build_app`)."""
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -8,6 +9,7 @@ from ray.serve import Application
 
 from deployments.generators import Refiner, SD15Generator, SDXLGenerator
 from deployments.ingress import Ingress
+from deployments.job_db import describe, is_postgres_url, open_database
 from deployments.upscaler import Upscaler
 from pipelines.settings import Settings
 from pipelines.speed import SpeedOptions
@@ -39,7 +41,10 @@ class AppArgs(BaseModel):
     outputs_dir: str | None = None  # a local folder, or an fsspec URL for the images (s3://..., file:///...)
     models_config: str | None = None
     cache_dir: str | None = None  # hashes and detected families of model files
-    job_database: str | None = None  # default: <outputs_dir>/jobs.sqlite3
+    # The job store: a SQLite file (default <outputs_dir>/jobs.sqlite3; also DIFFUSION_API_JOB_STORE) or a
+    # postgresql:// URL, the store a cluster needs (no record on any one node). `job_database`: its older name.
+    job_store: str | None = None
+    job_database: str | None = None
     device: str | None = None  # default: CUDA when present, else CPU
     # A job with no progress report (and no ingress still waiting on it) for this long is marked failed.
     stale_job_timeout_s: float = Field(600.0, gt=0)
@@ -61,6 +66,25 @@ class AppArgs(BaseModel):
     speed: SpeedOptions | None = None
     # Jobs each generator runs at start for the models of its family (an unknown model stops the deploy).
     warmup: list[WarmupJob] = Field(default_factory=list)
+
+
+def job_store_location(parsed: AppArgs, settings: Settings) -> str:
+    """The job store's path or URL. A PostgreSQL store is reached (and its schema checked) here, so a wrong URL,
+    a server that is down or a missing driver stops the deploy with the reason instead of failing every job."""
+    if parsed.job_store and parsed.job_database and parsed.job_store != parsed.job_database:
+        raise ValueError("give the job store once: job_store and job_database (its older name) differ")
+    location = parsed.job_store or parsed.job_database or os.environ.get("DIFFUSION_API_JOB_STORE")
+    if not location:
+        return str(settings.outputs_dir / "jobs.sqlite3")
+    if not is_postgres_url(location):
+        if "://" in location:
+            raise ValueError(f"job_store {location!r}: a SQLite file path or a postgresql:// URL")
+        return str(Path(location).expanduser().resolve())
+    try:
+        open_database(location)
+    except Exception as error:  # the driver's errors name the host and the reason
+        raise ValueError(f"job_store {describe(location)}: cannot use it: {error}") from error
+    return location
 
 
 def build_app(args: dict | None = None) -> Application:
@@ -85,7 +109,7 @@ def build_app(args: dict | None = None) -> Application:
         overrides["outputs_url"] = parsed.outputs_dir
     settings = settings.model_copy(update=overrides)
     OutputStorage(settings.outputs_location)  # an unknown protocol or a missing package stops the deploy here
-    database = parsed.job_database or str(settings.outputs_dir / "jobs.sqlite3")
+    database = job_store_location(parsed, settings)
     plain = settings.model_dump(mode="json")
     job_options = {
         "keep_finished_seconds": parsed.keep_finished_jobs_s,

@@ -35,6 +35,7 @@ from deployments.access import (
     require_json_body,
 )
 from deployments.contract import IMAGE_CONTENT, IMAGE_ERRORS, documented_errors, documented_methods, install_openapi
+from deployments.job_db import describe
 from deployments.jobs import LEASE_RENEW_S, TERMINAL_STATES, JobsClient, image_fields
 from pipelines.catalog import ModelCatalog, ModelEntry
 from pipelines.embeddings import EmbeddingLibrary
@@ -254,7 +255,7 @@ class Ingress(A1111Routes):
         report = await asyncio.to_thread(
             health_report, self.settings.models_dir, self.settings.loras_dir, self.settings.outputs_dir,
             self.storage, len(self.catalog.list_models()), len(self.loras.available()), active,
-            self.job_database, gpu,
+            describe(self.job_database), gpu,  # a PostgreSQL URL without its password
         )  # fmt: skip
         report["jobs"] = counts
         report["replicas"] = replicas

@@ -1,25 +1,26 @@
-"""The job store: every job's state in a SQLite file, behind a named Ray actor.
+"""The job store: every job's state in a database, behind a named Ray actor.
 
 `JobStore` is a plain class (testable without Ray) with named transitions: `create`, `start_many`,
-`progress_many`, `complete_many`, `fail`, `cancel`. Records live in a SQLite file (in the outputs folder by
-default), so a finished job, image included, is still served after the actor or the whole service restarts.
-Finished jobs are pruned by age and count; a job whose worker stopped reporting is failed by `reap_stale`.
-Replicas reach it through `JobsClient`: straight to the file on the actor's node, else through the actor.
+`progress_many`, `complete_many`, `retry`, `fail`, `cancel`. Records live in a database (deployments/job_db.py):
+a SQLite file (in the outputs folder by default) or a PostgreSQL server, so a finished job is still served after
+the actor or the whole service restarts; its images are in the output storage, the record says where. Finished
+jobs are pruned by age and count; active jobs are held by leases (see LEASE_S). Replicas reach the store through
+`JobsClient`: straight to the database where they can (PostgreSQL from any node, a SQLite file from the actor's
+node), else through the actor.
 """
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import logging
 import sqlite3
-import threading
 import time
 import uuid
 from pathlib import Path
 
 import ray
 
+from deployments.job_db import database_errors, describe, is_postgres_url, open_database
 from pipelines.storage import OutputStorage, is_url
 
 logger = logging.getLogger("ray.serve")
@@ -27,7 +28,7 @@ ACTOR_NAME_PREFIX = "diffusion_api_jobs"
 ACTOR_NAMESPACE = "diffusion_api"
 # Bump when JobStore's methods change: the actor is detached and outlives redeploys, so a new interface
 # gets a new actor (same database) instead of calling methods the old one does not have.
-STORE_INTERFACE_VERSION = 5
+STORE_INTERFACE_VERSION = 6
 REPLICA_REPORT_TTL_S = 60.0
 # An active job is held by the processes working on it (the ingress replica dispatching it, the generator
 # replica queueing or running it), which renew its lease every LEASE_RENEW_S. A job whose lease has run out
@@ -39,90 +40,22 @@ PRUNE_INTERVAL_S = 60.0  # retention runs at most this often (on job creation), 
 TERMINAL_STATES = ("done", "error", "cancelled")
 _TERMINAL = ", ".join(f"'{state}'" for state in TERMINAL_STATES)
 _ACTIVE = f"state NOT IN ({_TERMINAL})"
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    job_id TEXT PRIMARY KEY,
-    kind TEXT NOT NULL,
-    state TEXT NOT NULL,
-    phase TEXT NOT NULL,
-    progress REAL NOT NULL,
-    created REAL NOT NULL,
-    updated REAL NOT NULL,
-    payload TEXT NOT NULL,
-    warnings TEXT NOT NULL,
-    result TEXT,
-    error TEXT,
-    family TEXT NOT NULL DEFAULT '',
-    batch_size INTEGER,
-    origin TEXT NOT NULL DEFAULT '',
-    owner TEXT NOT NULL DEFAULT '',
-    attempts INTEGER NOT NULL DEFAULT 1,
-    lease_until REAL NOT NULL DEFAULT 0
-)
-"""
-# Columns added after the first release, with their definitions: an older database gets them at start.
-_ADDED_COLUMNS = {"family": "TEXT NOT NULL DEFAULT ''", "batch_size": "INTEGER",
-                  "origin": "TEXT NOT NULL DEFAULT ''", "owner": "TEXT NOT NULL DEFAULT ''",
-                  "attempts": "INTEGER NOT NULL DEFAULT 1", "lease_until": "REAL NOT NULL DEFAULT 0"}  # fmt: skip
+_NO_LIMIT = 2**62  # LIMIT for "all rows" (an OFFSET needs one on SQLite)
 
 
 class JobStore:
     def __init__(self, database: str, keep_finished_seconds: float = 7 * 86400, keep_finished_count: int = 10000,
                  outputs: str | None = None):  # fmt: skip
-        Path(database).parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(database, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # Progress, starts and heartbeats are written without waiting for the disk (they survive a crash of
-        # this process, not a power cut); the transitions a client relies on (accepted, done, failed,
-        # cancelled) are written with `durable`, which syncs the log and everything before it.
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute(_SCHEMA)
-        columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
-        for column, definition in _ADDED_COLUMNS.items():
-            if column not in columns:
-                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {definition}")
-        self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-        self._db.execute("INSERT OR IGNORE INTO meta VALUES ('store_id', ?)", (uuid.uuid4().hex,))
-        # Service settings every ingress replica shares (the A1111 API's default model), kept across restarts.
-        self._db.execute("CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-        (self._store_id,) = self._db.execute("SELECT value FROM meta WHERE key = 'store_id'").fetchone()
-        # The admission count (active jobs of a family) and retention (finished jobs by age) read these.
-        self._db.execute("CREATE INDEX IF NOT EXISTS jobs_family_state ON jobs (family, state)")
-        self._db.execute("CREATE INDEX IF NOT EXISTS jobs_state_updated ON jobs (state, updated)")
-        self._lock = threading.Lock()
+        self.database = database
+        self.db = open_database(database)  # the schema brought up to date (or refused: a newer release's)
+        self.db.execute("INSERT INTO meta (key, value) VALUES ('store_id', ?) ON CONFLICT (key) DO NOTHING",
+                        (uuid.uuid4().hex,), durable=True)  # fmt: skip
+        ((self._store_id,),) = self.db.execute("SELECT value FROM meta WHERE key = 'store_id'")
         self._replica_reports: dict[str, dict] = {}
         self.keep_finished_seconds = keep_finished_seconds
         self.keep_finished_count = keep_finished_count
         self.outputs = OutputStorage(outputs) if outputs else None  # where pruned jobs' images are deleted
         self._last_prune = 0.0
-
-    def _execute(self, sql: str, parameters=(), durable: bool = False) -> list[tuple]:
-        """Runs one statement; returns its rows (read before the transaction ends, as SQLite requires)."""
-        if not durable:
-            with self._lock:
-                return self._db.execute(sql, parameters).fetchall()
-        with self._transaction(durable=True) as db:
-            return db.execute(sql, parameters).fetchall()
-
-    @contextlib.contextmanager
-    def _transaction(self, durable: bool):
-        """One write transaction, taken at once (BEGIN IMMEDIATE), so a check and the write after it are atomic
-        across every process that writes this file; `durable` syncs it to disk before it ends."""
-        with self._lock:
-            if durable:
-                self._db.execute("PRAGMA synchronous=FULL")
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    yield self._db
-                    self._db.execute("COMMIT")
-                except BaseException:
-                    self._db.execute("ROLLBACK")
-                    raise
-            finally:
-                if durable:
-                    self._db.execute("PRAGMA synchronous=NORMAL")
 
     def _update_many(self, job_ids: list[str], durable: bool = False, **fields) -> list[str]:
         """Updates the jobs among `job_ids` that are still active; returns those it updated."""
@@ -131,7 +64,7 @@ class JobStore:
         fields["updated"] = time.time()
         assignments = ", ".join(f"{key} = ?" for key in fields)
         marks = ", ".join("?" * len(job_ids))
-        rows = self._execute(
+        rows = self.db.execute(
             f"UPDATE jobs SET {assignments} WHERE job_id IN ({marks}) AND {_ACTIVE} RETURNING job_id",
             (*fields.values(), *job_ids),
             durable,
@@ -146,14 +79,14 @@ class JobStore:
         running, so callers can answer "busy, retry later" instead of queueing without bound. `origin` is the
         API that took it ("" native, "sdapi" A1111's), `owner` who sent it (an API key's fingerprint)."""
         now = time.time()
-        with self._transaction(durable=True) as db:
+        with self.db.transaction(durable=True) as transaction:
             if max_active is not None:
-                (active,) = db.execute(
+                (active,) = transaction.one(
                     "SELECT COUNT(*) FROM jobs WHERE family = ? AND state IN ('queued', 'processing')", (family,)
-                ).fetchone()
+                )
                 if active >= max_active:
                     return False
-            db.execute(
+            transaction.execute(
                 "INSERT INTO jobs (job_id, kind, state, phase, progress, created, updated, payload, warnings, "
                 "result, error, family, origin, owner, lease_until) "
                 "VALUES (?, ?, 'queued', 'queued', 0, ?, ?, ?, ?, NULL, NULL, ?, ?, ?, ?)",
@@ -164,7 +97,7 @@ class JobStore:
             self._last_prune = now
             try:
                 self.prune()
-            except (sqlite3.Error, OSError):  # the job is recorded; retention runs again later
+            except (*database_errors(), OSError):  # the job is recorded; retention runs again later
                 logger.warning("pruning finished jobs failed", exc_info=True)
         return True
 
@@ -182,8 +115,8 @@ class JobStore:
         if not job_ids:
             return []
         marks = ", ".join("?" * len(job_ids))
-        rows = self._execute(
-            f"UPDATE jobs SET state = 'processing', phase = ?, progress = MAX(progress, ?), updated = ? "
+        rows = self.db.execute(
+            f"UPDATE jobs SET state = 'processing', phase = ?, progress = {self.db.greatest}(progress, ?), updated = ? "
             f"WHERE job_id IN ({marks}) AND {_ACTIVE} RETURNING job_id",
             (phase, min(progress, 99.9), time.time(), *job_ids),
         )
@@ -203,8 +136,8 @@ class JobStore:
         if not job_ids:
             return 0
         marks = ", ".join("?" * len(job_ids))
-        rows = self._execute(
-            f"UPDATE jobs SET lease_until = MAX(lease_until, ?) WHERE job_id IN ({marks}) AND {_ACTIVE} "
+        rows = self.db.execute(
+            f"UPDATE jobs SET lease_until = {self.db.greatest}(lease_until, ?) WHERE job_id IN ({marks}) AND {_ACTIVE} "
             f"RETURNING job_id",
             (time.time() + LEASE_S, *job_ids),
         )
@@ -216,24 +149,24 @@ class JobStore:
         now = time.time()
         # Every ingress replica asks every few seconds and the answer is nearly always "none": a plain read
         # answers that without taking the write lock.
-        if not self._execute(f"SELECT 1 FROM jobs WHERE {_ACTIVE} AND lease_until < ? LIMIT 1", (now,)):
+        if not self.db.execute(f"SELECT 1 FROM jobs WHERE {_ACTIVE} AND lease_until < ? LIMIT 1", (now,)):
             return []
-        with self._transaction(durable=True) as db:
-            rows = db.execute(
+        with self.db.transaction(durable=True) as transaction:
+            rows = transaction.execute(
                 f"UPDATE jobs SET lease_until = ? WHERE job_id IN (SELECT job_id FROM jobs WHERE {_ACTIVE} AND "
                 f"lease_until < ? ORDER BY created LIMIT ?) RETURNING job_id, kind, payload, family",
                 (now + LEASE_S, now, limit),
-            ).fetchall()
+            )
         return [{"job_id": job_id, "kind": kind, "payload": json.loads(payload), "family": family}
                 for job_id, kind, payload, family in rows]  # fmt: skip
 
     def touch_queued(self, job_ids: list[str]) -> int:
         """Heartbeat for jobs still waiting for a generator, so the stale-job reaper leaves them alone."""
-        now = time.time()
-        with self._lock:
-            return self._db.executemany(
-                "UPDATE jobs SET updated = ? WHERE job_id = ? AND state = 'queued'", [(now, j) for j in job_ids]
-            ).rowcount
+        if not job_ids:
+            return 0
+        marks = ", ".join("?" * len(job_ids))
+        query = f"UPDATE jobs SET updated = ? WHERE job_id IN ({marks}) AND state = 'queued' RETURNING job_id"
+        return len(self.db.execute(query, (time.time(), *job_ids)))
 
     def complete_many(self, outcomes: list[tuple[str, dict, list[str]]]) -> list[bool]:
         """Records finished jobs (job id, result, warnings the run added) in one transaction; a job that was
@@ -241,15 +174,15 @@ class JobStore:
         finally ran in: 1 after an out-of-memory retry) replaces the one recorded at start."""
         done = []
         now = time.time()
-        with self._transaction(durable=True) as db:
+        with self.db.transaction(durable=True) as transaction:
             for job_id, result, warnings in outcomes:
-                row = db.execute(f"SELECT warnings FROM jobs WHERE job_id = ? AND {_ACTIVE}", (job_id,)).fetchone()
+                row = transaction.one(f"SELECT warnings FROM jobs WHERE job_id = ? AND {_ACTIVE}", (job_id,))
                 if row is not None:
                     merged = json.loads(row[0])
                     merged += [w for w in dict.fromkeys(warnings) if w not in merged]
                     result = dict(result)
                     batch_size = result.pop("batch_size", None)  # kept in its column, with the batch it ran in
-                    db.execute(
+                    transaction.execute(
                         "UPDATE jobs SET state = 'done', phase = 'done', progress = 100.0, result = ?, "
                         "warnings = ?, batch_size = COALESCE(?, batch_size), updated = ? WHERE job_id = ?",
                         (json.dumps(result), json.dumps(merged), batch_size, now, job_id),
@@ -266,21 +199,23 @@ class JobStore:
         meanwhile (done, cancelled: never retried) or has had `max_attempts` attempts: then it is failed here,
         with a message that says so."""
         now = time.time()
-        with self._transaction(durable=True) as db:
+        with self.db.transaction(durable=True) as transaction:
             query = f"SELECT attempts, warnings FROM jobs WHERE job_id = ? AND {_ACTIVE}"
-            row = db.execute(query, (job_id,)).fetchone()
+            row = transaction.one(query, (job_id,))
             if row is None:
                 return None
             attempts, warnings = row[0], json.loads(row[1])
             if attempts >= max_attempts:
                 error = (f"its worker was lost on each of its {attempts} attempt(s) (last: {cause}); not retried "
                          f"again (max_attempts {max_attempts})")  # fmt: skip
-                db.execute("UPDATE jobs SET state = 'error', phase = 'error', error = ?, updated = ? WHERE job_id = ?",
-                           (error, now, job_id))  # fmt: skip
+                transaction.execute(
+                    "UPDATE jobs SET state = 'error', phase = 'error', error = ?, updated = ? WHERE job_id = ?",
+                    (error, now, job_id),
+                )
                 return None
             if warning not in warnings:
                 warnings.append(warning)
-            db.execute(
+            transaction.execute(
                 "UPDATE jobs SET state = 'queued', phase = 'queued', progress = 0, attempts = attempts + 1, "
                 "warnings = ?, updated = ? WHERE job_id = ?",
                 (json.dumps(warnings), now, job_id),
@@ -297,8 +232,14 @@ class JobStore:
 
     # Queries ---------------------------------------------------------------------------------------------
     def get(self, job_id: str) -> dict | None:
-        with self._lock:
-            return read_job(self._db, job_id)
+        rows = self.db.execute(f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs WHERE job_id = ?", (job_id,))
+        if not rows:
+            return None
+        job = dict(zip(_JOB_COLUMNS, rows[0], strict=True))
+        job["payload"] = json.loads(job["payload"])
+        job["warnings"] = json.loads(job["warnings"])
+        job["result"] = json.loads(job["result"]) if job["result"] else None
+        return job
 
     def store_id(self) -> str:
         """This database's identity: a replica that opens the file itself checks it is the same database."""
@@ -312,29 +253,29 @@ class JobStore:
     def active_jobs(self, origin: str, owner: str | None = None) -> list[dict]:
         """The queued and running jobs `origin` took (of `owner` only, unless None), oldest first: id, state,
         phase, progress, steps and creation time."""
-        query = (f"SELECT job_id, state, phase, progress, created, json_extract(payload, '$.steps') FROM jobs "
-                 f"WHERE {_ACTIVE} AND origin = ?")  # fmt: skip
+        steps = self.db.json_int("payload", "steps")
+        query = f"SELECT job_id, state, phase, progress, created, {steps} FROM jobs WHERE {_ACTIVE} AND origin = ?"
         parameters: tuple = (origin,)
         if owner is not None:
             query += " AND owner = ?"
             parameters += (owner,)
-        with self._lock:
-            rows = self._db.execute(query + " ORDER BY created", parameters).fetchall()
+        rows = self.db.execute(query + " ORDER BY created", parameters)
         columns = ("job_id", "state", "phase", "progress", "created", "steps")
         return [dict(zip(columns, row, strict=True)) for row in rows]
 
     def get_setting(self, key: str) -> str | None:
-        with self._lock:
-            row = self._db.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
-        return row[0] if row else None
+        rows = self.db.execute("SELECT value FROM settings WHERE key = ?", (key,))
+        return rows[0][0] if rows else None
 
     def set_setting(self, key: str, value: str) -> None:
-        self._execute("INSERT OR REPLACE INTO settings (key, value) VALUES (?, ?)", (key, value), durable=True)
+        self.db.execute(
+            "INSERT INTO settings (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (key, value),
+            durable=True,
+        )
 
     def counts(self) -> dict[str, int]:
-        with self._lock:
-            rows = self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
-        return dict(rows)
+        return dict(self.db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state"))
 
     # Replica reports (in memory: replicas send them every few seconds) ------------------------------------
     def report_replica(self, replica: str, report: dict) -> None:
@@ -352,15 +293,11 @@ class JobStore:
         a worker that is alive and stuck. (Jobs nobody holds are claimed and dispatched again instead.) Returns
         their ids."""
         now = time.time()
-        with self._lock:
-            stale = [
-                row[0]
-                for row in self._db.execute(
-                    "SELECT job_id FROM jobs WHERE state IN ('queued', 'processing') AND updated < ? AND "
-                    "lease_until >= ?",
-                    (now - timeout_seconds, now),
-                )
-            ]
+        rows = self.db.execute(
+            "SELECT job_id FROM jobs WHERE state IN ('queued', 'processing') AND updated < ? AND lease_until >= ?",
+            (now - timeout_seconds, now),
+        )
+        stale = [row[0] for row in rows]
         for job_id in stale:
             self.fail(job_id, f"the worker stopped reporting for {timeout_seconds:.0f}s; the job was abandoned")
         return stale
@@ -370,13 +307,12 @@ class JobStore:
         images in the output storage; returns how many were removed."""
         cutoff = time.time() - self.keep_finished_seconds
         finished = f"state IN ({_TERMINAL})"
-        with self._lock:
-            rows = self._db.execute(
-                f"SELECT job_id, result FROM jobs WHERE {finished} AND (updated < ? OR job_id IN (SELECT job_id FROM "
-                f"jobs WHERE {finished} ORDER BY updated DESC LIMIT -1 OFFSET ?))",
-                (cutoff, self.keep_finished_count),
-            ).fetchall()
-            self._db.executemany("DELETE FROM jobs WHERE job_id = ?", [(job_id,) for job_id, _ in rows])
+        rows = self.db.execute(
+            f"SELECT job_id, result FROM jobs WHERE {finished} AND (updated < ? OR job_id IN (SELECT job_id FROM "
+            f"jobs WHERE {finished} ORDER BY updated DESC LIMIT ? OFFSET ?))",
+            (cutoff, _NO_LIMIT, self.keep_finished_count),
+        )
+        self.db.executemany("DELETE FROM jobs WHERE job_id = ?", [(job_id,) for job_id, _ in rows])
         for job_id, result in rows:
             for output in image_fields(json.loads(result) if result else {}).get("output_paths") or []:
                 stem = Path(output).stem
@@ -408,17 +344,6 @@ _JOB_COLUMNS = ("job_id", "kind", "state", "phase", "progress", "created", "upda
                 "result", "error", "batch_size", "attempts")  # fmt: skip
 
 
-def read_job(db: sqlite3.Connection, job_id: str) -> dict | None:
-    row = db.execute(f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
-    if row is None:
-        return None
-    job = dict(zip(_JOB_COLUMNS, row, strict=True))
-    job["payload"] = json.loads(job["payload"])
-    job["warnings"] = json.loads(job["warnings"])
-    job["result"] = json.loads(job["result"]) if job["result"] else None
-    return job
-
-
 def same_store(database: str, store_id: str) -> bool:
     """Whether `database` is a file this process can open and is the store with id `store_id` (not another
     node's file that happens to have the same path). Checked read-only, so a foreign file is never changed."""
@@ -439,11 +364,12 @@ def same_store(database: str, store_id: str) -> bool:
 class JobsClient:
     """The job store as the replicas use it.
 
-    A replica on the job actor's node that can open the actor's own database file (checked by store id) reads
-    and writes it directly, in a worker thread: SQLite's WAL and write locks make that safe between processes
-    of one host, and it saves an actor call (a few ms) on every step of a job and on every status poll.
-    Replicas on other nodes (SQLite does not work across hosts, shared volumes included) call the actor.
-    Replica reports live in the actor's memory and always go there.
+    Every replica reads and writes a PostgreSQL store directly. A SQLite file is used directly by replicas on
+    the job actor's node that can open the actor's own file (checked by store id): SQLite's WAL and write locks
+    make that safe between processes of one host, and it saves an actor call (a few ms) on every step of a job
+    and on every status poll; replicas on other nodes (SQLite does not work across hosts, shared volumes
+    included) call the actor. Direct calls run in a worker thread. Replica reports live in the actor's memory
+    (a cache: replicas send them every few seconds) and always go there.
     """
 
     def __init__(self, database: str, **options):
@@ -458,15 +384,16 @@ class JobsClient:
         async with self._checking:
             if self._checked:
                 return self._local
-            store_id, node = await self.actor.location.remote()  # also waits for the actor to set the file up
-            if node == ray.get_runtime_context().get_node_id():
+            store_id, node = await self.actor.location.remote()  # also waits for the actor to set the store up
+            postgres = is_postgres_url(self.database)
+            if postgres or node == ray.get_runtime_context().get_node_id():
                 try:
-                    if await asyncio.to_thread(same_store, self.database, store_id):
+                    if postgres or await asyncio.to_thread(same_store, self.database, store_id):
                         self._local = await asyncio.to_thread(JobStore, self.database, **self._options)
-                except sqlite3.Error:
-                    logger.warning("cannot open the job database %s here; using the job actor", self.database)
+                except database_errors():
+                    logger.warning("cannot open the job store %s here; using the job actor", describe(self.database))
             self._checked = True
-            logger.info("job store: %s", f"the file {self.database}" if self._local else "the job actor")
+            logger.info("job store: %s", describe(self.database) if self._local else "the job actor")
             return self._local
 
     async def _call(self, method: str, *args):
@@ -474,8 +401,8 @@ class JobsClient:
         if store is not None:
             try:  # off the event loop: a durable commit waits for the disk, a busy file for its lock
                 return await asyncio.to_thread(getattr(store, method), *args)
-            except sqlite3.Error:
-                logger.warning("job store %s failed on the file; asking the job actor", method, exc_info=True)
+            except database_errors():
+                logger.warning("job store %s failed here; asking the job actor", method, exc_info=True)
         return await getattr(self.actor, method).remote(*args)
 
     async def create(self, job_id: str, kind: str, payload: dict, warnings: list[str], family: str = "",
@@ -538,8 +465,9 @@ class JobsClient:
 
 
 def job_actor_name(database: str) -> str:
-    """One actor per database file and store interface, so two apps on one cluster never share a store."""
-    digest = hashlib.sha1(str(Path(database).resolve()).encode()).hexdigest()[:10]
+    """One actor per database and store interface, so two apps on one cluster never share a store."""
+    location = database if is_postgres_url(database) else str(Path(database).resolve())
+    digest = hashlib.sha1(location.encode()).hexdigest()[:10]
     return f"{ACTOR_NAME_PREFIX}_v{STORE_INTERFACE_VERSION}_{digest}"
 
 

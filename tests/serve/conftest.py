@@ -35,6 +35,7 @@ def patched_production_config(settings, outputs: Path, **arg_overrides) -> dict:
     path, as on a cluster with shared storage); the job database stays in `outputs`."""
     config = yaml.safe_load((PROJECT_ROOT / "serve_config.yaml").read_text())
     config["http_options"] = {**config.get("http_options", {}), "host": "127.0.0.1", "port": PORT}
+    config["proxy_location"] = "HeadOnly"  # the session's Ray nodes share this machine, and so its ports
     (application,) = config["applications"]
     application["args"] = {
         **application.get("args", {}),
@@ -93,17 +94,24 @@ def service(demo_root, settings):
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     haproxy = Path(tempfile.mkdtemp(prefix="haproxy-", dir="/tmp"))  # short: its socket path has at most 97 chars
     for name, value in throughput_mode_environment(haproxy).items():
-        os.environ.setdefault(name, value)  # read by the cluster's processes, which ray.init starts below
+        os.environ.setdefault(name, value)  # read by the cluster's processes, started below
     import ray
+    from ray.cluster_utils import Cluster
 
     outputs = demo_root / "outputs"
-    ray.init(num_cpus=LOGICAL_CPUS, num_gpus=FAKE_GPUS, include_dashboard=False, log_to_driver=False,
-             namespace="diffusion_api_tests")  # fmt: skip
-    address = ray.get_runtime_context().gcs_address
+    # A cluster of Ray's own test kind (nodes are processes of this machine): one head node now; the cluster
+    # tests add a second one and take it away.
+    cluster = Cluster()
+    cluster.add_node(num_cpus=LOGICAL_CPUS, num_gpus=FAKE_GPUS, include_dashboard=False,
+                     object_store_memory=2 * 2**30)  # fmt: skip
+    ray.init(address=cluster.address, log_to_driver=False, namespace="diffusion_api_tests")
+    address = cluster.address
 
-    def deploy(**arg_overrides) -> None:
-        """Deploys the patched production config with the operator's command (`serve run`)."""
+    def deploy(extra_applications: list[dict] | None = None, **arg_overrides) -> None:
+        """Deploys the patched production config with the operator's command (`serve run`), with
+        `extra_applications` beside it (a later deploy without them removes them)."""
         config = patched_production_config(settings, outputs, **arg_overrides)
+        config["applications"] += extra_applications or []
         config_path = demo_root / "serve_config.test.yaml"
         config_path.write_text(yaml.safe_dump(config, sort_keys=False))
         serve_cli = Path(sys.executable).parent / "serve"
@@ -112,7 +120,8 @@ def service(demo_root, settings):
                               cwd=PROJECT_ROOT, env=env, timeout=120, capture_output=True, text=True)  # fmt: skip
         if done.returncode != 0:
             raise RuntimeError(f"serve run failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-        wait_until_running("diffusion_api", timeout=240)
+        for application in config["applications"]:
+            wait_until_running(application["name"], timeout=240)
 
     deploy()
     yield {
@@ -120,8 +129,10 @@ def service(demo_root, settings):
         "images": outputs / "images",
         "database": str(outputs / "jobs.sqlite3"),
         "deploy": deploy,
+        "cluster": cluster,
     }
     ray.shutdown()
+    cluster.shutdown()
     shutil.rmtree(haproxy, ignore_errors=True)
 
 

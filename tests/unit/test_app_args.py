@@ -41,3 +41,23 @@ def test_outputs_dir_may_be_an_fsspec_url_for_the_images(tmp_path, monkeypatch):
     assert Settings.from_env().outputs_location == url
     with pytest.raises(StorageError, match="nope"):
         build_app({"outputs_dir": "nope://bucket/images"})
+
+
+def test_job_store_is_a_sqlite_path_or_a_reachable_postgresql_url(tmp_path, monkeypatch, postgres_url):
+    from deployments.app import build_app
+
+    def store_of(app) -> str:
+        return app._bound_deployment.init_kwargs["job_database"]
+
+    assert store_of(build_app({"job_store": str(tmp_path / "j.sqlite3")})) == str(tmp_path / "j.sqlite3")
+    assert store_of(build_app({"job_database": str(tmp_path / "old-name.sqlite3")})).endswith("old-name.sqlite3")
+    monkeypatch.setenv("DIFFUSION_API_JOB_STORE", postgres_url)
+    assert store_of(build_app()) == postgres_url  # reached, its schema created
+    with pytest.raises(ValueError, match="a SQLite file path or a postgresql:// URL"):
+        build_app({"job_store": "mysql://db/jobs"})
+    down = postgres_url.rsplit(":", 1)[0].replace("postgres@", "postgres:secret@") + ":1/jobs"
+    with pytest.raises(
+        ValueError, match=r"job_store postgresql://postgres:\*\*\*@127.0.0.1:1/jobs: cannot use it"
+    ) as refused:
+        build_app({"job_store": down})
+    assert "secret" not in str(refused.value)

@@ -1,12 +1,25 @@
-"""The job store's transitions, durability and retention, without Ray."""
+"""The job store's transitions, durability, retention and schema, without Ray: every contract test runs on
+both backends (a SQLite file and a real PostgreSQL server)."""
 
+import sqlite3
 import time
 
+import pytest
+
+from deployments.job_db import SCHEMA_VERSION, SchemaError
 from deployments.jobs import JobStore, same_store
 
 
-def test_transitions_progress_never_goes_back_and_terminal_states_stick(tmp_path):
-    store = JobStore(str(tmp_path / "jobs.sqlite3"))
+@pytest.fixture(params=["sqlite", "postgresql"])
+def location(request, tmp_path) -> str:
+    """Where a test's store lives: a SQLite file, or a fresh database on the session's PostgreSQL server."""
+    if request.param == "postgresql":
+        return request.getfixturevalue("postgres_url")
+    return str(tmp_path / "jobs.sqlite3")
+
+
+def test_transitions_progress_never_goes_back_and_terminal_states_stick(location):
+    store = JobStore(location)
     store.create("a", "txt2img", {"prompt": "x"}, ["w1"])
     assert store.get("a")["state"] == "queued"
     store.start("a")
@@ -20,15 +33,14 @@ def test_transitions_progress_never_goes_back_and_terminal_states_stick(tmp_path
     assert store.get("missing") is None
 
 
-def test_records_survive_reopening(tmp_path):
-    database = str(tmp_path / "jobs.sqlite3")
-    JobStore(database).create("a", "txt2img", {"prompt": "x"}, [])
-    JobStore(database).complete("a", {"image": "abc"})
-    assert JobStore(database).get("a")["result"] == {"image": "abc"}
+def test_records_survive_reopening(location):
+    JobStore(location).create("a", "txt2img", {"prompt": "x"}, [])
+    JobStore(location).complete("a", {"image": "abc"})
+    assert JobStore(location).get("a")["result"] == {"image": "abc"}
 
 
-def test_stale_jobs_are_failed_and_old_ones_pruned(tmp_path):
-    store = JobStore(str(tmp_path / "jobs.sqlite3"), keep_finished_seconds=3600, keep_finished_count=2)
+def test_stale_jobs_are_failed_and_old_ones_pruned(location):
+    store = JobStore(location, keep_finished_seconds=3600, keep_finished_count=2)
     store.create("stale", "txt2img", {}, [])
     time.sleep(0.05)
     assert store.reap_stale(0.01) == ["stale"]
@@ -40,8 +52,8 @@ def test_stale_jobs_are_failed_and_old_ones_pruned(tmp_path):
     assert store.counts() == {"done": 2}
 
 
-def test_admission_limit_counts_active_jobs_per_family(tmp_path):
-    store = JobStore(str(tmp_path / "jobs.sqlite3"))
+def test_admission_limit_counts_active_jobs_per_family(location):
+    store = JobStore(location)
     assert store.create("a", "txt2img", {}, [], "sdxl", max_active=2)
     assert store.create("b", "txt2img", {}, [], "sdxl", max_active=2)
     assert not store.create("c", "txt2img", {}, [], "sdxl", max_active=2)
@@ -51,8 +63,8 @@ def test_admission_limit_counts_active_jobs_per_family(tmp_path):
     assert store.get("c")["state"] == "queued"
 
 
-def test_queued_jobs_with_a_heartbeat_are_not_reaped(tmp_path):
-    store = JobStore(str(tmp_path / "jobs.sqlite3"))
+def test_queued_jobs_with_a_heartbeat_are_not_reaped(location):
+    store = JobStore(location)
     store.create("waiting", "txt2img", {}, [])
     store.create("orphan", "txt2img", {}, [])
     time.sleep(0.06)
@@ -62,8 +74,6 @@ def test_queued_jobs_with_a_heartbeat_are_not_reaped(tmp_path):
 
 
 def test_database_of_the_first_version_gains_the_family_column(tmp_path):
-    import sqlite3
-
     database = tmp_path / "jobs.sqlite3"
     old = sqlite3.connect(database)
     old.execute(
@@ -75,22 +85,22 @@ def test_database_of_the_first_version_gains_the_family_column(tmp_path):
     old.commit()
     old.close()
     store = JobStore(str(database), keep_finished_seconds=10**12)
-    assert store.get("old")["state"] == "done"
+    assert (store.get("old")["state"], store.get("old")["attempts"]) == ("done", 1)
     assert store.create("new", "txt2img", {}, [], "sd15", max_active=1)
 
 
-def test_replica_reports_expire(tmp_path, monkeypatch):
+def test_replica_reports_expire(location, monkeypatch):
     import deployments.jobs as jobs
 
-    store = JobStore(str(tmp_path / "jobs.sqlite3"))
+    store = JobStore(location)
     store.report_replica("SD15Generator#a", {"device": "cpu"})
     assert [r["replica"] for r in store.replica_reports()] == ["SD15Generator#a"]
     monkeypatch.setattr(jobs, "REPLICA_REPORT_TTL_S", -1.0)
     assert store.replica_reports() == []
 
 
-def test_pruning_removes_output_files_of_pruned_jobs_only(tmp_path):
-    store = JobStore(str(tmp_path / "jobs.sqlite3"), keep_finished_count=1)
+def test_pruning_removes_output_files_of_pruned_jobs_only(location, tmp_path):
+    store = JobStore(location, keep_finished_count=1)
     files = {}
     for job_id in ("old", "new"):
         files[job_id] = tmp_path / f"{job_id}.png"
@@ -103,8 +113,8 @@ def test_pruning_removes_output_files_of_pruned_jobs_only(tmp_path):
     assert store.get("old") is None and store.get("new")["state"] == "done"
 
 
-def test_cancel_only_active_jobs_and_a_cancelled_job_never_starts(tmp_path):
-    store = JobStore(str(tmp_path / "jobs.sqlite3"))
+def test_cancel_only_active_jobs_and_a_cancelled_job_never_starts(location):
+    store = JobStore(location)
     store.create("a", "txt2img", {}, [])
     assert store.cancel("a")
     assert not store.start("a") and not store.progress("a", 50, "generation")
@@ -114,8 +124,8 @@ def test_cancel_only_active_jobs_and_a_cancelled_job_never_starts(tmp_path):
     assert not store.cancel("b")
 
 
-def test_a_batch_starts_reports_and_finishes_together_and_a_cancelled_job_stays_cancelled(tmp_path):
-    store = JobStore(str(tmp_path / "jobs.sqlite3"))
+def test_a_batch_starts_reports_and_finishes_together_and_a_cancelled_job_stays_cancelled(location):
+    store = JobStore(location)
     for job_id in ("a", "b", "c"):
         store.create(job_id, "txt2img", {"prompt": job_id}, ["from submission"])
     store.cancel("b")
@@ -134,8 +144,8 @@ def test_a_batch_starts_reports_and_finishes_together_and_a_cancelled_job_stays_
     assert (c["state"], c["result"]) == ("cancelled", None)
 
 
-def test_active_jobs_fail_and_cancel_durably(tmp_path):
-    database = str(tmp_path / "jobs.sqlite3")
+def test_active_jobs_fail_and_cancel_durably(location):
+    database = location
     store = JobStore(database)
     store.create("a", "txt2img", {}, [])
     store.create("b", "txt2img", {}, [])
@@ -146,9 +156,9 @@ def test_active_jobs_fail_and_cancel_durably(tmp_path):
     assert reopened.get("b")["state"] == "cancelled"
 
 
-def test_two_writers_on_one_file_share_the_admission_limit(tmp_path):
-    """Replicas write the actor's database file directly (JobsClient): the limit holds across connections."""
-    database = str(tmp_path / "jobs.sqlite3")
+def test_two_writers_share_the_admission_limit(location):
+    """Replicas write the database directly (JobsClient): the limit holds across connections."""
+    database = location
     first, second = JobStore(database), JobStore(database)
     assert first.create("a", "txt2img", {}, [], "sd15", max_active=2)
     assert second.create("b", "txt2img", {}, [], "sd15", max_active=2)
@@ -167,8 +177,8 @@ def test_a_replica_opens_the_file_only_when_it_is_the_actors_own_database(tmp_pa
     assert not same_store(str(tmp_path / "missing.sqlite3"), store.store_id())
 
 
-def test_retry_requeues_an_active_job_until_its_last_attempt(tmp_path):
-    store = JobStore(str(tmp_path / "jobs.sqlite3"))
+def test_retry_requeues_an_active_job_until_its_last_attempt(location):
+    store = JobStore(location)
     store.create("r", "txt2img", {"prompt": "x"}, ["first"])
     store.start("r")
     store.progress("r", 40.0, "generation")
@@ -186,11 +196,11 @@ def test_retry_requeues_an_active_job_until_its_last_attempt(tmp_path):
     assert store.get("c")["state"] == "cancelled" and store.get("c")["attempts"] == 1
 
 
-def test_jobs_nobody_holds_are_claimed_once_and_held_ones_never(tmp_path, monkeypatch):
+def test_jobs_nobody_holds_are_claimed_once_and_held_ones_never(location, monkeypatch):
     from deployments import jobs as jobs_module
 
     monkeypatch.setattr(jobs_module, "LEASE_S", 0.2)
-    store = JobStore(str(tmp_path / "jobs.sqlite3"))
+    store = JobStore(location)
     for job_id in ("held", "orphan", "done"):
         store.create(job_id, "txt2img", {"prompt": job_id, "model": "m"}, [], family="sd15")
     store.start("orphan")
@@ -210,3 +220,36 @@ def test_jobs_nobody_holds_are_claimed_once_and_held_ones_never(tmp_path, monkey
     store.renew_leases(["held"])
     assert store.reap_stale(0.0) == ["held"]
     assert store.get("lost")["state"] == "queued"
+
+
+def test_an_older_schema_is_migrated_in_place_and_a_newer_one_refused(location):
+    store = JobStore(location)
+    store.create("kept", "txt2img", {"prompt": "x"}, [], family="sd15")
+    # Back to version 3 (before attempts and leases), as a database of that release would be.
+    store.db.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'", durable=True)
+    if location.startswith("postgresql"):
+        store.db.execute("ALTER TABLE jobs DROP COLUMN attempts, DROP COLUMN lease_until", durable=True)
+    else:
+        for column in ("attempts", "lease_until"):
+            store.db.execute(f"ALTER TABLE jobs DROP COLUMN {column}", durable=True)
+    upgraded = JobStore(location)
+    assert upgraded.db.execute("SELECT value FROM meta WHERE key = 'schema_version'") == [(str(SCHEMA_VERSION),)]
+    job = upgraded.get("kept")
+    assert (job["state"], job["payload"], job["attempts"]) == ("queued", {"prompt": "x"}, 1)
+    assert upgraded.retry("kept", "retried", max_attempts=3, cause="x") == 2
+    upgraded.db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION + 1),),
+                        durable=True)  # fmt: skip
+    with pytest.raises(SchemaError, match=f"schema version {SCHEMA_VERSION + 1}, newer than this release"):
+        JobStore(location)
+
+
+def test_settings_and_active_job_listing_on_both_backends(location):
+    store = JobStore(location)
+    assert store.get_setting("sd_model_checkpoint") is None
+    store.set_setting("sd_model_checkpoint", "a")
+    store.set_setting("sd_model_checkpoint", "b")
+    assert JobStore(location).get_setting("sd_model_checkpoint") == "b"
+    store.create("s", "txt2img", {"steps": 12}, [], origin="sdapi", owner="k1")
+    store.create("n", "txt2img", {"steps": 8}, [])
+    assert [(j["job_id"], j["steps"]) for j in store.active_jobs("sdapi")] == [("s", 12)]
+    assert store.active_jobs("sdapi", owner="k2") == []
