@@ -9,7 +9,7 @@ from ray.serve import Application
 
 from deployments.generators import Refiner, SD15Generator, SDXLGenerator
 from deployments.ingress import Ingress
-from deployments.job_db import describe, is_postgres_url, open_database
+from deployments.job_db import describe, is_postgres_url, open_database, redact
 from deployments.upscaler import Upscaler
 from pipelines.settings import Settings
 from pipelines.speed import SpeedOptions
@@ -82,8 +82,8 @@ def job_store_location(parsed: AppArgs, settings: Settings) -> str:
         return str(Path(location).expanduser().resolve())
     try:
         open_database(location)
-    except Exception as error:  # the driver's errors name the host and the reason
-        raise ValueError(f"job_store {describe(location)}: cannot use it: {error}") from error
+    except Exception as error:  # the driver's errors name the host and the reason (and may quote the URL)
+        raise ValueError(f"job_store {describe(location)}: cannot use it: {redact(str(error), location)}") from None
     return location
 
 

@@ -145,6 +145,8 @@ class _Generator:
         self._reported_models: list[str] | None = None
         self._collected: dict[str, CollectedImages] = {}  # job id -> its finished images, until all are in
         self._lease_keeper: asyncio.Task | None = None
+        self._holding: set[str] = set()  # jobs in generate(), from their arrival (model loading included)
+        self._discarding: set[asyncio.Task] = set()
         logger.info("%s: torch threads %d, %s", self.replica_name, threads, self.batching)
         self._warm_up(options.get("warmup") or [])
         self._report()
@@ -189,6 +191,13 @@ class _Generator:
         sent this one (a burst): this one may wait up to `batch_wait_ms` for them to join its batch."""
         if self._lease_keeper is None or self._lease_keeper.done():
             self._lease_keeper = asyncio.create_task(self._keep_leases())
+        self._holding.add(job_id)
+        try:
+            return await self._generate(job_id, kind, request, more_coming)
+        finally:
+            self._holding.discard(job_id)
+
+    async def _generate(self, job_id: str, kind: str, request: dict, more_coming: int) -> dict:
         try:
             with self.batcher.expecting():  # batch-mates already waiting may wait for this job to join them
                 parsed = Img2ImgRequest(**request) if kind == "img2img" else Txt2ImgRequest(**request)
@@ -245,7 +254,19 @@ class _Generator:
             if collected.settled >= collected.count:
                 del self._collected[queued.job_id]
                 if not collected.recorded:
-                    collected.discard_files(self.storage)
+                    task = asyncio.get_running_loop().create_task(self._discard(queued.job_id, collected))
+                    self._discarding.add(task)
+                    task.add_done_callback(self._discarding.discard)
+
+    async def _discard(self, job_id: str, collected: CollectedImages) -> None:
+        """Deletes the files of a job this replica did not complete, unless the job is done after all: then
+        another attempt of it completed it, and the files (a retry reuses the names) are that attempt's."""
+        try:
+            job = await self.jobs.get(job_id)
+            if job is None or job["state"] != "done":
+                await asyncio.to_thread(collected.discard_files, self.storage)
+        except Exception:
+            logger.exception("discarding the files of job %s failed", job_id)
 
     async def _run_started(self, batch: list[QueuedJob]) -> dict[tuple[str, int], dict | BaseException]:
         loop = asyncio.get_running_loop()
@@ -406,7 +427,7 @@ class _Generator:
         while True:
             await asyncio.sleep(LEASE_RENEW_S)
             try:
-                await self.jobs.renew_leases(list(self._collected))
+                await self.jobs.renew_leases(list(self._holding | set(self._collected)))
             except Exception:
                 logger.exception("renewing job leases failed")
 

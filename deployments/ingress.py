@@ -352,7 +352,7 @@ class Ingress(A1111Routes):
         run = self._run(job_id, kind, payload, handle, more_coming)
         task = asyncio.create_task(run, context=contextvars.Context())
         self._inflight[job_id] = task
-        task.add_done_callback(lambda _: self._inflight.pop(job_id, None))
+        task.add_done_callback(lambda _: self._inflight.pop(job_id) if self._inflight.get(job_id) is task else None)
 
     async def _run(self, job_id: str, kind: str, payload: dict, handle, more_coming: int = 0) -> None:
         """Dispatches a job to its generator deployment until it ends. A job whose generator replica or node
@@ -475,6 +475,8 @@ class Ingress(A1111Routes):
     async def _dispatch_again(self, orphan: dict) -> None:
         """Dispatches a job nobody held any more, as a new attempt (failed instead after its last one)."""
         job_id = orphan["job_id"]
+        if job_id in self._inflight:  # still this replica's own (its lease lapsed while the store was away)
+            return
         cause = "nobody held it any more (the service restarted, or its ingress replica was lost)"
         attempt = await self.jobs.retry(job_id, RECOVERY_WARNING, self.max_attempts, cause)
         if attempt is None:

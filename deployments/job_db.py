@@ -10,11 +10,13 @@ atomic across every process that uses the store. No Ray here: the store is testa
 """
 
 import contextlib
+import re
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
 # Each step brings an older database to the next version; a database is never read by code older than it.
 # `{real}` is the dialect's 64-bit float. A column an older release already added is not added again.
@@ -32,9 +34,12 @@ MIGRATIONS: list[tuple[str, ...]] = [
     ("ALTER TABLE jobs ADD COLUMN origin TEXT NOT NULL DEFAULT ''",
      "ALTER TABLE jobs ADD COLUMN owner TEXT NOT NULL DEFAULT ''",
      "CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL)"),
-    # 4: no lost job: attempts (dispatches) and the lease of whoever holds an active job
+    # 4: no lost job: attempts (dispatches) and the lease of whoever holds an active job. Jobs active at the
+    # upgrade may still be running on the older release's replicas (which do not renew leases): they get a
+    # minute before anyone may take them over.
     ("ALTER TABLE jobs ADD COLUMN attempts INTEGER NOT NULL DEFAULT 1",
-     "ALTER TABLE jobs ADD COLUMN lease_until {real} NOT NULL DEFAULT 0"),
+     "ALTER TABLE jobs ADD COLUMN lease_until {real} NOT NULL DEFAULT 0",
+     "UPDATE jobs SET lease_until = {now} + 60 WHERE state NOT IN ('done', 'error', 'cancelled')"),
 ]  # fmt: skip
 SCHEMA_VERSION = len(MIGRATIONS)
 POSTGRES_INSTALL_HINT = "pip install 'diffusion-api[postgres]' (psycopg 3)"
@@ -48,15 +53,28 @@ def is_postgres_url(location: str) -> bool:
     return location.startswith(("postgresql://", "postgres://"))
 
 
-def describe(location: str) -> str:
-    """A store's location for logs and messages: a URL without its password."""
-    if not is_postgres_url(location):
-        return location
+def _passwords(location: str) -> list[str]:
+    """The password(s) a PostgreSQL URL carries: in its user part (`user:password@`, up to the last `@`, so an
+    unencoded `@` in it is covered) or as a `password=` parameter; raw and percent-decoded."""
     parts = urlsplit(location)
-    if parts.password is None:
-        return location
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
+    user_part = parts.netloc.rpartition("@")[0]
+    found = [user_part.partition(":")[2]] if ":" in user_part else []
+    found += re.findall(r"(?:^|&)password=([^&]*)", parts.query)
+    return [variant for password in found if password for variant in dict.fromkeys((password, unquote(password)))]
+
+
+def redact(text: str, location: str) -> str:
+    """`text` (a message that may quote the URL or a part of it) without the store's password."""
+    if not is_postgres_url(location):
+        return text
+    for password in sorted(_passwords(location), key=len, reverse=True):
+        text = text.replace(password, "***")
+    return text
+
+
+def describe(location: str) -> str:
+    """A store's location for logs, messages and /health: a URL without its password."""
+    return redact(location, location)
 
 
 def database_errors() -> tuple[type[Exception], ...]:
@@ -142,7 +160,14 @@ class PostgresDatabase:
     def _connect(self):
         """The connection, opened again after the server dropped it (a restart, a failover)."""
         if self._connection is None or self._connection.closed or self._connection.broken:
-            connection = self._psycopg.connect(self.url, autocommit=True, connect_timeout=10)
+            # Keepalives and timeouts: a connection that dies silently (a dropped route, a failed-over server)
+            # fails a call within about half a minute instead of holding this process's store calls for the
+            # kernel's retransmission time (about 15 minutes).
+            connection = self._psycopg.connect(
+                self.url, autocommit=True, connect_timeout=10, keepalives=1, keepalives_idle=10,
+                keepalives_interval=5, keepalives_count=3, tcp_user_timeout=30000,
+                options="-c statement_timeout=30000",
+            )  # fmt: skip
             # As with SQLite, progress and heartbeats do not wait for the server's disk; `durable` ones do.
             connection.execute("SET synchronous_commit = off")
             self._connection = connection
@@ -227,7 +252,7 @@ def migrate(database: Database, location: str) -> None:
             if number <= version:
                 continue
             for statement in statements:
-                statement = statement.format(real=database.real)
+                statement = statement.format(real=database.real, now=repr(time.time()))
                 if statement.startswith("ALTER TABLE jobs ADD COLUMN "):
                     column = statement.split()[5]
                     if column in database.columns(transaction, "jobs"):  # added by a release before versioning

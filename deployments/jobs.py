@@ -89,7 +89,8 @@ class JobStore:
             transaction.execute(
                 "INSERT INTO jobs (job_id, kind, state, phase, progress, created, updated, payload, warnings, "
                 "result, error, family, origin, owner, lease_until) "
-                "VALUES (?, ?, 'queued', 'queued', 0, ?, ?, ?, ?, NULL, NULL, ?, ?, ?, ?)",
+                "VALUES (?, ?, 'queued', 'queued', 0, ?, ?, ?, ?, NULL, NULL, ?, ?, ?, ?) "
+                "ON CONFLICT (job_id) DO NOTHING",  # a create repeated through the job actor records it once
                 (job_id, kind, now, now, json.dumps(payload), json.dumps(warnings), family, origin, owner,
                  now + LEASE_S),
             )  # fmt: skip
@@ -145,17 +146,21 @@ class JobStore:
 
     def claim_orphans(self, limit: int = 16) -> list[dict]:
         """Takes up to `limit` active jobs whose lease has run out (nobody holds them any more) for the caller,
-        atomically (one caller gets each); returns them (job id, kind, payload, family) to dispatch again."""
+        atomically (one caller gets each); returns them (job id, kind, payload, family) to dispatch again. A job
+        that has progressed within LEASE_S is not taken even then: its worker is alive (it only failed to renew,
+        the store being out of reach, say). The claim counts as an update, so the stale reaper leaves the job
+        to its new holder."""
         now = time.time()
+        orphaned = f"{_ACTIVE} AND lease_until < ? AND updated < ?"
         # Every ingress replica asks every few seconds and the answer is nearly always "none": a plain read
         # answers that without taking the write lock.
-        if not self.db.execute(f"SELECT 1 FROM jobs WHERE {_ACTIVE} AND lease_until < ? LIMIT 1", (now,)):
+        if not self.db.execute(f"SELECT 1 FROM jobs WHERE {orphaned} LIMIT 1", (now, now - LEASE_S)):
             return []
         with self.db.transaction(durable=True) as transaction:
             rows = transaction.execute(
-                f"UPDATE jobs SET lease_until = ? WHERE job_id IN (SELECT job_id FROM jobs WHERE {_ACTIVE} AND "
-                f"lease_until < ? ORDER BY created LIMIT ?) RETURNING job_id, kind, payload, family",
-                (now + LEASE_S, now, limit),
+                f"UPDATE jobs SET lease_until = ?, updated = ? WHERE job_id IN (SELECT job_id FROM jobs WHERE "
+                f"{orphaned} ORDER BY created LIMIT ?) RETURNING job_id, kind, payload, family",
+                (now + LEASE_S, now, now, now - LEASE_S, limit),
             )
         return [{"job_id": job_id, "kind": kind, "payload": json.loads(payload), "family": family}
                 for job_id, kind, payload, family in rows]  # fmt: skip
@@ -384,15 +389,19 @@ class JobsClient:
         async with self._checking:
             if self._checked:
                 return self._local
-            store_id, node = await self.actor.location.remote()  # also waits for the actor to set the store up
             postgres = is_postgres_url(self.database)
+            if postgres:  # every process reaches the server: no need to ask the actor where the store is
+                store_id, node = "", ""
+            else:
+                store_id, node = await self.actor.location.remote()  # also waits for the actor to set up the file
             if postgres or node == ray.get_runtime_context().get_node_id():
                 try:
                     if postgres or await asyncio.to_thread(same_store, self.database, store_id):
                         self._local = await asyncio.to_thread(JobStore, self.database, **self._options)
                 except database_errors():
                     logger.warning("cannot open the job store %s here; using the job actor", describe(self.database))
-            self._checked = True
+            # A PostgreSQL server out of reach now is tried again on the next call (this one asks the actor).
+            self._checked = self._local is not None or not postgres
             logger.info("job store: %s", describe(self.database) if self._local else "the job actor")
             return self._local
 
@@ -458,7 +467,11 @@ class JobsClient:
         return await self._call("reap_stale", timeout_seconds)
 
     async def replica_reports(self) -> list[dict]:
-        return await self.actor.replica_reports.remote()
+        try:
+            return await self.actor.replica_reports.remote()
+        except ray.exceptions.RayActorError:  # it could not restart (its store was out of reach): a new one
+            self.actor = get_or_create_job_actor(self.database, **self._options)
+            return await self.actor.replica_reports.remote()
 
     def report_replica(self, replica: str, report: dict) -> None:
         self.actor.report_replica.remote(replica, report)

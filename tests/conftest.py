@@ -95,7 +95,7 @@ def postgres_server() -> str:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     subprocess.run([*run_as, str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust",
-                    "--encoding=UTF8", "--no-sync"], check=True, capture_output=True)  # fmt: skip
+                    "--encoding=UTF8", "--no-locale", "--no-sync"], check=True, capture_output=True)  # fmt: skip
     options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1"
     subprocess.run([*run_as, str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(root / "server.log"), "-w",
                     "-o", options, "start"], check=True, capture_output=True)  # fmt: skip

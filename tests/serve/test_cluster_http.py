@@ -27,7 +27,7 @@ BODY = {"prompt": "a lighthouse on a cliff", "model": "Demo SD1.5", "steps": 60,
 
 def _cluster_application(settings, outputs, job_store: str) -> dict:
     """The service's own application, on PostgreSQL and shared storage, its generator pinned to the worker node."""
-    on_head = {"num_cpus": 0}
+    on_head = {"num_cpus": 0.01}  # the worker node has no CPU to give: these stay on the head node
     return {
         "name": "cluster",
         "route_prefix": "/cluster",
@@ -55,7 +55,7 @@ def _cluster_application(settings, outputs, job_store: str) -> dict:
 
 
 def _add_generator_node(cluster):
-    return cluster.add_node(num_cpus=1, resources={GENERATOR_NODE: 1}, include_dashboard=False,
+    return cluster.add_node(num_cpus=0, resources={GENERATOR_NODE: 1}, include_dashboard=False,
                             object_store_memory=512 * 2**20)  # fmt: skip
 
 

@@ -82,9 +82,12 @@ def test_database_of_the_first_version_gains_the_family_column(tmp_path):
         " warnings TEXT NOT NULL, result TEXT, error TEXT)"
     )
     old.execute("INSERT INTO jobs VALUES ('old', 'txt2img', 'done', 'done', 100, 1, 1, '{}', '[]', '{}', NULL)")
+    old.execute("INSERT INTO jobs VALUES ('running', 'txt2img', 'processing', 'generation', 10, 1, 1, '{}', '[]', "
+                "NULL, NULL)")  # fmt: skip
     old.commit()
     old.close()
     store = JobStore(str(database), keep_finished_seconds=10**12)
+    assert store.claim_orphans() == []  # the older release's replica may still run it: a minute's grace
     assert (store.get("old")["state"], store.get("old")["attempts"]) == ("done", 1)
     assert store.create("new", "txt2img", {}, [], "sd15", max_active=1)
 
@@ -253,3 +256,40 @@ def test_settings_and_active_job_listing_on_both_backends(location):
     store.create("n", "txt2img", {"steps": 8}, [])
     assert [(j["job_id"], j["steps"]) for j in store.active_jobs("sdapi")] == [("s", 12)]
     assert store.active_jobs("sdapi", owner="k2") == []
+
+
+def test_a_job_that_progresses_is_not_taken_over_even_with_its_lease_lapsed(location, monkeypatch):
+    from deployments import jobs as jobs_module
+
+    monkeypatch.setattr(jobs_module, "LEASE_S", 0.3)
+    store = JobStore(location)
+    store.create("alive", "txt2img", {}, [], family="sd15")
+    store.start("alive")
+    for _ in range(4):  # its worker reports progress but cannot renew (the store was out of its reach)
+        time.sleep(0.12)
+        store.progress("alive", 10, "generation")
+    assert store.claim_orphans() == []
+    time.sleep(0.35)  # then it stops reporting too: now nobody holds it
+    assert [job["job_id"] for job in store.claim_orphans()] == ["alive"]
+    assert store.reap_stale(0.2) == []  # the claim is an update: the new holder has the job
+
+
+def test_a_repeated_create_records_the_job_once(location):
+    store = JobStore(location)
+    assert store.create("once", "txt2img", {"prompt": "x"}, [])
+    assert store.create("once", "txt2img", {"prompt": "x"}, [])  # the same call again (through the job actor)
+    assert store.counts() == {"queued": 1}
+
+
+def test_store_locations_in_messages_never_show_the_password():
+    from deployments.job_db import describe, redact
+
+    assert describe("postgresql://u:s3cr%zzt@db:5432/jobs") == "postgresql://u:***@db:5432/jobs"
+    assert describe("postgresql://u@db/jobs?sslmode=require&password=s3cret") == (
+        "postgresql://u@db/jobs?sslmode=require&password=***"
+    )
+    assert describe("postgresql://u:p@ss@db/jobs") == "postgresql://u:***@db/jobs"  # an unencoded @ in it
+    assert redact('invalid percent-encoded token: "a@b"', "postgresql://u:a%40b@db/jobs") == (
+        'invalid percent-encoded token: "***"'
+    )
+    assert describe("/var/lib/diffusion/jobs.sqlite3") == "/var/lib/diffusion/jobs.sqlite3"
