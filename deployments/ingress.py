@@ -16,7 +16,7 @@ from typing import Annotated
 import grpc
 from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, RayServeException
@@ -37,6 +37,7 @@ from deployments.access import (
 from deployments.contract import IMAGE_CONTENT, IMAGE_ERRORS, documented_errors, documented_methods, install_openapi
 from deployments.job_db import describe
 from deployments.jobs import LEASE_RENEW_S, TERMINAL_STATES, JobsClient, image_fields
+from deployments.watch import JOB_EVENT_SCHEMA, KEEPALIVE_S, JobWatcher, job_summary, sse_event
 from pipelines.catalog import ModelCatalog, ModelEntry
 from pipelines.embeddings import EmbeddingLibrary
 from pipelines.errors import DiffusionAPIError, ServiceBusyError
@@ -238,6 +239,7 @@ class Ingress(A1111Routes):
         self._inflight: dict[str, asyncio.Task] = {}  # job id -> the task awaiting its generator
         self.submissions_arriving = 0  # job POSTs received and not yet handed to a generator (_CountSubmissions)
         self._reaper: asyncio.Task | None = None
+        self.watcher = JobWatcher(self.jobs)  # wakes long polls and event streams when their job changes
 
     # Listings --------------------------------------------------------------------------------------------
     @app.get("/hello", response_model=HelloResponse, responses=documented_errors(503))
@@ -508,11 +510,32 @@ class Ingress(A1111Routes):
 
     @app.get("/queue/{job_id}", response_model=QueueStatusResponse,
              responses=documented_errors(401, 404, 422, 500, 503))  # fmt: skip
-    async def queue(self, job_id: JobId):
+    async def queue(
+        self,
+        job_id: JobId,
+        wait_s: Annotated[
+            float,
+            Query(ge=0, le=30, description="Long poll: answer as soon as the job's state, phase or progress "
+                  "changes, or after this many seconds (0: at once). A job that has ended answers at once."),
+        ] = 0,
+    ):  # fmt: skip
         self._start_reaper()
         job = await self.jobs.get(job_id)
         if job is None:
             return error_response(404, f"unknown job_id {job_id!r}")
+        if wait_s > 0 and job["state"] not in TERMINAL_STATES:
+            async with self.watcher.watching(job_id):
+                if await self.watcher.next_change(job_id, job_summary(job), wait_s) is not None:
+                    job = await self.jobs.get(job_id) or job
+        fields = await self._status_fields(job_id, job, with_images=True)
+        # Serialized here (pydantic's JSON encoder) rather than re-validated by FastAPI: this is the route
+        # clients poll.
+        body = QueueStatusResponse.model_validate(fields).model_dump_json()
+        return Response(content=body, media_type="application/json")
+
+    async def _status_fields(self, job_id: str, job: dict, with_images: bool) -> dict:
+        """A job record as the status fields clients read; `with_images`: the images' bytes (base64) read from
+        the output storage, else `image_url` (where `GET /queue/{id}/image` serves them) in their place."""
         fields = {
             "status": "error" if job["state"] == "error" else "success",
             "job_id": job_id,
@@ -525,10 +548,55 @@ class Ingress(A1111Routes):
             "attempts": job["attempts"],
         }
         if job["state"] == "done" and job["result"]:
-            result, missing = await self.with_image_bytes(job["result"])
-            fields.update({**image_fields(result), "payload": job["payload"]})
+            if with_images:
+                result, missing = await self.with_image_bytes(job["result"])
+            else:
+                result, missing = image_fields(job["result"]), []
+                result.pop("image", None), result.pop("images", None)
+                fields["image_url"] = f"/queue/{job_id}/image"
+            fields.update({**result, "payload": job["payload"]})
             fields["warnings"] = job["warnings"] + missing
-        # Serialized here (pydantic's JSON encoder) rather than re-validated by FastAPI: this is the route
-        # clients poll.
-        body = QueueStatusResponse.model_validate(fields).model_dump_json()
-        return Response(content=body, media_type="application/json")
+        return fields
+
+    @app.get(
+        "/queue/{job_id}/events",
+        response_class=StreamingResponse,
+        responses={
+            200: {
+                "description": "Server-Sent Events: `progress` (state, phase, progress, eta_s, batch_size, "
+                "attempts) at each change, then one event named after the end state (`done`, `error`, "
+                "`cancelled`) with the final status without image bytes (`image_url` says where the image is), "
+                "then the stream ends. A comment line every 15 s keeps idle connections open.",
+                "content": {"text/event-stream": {"schema": JOB_EVENT_SCHEMA}},
+            },
+            **documented_errors(401, 404, 422, 503),
+        },
+    )
+    async def job_events(self, job_id: JobId):
+        """A job's progress as it happens, pushed: no polling by the client, and none per client here (one
+        watch loop per replica wakes every stream of a job when the job changes)."""
+        self._start_reaper()
+        job = await self.jobs.get(job_id)
+        if job is None:
+            return error_response(404, f"unknown job_id {job_id!r}")
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        return StreamingResponse(self._events(job_id, job), media_type="text/event-stream", headers=headers)
+
+    async def _events(self, job_id: str, job: dict):
+        loop = asyncio.get_running_loop()
+        async with self.watcher.watching(job_id):
+            summary = job_summary(job)
+            first_seen = (loop.time(), summary["progress"])
+            while summary["state"] not in TERMINAL_STATES:
+                elapsed, gained = loop.time() - first_seen[0], summary["progress"] - first_seen[1]
+                eta = round(elapsed * (100.0 - summary["progress"]) / gained, 1) if gained > 0 else None
+                yield sse_event("progress", {"job_id": job_id, **summary, "eta_s": eta})
+                changed = None
+                while changed is None:
+                    changed = await self.watcher.next_change(job_id, summary, KEEPALIVE_S)
+                    if changed is None:
+                        yield ": keep-alive\n\n"
+                summary = changed
+        final = await self.jobs.get(job_id) or job
+        fields = await self._status_fields(job_id, final, with_images=False)
+        yield sse_event(final["state"], fields)

@@ -28,7 +28,7 @@ ACTOR_NAME_PREFIX = "diffusion_api_jobs"
 ACTOR_NAMESPACE = "diffusion_api"
 # Bump when JobStore's methods change: the actor is detached and outlives redeploys, so a new interface
 # gets a new actor (same database) instead of calling methods the old one does not have.
-STORE_INTERFACE_VERSION = 6
+STORE_INTERFACE_VERSION = 7
 REPLICA_REPORT_TTL_S = 60.0
 # An active job is held by the processes working on it (the ingress replica dispatching it, the generator
 # replica queueing or running it), which renew its lease every LEASE_RENEW_S. A job whose lease has run out
@@ -246,6 +246,19 @@ class JobStore:
         job["result"] = json.loads(job["result"]) if job["result"] else None
         return job
 
+    def summaries(self, job_ids: list[str]) -> dict[str, dict]:
+        """What clients watching jobs wait on (state, phase, progress, batch size, attempts), for many jobs in
+        one read: no payload, result or image locations."""
+        if not job_ids:
+            return {}
+        marks = ", ".join("?" * len(job_ids))
+        rows = self.db.execute(
+            f"SELECT job_id, state, phase, progress, batch_size, attempts FROM jobs WHERE job_id IN ({marks})",
+            tuple(job_ids),
+        )
+        columns = ("state", "phase", "progress", "batch_size", "attempts")
+        return {row[0]: dict(zip(columns, row[1:], strict=True)) for row in rows}
+
     def store_id(self) -> str:
         """This database's identity: a replica that opens the file itself checks it is the same database."""
         return self._store_id
@@ -447,6 +460,9 @@ class JobsClient:
 
     async def get(self, job_id: str) -> dict | None:
         return await self._call("get", job_id)
+
+    async def summaries(self, job_ids: list[str]) -> dict[str, dict]:
+        return await self._call("summaries", job_ids)
 
     async def counts(self) -> dict[str, int]:
         return await self._call("counts")

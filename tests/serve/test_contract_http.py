@@ -22,6 +22,7 @@ def test_every_operation_documents_its_error_answers_with_one_body(schema):
         ("post", "/img2img"): {"200", "400", "401", "404", "413", "415", "422", "429", "503"},
         ("get", "/queue/{job_id}"): {"200", "401", "404", "422", "500", "503"},
         ("get", "/queue/{job_id}/image"): {"200", "401", "404", "409", "422", "500", "503"},
+        ("get", "/queue/{job_id}/events"): {"200", "401", "404", "422", "503"},
         ("delete", "/queue/{job_id}"): {"200", "401", "404", "409", "422", "503"},
     }
     for (method, path), codes in expected.items():
@@ -45,8 +46,11 @@ def test_closed_sets_are_the_codes_own_tables(schema):
     assert upscaler["anyOf"][0]["enum"] == list(LATENT_MODES)
     image = schema["components"]["schemas"]["Img2ImgRequest"]["properties"]["image"]
     assert image["format"] == "image-base64"
-    (job_id,) = schema["paths"]["/queue/{job_id}"]["get"]["parameters"]
+    job_id, wait_s = schema["paths"]["/queue/{job_id}"]["get"]["parameters"]
     assert job_id["schema"]["pattern"] == JOB_ID_PATTERN
+    assert (wait_s["in"], wait_s["schema"]["minimum"], wait_s["schema"]["maximum"]) == ("query", 0, 30)
+    events = schema["paths"]["/queue/{job_id}/events"]["get"]["responses"]["200"]["content"]
+    assert set(events) == {"text/event-stream"}
 
 
 @pytest.mark.parametrize(

@@ -293,3 +293,16 @@ def test_store_locations_in_messages_never_show_the_password():
         'invalid percent-encoded token: "***"'
     )
     assert describe("/var/lib/diffusion/jobs.sqlite3") == "/var/lib/diffusion/jobs.sqlite3"
+
+
+def test_summaries_read_what_watchers_wait_on_for_many_jobs_at_once(location):
+    store = JobStore(location)
+    store.create("a", "txt2img", {"prompt": "x"}, [])
+    store.create("b", "txt2img", {"prompt": "y"}, [])
+    store.start_many(["a"], "generation", 2)
+    store.progress("a", 25.0, "generation")
+    assert store.summaries(["a", "b", "missing"]) == {
+        "a": {"state": "processing", "phase": "generation", "progress": 25.0, "batch_size": 2, "attempts": 1},
+        "b": {"state": "queued", "phase": "queued", "progress": 0.0, "batch_size": None, "attempts": 1},
+    }
+    assert store.summaries([]) == {}

@@ -1,0 +1,110 @@
+"""Waking the requests that wait on jobs (long polls, Server-Sent Events) when a job changes.
+
+The store is shared by every replica and written by the generators, so a change can come from any node. One
+loop per ingress replica reads the summaries of every job someone waits on, in one store query per
+WATCH_INTERVAL_S, whatever the number of clients: a waiting client costs an entry in a dict and an event, not a
+polling loop of its own, and the loop stops when nobody waits.
+"""
+
+import asyncio
+import contextlib
+import contextvars
+import json
+import logging
+from collections.abc import AsyncIterator
+
+logger = logging.getLogger("ray.serve")
+WATCH_INTERVAL_S = 0.25
+KEEPALIVE_S = 15.0  # an event stream sends a comment this often when nothing else happens
+
+
+# One Server-Sent Event of `GET /queue/{id}/events` (Open API 3.1: the media type's schema describes each event).
+JOB_EVENT_SCHEMA = {
+    "type": "object",
+    "required": ["event", "data"],
+    "properties": {
+        "event": {"type": "string", "enum": ["progress", "done", "error", "cancelled"]},
+        "data": {
+            "type": "string",
+            "contentMediaType": "application/json",
+            "description": "progress: {job_id, state, phase, progress, batch_size, attempts, eta_s (null until "
+            "known)}; done, error, cancelled: the job's final status (the fields of GET /queue/{job_id}) "
+            "without image bytes, with image_url",
+        },
+    },
+}
+
+
+def change_key(summary: dict | None) -> tuple | None:
+    """What a waiting client waits to see change: the state, the phase and the progress."""
+    if summary is None:
+        return None
+    return summary["state"], summary["phase"], summary["progress"]
+
+
+def job_summary(job: dict) -> dict:
+    """A job record's summary, as `JobStore.summaries` reads it."""
+    return {key: job[key] for key in ("state", "phase", "progress", "batch_size", "attempts")}
+
+
+def sse_event(event: str, data: dict) -> str:
+    """One Server-Sent Event: its name and one line of JSON."""
+    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+class JobWatcher:
+    def __init__(self, jobs, interval: float = WATCH_INTERVAL_S):
+        self.jobs = jobs
+        self.interval = interval
+        self._waiting: dict[str, int] = {}  # job id -> requests waiting on it
+        self._latest: dict[str, dict] = {}  # job id -> its summary as last read
+        self._changed: dict[str, asyncio.Event] = {}  # job id -> set (and replaced) when its summary changes
+        self._loop: asyncio.Task | None = None
+
+    @contextlib.asynccontextmanager
+    async def watching(self, job_id: str) -> AsyncIterator[None]:
+        """While inside, `job_id` is read by the watch loop (started here when it is not running)."""
+        self._waiting[job_id] = self._waiting.get(job_id, 0) + 1
+        if self._loop is None or self._loop.done():
+            self._loop = asyncio.create_task(self._watch(), context=contextvars.Context())
+        try:
+            yield
+        finally:
+            self._waiting[job_id] -= 1
+            if not self._waiting[job_id]:
+                del self._waiting[job_id]
+                self._latest.pop(job_id, None)
+                self._changed.pop(job_id, None)
+
+    async def next_change(self, job_id: str, seen: dict | None, timeout: float) -> dict | None:
+        """The job's summary as soon as its state, phase or progress differs from `seen`; None when `timeout`
+        seconds pass first. Call it inside `watching(job_id)`."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            latest = self._latest.get(job_id)
+            if latest is not None and change_key(latest) != change_key(seen):
+                return latest
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return None
+            event = self._changed.setdefault(job_id, asyncio.Event())
+            try:
+                await asyncio.wait_for(event.wait(), remaining)
+            except TimeoutError:
+                return None
+
+    async def _watch(self) -> None:
+        while self._waiting:
+            try:
+                summaries = await self.jobs.summaries(list(self._waiting))
+            except Exception:
+                logger.warning("reading the watched jobs failed; trying again", exc_info=True)
+                summaries = {}
+            for job_id, summary in summaries.items():
+                if self._latest.get(job_id) != summary and job_id in self._waiting:
+                    self._latest[job_id] = summary
+                    event = self._changed.pop(job_id, None)
+                    if event is not None:
+                        event.set()
+            await asyncio.sleep(self.interval)
