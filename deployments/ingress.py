@@ -552,7 +552,8 @@ class Ingress(A1111Routes):
                 result, missing = await self.with_image_bytes(job["result"])
             else:
                 result, missing = image_fields(job["result"]), []
-                result.pop("image", None), result.pop("images", None)
+                for inline in ("image", "images"):
+                    result.pop(inline, None)
                 fields["image_url"] = f"/queue/{job_id}/image"
             fields.update({**result, "payload": job["payload"]})
             fields["warnings"] = job["warnings"] + missing

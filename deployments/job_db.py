@@ -18,6 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+TERMINAL_STATES = ("done", "error", "cancelled")  # a job in one of these has ended; the others are active
+ACTIVE_JOBS = f"state NOT IN ({', '.join(repr(state) for state in TERMINAL_STATES)})"  # SQL condition
 # Each step brings an older database to the next version; a database is never read by code older than it.
 # `{real}` is the dialect's 64-bit float. A column an older release already added is not added again.
 MIGRATIONS: list[tuple[str, ...]] = [
@@ -39,7 +41,7 @@ MIGRATIONS: list[tuple[str, ...]] = [
     # minute before anyone may take them over.
     ("ALTER TABLE jobs ADD COLUMN attempts INTEGER NOT NULL DEFAULT 1",
      "ALTER TABLE jobs ADD COLUMN lease_until {real} NOT NULL DEFAULT 0",
-     "UPDATE jobs SET lease_until = {now} + 60 WHERE state NOT IN ('done', 'error', 'cancelled')"),
+     "UPDATE jobs SET lease_until = {now} + 60 WHERE {active}"),
 ]  # fmt: skip
 SCHEMA_VERSION = len(MIGRATIONS)
 POSTGRES_INSTALL_HINT = "pip install 'diffusion-api[postgres]' (psycopg 3)"
@@ -252,7 +254,7 @@ def migrate(database: Database, location: str) -> None:
             if number <= version:
                 continue
             for statement in statements:
-                statement = statement.format(real=database.real, now=repr(time.time()))
+                statement = statement.format(real=database.real, now=repr(time.time()), active=ACTIVE_JOBS)
                 if statement.startswith("ALTER TABLE jobs ADD COLUMN "):
                     column = statement.split()[5]
                     if column in database.columns(transaction, "jobs"):  # added by a release before versioning

@@ -20,7 +20,14 @@ from pathlib import Path
 
 import ray
 
-from deployments.job_db import database_errors, describe, is_postgres_url, open_database
+from deployments.job_db import (
+    ACTIVE_JOBS,
+    TERMINAL_STATES,
+    database_errors,
+    describe,
+    is_postgres_url,
+    open_database,
+)
 from pipelines.storage import OutputStorage, is_url
 
 logger = logging.getLogger("ray.serve")
@@ -37,9 +44,9 @@ REPLICA_REPORT_TTL_S = 60.0
 LEASE_S = 15.0
 LEASE_RENEW_S = 3.0
 PRUNE_INTERVAL_S = 60.0  # retention runs at most this often (on job creation), not on every job
-TERMINAL_STATES = ("done", "error", "cancelled")
 _TERMINAL = ", ".join(f"'{state}'" for state in TERMINAL_STATES)
-_ACTIVE = f"state NOT IN ({_TERMINAL})"
+# What clients watching a job wait on (long polls, event streams): `summaries` reads these columns.
+SUMMARY_FIELDS = ("state", "phase", "progress", "batch_size", "attempts")
 _NO_LIMIT = 2**62  # LIMIT for "all rows" (an OFFSET needs one on SQLite)
 
 
@@ -65,7 +72,7 @@ class JobStore:
         assignments = ", ".join(f"{key} = ?" for key in fields)
         marks = ", ".join("?" * len(job_ids))
         rows = self.db.execute(
-            f"UPDATE jobs SET {assignments} WHERE job_id IN ({marks}) AND {_ACTIVE} RETURNING job_id",
+            f"UPDATE jobs SET {assignments} WHERE job_id IN ({marks}) AND {ACTIVE_JOBS} RETURNING job_id",
             (*fields.values(), *job_ids),
             durable,
         )
@@ -118,7 +125,7 @@ class JobStore:
         marks = ", ".join("?" * len(job_ids))
         rows = self.db.execute(
             f"UPDATE jobs SET state = 'processing', phase = ?, progress = {self.db.greatest}(progress, ?), updated = ? "
-            f"WHERE job_id IN ({marks}) AND {_ACTIVE} RETURNING job_id",
+            f"WHERE job_id IN ({marks}) AND {ACTIVE_JOBS} RETURNING job_id",
             (phase, min(progress, 99.9), time.time(), *job_ids),
         )
         active = {row[0] for row in rows}
@@ -138,8 +145,8 @@ class JobStore:
             return 0
         marks = ", ".join("?" * len(job_ids))
         rows = self.db.execute(
-            f"UPDATE jobs SET lease_until = {self.db.greatest}(lease_until, ?) WHERE job_id IN ({marks}) AND {_ACTIVE} "
-            f"RETURNING job_id",
+            f"UPDATE jobs SET lease_until = {self.db.greatest}(lease_until, ?) WHERE job_id IN ({marks}) "
+            f"AND {ACTIVE_JOBS} RETURNING job_id",
             (time.time() + LEASE_S, *job_ids),
         )
         return len(rows)
@@ -151,7 +158,7 @@ class JobStore:
         the store being out of reach, say). The claim counts as an update, so the stale reaper leaves the job
         to its new holder."""
         now = time.time()
-        orphaned = f"{_ACTIVE} AND lease_until < ? AND updated < ?"
+        orphaned = f"{ACTIVE_JOBS} AND lease_until < ? AND updated < ?"
         # Every ingress replica asks every few seconds and the answer is nearly always "none": a plain read
         # answers that without taking the write lock.
         if not self.db.execute(f"SELECT 1 FROM jobs WHERE {orphaned} LIMIT 1", (now, now - LEASE_S)):
@@ -181,7 +188,7 @@ class JobStore:
         now = time.time()
         with self.db.transaction(durable=True) as transaction:
             for job_id, result, warnings in outcomes:
-                row = transaction.one(f"SELECT warnings FROM jobs WHERE job_id = ? AND {_ACTIVE}", (job_id,))
+                row = transaction.one(f"SELECT warnings FROM jobs WHERE job_id = ? AND {ACTIVE_JOBS}", (job_id,))
                 if row is not None:
                     merged = json.loads(row[0])
                     merged += [w for w in dict.fromkeys(warnings) if w not in merged]
@@ -205,7 +212,7 @@ class JobStore:
         with a message that says so."""
         now = time.time()
         with self.db.transaction(durable=True) as transaction:
-            query = f"SELECT attempts, warnings FROM jobs WHERE job_id = ? AND {_ACTIVE}"
+            query = f"SELECT attempts, warnings FROM jobs WHERE job_id = ? AND {ACTIVE_JOBS}"
             row = transaction.one(query, (job_id,))
             if row is None:
                 return None
@@ -253,11 +260,9 @@ class JobStore:
             return {}
         marks = ", ".join("?" * len(job_ids))
         rows = self.db.execute(
-            f"SELECT job_id, state, phase, progress, batch_size, attempts FROM jobs WHERE job_id IN ({marks})",
-            tuple(job_ids),
+            f"SELECT job_id, {', '.join(SUMMARY_FIELDS)} FROM jobs WHERE job_id IN ({marks})", tuple(job_ids)
         )
-        columns = ("state", "phase", "progress", "batch_size", "attempts")
-        return {row[0]: dict(zip(columns, row[1:], strict=True)) for row in rows}
+        return {row[0]: dict(zip(SUMMARY_FIELDS, row[1:], strict=True)) for row in rows}
 
     def store_id(self) -> str:
         """This database's identity: a replica that opens the file itself checks it is the same database."""
@@ -272,7 +277,7 @@ class JobStore:
         """The queued and running jobs `origin` took (of `owner` only, unless None), oldest first: id, state,
         phase, progress, steps and creation time."""
         steps = self.db.json_int("payload", "steps")
-        query = f"SELECT job_id, state, phase, progress, created, {steps} FROM jobs WHERE {_ACTIVE} AND origin = ?"
+        query = f"SELECT job_id, state, phase, progress, created, {steps} FROM jobs WHERE {ACTIVE_JOBS} AND origin = ?"
         parameters: tuple = (origin,)
         if owner is not None:
             query += " AND owner = ?"

@@ -13,6 +13,8 @@ import json
 import logging
 from collections.abc import AsyncIterator
 
+from deployments.jobs import SUMMARY_FIELDS
+
 logger = logging.getLogger("ray.serve")
 WATCH_INTERVAL_S = 0.25
 KEEPALIVE_S = 15.0  # an event stream sends a comment this often when nothing else happens
@@ -44,7 +46,7 @@ def change_key(summary: dict | None) -> tuple | None:
 
 def job_summary(job: dict) -> dict:
     """A job record's summary, as `JobStore.summaries` reads it."""
-    return {key: job[key] for key in ("state", "phase", "progress", "batch_size", "attempts")}
+    return {key: job[key] for key in SUMMARY_FIELDS}
 
 
 def sse_event(event: str, data: dict) -> str:
