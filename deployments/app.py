@@ -2,7 +2,7 @@
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from ray.serve import Application
@@ -11,6 +11,7 @@ from deployments.generators import Refiner, SD15Generator, SDXLGenerator
 from deployments.ingress import Ingress
 from deployments.job_db import describe, is_postgres_url, open_database, redact
 from deployments.upscaler import Upscaler
+from deployments.webhooks import WebhookPolicy
 from pipelines.settings import Settings
 from pipelines.speed import SpeedOptions
 from pipelines.storage import OutputStorage, is_url
@@ -64,6 +65,12 @@ class AppArgs(BaseModel):
     torch_threads: int | None = Field(None, ge=-64, le=1024)
     dtype: Literal["float16", "bfloat16", "float32"] | None = None
     speed: SpeedOptions | None = None
+    # Webhooks (a job's callback_url): the hosts they may call (host names or host:port; "*": any public host;
+    # also DIFFUSION_API_WEBHOOK_ALLOWED_HOSTS), the signing secret (also DIFFUSION_API_WEBHOOK_SECRET) and the
+    # waits before the retries of a failed delivery. Off unless hosts are allowed.
+    webhook_allowed_hosts: list[str] | None = None
+    webhook_secret: str | None = None
+    webhook_retry_delays_s: list[Annotated[float, Field(ge=0, le=3600)]] = Field([15.0, 45.0], max_length=10)
     # Jobs each generator runs at start for the models of its family (an unknown model stops the deploy).
     warmup: list[WarmupJob] = Field(default_factory=list)
 
@@ -122,6 +129,9 @@ def build_app(args: dict | None = None) -> Application:
         "speed": parsed.speed.model_dump(exclude_unset=True) if parsed.speed else None,
         "warmup": [job.model_dump() for job in parsed.warmup],
     }
+    webhooks = {"allowed_hosts": parsed.webhook_allowed_hosts, "secret": parsed.webhook_secret,
+                "retry_delays_s": parsed.webhook_retry_delays_s}  # fmt: skip
+    WebhookPolicy.from_config(**webhooks)  # hosts allowed without a secret stop the deploy here
     generator_args = {"settings": plain, "job_database": database, "job_options": job_options, "device": parsed.device,
                       "engine_options": engine_options}  # fmt: skip
     upscaler = Upscaler.bind(settings=plain, device=parsed.device, torch_threads=parsed.torch_threads)
@@ -139,6 +149,7 @@ def build_app(args: dict | None = None) -> Application:
         api_keys_file=parsed.api_keys_file,
         cors_origins=parsed.cors_origins,
         upscaler=upscaler,
+        webhooks=webhooks,
     )
 
 

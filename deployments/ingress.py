@@ -38,9 +38,10 @@ from deployments.contract import IMAGE_CONTENT, IMAGE_ERRORS, documented_errors,
 from deployments.job_db import describe
 from deployments.jobs import LEASE_RENEW_S, TERMINAL_STATES, JobsClient, image_fields
 from deployments.watch import JOB_EVENT_SCHEMA, KEEPALIVE_S, JobWatcher, job_summary, sse_event
+from deployments.webhooks import WebhookPolicy, WebhookTargetError
 from pipelines.catalog import ModelCatalog, ModelEntry
 from pipelines.embeddings import EmbeddingLibrary
-from pipelines.errors import DiffusionAPIError, ServiceBusyError
+from pipelines.errors import DiffusionAPIError, InvalidRequestError, ServiceBusyError
 from pipelines.images import decode_base64_bytes, encode_base64
 from pipelines.infotext import MIME_TYPES
 from pipelines.limits import LIMITS
@@ -218,7 +219,8 @@ class Ingress(A1111Routes):
     def __init__(self, sd15, sdxl, refiner, settings: dict, job_database: str,
                  job_options: dict | None = None, stale_job_timeout_s: float = 600.0,
                  max_queued_jobs: int = 64, api_keys_file: str | None = None,
-                 cors_origins: list[str] | None = None, upscaler=None, max_attempts: int = 3):  # fmt: skip
+                 cors_origins: list[str] | None = None, upscaler=None, max_attempts: int = 3,
+                 webhooks: dict | None = None):  # fmt: skip
         self.access = AccessPolicy.from_config(api_keys_file, cors_origins)
         if self.access.api_keys:
             logger.info("API keys are on: %d key(s)", len(self.access.api_keys))
@@ -240,6 +242,8 @@ class Ingress(A1111Routes):
         self.submissions_arriving = 0  # job POSTs received and not yet handed to a generator (_CountSubmissions)
         self._reaper: asyncio.Task | None = None
         self.watcher = JobWatcher(self.jobs)  # wakes long polls and event streams when their job changes
+        self.webhooks = WebhookPolicy.from_config(**(webhooks or {}))
+        self._deliveries: set[asyncio.Task] = set()  # webhook deliveries under way (held: tasks are weak refs)
 
     # Listings --------------------------------------------------------------------------------------------
     @app.get("/hello", response_model=HelloResponse, responses=documented_errors(503))
@@ -360,7 +364,15 @@ class Ingress(A1111Routes):
         """Dispatches a job to its generator deployment until it ends. A job whose generator replica or node
         dies with it is dispatched again (Serve routes it to a live or replacement replica), up to
         `max_attempts` in all; jobs are deterministic (the seed is fixed at submission), so the retry makes the
-        image the first attempt would have made, under the same name."""
+        image the first attempt would have made, under the same name. When it has ended, its webhook (if it has
+        one) is delivered."""
+        await self._dispatch(job_id, handle, kind, payload, more_coming)
+        if payload.get("callback_url"):
+            delivery = asyncio.create_task(self._deliver_webhook(job_id, payload["callback_url"]))
+            self._deliveries.add(delivery)
+            delivery.add_done_callback(self._deliveries.discard)
+
+    async def _dispatch(self, job_id: str, handle, kind: str, payload: dict, more_coming: int) -> None:
         try:
             while True:
                 try:
@@ -383,6 +395,17 @@ class Ingress(A1111Routes):
             await self.jobs.fail(job_id, message)
             if isinstance(error, asyncio.CancelledError):
                 raise
+
+    async def _deliver_webhook(self, job_id: str, url: str) -> None:
+        """POSTs the ended job's final status (as the events' final event: no image bytes) to its callback_url,
+        with retries, and records the outcome on the job."""
+        job = await self.jobs.get(job_id)
+        if job is None or job["state"] not in TERMINAL_STATES:
+            return
+        await self.jobs.record_webhook(job_id, {"attempts": 0, "status": "delivering"})
+        status = await self._status_fields(job_id, job, with_images=False)
+        outcome = await self.webhooks.deliver(url, job_id, status)
+        await self.jobs.record_webhook(job_id, outcome)
 
     async def with_image_bytes(self, result: dict) -> tuple[dict, list[str]]:
         """A finished job's result with its images (base64) read from the output storage, where the job
@@ -444,6 +467,11 @@ class Ingress(A1111Routes):
         """Everything that can be checked before a job exists (in a worker thread: it reads files): the model
         (absent: the service-wide default), the mode, sampler, image, LoRAs (unknown: 4xx; incompatible: a
         warning), hires fix and refiner."""
+        if request.callback_url is not None:
+            try:
+                self.webhooks.check(request.callback_url)
+            except WebhookTargetError as error:
+                raise InvalidRequestError(f"callback_url: {error}") from None
         entry = self.catalog.resolve(request.model or default_model)
         check_mode_supported(entry, kind)
         return entry, prepare_job(request, entry, self.loras, self.catalog, self.upscalers, self.vaes,
@@ -547,6 +575,8 @@ class Ingress(A1111Routes):
             "batch_size": job["batch_size"],
             "attempts": job["attempts"],
         }
+        if job.get("webhook"):
+            fields["webhook"] = job["webhook"]
         if job["state"] == "done" and job["result"]:
             if with_images:
                 result, missing = await self.with_image_bytes(job["result"])
@@ -554,8 +584,11 @@ class Ingress(A1111Routes):
                 result, missing = image_fields(job["result"]), []
                 for inline in ("image", "images"):
                     result.pop(inline, None)
-                fields["image_url"] = f"/queue/{job_id}/image"
-            fields.update({**result, "payload": job["payload"]})
+            fields["image_url"] = f"/queue/{job_id}/image"
+            payload = job["payload"]
+            if not with_images:  # an img2img job's input image and mask are bytes too
+                payload = {key: value for key, value in payload.items() if key not in ("image", "mask")}
+            fields.update({**result, "payload": payload})
             fields["warnings"] = job["warnings"] + missing
         return fields
 

@@ -35,7 +35,7 @@ ACTOR_NAME_PREFIX = "diffusion_api_jobs"
 ACTOR_NAMESPACE = "diffusion_api"
 # Bump when JobStore's methods change: the actor is detached and outlives redeploys, so a new interface
 # gets a new actor (same database) instead of calling methods the old one does not have.
-STORE_INTERFACE_VERSION = 7
+STORE_INTERFACE_VERSION = 8
 REPLICA_REPORT_TTL_S = 60.0
 # An active job is held by the processes working on it (the ingress replica dispatching it, the generator
 # replica queueing or running it), which renew its lease every LEASE_RENEW_S. A job whose lease has run out
@@ -242,6 +242,12 @@ class JobStore:
                                     error="cancelled by request")  # fmt: skip
         return bool(updated)
 
+    def record_webhook(self, job_id: str, outcome: dict) -> bool:
+        """Records how delivering an ended job's final status to its callback_url went."""
+        rows = self.db.execute("UPDATE jobs SET webhook = ? WHERE job_id = ? RETURNING job_id",
+                               (json.dumps(outcome), job_id), durable=True)  # fmt: skip
+        return bool(rows)
+
     # Queries ---------------------------------------------------------------------------------------------
     def get(self, job_id: str) -> dict | None:
         rows = self.db.execute(f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs WHERE job_id = ?", (job_id,))
@@ -251,6 +257,7 @@ class JobStore:
         job["payload"] = json.loads(job["payload"])
         job["warnings"] = json.loads(job["warnings"])
         job["result"] = json.loads(job["result"]) if job["result"] else None
+        job["webhook"] = json.loads(job["webhook"]) if job["webhook"] else None
         return job
 
     def summaries(self, job_ids: list[str]) -> dict[str, dict]:
@@ -364,7 +371,7 @@ def image_fields(result: dict) -> dict:
 
 
 _JOB_COLUMNS = ("job_id", "kind", "state", "phase", "progress", "created", "updated", "payload", "warnings",
-                "result", "error", "batch_size", "attempts")  # fmt: skip
+                "result", "error", "batch_size", "attempts", "webhook")  # fmt: skip
 
 
 def same_store(database: str, store_id: str) -> bool:
@@ -465,6 +472,9 @@ class JobsClient:
 
     async def get(self, job_id: str) -> dict | None:
         return await self._call("get", job_id)
+
+    async def record_webhook(self, job_id: str, outcome: dict) -> bool:
+        return await self._call("record_webhook", job_id, outcome)
 
     async def summaries(self, job_ids: list[str]) -> dict[str, dict]:
         return await self._call("summaries", job_ids)

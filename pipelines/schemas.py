@@ -119,6 +119,16 @@ class GenerationRequest(BaseModel):
     n_iter: int = Field(
         1, ge=1, le=LIMITS.max_n_iter, description="Calls per request (as A1111); batch_size x n_iter images in all"
     )
+    callback_url: str | None = Field(
+        None,
+        min_length=1,
+        max_length=2048,
+        description="Webhook: when the job ends, its final status (no image bytes; image_url) is POSTed here, "
+        "signed (X-Signature-256: sha256=HMAC of the body). Only hosts the operator allows (a 422 otherwise)",
+    )
+    preview: bool = Field(
+        False, description="Send `preview` events (a small JPEG of the image so far) on GET /queue/{job_id}/events"
+    )
 
     _whole_numbers = field_validator("*", mode="before")(whole_numbers_as_integers)
 
@@ -213,6 +223,13 @@ class Txt2ImgResponse(BaseModel):
 Img2ImgResponse = Txt2ImgResponse
 
 
+class WebhookOutcome(BaseModel):
+    attempts: int = Field(..., ge=0, description="POSTs made (retried on network errors, 429 and 5xx)")
+    status: Literal["delivering", "delivered", "failed"]
+    http_status: int | None = Field(None, description="The receiver's last answer")
+    error: str | None = None
+
+
 class QueueStatusResponse(BaseModel):
     status: Literal["success", "error"] = "success"
     job_id: str
@@ -240,6 +257,8 @@ class QueueStatusResponse(BaseModel):
         1, ge=1, description="How many times the job was dispatched: more than 1 after its worker was lost"
     )
     images: list[str] | None = Field(None, description="Every image of the job, base64 (`image` is the first)")
+    image_url: str | None = Field(None, description="Where GET serves the (first) image file (in events and webhooks)")
+    webhook: WebhookOutcome | None = Field(None, description="The callback_url delivery, once the job has ended")
     output_paths: list[str] | None = None
     seeds: list[int] | None = Field(None, description="Each image's seed: seed, seed+1, ... (as A1111)")
     infotexts: list[str] | None = None

@@ -27,6 +27,8 @@ FAKE_GPUS = 4  # covers every GPU replica of serve_config.yaml at its minimum si
 # Compiled models are warmed at replica start; the demo's are not compiled, but the warm-up path is the same.
 WARMUP = [{"model": "Demo SD1.5", "width": 64, "height": 64, "steps": 2, "batch_sizes": [1, 2]},
           {"model": "Demo SDXL Refiner", "width": 64, "height": 64, "steps": 2, "batch_sizes": [1]}]  # fmt: skip
+WEBHOOK_PORT = PORT + 3  # the only callback host the session's service allows
+WEBHOOK_SECRET = "test-webhook-secret"
 LOGICAL_CPUS = 6  # serve_config.yaml asks for 5 CPUs at minimum size; they are time-shared on this machine
 
 
@@ -51,6 +53,9 @@ def patched_production_config(settings, outputs: Path, **arg_overrides) -> dict:
         "max_queued_jobs": MAX_QUEUED_JOBS,
         "cors_origins": [CORS_ORIGIN],
         "warmup": WARMUP,
+        "webhook_allowed_hosts": [f"127.0.0.1:{WEBHOOK_PORT}"],
+        "webhook_secret": WEBHOOK_SECRET,
+        "webhook_retry_delays_s": [1.0, 2.0],
         **arg_overrides,
     }
     return config

@@ -306,3 +306,15 @@ def test_summaries_read_what_watchers_wait_on_for_many_jobs_at_once(location):
         "b": {"state": "queued", "phase": "queued", "progress": 0.0, "batch_size": None, "attempts": 1},
     }
     assert store.summaries([]) == {}
+
+
+def test_webhook_outcomes_are_recorded_on_ended_jobs(location):
+    store = JobStore(location)
+    store.create("a", "txt2img", {"prompt": "x", "callback_url": "https://hooks.example/x"}, [])
+    assert store.get("a")["webhook"] is None
+    store.complete("a", {"seed": 1})
+    assert store.record_webhook("a", {"attempts": 0, "status": "delivering"})
+    outcome = {"attempts": 2, "status": "delivered", "http_status": 200, "error": None}
+    assert store.record_webhook("a", outcome)
+    assert JobStore(location).get("a")["webhook"] == outcome  # durable: another process reads it
+    assert not store.record_webhook("missing", outcome)

@@ -1,0 +1,140 @@
+"""Webhooks: when a job that carries `callback_url` ends, its final status is POSTed there, signed.
+
+Off unless the operator allows callback hosts (`webhook_allowed_hosts` / DIFFUSION_API_WEBHOOK_ALLOWED_HOSTS) and
+gives a signing secret (`webhook_secret` / DIFFUSION_API_WEBHOOK_SECRET). A target is checked when the job is
+submitted (a 422 naming `callback_url`) and again before each delivery (a name may resolve elsewhere by then):
+a host listed by name (or `host:port`) is allowed wherever it points, so an operator can allow a receiver inside
+the cluster on purpose; with `*`, any other host is allowed only if every address it resolves to is public, so a
+job cannot make the service call into the cluster's private network or a cloud metadata endpoint.
+"""
+
+import asyncio
+import hashlib
+import hmac
+import ipaddress
+import json
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import httpx
+
+logger = logging.getLogger("ray.serve")
+ALLOWED_HOSTS_ENV = "DIFFUSION_API_WEBHOOK_ALLOWED_HOSTS"
+SECRET_ENV = "DIFFUSION_API_WEBHOOK_SECRET"
+SIGNATURE_HEADER = "X-Signature-256"
+DEFAULT_RETRY_DELAYS_S = (15.0, 45.0)  # 3 attempts over about a minute
+ATTEMPT_TIMEOUT_S = 10.0
+MAX_URL_CHARS = 2048
+
+
+class WebhookTargetError(ValueError):
+    """A callback_url this service will not call; the message says why and what is allowed."""
+
+
+def signature(secret: str, body: bytes) -> str:
+    """The X-Signature-256 header's value: `sha256=` and the hex HMAC-SHA256 of the raw body (GitHub's form)."""
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def _port(parts) -> int:
+    return parts.port or (443 if parts.scheme == "https" else 80)
+
+
+@dataclass(frozen=True)
+class WebhookPolicy:
+    allowed_hosts: tuple[str, ...] = ()  # lower-case host names or host:port; "*": any public host
+    secret: str = ""
+    retry_delays_s: tuple[float, ...] = DEFAULT_RETRY_DELAYS_S
+
+    @classmethod
+    def from_config(cls, allowed_hosts: list[str] | None, secret: str | None,
+                    retry_delays_s: list[float] | None = None) -> "WebhookPolicy":  # fmt: skip
+        """The app arguments, else the environment. Allowing hosts without a secret is refused (receivers
+        could not tell the service's calls from anyone's)."""
+        if allowed_hosts is None:
+            allowed_hosts = os.environ.get(ALLOWED_HOSTS_ENV, "").split(",")
+        hosts = tuple(dict.fromkeys(host.strip().lower() for host in allowed_hosts if host.strip()))
+        secret = secret if secret is not None else os.environ.get(SECRET_ENV, "")
+        if hosts and not secret:
+            raise ValueError(f"webhooks: callback hosts are allowed ({', '.join(hosts)}) but no signing secret is "
+                             f"set: give webhook_secret or {SECRET_ENV}")  # fmt: skip
+        delays = tuple(retry_delays_s) if retry_delays_s is not None else DEFAULT_RETRY_DELAYS_S
+        return cls(allowed_hosts=hosts, secret=secret or "", retry_delays_s=delays)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.allowed_hosts)
+
+    def check(self, url: str) -> None:
+        """Raises WebhookTargetError unless this service may POST to `url` (resolves the host when only `*`
+        allows it)."""
+        if not self.enabled:
+            raise WebhookTargetError(f"webhooks are off on this service (the operator allows no callback host: "
+                                     f"{ALLOWED_HOSTS_ENV})")  # fmt: skip
+        if len(url) > MAX_URL_CHARS:
+            raise WebhookTargetError(f"at most {MAX_URL_CHARS} characters")
+        try:
+            parts = urlsplit(url)
+            port = _port(parts)
+        except ValueError as error:
+            raise WebhookTargetError(f"not a URL: {error}") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise WebhookTargetError("an http:// or https:// URL with a host")
+        if parts.username or parts.password:
+            raise WebhookTargetError("no user or password in the URL (the request is signed instead)")
+        host = parts.hostname.lower()
+        if host in self.allowed_hosts or f"{host}:{port}" in self.allowed_hosts:
+            return
+        if "*" not in self.allowed_hosts:
+            raise WebhookTargetError(f"host {host}:{port} is not allowed; allowed: {', '.join(self.allowed_hosts)}")
+        try:
+            addresses = {info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)}
+        except (OSError, UnicodeError) as error:
+            raise WebhookTargetError(f"host {host} cannot be resolved: {error}") from None
+        private = sorted(address for address in addresses if not _is_public(address))
+        if private:
+            raise WebhookTargetError(f"host {host} resolves to a private address ({', '.join(private)}); only hosts "
+                                     f"listed by name in {ALLOWED_HOSTS_ENV} may be private")  # fmt: skip
+
+    async def deliver(self, url: str, job_id: str, status: dict) -> dict:
+        """POSTs `status` to `url` until a 2xx, retrying network errors, 5xx and 429 after each of
+        `retry_delays_s`; any other answer ends it. Returns the outcome recorded on the job: attempts, status
+        (`delivered` or `failed`), the last HTTP status and error."""
+        body = json.dumps(status, separators=(",", ":")).encode()
+        headers = {"Content-Type": "application/json", "X-Job-Id": job_id,
+                   SIGNATURE_HEADER: signature(self.secret, body), "User-Agent": "diffusion-api-webhook"}  # fmt: skip
+        outcome: dict = {"attempts": 0, "status": "failed", "http_status": None, "error": None}
+        async with httpx.AsyncClient(timeout=ATTEMPT_TIMEOUT_S, follow_redirects=False, trust_env=False) as http:
+            for delay in (0.0, *self.retry_delays_s):
+                await asyncio.sleep(delay)
+                outcome["attempts"] += 1
+                try:
+                    await asyncio.to_thread(self.check, url)  # again: a name may point elsewhere by now
+                    answer = await http.post(url, content=body, headers=headers)
+                except WebhookTargetError as error:
+                    outcome.update(http_status=None, error=f"callback_url refused: {error}")
+                    break
+                except httpx.HTTPError as error:
+                    outcome.update(http_status=None, error=f"{type(error).__name__}: {error}"[:300])
+                    continue
+                outcome["http_status"] = answer.status_code
+                if answer.is_success:
+                    outcome.update(status="delivered", error=None)
+                    break
+                outcome["error"] = f"the receiver answered {answer.status_code}"
+                if answer.status_code < 500 and answer.status_code != 429:
+                    break  # the receiver refused it: sending it again would not change that
+        if outcome["status"] != "delivered":
+            logger.warning("job %s: webhook to %s failed after %d attempt(s): %s", job_id, url,
+                           outcome["attempts"], outcome["error"])  # fmt: skip
+        return outcome
+
+
+def _is_public(address: str) -> bool:
+    ip = ipaddress.ip_address(address.split("%")[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return ip.is_global and not ip.is_multicast
