@@ -131,7 +131,7 @@ class A1111Routes:
     async def sdapi_progress(self, http: Request, skip_current_image: bool = False) -> Progress:
         """The caller's running A1111-API jobs (with API keys: those of the caller's key)."""
         jobs = await self.jobs.active_jobs(ORIGIN, self._owner_filter(http))
-        return Progress.model_validate(a1111.progress_report(jobs, time.time()))
+        return Progress.model_validate(a1111.progress_report(jobs, time.time(), not skip_current_image))
 
     @router.post("/interrupt", response_model=dict[str, Any], responses=LISTING_ERRORS)
     async def sdapi_interrupt(self, http: Request) -> dict:

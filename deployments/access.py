@@ -1,9 +1,9 @@
 """Access control for the HTTP ingress: optional API keys, CORS, and the request-size limit.
 
 API keys are off unless configured (`DIFFUSION_API_KEYS=key1,key2`, or a file with one key per line in
-`DIFFUSION_API_KEYS_FILE` or the app argument `api_keys_file`). When on, every route except `/hello` needs
-`Authorization: Bearer <key>` (or, for A1111 clients, `Basic` credentials with the key as the password);
-keys are compared in constant time. CORS origins come from
+`DIFFUSION_API_KEYS_FILE` or the app argument `api_keys_file`). When on, every route except `/hello` and the
+page `/` (it asks for a key itself) needs `Authorization: Bearer <key>` (or, for A1111 clients, `Basic`
+credentials with the key as the password); keys are compared in constant time. CORS origins come from
 `DIFFUSION_API_CORS_ORIGINS` (comma-separated, `*` for any) or the app argument `cors_origins`.
 """
 
@@ -26,7 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from pipelines.errors import DiffusionAPIError
 from pipelines.limits import LIMITS
 
-OPEN_PATHS = ("/hello",)
+OPEN_PATHS = ("/hello", "/")  # the page asks for a key itself when the API answers 401
 CORS_METHODS = "GET, POST, DELETE, OPTIONS"
 CORS_HEADERS = "Authorization, Content-Type"
 
@@ -95,13 +95,15 @@ def is_a1111_path(path: str) -> bool:
 
 
 def error_response(status: int, message: str, headers: dict | None = None, a1111: bool = False,
-                   error: str = "HTTPException") -> JSONResponse:  # fmt: skip
+                   error: str = "HTTPException", field: str | None = None) -> JSONResponse:  # fmt: skip
     """The API's error body, whatever the status; on the A1111 API (`a1111`), A1111's own error shape
     `{error, detail, body, errors}` (its clients read `detail`)."""
     if a1111:
         content = {"error": error, "detail": message, "body": "", "errors": message}
     else:
         content = {"status": "error", "error": message}
+        if field:
+            content["field"] = field
     return AsciiJSONResponse(status_code=status, content=content, headers=headers)
 
 

@@ -88,15 +88,21 @@ def documented_methods(app: FastAPI, path: str) -> list[str]:
     return []
 
 
-def install_openapi(app: FastAPI, api_keys_on: Callable[[], bool]) -> None:
+def install_openapi(app: FastAPI, api_keys_on: Callable[[], bool],
+                    configured_fields: Callable[[], dict[str, dict]] = dict) -> None:  # fmt: skip
     """Builds the schema on its first request in each replica (where the access policy is known). With API
-    keys on, every operation but the open ones (`/hello`) declares the bearer scheme; with keys off it declares
-    none, since none is checked."""
+    keys on, every operation but the open ones (`/hello`, the page) declares the bearer scheme; with keys off it
+    declares none, since none is checked. `configured_fields`: request fields whose schema depends on the
+    service's configuration (field name -> its schema), put in every request model that has the field."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is not None:
             return app.openapi_schema
         schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        for name, field_schema in configured_fields().items():
+            for model in schema.get("components", {}).get("schemas", {}).values():
+                if name in model.get("properties", {}):
+                    model["properties"][name] = {"title": model["properties"][name].get("title"), **field_schema}
         if api_keys_on():
             schema.setdefault("components", {})["securitySchemes"] = {
                 "apiKey": {"type": "http", "scheme": "bearer", "description": "One of the service's API keys"}

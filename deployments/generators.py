@@ -20,11 +20,13 @@ from ray import serve
 
 from deployments.batching import JobBatcher
 from deployments.jobs import LEASE_RENEW_S, PER_IMAGE_FIELDS, JobsClient
+from deployments.metrics import PhaseTimer, observe_phase, service_metrics
 from pipelines.catalog import ModelCatalog
 from pipelines.errors import DiffusionAPIError, JobCancelledError
 from pipelines.generate import GenerationResult, ImageEngine
 from pipelines.infotext import encode_image
 from pipelines.prepare import PreparedJob
+from pipelines.previews import set_preview_sink
 from pipelines.progress import PHASE_REFINING, PhaseProgress
 from pipelines.schemas import Img2ImgRequest, Txt2ImgRequest
 from pipelines.settings import Settings
@@ -65,6 +67,7 @@ class QueuedJob:
     request: Txt2ImgRequest
     job: PreparedJob
     model: str
+    arrived: float = field(default_factory=time.monotonic)  # when it reached this replica (queue-time metric)
 
     @property
     def key(self) -> tuple[str, int]:
@@ -147,6 +150,7 @@ class _Generator:
         self._lease_keeper: asyncio.Task | None = None
         self._holding: set[str] = set()  # jobs in generate(), from their arrival (model loading included)
         self._discarding: set[asyncio.Task] = set()
+        self._model_loads = 0  # get_model's loads (multiplexing misses), for the hit/miss metric
         logger.info("%s: torch threads %d, %s", self.replica_name, threads, self.batching)
         self._warm_up(options.get("warmup") or [])
         self._report()
@@ -183,7 +187,12 @@ class _Generator:
 
     @serve.multiplexed(max_num_models_per_replica=MODELS_PER_REPLICA)
     async def get_model(self, model_id: str):
-        return await asyncio.to_thread(self.engine.load, model_id)
+        """Serve calls this only for a model this replica has not loaded (a multiplexing miss)."""
+        self._model_loads += 1
+        started = time.monotonic()
+        loaded = await asyncio.to_thread(self.engine.load, model_id)
+        service_metrics().model_load_seconds.observe(time.monotonic() - started, tags={"family": self.FAMILY})
+        return loaded
 
     async def generate(self, job_id: str, kind: str, request: dict, more_coming: int = 0) -> dict:
         """Runs one job to its end (its images in batches, with compatible jobs) and records the outcome on
@@ -201,7 +210,10 @@ class _Generator:
         try:
             with self.batcher.expecting():  # batch-mates already waiting may wait for this job to join them
                 parsed = Img2ImgRequest(**request) if kind == "img2img" else Txt2ImgRequest(**request)
+                loads = self._model_loads
                 loaded = await self.get_model(serve.get_multiplexed_model_id())
+                outcome = "hit" if loads == self._model_loads else "miss"
+                service_metrics().multiplex.inc(tags={"family": self.FAMILY, "outcome": outcome})
                 job = await asyncio.to_thread(self.engine.prepare, parsed, loaded.entry)
             job.job_id = job_id
             width, height = (job.hires.width, job.hires.height) if job.hires else (job.width, job.height)
@@ -234,6 +246,11 @@ class _Generator:
             queued.key: {"job_id": queued.job_id, **skipped} for queued in batch if queued.job_id not in started
         }
         running = [queued for queued in batch if queued.job_id in started]
+        now = time.monotonic()
+        for queued in running:
+            observe_phase(self.FAMILY, "queued", now - queued.arrived)
+        if running:
+            service_metrics().batch_size.observe(len(running), tags={"family": self.FAMILY})
         try:
             if running:
                 outcomes.update(await self._run_started(running))
@@ -273,11 +290,13 @@ class _Generator:
         job_ids = list(dict.fromkeys(queued.job_id for queued in batch))
         loaded = await self.get_model(batch[0].model)
         cancelled: set[str] = set()  # filled from the job store's replies; read by the worker thread
-        progress = self._progress_sender(loop, job_ids, cancelled)
-        upscale, refine = self._remote_hooks(loop)
+        timer = PhaseTimer(self.FAMILY)
+        progress = self._progress_sender(loop, job_ids, cancelled, timer)
+        upscale, refine = self._remote_hooks(loop, timer)
         logger.info("batch of %d on %s: %s", len(batch), batch[0].model, " ".join(job_ids))
 
         def generate_and_save() -> list[dict | BaseException]:
+            set_preview_sink(self._preview_sender(loop))  # this worker thread's context only
             results = self.engine.run_batch(loaded, [queued.job for queued in batch], progress, upscale, refine,
                                             lambda job: job.job_id in cancelled)  # fmt: skip
             return [self._save(queued, result) if isinstance(result, GenerationResult) else result
@@ -286,11 +305,13 @@ class _Generator:
         try:
             results = await asyncio.to_thread(generate_and_save)
         except Exception as error:  # a bug or a broken model: every job of the batch ends in error
+            timer.stop()
             logger.exception("batch %s failed", job_ids)
             message = error.message if isinstance(error, DiffusionAPIError) else (
                 f"generation failed: {type(error).__name__}: {error}")  # fmt: skip
             await asyncio.gather(*(self.jobs.fail(job_id, message) for job_id in job_ids))
             return {queued.key: error for queued in batch}
+        timer.stop()
         return await self._record(batch, results)
 
     async def _record(
@@ -335,7 +356,8 @@ class _Generator:
             await self.jobs.fail(job_id, message)
         return outcomes
 
-    def _progress_sender(self, loop: asyncio.AbstractEventLoop, batch_ids: list[str], cancelled: set[str]):
+    def _progress_sender(self, loop: asyncio.AbstractEventLoop, batch_ids: list[str], cancelled: set[str],
+                         timer: PhaseTimer | None = None):  # fmt: skip
         """A function for the worker thread that sends progress (images of the running call, done, total,
         phase) to the job store at most every PROGRESS_INTERVAL_S, and always the final figure. A job of several
         images counts the ones made before this call. Jobs the store reports as no longer active (cancelled, or
@@ -359,6 +381,8 @@ class _Generator:
                 await self.jobs.touch_active(waiting)
 
         def report(jobs: list[PreparedJob], done: int, total: int, phase: str) -> None:
+            if timer is not None:
+                timer.enter(phase)
             now = time.monotonic()
             if done == total or now - last_sent[0] >= PROGRESS_INTERVAL_S:
                 last_sent[0] = now
@@ -373,7 +397,15 @@ class _Generator:
 
         return report
 
-    def _remote_hooks(self, loop: asyncio.AbstractEventLoop):
+    def _preview_sender(self, loop: asyncio.AbstractEventLoop):
+        """A function for the worker thread that records a job's latest preview in the job store."""
+
+        def send(job_id: str, preview: str) -> None:
+            asyncio.run_coroutine_threadsafe(self.jobs.record_previews({job_id: preview}), loop)
+
+        return send
+
+    def _remote_hooks(self, loop: asyncio.AbstractEventLoop, timer: PhaseTimer):
         """The engine's upscale and refine steps, handed to the Upscaler and Refiner deployments. They are
         called from the worker thread and await the handles on this replica's event loop."""
 
@@ -389,6 +421,7 @@ class _Generator:
             return asyncio.run_coroutine_threadsafe(call_upscaler(images, upscaler, width, height), loop).result()
 
         def refine(model, jobs: list[PreparedJob], latents, phases: PhaseProgress):
+            timer.enter(PHASE_REFINING)  # the hand-off and the Refiner deployment's steps
             return asyncio.run_coroutine_threadsafe(call_refiner(model, jobs, latents.cpu(), phases), loop).result()
 
         return (upscale if self.upscaler else None), (refine if self.refiner else None)
@@ -471,4 +504,10 @@ class Refiner(_Generator):
         def on_step(step: int, total: int) -> None:
             send(jobs, round(1000 * (start + (end - start) * step / total)), 1000, PHASE_REFINING)
 
-        return await asyncio.to_thread(self.engine.refine, loaded, jobs, latents, on_step)
+        sink = self._preview_sender(asyncio.get_running_loop())
+
+        def refine_with_previews():
+            set_preview_sink(sink)
+            return self.engine.refine(loaded, jobs, latents, on_step)
+
+        return await asyncio.to_thread(refine_with_previews)

@@ -9,6 +9,7 @@ and records any failure (exception, dead replica) on the job.
 import asyncio
 import contextvars
 import logging
+import pathlib
 import time
 import uuid
 from typing import Annotated
@@ -16,7 +17,7 @@ from typing import Annotated
 import grpc
 from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, RayServeException
@@ -37,7 +38,8 @@ from deployments.access import (
 from deployments.contract import IMAGE_CONTENT, IMAGE_ERRORS, documented_errors, documented_methods, install_openapi
 from deployments.job_db import describe
 from deployments.jobs import LEASE_RENEW_S, TERMINAL_STATES, JobsClient, image_fields
-from deployments.watch import JOB_EVENT_SCHEMA, KEEPALIVE_S, JobWatcher, job_summary, sse_event
+from deployments.metrics import FAMILIES, job_store_metrics, service_metrics
+from deployments.watch import JOB_EVENT_SCHEMA, KEEPALIVE_S, JobWatcher, change_key, job_summary, sse_event
 from deployments.webhooks import WebhookPolicy, WebhookTargetError
 from pipelines.catalog import ModelCatalog, ModelEntry
 from pipelines.embeddings import EmbeddingLibrary
@@ -81,6 +83,8 @@ from pipelines.vaes import VaeLibrary
 RETRY_WARNING = "retried after a worker failure (its generator replica or node was lost)"
 RECOVERY_WARNING = "dispatched again after the service restarted or the ingress replica that dispatched it was lost"
 MAX_IMAGES = LIMITS.max_batch_size * LIMITS.max_n_iter  # the most images one job makes
+PAGE_HTML = (pathlib.Path(__file__).parent / "page" / "index.html").read_text(encoding="utf-8")
+PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 
 logger = logging.getLogger("ray.serve")
 
@@ -135,7 +139,16 @@ def _api_keys_on() -> bool:
     return bool(policy and policy.api_keys)
 
 
-install_openapi(app, api_keys_on=_api_keys_on)
+def _configured_fields() -> dict[str, dict]:
+    """`callback_url` as this service's webhook settings allow it (off: null only)."""
+    try:
+        policy = getattr(serve.get_replica_context().servable_object, "webhooks", None)
+    except RayServeException:  # outside a replica: the schema read offline, webhooks off
+        policy = None
+    return {"callback_url": (policy or WebhookPolicy()).url_schema()}
+
+
+install_openapi(app, api_keys_on=_api_keys_on, configured_fields=_configured_fields)
 
 
 def _on_a1111_api(request: Request) -> bool:
@@ -150,7 +163,8 @@ async def _domain_error(request: Request, error: DiffusionAPIError) -> JSONRespo
                               a1111=a1111)  # fmt: skip
     if error.status_code >= 500:
         logger.error("%s %s failed: %s", request.method, request.url.path, error.message)
-    return error_response(error.status_code, error.message, a1111=a1111, error=type(error).__name__)
+    return error_response(error.status_code, error.message, a1111=a1111, error=type(error).__name__,
+                          field=error.field)  # fmt: skip
 
 
 @app.exception_handler(Exception)
@@ -244,6 +258,25 @@ class Ingress(A1111Routes):
         self.watcher = JobWatcher(self.jobs)  # wakes long polls and event streams when their job changes
         self.webhooks = WebhookPolicy.from_config(**(webhooks or {}))
         self._deliveries: set[asyncio.Task] = set()  # webhook deliveries under way (held: tasks are weak refs)
+
+    # The page and the metrics -------------------------------------------------------------------------------
+    @app.get("/", response_class=Response, responses={
+        200: {"description": "A page to try the service in a browser", "content": {"text/html": {}}},
+        **documented_errors(503)})  # fmt: skip
+    async def page(self) -> HTMLResponse:
+        """One self-contained page (no build step): the listings, a generation form, live progress with
+        previews, the image with its infotext, this browser's last jobs."""
+        return HTMLResponse(PAGE_HTML, headers={"Cache-Control": "no-cache"})
+
+    @app.get("/metrics", response_class=Response, responses={
+        200: {"description": "The job store's counts in Prometheus text format (jobs by state and family)",
+              "content": {"text/plain": {"schema": {"type": "string"}}}},
+        **documented_errors(401, 503)})  # fmt: skip
+    async def metrics(self) -> Response:
+        """The whole service's jobs by state and family, for a scrape that needs no Ray service discovery;
+        the other metrics (phases, loads, batches, webhooks) come from Ray's metrics port on every node."""
+        rows = await self.jobs.counts_by_family()
+        return Response(job_store_metrics(rows), media_type=PROMETHEUS_TEXT)
 
     # Listings --------------------------------------------------------------------------------------------
     @app.get("/hello", response_model=HelloResponse, responses=documented_errors(503))
@@ -367,6 +400,7 @@ class Ingress(A1111Routes):
         image the first attempt would have made, under the same name. When it has ended, its webhook (if it has
         one) is delivered."""
         await self._dispatch(job_id, handle, kind, payload, more_coming)
+        await self._count_ended(job_id)
         if payload.get("callback_url"):
             delivery = asyncio.create_task(self._deliver_webhook(job_id, payload["callback_url"]))
             self._deliveries.add(delivery)
@@ -396,6 +430,17 @@ class Ingress(A1111Routes):
             if isinstance(error, asyncio.CancelledError):
                 raise
 
+    async def _count_ended(self, job_id: str) -> None:
+        """The job-outcome metrics, from the ingress that ran the job's last dispatch (each job counted once)."""
+        try:
+            job = await self.jobs.get(job_id)
+            if job is not None and job["state"] in TERMINAL_STATES:
+                tags = {"family": job["family"], "state": job["state"]}
+                service_metrics().jobs_finished.inc(tags=tags)
+                service_metrics().job_seconds.observe(max(0.0, job["updated"] - job["created"]), tags=tags)
+        except Exception:  # metrics never fail a job
+            logger.warning("recording the metrics of job %s failed", job_id, exc_info=True)
+
     async def _deliver_webhook(self, job_id: str, url: str) -> None:
         """POSTs the ended job's final status (as the events' final event: no image bytes) to its callback_url,
         with retries, and records the outcome on the job."""
@@ -406,6 +451,7 @@ class Ingress(A1111Routes):
         status = await self._status_fields(job_id, job, with_images=False)
         outcome = await self.webhooks.deliver(url, job_id, status)
         await self.jobs.record_webhook(job_id, outcome)
+        service_metrics().webhooks.inc(tags={"status": outcome["status"]})
 
     async def with_image_bytes(self, result: dict) -> tuple[dict, list[str]]:
         """A finished job's result with its images (base64) read from the output storage, where the job
@@ -471,7 +517,7 @@ class Ingress(A1111Routes):
             try:
                 self.webhooks.check(request.callback_url)
             except WebhookTargetError as error:
-                raise InvalidRequestError(f"callback_url: {error}") from None
+                raise InvalidRequestError(f"callback_url: {error}", field="callback_url") from None
         entry = self.catalog.resolve(request.model or default_model)
         check_mode_supported(entry, kind)
         return entry, prepare_job(request, entry, self.loras, self.catalog, self.upscalers, self.vaes,
@@ -493,6 +539,7 @@ class Ingress(A1111Routes):
             try:
                 inflight = list(self._inflight)
                 await self.jobs.renew_leases(inflight)
+                await self._gauge_queues()
                 if time.monotonic() - last_reaped >= min(30.0, self.stale_job_timeout_s / 3):
                     last_reaped = time.monotonic()
                     await self.jobs.touch_queued(inflight)
@@ -501,6 +548,15 @@ class Ingress(A1111Routes):
                     await self._dispatch_again(orphan)
             except Exception:
                 logger.exception("the job keeper failed; it runs again in %.0fs", LEASE_RENEW_S)
+
+    async def _gauge_queues(self) -> None:
+        """The queue-depth gauge: jobs queued and running per family, the whole service's (from the store)."""
+        active = {(family, state): count for family, state, count in await self.jobs.counts_by_family()
+                  if state in ("queued", "processing")}  # fmt: skip
+        for family in FAMILIES:
+            for state in ("queued", "processing"):
+                service_metrics().queue_depth.set(active.get((family, state), 0), tags={"family": family,
+                                                                                        "state": state})  # fmt: skip
 
     async def _dispatch_again(self, orphan: dict) -> None:
         """Dispatches a job nobody held any more, as a new attempt (failed instead after its last one)."""
@@ -577,6 +633,8 @@ class Ingress(A1111Routes):
         }
         if job.get("webhook"):
             fields["webhook"] = job["webhook"]
+        if job.get("preview") and job["state"] not in TERMINAL_STATES:
+            fields["preview"] = job["preview"]
         if job["state"] == "done" and job["result"]:
             if with_images:
                 result, missing = await self.with_image_bytes(job["result"])
@@ -618,16 +676,22 @@ class Ingress(A1111Routes):
 
     async def _events(self, job_id: str, job: dict):
         loop = asyncio.get_running_loop()
+        previews = bool(job["payload"].get("preview"))
         async with self.watcher.watching(job_id):
-            summary = job_summary(job)
+            summary, sent = job_summary(job), None
             first_seen = (loop.time(), summary["progress"])
             while summary["state"] not in TERMINAL_STATES:
-                elapsed, gained = loop.time() - first_seen[0], summary["progress"] - first_seen[1]
-                eta = round(elapsed * (100.0 - summary["progress"]) / gained, 1) if gained > 0 else None
-                yield sse_event("progress", {"job_id": job_id, **summary, "eta_s": eta})
-                changed = None
+                if change_key(summary) != change_key(sent):
+                    elapsed, gained = loop.time() - first_seen[0], summary["progress"] - first_seen[1]
+                    eta = round(elapsed * (100.0 - summary["progress"]) / gained, 1) if gained > 0 else None
+                    fields = {key: value for key, value in summary.items() if key != "preview"}
+                    yield sse_event("progress", {"job_id": job_id, **fields, "eta_s": eta})
+                if previews and summary["preview"] and summary["preview"] != (sent or {}).get("preview"):
+                    yield sse_event("preview", {"job_id": job_id, "progress": summary["progress"],
+                                                "image": summary["preview"]})  # fmt: skip
+                sent, changed = summary, None
                 while changed is None:
-                    changed = await self.watcher.next_change(job_id, summary, KEEPALIVE_S)
+                    changed = await self.watcher.next_change(job_id, summary, KEEPALIVE_S, with_preview=previews)
                     if changed is None:
                         yield ": keep-alive\n\n"
                 summary = changed

@@ -42,8 +42,9 @@ MIGRATIONS: list[tuple[str, ...]] = [
     ("ALTER TABLE jobs ADD COLUMN attempts INTEGER NOT NULL DEFAULT 1",
      "ALTER TABLE jobs ADD COLUMN lease_until {real} NOT NULL DEFAULT 0",
      "UPDATE jobs SET lease_until = {now} + 60 WHERE {active}"),
-    # 5: webhooks: the outcome of delivering a job's final status to its callback_url
-    ("ALTER TABLE jobs ADD COLUMN webhook TEXT",),
+    # 5: live previews (a small JPEG of the image so far) and the outcome of a job's webhook
+    ("ALTER TABLE jobs ADD COLUMN preview TEXT",
+     "ALTER TABLE jobs ADD COLUMN webhook TEXT"),
 ]  # fmt: skip
 SCHEMA_VERSION = len(MIGRATIONS)
 POSTGRES_INSTALL_HINT = "pip install 'diffusion-api[postgres]' (psycopg 3)"

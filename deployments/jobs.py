@@ -46,7 +46,7 @@ LEASE_RENEW_S = 3.0
 PRUNE_INTERVAL_S = 60.0  # retention runs at most this often (on job creation), not on every job
 _TERMINAL = ", ".join(f"'{state}'" for state in TERMINAL_STATES)
 # What clients watching a job wait on (long polls, event streams): `summaries` reads these columns.
-SUMMARY_FIELDS = ("state", "phase", "progress", "batch_size", "attempts")
+SUMMARY_FIELDS = ("state", "phase", "progress", "batch_size", "attempts", "preview")
 _NO_LIMIT = 2**62  # LIMIT for "all rows" (an OFFSET needs one on SQLite)
 
 
@@ -242,6 +242,11 @@ class JobStore:
                                     error="cancelled by request")  # fmt: skip
         return bool(updated)
 
+    def record_previews(self, previews: dict[str, str]) -> None:
+        """The latest preview (a JPEG in base64) of each running job; not durable, like progress."""
+        for job_id, preview in previews.items():
+            self.db.execute(f"UPDATE jobs SET preview = ? WHERE job_id = ? AND {ACTIVE_JOBS}", (preview, job_id))
+
     def record_webhook(self, job_id: str, outcome: dict) -> bool:
         """Records how delivering an ended job's final status to its callback_url went."""
         rows = self.db.execute("UPDATE jobs SET webhook = ? WHERE job_id = ? RETURNING job_id",
@@ -282,15 +287,16 @@ class JobStore:
 
     def active_jobs(self, origin: str, owner: str | None = None) -> list[dict]:
         """The queued and running jobs `origin` took (of `owner` only, unless None), oldest first: id, state,
-        phase, progress, steps and creation time."""
+        phase, progress, steps, creation time and latest preview."""
         steps = self.db.json_int("payload", "steps")
-        query = f"SELECT job_id, state, phase, progress, created, {steps} FROM jobs WHERE {ACTIVE_JOBS} AND origin = ?"
+        query = (f"SELECT job_id, state, phase, progress, created, {steps}, preview FROM jobs "
+                 f"WHERE {ACTIVE_JOBS} AND origin = ?")  # fmt: skip
         parameters: tuple = (origin,)
         if owner is not None:
             query += " AND owner = ?"
             parameters += (owner,)
         rows = self.db.execute(query + " ORDER BY created", parameters)
-        columns = ("job_id", "state", "phase", "progress", "created", "steps")
+        columns = ("job_id", "state", "phase", "progress", "created", "steps", "preview")
         return [dict(zip(columns, row, strict=True)) for row in rows]
 
     def get_setting(self, key: str) -> str | None:
@@ -306,6 +312,11 @@ class JobStore:
 
     def counts(self) -> dict[str, int]:
         return dict(self.db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state"))
+
+    def counts_by_family(self) -> list[tuple[str, str, int]]:
+        """(family, state, jobs) for every family and state that has jobs."""
+        rows = self.db.execute("SELECT family, state, COUNT(*) FROM jobs GROUP BY family, state")
+        return [(family, state, count) for family, state, count in rows]
 
     # Replica reports (in memory: replicas send them every few seconds) ------------------------------------
     def report_replica(self, replica: str, report: dict) -> None:
@@ -371,7 +382,7 @@ def image_fields(result: dict) -> dict:
 
 
 _JOB_COLUMNS = ("job_id", "kind", "state", "phase", "progress", "created", "updated", "payload", "warnings",
-                "result", "error", "batch_size", "attempts", "webhook")  # fmt: skip
+                "result", "error", "batch_size", "attempts", "preview", "webhook", "family")  # fmt: skip
 
 
 def same_store(database: str, store_id: str) -> bool:
@@ -473,6 +484,9 @@ class JobsClient:
     async def get(self, job_id: str) -> dict | None:
         return await self._call("get", job_id)
 
+    async def record_previews(self, previews: dict[str, str]) -> None:
+        return await self._call("record_previews", previews)
+
     async def record_webhook(self, job_id: str, outcome: dict) -> bool:
         return await self._call("record_webhook", job_id, outcome)
 
@@ -481,6 +495,9 @@ class JobsClient:
 
     async def counts(self) -> dict[str, int]:
         return await self._call("counts")
+
+    async def counts_by_family(self) -> list[tuple[str, str, int]]:
+        return await self._call("counts_by_family")
 
     async def touch_active(self, job_ids: list[str]) -> int:
         return await self._call("touch_active", job_ids)

@@ -25,23 +25,25 @@ JOB_EVENT_SCHEMA = {
     "type": "object",
     "required": ["event", "data"],
     "properties": {
-        "event": {"type": "string", "enum": ["progress", "done", "error", "cancelled"]},
+        "event": {"type": "string", "enum": ["progress", "preview", "done", "error", "cancelled"]},
         "data": {
             "type": "string",
             "contentMediaType": "application/json",
             "description": "progress: {job_id, state, phase, progress, batch_size, attempts, eta_s (null until "
-            "known)}; done, error, cancelled: the job's final status (the fields of GET /queue/{job_id}) "
-            "without image bytes, with image_url",
+            "known)}; preview (jobs that asked for previews): {job_id, progress, image: a small JPEG in base64}; "
+            "done, error, cancelled: the job's final status (the fields of GET /queue/{job_id}) without image "
+            "bytes, with image_url",
         },
     },
 }
 
 
-def change_key(summary: dict | None) -> tuple | None:
-    """What a waiting client waits to see change: the state, the phase and the progress."""
+def change_key(summary: dict | None, with_preview: bool = False) -> tuple | None:
+    """What a waiting client waits to see change: the state, the phase and the progress (and the preview, for
+    an event stream of a job with previews)."""
     if summary is None:
         return None
-    return summary["state"], summary["phase"], summary["progress"]
+    return summary["state"], summary["phase"], summary["progress"], summary["preview"] if with_preview else None
 
 
 def job_summary(job: dict) -> dict:
@@ -78,14 +80,15 @@ class JobWatcher:
                 self._latest.pop(job_id, None)
                 self._changed.pop(job_id, None)
 
-    async def next_change(self, job_id: str, seen: dict | None, timeout: float) -> dict | None:
-        """The job's summary as soon as its state, phase or progress differs from `seen`; None when `timeout`
-        seconds pass first. Call it inside `watching(job_id)`."""
+    async def next_change(self, job_id: str, seen: dict | None, timeout: float,
+                          with_preview: bool = False) -> dict | None:  # fmt: skip
+        """The job's summary as soon as its state, phase or progress (or preview) differs from `seen`; None when
+        `timeout` seconds pass first. Call it inside `watching(job_id)`."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
             latest = self._latest.get(job_id)
-            if latest is not None and change_key(latest) != change_key(seen):
+            if latest is not None and change_key(latest, with_preview) != change_key(seen, with_preview):
                 return latest
             remaining = deadline - loop.time()
             if remaining <= 0:

@@ -15,6 +15,7 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import socket
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -28,6 +29,7 @@ SIGNATURE_HEADER = "X-Signature-256"
 DEFAULT_RETRY_DELAYS_S = (15.0, 45.0)  # 3 attempts over about a minute
 ATTEMPT_TIMEOUT_S = 10.0
 MAX_URL_CHARS = 2048
+PORT_NUMBER = r"(?:6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[0-9]{1,4})"
 
 
 class WebhookTargetError(ValueError):
@@ -68,6 +70,40 @@ class WebhookPolicy:
     def enabled(self) -> bool:
         return bool(self.allowed_hosts)
 
+    @property
+    def listed_pattern(self) -> str | None:
+        """A regular expression of the URLs on the listed hosts (`*` aside), exactly those `check` accepts by
+        the list: /openapi.json gives it as `callback_url`'s pattern, so clients (and the fuzzer) know what is
+        allowed."""
+        alternatives = []
+        for entry in self.allowed_hosts:
+            host, _, port = entry.rpartition(":") if re.fullmatch(r".+:[0-9]{1,5}", entry) else (entry, "", "")
+            if not host or entry == "*":
+                continue
+            host = _any_case(re.escape(host))  # schemes and host names are case-insensitive
+            if not port:
+                alternatives.append(rf"{_any_case('http')}[sS]?://{host}(?::{PORT_NUMBER})?")
+                continue
+            alternatives.append(rf"{_any_case('http')}[sS]?://{host}:{int(port)}")
+            if int(port) in (80, 443):  # the scheme's own port may go unwritten
+                alternatives.append(rf"{_any_case('http' if int(port) == 80 else 'https')}://{host}")
+        if not alternatives:
+            return None
+        return rf"^(?:{'|'.join(alternatives)})(?:[/?#][^\s]*)?$"
+
+    def url_schema(self) -> dict:
+        """`callback_url`'s schema as this service configures it."""
+        if not self.enabled:
+            return {"type": "null", "description": "Webhooks are off on this service (no callback host allowed)"}
+        listed = {"type": "string", "maxLength": MAX_URL_CHARS, "pattern": self.listed_pattern}
+        if "*" not in self.allowed_hosts:
+            return {"anyOf": [listed, {"type": "null"}], "default": None,
+                    "description": f"Webhook URL on an allowed host: {', '.join(self.allowed_hosts)}"}  # fmt: skip
+        anywhere = {"type": "string", "maxLength": MAX_URL_CHARS, "pattern": "^https?://",
+                    "description": "A host every address of which is public"}  # fmt: skip
+        return {"anyOf": [anywhere, {"type": "null"}], "default": None,
+                "description": f"Webhook URL on a public host or one of: {', '.join(self.allowed_hosts)}"}  # fmt: skip
+
     def check(self, url: str) -> None:
         """Raises WebhookTargetError unless this service may POST to `url` (resolves the host when only `*`
         allows it)."""
@@ -86,7 +122,8 @@ class WebhookPolicy:
         if parts.username or parts.password:
             raise WebhookTargetError("no user or password in the URL (the request is signed instead)")
         host = parts.hostname.lower()
-        if host in self.allowed_hosts or f"{host}:{port}" in self.allowed_hosts:
+        listed = self.listed_pattern
+        if listed and re.search(listed, url):
             return
         if "*" not in self.allowed_hosts:
             raise WebhookTargetError(f"host {host}:{port} is not allowed; allowed: {', '.join(self.allowed_hosts)}")
@@ -117,7 +154,7 @@ class WebhookPolicy:
                 except WebhookTargetError as error:
                     outcome.update(http_status=None, error=f"callback_url refused: {error}")
                     break
-                except httpx.HTTPError as error:
+                except (httpx.HTTPError, httpx.InvalidURL) as error:
                     outcome.update(http_status=None, error=f"{type(error).__name__}: {error}"[:300])
                     continue
                 outcome["http_status"] = answer.status_code
@@ -131,6 +168,11 @@ class WebhookPolicy:
             logger.warning("job %s: webhook to %s failed after %d attempt(s): %s", job_id, url,
                            outcome["attempts"], outcome["error"])  # fmt: skip
         return outcome
+
+
+def _any_case(text: str) -> str:
+    """`text` as a pattern that ignores the case of its letters (JSON Schema patterns take no flags)."""
+    return "".join(f"[{char.lower()}{char.upper()}]" if char.isalpha() else char for char in text)
 
 
 def _is_public(address: str) -> bool:

@@ -187,6 +187,7 @@ def to_native(
         "n_iter": request.n_iter or 1,
         "fileType": "png",  # A1111's default samples format; its API answers PNG
         "model": overrides.get("sd_model_checkpoint") or default_model,
+        "preview": True,  # A1111's live previews are on by default: /progress answers them as current_image
     }
     if isinstance(vae := overrides.get("sd_vae"), str) and vae.strip():
         native["vae"] = vae  # "Automatic" and "None" mean the model's own, as in A1111
@@ -334,9 +335,10 @@ def generation_info(
     }
 
 
-def progress_report(jobs: list[dict], now: float) -> dict:
-    """A1111's `GET /progress` for the caller's active jobs (oldest first): the first running one's progress;
-    `progress == 0 and job_count == 0` when there are none (clients wait on that)."""
+def progress_report(jobs: list[dict], now: float, with_image: bool = True) -> dict:
+    """A1111's `GET /progress` for the caller's active jobs (oldest first): the first running one's progress
+    and its latest preview (`current_image`: a JPEG in base64); `progress == 0 and job_count == 0` when there
+    are none (clients wait on that)."""
     running = next((job for job in jobs if job["state"] == "processing"), None)
     fraction = (running["progress"] / 100.0) if running else 0.0
     steps = running["steps"] if running else 0
@@ -359,7 +361,7 @@ def progress_report(jobs: list[dict], now: float) -> dict:
             "sampling_step": int(fraction * steps),
             "sampling_steps": steps,
         },
-        "current_image": None,
+        "current_image": running.get("preview") if running and with_image else None,
         "textinfo": f"{running['phase']} ({running['progress']:.0f}%)" if running else None,
     }
 

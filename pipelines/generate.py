@@ -38,6 +38,7 @@ from pipelines.loras import (
 )
 from pipelines.models import LoadedModel, Mode, load_pipeline, memory_mb, select_device
 from pipelines.prepare import PreparedJob, prepare_job
+from pipelines.previews import PREVIEW_INTERVAL_S, PREVIEW_SINK, preview_jpeg_base64
 from pipelines.progress import (
     PHASE_FIRST_PASS,
     PHASE_GENERATION,
@@ -366,8 +367,19 @@ class ImageEngine:
         """One diffusers call for the batch; `overrides` replace or add call arguments (image, strength,
         output_type, denoising_start/end, ...)."""
         first = jobs[0]
+        preview_sink = PREVIEW_SINK.get()
+        previewed: dict[str, int] = {}  # job id -> the batch index of its first image here (its preview)
+        for index, job in enumerate(jobs):
+            if job.preview and preview_sink:
+                previewed.setdefault(job.job_id, index)
+        last_preview = [time.monotonic()]
 
         def on_step_end(pipeline, step_index, timestep, callback_kwargs):
+            if previewed and time.monotonic() - last_preview[0] >= PREVIEW_INTERVAL_S:
+                last_preview[0] = time.monotonic()
+                latents, sdxl = callback_kwargs["latents"], _is_sdxl(pipeline)
+                for job_id, index in previewed.items():
+                    preview_sink(job_id, preview_jpeg_base64(latents[index], sdxl))
             on_step(step_index + 1, pipeline.num_timesteps)
             return callback_kwargs
 

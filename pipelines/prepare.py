@@ -77,6 +77,7 @@ class PreparedJob:
     job_id: str = ""  # the service's id for the job (logs, progress and hand-offs of a batch)
     image_index: int = 0  # which of its request's images this is (batch_size x n_iter images, seed + index)
     image_count: int = 1
+    preview: bool = False  # live previews of the image so far (pipelines/previews.py)
 
     def per_image(self, count: int) -> list["PreparedJob"]:
         """The `count` images of one request (`batch_size` x `n_iter`), as A1111 makes them: seeds seed,
@@ -140,6 +141,7 @@ def prepare_job(
         clip_skip=request.clip_skip,
         loras=plan.uses if plan else [],
         warnings=list(plan.warnings) if plan else [],
+        preview=request.preview,
     )
     if isinstance(request, Img2ImgRequest):
         image = decode_base64_image(request.image, field="image")

@@ -259,6 +259,10 @@ class QueueStatusResponse(BaseModel):
     images: list[str] | None = Field(None, description="Every image of the job, base64 (`image` is the first)")
     image_url: str | None = Field(None, description="Where GET serves the (first) image file (in events and webhooks)")
     webhook: WebhookOutcome | None = Field(None, description="The callback_url delivery, once the job has ended")
+    preview: str | None = Field(
+        None, description='While the job runs, if it asked for previews ("preview": true): the image so far, a '
+        "small JPEG in base64",
+    )  # fmt: skip
     output_paths: list[str] | None = None
     seeds: list[int] | None = Field(None, description="Each image's seed: seed, seed+1, ... (as A1111)")
     infotexts: list[str] | None = None
@@ -424,3 +428,4 @@ class ErrorResponse(BaseModel):
     status: Literal["error"] = "error"
     error: str = Field(..., description="What is wrong and what is allowed, for people")
     detail: list[ValidationIssue] | None = Field(None, description="422 only: each invalid field")
+    field: str | None = Field(None, description="The request field the error is about, where it is about one")

@@ -17,6 +17,8 @@ def schema(client) -> dict:
 def test_every_operation_documents_its_error_answers_with_one_body(schema):
     expected = {
         ("get", "/hello"): {"200", "503"},
+        ("get", "/"): {"200", "503"},
+        ("get", "/metrics"): {"200", "401", "503"},
         ("get", "/health"): {"200", "401", "503"},
         ("post", "/txt2img"): {"200", "400", "401", "404", "413", "415", "422", "429", "503"},
         ("post", "/img2img"): {"200", "400", "401", "404", "413", "415", "422", "429", "503"},

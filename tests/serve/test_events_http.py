@@ -1,8 +1,12 @@
 """Watching a job live: Server-Sent Events (`GET /queue/{id}/events`) and long polls (`?wait_s=N`)."""
 
 import base64
+import io
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
+
+from PIL import Image
 
 from tests.serve.conftest import wait_for_job
 
@@ -39,6 +43,27 @@ def test_the_event_stream_reports_progress_then_the_final_status_without_image_b
     image = client.get(final["image_url"])
     assert image.status_code == 200 and image.headers["content-type"] == "image/png"
     assert image.content == base64.b64decode(client.get(f"/queue/{job_id}").json()["image"])
+
+
+def test_a_job_that_asks_for_previews_streams_small_jpegs_of_the_image_so_far(client):
+    job = SLOW | {"steps": 60, "width": 256, "height": 256, "preview": True}
+    job_id = client.post("/txt2img", json=job).json()["job_id"]
+    with ThreadPoolExecutor(1) as pool:
+        streamed = pool.submit(read_events, client, job_id)
+        while (status := client.get(f"/queue/{job_id}").json())["preview"] is None:  # also in the status
+            assert status["state"] in ("queued", "processing"), status
+            time.sleep(0.1)
+        Image.open(io.BytesIO(base64.b64decode(status["preview"]))).verify()
+        events = streamed.result(timeout=180)
+    previews = [data for name, data in events if name == "preview"]
+    assert previews, [name for name, _ in events]
+    for data in previews:
+        image = Image.open(io.BytesIO(base64.b64decode(data["image"])))
+        assert data["job_id"] == job_id and image.format == "JPEG" and image.size == (32, 32)  # 1/8 of the size
+    assert [name for name, _ in events][-1] == "done"
+    progress = [data["progress"] for name, data in events if name == "progress"]
+    assert all(0 < data["progress"] <= 100 and data["progress"] in progress for data in previews)
+    assert client.get(f"/queue/{job_id}").json()["preview"] is None  # only while the job runs
 
 
 def test_a_stream_of_an_ended_job_sends_the_final_event_at_once_and_an_unknown_job_is_a_404(client):

@@ -124,6 +124,14 @@ def test_interrupt_stops_the_callers_sdapi_job_and_leaves_native_jobs_alone(api,
     while api.get_progress()["state"]["job_count"] == 0 and time.monotonic() < deadline:
         time.sleep(0.2)
     assert api.get_progress()["state"]["job_count"] == 1  # the sdapi job only, not the native one
+    # A1111's live preview of the running job (its latents decoded cheaply), unless the client skips it.
+    while (current := client.get("/sdapi/v1/progress").json()["current_image"]) is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    preview = Image.open(io.BytesIO(base64.b64decode(current)))
+    assert preview.format == "JPEG" and preview.size == (32, 32)
+    skipped = client.get("/sdapi/v1/progress", params={"skip_current_image": True}).json()
+    assert skipped["current_image"] is None and skipped["state"]["job_count"] == 1
     assert api.interrupt() == {}
     worker.join(timeout=120)
     status, body = outcome["error"].args

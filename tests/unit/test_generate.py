@@ -231,3 +231,37 @@ def test_clip_skip_beyond_the_encoders_layers_uses_its_first_layer_with_a_warnin
     assert np.array_equal(pixels(beyond.image), pixels(deepest.image))
     assert beyond.warnings == [f"clip_skip 12 is more than the text encoder's {layers} layers; used {layers}"]
     assert parse_infotext(beyond.infotext)["Clip skip"] == str(layers)
+
+
+@pytest.mark.parametrize("model", ["Demo SD1.5", "Demo SDXL"])
+def test_previews_are_small_jpegs_of_the_latents_and_change_nothing(engine, model, monkeypatch):
+    import pipelines.generate
+    from pipelines.previews import PREVIEW_SINK
+
+    monkeypatch.setattr(pipelines.generate, "PREVIEW_INTERVAL_S", 0.0)  # every step (the service: every 0.5 s)
+    plain = engine.txt2img(tiny(model=model, width=128, height=64))
+    seen: list[tuple[str, Image.Image]] = []
+    token = PREVIEW_SINK.set(lambda job_id, data: seen.append((job_id, Image.open(io.BytesIO(base64.b64decode(data))))))
+    try:
+        previewed = engine.txt2img(tiny(model=model, width=128, height=64, preview=True))
+        unasked = engine.txt2img(tiny(model=model, width=128, height=64))  # preview false: no call
+    finally:
+        PREVIEW_SINK.reset(token)
+    assert np.array_equal(pixels(previewed.image), pixels(plain.image)) and len(seen) == 6
+    assert all(image.format == "JPEG" and image.size == (16, 8) for _, image in seen)  # one pixel per latent
+    assert np.abs(pixels(seen[0][1]) - pixels(seen[-1][1])).mean() > 0  # the image so far changes
+    assert np.array_equal(pixels(unasked.image), pixels(plain.image))
+
+
+def test_the_cheap_decode_maps_latent_channels_to_colours():
+    import torch
+
+    from pipelines.previews import latents_to_image
+
+    latents = torch.zeros(4, 2, 3)
+    assert np.asarray(latents_to_image(latents, sdxl=False)).tolist() == [[[127, 127, 127]] * 3] * 2  # grey
+    latents[0] = 1.0  # SD1.5's first channel is mostly brightness
+    first = np.asarray(latents_to_image(latents, sdxl=False))
+    assert first.shape == (2, 3, 3) and (first > 150).all()
+    latents[3] = 3.0  # its last channel pulls towards dark blue-less
+    assert (np.asarray(latents_to_image(latents, sdxl=False)) < first).all()

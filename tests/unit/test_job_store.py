@@ -302,10 +302,17 @@ def test_summaries_read_what_watchers_wait_on_for_many_jobs_at_once(location):
     store.start_many(["a"], "generation", 2)
     store.progress("a", 25.0, "generation")
     assert store.summaries(["a", "b", "missing"]) == {
-        "a": {"state": "processing", "phase": "generation", "progress": 25.0, "batch_size": 2, "attempts": 1},
-        "b": {"state": "queued", "phase": "queued", "progress": 0.0, "batch_size": None, "attempts": 1},
-    }
+        "a": {"state": "processing", "phase": "generation", "progress": 25.0, "batch_size": 2, "attempts": 1,
+              "preview": None},
+        "b": {"state": "queued", "phase": "queued", "progress": 0.0, "batch_size": None, "attempts": 1,
+              "preview": None},
+    }  # fmt: skip
     assert store.summaries([]) == {}
+    store.record_previews({"a": "AAAA", "b": "BBBB"})
+    assert store.summaries(["a"])["a"]["preview"] == "AAAA" and store.get("b")["preview"] == "BBBB"
+    store.complete("a", {"seed": 1})
+    store.record_previews({"a": "CCCC"})  # an ended job's preview stays as it was
+    assert store.get("a")["preview"] == "AAAA"
 
 
 def test_webhook_outcomes_are_recorded_on_ended_jobs(location):
@@ -318,3 +325,22 @@ def test_webhook_outcomes_are_recorded_on_ended_jobs(location):
     assert store.record_webhook("a", outcome)
     assert JobStore(location).get("a")["webhook"] == outcome  # durable: another process reads it
     assert not store.record_webhook("missing", outcome)
+
+
+def test_job_counts_by_family_feed_the_metrics_endpoint(location):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from deployments.metrics import job_store_metrics
+
+    store = JobStore(location)
+    store.create("a", "txt2img", {"prompt": "x"}, [], "sd15")
+    store.create("b", "txt2img", {"prompt": "x"}, [], "sd15")
+    store.create("c", "txt2img", {"prompt": "x"}, [], "sdxl")
+    store.complete("a", {"seed": 1})
+    store.cancel("c")
+    assert sorted(store.counts_by_family()) == [("sd15", "done", 1), ("sd15", "queued", 1), ("sdxl", "cancelled", 1)]
+    (family,) = text_string_to_metric_families(job_store_metrics(store.counts_by_family()).decode())
+    values = {(sample.labels["family"], sample.labels["state"]): sample.value for sample in family.samples}
+    assert family.name == "diffusion_api_jobs" and family.type == "gauge"
+    assert values[("sd15", "done")] == 1 and values[("sd15", "queued")] == 1 and values[("sdxl", "cancelled")] == 1
+    assert values[("sdxl-refiner", "processing")] == 0 and len(values) == 3 * 5  # every family and state

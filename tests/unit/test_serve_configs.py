@@ -31,3 +31,20 @@ def test_production_generators_use_gpus_and_autoscale():
         autoscaling = by_name[name].autoscaling_config
         assert autoscaling["max_replicas"] > autoscaling["min_replicas"]
         assert by_name[name].max_queued_requests > 0
+
+
+def test_the_grafana_dashboard_queries_only_metrics_the_service_defines():
+    import json
+    import re
+
+    dashboard = json.loads((PROJECT_ROOT / "configs" / "grafana_dashboard.json").read_text())
+    expressions = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    source = (PROJECT_ROOT / "deployments" / "metrics.py").read_text()
+    defined = set(re.findall(r'"(diffusion_api_[a-z_]+)"', source))
+    assert {"diffusion_api_jobs", "diffusion_api_jobs_finished", "diffusion_api_webhooks"} <= defined
+    used = {name for expr in expressions for name in re.findall(r"\b(?:ray_)?(diffusion_api_[a-z_]+)", expr)}
+    suffixes = ("_total", "_bucket", "_sum", "_count")
+    assert used and all(any(name == d or name == d + s for d in defined for s in suffixes) for name in used), used
+    assert len(dashboard["panels"]) >= 9  # and every metric of metrics.py has a panel:
+    for metric in defined:
+        assert any(metric in expr for expr in expressions), metric

@@ -186,3 +186,31 @@ def test_the_example_receiver_verifies_the_signature():
     assert json.loads(stdout) == {"verified": True, "job_id": "a" * 32, "state": "error", "image_url": None,
                                   "error": "x"}  # fmt: skip
     assert "wrong signature" in stderr
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://127.0.0.1:9000/hook", "https://127.0.0.1:9000", "http://127.0.0.1:90000/", "http://127.0.0.1/",
+     "https://hooks.example.com:8443/a?b#c", "http://hooks.example.com:99999/", "https://tls.example/x",
+     "http://tls.example/x", "http://127.0.0.1:9000@evil.example/", "http://127.0.0.1:9000/a b",
+     "https://HOOKS.example.com/", "http://127.0.0.1:9000\\@evil.example/", "ftp://127.0.0.1:9000/",
+     "HTTPS://Tls.Example/"],
+)  # fmt: skip
+def test_the_schema_pattern_accepts_exactly_what_the_service_accepts(url):
+    """/openapi.json gives callback_url this pattern: a URL it matches is accepted, any other refused."""
+    import re
+
+    configured = policy("127.0.0.1:9000", "hooks.example.com", "tls.example:443")
+    schema = configured.url_schema()["anyOf"][0]
+    try:
+        configured.check(url)
+        accepted = True
+    except WebhookTargetError:
+        accepted = False
+    assert accepted == bool(re.search(schema["pattern"], url)), url
+
+
+def test_the_schema_says_when_webhooks_are_off(monkeypatch):
+    monkeypatch.delenv("DIFFUSION_API_WEBHOOK_ALLOWED_HOSTS", raising=False)
+    assert WebhookPolicy.from_config(None, None).url_schema()["type"] == "null"
+    assert policy("*").url_schema()["anyOf"][0]["pattern"] == "^https?://"

@@ -1,0 +1,107 @@
+"""The service's metrics: job outcomes, queue depth, phase and load times, multiplexing, batches, webhooks.
+
+They go through Ray's metrics API (`ray.util.metrics`), so every node exports them next to Ray Serve's own on its
+metrics port (Prometheus names get Ray's `ray_` prefix: `ray_diffusion_api_jobs_finished_total`, ...). The
+job-store gauges (jobs by state and family, the same for the whole service) are also served by the ingress at
+`GET /metrics` (`job_store_metrics`), for a scrape that needs no Ray service discovery.
+"""
+
+import functools
+import time
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from ray.util.metrics import Counter, Gauge, Histogram
+
+from deployments.job_db import TERMINAL_STATES
+
+SECONDS_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600]
+BATCH_BUCKETS = [1, 2, 3, 4, 6, 8, 12, 16]
+JOB_STATES = ("queued", "processing", *TERMINAL_STATES)
+FAMILIES = ("sd15", "sdxl", "sdxl-refiner")
+
+
+class ServiceMetrics:
+    """Created once per process, on first use (a metric belongs to the Ray worker that records it)."""
+
+    def __init__(self):
+        self.jobs_finished = Counter(
+            "diffusion_api_jobs_finished", "Jobs that ended, by end state and model family",
+            tag_keys=("family", "state"),
+        )  # fmt: skip
+        self.queue_depth = Gauge(
+            "diffusion_api_queue_depth", "Jobs queued or running, per model family (the whole service)",
+            tag_keys=("family", "state"),
+        )  # fmt: skip
+        self.job_seconds = Histogram(
+            "diffusion_api_job_seconds", "Seconds from submission to the end, by model family and end state",
+            boundaries=SECONDS_BUCKETS, tag_keys=("family", "state"),
+        )  # fmt: skip
+        self.phase_seconds = Histogram(
+            "diffusion_api_phase_seconds", "Seconds a batch spent in each phase (queued on its generator, "
+            "generation, initial generation, upscaling, hires pass, refining)",
+            boundaries=SECONDS_BUCKETS, tag_keys=("family", "phase"),
+        )  # fmt: skip
+        self.model_load_seconds = Histogram(
+            "diffusion_api_model_load_seconds", "Seconds to load a model onto a generator replica",
+            boundaries=SECONDS_BUCKETS, tag_keys=("family",),
+        )  # fmt: skip
+        self.multiplex = Counter(
+            "diffusion_api_multiplex_requests", "Batches whose model was already loaded on their replica (hit) or "
+            "had to be loaded (miss)", tag_keys=("family", "outcome"),
+        )  # fmt: skip
+        self.batch_size = Histogram(
+            "diffusion_api_batch_size", "Images per diffusers call", boundaries=BATCH_BUCKETS, tag_keys=("family",)
+        )
+        self.webhooks = Counter(
+            "diffusion_api_webhooks", "Webhook deliveries by outcome (delivered, failed)", tag_keys=("status",)
+        )
+
+
+@functools.cache
+def service_metrics() -> ServiceMetrics:
+    return ServiceMetrics()
+
+
+def job_store_metrics(counts: list[tuple[str, str, int]]) -> bytes:
+    """`GET /metrics`: the job store's counts, (family, state, jobs) rows, as Prometheus text. Every state of
+    every family is given (0 where there are none), so a series does not vanish when its jobs do."""
+    registry = CollectorRegistry(auto_describe=False)
+    jobs = GaugeMetricFamily("diffusion_api_jobs", "Jobs in the job store by state and model family "
+                             "(ended jobs until retention prunes them)", labels=["state", "family"])  # fmt: skip
+    found = {(family, state): count for family, state, count in counts}
+    families = sorted({*FAMILIES, *(family for family, _ in found if family)})
+    for family in families:
+        for state in JOB_STATES:
+            jobs.add_metric([state, family], found.get((family, state), 0))
+
+    class Collector:
+        def collect(self):
+            yield jobs
+
+    registry.register(Collector())
+    return generate_latest(registry)
+
+
+class PhaseTimer:
+    """Times a batch's phases as its progress reports name them: each phase's seconds are recorded when the
+    next one starts, and the last one's at `stop()`."""
+
+    def __init__(self, family: str):
+        self.family = family
+        self.phase: str | None = None
+        self.since = 0.0
+
+    def enter(self, phase: str) -> None:
+        if phase != self.phase:
+            self.stop()
+            self.phase, self.since = phase, time.monotonic()
+
+    def stop(self) -> None:
+        if self.phase is not None:
+            observe_phase(self.family, self.phase, time.monotonic() - self.since)
+            self.phase = None
+
+
+def observe_phase(family: str, phase: str, seconds: float) -> None:
+    service_metrics().phase_seconds.observe(seconds, tags={"family": family, "phase": phase})
