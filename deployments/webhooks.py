@@ -154,9 +154,12 @@ class WebhookPolicy:
                 except WebhookTargetError as error:
                     outcome.update(http_status=None, error=f"callback_url refused: {error}")
                     break
-                except (httpx.HTTPError, httpx.InvalidURL) as error:
+                except httpx.TransportError as error:  # connection, timeout, protocol: worth another try
                     outcome.update(http_status=None, error=f"{type(error).__name__}: {error}"[:300])
                     continue
+                except Exception as error:  # a URL httpx cannot send, say: trying again would not help
+                    outcome.update(http_status=None, error=f"{type(error).__name__}: {error}"[:300])
+                    break
                 outcome["http_status"] = answer.status_code
                 if answer.is_success:
                     outcome.update(status="delivered", error=None)

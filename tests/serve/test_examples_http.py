@@ -22,11 +22,11 @@ def run_example(tmp_path, *command: str, timeout: float = 300, **env_vars: str) 
 
 
 def test_example_usage_generates_watches_and_saves(service, tmp_path):
-    done = run_example(tmp_path, sys.executable, str(EXAMPLES / "example_usage.py"), "--steps", "6", "--width", "64",
-                       "--height", "96", "--seed", "5", "--out", "fox.png")  # fmt: skip
+    done = run_example(tmp_path, sys.executable, str(EXAMPLES / "example_usage.py"), "--steps", "40", "--width",
+                       "128", "--height", "192", "--seed", "5", "--out", "fox.png")  # fmt: skip
     assert done.returncode == 0, done.stderr
     image = Image.open(tmp_path / "fox.png")
-    assert image.size == (64, 96)
+    assert image.size == (128, 192)
     assert "Seed: 5" in read_infotext(image) and "Seed: 5" in done.stdout
     assert "generation" in done.stderr and "saved fox.png" in done.stderr  # its progress lines
 

@@ -23,8 +23,10 @@ pytestmark = pytest.mark.skipif(
 def browser():
     sync_api = pytest.importorskip("playwright.sync_api", reason="needs playwright (pip install -e '.[dev]')")
     with sync_api.sync_playwright() as playwright:
-        # --no-sandbox: CI runs the tests as root, where Chromium's sandbox cannot start.
-        launched = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        # --no-sandbox: CI runs the tests as root, where Chromium's sandbox cannot start; a container's /dev/shm
+        # may be too small for it.
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                              args=["--no-sandbox", "--disable-dev-shm-usage"])  # fmt: skip
         yield launched
         launched.close()
 
@@ -65,6 +67,7 @@ def test_the_page_generates_an_image_with_progress(page, client):
     assert "generation" in page.inner_text("#phase")
     page.wait_for_selector("#result:not([hidden])", timeout=120_000)
     job_id = page.inner_text("#job-id")
+    assert page.get_attribute("#preview", "src").startswith("data:image/jpeg;base64,")  # live previews were shown
     status = client.get(f"/queue/{job_id}").json()
     assert status["state"] == "done" and status["payload"]["prompt"] == "a lighthouse drawn by a browser"
     assert status["seed"] == 21 and status["payload"]["preview"] is True
