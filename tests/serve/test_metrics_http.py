@@ -61,3 +61,6 @@ def test_ray_exports_the_service_metrics_on_the_nodes_metrics_port(client):
     batches = [value for (name, labels), value in found["ray_diffusion_api_batch_size"].items()
                if name.endswith("_count")]  # fmt: skip
     assert batches and max(batches) >= 1
+    images = [value for (name, labels), value in found["ray_diffusion_api_batch_size"].items()
+              if name.endswith("_sum")]  # fmt: skip
+    assert images and all(value == round(value) for value in images)  # whole images: the mean is exact
