@@ -150,7 +150,6 @@ class _Generator:
         self._lease_keeper: asyncio.Task | None = None
         self._holding: set[str] = set()  # jobs in generate(), from their arrival (model loading included)
         self._discarding: set[asyncio.Task] = set()
-        self._model_loads = 0  # get_model's loads (multiplexing misses), for the hit/miss metric
         logger.info("%s: torch threads %d, %s", self.replica_name, threads, self.batching)
         self._warm_up(options.get("warmup") or [])
         self._report()
@@ -187,8 +186,7 @@ class _Generator:
 
     @serve.multiplexed(max_num_models_per_replica=MODELS_PER_REPLICA)
     async def get_model(self, model_id: str):
-        """Serve calls this only for a model this replica has not loaded (a multiplexing miss)."""
-        self._model_loads += 1
+        """Serve calls this only for a model this replica has not loaded."""
         started = time.monotonic()
         loaded = await asyncio.to_thread(self.engine.load, model_id)
         service_metrics().model_load_seconds.observe(time.monotonic() - started, tags={"family": self.FAMILY})
@@ -210,10 +208,10 @@ class _Generator:
         try:
             with self.batcher.expecting():  # batch-mates already waiting may wait for this job to join them
                 parsed = Img2ImgRequest(**request) if kind == "img2img" else Txt2ImgRequest(**request)
-                loads = self._model_loads
-                loaded = await self.get_model(serve.get_multiplexed_model_id())
-                outcome = "hit" if loads == self._model_loads else "miss"
+                model_id = serve.get_multiplexed_model_id()
+                outcome = "hit" if model_id in self.engine.loaded_models() else "miss"  # a miss waits for a load
                 service_metrics().multiplex.inc(tags={"family": self.FAMILY, "outcome": outcome})
+                loaded = await self.get_model(model_id)
                 job = await asyncio.to_thread(self.engine.prepare, parsed, loaded.entry)
             job.job_id = job_id
             width, height = (job.hires.width, job.hires.height) if job.hires else (job.width, job.height)

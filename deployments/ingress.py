@@ -257,7 +257,7 @@ class Ingress(A1111Routes):
         self._reaper: asyncio.Task | None = None
         self.watcher = JobWatcher(self.jobs)  # wakes long polls and event streams when their job changes
         self.webhooks = WebhookPolicy.from_config(**(webhooks or {}))
-        self._deliveries: set[asyncio.Task] = set()  # webhook deliveries under way (held: tasks are weak refs)
+        self._deliveries: dict[str, asyncio.Task] = {}  # job id -> its webhook delivery under way here
 
     # The page and the metrics -------------------------------------------------------------------------------
     @app.get("/", response_class=Response, responses={
@@ -361,6 +361,11 @@ class Ingress(A1111Routes):
                           warnings: list[str], origin: str = "", owner: str = "") -> str:  # fmt: skip
         """Checks, records and starts a job (of either API); returns its id once it is recorded as queued."""
         self._start_reaper()
+        if request.callback_url is not None:
+            try:
+                await self.webhooks.check_async(request.callback_url)
+            except WebhookTargetError as error:
+                raise InvalidRequestError(f"callback_url: {error}", field="callback_url") from None
         default_model = await self.default_model_name() if not (request.model or "").strip() else None
         entry, job = await asyncio.to_thread(self._check, kind, request, default_model)
         payload = request.model_dump(by_alias=True)
@@ -402,9 +407,7 @@ class Ingress(A1111Routes):
         await self._dispatch(job_id, handle, kind, payload, more_coming)
         await self._count_ended(job_id)
         if payload.get("callback_url"):
-            delivery = asyncio.create_task(self._deliver_webhook(job_id, payload["callback_url"]))
-            self._deliveries.add(delivery)
-            delivery.add_done_callback(self._deliveries.discard)
+            self._start_delivery(job_id, payload["callback_url"], claimed=False)
 
     async def _dispatch(self, job_id: str, handle, kind: str, payload: dict, more_coming: int) -> None:
         try:
@@ -441,17 +444,33 @@ class Ingress(A1111Routes):
         except Exception:  # metrics never fail a job
             logger.warning("recording the metrics of job %s failed", job_id, exc_info=True)
 
-    async def _deliver_webhook(self, job_id: str, url: str) -> None:
-        """POSTs the ended job's final status (as the events' final event: no image bytes) to its callback_url,
-        with retries, and records the outcome on the job."""
-        job = await self.jobs.get(job_id)
-        if job is None or job["state"] not in TERMINAL_STATES:
+    def _start_delivery(self, job_id: str, url: str, claimed: bool) -> None:
+        if job_id in self._deliveries:
             return
-        await self.jobs.record_webhook(job_id, {"attempts": 0, "status": "delivering"})
-        status = await self._status_fields(job_id, job, with_images=False)
-        outcome = await self.webhooks.deliver(url, job_id, status)
-        await self.jobs.record_webhook(job_id, outcome)
-        service_metrics().webhooks.inc(tags={"status": outcome["status"]})
+        delivery = asyncio.create_task(self._deliver_webhook(job_id, url, claimed), context=contextvars.Context())
+        self._deliveries[job_id] = delivery
+        delivery.add_done_callback(lambda _: self._deliveries.pop(job_id, None))
+
+    async def _deliver_webhook(self, job_id: str, url: str, claimed: bool) -> None:
+        """POSTs the ended job's final status (as the events' final event: no image bytes) to its callback_url,
+        with retries, and records the outcome on the job. The delivery is claimed first (`claimed`: the job
+        keeper already did), so one replica delivers it; one whose replica is lost midway is claimed again by
+        another replica's keeper once its lease runs out (see JobStore.claim_delivery)."""
+        try:
+            if not claimed and not await self.jobs.claim_delivery(job_id):
+                return
+            job = await self.jobs.get(job_id)
+            if job is None or job["state"] not in TERMINAL_STATES:
+                return
+            await self.jobs.record_webhook(job_id, {"attempts": 0, "status": "delivering"})
+            status = await self._status_fields(job_id, job, with_images=False)
+            outcome = await self.webhooks.deliver(url, job_id, status)
+            await self.jobs.record_webhook(job_id, outcome)
+            service_metrics().webhooks.inc(tags={"status": outcome["status"]})
+        except asyncio.CancelledError:
+            raise  # the replica is stopping: the delivery's lease runs out and another replica takes it over
+        except Exception:
+            logger.exception("job %s: delivering its webhook failed here; another attempt follows its lease", job_id)
 
     async def with_image_bytes(self, result: dict) -> tuple[dict, list[str]]:
         """A finished job's result with its images (base64) read from the output storage, where the job
@@ -513,11 +532,6 @@ class Ingress(A1111Routes):
         """Everything that can be checked before a job exists (in a worker thread: it reads files): the model
         (absent: the service-wide default), the mode, sampler, image, LoRAs (unknown: 4xx; incompatible: a
         warning), hires fix and refiner."""
-        if request.callback_url is not None:
-            try:
-                self.webhooks.check(request.callback_url)
-            except WebhookTargetError as error:
-                raise InvalidRequestError(f"callback_url: {error}", field="callback_url") from None
         entry = self.catalog.resolve(request.model or default_model)
         check_mode_supported(entry, kind)
         return entry, prepare_job(request, entry, self.loras, self.catalog, self.upscalers, self.vaes,
@@ -539,15 +553,21 @@ class Ingress(A1111Routes):
             try:
                 inflight = list(self._inflight)
                 await self.jobs.renew_leases(inflight)
-                await self._gauge_queues()
+                await self.jobs.renew_deliveries(list(self._deliveries))
                 if time.monotonic() - last_reaped >= min(30.0, self.stale_job_timeout_s / 3):
                     last_reaped = time.monotonic()
                     await self.jobs.touch_queued(inflight)
                     await self.jobs.reap_stale(self.stale_job_timeout_s)
                 for orphan in await self.jobs.claim_orphans():
                     await self._dispatch_again(orphan)
+                for delivery in await self.jobs.claim_lapsed_deliveries():  # ended otherwise, or holder lost
+                    self._start_delivery(delivery["job_id"], delivery["callback_url"], claimed=True)
             except Exception:
                 logger.exception("the job keeper failed; it runs again in %.0fs", LEASE_RENEW_S)
+            try:
+                await self._gauge_queues()
+            except Exception:
+                logger.warning("updating the queue-depth metric failed", exc_info=True)
 
     async def _gauge_queues(self) -> None:
         """The queue-depth gauge: jobs queued and running per family, the whole service's (from the store)."""

@@ -95,11 +95,11 @@ class JobStore:
                     return False
             transaction.execute(
                 "INSERT INTO jobs (job_id, kind, state, phase, progress, created, updated, payload, warnings, "
-                "result, error, family, origin, owner, lease_until) "
-                "VALUES (?, ?, 'queued', 'queued', 0, ?, ?, ?, ?, NULL, NULL, ?, ?, ?, ?) "
+                "result, error, family, origin, owner, lease_until, webhook_state) "
+                "VALUES (?, ?, 'queued', 'queued', 0, ?, ?, ?, ?, NULL, NULL, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (job_id) DO NOTHING",  # a create repeated through the job actor records it once
                 (job_id, kind, now, now, json.dumps(payload), json.dumps(warnings), family, origin, owner,
-                 now + LEASE_S),
+                 now + LEASE_S, "pending" if payload.get("callback_url") else None),
             )  # fmt: skip
         if now - self._last_prune >= PRUNE_INTERVAL_S:
             self._last_prune = now
@@ -196,7 +196,8 @@ class JobStore:
                     batch_size = result.pop("batch_size", None)  # kept in its column, with the batch it ran in
                     transaction.execute(
                         "UPDATE jobs SET state = 'done', phase = 'done', progress = 100.0, result = ?, "
-                        "warnings = ?, batch_size = COALESCE(?, batch_size), updated = ? WHERE job_id = ?",
+                        "warnings = ?, batch_size = COALESCE(?, batch_size), updated = ?, preview = NULL "
+                        "WHERE job_id = ?",
                         (json.dumps(result), json.dumps(merged), batch_size, now, job_id),
                     )
                 done.append(row is not None)
@@ -235,11 +236,12 @@ class JobStore:
             return attempts + 1
 
     def fail(self, job_id: str, error: str) -> bool:
-        return bool(self._update_many([job_id], durable=True, state="error", phase="error", error=error))
+        return bool(self._update_many([job_id], durable=True, state="error", phase="error", error=error,
+                                      preview=None))  # fmt: skip
 
     def cancel(self, job_id: str) -> bool:
         updated = self._update_many([job_id], durable=True, state="cancelled", phase="cancelled",
-                                    error="cancelled by request")  # fmt: skip
+                                    error="cancelled by request", preview=None)  # fmt: skip
         return bool(updated)
 
     def record_previews(self, previews: dict[str, str]) -> None:
@@ -247,10 +249,52 @@ class JobStore:
         for job_id, preview in previews.items():
             self.db.execute(f"UPDATE jobs SET preview = ? WHERE job_id = ? AND {ACTIVE_JOBS}", (preview, job_id))
 
+    # Webhooks: a job with a callback_url is created with its delivery `pending`. Once the job has ended, one
+    # ingress replica claims the delivery (`delivering`, under the job's lease, which it renews while it
+    # delivers) and records the outcome (`delivered`, `failed`). A delivery whose holder was lost (its lease ran
+    # out) is claimed again: every ended job's webhook is delivered at least once.
+    def claim_delivery(self, job_id: str) -> bool:
+        """Takes an ended job's pending webhook delivery for the caller (one caller gets it)."""
+        rows = self.db.execute(
+            f"UPDATE jobs SET webhook_state = 'delivering', lease_until = ? WHERE job_id = ? AND state IN "
+            f"({_TERMINAL}) AND webhook_state = 'pending' RETURNING job_id",
+            (time.time() + LEASE_S, job_id),
+            durable=True,
+        )
+        return bool(rows)
+
+    def claim_lapsed_deliveries(self, limit: int = 16) -> list[dict]:
+        """Takes up to `limit` ended jobs' webhook deliveries nobody holds (pending or delivering, their lease
+        run out); returns them (job id, callback_url) to deliver."""
+        now = time.time()
+        lapsed = f"state IN ({_TERMINAL}) AND webhook_state IN ('pending', 'delivering') AND lease_until < ?"
+        if not self.db.execute(f"SELECT 1 FROM jobs WHERE {lapsed} LIMIT 1", (now,)):
+            return []
+        with self.db.transaction(durable=True) as transaction:
+            rows = transaction.execute(
+                f"UPDATE jobs SET webhook_state = 'delivering', lease_until = ? WHERE job_id IN (SELECT job_id "
+                f"FROM jobs WHERE {lapsed} ORDER BY updated LIMIT ?) RETURNING job_id, payload",
+                (now + LEASE_S, now, limit),
+            )
+        return [{"job_id": job_id, "callback_url": json.loads(payload).get("callback_url")} for job_id, payload in rows]
+
+    def renew_deliveries(self, job_ids: list[str]) -> int:
+        """The delivering replica's heartbeat: its deliveries stay its own for another LEASE_S."""
+        if not job_ids:
+            return 0
+        marks = ", ".join("?" * len(job_ids))
+        rows = self.db.execute(
+            f"UPDATE jobs SET lease_until = ? WHERE job_id IN ({marks}) AND webhook_state = 'delivering' "
+            "RETURNING job_id",
+            (time.time() + LEASE_S, *job_ids),
+        )
+        return len(rows)
+
     def record_webhook(self, job_id: str, outcome: dict) -> bool:
-        """Records how delivering an ended job's final status to its callback_url went."""
-        rows = self.db.execute("UPDATE jobs SET webhook = ? WHERE job_id = ? RETURNING job_id",
-                               (json.dumps(outcome), job_id), durable=True)  # fmt: skip
+        """Records how delivering an ended job's final status to its callback_url went (`status`: delivering
+        while under way, then delivered or failed)."""
+        rows = self.db.execute("UPDATE jobs SET webhook = ?, webhook_state = ? WHERE job_id = ? RETURNING job_id",
+                               (json.dumps(outcome), outcome["status"], job_id), durable=True)  # fmt: skip
         return bool(rows)
 
     # Queries ---------------------------------------------------------------------------------------------
@@ -486,6 +530,15 @@ class JobsClient:
 
     async def record_previews(self, previews: dict[str, str]) -> None:
         return await self._call("record_previews", previews)
+
+    async def claim_delivery(self, job_id: str) -> bool:
+        return await self._call("claim_delivery", job_id)
+
+    async def claim_lapsed_deliveries(self, limit: int = 16) -> list[dict]:
+        return await self._call("claim_lapsed_deliveries", limit)
+
+    async def renew_deliveries(self, job_ids: list[str]) -> int:
+        return await self._call("renew_deliveries", job_ids)
 
     async def record_webhook(self, job_id: str, outcome: dict) -> bool:
         return await self._call("record_webhook", job_id, outcome)

@@ -49,7 +49,7 @@ class ServiceMetrics:
             boundaries=SECONDS_BUCKETS, tag_keys=("family",),
         )  # fmt: skip
         self.multiplex = Counter(
-            "diffusion_api_multiplex_requests", "Batches whose model was already loaded on their replica (hit) or "
+            "diffusion_api_multiplex_requests", "Jobs whose model was already loaded on their replica (hit) or "
             "had to be loaded (miss)", tag_keys=("family", "outcome"),
         )  # fmt: skip
         self.batch_size = Histogram(

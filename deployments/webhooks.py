@@ -9,6 +9,7 @@ job cannot make the service call into the cluster's private network or a cloud m
 """
 
 import asyncio
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -17,6 +18,7 @@ import logging
 import os
 import re
 import socket
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -27,7 +29,8 @@ ALLOWED_HOSTS_ENV = "DIFFUSION_API_WEBHOOK_ALLOWED_HOSTS"
 SECRET_ENV = "DIFFUSION_API_WEBHOOK_SECRET"
 SIGNATURE_HEADER = "X-Signature-256"
 DEFAULT_RETRY_DELAYS_S = (15.0, 45.0)  # 3 attempts over about a minute
-ATTEMPT_TIMEOUT_S = 10.0
+ATTEMPT_TIMEOUT_S = 10.0  # one POST, connection to answer
+RESOLVE_S = 5.0
 MAX_URL_CHARS = 2048
 PORT_NUMBER = r"(?:6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[0-9]{1,4})"
 
@@ -89,7 +92,8 @@ class WebhookPolicy:
                 alternatives.append(rf"{_any_case('http' if int(port) == 80 else 'https')}://{host}")
         if not alternatives:
             return None
-        return rf"^(?:{'|'.join(alternatives)})(?:[/?#][^\s]*)?$"
+        # The path: printable ASCII; the end: a lookahead, since `$` also matches before a final newline.
+        return rf"^(?:{'|'.join(alternatives)})(?:[/?#][!-~]*)?(?![\s\S])"
 
     def url_schema(self) -> dict:
         """`callback_url`'s schema as this service configures it."""
@@ -99,47 +103,64 @@ class WebhookPolicy:
         if "*" not in self.allowed_hosts:
             return {"anyOf": [listed, {"type": "null"}], "default": None,
                     "description": f"Webhook URL on an allowed host: {', '.join(self.allowed_hosts)}"}  # fmt: skip
-        anywhere = {"type": "string", "maxLength": MAX_URL_CHARS, "pattern": "^https?://",
+        anywhere = {"type": "string", "maxLength": MAX_URL_CHARS, "pattern": f"^{_any_case('http')}[sS]?://",
                     "description": "A host every address of which is public"}  # fmt: skip
         return {"anyOf": [anywhere, {"type": "null"}], "default": None,
                 "description": f"Webhook URL on a public host or one of: {', '.join(self.allowed_hosts)}"}  # fmt: skip
 
-    def check(self, url: str) -> None:
-        """Raises WebhookTargetError unless this service may POST to `url` (resolves the host when only `*`
-        allows it)."""
+    def check(self, url: str) -> str | None:
+        """Raises WebhookTargetError unless this service may POST to `url`. Returns None for a listed host, and
+        for a host only `*` allows, the public address it resolved to: the delivery connects to that address
+        (a name that resolves again, to a private address, between the check and the call gains nothing)."""
         if not self.enabled:
             raise WebhookTargetError(f"webhooks are off on this service (the operator allows no callback host: "
                                      f"{ALLOWED_HOSTS_ENV})")  # fmt: skip
         if len(url) > MAX_URL_CHARS:
             raise WebhookTargetError(f"at most {MAX_URL_CHARS} characters")
+        listed = self.listed_pattern
+        if listed and re.search(listed, url):
+            return None
         try:
             parts = urlsplit(url)
             port = _port(parts)
-        except ValueError as error:
+            httpx.URL(url)
+        except (ValueError, httpx.InvalidURL) as error:
             raise WebhookTargetError(f"not a URL: {error}") from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise WebhookTargetError("an http:// or https:// URL with a host")
         if parts.username or parts.password:
             raise WebhookTargetError("no user or password in the URL (the request is signed instead)")
         host = parts.hostname.lower()
-        listed = self.listed_pattern
-        if listed and re.search(listed, url):
-            return
         if "*" not in self.allowed_hosts:
             raise WebhookTargetError(f"host {host}:{port} is not allowed; allowed: {', '.join(self.allowed_hosts)}")
+        if not host.isascii() or not re.fullmatch(r"[a-z0-9.:\-\[\]]+", host):
+            # Python and httpx encode international names differently (IDNA 2003 / 2008): the checked name
+            # must be the one called.
+            raise WebhookTargetError(f"host {host!r}: give an international name in its ASCII (xn--) form")
         try:
-            addresses = {info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)}
+            addresses = [info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)]
         except (OSError, UnicodeError) as error:
             raise WebhookTargetError(f"host {host} cannot be resolved: {error}") from None
-        private = sorted(address for address in addresses if not _is_public(address))
-        if private:
-            raise WebhookTargetError(f"host {host} resolves to a private address ({', '.join(private)}); only hosts "
-                                     f"listed by name in {ALLOWED_HOSTS_ENV} may be private")  # fmt: skip
+        if not addresses or not all(_is_public(address) for address in addresses):
+            # The addresses are not named: the answer would map the cluster's private names for anyone.
+            raise WebhookTargetError(f"host {host} resolves to a private or reserved address; only hosts listed "
+                                     f"by name in {ALLOWED_HOSTS_ENV} may be")  # fmt: skip
+        return addresses[0]
+
+    async def check_async(self, url: str) -> str | None:
+        """`check`, its name lookup in threads of its own and limited in time (a slow resolver must not hold
+        the threads the service's other work runs in)."""
+        loop = asyncio.get_running_loop()
+        try:
+            return await asyncio.wait_for(loop.run_in_executor(_resolver_threads(), self.check, url), RESOLVE_S)
+        except TimeoutError:
+            raise WebhookTargetError(f"its host could not be resolved in {RESOLVE_S:.0f} s") from None
 
     async def deliver(self, url: str, job_id: str, status: dict) -> dict:
         """POSTs `status` to `url` until a 2xx, retrying network errors, 5xx and 429 after each of
-        `retry_delays_s`; any other answer ends it. Returns the outcome recorded on the job: attempts, status
-        (`delivered` or `failed`), the last HTTP status and error."""
+        `retry_delays_s`; any other answer ends it. Each attempt has ATTEMPT_TIMEOUT_S in all and reads no
+        answer body. Returns the outcome recorded on the job: attempts, status (`delivered` or `failed`), the
+        last HTTP status and error."""
         body = json.dumps(status, separators=(",", ":")).encode()
         headers = {"Content-Type": "application/json", "X-Job-Id": job_id,
                    SIGNATURE_HEADER: signature(self.secret, body), "User-Agent": "diffusion-api-webhook"}  # fmt: skip
@@ -149,28 +170,47 @@ class WebhookPolicy:
                 await asyncio.sleep(delay)
                 outcome["attempts"] += 1
                 try:
-                    await asyncio.to_thread(self.check, url)  # again: a name may point elsewhere by now
-                    answer = await http.post(url, content=body, headers=headers)
+                    pinned = await self.check_async(url)  # again: a name may point elsewhere by now
+                    code = await asyncio.wait_for(self._post(http, url, pinned, body, headers), ATTEMPT_TIMEOUT_S)
                 except WebhookTargetError as error:
                     outcome.update(http_status=None, error=f"callback_url refused: {error}")
                     break
-                except httpx.TransportError as error:  # connection, timeout, protocol: worth another try
+                except (httpx.TransportError, TimeoutError) as error:  # connection, time, protocol: try again
                     outcome.update(http_status=None, error=f"{type(error).__name__}: {error}"[:300])
                     continue
                 except Exception as error:  # a URL httpx cannot send, say: trying again would not help
                     outcome.update(http_status=None, error=f"{type(error).__name__}: {error}"[:300])
                     break
-                outcome["http_status"] = answer.status_code
-                if answer.is_success:
+                outcome["http_status"] = code
+                if 200 <= code < 300:
                     outcome.update(status="delivered", error=None)
                     break
-                outcome["error"] = f"the receiver answered {answer.status_code}"
-                if answer.status_code < 500 and answer.status_code != 429:
+                outcome["error"] = f"the receiver answered {code}"
+                if code < 500 and code != 429:
                     break  # the receiver refused it: sending it again would not change that
         if outcome["status"] != "delivered":
             logger.warning("job %s: webhook to %s failed after %d attempt(s): %s", job_id, url,
                            outcome["attempts"], outcome["error"])  # fmt: skip
         return outcome
+
+    @staticmethod
+    async def _post(http: httpx.AsyncClient, url: str, pinned: str | None, body: bytes, headers: dict) -> int:
+        """One POST; its status code. `pinned`: the checked address to connect to instead of resolving the
+        name again (the Host header and TLS keep the name)."""
+        target = httpx.URL(url)
+        extensions = {}
+        if pinned is not None:
+            headers = {**headers, "Host": target.netloc.decode("ascii")}
+            if target.scheme == "https":
+                extensions["sni_hostname"] = target.host  # also the name the certificate is checked against
+            target = target.copy_with(host=pinned)
+        async with http.stream("POST", target, content=body, headers=headers, extensions=extensions) as answer:
+            return answer.status_code  # the body is never read: a receiver cannot make it large or slow
+
+
+@functools.cache
+def _resolver_threads() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=4, thread_name_prefix="webhook-dns")
 
 
 def _any_case(text: str) -> str:
@@ -178,8 +218,17 @@ def _any_case(text: str) -> str:
     return "".join(f"[{char.lower()}{char.upper()}]" if char.isalpha() else char for char in text)
 
 
+# IPv6 ranges that carry an IPv4 address (NAT64, 6to4, Teredo, IPv4-compatible): they may lead to any IPv4
+# address, a private one included, so they are refused outright.
+IPV4_CARRYING = tuple(ipaddress.ip_network(network) for network in
+                      ("64:ff9b::/96", "64:ff9b:1::/48", "2002::/16", "2001::/32", "::/96"))  # fmt: skip
+
+
 def _is_public(address: str) -> bool:
     ip = ipaddress.ip_address(address.split("%")[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped:
+            ip = ip.ipv4_mapped
+        elif any(ip in network for network in IPV4_CARRYING):
+            return False
     return ip.is_global and not ip.is_multicast

@@ -11,17 +11,19 @@ SIZE="${SIZE:-512}"
 STEPS="${STEPS:-20}"
 AUTH=()
 if [ -n "${DIFFUSION_API_KEY:-}" ]; then AUTH=(-H "Authorization: Bearer ${DIFFUSION_API_KEY}"); fi
+# curl with the key when there is one (the ${AUTH[@]+...} form: an empty array under `set -u` fails in bash < 4.4)
+api() { curl -sS ${AUTH[@]+"${AUTH[@]}"} "$@"; }
 
 # 1. Submit (the prompt is passed through Python's json module so quotes in it stay valid JSON).
 BODY=$(python3 -c 'import json, sys; print(json.dumps({"prompt": sys.argv[1], "steps": int(sys.argv[2]),
     "width": int(sys.argv[3]), "height": int(sys.argv[3]), "fileType": "png"}))' "$PROMPT" "$STEPS" "$SIZE")
-ANSWER=$(curl -sS "${AUTH[@]}" -X POST "$URL/txt2img" -H 'content-type: application/json' -d "$BODY")
+ANSWER=$(api -X POST "$URL/txt2img" -H 'content-type: application/json' -d "$BODY")
 JOB_ID=$(printf '%s' "$ANSWER" | sed -n 's/.*"job_id":"\([0-9a-f]\{32\}\)".*/\1/p')
 if [ -z "$JOB_ID" ]; then echo "not accepted: $ANSWER" >&2; exit 1; fi
 echo "job $JOB_ID queued" >&2
 
 # 2. Watch: Server-Sent Events until the final event (done, error or cancelled); the stream then closes.
-FINAL=$(curl -sS -N "${AUTH[@]}" "$URL/queue/$JOB_ID/events" | while IFS= read -r line; do
+FINAL=$(api -N "$URL/queue/$JOB_ID/events" | while IFS= read -r line; do
   case "$line" in
     "event: progress"|"event: preview"|"") ;;
     "event: "*) echo "${line#event: }" ;;
@@ -30,10 +32,10 @@ FINAL=$(curl -sS -N "${AUTH[@]}" "$URL/queue/$JOB_ID/events" | while IFS= read -
 done | tail -n 1)
 if [ "$FINAL" != "done" ]; then
   echo "job $JOB_ID ended ${FINAL:-without a final event}:" >&2
-  curl -sS "${AUTH[@]}" "$URL/queue/$JOB_ID" >&2; echo >&2
+  api "$URL/queue/$JOB_ID" >&2; echo >&2
   exit 1
 fi
 
 # 3. The image file, with its A1111 infotext inside.
-curl -sS -f "${AUTH[@]}" -o "$OUT" "$URL/queue/$JOB_ID/image"
+api -f -o "$OUT" "$URL/queue/$JOB_ID/image"
 echo "saved $OUT" >&2

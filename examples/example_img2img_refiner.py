@@ -23,7 +23,11 @@ HEADERS = {"Authorization": f"Bearer {os.environ['DIFFUSION_API_KEY']}"} if os.e
 
 def check(response: requests.Response) -> dict:
     if not response.ok:
-        sys.exit(f"{response.request.method} {response.url}: {response.status_code}: {response.json().get('error')}")
+        try:
+            reason = response.json().get("error")
+        except ValueError:  # not the service's JSON (a proxy's page, say)
+            reason = response.text[:300]
+        sys.exit(f"{response.request.method} {response.url}: {response.status_code}: {reason}")
     return response.json()
 
 

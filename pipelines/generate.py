@@ -377,9 +377,12 @@ class ImageEngine:
         def on_step_end(pipeline, step_index, timestep, callback_kwargs):
             if previewed and time.monotonic() - last_preview[0] >= PREVIEW_INTERVAL_S:
                 last_preview[0] = time.monotonic()
-                latents, sdxl = callback_kwargs["latents"], _is_sdxl(pipeline)
-                for job_id, index in previewed.items():
-                    preview_sink(job_id, preview_jpeg_base64(latents[index], sdxl))
+                try:
+                    latents, sdxl = callback_kwargs["latents"], _is_sdxl(pipeline)
+                    for job_id, index in previewed.items():
+                        preview_sink(job_id, preview_jpeg_base64(latents[index], sdxl))
+                except Exception:  # a preview is a nicety: it never fails the job
+                    logger.warning("making a preview failed; the job goes on without it", exc_info=True)
             on_step(step_index + 1, pipeline.num_timesteps)
             return callback_kwargs
 

@@ -311,8 +311,34 @@ def test_summaries_read_what_watchers_wait_on_for_many_jobs_at_once(location):
     store.record_previews({"a": "AAAA", "b": "BBBB"})
     assert store.summaries(["a"])["a"]["preview"] == "AAAA" and store.get("b")["preview"] == "BBBB"
     store.complete("a", {"seed": 1})
-    store.record_previews({"a": "CCCC"})  # an ended job's preview stays as it was
-    assert store.get("a")["preview"] == "AAAA"
+    store.record_previews({"a": "CCCC"})  # a late preview of an ended job is not recorded
+    assert store.get("a")["preview"] is None  # ended: its preview is dropped (its image is the result)
+
+
+def test_a_webhook_delivery_is_claimed_once_and_again_when_its_holder_is_lost(location):
+    store = JobStore(location)
+    store.create("a", "txt2img", {"prompt": "x", "callback_url": "https://hooks.example/x"}, [])
+    store.create("b", "txt2img", {"prompt": "x"}, [])  # no webhook
+    assert not store.claim_delivery("a")  # not ended yet
+    store.complete("a", {"seed": 1})
+    store.complete("b", {"seed": 1})
+    assert store.claim_delivery("a") and not store.claim_delivery("a") and not store.claim_delivery("b")
+    assert store.claim_lapsed_deliveries() == []  # its holder's lease is live
+    assert store.renew_deliveries(["a", "b"]) == 1
+    store.db.execute("UPDATE jobs SET lease_until = 0 WHERE job_id = 'a'")  # the holder was lost
+    assert store.claim_lapsed_deliveries() == [{"job_id": "a", "callback_url": "https://hooks.example/x"}]
+    assert store.claim_lapsed_deliveries() == []  # one claimer only
+    store.record_webhook("a", {"attempts": 1, "status": "delivered", "http_status": 200, "error": None})
+    store.db.execute("UPDATE jobs SET lease_until = 0 WHERE job_id = 'a'")
+    assert store.claim_lapsed_deliveries() == [] and not store.claim_delivery("a")  # delivered: done with
+
+
+def test_a_job_that_ended_without_its_ingress_gets_its_webhook_from_the_keeper(location):
+    store = JobStore(location)
+    store.create("c", "txt2img", {"prompt": "x", "callback_url": "https://hooks.example/c"}, [])
+    store.fail("c", "the worker stopped reporting")  # failed by the stale reaper, say: nobody delivers it
+    store.db.execute("UPDATE jobs SET lease_until = 0 WHERE job_id = 'c'")
+    assert store.claim_lapsed_deliveries() == [{"job_id": "c", "callback_url": "https://hooks.example/c"}]
 
 
 def test_webhook_outcomes_are_recorded_on_ended_jobs(location):

@@ -73,16 +73,26 @@ def test_listed_hosts_are_allowed_even_when_private():
 @pytest.mark.parametrize(
     "url",
     ["http://127.0.0.1/", "http://10.1.2.3/", "http://169.254.169.254/latest/meta-data/", "http://[::1]:8080/",
-     "http://[::ffff:192.168.0.1]/", "http://localhost:8000/", "http://0.0.0.0/"],
+     "http://[::ffff:192.168.0.1]/", "http://localhost:8000/", "http://0.0.0.0/",
+     # IPv6 forms that carry an IPv4 address (here the metadata address): NAT64, 6to4, IPv4-compatible, Teredo
+     "http://[64:ff9b::a9fe:a9fe]/", "http://[2002:a9fe:a9fe::]/", "http://[::a9fe:a9fe]/",
+     "http://[2001:0:4136:e378:8000:63bf:3fff:fdd2]/"],
 )  # fmt: skip
-def test_wildcard_refuses_private_addresses(url):
-    with pytest.raises(WebhookTargetError, match="private address"):
+def test_wildcard_refuses_private_addresses_without_naming_them(url):
+    with pytest.raises(WebhookTargetError, match="resolves to a private or reserved address") as refused:
         policy("*").check(url)
+    assert "169.254" not in str(refused.value) or "169.254" in url.split("/")[2]
 
 
-def test_wildcard_allows_public_addresses():
-    policy("*").check("https://93.184.216.34/hook")
-    policy("*").check("http://[2606:4700:4700::1111]/")
+def test_wildcard_allows_public_addresses_and_pins_them():
+    assert policy("*").check("https://93.184.216.34/hook") == "93.184.216.34"
+    assert policy("*").check("http://[2606:4700:4700::1111]/") == "2606:4700:4700::1111"
+    assert policy("*", "127.0.0.1:9000").check("http://127.0.0.1:9000/") is None  # listed: not pinned
+
+
+def test_international_names_must_come_in_their_ascii_form():
+    with pytest.raises(WebhookTargetError, match="ASCII"):
+        policy("*").check("http://faß.example/")
 
 
 class Recorder(BaseHTTPRequestHandler):
@@ -149,6 +159,35 @@ def test_a_refusal_is_not_retried(receiver):
     assert outcome["attempts"] == 1 and outcome["status"] == "failed" and outcome["http_status"] == 404
 
 
+def test_a_pinned_delivery_connects_to_the_checked_address_and_keeps_the_name(receiver):
+    """With `*`, the delivery goes to the address the check resolved, not to a second lookup of the name."""
+    import httpx
+
+    port = receiver.server_address[1]
+
+    async def post() -> int:
+        async with httpx.AsyncClient() as http:
+            return await WebhookPolicy._post(http, f"http://hooks.invalid:{port}/x", "127.0.0.1", b"{}", {})
+
+    assert asyncio.run(post()) == 200  # hooks.invalid resolves nowhere: the pinned address was used
+    ((headers, _),) = receiver.calls
+    assert headers["Host"] == f"hooks.invalid:{port}"
+
+
+def test_a_receiver_that_never_answers_times_the_attempt_out(monkeypatch):
+    import deployments.webhooks
+
+    monkeypatch.setattr(deployments.webhooks, "ATTEMPT_TIMEOUT_S", 0.5)
+    with socket.socket() as silent:  # accepts connections (the backlog) and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        port = silent.getsockname()[1]
+        started = time.monotonic()
+        outcome = deliver(policy(f"127.0.0.1:{port}"), f"http://127.0.0.1:{port}/")
+    assert outcome["attempts"] == 3 and outcome["status"] == "failed" and time.monotonic() - started < 10
+    assert "Timeout" in outcome["error"]
+
+
 def test_network_errors_are_retried():
     with socket.socket() as probe:  # a port nobody listens on
         probe.bind(("127.0.0.1", 0))
@@ -194,7 +233,8 @@ def test_the_example_receiver_verifies_the_signature():
      "https://hooks.example.com:8443/a?b#c", "http://hooks.example.com:99999/", "https://tls.example/x",
      "http://tls.example/x", "http://127.0.0.1:9000@evil.example/", "http://127.0.0.1:9000/a b",
      "https://HOOKS.example.com/", "http://127.0.0.1:9000\\@evil.example/", "ftp://127.0.0.1:9000/",
-     "HTTPS://Tls.Example/"],
+     "HTTPS://Tls.Example/", "http://127.0.0.1:9000/\n", "http://127.0.0.1:9000/a\x7f", "http://127.0.0.1:9000/\x1c",
+     "http://127.0.0.1:9000/%20ok?a=\"b\"&c={d}|e^f`g"],
 )  # fmt: skip
 def test_the_schema_pattern_accepts_exactly_what_the_service_accepts(url):
     """/openapi.json gives callback_url this pattern: a URL it matches is accepted, any other refused."""
@@ -213,4 +253,4 @@ def test_the_schema_pattern_accepts_exactly_what_the_service_accepts(url):
 def test_the_schema_says_when_webhooks_are_off(monkeypatch):
     monkeypatch.delenv("DIFFUSION_API_WEBHOOK_ALLOWED_HOSTS", raising=False)
     assert WebhookPolicy.from_config(None, None).url_schema()["type"] == "null"
-    assert policy("*").url_schema()["anyOf"][0]["pattern"] == "^https?://"
+    assert policy("*").url_schema()["anyOf"][0]["pattern"] == "^[hH][tT][tT][pP][sS]?://"
