@@ -42,11 +42,12 @@ MIGRATIONS: list[tuple[str, ...]] = [
     ("ALTER TABLE jobs ADD COLUMN attempts INTEGER NOT NULL DEFAULT 1",
      "ALTER TABLE jobs ADD COLUMN lease_until {real} NOT NULL DEFAULT 0",
      "UPDATE jobs SET lease_until = {now} + 60 WHERE {active}"),
-    # 5: live previews (a small JPEG of the image so far), and a job's webhook: the delivery's state (pending,
-    # delivering, delivered, failed; its lease is the job's, free once the job has ended) and outcome
+    # 5: live previews (a small JPEG of the image so far) and the outcome of a job's webhook
     ("ALTER TABLE jobs ADD COLUMN preview TEXT",
-     "ALTER TABLE jobs ADD COLUMN webhook TEXT",
-     "ALTER TABLE jobs ADD COLUMN webhook_state TEXT",
+     "ALTER TABLE jobs ADD COLUMN webhook TEXT"),
+    # 6: the webhook's delivery state (pending, delivering, delivered, failed), so an ended job's delivery is
+    # claimed by one replica (under the job's lease, free once the job has ended) and again if it is lost
+    ("ALTER TABLE jobs ADD COLUMN webhook_state TEXT",
      "CREATE INDEX IF NOT EXISTS jobs_webhook_state ON jobs (webhook_state)"),
 ]  # fmt: skip
 SCHEMA_VERSION = len(MIGRATIONS)
