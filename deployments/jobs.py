@@ -141,12 +141,16 @@ class JobStore:
 
     def renew_leases(self, job_ids: list[str]) -> int:
         """The holders' heartbeat: the active jobs among `job_ids` stay theirs for another LEASE_S."""
+        return self._extend_leases(job_ids, ACTIVE_JOBS)
+
+    def _extend_leases(self, job_ids: list[str], held: str) -> int:
+        """Extends to LEASE_S from now the leases of the jobs among `job_ids` that match `held` (SQL)."""
         if not job_ids:
             return 0
         marks = ", ".join("?" * len(job_ids))
         rows = self.db.execute(
             f"UPDATE jobs SET lease_until = {self.db.greatest}(lease_until, ?) WHERE job_id IN ({marks}) "
-            f"AND {ACTIVE_JOBS} RETURNING job_id",
+            f"AND {held} RETURNING job_id",
             (time.time() + LEASE_S, *job_ids),
         )
         return len(rows)
@@ -280,15 +284,7 @@ class JobStore:
 
     def renew_deliveries(self, job_ids: list[str]) -> int:
         """The delivering replica's heartbeat: its deliveries stay its own for another LEASE_S."""
-        if not job_ids:
-            return 0
-        marks = ", ".join("?" * len(job_ids))
-        rows = self.db.execute(
-            f"UPDATE jobs SET lease_until = ? WHERE job_id IN ({marks}) AND webhook_state = 'delivering' "
-            "RETURNING job_id",
-            (time.time() + LEASE_S, *job_ids),
-        )
-        return len(rows)
+        return self._extend_leases(job_ids, "webhook_state = 'delivering'")
 
     def record_webhook(self, job_id: str, outcome: dict) -> bool:
         """Records how delivering an ended job's final status to its callback_url went (`status`: delivering

@@ -8,19 +8,21 @@ job-store gauges (jobs by state and family, the same for the whole service) are 
 
 import functools
 import time
+from typing import get_args
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from ray.util.metrics import Counter, Gauge, Histogram
 
-from deployments.job_db import TERMINAL_STATES
+from pipelines.catalog import Family
+from pipelines.schemas import JobState
 
 SECONDS_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600]
 # Ray reports a histogram's sum from its buckets' midpoints: bucket (k - 0.5, k + 0.5] makes a batch of k images
 # count exactly k (up to 16), so sum / count is the true mean.
 BATCH_BUCKETS = [size + 0.5 for size in range(17)] + [24.5, 32.5, 64.5]
-JOB_STATES = ("queued", "processing", *TERMINAL_STATES)
-FAMILIES = ("sd15", "sdxl", "sdxl-refiner")
+JOB_STATES = get_args(JobState)
+FAMILIES = get_args(Family)
 
 
 class ServiceMetrics:
