@@ -378,6 +378,19 @@ def create_demo_loras(loras_dir: Path, overwrite: bool = False) -> list[Path]:
     return targets
 
 
+def create_many_sd15_loras(loras_dir: Path, count: int, prefix: str = "demo-sd15-many") -> list[Path]:
+    """`count` distinct SD1.5 LoRAs (kohya keys, each its own seed): what a job with the most LoRAs a request
+    may name (`max_loras`) needs, for the tests of the adapter cache."""
+    loras_dir.mkdir(parents=True, exist_ok=True)
+    targets = [loras_dir / f"{prefix}-{index}.safetensors" for index in range(count)]
+    with tempfile.TemporaryDirectory() as tmp:
+        sd15 = build_sd15(Path(tmp))
+        metadata = {"ss_base_model_version": "sd_v1", "ss_network_module": "networks.lora"}
+        for index, target in enumerate(targets):
+            save_file(kohya_lora(sd15, seed=200 + index, strength=0.3), target, metadata=metadata)
+    return targets
+
+
 # Upscaler -------------------------------------------------------------------------------------------------
 def esrgan_state_dict(seed: int = 4, features: int = 16, blocks: int = 1, scale: int = 4) -> dict:
     """A tiny x4 ESRGAN (RRDBNet) in Real-ESRGAN's key layout (`conv_first`, `body.N.rdbM.convK`, `conv_up1`...).

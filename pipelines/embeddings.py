@@ -141,9 +141,14 @@ def load_into(pipe, embeddings: list[EmbeddingFile]) -> tuple[list[tuple], dict[
         except Exception as error:  # a user's file: any failure skips it, with the reason
             skipped[embedding.name] = str(error)[:200]
             continue
-        for tensor, tokenizer, encoder in plan:
-            pipe.load_textual_inversion(tensor, token=token_of(embedding), tokenizer=tokenizer, text_encoder=encoder)
-            loaded.append((token_of(embedding), tokenizer, encoder, len(tensor)))
+        try:
+            for tensor, tokenizer, encoder in plan:
+                pipe.load_textual_inversion(tensor, token=token_of(embedding), tokenizer=tokenizer,
+                                            text_encoder=encoder)  # fmt: skip
+                loaded.append((token_of(embedding), tokenizer, encoder, len(tensor)))
+        except BaseException:  # nothing of this call stays in the model when it fails midway
+            unload_from(pipe, loaded)
+            raise
     return loaded, skipped
 
 

@@ -54,7 +54,7 @@ from pipelines.prompts import encode_prompts, needs_own_encoding, without_emphas
 from pipelines.samplers import build_scheduler
 from pipelines.schemas import Img2ImgRequest, Txt2ImgRequest
 from pipelines.settings import VERSION
-from pipelines.speed import SpeedOptions, apply_speed_options, set_qkv_fused, set_vae_tiling
+from pipelines.speed import SpeedOptions, apply_speed_options, set_vae_tiling
 from pipelines.upscalers import UpscalerLibrary, upscale_latents
 from pipelines.vaes import VaeLibrary
 
@@ -219,19 +219,19 @@ class ImageEngine:
         if any(job.batch_key() != first.batch_key() for job in jobs):
             raise ValueError("jobs in one batch must share mode, size, steps, cfg, sampler and strength")
         phases = PhaseProgress.for_job(first, progress, is_cancelled)
-        with loaded.lock, loaded.vae_swapped(self._vae_for(loaded, first)):
+        # job_scope puts back whatever the job changes on the model (scheduler, LoRAs, QKV fusion, VAE tiling)
+        # and vae_swapped the model's own VAE, however the job ends.
+        with loaded.lock, loaded.job_scope(), loaded.vae_swapped(self._vae_for(loaded, first)):
             pipe = loaded.pipeline_for(first.mode, masked=first.inpaint is not None)
             memory_before = memory_mb(self.device)
             started = time.perf_counter()
-            pipe.scheduler = build_scheduler(first.sampler, dict(loaded.pipe.scheduler.config))
-            applied, lora_warnings = loaded.apply_loras(first.loras) if first.mode == "txt2img" else ([], [])
-            if applied and loaded.qkv_fused:
-                set_qkv_fused(loaded.pipe, False)
-            final_size = (first.hires.width, first.hires.height) if first.hires else (first.width, first.height)
-            set_vae_tiling(loaded.pipe, self.speed, *final_size)
-            clip_warnings = _fit_clip_skip(pipe, jobs)
             embeddings: list[tuple] = []
             try:
+                pipe.scheduler = build_scheduler(first.sampler, loaded.scheduler_config)
+                applied, lora_warnings = loaded.apply_loras(first.loras) if first.mode == "txt2img" else ([], [])
+                final_size = (first.hires.width, first.hires.height) if first.hires else (first.width, first.height)
+                set_vae_tiling(loaded.pipe, self.speed, *final_size)
+                clip_warnings = _fit_clip_skip(pipe, jobs)
                 embeddings = _load_embeddings(loaded.pipe, jobs)  # unloaded after the call
                 for job in jobs:
                     job.sampler = first.sampler  # equal in a batch; build_scheduler may have adjusted its label
@@ -256,10 +256,7 @@ class ImageEngine:
                     + f", {len(jobs)} image(s): try a smaller size, a smaller hires scale or fewer LoRAs ({error})"
                 ) from error
             finally:
-                unload_from(loaded.pipe, embeddings)  # logs its own failures: the LoRAs below are cleared anyway
-                loaded.clear_loras()
-                if applied and loaded.qkv_fused:
-                    set_qkv_fused(loaded.pipe, True)
+                unload_from(loaded.pipe, embeddings)  # logs its own failures; job_scope clears the LoRAs anyway
             elapsed = round(time.perf_counter() - started, 3)
             memory_after = memory_mb(self.device)
         return [
@@ -334,7 +331,7 @@ class ImageEngine:
             second_input = upscale(first_pass, hires.upscaler, hires.width, hires.height)
         phases.report(PHASE_UPSCALING, 1, 1)
         img2img = loaded.pipeline_for("img2img")
-        img2img.scheduler = build_scheduler(jobs[0].sampler, dict(loaded.pipe.scheduler.config))
+        img2img.scheduler = build_scheduler(jobs[0].sampler, loaded.scheduler_config)
         return self._call_pipeline(img2img, jobs, phases.step(PHASE_HIRES_PASS), image=second_input,
                                    strength=hires.denoising_strength, num_inference_steps=hires.steps,
                                    width=hires.width, height=hires.height)  # fmt: skip
@@ -348,12 +345,13 @@ class ImageEngine:
     def refine(self, loaded: LoadedModel, jobs: list[PreparedJob], latents, on_step: "StepCallback"):
         """The refiner's part of a base -> refiner job: the steps after `switch_at`, from the base's latents."""
         first = jobs[0]
-        with loaded.lock, loaded.vae_swapped(self._vae_for(loaded, first)):
+        with loaded.lock, loaded.job_scope(), loaded.vae_swapped(self._vae_for(loaded, first)):
             pipe = loaded.pipeline_for("img2img")
-            pipe.scheduler = build_scheduler(first.sampler, dict(loaded.pipe.scheduler.config))
+            pipe.scheduler = build_scheduler(first.sampler, loaded.scheduler_config)
             set_vae_tiling(loaded.pipe, self.speed, first.width, first.height)
-            embeddings = _load_embeddings(loaded.pipe, jobs)
+            embeddings: list[tuple] = []
             try:
+                embeddings = _load_embeddings(loaded.pipe, jobs)
                 return self._call_pipeline(pipe, jobs, on_step, image=latents.to(self.device, self.dtype),
                                            denoising_start=first.refiner.switch_at)  # fmt: skip
             finally:

@@ -15,6 +15,7 @@ import torch
 from pipelines.catalog import ModelEntry
 from pipelines.errors import ModelLoadError, UnknownModelError
 from pipelines.loras import LoraUse, read_lora_state_dict
+from pipelines.speed import set_qkv_fused
 
 logger = logging.getLogger(__name__)
 Mode = Literal["txt2img", "img2img"]
@@ -67,22 +68,49 @@ class LoadedModel:
         self.pipe = pipe
         self.model_hash = model_hash
         self.lock = threading.Lock()
+        # The model's own scheduler config, read once: every job builds its sampler from this, never from what
+        # an earlier job left on the pipeline.
+        self.scheduler_config = dict(pipe.scheduler.config)
         self.speed: list[str] = []  # speed options applied at load
         self.qkv_fused = False
+        self._unfused = False  # a job's LoRAs unfused the QKV projections (job_scope fuses them again)
         self._img2img = None
         self._inpaint = None
         self.adapters: OrderedDict[str, str] = OrderedDict()  # LoRA adapters kept loaded: name -> file
 
-    MAX_CACHED_ADAPTERS = 4
+    MAX_CACHED_ADAPTERS = 4  # adapters kept loaded between jobs; a job with more keeps all of its own
+
+    @contextlib.contextmanager
+    def job_scope(self):
+        """Everything a job changes on this model is put back when the block ends, however it ends (an error
+        included), so no job's settings reach the next caller's images: the scheduler of every pipeline of the
+        model, its LoRAs (turned off), the fused QKV projections LoRAs unfuse, and VAE tiling. Hold `lock`."""
+        schedulers = {id(pipe): pipe.scheduler for pipe in self._pipelines()}
+        base_scheduler = self.pipe.scheduler
+        own_vae = self.pipe.vae
+        tiling = getattr(own_vae, "use_tiling", None)
+        try:
+            yield
+        finally:
+            self.clear_loras()
+            for pipe in self._pipelines():  # an img2img pipeline made during the job gets the model's own
+                pipe.scheduler = schedulers.get(id(pipe), base_scheduler)
+            if tiling is not None and own_vae.use_tiling != tiling:
+                own_vae.enable_tiling() if tiling else own_vae.disable_tiling()
+
+    def _pipelines(self) -> list:
+        return [pipe for pipe in (self.pipe, self._img2img, self._inpaint) if pipe is not None]
 
     def apply_loras(self, uses: list[LoraUse]) -> tuple[list[LoraUse], list[str]]:
         """Loads (or reuses) and activates the job's LoRAs at their scales; returns the ones applied and a
-        warning for each that failed to load (skipped). Call `clear_loras` when the job ends. Hold `lock`."""
+        warning for each that failed to load (skipped). Only adapters other jobs left are evicted to make room,
+        never one of this job's. Call inside `job_scope`, which turns them off again. Hold `lock`."""
         warnings = []
         active = []
+        wanted = {use.adapter_name for use in uses}
         for use in uses:
             if use.adapter_name not in self.adapters:
-                error = self.load_adapter(use)
+                error = self.load_adapter(use, keep=wanted)
                 if error is not None:
                     warnings.append(f"LoRA '{use.lora.name}' skipped: it could not be loaded into model "
                                     f"'{self.entry.name}': {error}")  # fmt: skip
@@ -90,13 +118,17 @@ class LoadedModel:
             self.adapters.move_to_end(use.adapter_name)
             active.append(use)
         if active:
+            if self.qkv_fused:  # LoRAs patch the separate q/k/v projections
+                set_qkv_fused(self.pipe, False)
+                self._unfused = True
             self.pipe.enable_lora()
             self.pipe.set_adapters([u.adapter_name for u in active], adapter_weights=[u.scale for u in active])
         return active, warnings
 
-    def load_adapter(self, use: LoraUse) -> str | None:
-        """Loads one LoRA as a named adapter (evicting the least recently used); the error text on failure."""
-        self._evict_adapters(self.MAX_CACHED_ADAPTERS - 1)
+    def load_adapter(self, use: LoraUse, keep: set[str] | frozenset[str] = frozenset()) -> str | None:
+        """Loads one LoRA as a named adapter, evicting the least recently used ones that are not in `keep` (the
+        job's own); the error text on failure."""
+        self._evict_adapters(self.MAX_CACHED_ADAPTERS - 1, keep)
         try:
             self.pipe.load_lora_weights(read_lora_state_dict(use.lora.path), adapter_name=use.adapter_name)
         except Exception as error:  # size mismatches are RuntimeError; unknown layers are peft errors
@@ -108,10 +140,13 @@ class LoadedModel:
         self.adapters[use.adapter_name] = str(use.lora.path)
         return None
 
-    def _evict_adapters(self, limit: int) -> None:
-        """Deletes the least recently used adapters until at most `limit` stay loaded."""
-        while len(self.adapters) > max(limit, 0):
-            name, _ = self.adapters.popitem(last=False)
+    def _evict_adapters(self, limit: int, keep: set[str] | frozenset[str] = frozenset()) -> None:
+        """Deletes the least recently used adapters outside `keep` until at most `limit` stay loaded (more stay
+        when `keep` alone is more)."""
+        for name in [name for name in self.adapters if name not in keep]:  # least recently used first
+            if len(self.adapters) <= max(limit, 0):
+                break
+            del self.adapters[name]
             self._forget_adapter(name)
 
     def unload_adapter(self, name: str) -> None:
@@ -145,9 +180,13 @@ class LoadedModel:
                 pipe.vae = vae
 
     def clear_loras(self) -> None:
-        """Turns every LoRA off, so the next job sees the model exactly as loaded. Hold `lock`."""
+        """Turns every LoRA off (and fuses QKV again where a job unfused it), so the next job sees the model
+        exactly as loaded. Hold `lock`."""
         if self.adapters:
             self.pipe.disable_lora()
+        if self._unfused:
+            set_qkv_fused(self.pipe, True)
+            self._unfused = False
 
     def pipeline_for(self, mode: Mode, masked: bool = False):
         """The pipeline for a job: an inpainting checkpoint's is its inpainting pipeline whatever the mode (a job

@@ -204,3 +204,56 @@ def test_report_for_the_demo_models_loads_every_pair(engine, catalog):
         assert line in report.splitlines()
     # The models are left as they were: the next job has no LoRA in it.
     assert all(not engine.load(model).adapters for model in models)
+
+
+# A job with the most LoRAs a request may name, and jobs that fail: the model is left as it was found -------
+@pytest.fixture(scope="module")
+def many_loras_engine(settings, tmp_path_factory):
+    """An engine whose LoRA folder holds `max_loras` SD1.5 LoRAs: more than the adapter cache keeps."""
+    from pipelines.catalog import ModelCatalog
+    from pipelines.demo import create_many_sd15_loras
+    from pipelines.generate import ImageEngine
+    from pipelines.limits import LIMITS
+
+    folder = tmp_path_factory.mktemp("many-loras")
+    create_many_sd15_loras(folder, LIMITS.max_loras)
+    return ImageEngine(ModelCatalog(settings.model_copy(update={"loras_dir": folder})), device="cpu")
+
+
+def test_a_job_with_max_loras_loras_keeps_them_all_and_leaves_no_lora_on_for_the_next_job(many_loras_engine):
+    from pipelines.limits import LIMITS
+
+    engine = many_loras_engine
+    names = [lora.name for lora in engine.loras.available()]
+    assert len(names) == LIMITS.max_loras > engine.load("Demo SD1.5").MAX_CACHED_ADAPTERS
+    baseline = engine.txt2img(request())
+    with_all = engine.txt2img(request(loras=names))
+    assert with_all.warnings == []  # none evicted by its own batch-mates, none skipped
+    assert f"<lora:{names[-1]}:1>" in with_all.infotext
+    assert np.abs(pixels(with_all) - pixels(baseline)).max() > 0  # the LoRAs did apply
+    after = engine.txt2img(request())
+    assert np.array_equal(pixels(after), pixels(baseline)), "a LoRA stayed on after the job"
+    # The same again: adapters now cached (and some evicted) must not change the result either.
+    assert np.array_equal(pixels(engine.txt2img(request(loras=names))), pixels(with_all))
+    assert np.array_equal(pixels(engine.txt2img(request())), pixels(baseline))
+
+
+def test_a_job_that_fails_midway_leaves_no_lora_scheduler_or_vae_change_behind(many_loras_engine):
+    engine = many_loras_engine
+    loaded = engine.load("Demo SD1.5")
+    baseline = engine.txt2img(request(sampler_name="Euler"))
+    own_scheduler, own_vae = loaded.pipe.scheduler, loaded.pipe.vae
+    names = [lora.name for lora in engine.loras.available()][:3]
+    vae = engine.vaes.available()[0].name
+    failing = engine.prepare(request(loras=names, vae=vae, sampler_name="DPM++ 2M Karras",
+                                     hires={"enabled": True, "scale": 2.0, "upscaler": "Lanczos"}))  # fmt: skip
+
+    def broken_upscaler(images, upscaler, width, height):  # fails between the two passes of hires fix
+        raise RuntimeError("the upscaler is gone")
+
+    with pytest.raises(RuntimeError, match="the upscaler is gone"):
+        engine.run(loaded, [failing], upscale=broken_upscaler)
+    assert loaded.pipe.scheduler is own_scheduler and loaded.pipe.vae is own_vae
+    after = engine.txt2img(request(sampler_name="Euler"))
+    assert np.array_equal(pixels(after), pixels(baseline)), "the failed job changed the next job's image"
+    assert after.infotext == baseline.infotext
