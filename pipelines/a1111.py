@@ -11,7 +11,6 @@ warning in `info` (clients send their own fields), never refused.
 """
 
 import datetime
-import io
 import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -21,17 +20,18 @@ from PIL import Image
 from pydantic import ValidationError
 
 from pipelines.a1111_schemas import (
+    PROMPT_FIELDS,
     A1111GenerationRequest,
     A1111Img2ImgRequest,
     A1111Txt2ImgRequest,
     number_from_text,
 )
 from pipelines.catalog import ModelCatalog, ModelEntry
-from pipelines.errors import BadImageError, DiffusionAPIError, InvalidRequestError, UnknownSamplerError
-from pipelines.images import decode_base64_bytes
+from pipelines.errors import DiffusionAPIError, InvalidRequestError, UnknownSamplerError
+from pipelines.images import decode_base64_bytes, open_image
 from pipelines.infotext import parse_infotext, read_infotext
 from pipelines.limits import LIMITS
-from pipelines.loras import PROMPT_LORA_TAG, LoraLibrary
+from pipelines.loras import LoraLibrary, find_lora_tags, replace_lora_tags
 from pipelines.samplers import SAMPLERS, SCHEDULES, resolve_sampler
 from pipelines.schemas import Img2ImgRequest, Txt2ImgRequest
 from pipelines.settings import VERSION
@@ -142,20 +142,38 @@ def _sampler_and_schedule(request: A1111GenerationRequest) -> tuple[str, str | N
 
 def without_unknown_loras(prompt: str, loras: LoraLibrary | None, warnings: list[str]) -> str:
     """The prompt without `<lora:...>` tags naming no installed LoRA: A1111 skips those (and goes on), where
-    the native API answers 404."""
-
-    def check(match) -> str:
+    the native API answers 404. The tags are found in one linear scan and looked up against one listing of the
+    LoRA folder; at most `LIMITS.max_loras` are looked up (a job uses no more): the ones after are removed,
+    with one warning."""
+    tags = find_lora_tags(prompt)
+    if not tags:
+        return prompt
+    files = loras.listing() if loras is not None else []
+    kept: set[int] = set()  # where the tags that stay start
+    for tag in tags[: LIMITS.max_loras]:
+        name = tag.name.strip()
         try:
             if loras is not None:
-                loras.resolve(match.group(1).strip(), field="prompt")
-                return match.group(0)
+                loras.resolve(name, field="prompt", files=files)
+                kept.add(tag.start)
+                continue
         except DiffusionAPIError:
             pass
-        warnings.append(f"LoRA {match.group(1).strip()!r} is not installed; its prompt tag was skipped (see GET "
-                        f"/sdapi/v1/loras)")  # fmt: skip
-        return ""
+        warnings.append(f"LoRA {name!r} is not installed; its prompt tag was skipped (see GET /sdapi/v1/loras)")
+    if len(tags) > LIMITS.max_loras:
+        warnings.append(f"{len(tags)} <lora:...> tags in the prompt; at most {LIMITS.max_loras} per job: the last "
+                        f"{len(tags) - LIMITS.max_loras} were removed")  # fmt: skip
+    return replace_lora_tags(prompt, lambda tag: tag.text if tag.start in kept else "", tags)
 
-    return PROMPT_LORA_TAG.sub(check, prompt)
+
+def check_prompt_lengths(request: A1111GenerationRequest) -> None:
+    """A 422 for a prompt field above `LIMITS.max_prompt_chars`, the native API's bound, before any of the text
+    is parsed (A1111's models set none, so without this the A1111 door would parse texts of any length)."""
+    for name in PROMPT_FIELDS:
+        value = getattr(request, name) if name in type(request).model_fields else None
+        if isinstance(value, str) and len(value) > LIMITS.max_prompt_chars:
+            raise InvalidRequestError(f"{name}: {len(value)} characters; at most {LIMITS.max_prompt_chars} are "
+                                      f"accepted", field=name)  # fmt: skip
 
 
 def to_native(
@@ -163,6 +181,7 @@ def to_native(
 ) -> MappedRequest:
     """The native request an A1111 body asks for. Raises a DiffusionAPIError (4xx) naming the A1111 field
     for a value the native API refuses (out of its limits)."""
+    check_prompt_lengths(request)
     kind: Kind = "img2img" if isinstance(request, A1111Img2ImgRequest) else "txt2img"
     warnings = _unsupported_warnings(request, kind)
     unknown = unknown_a1111_fields(request)
@@ -472,11 +491,7 @@ def png_info(image_base64: str) -> dict:
     the infotext parsed as A1111's `parse_generation_parameters` does."""
     if not image_base64 or not image_base64.strip():
         return {"info": "", "items": {}, "parameters": {}}
-    data = decode_base64_bytes(image_base64, field="image")
-    try:
-        image = Image.open(io.BytesIO(data))
-    except Exception as error:  # PIL raises many types for broken files
-        raise BadImageError(f"'image' is not a readable image ({type(error).__name__})", field="image") from error
+    image = open_image(decode_base64_bytes(image_base64, field="image"), field="image")
     text = read_infotext(image) or ""
     items = {key: value for key, value in image.info.items()
              if key != "parameters" and key not in _IGNORED_INFO_KEYS and isinstance(value, str)}  # fmt: skip

@@ -40,6 +40,12 @@ LaxInt = Annotated[int | None, BeforeValidator(number_from_text), _lax("integer"
 LaxFloat = Annotated[float | None, BeforeValidator(number_from_text), _lax("number")]
 Text = str | None
 Flag = bool | None
+# The prompts are bounded as the native API's are. The schema shows the bound; `a1111.to_native` checks it
+# before it reads any of the text (a 422 that gives the length), so the type stays a plain optional string.
+PROMPT_FIELDS = ("prompt", "negative_prompt", "hr_prompt", "hr_negative_prompt")
+PromptText = Annotated[
+    str | None, WithJsonSchema({"anyOf": [{"type": "string", "maxLength": LIMITS.max_prompt_chars}, {"type": "null"}]})
+]
 
 
 class A1111GenerationRequest(BaseModel):
@@ -48,8 +54,8 @@ class A1111GenerationRequest(BaseModel):
 
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
-    prompt: Text = ""
-    negative_prompt: Text = ""
+    prompt: PromptText = ""
+    negative_prompt: PromptText = ""
     styles: list[str] | None = None
     seed: LaxInt = -1
     subseed: LaxInt = -1
@@ -85,8 +91,8 @@ class A1111Txt2ImgRequest(A1111GenerationRequest):
     hr_checkpoint_name: Text = None
     hr_sampler_name: Text = None
     hr_scheduler: Text = None
-    hr_prompt: Text = ""
-    hr_negative_prompt: Text = ""
+    hr_prompt: PromptText = ""
+    hr_negative_prompt: PromptText = ""
 
 
 class A1111Img2ImgRequest(A1111GenerationRequest):

@@ -21,7 +21,7 @@ import piexif
 import piexif.helper
 from PIL import Image, PngImagePlugin
 
-from pipelines.errors import BadImageError
+from pipelines.images import open_image
 
 # A1111's generation_params order; `extra` keys come after these, then the trailer keys.
 A1111_KEY_ORDER = [
@@ -32,7 +32,13 @@ A1111_KEY_ORDER = [
 ]  # fmt: skip
 TRAILER_KEYS = ["Version", "User"]
 
-_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+# A1111 reads the pairs with `\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)` and `findall`, which is
+# quadratic or worse in the line (each start inside a long run of key characters re-scans the run).
+# `_parameter_pairs` finds the same pairs in one pass with these pieces, none of which can backtrack.
+_KEY_RUN = re.compile(r"[\w \-/]+")
+_WORD = re.compile(r"\w")
+_SPACES = re.compile(r"\s*")
+_QUOTED_BODY = re.compile(r'(?:[^\\"]++|\\.)*+')  # up to an unescaped '"' (or the end)
 _IMAGE_SIZE = re.compile(r"^(\d+)x(\d+)$")
 
 FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP", "avif": "AVIF", "gif": "GIF"}
@@ -72,6 +78,37 @@ def build_infotext(prompt: str, negative_prompt: str, params: Mapping[str, Any])
     return f"{prompt}{negative}\n{', '.join(items)}".strip()
 
 
+def _parameter_pairs(line: str) -> list[tuple[str, str]]:
+    """The (key, value) pairs A1111's regex finds in a line without newlines, in time linear in the line.
+
+    A match is a key (a run of word characters, spaces, '-' and '/' that starts with a word character, is at
+    least two long and ends right before ':'; leading whitespace is skipped), ':', whitespace, then a value:
+    a quoted one (a non-empty body of escapes and characters other than '\\' and '"', closed by '"' that is
+    followed by ',' or the end) or else everything up to the next ','. The search goes on after the match.
+    A run of key characters that is not followed by ':' holds no key anywhere in it, so it is skipped whole."""
+    pairs: list[tuple[str, str]] = []
+    end = len(line)
+    position = 0
+    while (run := _KEY_RUN.search(line, position)) is not None:
+        run_start, colon = run.span()
+        key_start = _WORD.search(line, run_start, colon - 1) if colon < end and line[colon] == ":" else None
+        if key_start is None:
+            position = colon  # not a key character: the next run starts after it
+            continue
+        value_start = _SPACES.match(line, colon + 1).end()
+        if line.startswith('"', value_start):
+            close = _QUOTED_BODY.match(line, value_start + 1).end()
+            if close > value_start + 1 and line.startswith('"', close) and (close + 1 == end or line[close + 1] == ","):
+                pairs.append((line[key_start.start() : colon], line[value_start : close + 1]))
+                position = close + 2
+                continue
+        comma = line.find(",", value_start)
+        value_end = end if comma < 0 else comma
+        pairs.append((line[key_start.start() : colon], line[value_start:value_end]))
+        position = value_end + 1
+    return pairs
+
+
 def parse_infotext(text: str) -> dict[str, str]:
     """Parses an infotext into a dict as A1111's `parse_generation_parameters` does.
 
@@ -80,24 +117,25 @@ def parse_infotext(text: str) -> dict[str, str]:
     `Schedule type`, `Hires ...` and `RNG` keys.
     """
     result: dict[str, str] = {}
-    prompt, negative_prompt = "", ""
+    prompt_lines: list[str] = []
+    negative_lines: list[str] = []
     reading_negative = False
     *lines, last = text.strip().split("\n")
-    if len(_PARAM.findall(last)) < 3:  # a parameter line has at least three pairs
+    pairs = _parameter_pairs(last)
+    if len(pairs) < 3:  # a parameter line has at least three pairs
         lines.append(last)
-        last = ""
+        pairs = []
     for line in lines:
         line = line.strip()
         if line.startswith("Negative prompt:"):
             reading_negative = True
             line = line[16:].strip()
-        if reading_negative:
-            negative_prompt += ("" if negative_prompt == "" else "\n") + line
-        else:
-            prompt += ("" if prompt == "" else "\n") + line
-    result["Prompt"] = prompt
-    result["Negative prompt"] = negative_prompt
-    for key, value in _PARAM.findall(last):
+        read = negative_lines if reading_negative else prompt_lines
+        if read or line:  # A1111 adds a newline before a line only once the text is not empty
+            read.append(line)
+    result["Prompt"] = "\n".join(prompt_lines)
+    result["Negative prompt"] = "\n".join(negative_lines)
+    for key, value in pairs:
         try:
             if value and value[0] == '"' and value[-1] == '"':
                 value = json.loads(value)
@@ -153,10 +191,7 @@ def encode_image(image: Image.Image, file_type: str, infotext: str | None, quali
 def read_infotext(image: Image.Image | bytes) -> str | None:
     """The infotext stored in an image (any of the five formats), as A1111 reads it; None if there is none."""
     if isinstance(image, bytes | bytearray):
-        try:
-            image = Image.open(io.BytesIO(image))
-        except Exception as error:  # PIL raises many types for broken files
-            raise BadImageError(f"not a readable image ({type(error).__name__})") from error
+        image = open_image(bytes(image))
     info = dict(image.info)
     text = info.get("parameters")
     if "exif" in info:

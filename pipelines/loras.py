@@ -13,6 +13,7 @@ import logging
 import math
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +35,7 @@ FAMILY_LABELS = {
     "sd2": "SD2.x",
     "unknown": "unknown-family",
 }
+# The grammar of a usable tag, for reference: `find_lora_tags` finds exactly its matches, in linear time.
 PROMPT_LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^:>]*))?>")
 _LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
@@ -151,39 +153,137 @@ def detect_lora_family(state: dict[str, torch.Tensor], metadata: dict[str, str])
 
 
 # Prompt syntax -------------------------------------------------------------------------------------------------
+# Every scanner below runs in time linear in the prompt (no regular expression here can backtrack): a prompt is
+# parsed on the HTTP ingress, where a slow parse would stall every other request of the replica.
+LORA_TAG_OPEN = "<lora:"
+_TAG_PART = re.compile(r"[^:>]*")  # a name or a weight: it stops at the first ':' or '>', never backtracks
+# Doubled separators left where tags were removed. The look-behind starts a match only where a whitespace run
+# starts (the leftmost start, the one `\s*,\s*(,\s*)+` takes too): without it, each position inside a long run
+# of whitespace would re-scan the rest of the run, which is quadratic.
+_DOUBLED_COMMAS = re.compile(r"(?<!\s)(?:\s*,){2,}\s*")
+_DOUBLED_BLANKS = re.compile(r"[ \t]{2,}")
+
+
+@dataclass(frozen=True)
+class LoraTag:
+    """A `<lora:name>` or `<lora:name:weight>` tag of a prompt: `prompt[start:end]`, name and weight as written
+    (not stripped; `weight` is None when there is none)."""
+
+    start: int
+    end: int
+    text: str
+    name: str
+    weight: str | None
+
+
+def find_lora_tags(prompt: str) -> list[LoraTag]:
+    """The `<lora:name>` / `<lora:name:weight>` tags of a prompt, left to right, in one linear scan. They are the
+    matches of `PROMPT_LORA_TAG` (a name of at least one character; neither part holds ':' or '>'), which a
+    three-part tag such as `<lora:a:0.5:1>` is not."""
+    tags: list[LoraTag] = []
+    end_of_text = len(prompt)
+    position = 0
+    while (start := prompt.find(LORA_TAG_OPEN, position)) >= 0:
+        name_start = start + len(LORA_TAG_OPEN)
+        name_end = _TAG_PART.match(prompt, name_start).end()
+        if name_end == end_of_text:
+            break  # no ':' or '>' left: no later tag can close either
+        weight = None
+        close = name_end
+        if prompt[name_end] == ":":
+            close = _TAG_PART.match(prompt, name_end + 1).end()
+            weight = prompt[name_end + 1 : close]
+        if name_end > name_start and close < end_of_text and prompt[close] == ">":
+            tags.append(LoraTag(start, close + 1, prompt[start : close + 1], prompt[name_start:name_end], weight))
+            position = close + 1
+        else:
+            position = start + 1  # the name and weight runs end at the next ':': each is scanned at most twice
+    return tags
+
+
+def replace_lora_tags(prompt: str, replace: Callable[[LoraTag], str], tags: list[LoraTag] | None = None) -> str:
+    """The prompt with each tag of `find_lora_tags` (or `tags`, found in this prompt) replaced by what
+    `replace` returns for it, as `PROMPT_LORA_TAG.sub(replace, prompt)` would."""
+    pieces: list[str] = []
+    position = 0
+    for tag in find_lora_tags(prompt) if tags is None else tags:
+        pieces += [prompt[position : tag.start], replace(tag)]
+        position = tag.end
+    pieces.append(prompt[position:])
+    return "".join(pieces)
+
+
+def _split_weight_tags(prompt: str) -> list[tuple[int, int]]:
+    """Where the prompt has tags with two or more weights (`<lora:name:te:unet>`): the matches of
+    `<lora:[^>]*:[^>]*:[^>]*>`, found in one pass. A tag runs to the first '>' after its `<lora:`; when it
+    holds fewer than two ':', so does every `<lora:` before that '>', so the scan goes on after it."""
+    found: list[tuple[int, int]] = []
+    position = 0
+    while (start := prompt.find(LORA_TAG_OPEN, position)) >= 0:
+        close = prompt.find(">", start + len(LORA_TAG_OPEN))
+        if close < 0:
+            break
+        if prompt.count(":", start + len(LORA_TAG_OPEN), close) >= 2:
+            found.append((start, close + 1))
+        position = close + 1
+    return found
+
+
+def _without(text: str, spans: list[tuple[int, int]]) -> str:
+    pieces, position = [], 0
+    for start, end in spans:
+        pieces.append(text[position:start])
+        position = end
+    pieces.append(text[position:])
+    return "".join(pieces)
+
+
+def _tag_names(tags: list[LoraTag]) -> str:
+    return ", ".join(repr(name) for name in dict.fromkeys(tag.name.strip() for tag in tags))
+
+
 def parse_prompt_loras(prompt: str) -> tuple[str, list[tuple[str, float]], list[str]]:
     """Removes A1111's `<lora:name>` / `<lora:name:weight>` tags; returns the clean prompt, the tags and a
-    warning for each tag that cannot be used (it is removed and skipped, as the prompt itself is valid text)."""
+    warning for each tag that cannot be used (it is removed and skipped, as the prompt itself is valid text).
+
+    At most `LIMITS.max_loras` tags are read: the ones after them are removed and named in one warning (so are
+    the tags with separate weights beyond that many), so a prompt full of tags costs no more than a job may use.
+    """
     found: list[tuple[str, float]] = []
     warnings: list[str] = []
-
-    def split_weights(match: re.Match) -> str:
-        warnings.append(f"prompt tag {match.group(0)!r} skipped: separate text-encoder/UNet weights are not "
-                        "supported; write <lora:name:weight>")  # fmt: skip
-        return ""
-
-    def take(match: re.Match) -> str:
-        name, weight = match.group(1).strip(), match.group(2)
-        try:
-            scale = 1.0 if weight is None or not weight.strip() else float(weight)
-        except ValueError:
-            scale = math.nan
-        if not math.isfinite(scale):
-            warnings.append(
-                f"prompt tag {match.group(0)!r} skipped: the weight must be a number, as in <lora:{name}:0.8>"
-            )
-            return ""
-        if abs(scale) > LIMITS.max_lora_scale:
-            limited = math.copysign(LIMITS.max_lora_scale, scale)
-            warnings.append(f"prompt tag {match.group(0)!r}: the weight is limited to +/-{LIMITS.max_lora_scale:g}; "
-                            f"used {limited:g}")  # fmt: skip
-            scale = limited
-        found.append((name, scale))
-        return ""
-
-    clean = re.sub(r"<lora:[^>]*:[^>]*:[^>]*>", split_weights, prompt) if "<lora:" in prompt else prompt
-    clean = PROMPT_LORA_TAG.sub(take, clean)
-    clean = re.sub(r"\s*,\s*(,\s*)+", ", ", re.sub(r"[ \t]{2,}", " ", clean)).strip(" ,")
+    cap = LIMITS.max_loras
+    clean = prompt
+    if LORA_TAG_OPEN in prompt:
+        split = _split_weight_tags(prompt)
+        for start, end in split[:cap]:
+            warnings.append(f"prompt tag {prompt[start:end]!r} skipped: separate text-encoder/UNet weights are not "
+                            "supported; write <lora:name:weight>")  # fmt: skip
+        if len(split) > cap:
+            warnings.append(f"{len(split) - cap} more prompt tags with separate text-encoder/UNet weights skipped")
+        clean = _without(prompt, split)
+        tags = find_lora_tags(clean)
+        for tag in tags[:cap]:
+            name, weight = tag.name.strip(), tag.weight
+            try:
+                scale = 1.0 if weight is None or not weight.strip() else float(weight)
+            except ValueError:
+                scale = math.nan
+            if not math.isfinite(scale):
+                warnings.append(
+                    f"prompt tag {tag.text!r} skipped: the weight must be a number, as in <lora:{name}:0.8>"
+                )
+                continue
+            if abs(scale) > LIMITS.max_lora_scale:
+                limited = math.copysign(LIMITS.max_lora_scale, scale)
+                warnings.append(f"prompt tag {tag.text!r}: the weight is limited to +/-{LIMITS.max_lora_scale:g}; "
+                                f"used {limited:g}")  # fmt: skip
+                scale = limited
+            found.append((name, scale))
+        if len(tags) > cap:
+            warnings.append(f"{len(tags)} <lora:...> tags in the prompt; at most {cap} per job: skipped the other "
+                            f"{len(tags) - cap} ({_tag_names(tags[cap:])})")  # fmt: skip
+        clean = _without(clean, [(tag.start, tag.end) for tag in tags])
+    clean = _DOUBLED_COMMAS.sub(", ", _DOUBLED_BLANKS.sub(" ", clean)).strip(" ,")
     return clean, found, warnings
 
 
@@ -355,9 +455,16 @@ class LoraLibrary:
     def short_hash(self, lora: LoraFile) -> str:
         return self.facts.get(lora.path, "lora_short_hash", lora_short_hash)
 
-    def resolve(self, requested: str, field: str = "loras") -> LoraFile:
-        """By name (with or without extension, with its subfolder or, when unique, without it)."""
-        files = self._files()
+    def listing(self) -> list[tuple[str, Path]]:
+        """The folder's LoRA files as (name, path), from one scan: give it to `resolve` to look up all the
+        names of one request against one scan of the folder (a scan per name would cost a request with many
+        names a scan each)."""
+        return self._files()
+
+    def resolve(self, requested: str, field: str = "loras", files: list[tuple[str, Path]] | None = None) -> LoraFile:
+        """By name (with or without extension, with its subfolder or, when unique, without it), among `files`
+        (a `listing()`) or, when None, a fresh scan of the folder."""
+        files = self._files() if files is None else files
         found = find_named_file(requested, files, LORA_SUFFIXES, field, "LoRA")
         if found is not None:
             name, path = found
@@ -414,8 +521,9 @@ class LoraLibrary:
                                  f"{LIMITS.max_loras} per job: skipped {dropped}")  # fmt: skip
             wanted = wanted[: LIMITS.max_loras]
         resolved: dict[Path, tuple[LoraFile, float]] = {}
+        files = self.listing()  # one scan of the folder for all the names
         for name, scale in wanted:
-            lora = self.resolve(name)
+            lora = self.resolve(name, files=files)
             if lora.path in resolved:
                 first_scale = resolved[lora.path][1]
                 plan.warnings.append(f"LoRA '{lora.name}' is given more than once; used once, at its first scale "

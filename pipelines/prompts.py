@@ -19,6 +19,7 @@ BREAK, at most 75 tokens) is left to diffusers' own encoding, so it gives exactl
 import re
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 CHUNK_TOKENS = 75  # tokens per chunk, between its BOS and EOS
@@ -26,7 +27,7 @@ COMMA_BACKTRACK = 20  # a full chunk is cut after a comma among its last this ma
 ROUND_FACTOR = 1.1
 BREAK = "BREAK"
 _BREAK_MARK = -1.0  # a BREAK span's weight (as A1111 writes it); `Span.is_break` is what marks it
-_BREAK_SPLIT = re.compile(r"\s*\bBREAK\b\s*", re.S)
+_BREAK_WORD = re.compile(r"\bBREAK\b")
 # The pieces of the syntax: an escaped character, a lone backslash, an opening bracket, `:weight)` closing a
 # round bracket, a closing bracket, a run of plain text, a lone colon.
 _PIECE = re.compile(r"\\[()\[\]\\]|\\|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|]|[^\\()\[\]:]+|:")
@@ -40,46 +41,68 @@ class Span:
 
 
 def parse_emphasis(prompt: str) -> list[Span]:
-    """The prompt as text spans with their attention weights (adjacent spans of equal weight merged)."""
-    spans: list[Span] = []
+    """The prompt as text spans with their attention weights (adjacent spans of equal weight merged).
+
+    The weights are A1111's to the bit: each closing bracket multiplies the weights of the spans since its
+    opening one, in the order the brackets close (the brackets left open last, round then square). Those
+    products are recorded while the prompt is read and done at the end on slices of one float64 array: the
+    same multiplications, in C. They number brackets x spans at most, 10^8 for a 20,000-character prompt
+    (under 0.1 s); rounding depends on their order, so no reordering that would be linear (prefix products,
+    say) could give A1111's weights. Everything else is one pass over the prompt."""
+    texts: list[str] = []
+    breaks: list[int] = []  # where the BREAK spans are
+    scalings: list[tuple[int, int, float]] = []  # (first span, span after the last, factor), as brackets close
     open_round: list[int] = []  # where each open bracket's span range starts
     open_square: list[int] = []
-
-    def scale_from(start: int, factor: float) -> None:
-        for span in spans[start:]:
-            if not span.is_break:
-                span.weight *= factor
-
     for match in _PIECE.finditer(prompt):
         piece, weight = match.group(0), match.group(1)
         if piece.startswith("\\"):
-            spans.append(Span(piece[1:], 1.0))
+            texts.append(piece[1:])
         elif piece == "(":
-            open_round.append(len(spans))
+            open_round.append(len(texts))
         elif piece == "[":
-            open_square.append(len(spans))
+            open_square.append(len(texts))
         elif weight is not None and open_round and _is_number(weight):
-            scale_from(open_round.pop(), float(weight))
+            scalings.append((open_round.pop(), len(texts), float(weight)))
         elif piece == ")" and open_round:
-            scale_from(open_round.pop(), ROUND_FACTOR)
+            scalings.append((open_round.pop(), len(texts), ROUND_FACTOR))
         elif piece == "]" and open_square:
-            scale_from(open_square.pop(), 1 / ROUND_FACTOR)
+            scalings.append((open_square.pop(), len(texts), 1 / ROUND_FACTOR))
         else:
-            for index, part in enumerate(_BREAK_SPLIT.split(piece)):
+            for index, part in enumerate(_break_parts(piece)):
                 if index:
-                    spans.append(Span(BREAK, _BREAK_MARK, is_break=True))
-                spans.append(Span(part, 1.0))
-    for start in open_round:  # still open at the end: they apply to the rest of the prompt
-        scale_from(start, ROUND_FACTOR)
-    for start in open_square:
-        scale_from(start, 1 / ROUND_FACTOR)
+                    breaks.append(len(texts))
+                    texts.append(BREAK)
+                texts.append(part)
+    # Still open at the end: they apply to the rest of the prompt.
+    scalings += [(start, len(texts), ROUND_FACTOR) for start in open_round]
+    scalings += [(start, len(texts), 1 / ROUND_FACTOR) for start in open_square]
+    weights = np.ones(len(texts))
+    with np.errstate(over="ignore", invalid="ignore"):  # inf and nan come out as Python's floats would
+        for start, stop, factor in scalings:
+            weights[start:stop] *= factor
+    weights[breaks] = _BREAK_MARK
+    is_break = set(breaks)
     merged: list[Span] = []
-    for span in spans:
-        if merged and span.weight == merged[-1].weight and not span.is_break and not merged[-1].is_break:
-            merged[-1].text += span.text
+    merged_texts: list[list[str]] = []  # joined once at the end: `+=` per span would be quadratic
+    for index, (text, weight) in enumerate(zip(texts, weights.tolist(), strict=True)):
+        if merged and weight == merged[-1].weight and index not in is_break and not merged[-1].is_break:
+            merged_texts[-1].append(text)
         else:
-            merged.append(span)
+            merged.append(Span(text, weight, is_break=index in is_break))
+            merged_texts.append([text])
+    for span, pieces in zip(merged, merged_texts, strict=True):
+        span.text = "".join(pieces)
     return merged or [Span("", 1.0)]
+
+
+def _break_parts(text: str) -> list[str]:
+    r"""`text` split at each word BREAK, the whitespace around it dropped: `re.split(r"\s*\bBREAK\b\s*", text)`,
+    which is quadratic on a long run of whitespace that no BREAK follows (`\s` is what `str.strip` strips)."""
+    parts = _BREAK_WORD.split(text) if BREAK in text else [text]
+    if len(parts) == 1:
+        return parts
+    return [parts[0].rstrip(), *(part.strip() for part in parts[1:-1]), parts[-1].lstrip()]
 
 
 def _is_number(text: str) -> bool:

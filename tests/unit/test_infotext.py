@@ -2,13 +2,23 @@
 
 import io
 import json
+import random
+import re
 
 import piexif
 import pytest
 from PIL import Image
 
 from pipelines.errors import BadImageError
-from pipelines.infotext import FORMATS, build_infotext, encode_image, parse_infotext, quote, read_infotext
+from pipelines.infotext import (
+    FORMATS,
+    _parameter_pairs,
+    build_infotext,
+    encode_image,
+    parse_infotext,
+    quote,
+    read_infotext,
+)
 
 PARAMS = {
     "Steps": 25,
@@ -143,3 +153,57 @@ def test_image_without_metadata_and_non_image():
 def test_parse_reads_json_quoted_multiline_value():
     text = build_infotext("p", "", {"Steps": 1, "Seed": 2, "Hires prompt": "a\nb, c"})
     assert parse_infotext(text)["Hires prompt"] == json.loads('"a\\nb, c"')
+
+
+# The parameter line: the linear tokenizer against the regex it replaces ---------------------------------
+# The regex this module used (as A1111 does), with `findall`: the reference on realistic lines. It is
+# quadratic or worse on long runs of key characters, so it only ever sees short texts here.
+REFERENCE_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+REALISTIC_LINES = [
+    A1111_LINE,
+    "Steps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 512x768, Model hash: 6ce0161689, Model: v1-5",
+    'Steps: 30, Lora hashes: "a: 1, b: 2", TI hashes: "easynegative: c74b4e810b03", Version: v1.10.1',
+    'Steps: 1, Hires prompt: "a \\"cat\\", 4k: yes", Seed: 2, Wildcard prompt: "x:y, z", CFG scale: 5',
+    "Steps: 1, Seed resize from: -1x-1, Token merging ratio hr: 0.5, ADetailer model/2nd: face_yolov8n.pt, "
+    "Noise multiplier-x: 1, Schedule type: Karras",
+    "masterpiece, (cat:1.2), style: anime",  # a prompt line with colons: two pairs, so not parameters
+    "masterpiece, (cat:1.2), style: anime, 8k: yes",  # three pairs: A1111 reads it as parameters
+    "Steps: 1, Seed: 2, CFG scale: 3,",  # trailing commas
+    ", , Steps: 1,, Seed: 2 ,CFG scale: 3, ,",
+    'Steps: 1, Prompt: "a, b, Seed: 2, Size: 8x8',  # a quote never closed
+    'Steps: 1, Empty: "", Seed: 2, Quote then text: "a" b, CFG scale: 3',
+    "Steps: 1, Modèle: café, 日本 語: 値, Seed: 2",
+    "Steps:\t1,\tSeed:  2 , CFG scale :3, Sampler:Euler",
+    'Steps: 1, Back: "ends with \\\\", Seed: 2, Odd: "\\\\\\"", X: y',
+    "Steps: 1, a: single letter keys are no keys, Seed: 2, Size: 512x768x2, Size2: 64x",
+    "Steps: 1, Seed: 2, CFG scale: 3, RNG: CPU, Emphasis: No norm, Module 1: sdxl_vae, Tiling",
+]
+
+
+@pytest.mark.parametrize("line", REALISTIC_LINES)
+def test_parameter_pairs_are_what_the_reference_regex_finds(line):
+    assert _parameter_pairs(line) == REFERENCE_PARAM.findall(line)
+
+
+def test_parameter_pairs_match_the_reference_on_random_short_lines():
+    pieces = ["a", "bc", "Steps", ":", ": ", ",", ", ", '"', '\\"', "\\", " ", "-", "/", "_", "1", "\t", "é", "x"]
+    generator = random.Random(11)
+    for _ in range(20000):
+        line = "".join(generator.choice(pieces) for _ in range(generator.randint(0, 24)))
+        assert _parameter_pairs(line) == REFERENCE_PARAM.findall(line), line
+
+
+def test_parse_of_realistic_infotexts():
+    text = "a cat: cute\n\n  sitting, (fur:1.2)\nNegative prompt:\n\nugly, blurry\n" + REALISTIC_LINES[2]
+    parsed = parse_infotext(text)
+    assert parsed["Prompt"] == "a cat: cute\n\nsitting, (fur:1.2)"
+    assert parsed["Negative prompt"] == "ugly, blurry"  # empty lines before any text are dropped, as A1111 does
+    assert parsed["Lora hashes"] == "a: 1, b: 2" and parsed["TI hashes"] == "easynegative: c74b4e810b03"
+    sized = parse_infotext("p\n" + REALISTIC_LINES[1])
+    assert (sized["Size-1"], sized["Size-2"], sized["Sampler"]) == ("512", "768", "Euler a")
+    prompt_only = parse_infotext("p\n" + REALISTIC_LINES[5])
+    assert prompt_only["Prompt"] == "p\n" + REALISTIC_LINES[5] and "style" not in prompt_only
+    as_parameters = parse_infotext("p\n" + REALISTIC_LINES[6])
+    assert as_parameters["Prompt"] == "p" and (as_parameters["cat"], as_parameters["8k"]) == ("1.2)", "yes")
+    quoted = parse_infotext("p\n" + REALISTIC_LINES[3])
+    assert quoted["Hires prompt"] == 'a "cat", 4k: yes' and quoted["Wildcard prompt"] == "x:y, z"

@@ -1,5 +1,8 @@
 """A1111's prompt emphasis, BREAK and long prompts (pipelines/prompts.py), down to the pixels on the demo models."""
 
+import random
+import re
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -111,3 +114,68 @@ def test_jobs_with_prompts_of_different_lengths_still_batch(engine):
     assert np.array_equal(pixels(alone.image), pixels(results[0].image)) or (
         np.abs(pixels(alone.image) - pixels(results[0].image)).max() <= 2
     )
+
+
+# The weights are A1111's to the bit: checked against A1111's algorithm as this module had it (each closing
+# bracket multiplies every span since its opening one, at once), which is quadratic, so on short prompts.
+_REFERENCE_BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
+_REFERENCE_PIECE = re.compile(r"\\[()\[\]\\]|\\|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|]|[^\\()\[\]:]+|:")
+
+
+def reference_emphasis(prompt: str) -> list[tuple[str, float, bool]]:
+    spans: list[list] = []  # [text, weight, is_break]
+    open_round: list[int] = []
+    open_square: list[int] = []
+
+    def scale_from(start: int, factor: float) -> None:
+        for span in spans[start:]:
+            if not span[2]:
+                span[1] *= factor
+
+    for match in _REFERENCE_PIECE.finditer(prompt):
+        piece, weight = match.group(0), match.group(1)
+        if piece.startswith("\\"):
+            spans.append([piece[1:], 1.0, False])
+        elif piece in "([":
+            (open_round if piece == "(" else open_square).append(len(spans))
+        elif weight is not None and open_round and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)", weight):
+            scale_from(open_round.pop(), float(weight))
+        elif piece == ")" and open_round:
+            scale_from(open_round.pop(), 1.1)
+        elif piece == "]" and open_square:
+            scale_from(open_square.pop(), 1 / 1.1)
+        else:
+            for index, part in enumerate(_REFERENCE_BREAK.split(piece)):
+                if index:
+                    spans.append(["BREAK", -1.0, True])
+                spans.append([part, 1.0, False])
+    for start in open_round:
+        scale_from(start, 1.1)
+    for start in open_square:
+        scale_from(start, 1 / 1.1)
+    merged: list[list] = []
+    for span in spans:
+        if merged and span[1] == merged[-1][1] and not span[2] and not merged[-1][2]:
+            merged[-1][0] += span[0]
+        else:
+            merged.append(span)
+    return [tuple(span) for span in merged] or [("", 1.0, False)]
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    ["a ((house:1.3)) [[on]] (a (hill:0.5):1.2), sun", "([a) b] c", "((a:1.3):0.7)", "[(a:1.5)] BREAK \\(x\\) (b",
+     "(a [b (c:0.3) d] e:1.7) f]", "  BREAK  x BREAK BREAK ", "a\u00a0BREAK\u00a0b", "(:1.) (x: .5 ) (y:+2)"],
+)  # fmt: skip
+def test_weights_are_the_reference_algorithms_to_the_bit(prompt):
+    assert [(span.text, span.weight, span.is_break) for span in parse_emphasis(prompt)] == reference_emphasis(prompt)
+
+
+def test_weights_match_the_reference_on_random_prompts():
+    pieces = ["(", ")", "[", "]", "\\", "\\(", "a", "b ", " ", "BREAK", " BREAK ", ":", ":1.3)", ": 0.7 )", ":x)",
+              ",", "\n", "xBREAK", ":1.)", ":.5)"]  # fmt: skip
+    generator = random.Random(5)
+    for _ in range(3000):
+        prompt = "".join(generator.choice(pieces) for _ in range(generator.randint(0, 40)))
+        expected = reference_emphasis(prompt)
+        assert [(span.text, span.weight, span.is_break) for span in parse_emphasis(prompt)] == expected, prompt
