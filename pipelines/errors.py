@@ -69,6 +69,14 @@ class ServiceBusyError(DiffusionAPIError):
     retry_after_s = 5
 
 
+class TemporarilyUnavailableError(ServiceBusyError):
+    """Something the request depends on cannot answer now (a webhook host's name lookup timed out); the same
+    request may succeed in a moment (503 with Retry-After)."""
+
+    status_code = 503
+    retry_after_s = 5
+
+
 class JobCancelledError(DiffusionAPIError):
     """The job was cancelled (DELETE /queue/{id}); raised at the next step boundary."""
 
