@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Request
 
-from deployments.access import error_response, require_json_body
+from deployments.access import caller, error_response, require_admin, require_json_body
 from deployments.contract import documented_a1111_errors
 from deployments.jobs import TERMINAL_STATES
 from pipelines import a1111
@@ -51,11 +51,16 @@ logger = logging.getLogger("ray.serve")
 router = APIRouter(prefix="/sdapi/v1", tags=["A1111-compatible API"])
 DEFAULT_MODEL_SETTING = "sd_model_checkpoint"
 ORIGIN = "sdapi"
+INTERRUPTED_WARNING = (
+    "interrupted: the job was cancelled (POST /sdapi/v1/interrupt or skip, or DELETE "
+    "/queue/{job_id}) before its images were done"
+)
 STORE_RETRIES = 60  # seconds of an unanswering job store before a waiting call gives up (the job goes on)
 LISTING_ERRORS = documented_a1111_errors(401, 503)
 BODY_ERRORS = (400, 401, 413, 415, 422, 503)  # routes that read a JSON body
 UPSCALE_ERRORS = documented_a1111_errors(*BODY_ERRORS, 404)
-GENERATION_ERRORS = documented_a1111_errors(400, 401, 404, 409, 413, 415, 422, 429, 500, 503)
+GENERATION_ERRORS = documented_a1111_errors(400, 401, 404, 413, 415, 422, 429, 500, 503)
+ADMIN_ERRORS = documented_a1111_errors(401, 403, 503)  # service-wide changes: admin keys only
 
 
 class A1111Routes:
@@ -76,17 +81,16 @@ class A1111Routes:
         """Submits the job as any other, then waits for it (shielded: a client that goes away does not cancel
         it) and answers in A1111's shape."""
         mapped = await asyncio.to_thread(a1111.to_native, request, await self.default_model_name(), self.loras)
-        owner = self.access.owner_of(http.headers.get("authorization"))
-        job_id = await self._submit_job(mapped.kind, mapped.native, http, mapped.warnings, ORIGIN, owner)
+        job_id = await self._submit_job(mapped.kind, mapped.native, http, mapped.warnings, ORIGIN, caller(http).owner)
         job = await self._ended_job(job_id)
         if job is None:
             return error_response(500, f"job {job_id} has disappeared (pruned?)", a1111=True)
         if job["state"] == "error":
             return error_response(500, f"job {job_id} failed: {job['error']}", a1111=True, error="GenerationError")
-        if job["state"] == "cancelled":
-            return error_response(409, f"interrupted: job {job_id} was cancelled (POST /sdapi/v1/interrupt or skip, or "
-                                  f"DELETE /queue/{job_id}) before its images were done", a1111=True,
-                                  error="Interrupted")  # fmt: skip
+        if job["state"] == "cancelled":  # as A1111: an interrupted call answers 200 (with no images here)
+            info = a1111.generation_info(request, job, {}, [*job["warnings"], INTERRUPTED_WARNING], False)
+            return GenerationResponse(images=[], parameters=a1111.parameters_echo(request),
+                                      info=a1111.json_info({**info, "interrupted": True}))  # fmt: skip
         result, missing = await self.with_image_bytes(job["result"] or {})
         if missing:
             return error_response(500, f"job {job_id} finished, but {'; '.join(missing)}", a1111=True)
@@ -145,8 +149,11 @@ class A1111Routes:
         """As `interrupt` (a job's images are made together here, so there is no single image to skip)."""
         return await self.sdapi_interrupt(http)
 
-    def _owner_filter(self, http: Request) -> str | None:
-        return self.access.owner_of(http.headers.get("authorization")) if self.access.api_keys else None
+    @staticmethod
+    def _owner_filter(http: Request) -> str | None:
+        """The caller's own jobs (with keys on, an admin's too: interrupt stops only one's own work)."""
+        found = caller(http)
+        return found.owner if found.keys_on else None
 
     # Options and the default model --------------------------------------------------------------------------
     async def default_model_name(self) -> str | None:
@@ -169,8 +176,8 @@ class A1111Routes:
             default = None
         return await asyncio.to_thread(a1111.options, self.catalog, default)
 
-    @router.post("/options", response_model=None, responses=documented_a1111_errors(*BODY_ERRORS, 404),
-                 dependencies=[Depends(require_json_body)])  # fmt: skip
+    @router.post("/options", response_model=None, responses=documented_a1111_errors(*BODY_ERRORS, 403, 404),
+                 dependencies=[Depends(require_admin), Depends(require_json_body)])  # fmt: skip
     async def sdapi_set_options(self, options: Annotated[dict[str, Any], Body()]) -> None:
         """Takes the whole dict GET returned (clients post it back); changes the default model, ignores the rest."""
         wanted = options.get(DEFAULT_MODEL_SETTING)
@@ -234,21 +241,25 @@ class A1111Routes:
     async def sdapi_memory(self) -> dict:
         return await asyncio.to_thread(a1111.memory_report)
 
-    @router.post("/refresh-checkpoints", response_model=None, responses=LISTING_ERRORS)
+    @router.post("/refresh-checkpoints", response_model=None, responses=ADMIN_ERRORS,
+                 dependencies=[Depends(require_admin)])  # fmt: skip
     async def sdapi_refresh_checkpoints(self) -> None:
         """Model folders are read on every listing and request; there is nothing to refresh."""
         return None
 
-    @router.post("/refresh-loras", response_model=None, responses=LISTING_ERRORS)
+    @router.post("/refresh-loras", response_model=None, responses=ADMIN_ERRORS,
+                 dependencies=[Depends(require_admin)])  # fmt: skip
     async def sdapi_refresh_loras(self) -> None:
         return None
 
-    @router.post("/unload-checkpoint", response_model=dict[str, Any], responses=LISTING_ERRORS)
+    @router.post("/unload-checkpoint", response_model=dict[str, Any], responses=ADMIN_ERRORS,
+                 dependencies=[Depends(require_admin)])  # fmt: skip
     async def sdapi_unload_checkpoint(self) -> dict:
         """Generator replicas load and evict models themselves (by use); accepted and ignored."""
         return {}
 
-    @router.post("/reload-checkpoint", response_model=dict[str, Any], responses=LISTING_ERRORS)
+    @router.post("/reload-checkpoint", response_model=dict[str, Any], responses=ADMIN_ERRORS,
+                 dependencies=[Depends(require_admin)])  # fmt: skip
     async def sdapi_reload_checkpoint(self) -> dict:
         return {}
 
@@ -256,7 +267,8 @@ class A1111Routes:
     @router.post("/png-info", response_model=PngInfoResponse, responses=documented_a1111_errors(*BODY_ERRORS),
                  dependencies=[Depends(require_json_body)])  # fmt: skip
     async def sdapi_png_info(self, request: PngInfoRequest) -> dict:
-        return await asyncio.to_thread(a1111.png_info, request.image)
+        async with self.decodes:  # a bounded number of uploaded images are opened at once
+            return await asyncio.to_thread(a1111.png_info, request.image)
 
     @router.post("/extra-single-image", response_model=ExtrasSingleImageResponse,
                  responses=UPSCALE_ERRORS, dependencies=[Depends(require_json_body)])  # fmt: skip
@@ -279,7 +291,8 @@ class A1111Routes:
             self.upscalers.check, name, "upscaler_1")  # fmt: skip
         results = []
         for data, field in sources:
-            image = await asyncio.to_thread(decode_base64_image, data, field)
+            async with self.decodes:
+                image = await asyncio.to_thread(decode_base64_image, data, field)
             width, height = a1111.extras_size(image, options.resize_mode, options.upscaling_resize,
                                               options.upscaling_resize_w, options.upscaling_resize_h)  # fmt: skip
             if name not in RESIZE_MODES and image.width * image.height > a1111.MAX_MODEL_UPSCALE_INPUT_PIXELS:

@@ -1,21 +1,19 @@
-"""Access control for the HTTP ingress: optional API keys, CORS, and the request-size limit.
+"""Access control for the HTTP ingress: optional API keys (deployments/keys.py), CORS, and the body-size limit.
 
-API keys are off unless configured (`DIFFUSION_API_KEYS=key1,key2`, or a file with one key per line in
-`DIFFUSION_API_KEYS_FILE` or the app argument `api_keys_file`). When on, every route except `/hello` and the
-page `/` (it asks for a key itself) needs `Authorization: Bearer <key>` (or, for A1111 clients, `Basic`
-credentials with the key as the password); keys are compared in constant time. CORS origins come from
-`DIFFUSION_API_CORS_ORIGINS` (comma-separated, `*` for any) or the app argument `cors_origins`.
+API keys are off unless configured. When on, every route except `/hello` and the page `/` (it asks for a key
+itself) needs `Authorization: Bearer <key>` (or, for A1111 clients, `Basic` credentials with the key as the
+password); the caller's key decides whose jobs it sees (its own; an admin's: all) and whether it may change
+service-wide state (admins only). CORS origins come from `DIFFUSION_API_CORS_ORIGINS` (comma-separated, `*` for
+any) or the app argument `cors_origins`. Bodies are bounded by `max_request_bytes`, by `Content-Length` and, for
+chunked bodies, by counting what arrives.
 """
 
 import base64
 import binascii
-import hashlib
-import hmac
 import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
@@ -23,43 +21,49 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.routing import get_route_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from deployments.keys import ANONYMOUS, ApiKey, Caller, load_keys, match_key
 from pipelines.errors import DiffusionAPIError
 from pipelines.limits import LIMITS
 
 OPEN_PATHS = ("/hello", "/")  # the page asks for a key itself when the API answers 401
 CORS_METHODS = "GET, POST, DELETE, OPTIONS"
 CORS_HEADERS = "Authorization, Content-Type"
+CALLER = "diffusion_api_caller"  # where the middleware leaves the request's Caller (scope["state"])
 
 
 @dataclass
 class AccessPolicy:
-    api_keys: list[bytes] = field(default_factory=list)
+    keys: list[ApiKey] = field(default_factory=list)
     cors_origins: list[str] = field(default_factory=list)
     max_request_bytes: int = LIMITS.max_request_bytes
 
     @classmethod
     def from_config(cls, api_keys_file: str | None = None, cors_origins: list[str] | None = None) -> "AccessPolicy":
-        keys = [key.strip() for key in os.environ.get("DIFFUSION_API_KEYS", "").split(",")]
-        keys_file = api_keys_file or os.environ.get("DIFFUSION_API_KEYS_FILE")
-        if keys_file:
-            lines = Path(keys_file).expanduser().read_text().splitlines()
-            keys += [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+        """The keys configured (KeysConfigError when something configured yields none) and the CORS origins."""
         origins = cors_origins
         if origins is None:
             origins = [o.strip() for o in os.environ.get("DIFFUSION_API_CORS_ORIGINS", "").split(",") if o.strip()]
-        return cls(api_keys=[key.encode() for key in keys if key], cors_origins=origins)
+        return cls(keys=load_keys(api_keys_file), cors_origins=origins)
 
-    def key_is_valid(self, authorization: str | None) -> bool:
-        return not self.api_keys or self.key_of(authorization) is not None
+    @property
+    def keys_on(self) -> bool:
+        return bool(self.keys)
 
-    def key_of(self, authorization: str | None) -> bytes | None:
-        """The API key an `Authorization` header carries, if it is one of ours: `Bearer <key>`, or A1111's
-        `Basic base64(user:password)` with the key as the password (what A1111 clients send). None when keys
-        are off: then any header (clients send `Basic ` even with no credentials) is ignored."""
-        if not self.api_keys:
+    def caller_of(self, authorization: str | None) -> Caller | None:
+        """Who the request is: with keys off, the one anonymous caller (any `Authorization` header is ignored:
+        clients send `Basic ` even with no credentials); with keys on, the key's caller, or None when the header
+        carries no valid key (`Bearer <key>`, or A1111's `Basic base64(user:password)` with the key as the
+        password)."""
+        if not self.keys:
+            return ANONYMOUS
+        key = self.key_of(authorization)
+        return Caller(owner=key.name, admin=key.admin, keys_on=True) if key else None
+
+    def key_of(self, authorization: str | None) -> ApiKey | None:
+        if not self.keys:
             return None
         scheme, _, token = (authorization or "").partition(" ")
-        offered = token.strip().encode()
+        offered = token.strip().encode("utf-8", "surrogateescape")
         if scheme.lower() == "basic":
             try:
                 offered = base64.b64decode(offered, validate=True).partition(b":")[2]
@@ -67,17 +71,7 @@ class AccessPolicy:
                 return None
         elif scheme.lower() != "bearer":
             return None
-        if not offered:
-            return None
-        # Compare with every key (no early exit), each comparison in constant time.
-        matches = [hmac.compare_digest(offered, key) for key in self.api_keys]
-        return self.api_keys[matches.index(True)] if any(matches) else None
-
-    def owner_of(self, authorization: str | None) -> str:
-        """Whose job this is, for the A1111 API's progress and interrupt: a fingerprint of the caller's key
-        ("" with keys off: every caller is the same one)."""
-        key = self.key_of(authorization)
-        return hashlib.sha256(key).hexdigest()[:16] if key else ""
+        return match_key(self.keys, offered) if offered else None
 
     def allowed_origin(self, origin: str | None) -> str | None:
         if not origin or not self.cors_origins:
@@ -85,6 +79,23 @@ class AccessPolicy:
         if "*" in self.cors_origins:
             return "*"
         return origin if origin in self.cors_origins else None
+
+
+def caller(request: Request) -> Caller:
+    """The request's caller, as AccessMiddleware found it (anonymous outside the middleware: keys off)."""
+    return request.scope.get("state", {}).get(CALLER, ANONYMOUS)
+
+
+class ForbiddenError(DiffusionAPIError):
+    """The caller's key may not do this (service-wide settings are for admin keys)."""
+
+    status_code = 403
+
+
+async def require_admin(request: Request) -> None:
+    """Service-wide state (the default model, refreshes, unloads) changes for every caller: admins only."""
+    if not caller(request).admin:
+        raise ForbiddenError("this changes service-wide state: only an admin key may (admin: true in the keys file)")
 
 
 A1111_PREFIX = "/sdapi/"
@@ -132,8 +143,9 @@ class CollapseLeadingSlashes:
 
 
 def check_request(policy: AccessPolicy, scope: Scope) -> tuple[Response | None, dict[str, str]]:
-    """The checks every request passes before its route: CORS preflight, body size, API key. Returns the
-    answer that ends the request here (or None to go on) and the CORS headers its response gets."""
+    """The checks every request passes before its route: CORS preflight, declared body size, API key. Returns
+    the answer that ends the request here (or None to go on) and the CORS headers its response gets; the
+    request's Caller is left in its scope's state."""
     headers = Headers(scope=scope)
     origin = policy.allowed_origin(headers.get("origin"))
     cors = {"Access-Control-Allow-Origin": origin, "Vary": "Origin"} if origin else {}
@@ -143,16 +155,39 @@ def check_request(policy: AccessPolicy, scope: Scope) -> tuple[Response | None, 
         return Response(status_code=204, headers=preflight), cors
     length = headers.get("content-length") if scope["method"] in ("POST", "PUT", "PATCH") else None
     if length is not None and (not length.isdigit() or int(length) > policy.max_request_bytes):
-        too_large = f"request body is {length} bytes; at most {policy.max_request_bytes} are accepted"
-        return error_response(413, too_large, cors, a1111=is_a1111_path(get_route_path(scope))), cors
+        return too_large(policy, scope, cors, f"request body is {length} bytes"), cors
     path = get_route_path(scope) or "/"
-    if path not in OPEN_PATHS and not policy.key_is_valid(headers.get("authorization")):
+    found = policy.caller_of(headers.get("authorization"))
+    if found is None and path not in OPEN_PATHS:
         refused = {**cors, "WWW-Authenticate": "Bearer"}
         missing_key = "missing or invalid API key: send the header 'Authorization: Bearer <key>'"
         if is_a1111_path(path):
             missing_key += " (or Basic credentials with the key as the password)"
         return error_response(401, missing_key, refused, a1111=is_a1111_path(path)), cors
+    scope.setdefault("state", {})[CALLER] = found or Caller(keys_on=True, admin=False, owner="")
     return None, cors
+
+
+def too_large(policy: AccessPolicy, scope: Scope, cors: dict[str, str], what: str) -> Response:
+    message = f"{what}; at most {policy.max_request_bytes} are accepted"
+    return error_response(413, message, {**cors, "Connection": "close"}, a1111=is_a1111_path(get_route_path(scope)))
+
+
+async def bounded_body(receive: Receive, limit: int) -> tuple[list[Message], bool]:
+    """Reads a body sent without `Content-Length` (chunked) up to `limit` bytes, counting what arrives: the
+    messages read, and False as soon as it is over the limit (the rest is never read)."""
+    messages: list[Message] = []
+    total = 0
+    while True:
+        message = await receive()
+        messages.append(message)
+        if message["type"] != "http.request":  # the client went away
+            return messages, True
+        total += len(message.get("body", b""))
+        if total > limit:
+            return messages, False
+        if not message.get("more_body", False):
+            return messages, True
 
 
 def is_json(content_type: str) -> bool:
@@ -190,6 +225,15 @@ class AccessMiddleware:
         if answer is not None:
             await answer(scope, receive, send)
             return
+        has_body = scope["method"] in ("POST", "PUT", "PATCH")
+        if has_body and "content-length" not in Headers(scope=scope):
+            # Chunked: the size is known only by counting. Read up to the limit, then hand the route what was
+            # read (Starlette reads whole bodies anyway).
+            messages, within = await bounded_body(receive, policy.max_request_bytes)
+            if not within:
+                await too_large(policy, scope, cors, "request body is larger")(scope, receive, send)
+                return
+            receive = _replay(messages, receive)
         if not cors:
             await self.app(scope, receive, send)
             return
@@ -200,6 +244,16 @@ class AccessMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_with_cors)
+
+
+def _replay(messages: list[Message], receive: Receive) -> Receive:
+    """A `receive` that gives `messages` first, then whatever the client sends next (its disconnect)."""
+    pending = list(messages)
+
+    async def replayed() -> Message:
+        return pending.pop(0) if pending else await receive()
+
+    return replayed
 
 
 class UnsupportedMediaTypeError(DiffusionAPIError):

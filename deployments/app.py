@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from ray.serve import Application
 
+from deployments.access import AccessPolicy
 from deployments.generators import Refiner, SD15Generator, SDXLGenerator
 from deployments.ingress import Ingress
 from deployments.job_db import describe, is_postgres_url, open_database, redact
@@ -53,12 +54,15 @@ class AppArgs(BaseModel):
     max_queued_jobs: int = Field(64, ge=1)
     # Dispatches of a job whose generator replica or node is lost mid-job (the first included).
     max_attempts: int = Field(3, ge=1, le=10)
-    # Access: a file of API keys (one per line; also DIFFUSION_API_KEYS / DIFFUSION_API_KEYS_FILE) and CORS origins.
+    # Access: a file of API keys (one per line, or YAML with names and admins: README "Access"; also
+    # DIFFUSION_API_KEYS / DIFFUSION_API_KEYS_FILE) and CORS origins.
     api_keys_file: str | None = None
     cors_origins: list[str] | None = None
-    # Finished job records older than this are pruned, and at most this many are kept.
+    # Finished job records older than this are pruned, and at most this many are kept per owner (API key);
+    # retention runs every retention_interval_s.
     keep_finished_jobs_s: float = Field(7 * 86400, ge=0)
     keep_finished_jobs: int = Field(10000, ge=0)
+    retention_interval_s: float = Field(60.0, gt=0, le=86400)
     # Engine: torch's CPU threads per replica (default: the CPUs the replica asked for, rounded up; -1: every
     # core; -2: every core but one), precision (default: bfloat16 on GPUs that have it, else float16; float32 on
     # the CPU) and the speed options of pipelines/speed.py (attention, channels_last, fuse_qkv, compile, ...).
@@ -122,6 +126,7 @@ def build_app(args: dict | None = None) -> Application:
         "keep_finished_seconds": parsed.keep_finished_jobs_s,
         "keep_finished_count": parsed.keep_finished_jobs,
         "outputs": settings.outputs_location,
+        "prune_interval_s": parsed.retention_interval_s,
     }
     engine_options = {
         "torch_threads": parsed.torch_threads,
@@ -132,6 +137,7 @@ def build_app(args: dict | None = None) -> Application:
     webhooks = {"allowed_hosts": parsed.webhook_allowed_hosts, "secret": parsed.webhook_secret,
                 "retry_delays_s": parsed.webhook_retry_delays_s}  # fmt: skip
     WebhookPolicy.from_config(**webhooks)  # hosts allowed without a secret stop the deploy here
+    AccessPolicy.from_config(parsed.api_keys_file, parsed.cors_origins)  # so do keys configured but unusable
     generator_args = {"settings": plain, "job_database": database, "job_options": job_options, "device": parsed.device,
                       "engine_options": engine_options}  # fmt: skip
     upscaler = Upscaler.bind(settings=plain, device=parsed.device, torch_threads=parsed.torch_threads)

@@ -20,14 +20,17 @@ from pipelines.schemas import ErrorResponse
 ERROR_DESCRIPTIONS = {
     400: "The request body cannot be decoded as text (malformed JSON text is a 422)",
     401: "API keys are on and the request has no valid `Authorization: Bearer <key>` header",
-    404: "An unknown job, or an unknown model, LoRA, upscaler or refiner (the message lists the installed ones)",
+    403: "API keys are on and the caller's key is not an admin key: only admins change service-wide state",
+    404: "An unknown job (a job of another API key answers the same), or an unknown model, LoRA, upscaler or "
+    "refiner (the message lists the installed ones)",
     409: "The job has already ended: there is nothing to cancel",
     413: "The request body is larger than `max_request_bytes` (configs/limits.yaml)",
     415: "The request body is not JSON: send `Content-Type: application/json`",
     422: "Malformed JSON, or a field missing, of the wrong type or out of range; `detail` names each one",
     429: "This model family's queue is full (`max_queued_jobs`); retry after `Retry-After` seconds",
     500: "The output storage could not be read, or the service failed unexpectedly; the message says why",
-    503: "The service is starting; retry after `Retry-After` seconds",
+    503: "The service is starting, or a `callback_url` host's name could not be looked up in time; retry after "
+    "`Retry-After` seconds",
 }
 
 # GET /queue/{job_id}/image: the file in its own type, and what its error statuses mean there.
@@ -36,7 +39,8 @@ IMAGE_CONTENT = {
 }
 IMAGE_ERRORS = {
     **ERROR_DESCRIPTIONS,
-    404: "An unknown job, an `index` beyond the job's images, or an image no longer in the output storage",
+    404: "An unknown job (or one of another API key), an `index` beyond the job's images, or an image no longer in "
+    "the output storage",
     409: "The job has not finished, or it ended without an image (error, cancelled)",
 }
 
@@ -67,8 +71,6 @@ A1111_ERROR_DESCRIPTIONS = {
     401: "API keys are on and the request has neither `Authorization: Bearer <key>` nor Basic credentials with "
     "a key as the password",
     404: "An unknown model, sampler, scheduler or upscaler (as A1111 answers); the message lists what exists",
-    409: "The job was cancelled (`POST /sdapi/v1/interrupt` or `skip`, or `DELETE /queue/{job_id}`) before its "
-    "images were done",
     422: "A value outside this service's limits, or of a type A1111 would refuse too; `detail` says which",
     500: "The generation failed, or the service failed unexpectedly (A1111's error body; `detail` says why)",
 }

@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import time
+import uuid
 from dataclasses import dataclass, field
 
 import ray
@@ -37,6 +38,7 @@ from pipelines.system import gpu_info
 logger = logging.getLogger("ray.serve")
 MODELS_PER_REPLICA = 2
 PROGRESS_INTERVAL_S = 0.2
+COMPLETE_RETRY_DELAYS_S = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0)  # a store outage of about a minute is waited out
 
 
 class BatchingConfig(BaseModel):
@@ -67,6 +69,7 @@ class QueuedJob:
     request: Txt2ImgRequest
     job: PreparedJob
     model: str
+    token: str  # this attempt's own: its files are staged under names no other attempt of the job uses
     arrived: float = field(default_factory=time.monotonic)  # when it reached this replica (queue-time metric)
 
     @property
@@ -95,17 +98,29 @@ class CollectedImages:
         records = [self.records[index] for index in range(self.count)]
         first = records[0]
         warnings = list(dict.fromkeys(w for record in records for w in record["warnings"]))
-        result = {key: value for key, value in first.items() if key not in PER_IMAGE_FIELDS and key != "warnings"}
+        per_image = (*PER_IMAGE_FIELDS, "staged_path", "warnings")
+        result = {key: value for key, value in first.items() if key not in per_image}
         result.update({plural: [record[single] for record in records]
                        for single, plural in PER_IMAGE_FIELDS.items() if single in first})  # fmt: skip
+        result["staged_paths"] = [record["staged_path"] for record in records]
         result["generation_time_sec"] = round(self.seconds, 3)
         result["batch_size"] = max(record["batch_size"] for record in records)
         return result, warnings
 
+    def staged(self) -> dict[str, str]:
+        """This attempt's staged files: staged name -> final name."""
+        return {record["staged_path"]: record["output_path"] for record in self.records.values()}
+
     def discard_files(self, storage: OutputStorage) -> None:
-        for record in self.records.values():
-            storage.delete(record["output_path"])
+        """Deletes this attempt's staged files (never a final name: those may be another attempt's)."""
+        for staged in self.staged():
+            storage.delete(staged)
         self.records.clear()
+
+    def promote_files(self, storage: OutputStorage) -> None:
+        """Moves this attempt's staged files to their final names: the job store recorded this attempt's result."""
+        for staged, final in self.staged().items():
+            storage.promote(staged, final)
 
 
 def torch_thread_count(configured: int | None) -> int:
@@ -218,8 +233,9 @@ class _Generator:
             limit = max(1, self.batching.max_batch_pixels // (width * height))
             images = job.per_image(parsed.batch_size * parsed.n_iter)
             self._collected[job_id] = CollectedImages(len(images))
-            units = [((loaded.entry.name, image.batch_key()), QueuedJob(job_id, parsed, image, loaded.entry.name))
-                     for image in images]  # fmt: skip
+            token = uuid.uuid4().hex[:12]
+            units = [((loaded.entry.name, image.batch_key()),
+                      QueuedJob(job_id, parsed, image, loaded.entry.name, token)) for image in images]  # fmt: skip
             outcomes = await self.batcher.submit_many(units, limit, more_coming)
         except DiffusionAPIError as error:
             await self.jobs.fail(job_id, error.message)
@@ -274,11 +290,15 @@ class _Generator:
                     task.add_done_callback(self._discarding.discard)
 
     async def _discard(self, job_id: str, collected: CollectedImages) -> None:
-        """Deletes the files of a job this replica did not complete, unless the job is done after all: then
-        another attempt of it completed it, and the files (a retry reuses the names) are that attempt's."""
+        """Deletes the staged files of a job this replica did not see completed, unless the job store has
+        this very attempt's result after all (the store committed, its answer was lost): then they are moved
+        to their final names. Another attempt's files are never touched."""
         try:
             job = await self.jobs.get(job_id)
-            if job is None or job["state"] != "done":
+            recorded = set(((job or {}).get("result") or {}).get("staged_paths") or [])
+            if job is not None and job["state"] == "done" and recorded & set(collected.staged()):
+                await asyncio.to_thread(collected.promote_files, self.storage)
+            else:
                 await asyncio.to_thread(collected.discard_files, self.storage)
         except Exception:
             logger.exception("discarding the files of job %s failed", job_id)
@@ -342,17 +362,38 @@ class _Generator:
         ]
         if finished:
             results_and_warnings = [self._collected[job_id].result() for job_id in finished]
-            completed = await self.jobs.complete_many(
-                [
-                    (job_id, result, warnings)
-                    for job_id, (result, warnings) in zip(finished, results_and_warnings, strict=True)
-                ]  # fmt: skip
-            )
+            outcomes_to_record = [
+                (job_id, result, warnings)
+                for job_id, (result, warnings) in zip(finished, results_and_warnings, strict=True)
+            ]
+            completed = await self._complete(outcomes_to_record)
             for job_id, done in zip(finished, completed, strict=True):
-                self._collected[job_id].recorded = done  # not done: cancelled at the very end (no file is kept)
+                # Not done: cancelled at the very end, or completed by another attempt (its files stand).
+                self._collected[job_id].recorded = done
+                if done:
+                    try:
+                        await asyncio.to_thread(self._collected[job_id].promote_files, self.storage)
+                    except DiffusionAPIError as error:  # the storage failed the rename: the staged file is named
+                        logger.error("job %s: moving its images to their final names failed: %s", job_id,
+                                     error.message)  # fmt: skip
         for job_id, message in failures.items():
             await self.jobs.fail(job_id, message)
         return outcomes
+
+    async def _complete(self, outcomes: list[tuple[str, dict, list[str]]]) -> list[bool]:
+        """Records finished jobs, retried through a store outage of about a minute: a transient error must not
+        throw away images that are made. After the last retry, the jobs count as not completed here (their
+        leases lapse and they are dispatched again, or they are failed by the stale reaper)."""
+        for delay in (*COMPLETE_RETRY_DELAYS_S, None):
+            try:
+                return await self.jobs.complete_many(outcomes)
+            except Exception:
+                if delay is None:
+                    logger.exception("recording jobs %s as done failed; giving up", [job[0] for job in outcomes])
+                    return [False] * len(outcomes)
+                logger.warning("recording jobs as done failed; retrying in %.1fs", delay, exc_info=True)
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
 
     def _progress_sender(self, loop: asyncio.AbstractEventLoop, batch_ids: list[str], cancelled: set[str],
                          timer: PhaseTimer | None = None):  # fmt: skip
@@ -433,12 +474,14 @@ class _Generator:
         request = queued.request
         try:
             data = encode_image(result.image, request.file_type, result.infotext, request.jpeg_quality)
-            stored = self.storage.save(queued.job_id, queued.job.image_index, request.file_type, data)
+            staged, final = self.storage.stage(queued.job_id, queued.job.image_index, request.file_type, data,
+                                               queued.token)  # fmt: skip
         except (OSError, StorageError) as error:
             logger.exception("job %s: writing its image failed", queued.job_id)
             return DiffusionAPIError(f"the image could not be written: {error}")
         return {
-            "output_path": stored,
+            "output_path": final,
+            "staged_path": staged,
             "width": result.width,
             "height": result.height,
             "file_type": request.file_type,

@@ -12,7 +12,7 @@ import logging
 import pathlib
 import time
 import uuid
-from typing import Annotated
+from typing import Annotated, Literal
 
 import grpc
 from fastapi import Depends, FastAPI, Path, Query, Request
@@ -31,6 +31,7 @@ from deployments.access import (
     AccessPolicy,
     AsciiJSONResponse,
     CollapseLeadingSlashes,
+    caller,
     error_response,
     is_a1111_path,
     require_json_body,
@@ -40,11 +41,11 @@ from deployments.job_db import describe
 from deployments.jobs import LEASE_RENEW_S, TERMINAL_STATES, JobsClient, image_fields
 from deployments.metrics import FAMILIES, job_store_metrics, service_metrics
 from deployments.watch import JOB_EVENT_SCHEMA, KEEPALIVE_S, JobWatcher, change_key, job_summary, sse_event
-from deployments.webhooks import WebhookPolicy, WebhookTargetError
+from deployments.webhooks import WebhookLookupUnavailable, WebhookPolicy, WebhookTargetError
 from pipelines.catalog import ModelCatalog, ModelEntry
 from pipelines.embeddings import EmbeddingLibrary
-from pipelines.errors import DiffusionAPIError, InvalidRequestError, ServiceBusyError
-from pipelines.images import decode_base64_bytes, encode_base64
+from pipelines.errors import DiffusionAPIError, InvalidRequestError, ServiceBusyError, TemporarilyUnavailableError
+from pipelines.images import decode_base64_bytes, encode_base64, image_extension
 from pipelines.infotext import MIME_TYPES
 from pipelines.limits import LIMITS
 from pipelines.loras import LoraLibrary
@@ -80,6 +81,8 @@ from pipelines.system import gpu_info, health_report
 from pipelines.upscalers import LATENT_MODES, RESIZE_MODES, UpscalerLibrary
 from pipelines.vaes import VaeLibrary
 
+INPUT_FIELDS = ("image", "mask")  # img2img's input images: stored in the output storage, not in the job record
+DECODE_SLOTS = 2  # input images decoded at once per ingress replica (each up to max_input_image_pixels)
 RETRY_WARNING = "retried after a worker failure (its generator replica or node was lost)"
 RECOVERY_WARNING = "dispatched again after the service restarted or the ingress replica that dispatched it was lost"
 MAX_IMAGES = LIMITS.max_batch_size * LIMITS.max_n_iter  # the most images one job makes
@@ -136,7 +139,7 @@ def _api_keys_on() -> bool:
         policy = _replica_access_policy()
     except RayServeException:  # outside a replica: the schema read offline, without keys
         return False
-    return bool(policy and policy.api_keys)
+    return bool(policy and policy.keys_on)
 
 
 def _configured_fields() -> dict[str, dict]:
@@ -236,8 +239,9 @@ class Ingress(A1111Routes):
                  cors_origins: list[str] | None = None, upscaler=None, max_attempts: int = 3,
                  webhooks: dict | None = None):  # fmt: skip
         self.access = AccessPolicy.from_config(api_keys_file, cors_origins)
-        if self.access.api_keys:
-            logger.info("API keys are on: %d key(s)", len(self.access.api_keys))
+        if self.access.keys_on:
+            logger.info("API keys are on: %s", ", ".join(key.name + (" (admin)" if key.admin else "")
+                                                        for key in self.access.keys))  # fmt: skip
         self.handles = {"sd15": sd15, "sdxl": sdxl, "sdxl-refiner": refiner}
         self.upscaler = upscaler  # the Upscaler deployment (the A1111 API's extras)
         self.settings = Settings(**settings)
@@ -258,6 +262,7 @@ class Ingress(A1111Routes):
         self.watcher = JobWatcher(self.jobs)  # wakes long polls and event streams when their job changes
         self.webhooks = WebhookPolicy.from_config(**(webhooks or {}))
         self._deliveries: dict[str, asyncio.Task] = {}  # job id -> its webhook delivery under way here
+        self.decodes = asyncio.Semaphore(DECODE_SLOTS)  # bounds the memory and CPU that decoding inputs takes
 
     # The page and the metrics -------------------------------------------------------------------------------
     @app.get("/", response_class=Response, responses={
@@ -354,7 +359,8 @@ class Ingress(A1111Routes):
         return await self._submit("img2img", request, http)
 
     async def _submit(self, kind: str, request: Txt2ImgRequest | Img2ImgRequest, http: Request) -> Txt2ImgResponse:
-        job_id = await self._submit_job(kind, request, http, unknown_field_warnings(kind, request.unknown_fields()))
+        warnings = unknown_field_warnings(kind, request.unknown_fields())
+        job_id = await self._submit_job(kind, request, http, warnings, owner=caller(http).owner)
         return Txt2ImgResponse(job_id=job_id)
 
     async def _submit_job(self, kind: str, request: Txt2ImgRequest | Img2ImgRequest, http: Request,
@@ -366,18 +372,27 @@ class Ingress(A1111Routes):
                 await self.webhooks.check_async(request.callback_url)
             except WebhookTargetError as error:
                 raise InvalidRequestError(f"callback_url: {error}", field="callback_url") from None
+            except WebhookLookupUnavailable as error:
+                raise TemporarilyUnavailableError(f"callback_url: {error}; retry in a few seconds") from None
         default_model = await self.default_model_name() if not (request.model or "").strip() else None
-        entry, job = await asyncio.to_thread(self._check, kind, request, default_model)
-        payload = request.model_dump(by_alias=True)
-        for name in request.model_extra or {}:  # not `exclude`: an unknown "file_type" would drop "fileType"
-            payload.pop(name, None)
+        if kind == "img2img":  # its images are decoded: a bounded number at a time per replica
+            async with self.decodes:
+                entry, job = await asyncio.to_thread(self._check, kind, request, default_model)
+        else:
+            entry, job = await asyncio.to_thread(self._check, kind, request, default_model)
+        payload = request.stored_payload()
         payload["model"] = entry.name
         payload["seed"] = job.seed  # a random seed is fixed now, so a retried job makes the same image
         job_id = uuid.uuid4().hex
         warnings = job.sampler.warnings + job.warnings + warnings
-        created = await self.jobs.create(job_id, kind, payload, warnings, entry.family, self.max_queued_jobs,
-                                         origin, owner)  # fmt: skip
+        record, inputs = payload, {}
+        if kind == "img2img":  # the input images are stored once, by reference: never in the record
+            record = {key: value for key, value in payload.items() if key not in INPUT_FIELDS}
+            inputs = await asyncio.to_thread(self._store_inputs, job_id, payload)
+        created = await self.jobs.create(job_id, kind, record, warnings, entry.family, self.max_queued_jobs,
+                                         origin, owner, inputs)  # fmt: skip
         if not created:
+            await asyncio.to_thread(self._delete_inputs, inputs)
             raise ServiceBusyError(
                 f"the {entry.family} generators already have {self.max_queued_jobs} jobs queued or running; "
                 f"retry in a few seconds"
@@ -390,6 +405,27 @@ class Ingress(A1111Routes):
         more_coming = self.submissions_arriving
         self._start_run(job_id, kind, payload, handle, more_coming)
         return job_id
+
+    def _store_inputs(self, job_id: str, payload: dict) -> dict[str, str]:
+        """Writes a job's input images (img2img `image`, `mask`) to the output storage; their locations."""
+        stored = {}
+        try:
+            for name in INPUT_FIELDS:
+                if payload.get(name):
+                    data = decode_base64_bytes(payload[name], name)
+                    stored[name] = self.storage.save_input(job_id, name, image_extension(data), data)
+        except BaseException:
+            self._delete_inputs(stored)
+            raise
+        return stored
+
+    def _delete_inputs(self, inputs: dict[str, str]) -> None:
+        for location in inputs.values():
+            self.storage.delete(location)
+
+    def _read_inputs(self, inputs: dict[str, str]) -> dict[str, str]:
+        """A job's stored input images, as the base64 its payload had (MissingImageError when one is gone)."""
+        return {name: encode_base64(self.storage.read(location)) for name, location in inputs.items()}
 
     def _start_run(self, job_id: str, kind: str, payload: dict, handle, more_coming: int = 0) -> None:
         # A fresh context detaches the work from this HTTP request: a client disconnect must not cancel it.
@@ -480,7 +516,13 @@ class Ingress(A1111Routes):
         result = image_fields(result)
         if result.get("images") or not result.get("output_paths"):
             return result, []
-        found = await asyncio.gather(*(self._stored_image(path) for path in result["output_paths"]))
+        staged = result.get("staged_paths") or [None] * len(result["output_paths"])
+        found = await asyncio.gather(
+            *(
+                self._stored_image(path, staged_path)
+                for path, staged_path in zip(result["output_paths"], staged, strict=True)
+            )
+        )
         missing = [f"image {path} is no longer in the output storage" for path, data in
                    zip(result["output_paths"], found, strict=True) if data is None]  # fmt: skip
         if not missing:
@@ -488,9 +530,9 @@ class Ingress(A1111Routes):
             result["image"] = result["images"][0]
         return result, missing
 
-    async def _stored_image(self, path: str) -> bytes | None:
+    async def _stored_image(self, path: str, staged: str | None = None) -> bytes | None:
         try:
-            return await asyncio.to_thread(self.storage.read, path)
+            return await asyncio.to_thread(self.storage.read_recorded, path, staged)
         except MissingImageError:
             return None
 
@@ -502,10 +544,11 @@ class Ingress(A1111Routes):
             **documented_errors(401, 404, 409, 422, 500, 503, descriptions=IMAGE_ERRORS),
         },
     )
-    async def job_image(self, job_id: JobId, index: Annotated[int, Query(ge=0, le=MAX_IMAGES - 1)] = 0):
+    async def job_image(self, job_id: JobId, http: Request,
+                        index: Annotated[int, Query(ge=0, le=MAX_IMAGES - 1)] = 0):  # fmt: skip
         """A finished job's image file (`index`: which of a batch's images, 0 first), streamed from the output
         storage with its content type, so clients and browsers fetch images without reading node paths."""
-        job = await self.jobs.get(job_id)
+        job = await self._visible_job(job_id, http)
         if job is None:
             return error_response(404, f"unknown job_id {job_id!r}")
         if job["state"] != "done" or not job["result"]:
@@ -519,7 +562,8 @@ class Ingress(A1111Routes):
         if index < len(inline):  # a record from before the output storage: the bytes are in the record
             data = decode_base64_bytes(inline[index], "image")
         else:
-            data = await asyncio.to_thread(self.storage.read, paths[index])  # MissingImageError: 404
+            staged = (result.get("staged_paths") or [None] * count)[index]
+            data = await asyncio.to_thread(self.storage.read_recorded, paths[index], staged)  # missing: 404
         file_type = result.get("file_type") or "png"
         return Response(
             content=data,
@@ -544,9 +588,9 @@ class Ingress(A1111Routes):
     async def _reap_forever(self) -> None:
         """The job keeper, every LEASE_RENEW_S: renews the leases of the jobs this replica dispatches; claims
         the jobs nobody holds any more (after a crash of the service, or of the ingress replica that dispatched
-        them) and dispatches them again; and now and then fails jobs that are held but have stopped
-        progressing for `stale_job_timeout_s` (jobs this replica still waits on get a heartbeat first, so a long
-        queue is not mistaken for a stuck worker)."""
+        them) and dispatches them again; now and then fails jobs that are held but have stopped progressing for
+        `stale_job_timeout_s` (jobs this replica still waits on get a heartbeat first, so a long queue is not
+        mistaken for a stuck worker); and runs retention when it is due (one replica per interval)."""
         last_reaped = time.monotonic()
         while True:
             await asyncio.sleep(LEASE_RENEW_S)
@@ -564,6 +608,11 @@ class Ingress(A1111Routes):
                     self._start_delivery(delivery["job_id"], delivery["callback_url"], claimed=True)
             except Exception:
                 logger.exception("the job keeper failed; it runs again in %.0fs", LEASE_RENEW_S)
+            try:  # retention on a timer, so a full disk frees itself without waiting for a new job
+                if pruned := await self.jobs.prune_if_due():
+                    logger.info("retention removed %d finished job(s)", pruned)
+            except Exception:
+                logger.warning("retention failed; it runs again later", exc_info=True)
             try:
                 await self._gauge_queues()
             except Exception:
@@ -591,9 +640,15 @@ class Ingress(A1111Routes):
         if handle is None:
             await self.jobs.fail(job_id, f"cannot dispatch it again: unknown model family {orphan['family']!r}")
             return
+        try:
+            payload = {**orphan["payload"], **await asyncio.to_thread(self._read_inputs, orphan["inputs"])}
+        except DiffusionAPIError as error:  # an input image gone from the storage, or the storage unreachable
+            await self.jobs.fail(job_id, f"cannot dispatch it again: its input image could not be read: "
+                                         f"{error.message}")  # fmt: skip
+            return
         logger.warning("job %s: %s; dispatching attempt %d", job_id, cause, attempt)
-        model = orphan["payload"].get("model")
-        self._start_run(job_id, orphan["kind"], orphan["payload"], handle.options(multiplexed_model_id=model))
+        model = payload.get("model")
+        self._start_run(job_id, orphan["kind"], payload, handle.options(multiplexed_model_id=model))
 
     async def check_health(self) -> None:
         """Serve's health check (every few seconds); it also starts the job keeper on a fresh replica, so jobs
@@ -602,9 +657,9 @@ class Ingress(A1111Routes):
 
     @app.delete("/queue/{job_id}", response_model=CancelResponse,
                 responses=documented_errors(401, 404, 409, 422, 503))  # fmt: skip
-    async def cancel(self, job_id: JobId):
+    async def cancel(self, job_id: JobId, http: Request):
         """Cancels a queued or running job: a queued one never starts, a running one stops at its next step."""
-        job = await self.jobs.get(job_id)
+        job = await self._visible_job(job_id, http)
         if job is None:
             return error_response(404, f"unknown job_id {job_id!r}")
         if not await self.jobs.cancel(job_id):
@@ -617,14 +672,20 @@ class Ingress(A1111Routes):
     async def queue(
         self,
         job_id: JobId,
+        http: Request,
         wait_s: Annotated[
             float,
             Query(ge=0, le=30, description="Long poll: answer as soon as the job's state, phase or progress "
                   "changes, or after this many seconds (0: at once). A job that has ended answers at once."),
         ] = 0,
+        include: Annotated[
+            Literal["inputs"] | None,
+            Query(description="`inputs`: the job's `payload` (in any state) with the input images it was sent "
+                  "(img2img `image`, `mask`), read back from the output storage; left out otherwise"),
+        ] = None,
     ):  # fmt: skip
         self._start_reaper()
-        job = await self.jobs.get(job_id)
+        job = await self._visible_job(job_id, http)
         if job is None:
             return error_response(404, f"unknown job_id {job_id!r}")
         if wait_s > 0 and job["state"] not in TERMINAL_STATES:
@@ -632,10 +693,19 @@ class Ingress(A1111Routes):
                 if await self.watcher.next_change(job_id, job_summary(job), wait_s) is not None:
                     job = await self.jobs.get(job_id) or job
         fields = await self._status_fields(job_id, job, with_images=True)
+        if include == "inputs":
+            inputs = await asyncio.to_thread(self._read_inputs, job["inputs"])  # missing: 404, unreachable: 500
+            fields["payload"] = {**job["payload"], **inputs}
         # Serialized here (pydantic's JSON encoder) rather than re-validated by FastAPI: this is the route
         # clients poll.
         body = QueueStatusResponse.model_validate(fields).model_dump_json()
         return Response(content=body, media_type="application/json")
+
+    async def _visible_job(self, job_id: str, http: Request) -> dict | None:
+        """The job's record if the caller may see it (its owner, an admin, anyone with keys off), else None: a
+        job of another key answers exactly as an unknown one (404), so its id is not confirmed to exist."""
+        job = await self.jobs.get(job_id)
+        return job if job is not None and caller(http).may_see(job["owner"]) else None
 
     async def _status_fields(self, job_id: str, job: dict, with_images: bool) -> dict:
         """A job record as the status fields clients read; `with_images`: the images' bytes (base64) read from
@@ -663,9 +733,10 @@ class Ingress(A1111Routes):
                 for inline in ("image", "images"):
                     result.pop(inline, None)
             fields["image_url"] = f"/queue/{job_id}/image"
-            payload = job["payload"]
-            if not with_images:  # an img2img job's input image and mask are bytes too
-                payload = {key: value for key, value in payload.items() if key not in ("image", "mask")}
+            result.pop("staged_paths", None)  # where the attempt wrote them first: the service's own business
+            # Input images are not part of the status (`?include=inputs` brings them; records written before
+            # inputs were stored apart still hold them).
+            payload = {key: value for key, value in job["payload"].items() if key not in INPUT_FIELDS}
             fields.update({**result, "payload": payload})
             fields["warnings"] = job["warnings"] + missing
         return fields
@@ -684,11 +755,11 @@ class Ingress(A1111Routes):
             **documented_errors(401, 404, 422, 503),
         },
     )
-    async def job_events(self, job_id: JobId):
+    async def job_events(self, job_id: JobId, http: Request):
         """A job's progress as it happens, pushed: no polling by the client, and none per client here (one
         watch loop per replica wakes every stream of a job when the job changes)."""
         self._start_reaper()
-        job = await self.jobs.get(job_id)
+        job = await self._visible_job(job_id, http)
         if job is None:
             return error_response(404, f"unknown job_id {job_id!r}")
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

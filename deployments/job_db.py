@@ -49,6 +49,14 @@ MIGRATIONS: list[tuple[str, ...]] = [
     # claimed by one replica (under the job's lease, free once the job has ended) and again if it is lost
     ("ALTER TABLE jobs ADD COLUMN webhook_state TEXT",
      "CREATE INDEX IF NOT EXISTS jobs_webhook_state ON jobs (webhook_state)"),
+    # 7: tenant safety: when a job first started (retention removes a key's never-started cancelled jobs
+    # first; older rows: every ended job that made progress counts as started), where its input images are
+    # stored (in the output storage, not in the record), retention counted per owner, and its timer shared
+    ("ALTER TABLE jobs ADD COLUMN started {real}",
+     "UPDATE jobs SET started = created WHERE state <> 'queued' AND NOT (state = 'cancelled' AND progress = 0)",
+     "ALTER TABLE jobs ADD COLUMN inputs TEXT",
+     "CREATE INDEX IF NOT EXISTS jobs_owner_state ON jobs (owner, state, updated)",
+     "INSERT INTO meta (key, value) VALUES ('last_prune', '0') ON CONFLICT (key) DO NOTHING"),
 ]  # fmt: skip
 SCHEMA_VERSION = len(MIGRATIONS)
 POSTGRES_INSTALL_HINT = "pip install 'diffusion-api[postgres]' (psycopg 3)"

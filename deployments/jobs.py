@@ -35,7 +35,7 @@ ACTOR_NAME_PREFIX = "diffusion_api_jobs"
 ACTOR_NAMESPACE = "diffusion_api"
 # Bump when JobStore's methods change: the actor is detached and outlives redeploys, so a new interface
 # gets a new actor (same database) instead of calling methods the old one does not have.
-STORE_INTERFACE_VERSION = 8
+STORE_INTERFACE_VERSION = 9
 REPLICA_REPORT_TTL_S = 60.0
 # An active job is held by the processes working on it (the ingress replica dispatching it, the generator
 # replica queueing or running it), which renew its lease every LEASE_RENEW_S. A job whose lease has run out
@@ -43,7 +43,7 @@ REPLICA_REPORT_TTL_S = 60.0
 # dispatches it again.
 LEASE_S = 15.0
 LEASE_RENEW_S = 3.0
-PRUNE_INTERVAL_S = 60.0  # retention runs at most this often (on job creation), not on every job
+PRUNE_INTERVAL_S = 60.0  # retention runs this often, from the ingress replicas' job keepers (one of them at a time)
 _TERMINAL = ", ".join(f"'{state}'" for state in TERMINAL_STATES)
 # What clients watching a job wait on (long polls, event streams): `summaries` reads these columns.
 SUMMARY_FIELDS = ("state", "phase", "progress", "batch_size", "attempts", "preview")
@@ -52,7 +52,7 @@ _NO_LIMIT = 2**62  # LIMIT for "all rows" (an OFFSET needs one on SQLite)
 
 class JobStore:
     def __init__(self, database: str, keep_finished_seconds: float = 7 * 86400, keep_finished_count: int = 10000,
-                 outputs: str | None = None):  # fmt: skip
+                 outputs: str | None = None, prune_interval_s: float = PRUNE_INTERVAL_S):  # fmt: skip
         self.database = database
         self.db = open_database(database)  # the schema brought up to date (or refused: a newer release's)
         self.db.execute("INSERT INTO meta (key, value) VALUES ('store_id', ?) ON CONFLICT (key) DO NOTHING",
@@ -62,6 +62,7 @@ class JobStore:
         self.keep_finished_seconds = keep_finished_seconds
         self.keep_finished_count = keep_finished_count
         self.outputs = OutputStorage(outputs) if outputs else None  # where pruned jobs' images are deleted
+        self.prune_interval_s = prune_interval_s
         self._last_prune = 0.0
 
     def _update_many(self, job_ids: list[str], durable: bool = False, **fields) -> list[str]:
@@ -81,10 +82,12 @@ class JobStore:
 
     # Transitions -----------------------------------------------------------------------------------------
     def create(self, job_id: str, kind: str, payload: dict, warnings: list[str], family: str = "",
-               max_active: int | None = None, origin: str = "", owner: str = "") -> bool:  # fmt: skip
+               max_active: int | None = None, origin: str = "", owner: str = "",
+               inputs: dict[str, str] | None = None) -> bool:  # fmt: skip
         """Records a queued job. Refuses (returns False) when `family` already has `max_active` jobs queued or
         running, so callers can answer "busy, retry later" instead of queueing without bound. `origin` is the
-        API that took it ("" native, "sdapi" A1111's), `owner` who sent it (an API key's fingerprint)."""
+        API that took it ("" native, "sdapi" A1111's), `owner` who sent it (its API key's name), `inputs` where
+        its input images are stored (payload field -> location in the output storage; the payload lacks them)."""
         now = time.time()
         with self.db.transaction(durable=True) as transaction:
             if max_active is not None:
@@ -95,24 +98,29 @@ class JobStore:
                     return False
             transaction.execute(
                 "INSERT INTO jobs (job_id, kind, state, phase, progress, created, updated, payload, warnings, "
-                "result, error, family, origin, owner, lease_until, webhook_state) "
-                "VALUES (?, ?, 'queued', 'queued', 0, ?, ?, ?, ?, NULL, NULL, ?, ?, ?, ?, ?) "
+                "result, error, family, origin, owner, lease_until, webhook_state, inputs) "
+                "VALUES (?, ?, 'queued', 'queued', 0, ?, ?, ?, ?, NULL, NULL, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (job_id) DO NOTHING",  # a create repeated through the job actor records it once
                 (job_id, kind, now, now, json.dumps(payload), json.dumps(warnings), family, origin, owner,
-                 now + LEASE_S, "pending" if payload.get("callback_url") else None),
+                 now + LEASE_S, "pending" if payload.get("callback_url") else None,
+                 json.dumps(inputs) if inputs else None),
             )  # fmt: skip
-        if now - self._last_prune >= PRUNE_INTERVAL_S:
-            self._last_prune = now
-            try:
-                self.prune()
-            except (*database_errors(), OSError):  # the job is recorded; retention runs again later
-                logger.warning("pruning finished jobs failed", exc_info=True)
         return True
 
     def start_many(self, job_ids: list[str], phase: str = "generation", batch_size: int | None = None) -> list[str]:
         """Marks jobs as running (in one batch of `batch_size`); returns the ones still active, so a job
         cancelled while it waited never starts."""
-        return self._update_many(job_ids, state="processing", phase=phase, batch_size=batch_size or len(job_ids))
+        if not job_ids:
+            return []
+        now = time.time()
+        marks = ", ".join("?" * len(job_ids))
+        rows = self.db.execute(
+            f"UPDATE jobs SET state = 'processing', phase = ?, batch_size = ?, updated = ?, "
+            f"started = COALESCE(started, ?) WHERE job_id IN ({marks}) AND {ACTIVE_JOBS} RETURNING job_id",
+            (phase, batch_size or len(job_ids), now, now, *job_ids),
+        )
+        started = {row[0] for row in rows}
+        return [job_id for job_id in job_ids if job_id in started]
 
     def start(self, job_id: str, phase: str = "generation") -> bool:
         return bool(self.start_many([job_id], phase))
@@ -170,11 +178,12 @@ class JobStore:
         with self.db.transaction(durable=True) as transaction:
             rows = transaction.execute(
                 f"UPDATE jobs SET lease_until = ?, updated = ? WHERE job_id IN (SELECT job_id FROM jobs WHERE "
-                f"{orphaned} ORDER BY created LIMIT ?) RETURNING job_id, kind, payload, family",
+                f"{orphaned} ORDER BY created LIMIT ?) RETURNING job_id, kind, payload, family, inputs",
                 (now + LEASE_S, now, now, now - LEASE_S, limit),
             )
-        return [{"job_id": job_id, "kind": kind, "payload": json.loads(payload), "family": family}
-                for job_id, kind, payload, family in rows]  # fmt: skip
+        return [{"job_id": job_id, "kind": kind, "payload": json.loads(payload), "family": family,
+                 "inputs": json.loads(inputs) if inputs else {}}
+                for job_id, kind, payload, family, inputs in rows]  # fmt: skip
 
     def touch_queued(self, job_ids: list[str]) -> int:
         """Heartbeat for jobs still waiting for a generator, so the stale-job reaper leaves them alone."""
@@ -303,6 +312,7 @@ class JobStore:
         job["warnings"] = json.loads(job["warnings"])
         job["result"] = json.loads(job["result"]) if job["result"] else None
         job["webhook"] = json.loads(job["webhook"]) if job["webhook"] else None
+        job["inputs"] = json.loads(job["inputs"]) if job["inputs"] else {}
         return job
 
     def summaries(self, job_ids: list[str]) -> dict[str, dict]:
@@ -383,21 +393,38 @@ class JobStore:
             self.fail(job_id, f"the worker stopped reporting for {timeout_seconds:.0f}s; the job was abandoned")
         return stale
 
-    def prune(self) -> int:
-        """Deletes finished jobs older than the retention time or beyond the retention count, with their
-        images in the output storage; returns how many were removed."""
-        cutoff = time.time() - self.keep_finished_seconds
-        finished = f"state IN ({_TERMINAL})"
-        rows = self.db.execute(
-            f"SELECT job_id, result FROM jobs WHERE {finished} AND (updated < ? OR job_id IN (SELECT job_id FROM "
-            f"jobs WHERE {finished} ORDER BY updated DESC LIMIT ? OFFSET ?))",
-            (cutoff, _NO_LIMIT, self.keep_finished_count),
+    def prune_if_due(self) -> int | None:
+        """Retention, on the job keepers' timer: at most once per `prune_interval_s` across every process that
+        uses the store (the first to claim the interval prunes). Returns how many jobs went, None when not due."""
+        now = time.time()
+        if now - self._last_prune < self.prune_interval_s:
+            return None  # asked again within the interval: not even a read
+        self._last_prune = now
+        claimed = self.db.execute(
+            f"UPDATE meta SET value = ? WHERE key = 'last_prune' AND CAST(value AS {self.db.real}) <= ? RETURNING key",
+            (repr(now), now - self.prune_interval_s),
         )
-        self.db.executemany("DELETE FROM jobs WHERE job_id = ?", [(job_id,) for job_id, _ in rows])
-        for job_id, result in rows:
-            for output in image_fields(json.loads(result) if result else {}).get("output_paths") or []:
-                stem = Path(output).stem
-                if stem != job_id and not stem.startswith(f"{job_id}-"):  # only files named after the job
+        return self.prune() if claimed else None
+
+    def prune(self) -> int:
+        """Deletes finished jobs older than the retention time, and each owner's beyond the retention count (so
+        no caller's jobs make another's go), never-started cancelled ones first; their images and stored inputs
+        go from the output storage. Returns how many jobs were removed."""
+        cutoff = time.time() - self.keep_finished_seconds
+        never_started = "CASE WHEN state = 'cancelled' AND started IS NULL THEN 1 ELSE 0 END"
+        rows = self.db.execute(
+            f"SELECT job_id, result, inputs FROM (SELECT job_id, result, inputs, updated, ROW_NUMBER() OVER "
+            f"(PARTITION BY owner ORDER BY {never_started}, updated DESC) AS kept FROM jobs "
+            f"WHERE state IN ({_TERMINAL})) AS finished WHERE kept > ? OR updated < ?",
+            (self.keep_finished_count, cutoff),
+        )
+        self.db.executemany("DELETE FROM jobs WHERE job_id = ?", [(job_id,) for job_id, _, _ in rows])
+        for job_id, result, inputs in rows:
+            stored = image_fields(json.loads(result) if result else {})
+            files = [*(stored.get("output_paths") or []), *(stored.get("staged_paths") or []),
+                     *(json.loads(inputs) if inputs else {}).values()]  # fmt: skip
+            for output in files:
+                if not Path(output).name.startswith(job_id):  # only files named after the job
                     continue
                 if self.outputs is not None:
                     self.outputs.delete(output)  # only under the storage's root
@@ -422,7 +449,8 @@ def image_fields(result: dict) -> dict:
 
 
 _JOB_COLUMNS = ("job_id", "kind", "state", "phase", "progress", "created", "updated", "payload", "warnings",
-                "result", "error", "batch_size", "attempts", "preview", "webhook", "family")  # fmt: skip
+                "result", "error", "batch_size", "attempts", "preview", "webhook", "family", "origin",
+                "owner", "inputs", "started")  # fmt: skip
 
 
 def same_store(database: str, store_id: str) -> bool:
@@ -491,8 +519,12 @@ class JobsClient:
         return await getattr(self.actor, method).remote(*args)
 
     async def create(self, job_id: str, kind: str, payload: dict, warnings: list[str], family: str = "",
-                     max_active: int | None = None, origin: str = "", owner: str = "") -> bool:  # fmt: skip
-        return await self._call("create", job_id, kind, payload, warnings, family, max_active, origin, owner)
+                     max_active: int | None = None, origin: str = "", owner: str = "",
+                     inputs: dict[str, str] | None = None) -> bool:  # fmt: skip
+        return await self._call("create", job_id, kind, payload, warnings, family, max_active, origin, owner, inputs)
+
+    async def prune_if_due(self) -> int | None:
+        return await self._call("prune_if_due")
 
     async def active_jobs(self, origin: str, owner: str | None = None) -> list[dict]:
         return await self._call("active_jobs", origin, owner)

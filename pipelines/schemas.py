@@ -124,7 +124,8 @@ class GenerationRequest(BaseModel):
         min_length=1,
         max_length=2048,
         description="Webhook: when the job ends, its final status (no image bytes; image_url) is POSTed here, "
-        "signed (X-Signature-256: sha256=HMAC of the body). Only hosts the operator allows (a 422 otherwise)",
+        "signed (X-Signature-Timestamp: unix seconds; X-Signature-256: sha256=HMAC of '<timestamp>.<body>'; "
+        "reject old timestamps to stop replays). Only hosts the operator allows (a 422 otherwise)",
     )
     preview: bool = Field(
         False, description="Send `preview` events (a small JPEG of the image so far) on GET /queue/{job_id}/events"
@@ -145,6 +146,23 @@ class GenerationRequest(BaseModel):
                 f"{LIMITS.max_pixels} are allowed"
             )
         return self
+
+    def stored_payload(self) -> dict:
+        """The request as its job record keeps it: every known field by its API name and no unknown one, top
+        level or nested (unknown fields are only named in the warnings: they could carry anything, and the record
+        is read back on every poll)."""
+        payload = self.model_dump(by_alias=True)
+        for name in self.model_extra or {}:  # not `exclude`: an unknown "file_type" would drop "fileType"
+            payload.pop(name, None)
+        for index, lora in enumerate(self.loras):
+            if isinstance(lora, LoraRef):
+                for name in lora.model_extra or {}:
+                    payload["loras"][index].pop(name, None)
+        hires = self.__dict__.get("hires")
+        if isinstance(hires, HiresConfig):
+            for name in hires.model_extra or {}:
+                payload["hires"].pop(name, None)
+        return payload
 
     def unknown_fields(self) -> list[str]:
         """The fields this service does not know, top-level first ("cfg", "hires.bogus", "loras[0].weight")."""
@@ -167,16 +185,18 @@ class Img2ImgRequest(GenerationRequest):
         ...,
         min_length=1,
         json_schema_extra={"format": IMAGE_FORMAT},
-        description="Input image: a PNG, JPEG, WebP (or any format Pillow reads) file in base64, with or "
-        f"without a data: URL prefix; at most {LIMITS.max_input_image_pixels} pixels",
+        description="Input image: a PNG, JPEG, WebP, AVIF or GIF file (its first frame) in base64, with or "
+        f"without a data: URL prefix; at most {LIMITS.max_input_image_pixels} pixels. EXIF orientation is "
+        "applied; 16-bit grayscale is scaled to 8 bits",
     )
     denoising_strength: float = Field(0.75, ge=0.0, le=1.0, description="At least one step always runs (as in A1111)")
     mask: str | None = Field(
         None,
         min_length=1,
         json_schema_extra={"format": IMAGE_FORMAT},
-        description="Inpainting: a mask image in base64 (white = repaint; an RGBA file with transparency: its "
-        "opaque pixels), resized to the image if its size differs. Outside the blurred mask the result keeps "
+        description="Inpainting: a mask image in base64, in the formats `image` takes (white = repaint; an "
+        "RGBA file with transparency: its opaque pixels), resized to the image if its size differs. Outside the "
+        "blurred mask the result keeps "
         "the input's pixels",
     )
     mask_blur: int = Field(4, ge=0, le=LIMITS.max_mask_blur, description="Pixels of Gaussian blur on the mask's edge")

@@ -77,6 +77,40 @@ class OutputStorage:
     def save(self, job_id: str, index: int, extension: str, data: bytes) -> str:
         """Writes one image atomically; returns its stored name."""
         path = self.name_for(job_id, index, extension)
+        self._write(path, data)
+        return self._shown(path)
+
+    def stage(self, job_id: str, index: int, extension: str, data: bytes, token: str) -> tuple[str, str]:
+        """Writes one image of one attempt of a job under a name of that attempt's own (`token`), next to its
+        final name; returns (staged name, final name). Two attempts of a job (a lapsed lease) never write or
+        delete each other's files: only the attempt the job store records as the job's moves its files to the
+        final names (`promote`)."""
+        final = self.name_for(job_id, index, extension)
+        staged = f"{final}.{token}.partial"
+        self._write(staged, data)
+        return self._shown(staged), self._shown(final)
+
+    def promote(self, staged: str, final: str) -> None:
+        """Moves a staged image to its final name, replacing what is there (another attempt's equal image)."""
+        source, target = self._path(staged), self._path(final)
+        try:
+            if self.is_local:
+                os.replace(source, target)
+            else:
+                self.fs.mv(source, target)
+        except FileNotFoundError as error:
+            raise MissingImageError(f"the staged image {staged} is no longer in the output storage") from error
+        except Exception as error:
+            raise StorageError(f"could not move {staged} to {final}: {type(error).__name__}: {error}") from error
+
+    def save_input(self, job_id: str, field: str, extension: str, data: bytes) -> str:
+        """Stores an input image of a job (img2img `image`, `mask`) once, so the job record refers to it
+        instead of carrying its bytes: `inputs/<date>/<job id>-<field>.<ext>`."""
+        path = f"{self.root}/inputs/{datetime.date.today().isoformat()}/{job_id}-{field}.{extension}"
+        self._write(path, data)
+        return self._shown(path)
+
+    def _write(self, path: str, data: bytes) -> None:
         try:
             if self.is_local:
                 # A temporary name in the same folder, then a rename: readers see the whole file or none.
@@ -93,7 +127,6 @@ class OutputStorage:
                 self.fs.pipe_file(path, data)  # one upload: the object appears complete or not at all
         except Exception as error:  # OSError locally; the cloud packages raise their own types
             raise StorageError(f"could not write {self._shown(path)}: {type(error).__name__}: {error}") from error
-        return self._shown(path)
 
     def read(self, stored: str) -> bytes:
         path = self._path(stored)
@@ -103,6 +136,19 @@ class OutputStorage:
             raise MissingImageError(f"the image {stored} is no longer in the output storage") from error
         except Exception as error:
             raise StorageError(f"could not read {stored}: {type(error).__name__}: {error}") from error
+
+    def read_recorded(self, final: str, staged: str | None = None) -> bytes:
+        """A finished job's image by its final name, or, while the attempt that completed the job is still
+        moving it there (a few milliseconds after the job is recorded done), by its staged name."""
+        try:
+            return self.read(final)
+        except MissingImageError:
+            if staged is None:
+                raise
+        try:
+            return self.read(staged)
+        except MissingImageError:
+            return self.read(final)  # moved between the two reads
 
     def delete(self, stored: str) -> None:
         """Removes one image; one already gone is fine."""

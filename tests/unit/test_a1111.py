@@ -136,15 +136,17 @@ def test_png_info_reads_the_infotext_and_parses_it():
         a1111.png_info("not base64!")
 
 
-def test_basic_credentials_carry_the_api_key_and_are_ignored_with_keys_off():
-    policy = AccessPolicy(api_keys=[b"secret-key"])
+def test_basic_credentials_carry_the_api_key_and_are_ignored_with_keys_off(monkeypatch):
+    monkeypatch.setenv("DIFFUSION_API_KEYS", "secret-key")
+    monkeypatch.delenv("DIFFUSION_API_KEYS_FILE", raising=False)
+    policy = AccessPolicy.from_config()
     basic = "Basic " + base64.b64encode(b"anyone:secret-key").decode()
-    assert policy.key_is_valid(basic) and policy.key_is_valid("Bearer secret-key")
-    assert not policy.key_is_valid("Basic " + base64.b64encode(b"anyone:wrong").decode())
-    assert not policy.key_is_valid("Basic Og==") and not policy.key_is_valid("Basic !!")
-    assert policy.owner_of(basic) == policy.owner_of("Bearer secret-key") != ""
+    assert policy.caller_of(basic) is not None and policy.caller_of("Bearer secret-key") is not None
+    assert policy.caller_of("Basic " + base64.b64encode(b"anyone:wrong").decode()) is None
+    assert policy.caller_of("Basic Og==") is None and policy.caller_of("Basic !!") is None
+    assert policy.caller_of(basic).owner == policy.caller_of("Bearer secret-key").owner != ""
     open_policy = AccessPolicy()
-    assert open_policy.key_is_valid("Basic ") and open_policy.owner_of("Basic Og==") == ""
+    assert open_policy.caller_of("Basic ").owner == open_policy.caller_of("Basic Og==").owner == ""
 
 
 def test_job_store_keeps_settings_and_lists_active_jobs_by_origin_and_owner(tmp_path):
@@ -203,3 +205,24 @@ def test_a_mask_is_inpainting_with_a1111s_api_defaults():
     assert uneven.native.mask_blur == 6 and "mask_blur_x 2 and mask_blur_y 6 differ" in uneven.warnings[0]
     with pytest.raises(DiffusionAPIError, match="^inpainting_fill:"):
         a1111.to_native(A1111Img2ImgRequest(init_images=[image], mask=image, inpainting_fill=7), None)
+
+
+@pytest.mark.parametrize(
+    ("model", "field"),
+    [(A1111Txt2ImgRequest, "prompt"), (A1111Txt2ImgRequest, "negative_prompt"), (A1111Txt2ImgRequest, "hr_prompt"),
+     (A1111Txt2ImgRequest, "hr_negative_prompt"), (A1111Img2ImgRequest, "prompt")],
+)  # fmt: skip
+def test_prompts_have_the_native_length_limit_checked_before_any_parsing(model, field, monkeypatch):
+    from pipelines.errors import InvalidRequestError
+    from pipelines.limits import LIMITS
+
+    limit = LIMITS.max_prompt_chars
+    assert model.model_json_schema()["properties"][field]["anyOf"][0] == {"type": "string", "maxLength": limit}
+    monkeypatch.setattr(a1111, "find_lora_tags", lambda prompt: pytest.fail("the prompt was parsed"))
+    with pytest.raises(InvalidRequestError) as raised:
+        a1111.to_native(model(**{field: "<lora:" * limit}), None)  # far above the limit: refused unread
+    assert raised.value.status_code == 422 and raised.value.field == field
+    assert raised.value.message == f"{field}: {6 * limit} characters; at most {limit} are accepted"
+    monkeypatch.undo()
+    at_limit = {field: "a" * limit, "init_images": ["x"]} if model is A1111Img2ImgRequest else {field: "a" * limit}
+    assert a1111.to_native(model(**at_limit), None).native is not None

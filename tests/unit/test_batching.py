@@ -243,6 +243,12 @@ class OutOfMemoryForBatches:
     def __getattr__(self, name):
         return getattr(self.pipe, name)
 
+    def __setattr__(self, name, value):  # a job sets the pipeline's scheduler: it must reach the real one
+        if name in ("pipe", "fits"):
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.pipe, name, value)
+
     def __call__(self, *args, **kwargs):
         if len(kwargs.get("prompt") or kwargs.get("prompt_embeds")) > self.fits:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")

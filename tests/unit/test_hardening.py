@@ -187,3 +187,13 @@ def test_the_schema_declares_bearer_keys_exactly_when_they_are_on(keys_on):
     assert "security" not in schema["paths"]["/hello"]["get"]
     assert schema["paths"]["/models"]["get"].get("security") == ([{"apiKey": []}] if keys_on else None)
     assert schema["paths"]["/models"]["get"]["responses"]["401"]["headers"]["WWW-Authenticate"]["required"]
+
+
+def test_a_job_record_keeps_known_fields_only_however_deep_the_unknown_ones_are():
+    sent = request(junk="x" * 1000, loras=[{"name": "demo-sd15-kohya", "scale": 0.5, "blob": "y" * 1000}],
+                   hires={"scale": 2, "extra": ["z"] * 100})  # fmt: skip
+    stored = sent.stored_payload()
+    assert "junk" not in stored and stored["loras"] == [{"name": "demo-sd15-kohya", "scale": 0.5}]
+    assert "extra" not in stored["hires"] and stored["hires"]["scale"] == 2
+    assert sorted(sent.unknown_fields()) == ["hires.extra", "junk", "loras[0].blob"]
+    assert Txt2ImgRequest.model_validate(stored).stored_payload() == stored  # what is stored reads back the same

@@ -370,3 +370,43 @@ def test_job_counts_by_family_feed_the_metrics_endpoint(location):
     assert family.name == "diffusion_api_jobs" and family.type == "gauge"
     assert values[("sd15", "done")] == 1 and values[("sd15", "queued")] == 1 and values[("sdxl", "cancelled")] == 1
     assert values[("sdxl-refiner", "processing")] == 0 and len(values) == 3 * 5  # every family and state
+
+
+def test_retention_counts_each_owners_jobs_and_drops_never_started_cancellations_first(location, tmp_path):
+    store = JobStore(location, keep_finished_count=3)
+    for index in range(3):  # bob's results, made first: the oldest in the store
+        store.create(f"bob-{index}", "txt2img", {}, [], owner="bob")
+        store.start(f"bob-{index}")
+        store.complete(f"bob-{index}", {})
+    store.create("alice-done", "txt2img", {}, [], owner="alice")
+    store.start("alice-done")
+    store.complete("alice-done", {})
+    store.create("alice-stopped", "txt2img", {}, [], owner="alice")  # started, then cancelled: it ran
+    store.start("alice-stopped")
+    store.cancel("alice-stopped")
+    for index in range(10):  # then alice submits and cancels ten jobs that never start
+        store.create(f"alice-cancelled-{index}", "txt2img", {}, [], owner="alice")
+        store.cancel(f"alice-cancelled-{index}")
+    assert store.prune() == 9
+    kept = {job_id for job_id in ["alice-done", "alice-stopped", *(f"bob-{i}" for i in range(3))]
+            if store.get(job_id) is not None}  # fmt: skip
+    assert kept == {"alice-done", "alice-stopped", "bob-0", "bob-1", "bob-2"}  # bob's untouched by alice's
+    assert [store.get(f"alice-cancelled-{i}") is not None for i in range(10)] == [False] * 9 + [True]
+
+
+def test_retention_runs_once_per_interval_across_every_store_on_the_database(location, tmp_path):
+    first, second = (JobStore(location, keep_finished_count=1, prune_interval_s=60) for _ in range(2))
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    for job_id in ("old", "new"):
+        image = inputs / f"{job_id}-image.png"
+        image.write_bytes(b"png")
+        first.create(job_id, "img2img", {}, [], inputs={"image": str(image)})
+        first.complete(job_id, {})
+        time.sleep(0.01)
+    assert first.prune_if_due() == 1  # the first keeper to ask claims the interval
+    assert second.prune_if_due() is None  # another replica's keeper: already done for this interval
+    assert first.prune_if_due() is None  # asked again at once: not due
+    assert first.get("old") is None and not (inputs / "old-image.png").exists()
+    assert (inputs / "new-image.png").exists()
+    assert first.get("new")["inputs"] == {"image": str(inputs / "new-image.png")}

@@ -60,3 +60,29 @@ def test_retention_deletes_pruned_jobs_images_from_the_storage(tmp_path):
         storage.read(paths["d" * 32][1])
     assert storage.read(paths["e" * 32][0]) == b"img"
     assert storage.read(kept_by_others) == b"not a job's"  # not named after the pruned job: left alone
+
+
+@pytest.mark.parametrize("kind", ["folder", "memory-url"])
+def test_two_attempts_of_a_job_stage_apart_and_only_the_recorded_one_is_promoted(tmp_path, kind):
+    location = {"folder": str(tmp_path / "out"), "memory-url": f"memory://stage-{tmp_path.name}/images"}[kind]
+    storage = OutputStorage(location)
+    job_id = "c" * 32
+    lost_staged, final = storage.stage(job_id, 0, "png", b"lost attempt", token="attempt1")
+    kept_staged, same_final = storage.stage(job_id, 0, "png", b"taken over", token="attempt2")
+    assert final == same_final and lost_staged != kept_staged
+    assert storage.read_recorded(final, kept_staged) == b"taken over"  # recorded done, not yet moved
+    storage.promote(kept_staged, final)
+    storage.delete(lost_staged)  # the attempt the store did not record removes only its own file
+    assert storage.read_recorded(final, kept_staged) == b"taken over"
+    assert storage.read(final) == b"taken over"
+    with pytest.raises(MissingImageError):
+        storage.read(lost_staged)
+    with pytest.raises(MissingImageError):
+        storage.promote(lost_staged, final)
+
+
+def test_input_images_are_stored_apart_from_outputs(tmp_path):
+    storage = OutputStorage(tmp_path / "out")
+    stored = storage.save_input("d" * 32, "mask", "png", b"mask bytes")
+    assert "/inputs/" in stored and stored.endswith(f"/{'d' * 32}-mask.png")
+    assert storage.read(stored) == b"mask bytes"
