@@ -12,7 +12,7 @@ import logging
 import pathlib
 import time
 import uuid
-from typing import Annotated, Literal
+from typing import Annotated
 
 import grpc
 from fastapi import Depends, FastAPI, Path, Query, Request
@@ -68,6 +68,7 @@ from pipelines.schemas import (
     ModelsResponse,
     QueueStatusResponse,
     SamplingMethodsResponse,
+    StatusInclude,
     Txt2ImgRequest,
     Txt2ImgResponse,
     UpscalerInfo,
@@ -679,7 +680,7 @@ class Ingress(A1111Routes):
                   "changes, or after this many seconds (0: at once). A job that has ended answers at once."),
         ] = 0,
         include: Annotated[
-            Literal["inputs"] | None,
+            StatusInclude | None,
             Query(description="`inputs`: the job's `payload` (in any state) with the input images it was sent "
                   "(img2img `image`, `mask`), read back from the output storage; left out otherwise"),
         ] = None,
@@ -693,7 +694,7 @@ class Ingress(A1111Routes):
                 if await self.watcher.next_change(job_id, job_summary(job), wait_s) is not None:
                     job = await self.jobs.get(job_id) or job
         fields = await self._status_fields(job_id, job, with_images=True)
-        if include == "inputs":
+        if include is StatusInclude.inputs:
             inputs = await asyncio.to_thread(self._read_inputs, job["inputs"])  # missing: 404, unreachable: 500
             fields["payload"] = {**job["payload"], **inputs}
         # Serialized here (pydantic's JSON encoder) rather than re-validated by FastAPI: this is the route

@@ -7,6 +7,7 @@ names follow the seed API exactly (including `fileType`). Unknown fields are acc
 does, and each one is named in the job's warnings.
 """
 
+from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
@@ -23,6 +24,13 @@ JobState = Literal["queued", "processing", "done", "error", "cancelled"]
 MAX_SEED = 2**32 - 1
 JOB_ID_PATTERN = "^[0-9a-f]{32}$"  # uuid4().hex
 IMAGE_FORMAT = "image-base64"  # a custom string format; tests/schemathesis_hooks.py generates it
+
+
+class StatusInclude(StrEnum):
+    """What `GET /queue/{job_id}?include=` adds to a status (an enum: a closed set, more may come)."""
+
+    inputs = "inputs"
+
 
 SamplerName = Literal[tuple(accepted_sampler_names())]
 ScheduleType = Literal[tuple(accepted_schedule_types())]

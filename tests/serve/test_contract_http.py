@@ -48,9 +48,11 @@ def test_closed_sets_are_the_codes_own_tables(schema):
     assert upscaler["anyOf"][0]["enum"] == list(LATENT_MODES)
     image = schema["components"]["schemas"]["Img2ImgRequest"]["properties"]["image"]
     assert image["format"] == "image-base64"
-    job_id, wait_s = schema["paths"]["/queue/{job_id}"]["get"]["parameters"]
+    job_id, wait_s, include = schema["paths"]["/queue/{job_id}"]["get"]["parameters"]
     assert job_id["schema"]["pattern"] == JOB_ID_PATTERN
     assert (wait_s["in"], wait_s["schema"]["minimum"], wait_s["schema"]["maximum"]) == ("query", 0, 30)
+    assert include["in"] == "query" and include["schema"]["anyOf"][0] == {"$ref": "#/components/schemas/StatusInclude"}
+    assert schema["components"]["schemas"]["StatusInclude"]["enum"] == ["inputs"]
     events = schema["paths"]["/queue/{job_id}/events"]["get"]["responses"]["200"]["content"]
     assert set(events) == {"text/event-stream"}
 
