@@ -21,7 +21,7 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.routing import get_route_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from deployments.keys import ANONYMOUS, ApiKey, Caller, load_keys, match_key
+from deployments.keys import ANONYMOUS, NOBODY, ApiKey, Caller, load_keys, match_key
 from pipelines.errors import DiffusionAPIError
 from pipelines.limits import LIMITS
 
@@ -82,8 +82,8 @@ class AccessPolicy:
 
 
 def caller(request: Request) -> Caller:
-    """The request's caller, as AccessMiddleware found it (anonymous outside the middleware: keys off)."""
-    return request.scope.get("state", {}).get(CALLER, ANONYMOUS)
+    """The request's caller, as AccessMiddleware found it; a request it did not see is nobody (fail closed)."""
+    return request.scope.get("state", {}).get(CALLER, NOBODY)
 
 
 class ForbiddenError(DiffusionAPIError):
@@ -164,7 +164,7 @@ def check_request(policy: AccessPolicy, scope: Scope) -> tuple[Response | None, 
         if is_a1111_path(path):
             missing_key += " (or Basic credentials with the key as the password)"
         return error_response(401, missing_key, refused, a1111=is_a1111_path(path)), cors
-    scope.setdefault("state", {})[CALLER] = found or Caller(keys_on=True, admin=False, owner="")
+    scope.setdefault("state", {})[CALLER] = found or NOBODY
     return None, cors
 
 
@@ -226,7 +226,9 @@ class AccessMiddleware:
             await answer(scope, receive, send)
             return
         has_body = scope["method"] in ("POST", "PUT", "PATCH")
-        if has_body and "content-length" not in Headers(scope=scope):
+        headers = Headers(scope=scope)
+        # Chunked framing wins over a Content-Length sent with it (RFC 9112), so such a body is counted too.
+        if has_body and ("content-length" not in headers or "transfer-encoding" in headers):
             # Chunked: the size is known only by counting. Read up to the limit, then hand the route what was
             # read (Starlette reads whole bodies anyway).
             messages, within = await bounded_body(receive, policy.max_request_bytes)

@@ -38,7 +38,7 @@ from deployments.access import (
 )
 from deployments.contract import IMAGE_CONTENT, IMAGE_ERRORS, documented_errors, documented_methods, install_openapi
 from deployments.job_db import describe
-from deployments.jobs import LEASE_RENEW_S, TERMINAL_STATES, JobsClient, image_fields
+from deployments.jobs import LEASE_RENEW_S, PRUNE_BATCH, TERMINAL_STATES, JobsClient, image_fields
 from deployments.metrics import FAMILIES, job_store_metrics, service_metrics
 from deployments.watch import JOB_EVENT_SCHEMA, KEEPALIVE_S, JobWatcher, change_key, job_summary, sse_event
 from deployments.webhooks import WebhookLookupUnavailable, WebhookPolicy, WebhookTargetError
@@ -260,6 +260,7 @@ class Ingress(A1111Routes):
         self._inflight: dict[str, asyncio.Task] = {}  # job id -> the task awaiting its generator
         self.submissions_arriving = 0  # job POSTs received and not yet handed to a generator (_CountSubmissions)
         self._reaper: asyncio.Task | None = None
+        self._retention: asyncio.Task | None = None
         self.watcher = JobWatcher(self.jobs)  # wakes long polls and event streams when their job changes
         self.webhooks = WebhookPolicy.from_config(**(webhooks or {}))
         self._deliveries: dict[str, asyncio.Task] = {}  # job id -> its webhook delivery under way here
@@ -390,8 +391,12 @@ class Ingress(A1111Routes):
         if kind == "img2img":  # the input images are stored once, by reference: never in the record
             record = {key: value for key, value in payload.items() if key not in INPUT_FIELDS}
             inputs = await asyncio.to_thread(self._store_inputs, job_id, payload)
-        created = await self.jobs.create(job_id, kind, record, warnings, entry.family, self.max_queued_jobs,
-                                         origin, owner, inputs)  # fmt: skip
+        try:
+            created = await self.jobs.create(job_id, kind, record, warnings, entry.family, self.max_queued_jobs,
+                                             origin, owner, inputs)  # fmt: skip
+        except BaseException:
+            await asyncio.to_thread(self._delete_inputs, inputs)
+            raise
         if not created:
             await asyncio.to_thread(self._delete_inputs, inputs)
             raise ServiceBusyError(
@@ -609,15 +614,25 @@ class Ingress(A1111Routes):
                     self._start_delivery(delivery["job_id"], delivery["callback_url"], claimed=True)
             except Exception:
                 logger.exception("the job keeper failed; it runs again in %.0fs", LEASE_RENEW_S)
-            try:  # retention on a timer, so a full disk frees itself without waiting for a new job
-                if pruned := await self.jobs.prune_if_due():
-                    logger.info("retention removed %d finished job(s)", pruned)
-            except Exception:
-                logger.warning("retention failed; it runs again later", exc_info=True)
+            if self._retention is None or self._retention.done():  # its own task: never holds up the leases
+                self._retention = asyncio.create_task(self._retain(), context=contextvars.Context())
             try:
                 await self._gauge_queues()
             except Exception:
                 logger.warning("updating the queue-depth metric failed", exc_info=True)
+
+    async def _retain(self) -> None:
+        """Retention on a timer (one replica per interval), so a full disk frees itself without waiting for a
+        new job; a backlog goes in bounded steps, each one store call, so other calls run between them."""
+        try:
+            pruned = step = await self.jobs.prune_if_due() or 0
+            while step == PRUNE_BATCH:
+                step = await self.jobs.prune()
+                pruned += step
+            if pruned:
+                logger.info("retention removed %d finished job(s)", pruned)
+        except Exception:
+            logger.warning("retention failed; it runs again later", exc_info=True)
 
     async def _gauge_queues(self) -> None:
         """The queue-depth gauge: jobs queued and running per family, the whole service's (from the store)."""

@@ -43,6 +43,7 @@ REPLICA_REPORT_TTL_S = 60.0
 # dispatches it again.
 LEASE_S = 15.0
 LEASE_RENEW_S = 3.0
+PRUNE_BATCH = 500  # jobs per retention step: a backlog is removed in bounded steps, other store calls between
 PRUNE_INTERVAL_S = 60.0  # retention runs this often, from the ingress replicas' job keepers (one of them at a time)
 _TERMINAL = ", ".join(f"'{state}'" for state in TERMINAL_STATES)
 # What clients watching a job wait on (long polls, event streams): `summaries` reads these columns.
@@ -406,31 +407,41 @@ class JobStore:
         )
         return self.prune() if claimed else None
 
-    def prune(self) -> int:
+    def prune(self, limit: int = PRUNE_BATCH) -> int:
         """Deletes finished jobs older than the retention time, and each owner's beyond the retention count (so
-        no caller's jobs make another's go), never-started cancelled ones first; their images and stored inputs
-        go from the output storage. Returns how many jobs were removed."""
+        no caller's jobs make another's go), never-started cancelled ones first; their images, stored inputs
+        and staged files go from the output storage first, then their records (a file that cannot be deleted
+        now is logged). At most
+        `limit` jobs per call, so a backlog is worked through a bounded step at a time. Returns how many went."""
         cutoff = time.time() - self.keep_finished_seconds
         never_started = "CASE WHEN state = 'cancelled' AND started IS NULL THEN 1 ELSE 0 END"
         rows = self.db.execute(
             f"SELECT job_id, result, inputs FROM (SELECT job_id, result, inputs, updated, ROW_NUMBER() OVER "
             f"(PARTITION BY owner ORDER BY {never_started}, updated DESC) AS kept FROM jobs "
-            f"WHERE state IN ({_TERMINAL})) AS finished WHERE kept > ? OR updated < ?",
-            (self.keep_finished_count, cutoff),
+            f"WHERE state IN ({_TERMINAL})) AS finished WHERE kept > ? OR updated < ? LIMIT ?",
+            (self.keep_finished_count, cutoff, limit),
         )
-        self.db.executemany("DELETE FROM jobs WHERE job_id = ?", [(job_id,) for job_id, _, _ in rows])
         for job_id, result, inputs in rows:
             stored = image_fields(json.loads(result) if result else {})
             files = [*(stored.get("output_paths") or []), *(stored.get("staged_paths") or []),
                      *(json.loads(inputs) if inputs else {}).values()]  # fmt: skip
             for output in files:
-                if not Path(output).name.startswith(job_id):  # only files named after the job
-                    continue
-                if self.outputs is not None:
-                    self.outputs.delete(output)  # only under the storage's root
-                elif not is_url(output):
-                    Path(output).unlink(missing_ok=True)
+                if Path(output).name.startswith(job_id):  # only files named after the job
+                    self._delete_file(job_id, output)
+        self.db.executemany("DELETE FROM jobs WHERE job_id = ?", [(job_id,) for job_id, _, _ in rows])
         return len(rows)
+
+    def _delete_file(self, job_id: str, location: str) -> None:
+        """One file of a pruned job, and the staged files of its attempts that never recorded them (a replica
+        lost mid-save); a failure is logged and retention goes on."""
+        try:
+            if self.outputs is not None:
+                self.outputs.delete(location)  # only under the storage's root
+                self.outputs.delete_staged(location)
+            elif not is_url(location):
+                Path(location).unlink(missing_ok=True)
+        except Exception:
+            logger.warning("retention: could not delete %s of job %s", location, job_id, exc_info=True)
 
 
 PER_IMAGE_FIELDS = {"image": "images", "output_path": "output_paths", "seed": "seeds", "infotext": "infotexts"}
@@ -525,6 +536,9 @@ class JobsClient:
 
     async def prune_if_due(self) -> int | None:
         return await self._call("prune_if_due")
+
+    async def prune(self) -> int:
+        return await self._call("prune")
 
     async def active_jobs(self, origin: str, owner: str | None = None) -> list[dict]:
         return await self._call("active_jobs", origin, owner)

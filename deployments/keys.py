@@ -47,15 +47,18 @@ class Caller:
     caller is the same one), whether it may change service-wide state, and whether keys are on at all."""
 
     owner: str = ""
-    admin: bool = True
-    keys_on: bool = False
+    admin: bool = False
+    keys_on: bool = True
 
     def may_see(self, job_owner: str) -> bool:
         """A job is visible to its owner and to admins; with keys off, to everyone."""
-        return not self.keys_on or self.admin or hmac.compare_digest(self.owner.encode(), job_owner.encode())
+        if not self.keys_on or self.admin:
+            return True
+        return bool(self.owner) and hmac.compare_digest(self.owner.encode(), job_owner.encode())
 
 
-ANONYMOUS = Caller()
+ANONYMOUS = Caller(owner="", admin=True, keys_on=False)  # keys off: the one caller, who may do everything
+NOBODY = Caller(owner="", admin=False, keys_on=True)  # no caller was established: may see and change nothing
 
 
 class KeyEntry(BaseModel):
@@ -97,16 +100,24 @@ def _from_file(location: str) -> list[ApiKey]:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
         raise KeysConfigError(f"API keys file {path}: cannot be read: {error}") from None
+    text = text.removeprefix("\ufeff")  # an editor's byte-order mark is not part of the first key
     try:
         document = yaml.safe_load(text)
     except yaml.YAMLError:
         document = None  # not YAML: a file of plain keys (a key may hold characters YAML reads otherwise)
     if isinstance(document, dict):
         return _yaml_keys(path, document)
+    if isinstance(document, list):  # the entries without `keys:` above them: never read as plain keys
+        raise KeysConfigError(f"API keys file {path}: a YAML keys file is a mapping with 'keys:' and its list "
+                              f"under it (keys: [{{name, key | sha256, admin}}])")  # fmt: skip
     lines = [line.strip() for line in text.splitlines()]
     keys = [line for line in lines if line and not line.startswith("#")]
     if not keys:
         raise KeysConfigError(f"API keys file {path} holds no key (it is empty or only comments)")
+    for number, line in enumerate(lines, start=1):
+        if line in keys and (": " in line or line.startswith(("- ", "{"))):
+            raise KeysConfigError(f"API keys file {path}: line {number} looks like YAML, not a plain key; a YAML "
+                                  f"keys file starts with 'keys:'")  # fmt: skip
     return [_plain(key) for key in keys]
 
 

@@ -42,6 +42,8 @@ _QUOTED_BODY = re.compile(r'(?:[^\\"]++|\\.)*+')  # up to an unescaped '"' (or t
 _IMAGE_SIZE = re.compile(r"^(\d+)x(\d+)$")
 
 FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP", "avif": "AVIF", "gif": "GIF"}
+EXIF_IFD = 0x8769  # the Exif sub-IFD, where UserComment lives
+USER_COMMENT_TAG = 0x9286
 MIME_TYPES = {
     "png": "image/png",
     "jpg": "image/jpeg",
@@ -195,17 +197,26 @@ def read_infotext(image: Image.Image | bytes) -> str | None:
     info = dict(image.info)
     text = info.get("parameters")
     if "exif" in info:
-        try:
-            exif = piexif.load(info["exif"])
-            comment = exif.get("Exif", {}).get(piexif.ExifIFD.UserComment, b"")
-            try:
-                decoded = piexif.helper.UserComment.load(comment)
-            except ValueError:
-                decoded = comment.decode("utf8", errors="ignore")
-            text = decoded or text
-        except (OSError, ValueError, struct.error):
-            pass
+        text = _read_exif_user_comment(image) or text
     elif "comment" in info:
         comment = info["comment"]
         text = comment.decode("utf8", errors="replace") if isinstance(comment, bytes) else str(comment)
     return text or None
+
+
+def _read_exif_user_comment(image: Image.Image) -> str | None:
+    """The EXIF UserComment (where A1111 keeps the infotext of JPEG, WebP and AVIF files). Read by Pillow, which
+    skips entries that claim more data than the file holds: piexif allocated whatever count a tag declared
+    (a 700-byte upload could ask for gigabytes)."""
+    try:
+        comment = image.getexif().get_ifd(EXIF_IFD).get(USER_COMMENT_TAG)
+    except (OSError, ValueError, SyntaxError, struct.error, MemoryError):
+        return None
+    if isinstance(comment, str):
+        return comment
+    if not isinstance(comment, bytes | bytearray):
+        return None
+    try:
+        return piexif.helper.UserComment.load(bytes(comment))
+    except ValueError:
+        return bytes(comment).decode("utf8", errors="ignore")

@@ -11,6 +11,7 @@ upload is complete. The cloud file systems are optional packages (`pip install '
 
 import contextlib
 import datetime
+import glob
 import os
 import uuid
 from pathlib import Path
@@ -149,6 +150,21 @@ class OutputStorage:
             return self.read(staged)
         except MissingImageError:
             return self.read(final)  # moved between the two reads
+
+    def delete_staged(self, final: str) -> None:
+        """Removes the staged files of every attempt of one image (`<final>.<token>.partial`), recorded or not:
+        an attempt lost midway leaves its own, which no record names."""
+        try:
+            path = self._path(final)
+            found = glob.glob(glob.escape(path) + ".*.partial") if self.is_local else self.fs.glob(path + ".*.partial")
+        except Exception:  # not under the root, or a listing the storage refuses: nothing to remove here
+            return
+        for staged in found:
+            with contextlib.suppress(FileNotFoundError):
+                if self.is_local:
+                    os.remove(staged)
+                else:
+                    self.fs.rm(staged)
 
     def delete(self, stored: str) -> None:
         """Removes one image; one already gone is fine."""

@@ -72,3 +72,21 @@ def test_a_data_url_header_is_read_from_its_first_characters_only():
     with pytest.raises(BadImageError, match="not valid base64"):
         decode_base64_bytes(padded)
     assert time.perf_counter() - started < 1.0  # a backtracking match over 8 MB took seconds
+
+
+def hostile_exif(count: int) -> bytes:
+    """EXIF whose UserComment claims `count` LONG values (4 bytes each) that the file does not hold."""
+    import struct
+
+    ifd0 = struct.pack("<H", 1) + struct.pack("<HHII", 0x8769, 4, 1, 26) + struct.pack("<I", 0)  # -> Exif IFD
+    exif_ifd = struct.pack("<H", 1) + struct.pack("<HHII", 0x9286, 4, count, 0) + struct.pack("<I", 0)
+    return b"Exif\x00\x00" + b"II*\x00" + struct.pack("<I", 8) + ifd0 + exif_ifd
+
+
+@pytest.mark.parametrize("count", [0x4000000, 0xFFFFFFFF])
+def test_an_exif_entry_claiming_more_data_than_the_file_holds_costs_nothing(count):
+    upload = encoded(Image.new("RGB", (16, 16)), "JPEG", exif=hostile_exif(count))
+    started = time.perf_counter()
+    assert read_infotext(base64.b64decode(upload)) is None  # piexif allocated count x 4 bytes (or MemoryError)
+    assert png_info(upload)["info"] == ""
+    assert time.perf_counter() - started < 1.0

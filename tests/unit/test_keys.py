@@ -57,6 +57,11 @@ def test_plain_keys_from_the_environment_and_a_file_are_ordinary_callers(tmp_pat
     assert [key.name for key in keys] == [fingerprint(hashlib.sha256(k).digest())
                                           for k in (b"env-key", b"second-key", b"file-key")]  # fmt: skip
     assert not any(key.admin for key in keys)
+    bom = tmp_path / "bom-keys"
+    bom.write_text("\ufefffirst-key\n", encoding="utf-8")
+    monkeypatch.delenv(KEYS_ENV)
+    assert load_keys(str(bom))[0].digest == hashlib.sha256(b"first-key").digest()  # an editor's BOM is not the key
+    monkeypatch.setenv(KEYS_ENV, "env-key, second-key")
     alice, bob = (AccessPolicy(keys=keys).caller_of(f"Bearer {key}") for key in ("env-key", "file-key"))
     assert alice.owner != bob.owner and not alice.may_see(bob.owner) and alice.may_see(alice.owner)
 
@@ -75,6 +80,8 @@ def test_plain_keys_from_the_environment_and_a_file_are_ordinary_callers(tmp_pat
         ("keys:\n  - {name: alice, key: a}\nadmins: [alice]\n", "admins"),
         ("keys:\n  - {name: alice, key: a}\n  - {name: alice, key: b}\n", "'alice' is given twice"),
         ("keys:\n  - {name: alice, key: a}\n  - {name: bob, key: a}\n", "named 'bob' is given twice"),
+        ("- name: alice\n  key: a\n- name: ops\n  key: o\n  admin: true\n", "a mapping with 'keys:'"),
+        ("alice-key\nadmin: true\n", "line 2 looks like YAML"),
         ("# nothing but a comment\n\n", "holds no key"),
         ("", "holds no key"),
     ],
@@ -112,6 +119,12 @@ def guarded_app(policy: AccessPolicy) -> TestClient:
         return {"ok": True}
 
     return TestClient(app)
+
+
+def test_a_request_the_middleware_did_not_see_is_nobody():
+    from deployments.keys import NOBODY
+
+    assert not NOBODY.admin and not NOBODY.may_see("") and not NOBODY.may_see("alice")
 
 
 def test_service_wide_changes_are_for_admin_keys_only(tmp_path):

@@ -86,3 +86,16 @@ def test_input_images_are_stored_apart_from_outputs(tmp_path):
     stored = storage.save_input("d" * 32, "mask", "png", b"mask bytes")
     assert "/inputs/" in stored and stored.endswith(f"/{'d' * 32}-mask.png")
     assert storage.read(stored) == b"mask bytes"
+
+
+def test_retention_removes_the_staged_files_of_attempts_no_record_names(tmp_path):
+    store = JobStore(str(tmp_path / "jobs.sqlite3"), keep_finished_count=0, outputs=str(tmp_path / "out"))
+    storage = OutputStorage(tmp_path / "out")
+    job_id = "e" * 32
+    storage.stage(job_id, 0, "png", b"lost attempt", token="lost")  # its replica died before recording it
+    staged, final = storage.stage(job_id, 0, "png", b"recorded", token="kept")
+    storage.promote(staged, final)
+    store.create(job_id, "txt2img", {}, [])
+    store.complete(job_id, {"output_paths": [final]})
+    assert store.prune() == 1
+    assert [path for path in (tmp_path / "out").rglob("*") if path.is_file()] == []
