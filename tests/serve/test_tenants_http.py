@@ -32,7 +32,9 @@ from tests.serve.test_schema_fuzz import SYNCHRONOUS_GENERATION, schemathesis_co
 
 KEYS = {"alice": "alice-key-3f9c2b7e", "bob": "bob-key-81d04a6c", "ops": "ops-key-c5e21f90"}
 KEEP_PER_OWNER = 6
-ON_HEAD = {"num_cpus": 0.01}  # the session's cluster has its CPUs given to the main application
+# No CPU asked: the session's cluster has given its logical CPUs to the main application (all of them, once the
+# scaling test has added SD1.5 replicas), and these replicas only run tiny jobs.
+ON_HEAD = {"num_cpus": 0}
 TINY = {"prompt": "a lighthouse at dusk", "steps": 3, "width": 64, "height": 64, "seed": 21}
 SLOW = {"prompt": "a long one", "steps": 150, "width": 512, "height": 512, "seed": 5}
 FUZZ_SECONDS = int(os.environ.get("DIFFUSION_API_KEYED_FUZZ_SECONDS", "60"))
@@ -95,10 +97,12 @@ def _keyed_application(settings, folder) -> dict:
 def keyed(service, settings, demo_root):
     folder = demo_root / "keyed"
     folder.mkdir(exist_ok=True)
-    service["deploy"](extra_applications=[_keyed_application(settings, folder)])
-    with httpx.Client(base_url=f"http://127.0.0.1:{PORT}/keyed", timeout=60) as http:
-        yield {"http": http, "database": str(folder / "jobs.sqlite3"), "folder": folder}
-    service["deploy"]()  # the session's service alone again
+    try:
+        service["deploy"](extra_applications=[_keyed_application(settings, folder)])
+        with httpx.Client(base_url=f"http://127.0.0.1:{PORT}/keyed", timeout=60) as http:
+            yield {"http": http, "database": str(folder / "jobs.sqlite3"), "folder": folder}
+    finally:
+        service["deploy"]()  # the session's service alone again, even when the keyed one did not come up
 
 
 def wait_done(http: httpx.Client, job_id: str, name: str, timeout: float = 120) -> dict:
