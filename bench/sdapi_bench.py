@@ -3,7 +3,9 @@
 Measures, on the same model, size and steps (the demo SD1.5, 64x64, 8 steps by default):
 - S1: a synchronous `POST /sdapi/v1/txt2img` vs the native submit + poll (5 ms) of the same job (p50 seconds);
 - S2: 4 A1111 calls at once vs the same 4 one after the other (A1111 itself runs them one at a time);
-- S3: one request of `batch_size` 8 vs 8 single-image requests one after the other (seconds for 8 images).
+- S3: one request of `batch_size` 8 vs 8 single-image requests one after the other (seconds for 8 images);
+- S4: a native client that submits, follows `/queue/{id}/events` to the final event and fetches the image, vs
+  the same job as one A1111 call, measured alternately (p50 of each and their difference in ms).
 
 .venv/bin/python bench/sdapi_bench.py [--url http://127.0.0.1:8000] [--results bench/RESULTS.md]
 """
@@ -42,6 +44,20 @@ class Bench:
             raise RuntimeError(f"job {job_id}: {status['error']}")
         return time.perf_counter() - started
 
+    async def native_events(self) -> float:
+        """Submit, follow the event stream to its final event, fetch the image: what an SSE client does."""
+        started = time.perf_counter()
+        body = {**self.common, "model": self.model, "seed": self.next_seed()}
+        response = await self.client.post("/txt2img", json=body)
+        response.raise_for_status()
+        job_id = response.json()["job_id"]
+        async with self.client.stream("GET", f"/queue/{job_id}/events") as stream:
+            async for line in stream.aiter_lines():
+                if line.startswith("event: ") and line[7:] in ("done", "error", "cancelled"):
+                    break
+        (await self.client.get(f"/queue/{job_id}/image")).raise_for_status()
+        return time.perf_counter() - started
+
     async def sdapi(self) -> float:
         started = time.perf_counter()
         body = {**self.common, "seed": self.next_seed(), "override_settings": {"sd_model_checkpoint": self.model}}
@@ -70,6 +86,10 @@ async def measure(url: str, model: str, size: int, steps: int, repeats: int) -> 
             await bench.native()
         eight_requests = time.perf_counter() - started
         one_request = await bench.native(batch_size=8)
+        events, calls = [], []
+        for _ in range(9):  # alternately, so a drift of the machine's speed touches both alike
+            events.append(await bench.native_events())
+            calls.append(await bench.sdapi())
     return {
         "native submit+poll p50 s": statistics.median(native),
         "sdapi sync call p50 s": statistics.median(sync),
@@ -79,6 +99,9 @@ async def measure(url: str, model: str, size: int, steps: int, repeats: int) -> 
         "8 single-image requests s": eight_requests,
         "1 request of batch_size 8 s": one_request,
         "S3 speed-up": eight_requests / one_request,
+        "S4 native submit+SSE+image p50 s": statistics.median(events),
+        "S4 sdapi sync call p50 s": statistics.median(calls),
+        "S4 difference (SSE path - sdapi) ms": 1000 * (statistics.median(events) - statistics.median(calls)),
     }
 
 

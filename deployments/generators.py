@@ -1,10 +1,11 @@
 """Generator deployments: one per model family, each holding several checkpoints.
 
 The checkpoint name is the multiplexed model id, so Serve routes a job to a replica that already has that
-checkpoint loaded. Jobs from different requests that can share one diffusers call (same checkpoint and
-`PreparedJob.batch_key()`) are gathered by the replica's `JobBatcher` and run as one batch. All image work
-is `pipelines.ImageEngine`; this class only places it on a replica, runs torch off the event loop, reports
-progress to the job store and writes the results.
+checkpoint loaded (the engine's cache holds the pipelines, Serve's multiplexed cache `ModelHandle`s). Jobs
+from different requests that can share one diffusers call (same checkpoint and `PreparedJob.batch_key()`) are
+gathered by the replica's `JobBatcher` and run as one batch. All image work is `pipelines.ImageEngine`; this
+class only places it on a replica, runs torch off the event loop, reports progress to the job store and
+writes the results.
 """
 
 import asyncio
@@ -13,6 +14,7 @@ import math
 import os
 import time
 import uuid
+import weakref
 from dataclasses import dataclass, field
 
 import ray
@@ -20,12 +22,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from deployments.batching import JobBatcher
-from deployments.jobs import LEASE_RENEW_S, PER_IMAGE_FIELDS, JobsClient
+from deployments.job_client import JobsClient
+from deployments.jobs import LEASE_RENEW_S, PER_IMAGE_FIELDS
 from deployments.metrics import PhaseTimer, observe_phase, service_metrics
 from pipelines.catalog import ModelCatalog
 from pipelines.errors import DiffusionAPIError, JobCancelledError
-from pipelines.generate import GenerationResult, ImageEngine
+from pipelines.generate import GenerationResult, ImageEngine, RefinedImages
 from pipelines.infotext import encode_image
+from pipelines.models import LoadedModel
 from pipelines.prepare import PreparedJob
 from pipelines.previews import set_preview_sink
 from pipelines.progress import PHASE_REFINING, PhaseProgress
@@ -36,8 +40,9 @@ from pipelines.storage import OutputStorage, StorageError
 from pipelines.system import gpu_info
 
 logger = logging.getLogger("ray.serve")
-MODELS_PER_REPLICA = 2
+MODELS_PER_REPLICA = 2  # the engine's budget, and so Serve's multiplexed cache's (see ModelHandle)
 PROGRESS_INTERVAL_S = 0.2
+HEALTH_CHECK_TIMEOUT_S = 10.0  # the device check's limit (below Serve's own 30 s health check timeout)
 COMPLETE_RETRY_DELAYS_S = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0)  # a store outage of about a minute is waited out
 
 
@@ -57,6 +62,43 @@ class BatchingConfig(BaseModel):
     batch_wait_ms: float = Field(100.0, ge=0, le=1000)
     max_batch_size: int = Field(8, ge=1, le=64)
     max_batch_pixels: int = Field(8 * 512 * 512, ge=64 * 64)
+
+
+class ModelHandle:
+    """What Serve's multiplexed cache holds for a checkpoint: a weak reference to the engine's load of it, never
+    the pipeline. The engine's LRU cache is the one owner of pipelines, with the one budget (MODELS_PER_REPLICA).
+
+    Why this design: Serve routes by the model ids of its own multiplexed cache, and offers no public way to
+    be told that the engine evicted one. So Serve's cache, with the engine's budget and every load on the
+    replica going through it (the warm-up's are put into it at start), picks what to evict; evicting calls
+    `__del__` (Serve's hook for freeing a model), which releases that very pipeline in the engine before the
+    next one loads. What Serve routes by is then what is in memory, and no pipeline outlives its eviction in
+    a second cache. The engine's own LRU eviction only acts on loads outside Serve's cache; a handle whose
+    model it let go loads it again (`current`, `reload`). Python calling `__del__` again when it collects the
+    handle is harmless: the engine releases only this load of the model, never a later one.
+    """
+
+    def __init__(self, engine: ImageEngine, loaded: LoadedModel):
+        self.engine = engine
+        self.name = loaded.entry.name
+        self._loaded = weakref.ref(loaded)
+
+    def current(self) -> LoadedModel | None:
+        """The engine's load of the model; None when the engine let it go on its own (a load outside Serve's
+        cache made room): `reload` then."""
+        loaded = self._loaded()
+        return loaded if loaded is not None and self.engine.holds(loaded) else None
+
+    def reload(self) -> LoadedModel:
+        """Loads the model into the engine again (blocking: call it off the event loop)."""
+        loaded = self.engine.load(self.name)
+        self._loaded = weakref.ref(loaded)
+        return loaded
+
+    def __del__(self) -> None:
+        loaded = self._loaded()
+        if loaded is not None:
+            self.engine.release(loaded)
 
 
 @dataclass
@@ -167,6 +209,9 @@ class _Generator:
         self._discarding: set[asyncio.Task] = set()
         logger.info("%s: torch threads %d, %s", self.replica_name, threads, self.batching)
         self._warm_up(options.get("warmup") or [])
+        self._registering: asyncio.Task | None = None
+        if self.engine.loaded_models():  # Serve runs the constructor on the replica's event loop
+            self._registering = asyncio.get_running_loop().create_task(self._register(self.engine.loaded_models()))
         self._report()
 
     def _warm_up(self, jobs: list[dict]) -> None:
@@ -200,12 +245,31 @@ class _Generator:
         self.jobs.report_replica(self.replica_name, report)
 
     @serve.multiplexed(max_num_models_per_replica=MODELS_PER_REPLICA)
-    async def get_model(self, model_id: str):
-        """Serve calls this only for a model this replica has not loaded."""
+    async def get_model(self, model_id: str) -> ModelHandle:
+        """Serve calls this only for a model its multiplexed cache does not hold, after evicting (and so
+        releasing) its least recently used one when it is full. Use `_loaded_model`."""
         started = time.monotonic()
+        cached = model_id in self.engine.loaded_models()  # the warm-up's models, when they are registered
         loaded = await asyncio.to_thread(self.engine.load, model_id)
-        service_metrics().model_load_seconds.observe(time.monotonic() - started, tags={"family": self.FAMILY})
-        return loaded
+        if not cached:
+            service_metrics().model_load_seconds.observe(time.monotonic() - started, tags={"family": self.FAMILY})
+        return ModelHandle(self.engine, loaded)
+
+    async def _loaded_model(self, model_id: str) -> LoadedModel:
+        """The engine's loaded model, asked for through Serve's multiplexed cache so that Serve knows (and
+        routes by) what this replica holds. The caller's reference keeps it alive for its job only."""
+        handle = await self.get_model(model_id)
+        loaded = handle.current()
+        return loaded if loaded is not None else await asyncio.to_thread(handle.reload)
+
+    async def _register(self, names: list[str]) -> None:
+        """Puts models loaded before Serve's multiplexed cache existed (the warm-up's) into it, so Serve routes
+        their jobs here."""
+        for name in names:
+            try:
+                await self.get_model(name)
+            except Exception:
+                logger.exception("%s: registering the warmed-up model %s failed", self.replica_name, name)
 
     async def generate(self, job_id: str, kind: str, request: dict, more_coming: int = 0) -> dict:
         """Runs one job to its end (its images in batches, with compatible jobs) and records the outcome on
@@ -226,7 +290,7 @@ class _Generator:
                 model_id = serve.get_multiplexed_model_id()
                 outcome = "hit" if model_id in self.engine.loaded_models() else "miss"  # a miss waits for a load
                 service_metrics().multiplex.inc(tags={"family": self.FAMILY, "outcome": outcome})
-                loaded = await self.get_model(model_id)
+                loaded = await self._loaded_model(model_id)
                 job = await asyncio.to_thread(self.engine.prepare, parsed, loaded.entry)
             job.job_id = job_id
             width, height = (job.hires.width, job.hires.height) if job.hires else (job.width, job.height)
@@ -306,7 +370,7 @@ class _Generator:
     async def _run_started(self, batch: list[QueuedJob]) -> dict[tuple[str, int], dict | BaseException]:
         loop = asyncio.get_running_loop()
         job_ids = list(dict.fromkeys(queued.job_id for queued in batch))
-        loaded = await self.get_model(batch[0].model)
+        loaded = await self._loaded_model(batch[0].model)
         cancelled: set[str] = set()  # filled from the job store's replies; read by the worker thread
         timer = PhaseTimer(self.FAMILY)
         progress = self._progress_sender(loop, job_ids, cancelled, timer)
@@ -446,7 +510,9 @@ class _Generator:
 
     def _remote_hooks(self, loop: asyncio.AbstractEventLoop, timer: PhaseTimer):
         """The engine's upscale and refine steps, handed to the Upscaler and Refiner deployments. They are
-        called from the worker thread and await the handles on this replica's event loop."""
+        called from the worker thread and await the handles on this replica's event loop. The Refiner gives
+        back `RefinedImages`: its images with the warnings and embeddings of its part, for the job's warnings
+        and infotext."""
 
         async def call_upscaler(images, upscaler: str, width: int, height: int):
             return await self.upscaler.upscale.remote(images, upscaler, width, height)
@@ -505,9 +571,16 @@ class _Generator:
             except Exception:
                 logger.exception("renewing job leases failed")
 
-    def check_health(self) -> None:
-        """Serve's health check (every few seconds): the replica is healthy while its engine answers; it also
-        refreshes this replica's report."""
+    async def check_health(self) -> None:
+        """Serve's health check (every few seconds): the replica is unhealthy when its device no longer computes
+        (a lost GPU, a sticky CUDA error: `ImageEngine.check_health` raises), or when the worker threads that
+        run its torch work take none (the check runs on one of them and must end within HEALTH_CHECK_TIMEOUT_S).
+        It also refreshes this replica's report."""
+        try:
+            await asyncio.wait_for(asyncio.to_thread(self.engine.check_health), HEALTH_CHECK_TIMEOUT_S)
+        except TimeoutError as error:
+            raise RuntimeError(f"the device check did not end within {HEALTH_CHECK_TIMEOUT_S:g} s: the device or "
+                               "this replica's worker threads are stuck") from error  # fmt: skip
         self._report()
 
 
@@ -536,9 +609,11 @@ class Refiner(_Generator):
     FAMILY = "sdxl-refiner"
     DEFAULT_BATCHING = BatchingConfig(max_batch_size=4, max_batch_pixels=4 * 1024 * 1024)
 
-    async def refine(self, jobs: list[PreparedJob], latents, progress_range: tuple[float, float]):
-        """The refiner's steps for a batch the SDXL generator started (its jobs are already running)."""
-        loaded = await self.get_model(serve.get_multiplexed_model_id())
+    async def refine(self, jobs: list[PreparedJob], latents, progress_range: tuple[float, float]) -> RefinedImages:
+        """The refiner's steps for a batch the SDXL generator started (its jobs are already running): the images,
+        with the warnings and embeddings of this part, which the SDXL generator adds to its jobs' warnings and
+        infotext."""
+        loaded = await self._loaded_model(serve.get_multiplexed_model_id())
         start, end = progress_range
         send = self._progress_sender(asyncio.get_running_loop(), [job.job_id for job in jobs], set())
 

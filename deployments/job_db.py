@@ -18,8 +18,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-TERMINAL_STATES = ("done", "error", "cancelled")  # a job in one of these has ended; the others are active
-ACTIVE_JOBS = f"state NOT IN ({', '.join(repr(state) for state in TERMINAL_STATES)})"  # SQL condition
+from pipelines.schemas import JobState
+
+TERMINAL_STATES = (JobState.done, JobState.error, JobState.cancelled)  # a job in one of these has ended
+ACTIVE_JOBS = f"state NOT IN ({', '.join(repr(state.value) for state in TERMINAL_STATES)})"  # SQL condition
 # Each step brings an older database to the next version; a database is never read by code older than it.
 # `{real}` is the dialect's 64-bit float. A column an older release already added is not added again.
 MIGRATIONS: list[tuple[str, ...]] = [

@@ -9,11 +9,8 @@ jobs are pruned by age and count; active jobs are held by leases (see LEASE_S). 
 node), else through the actor.
 """
 
-import asyncio
-import hashlib
 import json
 import logging
-import sqlite3
 import time
 import uuid
 from pathlib import Path
@@ -23,19 +20,13 @@ import ray
 from deployments.job_db import (
     ACTIVE_JOBS,
     TERMINAL_STATES,
-    database_errors,
-    describe,
-    is_postgres_url,
     open_database,
 )
+from deployments.job_records import SUMMARY_FIELDS, ActiveJob, JobRecord, JobSummary, LapsedDelivery, Orphan
+from pipelines.schemas import JobState
 from pipelines.storage import OutputStorage, is_url
 
 logger = logging.getLogger("ray.serve")
-ACTOR_NAME_PREFIX = "diffusion_api_jobs"
-ACTOR_NAMESPACE = "diffusion_api"
-# Bump when JobStore's methods change: the actor is detached and outlives redeploys, so a new interface
-# gets a new actor (same database) instead of calling methods the old one does not have.
-STORE_INTERFACE_VERSION = 9
 REPLICA_REPORT_TTL_S = 60.0
 # An active job is held by the processes working on it (the ingress replica dispatching it, the generator
 # replica queueing or running it), which renew its lease every LEASE_RENEW_S. A job whose lease has run out
@@ -45,9 +36,7 @@ LEASE_S = 15.0
 LEASE_RENEW_S = 3.0
 PRUNE_BATCH = 500  # jobs per retention step: a backlog is removed in bounded steps, other store calls between
 PRUNE_INTERVAL_S = 60.0  # retention runs this often, from the ingress replicas' job keepers (one of them at a time)
-_TERMINAL = ", ".join(f"'{state}'" for state in TERMINAL_STATES)
-# What clients watching a job wait on (long polls, event streams): `summaries` reads these columns.
-SUMMARY_FIELDS = ("state", "phase", "progress", "batch_size", "attempts", "preview")
+_TERMINAL = ", ".join(f"'{state.value}'" for state in TERMINAL_STATES)
 _NO_LIMIT = 2**62  # LIMIT for "all rows" (an OFFSET needs one on SQLite)
 
 
@@ -123,9 +112,6 @@ class JobStore:
         started = {row[0] for row in rows}
         return [job_id for job_id in job_ids if job_id in started]
 
-    def start(self, job_id: str, phase: str = "generation") -> bool:
-        return bool(self.start_many([job_id], phase))
-
     def progress_many(self, job_ids: list[str], progress: float, phase: str) -> list[str]:
         """Progress in percent for the jobs of a batch; it never goes backwards. Returns the jobs still
         active (the others were cancelled or failed meanwhile)."""
@@ -139,9 +125,6 @@ class JobStore:
         )
         active = {row[0] for row in rows}
         return [job_id for job_id in job_ids if job_id in active]
-
-    def progress(self, job_id: str, progress: float, phase: str) -> bool:
-        return bool(self.progress_many([job_id], progress, phase))
 
     def touch_active(self, job_ids: list[str]) -> int:
         """Heartbeat for started jobs that wait for their turn inside a batch (an out-of-memory batch retried
@@ -164,7 +147,7 @@ class JobStore:
         )
         return len(rows)
 
-    def claim_orphans(self, limit: int = 16) -> list[dict]:
+    def claim_orphans(self, limit: int = 16) -> list[Orphan]:
         """Takes up to `limit` active jobs whose lease has run out (nobody holds them any more) for the caller,
         atomically (one caller gets each); returns them (job id, kind, payload, family) to dispatch again. A job
         that has progressed within LEASE_S is not taken even then: its worker is alive (it only failed to renew,
@@ -182,8 +165,7 @@ class JobStore:
                 f"{orphaned} ORDER BY created LIMIT ?) RETURNING job_id, kind, payload, family, inputs",
                 (now + LEASE_S, now, now, now - LEASE_S, limit),
             )
-        return [{"job_id": job_id, "kind": kind, "payload": json.loads(payload), "family": family,
-                 "inputs": json.loads(inputs) if inputs else {}}
+        return [Orphan(job_id, kind, json.loads(payload), family, json.loads(inputs) if inputs else {})
                 for job_id, kind, payload, family, inputs in rows]  # fmt: skip
 
     def touch_queued(self, job_ids: list[str]) -> int:
@@ -216,9 +198,6 @@ class JobStore:
                     )
                 done.append(row is not None)
         return done
-
-    def complete(self, job_id: str, result: dict, warnings: list[str] | None = None) -> bool:
-        return self.complete_many([(job_id, result, warnings or [])])[0]
 
     def retry(self, job_id: str, warning: str, max_attempts: int, cause: str) -> int | None:
         """Puts a job whose worker died (replica or node lost) back in the queue for another attempt, with
@@ -277,7 +256,7 @@ class JobStore:
         )
         return bool(rows)
 
-    def claim_lapsed_deliveries(self, limit: int = 16) -> list[dict]:
+    def claim_lapsed_deliveries(self, limit: int = 16) -> list[LapsedDelivery]:
         """Takes up to `limit` ended jobs' webhook deliveries nobody holds (pending or delivering, their lease
         run out); returns them (job id, callback_url) to deliver."""
         now = time.time()
@@ -290,7 +269,7 @@ class JobStore:
                 f"FROM jobs WHERE {lapsed} ORDER BY updated LIMIT ?) RETURNING job_id, payload",
                 (now + LEASE_S, now, limit),
             )
-        return [{"job_id": job_id, "callback_url": json.loads(payload).get("callback_url")} for job_id, payload in rows]
+        return [LapsedDelivery(job_id, json.loads(payload).get("callback_url")) for job_id, payload in rows]
 
     def renew_deliveries(self, job_ids: list[str]) -> int:
         """The delivering replica's heartbeat: its deliveries stay its own for another LEASE_S."""
@@ -304,19 +283,20 @@ class JobStore:
         return bool(rows)
 
     # Queries ---------------------------------------------------------------------------------------------
-    def get(self, job_id: str) -> dict | None:
+    def get(self, job_id: str) -> JobRecord | None:
         rows = self.db.execute(f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs WHERE job_id = ?", (job_id,))
         if not rows:
             return None
         job = dict(zip(_JOB_COLUMNS, rows[0], strict=True))
+        job["state"] = JobState(job["state"])
         job["payload"] = json.loads(job["payload"])
         job["warnings"] = json.loads(job["warnings"])
         job["result"] = json.loads(job["result"]) if job["result"] else None
         job["webhook"] = json.loads(job["webhook"]) if job["webhook"] else None
         job["inputs"] = json.loads(job["inputs"]) if job["inputs"] else {}
-        return job
+        return JobRecord(**job)
 
-    def summaries(self, job_ids: list[str]) -> dict[str, dict]:
+    def summaries(self, job_ids: list[str]) -> dict[str, JobSummary]:
         """What clients watching jobs wait on (state, phase, progress, batch size, attempts), for many jobs in
         one read: no payload, result or image locations."""
         if not job_ids:
@@ -325,7 +305,7 @@ class JobStore:
         rows = self.db.execute(
             f"SELECT job_id, {', '.join(SUMMARY_FIELDS)} FROM jobs WHERE job_id IN ({marks})", tuple(job_ids)
         )
-        return {row[0]: dict(zip(SUMMARY_FIELDS, row[1:], strict=True)) for row in rows}
+        return {job_id: JobSummary(JobState(state), *rest) for job_id, state, *rest in rows}
 
     def store_id(self) -> str:
         """This database's identity: a replica that opens the file itself checks it is the same database."""
@@ -336,9 +316,8 @@ class JobStore:
         SQLite's WAL and locks do not work across hosts (a network volume included)."""
         return self._store_id, ray.get_runtime_context().get_node_id()
 
-    def active_jobs(self, origin: str, owner: str | None = None) -> list[dict]:
-        """The queued and running jobs `origin` took (of `owner` only, unless None), oldest first: id, state,
-        phase, progress, steps, creation time and latest preview."""
+    def active_jobs(self, origin: str, owner: str | None = None) -> list[ActiveJob]:
+        """The queued and running jobs `origin` took (of `owner` only, unless None), oldest first."""
         steps = self.db.json_int("payload", "steps")
         query = (f"SELECT job_id, state, phase, progress, created, {steps}, preview FROM jobs "
                  f"WHERE {ACTIVE_JOBS} AND origin = ?")  # fmt: skip
@@ -347,8 +326,7 @@ class JobStore:
             query += " AND owner = ?"
             parameters += (owner,)
         rows = self.db.execute(query + " ORDER BY created", parameters)
-        columns = ("job_id", "state", "phase", "progress", "created", "steps", "preview")
-        return [dict(zip(columns, row, strict=True)) for row in rows]
+        return [ActiveJob(job_id, JobState(state), *rest) for job_id, state, *rest in rows]
 
     def get_setting(self, key: str) -> str | None:
         rows = self.db.execute("SELECT value FROM settings WHERE key = ?", (key,))
@@ -462,181 +440,3 @@ def image_fields(result: dict) -> dict:
 _JOB_COLUMNS = ("job_id", "kind", "state", "phase", "progress", "created", "updated", "payload", "warnings",
                 "result", "error", "batch_size", "attempts", "preview", "webhook", "family", "origin",
                 "owner", "inputs", "started")  # fmt: skip
-
-
-def same_store(database: str, store_id: str) -> bool:
-    """Whether `database` is a file this process can open and is the store with id `store_id` (not another
-    node's file that happens to have the same path). Checked read-only, so a foreign file is never changed."""
-    path = Path(database)
-    if not path.is_file():
-        return False
-    try:
-        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
-        try:
-            row = db.execute("SELECT value FROM meta WHERE key = 'store_id'").fetchone()
-        finally:
-            db.close()
-    except sqlite3.Error:
-        return False
-    return row is not None and row[0] == store_id
-
-
-class JobsClient:
-    """The job store as the replicas use it.
-
-    Every replica reads and writes a PostgreSQL store directly. A SQLite file is used directly by replicas on
-    the job actor's node that can open the actor's own file (checked by store id): SQLite's WAL and write locks
-    make that safe between processes of one host, and it saves an actor call (a few ms) on every step of a job
-    and on every status poll; replicas on other nodes (SQLite does not work across hosts, shared volumes
-    included) call the actor. Direct calls run in a worker thread. Replica reports live in the actor's memory
-    (a cache: replicas send them every few seconds) and always go there.
-    """
-
-    def __init__(self, database: str, **options):
-        self.database = database
-        self.actor = get_or_create_job_actor(database, **options)
-        self._options = options
-        self._local: JobStore | None = None
-        self._checked = False
-        self._checking = asyncio.Lock()
-
-    async def _store(self) -> "JobStore | None":
-        async with self._checking:
-            if self._checked:
-                return self._local
-            postgres = is_postgres_url(self.database)
-            if postgres:  # every process reaches the server: no need to ask the actor where the store is
-                store_id, node = "", ""
-            else:
-                store_id, node = await self.actor.location.remote()  # also waits for the actor to set up the file
-            if postgres or node == ray.get_runtime_context().get_node_id():
-                try:
-                    if postgres or await asyncio.to_thread(same_store, self.database, store_id):
-                        self._local = await asyncio.to_thread(JobStore, self.database, **self._options)
-                except database_errors():
-                    logger.warning("cannot open the job store %s here; using the job actor", describe(self.database))
-            # A PostgreSQL server out of reach now is tried again on the next call (this one asks the actor).
-            self._checked = self._local is not None or not postgres
-            logger.info("job store: %s", describe(self.database) if self._local else "the job actor")
-            return self._local
-
-    async def _call(self, method: str, *args):
-        store = await self._store()
-        if store is not None:
-            try:  # off the event loop: a durable commit waits for the disk, a busy file for its lock
-                return await asyncio.to_thread(getattr(store, method), *args)
-            except database_errors():
-                logger.warning("job store %s failed here; asking the job actor", method, exc_info=True)
-        return await getattr(self.actor, method).remote(*args)
-
-    async def create(self, job_id: str, kind: str, payload: dict, warnings: list[str], family: str = "",
-                     max_active: int | None = None, origin: str = "", owner: str = "",
-                     inputs: dict[str, str] | None = None) -> bool:  # fmt: skip
-        return await self._call("create", job_id, kind, payload, warnings, family, max_active, origin, owner, inputs)
-
-    async def prune_if_due(self) -> int | None:
-        return await self._call("prune_if_due")
-
-    async def prune(self) -> int:
-        return await self._call("prune")
-
-    async def active_jobs(self, origin: str, owner: str | None = None) -> list[dict]:
-        return await self._call("active_jobs", origin, owner)
-
-    async def get_setting(self, key: str) -> str | None:
-        return await self._call("get_setting", key)
-
-    async def set_setting(self, key: str, value: str) -> None:
-        return await self._call("set_setting", key, value)
-
-    async def start_many(self, job_ids: list[str], phase: str, batch_size: int | None = None) -> list[str]:
-        return await self._call("start_many", job_ids, phase, batch_size)
-
-    async def progress_many(self, job_ids: list[str], progress: float, phase: str) -> list[str]:
-        return await self._call("progress_many", job_ids, progress, phase)
-
-    async def complete_many(self, outcomes: list[tuple[str, dict, list[str]]]) -> list[bool]:
-        return await self._call("complete_many", outcomes)
-
-    async def fail(self, job_id: str, error: str) -> bool:
-        return await self._call("fail", job_id, error)
-
-    async def retry(self, job_id: str, warning: str, max_attempts: int, cause: str) -> int | None:
-        return await self._call("retry", job_id, warning, max_attempts, cause)
-
-    async def cancel(self, job_id: str) -> bool:
-        return await self._call("cancel", job_id)
-
-    async def get(self, job_id: str) -> dict | None:
-        return await self._call("get", job_id)
-
-    async def record_previews(self, previews: dict[str, str]) -> None:
-        return await self._call("record_previews", previews)
-
-    async def claim_delivery(self, job_id: str) -> bool:
-        return await self._call("claim_delivery", job_id)
-
-    async def claim_lapsed_deliveries(self, limit: int = 16) -> list[dict]:
-        return await self._call("claim_lapsed_deliveries", limit)
-
-    async def renew_deliveries(self, job_ids: list[str]) -> int:
-        return await self._call("renew_deliveries", job_ids)
-
-    async def record_webhook(self, job_id: str, outcome: dict) -> bool:
-        return await self._call("record_webhook", job_id, outcome)
-
-    async def summaries(self, job_ids: list[str]) -> dict[str, dict]:
-        return await self._call("summaries", job_ids)
-
-    async def counts(self) -> dict[str, int]:
-        return await self._call("counts")
-
-    async def counts_by_family(self) -> list[tuple[str, str, int]]:
-        return await self._call("counts_by_family")
-
-    async def touch_active(self, job_ids: list[str]) -> int:
-        return await self._call("touch_active", job_ids)
-
-    async def renew_leases(self, job_ids: list[str]) -> int:
-        return await self._call("renew_leases", job_ids)
-
-    async def claim_orphans(self, limit: int = 16) -> list[dict]:
-        return await self._call("claim_orphans", limit)
-
-    async def touch_queued(self, job_ids: list[str]) -> int:
-        return await self._call("touch_queued", job_ids)
-
-    async def reap_stale(self, timeout_seconds: float) -> list[str]:
-        return await self._call("reap_stale", timeout_seconds)
-
-    async def replica_reports(self) -> list[dict]:
-        try:
-            return await self.actor.replica_reports.remote()
-        except ray.exceptions.RayActorError:  # it could not restart (its store was out of reach): a new one
-            self.actor = get_or_create_job_actor(self.database, **self._options)
-            return await self.actor.replica_reports.remote()
-
-    def report_replica(self, replica: str, report: dict) -> None:
-        self.actor.report_replica.remote(replica, report)
-
-
-def job_actor_name(database: str) -> str:
-    """One actor per database and store interface, so two apps on one cluster never share a store."""
-    location = database if is_postgres_url(database) else str(Path(database).resolve())
-    digest = hashlib.sha1(location.encode()).hexdigest()[:10]
-    return f"{ACTOR_NAME_PREFIX}_v{STORE_INTERFACE_VERSION}_{digest}"
-
-
-def get_or_create_job_actor(database: str, **options):
-    """The one named job-status actor (created by whoever asks first). It restarts on failure and callers'
-    calls are retried; its records survive in the database."""
-    actor_class = ray.remote(JobStore)
-    return actor_class.options(
-        name=job_actor_name(database),
-        namespace=ACTOR_NAMESPACE,
-        lifetime="detached",
-        get_if_exists=True,
-        num_cpus=0,
-        max_restarts=-1,
-        max_task_retries=-1,
-    ).remote(database, **options)

@@ -21,7 +21,7 @@ SECONDS_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600]
 # Ray reports a histogram's sum from its buckets' midpoints: bucket (k - 0.5, k + 0.5] makes a batch of k images
 # count exactly k (up to 16), so sum / count is the true mean.
 BATCH_BUCKETS = [size + 0.5 for size in range(17)] + [24.5, 32.5, 64.5]
-JOB_STATES = get_args(JobState)
+JOB_STATES = tuple(state.value for state in JobState)
 FAMILIES = get_args(Family)
 
 

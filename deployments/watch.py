@@ -13,7 +13,7 @@ import json
 import logging
 from collections.abc import AsyncIterator
 
-from deployments.jobs import SUMMARY_FIELDS
+from deployments.job_records import JobSummary
 
 logger = logging.getLogger("ray.serve")
 WATCH_INTERVAL_S = 0.25
@@ -38,17 +38,12 @@ JOB_EVENT_SCHEMA = {
 }
 
 
-def change_key(summary: dict | None, with_preview: bool = False) -> tuple | None:
+def change_key(summary: JobSummary | None, with_preview: bool = False) -> tuple | None:
     """What a waiting client waits to see change: the state, the phase and the progress (and the preview, for
     an event stream of a job with previews)."""
     if summary is None:
         return None
-    return summary["state"], summary["phase"], summary["progress"], summary["preview"] if with_preview else None
-
-
-def job_summary(job: dict) -> dict:
-    """A job record's summary, as `JobStore.summaries` reads it."""
-    return {key: job[key] for key in SUMMARY_FIELDS}
+    return summary.state, summary.phase, summary.progress, summary.preview if with_preview else None
 
 
 def sse_event(event: str, data: dict) -> str:
@@ -61,9 +56,10 @@ class JobWatcher:
         self.jobs = jobs
         self.interval = interval
         self._waiting: dict[str, int] = {}  # job id -> requests waiting on it
-        self._latest: dict[str, dict] = {}  # job id -> its summary as last read
+        self._latest: dict[str, JobSummary] = {}  # job id -> its summary as last read
         self._changed: dict[str, asyncio.Event] = {}  # job id -> set (and replaced) when its summary changes
         self._loop: asyncio.Task | None = None
+        self._read_now = asyncio.Event()  # set by `poke`: the loop reads at once instead of after its interval
 
     @contextlib.asynccontextmanager
     async def watching(self, job_id: str) -> AsyncIterator[None]:
@@ -80,8 +76,14 @@ class JobWatcher:
                 self._latest.pop(job_id, None)
                 self._changed.pop(job_id, None)
 
-    async def next_change(self, job_id: str, seen: dict | None, timeout: float,
-                          with_preview: bool = False) -> dict | None:  # fmt: skip
+    def poke(self, job_id: str) -> None:
+        """A job this replica knows has just changed (its dispatch came back: it ended): its watchers learn it
+        now, not at the next interval. Other replicas' watchers still read it on theirs."""
+        if job_id in self._waiting:
+            self._read_now.set()
+
+    async def next_change(self, job_id: str, seen: JobSummary | None, timeout: float,
+                          with_preview: bool = False) -> JobSummary | None:  # fmt: skip
         """The job's summary as soon as its state, phase or progress (or preview) differs from `seen`; None when
         `timeout` seconds pass first. Call it inside `watching(job_id)`."""
         loop = asyncio.get_running_loop()
@@ -112,4 +114,6 @@ class JobWatcher:
                     event = self._changed.pop(job_id, None)
                     if event is not None:
                         event.set()
-            await asyncio.sleep(self.interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._read_now.wait(), self.interval)
+            self._read_now.clear()

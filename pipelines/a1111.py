@@ -13,7 +13,7 @@ warning in `info` (clients send their own fields), never refused.
 import datetime
 import json
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import psutil
 from PIL import Image
@@ -33,7 +33,7 @@ from pipelines.infotext import parse_infotext, read_infotext
 from pipelines.limits import LIMITS
 from pipelines.loras import LoraLibrary, find_lora_tags, replace_lora_tags
 from pipelines.samplers import SAMPLERS, SCHEDULES, resolve_sampler
-from pipelines.schemas import Img2ImgRequest, Txt2ImgRequest
+from pipelines.schemas import Img2ImgRequest, JobState, Txt2ImgRequest
 from pipelines.settings import VERSION
 from pipelines.upscalers import LATENT_MODES, RESIZE_MODES, UpscalerLibrary
 
@@ -301,8 +301,28 @@ def parameters_echo(request: A1111GenerationRequest) -> dict:
     return echo
 
 
+class JobView(Protocol):
+    """What the A1111 answers read of a job record (the service's JobRecord has these)."""
+
+    job_id: str
+    created: float
+    payload: dict
+
+
+class ActiveJobView(Protocol):
+    """What `progress_report` reads of an active job (the service's ActiveJob has these)."""
+
+    job_id: str
+    state: JobState
+    phase: str
+    progress: float
+    created: float
+    steps: int | None
+    preview: str | None
+
+
 def generation_info(
-    request: A1111GenerationRequest, job: dict, result: dict, warnings: list[str], inpainting_model: bool = False
+    request: A1111GenerationRequest, job: JobView, result: dict, warnings: list[str], inpainting_model: bool = False
 ) -> dict:
     """A1111's `info` (`Processed.js()`) for a finished job, read from its record and first infotext, plus
     this service's `job_id` and `warnings`. `inpainting_model`: the job ran on an inpainting checkpoint."""
@@ -310,7 +330,7 @@ def generation_info(
     seeds: list[int] = result.get("seeds") or []
     params = parse_infotext(infotexts[0]) if infotexts else {}
     count = len(seeds)
-    native = job["payload"]
+    native = job.payload
     subseed = request.subseed if request.subseed is not None and request.subseed >= 0 else seeds[0] if seeds else -1
     extra_keys = ("Schedule type", "Hires upscale", "Hires steps", "Hires upscaler", "Lora hashes", "Refiner",
                   "Refiner switch at", "Mask blur", "Mask mode", "Inpaint area", "Masked area padding",
@@ -345,23 +365,23 @@ def generation_info(
         "index_of_first_image": 0,
         "infotexts": infotexts,
         "styles": [],
-        "job_timestamp": datetime.datetime.fromtimestamp(job["created"]).strftime("%Y%m%d%H%M%S"),
+        "job_timestamp": datetime.datetime.fromtimestamp(job.created).strftime("%Y%m%d%H%M%S"),
         "clip_skip": int(params.get("Clip skip", 1)),
         "is_using_inpainting_conditioning": inpainting_model,
         "version": VERSION,
-        "job_id": job["job_id"],
+        "job_id": job.job_id,
         "warnings": warnings,
     }
 
 
-def progress_report(jobs: list[dict], now: float, with_image: bool = True) -> dict:
+def progress_report(jobs: list[ActiveJobView], now: float, with_image: bool = True) -> dict:
     """A1111's `GET /progress` for the caller's active jobs (oldest first): the first running one's progress
     and its latest preview (`current_image`: a JPEG in base64); `progress == 0 and job_count == 0` when there
     are none (clients wait on that)."""
-    running = next((job for job in jobs if job["state"] == "processing"), None)
-    fraction = (running["progress"] / 100.0) if running else 0.0
-    steps = running["steps"] if running else 0
-    elapsed = now - running["created"] if running else 0.0
+    running = next((job for job in jobs if job.state == JobState.processing), None)
+    fraction = (running.progress / 100.0) if running else 0.0
+    steps = (running.steps or 0) if running else 0
+    elapsed = now - running.created if running else 0.0
     eta = elapsed / fraction - elapsed if fraction > 0 else 0.0
     first = running or (jobs[0] if jobs else None)
     return {
@@ -371,17 +391,15 @@ def progress_report(jobs: list[dict], now: float, with_image: bool = True) -> di
             "skipped": False,
             "interrupted": False,
             "stopping_generation": False,
-            "job": f"task({first['job_id']})" if first else "",
+            "job": f"task({first.job_id})" if first else "",
             "job_count": len(jobs),
-            "job_timestamp": datetime.datetime.fromtimestamp(first["created"]).strftime("%Y%m%d%H%M%S")
-            if first
-            else "0",
+            "job_timestamp": datetime.datetime.fromtimestamp(first.created).strftime("%Y%m%d%H%M%S") if first else "0",
             "job_no": 0,
             "sampling_step": int(fraction * steps),
             "sampling_steps": steps,
         },
-        "current_image": running.get("preview") if running and with_image else None,
-        "textinfo": f"{running['phase']} ({running['progress']:.0f}%)" if running else None,
+        "current_image": running.preview if running and with_image else None,
+        "textinfo": f"{running.phase} ({running.progress:.0f}%)" if running else None,
     }
 
 

@@ -22,6 +22,8 @@ from pipelines.errors import UnknownModelError
 from pipelines.names import check_user_name
 from pipelines.settings import Settings
 
+Mode = Literal["txt2img", "img2img"]  # what a job does: from a prompt, or from an input image
+
 logger = logging.getLogger(__name__)
 
 Family = Literal["sd15", "sdxl", "sdxl-refiner"]
@@ -337,3 +339,13 @@ class ModelCatalog:
     def model_hash(self, entry: ModelEntry) -> str:
         """A1111's `Model hash`: the first 10 hex digits of the checkpoint's sha256."""
         return self.sha256(entry)[:10]
+
+
+def check_mode_supported(entry: ModelEntry, mode: Mode) -> None:
+    """A refiner only continues images: it has no first text encoder for txt2img."""
+    if entry.family == "sdxl-refiner" and mode == "txt2img":
+        raise UnknownModelError(
+            f"model '{entry.name}' is an SDXL refiner, not a txt2img model: use it for img2img or as "
+            "'refiner_checkpoint'",
+            field="model",
+        )

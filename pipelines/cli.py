@@ -278,23 +278,55 @@ SERVE_ENVIRONMENT = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA
 
 
 def cmd_serve(args) -> None:
-    """Runs `serve run` on the local config in the foreground; Ctrl-C stops it and its Ray cluster."""
+    """Runs `serve run` on the local config in the foreground, as a child it supervises: SIGTERM, SIGINT
+    (Ctrl-C) or SIGHUP stop the service and every process it started, HAProxy and Ray's included
+    (pipelines/serve_supervisor.py). A start first stops a stale HAProxy an earlier crash left."""
     import os
     import shutil
 
+    from pipelines import serve_supervisor as supervisor
     from pipelines.settings import PROJECT_ROOT
 
     config = Path(args.config) if args.config else PROJECT_ROOT / "configs" / "serve_local.yaml"
     if not config.is_file():
         raise CliError(f"argument --config: no such file {str(config)!r}")
+    if args.stop_timeout <= 0:
+        raise CliError(f"argument --stop-timeout: must be positive, got {args.stop_timeout:g}")
     serve_cli = shutil.which("serve", path=os.path.dirname(sys.executable)) or shutil.which("serve")
     if serve_cli is None:
         raise CliError("the Ray Serve CLI ('serve') is not installed; run 'make install'")
     environment = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", **SERVE_ENVIRONMENT, **os.environ}
+    environment.update(supervisor.haproxy_environment(environment))
     environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))
-    print(f"starting the service from {config} (Ctrl-C stops it)", flush=True)
-    os.chdir(PROJECT_ROOT)
-    os.execve(serve_cli, [serve_cli, "run", str(config)], environment)
+    # A cluster of its own: without an address, `serve run` would join the last `ray start` cluster of the
+    # machine (and stop Serve there on Ctrl-C). RAY_ADDRESS still names a cluster to deploy to.
+    local = not environment.get("RAY_ADDRESS")
+    argv = [serve_cli, "run", *(["--address", "local"] if local else []), str(config)]
+    folder, config_name = supervisor.haproxy_config(environment)
+    lock = supervisor.ServiceLock(folder)
+    try:
+        if local:  # on RAY_ADDRESS's cluster, HAProxy runs on its nodes
+            lock.acquire()
+            supervisor.clear_stale_haproxies(folder, config_name, _say)
+            supervisor.check_ports(supervisor.service_ports(config, environment))
+    except supervisor.ServiceStartError as error:
+        lock.release()
+        raise CliError(str(error)) from None
+    try:
+        print(f"starting the service from {config} (Ctrl-C stops it)", flush=True)
+        code = supervisor.supervise(argv, environment, PROJECT_ROOT, haproxy_folder=folder,
+                                    haproxy_config_name=config_name, stop_timeout_s=args.stop_timeout,
+                                    notify=_say)  # fmt: skip
+    finally:
+        lock.release()
+    if code is None:
+        _say("the service stopped")
+    elif code != 0:
+        raise CliError(f"the service stopped: 'serve run' exited with {code} (see its messages above)")
+
+
+def _say(message: str) -> None:
+    print(f"diffusion-api: {message}", file=sys.stderr, flush=True)
 
 
 def _add_generation_flags(parser: argparse.ArgumentParser) -> None:
@@ -380,6 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="start the HTTP service on the local config (Ctrl-C stops it)")
     serve.add_argument("--config", help="Serve config file (default: configs/serve_local.yaml)")
+    serve.add_argument("--stop-timeout", type=float, default=15.0, metavar="SECONDS",
+                       help="on SIGTERM/Ctrl-C, how long Ray may take to shut down in order before its "
+                            "processes are stopped (default 15)")  # fmt: skip
     serve.set_defaults(handler=cmd_serve)
     return parser
 

@@ -6,16 +6,21 @@ one tensor 1024 wide is SD 2.x, any other single tensor SD1.5 (768 wide in real 
 embeddings its prompts name into the model's tokenizers and text encoders through diffusers' textual-inversion
 loader, and unloads them after the call, so an embedding's name never changes another job's prompt. The name
 of an installed embedding of another family is removed from the prompt with a warning (never read as text).
+
+The family is read from the tensors' shapes without torch (`read_shapes`): the ingress lists embeddings and
+checks prompts with this module, and must not load torch. Only loading vectors into a model imports it.
 """
+
+from __future__ import annotations
 
 import logging
 import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
+from pipelines import tensor_shapes
 from pipelines.catalog import FileFactsCache, sha256_of_file
 from pipelines.names import scan_named_files
 from pipelines.settings import Settings
@@ -23,6 +28,9 @@ from pipelines.settings import Settings
 EMBEDDING_SUFFIXES = (".pt", ".safetensors", ".bin")
 logger = logging.getLogger(__name__)
 SD2_WIDTH = 1024  # OpenCLIP-H: SD 2.x, which this service does not run
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -39,22 +47,38 @@ def read_vectors(path: Path) -> dict[str, torch.Tensor]:
 
         state = load_file(str(path))
     else:
+        import torch
+
         state = torch.load(path, map_location="cpu", weights_only=True)
+    return _vectors_of(state, path)
+
+
+def _vectors_of(state: dict, path: Path) -> dict:
+    """The embedding's vectors in a loaded file's dict (A1111's, diffusers' or SDXL's layout)."""
+    if not isinstance(state, dict):
+        raise ValueError(f"{path.name}: not a textual-inversion embedding")
     if "clip_l" in state and "clip_g" in state:
         return {"clip_l": state["clip_l"], "clip_g": state["clip_g"]}
     if "string_to_param" in state:
         return {"clip_l": state["string_to_param"]["*"]}
     if "emb_params" in state:
         return {"clip_l": state["emb_params"]}
-    tensors = [value for value in state.values() if isinstance(value, torch.Tensor)]
+    tensors = [value for value in state.values() if hasattr(value, "shape")]
     if len(tensors) == 1:
         return {"clip_l": tensors[0]}
     raise ValueError(f"{path.name}: not a textual-inversion embedding (no string_to_param, emb_params or clip_l)")
 
 
+def read_shapes(path: Path) -> dict:
+    """The file's vectors' shapes (the layout `read_vectors` returns), read without torch where the format
+    allows, else with torch (pipelines/tensor_shapes.py)."""
+    state = tensor_shapes.read(path)
+    return _vectors_of(state if state is not None else read_vectors(path), path)
+
+
 def _family(path: Path) -> str:
     try:
-        vectors = read_vectors(path)
+        vectors = read_shapes(path)
     except Exception:  # any unreadable file (truncated, pickled classes, not an embedding) is listed as unknown
         return "unknown"
     if "clip_g" in vectors:

@@ -6,7 +6,9 @@ Each one carries a message a user can act on. The service maps them to HTTP stat
 
 
 class DiffusionAPIError(Exception):
-    """Base class: a problem with what the caller asked for, not a bug."""
+    """Base class of the errors a caller is told about: its message says what went wrong and what to do. Most
+    are about the request (4xx); a few are the service's own failures (5xx: a model that does not load, an
+    out-of-memory run, an unreachable storage), reported with their message all the same."""
 
     status_code = 400
 
@@ -75,6 +77,24 @@ class TemporarilyUnavailableError(ServiceBusyError):
 
     status_code = 503
     retry_after_s = 5
+
+
+class UnknownJobError(DiffusionAPIError):
+    """No such job, or one of another API key (the same answer, so its existence is not confirmed)."""
+
+    status_code = 404
+
+
+class JobEndedError(DiffusionAPIError):
+    """The job has already ended: there is nothing to cancel."""
+
+    status_code = 409
+
+
+class JobNotFinishedError(DiffusionAPIError):
+    """The job has no image: it has not finished, or it ended without one."""
+
+    status_code = 409
 
 
 class JobCancelledError(DiffusionAPIError):

@@ -3,8 +3,8 @@
 The flow of a job, top to bottom:
 1. `prepare_job` (pipelines/prepare.py) checks the request and resolves everything that needs no model
    (sampler, seed, the input image, LoRAs, hires fix, refiner), so bad input fails before any model work;
-2. `ImageEngine.load` returns the model's pipeline from a small LRU cache (pipelines/models.py: loaded with
-   the real loaders);
+2. `ImageEngine.load` returns the model's pipeline from a small LRU cache, the one owner of loaded pipelines
+   (pipelines/models.py: loaded with the real loaders);
 3. `ImageEngine.run` runs a list of compatible jobs as one diffusers call with one generator per job, so
    each job gets exactly its own seed's image (prompts encoded by pipelines/prompts.py where A1111's syntax
    needs it; progress through pipelines/progress.py), and builds each image's A1111 infotext.
@@ -16,7 +16,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from PIL import Image
@@ -36,7 +36,7 @@ from pipelines.loras import (
     lora_hashes_value,
     prompt_with_lora_tags,
 )
-from pipelines.models import LoadedModel, Mode, load_pipeline, memory_mb, select_device
+from pipelines.models import LoadedModel, Mode, check_device, load_pipeline, memory_mb, select_device
 from pipelines.prepare import PreparedJob, prepare_job
 from pipelines.previews import PREVIEW_INTERVAL_S, PREVIEW_SINK, preview_jpeg_base64
 from pipelines.progress import (
@@ -62,8 +62,20 @@ logger = logging.getLogger(__name__)
 
 INFOTEXT_VERSION = f"DiffusionAPI v{VERSION}"  # must not look like "v1.x": A1111 would apply backcompat
 
+
+@dataclass
+class RefinedImages:
+    """The refiner's part of a base -> refiner batch as it comes back to the base (from the Refiner deployment,
+    pickled): the images, and for each job the warnings the refiner's run added and the embeddings it used
+    (name -> A1111's short hash). The base adds them to the job's warnings and infotext, which it writes."""
+
+    images: list[Image.Image]
+    warnings: list[list[str]]
+    ti_hashes: list[dict[str, str]]
+
+
 UpscaleHook = Callable[[list[Image.Image], str, int, int], list[Image.Image]]  # (images, upscaler, width, height)
-RefineHook = Callable[[ModelEntry, list[PreparedJob], torch.Tensor, PhaseProgress], list[Image.Image]]
+RefineHook = Callable[[ModelEntry, list[PreparedJob], torch.Tensor, PhaseProgress], RefinedImages]
 
 
 @dataclass
@@ -83,7 +95,12 @@ class GenerationResult:
 
 
 class ImageEngine:
-    """Loads checkpoints (LRU-cached) and runs jobs on them. Thread-safe; one job per model at a time."""
+    """Loads checkpoints and runs jobs on them. Thread-safe; one job per model at a time.
+
+    Its LRU cache is the one owner of loaded pipelines, with the one budget (`max_loaded_models`): nothing else
+    may keep a pipeline alive (the service's multiplexed cache holds handles, deployments/generators.py), so
+    the models it lists are the ones in memory.
+    """
 
     def __init__(
         self,
@@ -113,7 +130,8 @@ class ImageEngine:
         self.upscalers = UpscalerLibrary(catalog.settings, device=self.device)
         self.max_loaded_models = max_loaded_models
         self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()
-        self._lock = threading.Lock()
+        # Re-entrant: a finalizer that runs in `_free_memory`'s gc.collect() may call `release` in this thread.
+        self._lock = threading.RLock()
 
     # Models ------------------------------------------------------------------------------------------------
     def load(self, model: str | ModelEntry | None) -> LoadedModel:
@@ -159,8 +177,31 @@ class ImageEngine:
             if self._loaded.pop(name, None) is not None:
                 self._free_memory()
 
+    def release(self, loaded: LoadedModel) -> bool:
+        """Unloads this very load of a model, if the cache still holds it (a later load of the same name is not
+        touched, so a late or repeated call is harmless); whether it did. A job still running on it keeps it
+        until the job ends."""
+        if not self.holds(loaded):  # no lock for nothing to do: a load in progress does not hold this up
+            return False
+        with self._lock:
+            if not self.holds(loaded):
+                return False
+            del self._loaded[loaded.entry.name]
+            logger.info("unloading model %s", loaded.entry.name)
+            self._free_memory()
+            return True
+
+    def holds(self, loaded: LoadedModel) -> bool:
+        """Whether the cache still holds this very load of a model (not evicted or released since)."""
+        return self._loaded.get(loaded.entry.name) is loaded
+
     def loaded_models(self) -> list[str]:
         return list(self._loaded)
+
+    def check_health(self) -> None:
+        """Raises when this engine's device no longer computes (pipelines/models.py `check_device`): cheap
+        enough for a health check every few seconds."""
+        check_device(self.device)
 
     def _free_memory(self) -> None:
         import gc
@@ -193,13 +234,15 @@ class ImageEngine:
             self.run(loaded, [self.prepare(request, loaded.entry) for request in requests])
         return time.perf_counter() - started
 
-    def txt2img(self, request: Txt2ImgRequest, progress: ProgressCallback | None = None) -> GenerationResult:
+    def generate(
+        self, request: Txt2ImgRequest | Img2ImgRequest, progress: ProgressCallback | None = None
+    ) -> GenerationResult:
+        """One request's image on its model, loaded if need be (txt2img or img2img: the request's type says
+        which). The CLI's, the benchmarks' and the tests' entry point; the service runs batches (`run_batch`)."""
         loaded = self.load(request.model)
         return self.run(loaded, [self.prepare(request, loaded.entry)], progress)[0]
 
-    def img2img(self, request: Img2ImgRequest, progress: ProgressCallback | None = None) -> GenerationResult:
-        loaded = self.load(request.model)
-        return self.run(loaded, [self.prepare(request, loaded.entry)], progress)[0]
+    txt2img = img2img = generate  # the older names, still called by pipelines/cli.py, bench/ and tests
 
     def run(
         self,
@@ -226,9 +269,12 @@ class ImageEngine:
             memory_before = memory_mb(self.device)
             started = time.perf_counter()
             embeddings: list[tuple] = []
+            refiner_ti_hashes: list[dict[str, str]] = [{} for _ in jobs]
             try:
                 pipe.scheduler = build_scheduler(first.sampler, loaded.scheduler_config)
-                applied, lora_warnings = loaded.apply_loras(first.loras) if first.mode == "txt2img" else ([], [])
+                fitting, lora_warnings = self.loras.usable(first.loras, loaded.entry) if first.loras else ([], [])
+                applied, load_warnings = loaded.apply_loras(fitting) if first.mode == "txt2img" else ([], [])
+                lora_warnings += load_warnings
                 final_size = (first.hires.width, first.hires.height) if first.hires else (first.width, first.height)
                 set_vae_tiling(loaded.pipe, self.speed, *final_size)
                 clip_warnings = _fit_clip_skip(pipe, jobs)
@@ -243,7 +289,10 @@ class ImageEngine:
                 elif first.refiner is not None:
                     latents = self._call_pipeline(pipe, jobs, phases.step(PHASE_GENERATION), output_type="latent",
                                                   denoising_end=first.refiner.switch_at)  # fmt: skip
-                    images = (refine or self._refine_here)(first.refiner.model, jobs, latents, phases)
+                    refined = (refine or self._refine_here)(first.refiner.model, jobs, latents, phases)
+                    images, refiner_ti_hashes = refined.images, refined.ti_hashes
+                    for job, added in zip(jobs, refined.warnings, strict=True):
+                        job.warnings.extend(w for w in dict.fromkeys(added) if w not in job.warnings)
                 else:
                     images = self._call_pipeline(pipe, jobs, phases.step(PHASE_GENERATION))
                 images = [paste_back(image, job.inpaint) if job.inpaint else image
@@ -263,7 +312,7 @@ class ImageEngine:
             GenerationResult(
                 image=image,
                 seed=job.seed,
-                infotext=self.infotext(loaded, job),
+                infotext=self.infotext(loaded, job, ti_hashes),
                 width=image.width,
                 height=image.height,
                 generation_time_sec=elapsed,
@@ -274,7 +323,7 @@ class ImageEngine:
                 warnings=list(job.warnings),
                 batch_size=len(jobs),
             )
-            for job, image in zip(jobs, images, strict=True)
+            for job, image, ti_hashes in zip(jobs, images, refiner_ti_hashes, strict=True)
         ]
 
     def run_batch(
@@ -339,23 +388,31 @@ class ImageEngine:
     def _upscale_here(self, images: list[Image.Image], upscaler: str, width: int, height: int) -> list[Image.Image]:
         return [self.upscalers.upscale(image, upscaler, width, height) for image in images]
 
-    def _refine_here(self, refiner: ModelEntry, jobs: list[PreparedJob], latents, phases: "PhaseProgress"):
+    def _refine_here(self, refiner: ModelEntry, jobs: list[PreparedJob], latents,
+                     phases: "PhaseProgress") -> RefinedImages:  # fmt: skip
         return self.refine(self.load(refiner), jobs, latents, phases.step(PHASE_REFINING))
 
-    def refine(self, loaded: LoadedModel, jobs: list[PreparedJob], latents, on_step: "StepCallback"):
-        """The refiner's part of a base -> refiner job: the steps after `switch_at`, from the base's latents."""
+    def refine(self, loaded: LoadedModel, jobs: list[PreparedJob], latents, on_step: "StepCallback") -> RefinedImages:
+        """The refiner's part of a base -> refiner job: the steps after `switch_at`, from the base's latents.
+        It runs on copies of the jobs' embedding lists and warnings: an embedding the refiner cannot load is
+        left out of its own call only (the base used it, and its hash stays in the infotext); what the refiner
+        adds comes back in the result, the same in this process as from the Refiner deployment."""
         first = jobs[0]
+        own = [replace(job, embeddings=list(job.embeddings), foreign_embeddings=list(job.foreign_embeddings),
+                       warnings=[]) for job in jobs]  # fmt: skip
         with loaded.lock, loaded.job_scope(), loaded.vae_swapped(self._vae_for(loaded, first)):
             pipe = loaded.pipeline_for("img2img")
             pipe.scheduler = build_scheduler(first.sampler, loaded.scheduler_config)
             set_vae_tiling(loaded.pipe, self.speed, first.width, first.height)
             embeddings: list[tuple] = []
             try:
-                embeddings = _load_embeddings(loaded.pipe, jobs)
-                return self._call_pipeline(pipe, jobs, on_step, image=latents.to(self.device, self.dtype),
-                                           denoising_start=first.refiner.switch_at)  # fmt: skip
+                embeddings = _load_embeddings(loaded.pipe, own)
+                images = self._call_pipeline(pipe, own, on_step, image=latents.to(self.device, self.dtype),
+                                             denoising_start=first.refiner.switch_at)  # fmt: skip
             finally:
                 unload_from(loaded.pipe, embeddings)
+        return RefinedImages(images=images, warnings=[job.warnings for job in own],
+                             ti_hashes=[self._ti_hashes(job) for job in own])  # fmt: skip
 
     def _vae_for(self, loaded: LoadedModel, job: PreparedJob):
         """The job's chosen VAE, loaded like the model's own (None: the model's own)."""
@@ -427,7 +484,16 @@ class ImageEngine:
             output = pipe(**arguments).images
         return output
 
-    def infotext(self, loaded: LoadedModel, job: PreparedJob) -> str:
+    def _ti_hashes(self, job: PreparedJob) -> dict[str, str]:
+        """The embeddings the job's call used: name -> A1111's short hash."""
+        return {item.name: self.embeddings.short_hash(item) for item in job.embeddings}
+
+    def infotext(self, loaded: LoadedModel, job: PreparedJob, more_ti_hashes: dict[str, str] | None = None) -> str:
+        """The image's A1111 infotext. `more_ti_hashes`: embeddings another model's call of the job used (the
+        refiner's), listed after the job's own in `TI hashes`."""
+        ti_hashes = self._ti_hashes(job)
+        for name, value in (more_ti_hashes or {}).items():
+            ti_hashes.setdefault(name, value)
         params = {
             "Steps": job.steps,
             "Sampler": job.sampler.sampler,
@@ -444,8 +510,7 @@ class ImageEngine:
             "RNG": "CPU",
             **(job.inpaint.infotext_params() if job.inpaint else {}),
             "Lora hashes": lora_hashes_value(job.loras),
-            "TI hashes": ", ".join(f"{item.name}: {self.embeddings.short_hash(item)}" for item in job.embeddings)
-            or None,
+            "TI hashes": ", ".join(f"{name}: {value}" for name, value in ti_hashes.items()) or None,
             "Version": INFOTEXT_VERSION,
         }
         if job.hires is not None:

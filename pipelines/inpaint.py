@@ -5,17 +5,20 @@
    works at the request's size; "Only masked" (`inpaint_full_res`) crops the masked region plus padding, grown
    to the request's aspect ratio, and repaints that crop at the request's size. "fill" paints the masked area
    with its surroundings' colours first.
-2. `inpaint_arguments` gives diffusers' inpainting pipeline (for ordinary and 9-channel inpainting checkpoints
-   alike) each job's mask, and for "latent noise" / "latent nothing" the start latents A1111 uses.
+2. `inpaint_arguments` (pipelines/inpaint_pipeline.py, which the engine alone imports: it needs torch) gives
+   diffusers' inpainting pipeline (for ordinary and 9-channel inpainting checkpoints alike) each job's mask,
+   and for "latent noise" / "latent nothing" the start latents A1111 uses.
 3. `paste_back` puts the repainted image (or crop) over the input and lays the input's own pixels over it
    wherever the blurred mask is not white: outside the blurred mask the result is exactly the input, whatever
    the checkpoint (diffusers' pipelines do not do that by themselves).
+
+This module is pure data and PIL: the request schemas import `InpaintingFill` from it, and the ingress replica
+imports the schemas, so it never imports torch (tests/unit/test_ingress_imports.py).
 """
 
 from dataclasses import dataclass
 from typing import Literal
 
-import torch
 from PIL import Image, ImageFilter, ImageOps
 
 InpaintingFill = Literal[0, 1, 2, 3]
@@ -156,57 +159,11 @@ def paste_back(generated: Image.Image, plan: InpaintPlan) -> Image.Image:
     return result.convert("RGB")
 
 
-# The diffusers call ---------------------------------------------------------------------------------------------
-def is_inpaint_pipeline(pipe) -> bool:
-    import inspect
+def __getattr__(name: str):
+    """`from pipelines.inpaint import inpaint_arguments` still works (the diffusers call moved to
+    pipelines/inpaint_pipeline.py); it imports torch only when it is asked for."""
+    if name in ("inpaint_arguments", "is_inpaint_pipeline"):
+        from pipelines import inpaint_pipeline
 
-    return "mask_image" in inspect.signature(pipe.__call__).parameters
-
-
-def inpaint_arguments(pipe, plans: list[InpaintPlan | None], seeds: list[int], arguments: dict) -> dict:
-    """What an inpainting pipeline needs besides the usual arguments: each job's mask, where a job without one
-    (txt2img, img2img or the hires pass on an inpainting checkpoint) repaints everything, as A1111 does; a
-    gray image to condition on for txt2img; and A1111's start latents for "latent noise" / "latent nothing"."""
-    width, height = arguments["width"], arguments["height"]
-    count = len(plans)
-    masks = [plan.mask if plan else Image.new("L", (width, height), 255) for plan in plans]
-    image = arguments.get("image")
-    extra: dict = {"mask_image": masks}
-    if image is None:  # txt2img: from pure noise (SDXL's inpainting pipeline defaults to 0.9999, one step less)
-        extra.update(image=[Image.new("RGB", (width, height), GRAY)] * count, strength=1.0)
-    elif isinstance(image, torch.Tensor):  # latents (a latent hires pass): no pixels to mask
-        blank = torch.zeros(1, 3, height, width, device=pipe.device, dtype=pipe.vae.dtype)
-        extra["masked_image_latents"] = _encode(pipe, blank, seeds[:1]).repeat(count, 1, 1, 1)
-    fill = plans[0].fill if plans[0] else 1  # one fill per batch (PreparedJob.batch_key)
-    if fill in (2, 3) and not isinstance(image, torch.Tensor):
-        extra.update(_masked_content_latents(pipe, extra.get("image", image), masks, seeds, fill, width, height))
-    return extra
-
-
-def _masked_content_latents(pipe, images, masks, seeds: list[int], fill: int, width: int, height: int) -> dict:
-    """A1111's "latent noise" (2) and "latent nothing" (3): the input's latents with the masked area replaced
-    by fresh noise or by zeros; the masked image is encoded here too, as the pipeline cannot derive it from
-    latents."""
-    from diffusers.utils.torch_utils import randn_tensor
-
-    pixels = pipe.image_processor.preprocess(images, height=height, width=width)
-    pixels = pixels.to(pipe.device, pipe.vae.dtype)
-    mask = pipe.mask_processor.preprocess(masks, height=height, width=width).to(pipe.device, pipe.vae.dtype)
-    latents = _encode(pipe, pixels, seeds)
-    latent_mask = torch.nn.functional.interpolate(mask, size=latents.shape[-2:]).round()
-    if fill == 2:  # A1111 draws it from the job's seed
-        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
-        replacement = randn_tensor(latents.shape, generator=generators, device=latents.device, dtype=latents.dtype)
-    else:
-        replacement = torch.zeros_like(latents)
-    return {
-        "image": latents * (1 - latent_mask) + replacement * latent_mask,
-        "masked_image_latents": _encode(pipe, pixels * (mask < 0.5), seeds),
-    }
-
-
-def _encode(pipe, pixels: torch.Tensor, seeds: list[int]) -> torch.Tensor:
-    """Pixels in [-1, 1] -> the scaled latents the pipeline works on (its own VAE encoding)."""
-    generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
-    with torch.inference_mode():
-        return pipe._encode_vae_image(pixels, generator=generators)
+        return getattr(inpaint_pipeline, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

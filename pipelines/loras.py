@@ -5,7 +5,14 @@ normalised to diffusers/peft module names with diffusers' own converters (kohya/
 files alike), and every targeted layer must exist in the model with the LoRA's input and output sizes. The
 model's layers come from its configs, instantiated on the `meta` device (no weights, no memory). An
 incompatible LoRA is skipped with a sentence the user can act on; the job runs with the others.
+
+Two checks, on two sides: the ingress resolves names and checks the family (from metadata, key names and
+shapes, read without torch by pipelines/tensor_shapes.py) when it prepares a job; the engine checks every
+targeted layer against the model (diffusers' converters need torch) just before it applies the LoRAs. torch is
+imported only where a tensor is handled.
 """
+
+from __future__ import annotations
 
 import hashlib
 import json
@@ -16,14 +23,17 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
+from pipelines import tensor_shapes
 from pipelines.catalog import FileFactsCache, ModelEntry, sha256_of_file
 from pipelines.errors import DiffusionAPIError
 from pipelines.limits import LIMITS
 from pipelines.names import find_named_file, scan_named_files
 from pipelines.settings import Settings
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +95,8 @@ class LoraPlan:
 # Reading files -------------------------------------------------------------------------------------------------
 def read_lora_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of a `.safetensors`, `.bin`, `.pt` or `.pth` LoRA (pickles load with `weights_only`)."""
+    import torch
+
     try:
         if path.suffix.lower() == ".safetensors":
             from safetensors.torch import load_file
@@ -100,13 +112,18 @@ def read_lora_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _metadata(path: Path) -> dict[str, str]:
-    if path.suffix.lower() != ".safetensors":
-        return {}
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as handle:
-        return handle.metadata() or {}
+def read_lora_shapes(path: Path) -> dict[str, tensor_shapes.TensorShape]:
+    """The names and shapes of a LoRA's tensors, without torch where the format allows (all its family needs)."""
+    try:
+        state = tensor_shapes.read(path)
+    except Exception as error:
+        raise UnreadableLoraError(f"LoRA '{path.name}' could not be read: {error}", field="loras") from error
+    if state is None:  # a pickle only torch reads
+        return read_lora_state_dict(path)
+    state = state.get("state_dict", state)
+    if not isinstance(state, dict) or not all(isinstance(v, tensor_shapes.TensorShape) for v in state.values()):
+        raise UnreadableLoraError(f"LoRA '{path.name}' holds no tensor dictionary", field="loras")
+    return state
 
 
 def lora_short_hash(path: Path) -> str:
@@ -123,7 +140,7 @@ def lora_short_hash(path: Path) -> str:
     return digest.hexdigest()[:12]
 
 
-def detect_lora_family(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+def detect_lora_family(state: dict, metadata: dict[str, str]) -> str:
     """sd15, sdxl, sd2 or unknown, from the training metadata, the key names, then the cross-attention width."""
     hints = (metadata.get("ss_base_model_version", "") + " " + metadata.get("modelspec.architecture", "")).lower()
     if "xl" in hints:
@@ -305,6 +322,8 @@ LayerShapes = dict[str, dict[str, tuple[int, int]]]  # component -> module name 
 
 
 def _layer_shapes(module: torch.nn.Module) -> dict[str, tuple[int, int]]:
+    import torch
+
     shapes = {}
     for name, layer in module.named_modules():
         if isinstance(layer, torch.nn.Linear):
@@ -317,6 +336,7 @@ def _layer_shapes(module: torch.nn.Module) -> dict[str, tuple[int, int]]:
 def model_layer_shapes(entry: ModelEntry) -> LayerShapes | None:
     """The Linear/Conv layers of a model's UNet and text encoders, from its configs on the `meta` device.
     None when the configs are not on disk (a single-file checkpoint without `.configs/`)."""
+    import torch
     import transformers
     from diffusers import UNet2DConditionModel
 
@@ -445,7 +465,7 @@ class LoraLibrary:
     def family(self, path: Path) -> str:
         def detect(file: Path) -> str:
             try:
-                return detect_lora_family(read_lora_state_dict(file), _metadata(file))
+                return detect_lora_family(read_lora_shapes(file), tensor_shapes.metadata(file))
             except UnreadableLoraError as error:
                 logger.warning("%s", error.message)
                 return "unknown"
@@ -499,15 +519,36 @@ class LoraLibrary:
             self._model_layers[key] = layers
         return layers
 
-    def check(self, lora: LoraFile, entry: ModelEntry) -> str | None:
-        """Why `lora` cannot be used with the model (None when it can)."""
+    def family_problem(self, lora: LoraFile, entry: ModelEntry) -> str | None:
+        """Why `lora`'s family rules out the model (None when the family does not): the ingress's check."""
         if entry.family == "sdxl-refiner" or (lora.family in ("sd15", "sdxl", "sd2") and lora.family != entry.family):
             return incompatibility(lora, {}, entry, None)
+        return None
+
+    def check(self, lora: LoraFile, entry: ModelEntry) -> str | None:
+        """Why `lora` cannot be used with the model (None when it can): its family, then every layer it targets
+        (engine side: diffusers' converters)."""
+        problem = self.family_problem(lora, entry)
+        if problem is not None:
+            return problem
         return incompatibility(lora, self.targets(lora, entry.family), entry, self.model_layers(entry))
 
+    def usable(self, uses: list[LoraUse], entry: ModelEntry) -> tuple[list[LoraUse], list[str]]:
+        """The uses whose LoRA fits the model layer by layer, and a warning for each one that does not (the
+        engine's check, just before the LoRAs are applied; the results are cached per file and model)."""
+        kept, warnings = [], []
+        for use in uses:
+            reason = self.check(use.lora, entry)
+            if reason is None:
+                kept.append(use)
+            else:
+                warnings.append(f"LoRA skipped: {reason}.")
+        return kept, warnings
+
     def plan(self, requested: list, prompt: str, entry: ModelEntry | None, mode: str) -> LoraPlan:
-        """Resolves a job's LoRAs (the `loras` field and prompt tags), checks each against the model and
-        returns the ones to apply. Unknown names are errors; incompatible LoRAs are skipped with a warning."""
+        """Resolves a job's LoRAs (the `loras` field and prompt tags), checks each one's family against the
+        model and returns the ones to apply. Unknown names are errors; LoRAs of another family are skipped with
+        a warning (and ones whose layers do not fit the model, by the engine: `usable`)."""
         clean_prompt, tagged, tag_warnings = parse_prompt_loras(prompt)
         wanted: list[tuple[str, float]] = [
             (item, 1.0) if isinstance(item, str) else (item.name, item.scale) for item in requested
@@ -534,8 +575,8 @@ class LoraLibrary:
             names = ", ".join(f"'{lora.name}'" for lora, _ in resolved.values())
             plan.warnings.append(f"LoRAs are not applied to img2img; ignored: {names}")
             return plan
-        for lora, scale in resolved.values():
-            reason = self.check(lora, entry) if entry is not None else None
+        for lora, scale in resolved.values():  # the layers are checked by the engine, against the loaded model
+            reason = self.family_problem(lora, entry) if entry is not None else None
             if reason is not None:
                 plan.warnings.append(f"LoRA skipped: {reason}.")
                 continue

@@ -7,18 +7,16 @@ import os
 import threading
 import warnings
 from collections import OrderedDict
-from typing import Literal
 
 import psutil
 import torch
 
-from pipelines.catalog import ModelEntry
-from pipelines.errors import ModelLoadError, UnknownModelError
+from pipelines.catalog import Mode, ModelEntry, check_mode_supported
+from pipelines.errors import ModelLoadError
 from pipelines.loras import LoraUse, read_lora_state_dict
 from pipelines.speed import set_qkv_fused
 
 logger = logging.getLogger(__name__)
-Mode = Literal["txt2img", "img2img"]
 # Keeping several LoRA adapters loaded on one model is deliberate (a cache); peft warns about it each time.
 warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute", category=UserWarning)
 warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted", category=UserWarning)
@@ -51,6 +49,16 @@ def select_device(
     else:
         torch_dtype = torch.float32 if chosen.type == "cpu" else torch.float16
     return chosen, torch_dtype
+
+
+def check_device(device: torch.device) -> None:
+    """Raises when the device no longer computes: a GPU that fell off the bus, or a CUDA context broken by an
+    earlier fault (CUDA errors are sticky: every later call raises them). A one-element kernel and its result
+    read back: microseconds on a healthy device. No device-wide synchronize and no lock: a running job delays
+    it by the work already queued on its stream at most."""
+    value = (torch.ones(1, device=device) + 1).item()
+    if value != 2:
+        raise RuntimeError(f"device {device} computed 1 + 1 = {value}")
 
 
 def memory_mb(device: torch.device) -> float:
@@ -245,13 +253,3 @@ def load_pipeline(entry: ModelEntry, device: torch.device, dtype: torch.dtype):
         raise ModelLoadError(f"could not load model '{entry.name}': {error}{hint}", field="model") from error
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
-
-
-def check_mode_supported(entry: ModelEntry, mode: Mode) -> None:
-    """A refiner only continues images: it has no first text encoder for txt2img."""
-    if entry.family == "sdxl-refiner" and mode == "txt2img":
-        raise UnknownModelError(
-            f"model '{entry.name}' is an SDXL refiner, not a txt2img model: use it for img2img or as "
-            "'refiner_checkpoint'",
-            field="model",
-        )

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, replace
 
 from PIL import Image
 
-from pipelines.catalog import ModelCatalog, ModelEntry
+from pipelines.catalog import Mode, ModelCatalog, ModelEntry
 from pipelines.embeddings import EmbeddingFile, EmbeddingLibrary
 from pipelines.errors import (
     InvalidRequestError,
@@ -21,7 +21,6 @@ from pipelines.loras import (
     LoraLibrary,
     LoraUse,
 )
-from pipelines.models import Mode
 from pipelines.samplers import SCHEDULERS_WITH_NOISE_PER_CALL, ResolvedSampler, resolve_sampler
 from pipelines.schemas import GenerationRequest, Img2ImgRequest, Txt2ImgRequest
 from pipelines.upscalers import UpscalerLibrary, hires_size, latent_mode

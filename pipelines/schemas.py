@@ -20,7 +20,24 @@ from pipelines.upscalers import LATENT_MODES
 
 FILE_TYPES = ("jpg", "jpeg", "png", "webp", "avif", "gif")  # "jpeg" is read as "jpg"
 FileType = Literal["jpg", "png", "webp", "avif", "gif"]
-JobState = Literal["queued", "processing", "done", "error", "cancelled"]
+
+
+class JobState(StrEnum):
+    """A job's state: queued and processing are active; done, error and cancelled are its end."""
+
+    queued = "queued"
+    processing = "processing"
+    done = "done"
+    error = "error"
+    cancelled = "cancelled"
+
+    @property
+    def ended(self) -> bool:
+        return self in ENDED_STATES
+
+
+ENDED_STATES = frozenset({JobState.done, JobState.error, JobState.cancelled})
+JobStateName = Literal[tuple(state.value for state in JobState)]  # the wire form: an inline enum in the schema
 MAX_SEED = 2**32 - 1
 JOB_ID_PATTERN = "^[0-9a-f]{32}$"  # uuid4().hex
 IMAGE_FORMAT = "image-base64"  # a custom string format; tests/schemathesis_hooks.py generates it
@@ -263,7 +280,7 @@ class QueueStatusResponse(BaseModel):
     job_id: str
     progress: float = Field(0.0, ge=0.0, le=100.0)
     current_phase: str = "queued"
-    state: JobState = "queued"
+    state: JobStateName = "queued"
     error: str | None = None
     warnings: list[str] = Field(default_factory=list)
     payload: dict | None = None
@@ -440,7 +457,7 @@ class HealthResponse(BaseModel):
     queue: QueueInfo
     outputs: OutputsInfo
     warnings: list[str]
-    jobs: dict[JobState, int] = Field(..., description="Jobs in the store by state")
+    jobs: dict[JobStateName, int] = Field(..., description="Jobs in the store by state")
     replicas: list[ReplicaReport]
 
 

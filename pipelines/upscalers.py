@@ -4,21 +4,29 @@ spandrel (the loader ComfyUI and chaiNNer use) detects the architecture from the
 Real-ESRGAN Compact, SwinIR, HAT, ...), so any such `.pth`/`.safetensors` file in the upscaler folder works.
 Inference is tiled, so memory stays bounded for large images; the model's native scale (x2, x4) is followed
 by a resize to the requested size.
+
+torch is imported where a tensor is made, not at module level: the ingress checks upscaler names with this
+module and must not load torch (3.5 s and ~560 MB per ingress replica).
 """
+
+from __future__ import annotations
 
 import logging
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
 
 from pipelines.errors import DiffusionAPIError, InvalidRequestError
 from pipelines.names import find_named_file, scan_named_files
 from pipelines.settings import Settings
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +77,8 @@ def latent_mode(name: str) -> tuple[str, bool] | None:
 
 def upscale_latents(latents: torch.Tensor, height: int, width: int, mode: tuple[str, bool]) -> torch.Tensor:
     """Latents resized to the latent size of `height` x `width` pixels (a factor-8 VAE)."""
+    import torch
+
     interpolation, antialias = mode
     size = (height // 8, width // 8)
     if interpolation in ("nearest", "nearest-exact"):
@@ -87,10 +97,16 @@ class UpscalerLibrary:
     def __init__(self, settings: Settings, device: torch.device | None = None, max_loaded: int = 2):
         self.folder = settings.upscalers_dir
         self.allow_external_links = settings.allow_external_links
-        self.device = device or torch.device("cpu")
+        self._device = device
         self.max_loaded = max_loaded
         self._loaded: OrderedDict[str, object] = OrderedDict()
         self._lock = threading.Lock()
+
+    @property
+    def device(self) -> torch.device:
+        import torch
+
+        return self._device or torch.device("cpu")
 
     def available(self) -> list[UpscalerFile]:
         files = scan_named_files(self.folder, UPSCALER_SUFFIXES, self.allow_external_links)
@@ -150,6 +166,8 @@ class UpscalerLibrary:
 def run_tiled(model, image: Image.Image, tile: int, device: torch.device) -> Image.Image:
     """Runs an upscaler over overlapping tiles and stitches the centres, so memory depends on the tile size,
     not the image size."""
+    import torch
+
     scale = model.scale
     array = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1).unsqueeze(0)
     _, _, height, width = array.shape

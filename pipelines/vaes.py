@@ -3,21 +3,26 @@
 
 A single file is converted with diffusers' own LDM-to-diffusers VAE conversion into a VAE built from the
 model's own VAE configuration (the architecture SD1.5 and SDXL VAEs share; the model's scaling factor), so
-nothing is fetched from the hub. Loaded VAEs are kept in a small per-process cache.
+nothing is fetched from the hub. Loaded VAEs are kept in a small per-process cache. torch is imported only to
+load one (the ingress resolves VAE names with this module and must not load torch).
 """
+
+from __future__ import annotations
 
 import logging
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from pipelines.catalog import FileFactsCache, sha256_of_file
 from pipelines.errors import DiffusionAPIError, ModelLoadError
 from pipelines.names import find_named_file, scan_named_files
 from pipelines.settings import Settings
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 VAE_SUFFIXES = (".safetensors", ".pt", ".ckpt")
@@ -109,6 +114,7 @@ class VaeLibrary:
 
     @staticmethod
     def _read(vae: VaeFile, like: torch.nn.Module) -> torch.nn.Module:
+        import torch
         from diffusers import AutoencoderKL
         from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 

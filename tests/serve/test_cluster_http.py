@@ -15,7 +15,7 @@ import pytest
 import ray
 from PIL import Image
 
-from deployments.jobs import ACTOR_NAMESPACE, job_actor_name
+from deployments.job_client import ACTOR_NAMESPACE, job_actor_name
 from tests.serve.conftest import PORT
 
 psycopg = pytest.importorskip("psycopg", reason="the cluster tests need psycopg: pip install 'diffusion-api[postgres]'")

@@ -11,7 +11,7 @@ from pathlib import Path
 import ray
 from PIL import Image
 
-from deployments.jobs import ACTOR_NAMESPACE, job_actor_name
+from deployments.job_client import ACTOR_NAMESPACE, job_actor_name
 from tests.serve.conftest import wait_for_job
 
 

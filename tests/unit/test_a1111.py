@@ -8,11 +8,13 @@ import pytest
 from PIL import Image
 
 from deployments.access import AccessPolicy
+from deployments.job_records import ActiveJob, JobRecord
 from deployments.jobs import JobStore, image_fields
 from pipelines import a1111
 from pipelines.a1111_schemas import A1111Img2ImgRequest, A1111Txt2ImgRequest
 from pipelines.errors import DiffusionAPIError
 from pipelines.infotext import encode_image
+from pipelines.schemas import JobState
 
 
 def png_base64(infotext: str | None = None) -> str:
@@ -107,7 +109,8 @@ def test_generation_info_is_a1111_processed_js():
         for seed in (5, 6)
     ]
     payload = {"width": 64, "height": 64, "sampler_name": "Euler a", "cfg_scale": 7.0, "steps": 3, "batch_size": 2}
-    job = {"job_id": "a" * 32, "created": 1.7e9, "payload": payload}
+    job = JobRecord(job_id="a" * 32, kind="txt2img", state=JobState.done, phase="done", progress=100.0,
+                    created=1.7e9, updated=1.7e9, payload=payload, warnings=[])  # fmt: skip
     result = image_fields({"images": ["i1", "i2"], "seeds": [5, 6], "infotexts": infotexts})
     info = a1111.generation_info(A1111Txt2ImgRequest(prompt="a cat", batch_size=2), job, result, ["w"])
     assert info["all_seeds"] == [5, 6] and info["all_prompts"] == ["a cat", "a cat"] and info["seed"] == 5
@@ -119,9 +122,8 @@ def test_generation_info_is_a1111_processed_js():
 def test_progress_report_is_idle_with_no_jobs_and_follows_the_running_one():
     idle = a1111.progress_report([], now=100.0)
     assert idle["progress"] == 0 and idle["state"]["job_count"] == 0
-    jobs = [{"job_id": "a", "state": "processing", "phase": "generation", "progress": 50.0, "created": 90.0,
-             "steps": 20}, {"job_id": "b", "state": "queued", "phase": "queued", "progress": 0.0, "created": 95.0,
-                            "steps": 20}]  # fmt: skip
+    jobs = [ActiveJob("a", JobState.processing, "generation", 50.0, 90.0, 20, None),
+            ActiveJob("b", JobState.queued, "queued", 0.0, 95.0, 20, None)]  # fmt: skip
     running = a1111.progress_report(jobs, now=100.0)
     assert running["progress"] == 0.5 and running["eta_relative"] == 10.0
     assert running["state"]["job_count"] == 2 and running["state"]["sampling_step"] == 10
@@ -154,10 +156,10 @@ def test_job_store_keeps_settings_and_lists_active_jobs_by_origin_and_owner(tmp_
     store.create("a" * 32, "txt2img", {"steps": 4}, [], "sd15", None, "sdapi", "k1")
     store.create("b" * 32, "txt2img", {"steps": 4}, [], "sd15", None, "sdapi", "k2")
     store.create("c" * 32, "txt2img", {"steps": 4}, [], "sd15")
-    assert [job["job_id"] for job in store.active_jobs("sdapi")] == ["a" * 32, "b" * 32]
-    assert [job["job_id"] for job in store.active_jobs("sdapi", "k2")] == ["b" * 32]
+    assert [job.job_id for job in store.active_jobs("sdapi")] == ["a" * 32, "b" * 32]
+    assert [job.job_id for job in store.active_jobs("sdapi", "k2")] == ["b" * 32]
     store.cancel("b" * 32)
-    assert store.active_jobs("sdapi", "k2") == [] and store.active_jobs("sdapi", "k1")[0]["steps"] == 4
+    assert store.active_jobs("sdapi", "k2") == [] and store.active_jobs("sdapi", "k1")[0].steps == 4
     store.set_setting("sd_model_checkpoint", "demo")
     assert JobStore(str(tmp_path / "jobs.sqlite3")).get_setting("sd_model_checkpoint") == "demo"
 
@@ -169,7 +171,7 @@ def test_pruning_removes_every_image_file_of_a_job(tmp_path):
     for path in paths:
         path.write_bytes(b"x")
     store.create(job_id, "txt2img", {}, [])
-    store.complete(job_id, {"output_paths": [str(path) for path in paths], "images": ["a", "b"]})
+    store.complete_many([(job_id, {"output_paths": [str(path) for path in paths], "images": ["a", "b"]}, [])])
     assert store.prune() == 1 and not any(path.exists() for path in paths)
 
 

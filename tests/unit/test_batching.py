@@ -199,7 +199,7 @@ def test_a_batched_job_gets_the_pixels_and_infotext_it_gets_alone(engine, model,
         return
     batch = engine.run_batch(loaded, jobs)
     for request, batched in zip(requests, batch, strict=True):
-        alone = engine.txt2img(request)
+        alone = engine.generate(request)
         assert np.abs(pixels(batched) - pixels(alone)).mean() <= 1.0  # <= 1/255 on average
         assert batched.infotext == alone.infotext and batched.seed == request.seed
         assert (batched.batch_size, alone.batch_size) == (3, 1)
@@ -219,7 +219,7 @@ def test_a_cancelled_job_is_discarded_while_its_batch_mates_run_on(engine):
     assert isinstance(outcomes[1], JobCancelledError)
     assert seen[-1] == (["a", "b", "c"], 1000)  # the batch ran to its end for a and c
     for outcome, seed in ((outcomes[0], 1), (outcomes[2], 3)):
-        assert np.abs(pixels(outcome) - pixels(engine.txt2img(tiny(seed=seed)))).mean() <= 1.0
+        assert np.abs(pixels(outcome) - pixels(engine.generate(tiny(seed=seed)))).mean() <= 1.0
 
 
 def test_a_batch_whose_jobs_are_all_cancelled_stops_at_the_next_step(engine):
@@ -257,7 +257,7 @@ class OutOfMemoryForBatches:
 
 def test_an_out_of_memory_batch_retries_its_jobs_one_by_one(engine, monkeypatch):
     loaded = engine.load("Demo SD1.5")
-    expected = [engine.txt2img(tiny(seed=seed)) for seed in (4, 5)]
+    expected = [engine.generate(tiny(seed=seed)) for seed in (4, 5)]
     monkeypatch.setattr(loaded, "pipe", OutOfMemoryForBatches(loaded.pipe, fits=1))
     outcomes = engine.run_batch(loaded, [engine.prepare(tiny(seed=seed), loaded.entry) for seed in (4, 5)])
     for outcome, alone in zip(outcomes, expected, strict=True):

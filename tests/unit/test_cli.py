@@ -81,6 +81,8 @@ def test_img2img_and_infotext_commands(env_settings, capsys, tmp_path):
         (["txt2img", "--output", "o.png"], "--prompt"),
         (["img2img", "--prompt", "x", "--image", "/no/such/file.png", "--output", "o.png"], "argument --image"),
         (["infotext", "/no/such/file.png"], "argument IMAGE"),
+        (["serve", "--config", "/no/such/serve.yaml"], "argument --config"),
+        (["serve", "--stop-timeout", "0"], "argument --stop-timeout"),
         (["frobnicate"], "invalid choice"),
         ([], "command"),
     ],

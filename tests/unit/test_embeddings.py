@@ -1,10 +1,15 @@
 """Textual-inversion embeddings (pipelines/embeddings.py) on the demo models: files, family, pixels, infotext."""
 
+import json
+import subprocess
+import sys
+
 import numpy as np
 
 from pipelines.embeddings import EmbeddingLibrary, read_vectors
 from pipelines.infotext import parse_infotext
 from pipelines.schemas import Txt2ImgRequest
+from pipelines.settings import PROJECT_ROOT
 
 BASE = {"steps": 4, "width": 64, "height": 64, "seed": 17}
 
@@ -85,3 +90,25 @@ def test_a_weight_of_minus_one_is_a_weight_not_a_break():
     spans = parse_emphasis("a (cat:-1) BREAK b")
     expected = [("a ", 1.0, False), ("cat", -1.0, False), ("", 1.0, False), ("BREAK", -1.0, True), ("b", 1.0, False)]
     assert [(span.text, span.weight, span.is_break) for span in spans] == expected
+
+
+def test_the_family_is_read_from_shapes_without_torch(tmp_path):
+    """The ingress lists embeddings and checks prompts: the shapes come from the files' headers and pickles,
+    never by running torch (a fresh interpreter reads both demo formats and has not imported it)."""
+    from pipelines.demo import create_demo_embeddings
+    from pipelines.embeddings import read_shapes
+
+    create_demo_embeddings(tmp_path)
+    for path in sorted(tmp_path.iterdir()):
+        expected = {key: tuple(tensor.shape) for key, tensor in read_vectors(path).items()}
+        assert {key: shape.shape for key, shape in read_shapes(path).items()} == expected
+    probe = (
+        "import sys, json; from pathlib import Path; from pipelines.embeddings import read_shapes; "
+        f"folder = Path({str(tmp_path)!r}); "
+        "shapes = {p.name: {k: v.shape for k, v in read_shapes(p).items()} for p in folder.iterdir()}; "
+        "print(json.dumps(['torch' in sys.modules, sorted(shapes)]))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=PROJECT_ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    torch_loaded, names = json.loads(done.stdout)
+    assert torch_loaded is False and len(names) == len(list(tmp_path.iterdir())) >= 2

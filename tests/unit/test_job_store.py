@@ -6,8 +6,11 @@ import time
 
 import pytest
 
+from deployments.job_client import same_store
 from deployments.job_db import SCHEMA_VERSION, SchemaError
-from deployments.jobs import JobStore, same_store
+from deployments.job_records import JobSummary, LapsedDelivery
+from deployments.jobs import JobStore
+from pipelines.schemas import JobState
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -21,22 +24,22 @@ def location(request, tmp_path) -> str:
 def test_transitions_progress_never_goes_back_and_terminal_states_stick(location):
     store = JobStore(location)
     store.create("a", "txt2img", {"prompt": "x"}, ["w1"])
-    assert store.get("a")["state"] == "queued"
-    store.start("a")
-    store.progress("a", 50, "generation")
-    store.progress("a", 20, "generation")
-    assert store.get("a")["progress"] == 50
-    store.complete("a", {"seed": 1})
+    assert store.get("a").state == "queued"
+    store.start_many(["a"])
+    store.progress_many(["a"], 50, "generation")
+    store.progress_many(["a"], 20, "generation")
+    assert store.get("a").progress == 50
+    store.complete_many([("a", {"seed": 1}, [])])
     assert not store.fail("a", "late failure")  # a finished job stays finished
     job = store.get("a")
-    assert (job["state"], job["progress"], job["result"], job["warnings"]) == ("done", 100.0, {"seed": 1}, ["w1"])
+    assert (job.state, job.progress, job.result, job.warnings) == ("done", 100.0, {"seed": 1}, ["w1"])
     assert store.get("missing") is None
 
 
 def test_records_survive_reopening(location):
     JobStore(location).create("a", "txt2img", {"prompt": "x"}, [])
-    JobStore(location).complete("a", {"image": "abc"})
-    assert JobStore(location).get("a")["result"] == {"image": "abc"}
+    JobStore(location).complete_many([("a", {"image": "abc"}, [])])
+    assert JobStore(location).get("a").result == {"image": "abc"}
 
 
 def test_stale_jobs_are_failed_and_old_ones_pruned(location):
@@ -44,10 +47,10 @@ def test_stale_jobs_are_failed_and_old_ones_pruned(location):
     store.create("stale", "txt2img", {}, [])
     time.sleep(0.05)
     assert store.reap_stale(0.01) == ["stale"]
-    assert "stopped reporting" in store.get("stale")["error"]
+    assert "stopped reporting" in store.get("stale").error
     for job_id in ("b", "c", "d"):
         store.create(job_id, "txt2img", {}, [])
-        store.complete(job_id, {})
+        store.complete_many([(job_id, {}, [])])
     store.prune()
     assert store.counts() == {"done": 2}
 
@@ -58,9 +61,9 @@ def test_admission_limit_counts_active_jobs_per_family(location):
     assert store.create("b", "txt2img", {}, [], "sdxl", max_active=2)
     assert not store.create("c", "txt2img", {}, [], "sdxl", max_active=2)
     assert store.create("d", "txt2img", {}, [], "sd15", max_active=2)
-    store.complete("a", {})
+    store.complete_many([("a", {}, [])])
     assert store.create("c", "txt2img", {}, [], "sdxl", max_active=2)
-    assert store.get("c")["state"] == "queued"
+    assert store.get("c").state == "queued"
 
 
 def test_queued_jobs_with_a_heartbeat_are_not_reaped(location):
@@ -70,7 +73,7 @@ def test_queued_jobs_with_a_heartbeat_are_not_reaped(location):
     time.sleep(0.06)
     assert store.touch_queued(["waiting", "unknown"]) == 1
     assert store.reap_stale(0.05) == ["orphan"]
-    assert store.get("waiting")["state"] == "queued"
+    assert store.get("waiting").state == "queued"
 
 
 def test_database_of_the_first_version_gains_the_family_column(tmp_path):
@@ -88,7 +91,7 @@ def test_database_of_the_first_version_gains_the_family_column(tmp_path):
     old.close()
     store = JobStore(str(database), keep_finished_seconds=10**12)
     assert store.claim_orphans() == []  # the older release's replica may still run it: a minute's grace
-    assert (store.get("old")["state"], store.get("old")["attempts"]) == ("done", 1)
+    assert (store.get("old").state, store.get("old").attempts) == ("done", 1)
     assert store.create("new", "txt2img", {}, [], "sd15", max_active=1)
 
 
@@ -109,21 +112,21 @@ def test_pruning_removes_output_files_of_pruned_jobs_only(location, tmp_path):
         files[job_id] = tmp_path / f"{job_id}.png"
         files[job_id].write_bytes(b"png")
         store.create(job_id, "txt2img", {}, [])
-        store.complete(job_id, {"output_path": str(files[job_id])})
+        store.complete_many([(job_id, {"output_path": str(files[job_id])}, [])])
         time.sleep(0.01)
     assert store.prune() == 1
     assert not files["old"].exists() and files["new"].exists()
-    assert store.get("old") is None and store.get("new")["state"] == "done"
+    assert store.get("old") is None and store.get("new").state == "done"
 
 
 def test_cancel_only_active_jobs_and_a_cancelled_job_never_starts(location):
     store = JobStore(location)
     store.create("a", "txt2img", {}, [])
     assert store.cancel("a")
-    assert not store.start("a") and not store.progress("a", 50, "generation")
-    assert store.get("a")["state"] == "cancelled"
+    assert not store.start_many(["a"]) and not store.progress_many(["a"], 50, "generation")
+    assert store.get("a").state == "cancelled"
     store.create("b", "txt2img", {}, [])
-    store.complete("b", {})
+    store.complete_many([("b", {}, [])])
     assert not store.cancel("b")
 
 
@@ -133,18 +136,18 @@ def test_a_batch_starts_reports_and_finishes_together_and_a_cancelled_job_stays_
         store.create(job_id, "txt2img", {"prompt": job_id}, ["from submission"])
     store.cancel("b")
     assert store.start_many(["a", "b", "c"], "generation", 3) == ["a", "c"]  # b never starts
-    assert store.get("a")["batch_size"] == 3 and store.get("a")["state"] == "processing"
+    assert store.get("a").batch_size == 3 and store.get("a").state == "processing"
     assert store.progress_many(["a", "b", "c"], 40.0, "generation") == ["a", "c"]
     store.cancel("c")
     assert store.progress_many(["a", "c"], 20.0, "generation") == ["a"]  # the generator learns c was cancelled
-    assert store.get("a")["progress"] == 40.0  # never backwards
+    assert store.get("a").progress == 40.0  # never backwards
     done = store.complete_many([("a", {"seed": 1, "batch_size": 1}, ["from the run", "from submission"]),
                                 ("c", {"seed": 3}, [])])  # fmt: skip
     assert done == [True, False]
     a, c = store.get("a"), store.get("c")
-    assert (a["state"], a["result"], a["warnings"]) == ("done", {"seed": 1}, ["from submission", "from the run"])
-    assert a["batch_size"] == 1  # it finally ran alone (an out-of-memory batch retried job by job)
-    assert (c["state"], c["result"]) == ("cancelled", None)
+    assert (a.state, a.result, a.warnings) == ("done", {"seed": 1}, ["from submission", "from the run"])
+    assert a.batch_size == 1  # it finally ran alone (an out-of-memory batch retried job by job)
+    assert (c.state, c.result) == ("cancelled", None)
 
 
 def test_active_jobs_fail_and_cancel_durably(location):
@@ -152,11 +155,11 @@ def test_active_jobs_fail_and_cancel_durably(location):
     store = JobStore(database)
     store.create("a", "txt2img", {}, [])
     store.create("b", "txt2img", {}, [])
-    store.start("a")
+    store.start_many(["a"])
     assert store.fail("a", "boom") and store.cancel("b")
     reopened = JobStore(database)
-    assert (reopened.get("a")["state"], reopened.get("a")["error"]) == ("error", "boom")
-    assert reopened.get("b")["state"] == "cancelled"
+    assert (reopened.get("a").state, reopened.get("a").error) == ("error", "boom")
+    assert reopened.get("b").state == "cancelled"
 
 
 def test_two_writers_share_the_admission_limit(location):
@@ -166,7 +169,7 @@ def test_two_writers_share_the_admission_limit(location):
     assert first.create("a", "txt2img", {}, [], "sd15", max_active=2)
     assert second.create("b", "txt2img", {}, [], "sd15", max_active=2)
     assert not first.create("c", "txt2img", {}, [], "sd15", max_active=2)
-    assert second.start_many(["a"]) == ["a"] and first.get("a")["state"] == "processing"
+    assert second.start_many(["a"]) == ["a"] and first.get("a").state == "processing"
 
 
 def test_a_replica_opens_the_file_only_when_it_is_the_actors_own_database(tmp_path):
@@ -183,20 +186,20 @@ def test_a_replica_opens_the_file_only_when_it_is_the_actors_own_database(tmp_pa
 def test_retry_requeues_an_active_job_until_its_last_attempt(location):
     store = JobStore(location)
     store.create("r", "txt2img", {"prompt": "x"}, ["first"])
-    store.start("r")
-    store.progress("r", 40.0, "generation")
+    store.start_many(["r"])
+    store.progress_many(["r"], 40.0, "generation")
     assert store.retry("r", "retried", max_attempts=3, cause="ActorDiedError") == 2
     job = store.get("r")
-    assert (job["state"], job["progress"], job["attempts"], job["warnings"]) == ("queued", 0.0, 2, ["first", "retried"])
+    assert (job.state, job.progress, job.attempts, job.warnings) == ("queued", 0.0, 2, ["first", "retried"])
     assert store.retry("r", "retried", max_attempts=3, cause="ActorDiedError") == 3
-    assert store.get("r")["warnings"] == ["first", "retried"]  # said once
+    assert store.get("r").warnings == ["first", "retried"]  # said once
     assert store.retry("r", "retried", max_attempts=3, cause="ActorDiedError: gone") is None
     job = store.get("r")
-    assert job["state"] == "error" and "each of its 3 attempt(s) (last: ActorDiedError: gone)" in job["error"]
+    assert job.state == "error" and "each of its 3 attempt(s) (last: ActorDiedError: gone)" in job.error
     store.create("c", "txt2img", {"prompt": "x"}, [])
     store.cancel("c")
     assert store.retry("c", "retried", max_attempts=3, cause="x") is None  # a cancelled job is never retried
-    assert store.get("c")["state"] == "cancelled" and store.get("c")["attempts"] == 1
+    assert store.get("c").state == "cancelled" and store.get("c").attempts == 1
 
 
 def test_jobs_nobody_holds_are_claimed_once_and_held_ones_never(location, monkeypatch):
@@ -206,23 +209,21 @@ def test_jobs_nobody_holds_are_claimed_once_and_held_ones_never(location, monkey
     store = JobStore(location)
     for job_id in ("held", "orphan", "done"):
         store.create(job_id, "txt2img", {"prompt": job_id, "model": "m"}, [], family="sd15")
-    store.start("orphan")
-    store.complete("done", {"output_path": "x"})
+    store.start_many(["orphan"])
+    store.complete_many([("done", {"output_path": "x"}, [])])
     time.sleep(0.3)
     assert store.renew_leases(["held", "done"]) == 1  # ended jobs have no lease to renew
     claimed = store.claim_orphans()
-    assert [(job["job_id"], job["family"], job["payload"]["prompt"]) for job in claimed] == [
-        ("orphan", "sd15", "orphan")
-    ]
+    assert [(job.job_id, job.family, job.payload["prompt"]) for job in claimed] == [("orphan", "sd15", "orphan")]
     assert store.claim_orphans() == []  # the claim is a lease of its own: nobody else takes it now
     time.sleep(0.3)
-    assert {job["job_id"] for job in store.claim_orphans()} == {"held", "orphan"}
+    assert {job.job_id for job in store.claim_orphans()} == {"held", "orphan"}
     # A stuck job (held, no progress) is reaped; one nobody holds is left to be claimed and dispatched again.
     store.create("lost", "txt2img", {"prompt": "lost"}, [], family="sd15")
     time.sleep(0.3)
     store.renew_leases(["held"])
     assert store.reap_stale(0.0) == ["held"]
-    assert store.get("lost")["state"] == "queued"
+    assert store.get("lost").state == "queued"
 
 
 def test_an_older_schema_is_migrated_in_place_and_a_newer_one_refused(location):
@@ -238,7 +239,7 @@ def test_an_older_schema_is_migrated_in_place_and_a_newer_one_refused(location):
     upgraded = JobStore(location)
     assert upgraded.db.execute("SELECT value FROM meta WHERE key = 'schema_version'") == [(str(SCHEMA_VERSION),)]
     job = upgraded.get("kept")
-    assert (job["state"], job["payload"], job["attempts"]) == ("queued", {"prompt": "x"}, 1)
+    assert (job.state, job.payload, job.attempts) == ("queued", {"prompt": "x"}, 1)
     assert upgraded.retry("kept", "retried", max_attempts=3, cause="x") == 2
     upgraded.db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION + 1),),
                         durable=True)  # fmt: skip
@@ -254,7 +255,7 @@ def test_settings_and_active_job_listing_on_both_backends(location):
     assert JobStore(location).get_setting("sd_model_checkpoint") == "b"
     store.create("s", "txt2img", {"steps": 12}, [], origin="sdapi", owner="k1")
     store.create("n", "txt2img", {"steps": 8}, [])
-    assert [(j["job_id"], j["steps"]) for j in store.active_jobs("sdapi")] == [("s", 12)]
+    assert [(j.job_id, j.steps) for j in store.active_jobs("sdapi")] == [("s", 12)]
     assert store.active_jobs("sdapi", owner="k2") == []
 
 
@@ -264,13 +265,13 @@ def test_a_job_that_progresses_is_not_taken_over_even_with_its_lease_lapsed(loca
     monkeypatch.setattr(jobs_module, "LEASE_S", 0.3)
     store = JobStore(location)
     store.create("alive", "txt2img", {}, [], family="sd15")
-    store.start("alive")
+    store.start_many(["alive"])
     for _ in range(4):  # its worker reports progress but cannot renew (the store was out of its reach)
         time.sleep(0.12)
-        store.progress("alive", 10, "generation")
+        store.progress_many(["alive"], 10, "generation")
     assert store.claim_orphans() == []
     time.sleep(0.35)  # then it stops reporting too: now nobody holds it
-    assert [job["job_id"] for job in store.claim_orphans()] == ["alive"]
+    assert [job.job_id for job in store.claim_orphans()] == ["alive"]
     assert store.reap_stale(0.2) == []  # the claim is an update: the new holder has the job
 
 
@@ -300,19 +301,17 @@ def test_summaries_read_what_watchers_wait_on_for_many_jobs_at_once(location):
     store.create("a", "txt2img", {"prompt": "x"}, [])
     store.create("b", "txt2img", {"prompt": "y"}, [])
     store.start_many(["a"], "generation", 2)
-    store.progress("a", 25.0, "generation")
+    store.progress_many(["a"], 25.0, "generation")
     assert store.summaries(["a", "b", "missing"]) == {
-        "a": {"state": "processing", "phase": "generation", "progress": 25.0, "batch_size": 2, "attempts": 1,
-              "preview": None},
-        "b": {"state": "queued", "phase": "queued", "progress": 0.0, "batch_size": None, "attempts": 1,
-              "preview": None},
-    }  # fmt: skip
+        "a": JobSummary(JobState.processing, "generation", 25.0, batch_size=2, attempts=1, preview=None),
+        "b": JobSummary(JobState.queued, "queued", 0.0, batch_size=None, attempts=1, preview=None),
+    }
     assert store.summaries([]) == {}
     store.record_previews({"a": "AAAA", "b": "BBBB"})
-    assert store.summaries(["a"])["a"]["preview"] == "AAAA" and store.get("b")["preview"] == "BBBB"
-    store.complete("a", {"seed": 1})
+    assert store.summaries(["a"])["a"].preview == "AAAA" and store.get("b").preview == "BBBB"
+    store.complete_many([("a", {"seed": 1}, [])])
     store.record_previews({"a": "CCCC"})  # a late preview of an ended job is not recorded
-    assert store.get("a")["preview"] is None  # ended: its preview is dropped (its image is the result)
+    assert store.get("a").preview is None  # ended: its preview is dropped (its image is the result)
 
 
 def test_a_webhook_delivery_is_claimed_once_and_again_when_its_holder_is_lost(location):
@@ -320,13 +319,13 @@ def test_a_webhook_delivery_is_claimed_once_and_again_when_its_holder_is_lost(lo
     store.create("a", "txt2img", {"prompt": "x", "callback_url": "https://hooks.example/x"}, [])
     store.create("b", "txt2img", {"prompt": "x"}, [])  # no webhook
     assert not store.claim_delivery("a")  # not ended yet
-    store.complete("a", {"seed": 1})
-    store.complete("b", {"seed": 1})
+    store.complete_many([("a", {"seed": 1}, [])])
+    store.complete_many([("b", {"seed": 1}, [])])
     assert store.claim_delivery("a") and not store.claim_delivery("a") and not store.claim_delivery("b")
     assert store.claim_lapsed_deliveries() == []  # its holder's lease is live
     assert store.renew_deliveries(["a", "b"]) == 1
     store.db.execute("UPDATE jobs SET lease_until = 0 WHERE job_id = 'a'")  # the holder was lost
-    assert store.claim_lapsed_deliveries() == [{"job_id": "a", "callback_url": "https://hooks.example/x"}]
+    assert store.claim_lapsed_deliveries() == [LapsedDelivery("a", "https://hooks.example/x")]
     assert store.claim_lapsed_deliveries() == []  # one claimer only
     store.record_webhook("a", {"attempts": 1, "status": "delivered", "http_status": 200, "error": None})
     store.db.execute("UPDATE jobs SET lease_until = 0 WHERE job_id = 'a'")
@@ -338,18 +337,18 @@ def test_a_job_that_ended_without_its_ingress_gets_its_webhook_from_the_keeper(l
     store.create("c", "txt2img", {"prompt": "x", "callback_url": "https://hooks.example/c"}, [])
     store.fail("c", "the worker stopped reporting")  # failed by the stale reaper, say: nobody delivers it
     store.db.execute("UPDATE jobs SET lease_until = 0 WHERE job_id = 'c'")
-    assert store.claim_lapsed_deliveries() == [{"job_id": "c", "callback_url": "https://hooks.example/c"}]
+    assert store.claim_lapsed_deliveries() == [LapsedDelivery("c", "https://hooks.example/c")]
 
 
 def test_webhook_outcomes_are_recorded_on_ended_jobs(location):
     store = JobStore(location)
     store.create("a", "txt2img", {"prompt": "x", "callback_url": "https://hooks.example/x"}, [])
-    assert store.get("a")["webhook"] is None
-    store.complete("a", {"seed": 1})
+    assert store.get("a").webhook is None
+    store.complete_many([("a", {"seed": 1}, [])])
     assert store.record_webhook("a", {"attempts": 0, "status": "delivering"})
     outcome = {"attempts": 2, "status": "delivered", "http_status": 200, "error": None}
     assert store.record_webhook("a", outcome)
-    assert JobStore(location).get("a")["webhook"] == outcome  # durable: another process reads it
+    assert JobStore(location).get("a").webhook == outcome  # durable: another process reads it
     assert not store.record_webhook("missing", outcome)
 
 
@@ -362,7 +361,7 @@ def test_job_counts_by_family_feed_the_metrics_endpoint(location):
     store.create("a", "txt2img", {"prompt": "x"}, [], "sd15")
     store.create("b", "txt2img", {"prompt": "x"}, [], "sd15")
     store.create("c", "txt2img", {"prompt": "x"}, [], "sdxl")
-    store.complete("a", {"seed": 1})
+    store.complete_many([("a", {"seed": 1}, [])])
     store.cancel("c")
     assert sorted(store.counts_by_family()) == [("sd15", "done", 1), ("sd15", "queued", 1), ("sdxl", "cancelled", 1)]
     (family,) = text_string_to_metric_families(job_store_metrics(store.counts_by_family()).decode())
@@ -376,13 +375,13 @@ def test_retention_counts_each_owners_jobs_and_drops_never_started_cancellations
     store = JobStore(location, keep_finished_count=3)
     for index in range(3):  # bob's results, made first: the oldest in the store
         store.create(f"bob-{index}", "txt2img", {}, [], owner="bob")
-        store.start(f"bob-{index}")
-        store.complete(f"bob-{index}", {})
+        store.start_many([f"bob-{index}"])
+        store.complete_many([(f"bob-{index}", {}, [])])
     store.create("alice-done", "txt2img", {}, [], owner="alice")
-    store.start("alice-done")
-    store.complete("alice-done", {})
+    store.start_many(["alice-done"])
+    store.complete_many([("alice-done", {}, [])])
     store.create("alice-stopped", "txt2img", {}, [], owner="alice")  # started, then cancelled: it ran
-    store.start("alice-stopped")
+    store.start_many(["alice-stopped"])
     store.cancel("alice-stopped")
     for index in range(10):  # then alice submits and cancels ten jobs that never start
         store.create(f"alice-cancelled-{index}", "txt2img", {}, [], owner="alice")
@@ -402,11 +401,11 @@ def test_retention_runs_once_per_interval_across_every_store_on_the_database(loc
         image = inputs / f"{job_id}-image.png"
         image.write_bytes(b"png")
         first.create(job_id, "img2img", {}, [], inputs={"image": str(image)})
-        first.complete(job_id, {})
+        first.complete_many([(job_id, {}, [])])
         time.sleep(0.01)
     assert first.prune_if_due() == 1  # the first keeper to ask claims the interval
     assert second.prune_if_due() is None  # another replica's keeper: already done for this interval
     assert first.prune_if_due() is None  # asked again at once: not due
     assert first.get("old") is None and not (inputs / "old-image.png").exists()
     assert (inputs / "new-image.png").exists()
-    assert first.get("new")["inputs"] == {"image": str(inputs / "new-image.png")}
+    assert first.get("new").inputs == {"image": str(inputs / "new-image.png")}

@@ -107,11 +107,15 @@ def test_lora_of_an_unknown_family_is_checked_against_the_model_layers(tmp_path,
     save_file(state, path)
     try:
         assert engine.loras.resolve("mystery").family == "unknown"
+        # Preparing (the ingress's side) knows only the family: it keeps the LoRA; the engine checks the layers.
         job = prepare_job(request(loras=["mystery"]), catalog.resolve("Demo SD1.5"), engine.loras)
-        assert job.loras == []
-        assert "LoRA skipped: 'mystery'" in job.warnings[0] and "another architecture" in job.warnings[0]
-        sdxl_job = prepare_job(request(loras=["mystery"]), catalog.resolve("Demo SDXL"), engine.loras)
-        assert [use.lora.name for use in sdxl_job.loras] == ["mystery"] and sdxl_job.warnings == []
+        assert [use.lora.name for use in job.loras] == ["mystery"] and job.warnings == []
+        result = engine.txt2img(request(loras=["mystery"]))
+        (warning,) = [w for w in result.warnings if "mystery" in w]
+        assert warning.startswith("LoRA skipped: 'mystery'") and "another architecture" in warning
+        assert "Lora hashes" not in result.infotext
+        sdxl = engine.txt2img(request(model="Demo SDXL", loras=["mystery"]))
+        assert not [w for w in sdxl.warnings if "mystery" in w] and "mystery" in sdxl.infotext
     finally:
         path.unlink()
 

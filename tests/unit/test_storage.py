@@ -54,7 +54,7 @@ def test_retention_deletes_pruned_jobs_images_from_the_storage(tmp_path):
     for job_id in ("d" * 32, "e" * 32):
         store.create(job_id, "txt2img", {"prompt": "x"}, [])
         paths[job_id] = [storage.save(job_id, index, "png", b"img") for index in range(2)]
-        store.complete(job_id, {"output_paths": paths[job_id] + [kept_by_others]})
+        store.complete_many([(job_id, {"output_paths": paths[job_id] + [kept_by_others]}, [])])
     assert store.prune() == 1  # the older job
     with pytest.raises(MissingImageError):
         storage.read(paths["d" * 32][1])
@@ -96,6 +96,6 @@ def test_retention_removes_the_staged_files_of_attempts_no_record_names(tmp_path
     staged, final = storage.stage(job_id, 0, "png", b"recorded", token="kept")
     storage.promote(staged, final)
     store.create(job_id, "txt2img", {}, [])
-    store.complete(job_id, {"output_paths": [final]})
+    store.complete_many([(job_id, {"output_paths": [final]}, [])])
     assert store.prune() == 1
     assert [path for path in (tmp_path / "out").rglob("*") if path.is_file()] == []

@@ -1,0 +1,108 @@
+"""Handing jobs to the generator deployments, and keeping them handed until they end.
+
+A job is dispatched detached from the HTTP request that created it (a client that disconnects does not cancel
+it). Its generator replica or node may die with it: then it is dispatched again (Serve routes it to a live or
+replacement replica), up to `max_attempts` in all; jobs are deterministic (the seed is fixed at submission), so
+a retry makes the image the first attempt would have made, under the same name. Any other failure ends the job
+in `error`. No Ray types leak past this module except the handles it is given, so it is testable with a fake
+handle and a real store.
+"""
+
+import asyncio
+import contextlib
+import contextvars
+import logging
+from collections.abc import Awaitable, Callable
+
+import grpc
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError
+
+from deployments.job_records import Orphan
+from deployments.job_status import JobFiles
+from pipelines.errors import DiffusionAPIError
+
+logger = logging.getLogger("ray.serve")
+RETRY_WARNING = "retried after a worker failure (its generator replica or node was lost)"
+RECOVERY_WARNING = "dispatched again after the service restarted or the ingress replica that dispatched it was lost"
+BACK_PRESSURE_WAIT_S = 1.0
+
+
+class Dispatcher:
+    """Runs each job's dispatch in a task of its own (`inflight`: job id -> task); `on_ended(job_id, payload)`
+    runs when a dispatch is over, however the job ended (metrics, the webhook, waking the job's watchers), unless
+    the replica is stopping (then the job's lease runs out and another replica takes it over)."""
+
+    def __init__(self, jobs, handles: dict, files: JobFiles, max_attempts: int,
+                 on_ended: Callable[[str, dict], Awaitable[None]]):  # fmt: skip
+        self.jobs = jobs
+        self.handles = handles  # family -> the generator deployment's handle
+        self.files = files
+        self.max_attempts = max_attempts  # dispatches of a job whose worker is lost, the first included
+        self.on_ended = on_ended
+        self.inflight: dict[str, asyncio.Task] = {}
+
+    def start(self, job_id: str, kind: str, payload: dict, family: str, more_coming: int = 0) -> None:
+        """Dispatches a recorded job in a task of its own. `more_coming`: submissions this replica has received
+        and not yet handed over (a burst: the generator may hold this job a moment for them to join its batch)."""
+        handle = self.handles[family].options(multiplexed_model_id=payload["model"])
+        # A fresh context detaches the work from this HTTP request: a client disconnect must not cancel it.
+        task = asyncio.create_task(self._run(job_id, handle, kind, payload, more_coming), context=contextvars.Context())
+        self.inflight[job_id] = task
+        task.add_done_callback(lambda _: self.inflight.pop(job_id) if self.inflight.get(job_id) is task else None)
+
+    async def wait(self, job_id: str) -> None:
+        """Until this replica's dispatch of the job is over (at once if it has none); shielded, so a caller that
+        goes away does not cancel the job."""
+        task = self.inflight.get(job_id)
+        if task is not None:
+            with contextlib.suppress(Exception):  # a failure is recorded on the job by the task
+                await asyncio.shield(task)
+
+    async def _run(self, job_id: str, handle, kind: str, payload: dict, more_coming: int) -> None:
+        await self._dispatch(job_id, handle, kind, payload, more_coming)  # raises only when it is cancelled
+        await self.on_ended(job_id, payload)
+
+    async def _dispatch(self, job_id: str, handle, kind: str, payload: dict, more_coming: int) -> None:
+        try:
+            while True:
+                try:
+                    await handle.generate.remote(job_id, kind, payload, more_coming)
+                    return
+                except BackPressureError:
+                    # Serve's own queue limit (max_queued_requests) is full: the job stays queued and waits.
+                    await asyncio.sleep(BACK_PRESSURE_WAIT_S)
+                except (RayActorError, grpc.aio.AioRpcError) as error:  # the replica (or its node) is gone
+                    cause = f"{type(error).__name__}: {error}".splitlines()[0][:300]
+                    attempt = await self.jobs.retry(job_id, RETRY_WARNING, self.max_attempts, cause)
+                    if attempt is None:  # it ended meanwhile (cancelled, done), or that was its last attempt
+                        return
+                    logger.warning("job %s: its generator was lost (%s); dispatching attempt %d", job_id, cause,
+                                   attempt)  # fmt: skip
+                    more_coming = 0
+        except BaseException as error:  # includes CancelledError and a dead replica's ActorDiedError
+            cause = getattr(error, "cause", None)
+            message = getattr(cause, "message", None) or f"{type(error).__name__}: {error}".splitlines()[0]
+            await self.jobs.fail(job_id, message)
+            if isinstance(error, asyncio.CancelledError):
+                raise
+
+    async def dispatch_again(self, orphan: Orphan) -> None:
+        """Dispatches a job nobody held any more, as a new attempt (failed instead after its last one)."""
+        if orphan.job_id in self.inflight:  # still this replica's own (its lease lapsed while the store was away)
+            return
+        cause = "nobody held it any more (the service restarted, or its ingress replica was lost)"
+        attempt = await self.jobs.retry(orphan.job_id, RECOVERY_WARNING, self.max_attempts, cause)
+        if attempt is None:
+            return
+        if orphan.family not in self.handles:
+            await self.jobs.fail(orphan.job_id, f"cannot dispatch it again: unknown model family {orphan.family!r}")
+            return
+        try:
+            payload = {**orphan.payload, **await asyncio.to_thread(self.files.read_inputs, orphan.inputs)}
+        except DiffusionAPIError as error:  # an input image gone from the storage, or the storage unreachable
+            await self.jobs.fail(orphan.job_id, f"cannot dispatch it again: its input image could not be read: "
+                                                f"{error.message}")  # fmt: skip
+            return
+        logger.warning("job %s: %s; dispatching attempt %d", orphan.job_id, cause, attempt)
+        self.start(orphan.job_id, orphan.kind, payload, orphan.family)

@@ -1,0 +1,103 @@
+"""The one table from exceptions to HTTP answers, for every router.
+
+Domain errors (pipelines/errors.py) carry their status and a message the caller can act on; on A1111's paths
+the body is A1111's `{error, detail, body, errors}`, elsewhere `{"status": "error", "error", "field"}`. A bug
+answers 500 with "internal error" and the request's id (Serve's `x-request-id`, also in the log line with the
+traceback), never the exception's text. 4xx answers are logged at info with the request id.
+"""
+
+import logging
+import uuid
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import get_route_path
+
+from deployments.access import AsciiJSONResponse, error_response, is_a1111_path
+from deployments.contract import documented_methods
+from pipelines.errors import DiffusionAPIError, ServiceBusyError
+
+logger = logging.getLogger("ray.serve")
+REQUEST_ID_HEADER = "x-request-id"  # set by Serve's proxy (HAProxy or its own) on every request
+
+
+def request_id(request: Request) -> str:
+    return request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+
+
+def _on_a1111_api(request: Request) -> bool:
+    return is_a1111_path(get_route_path(request.scope))
+
+
+def _refused(request: Request, status: int, message: str) -> None:
+    logger.info("%s %s answered %d (request %s): %s", request.method, request.url.path, status,
+                request_id(request), message[:300])  # fmt: skip
+
+
+async def domain_error(request: Request, error: DiffusionAPIError) -> JSONResponse:
+    a1111 = _on_a1111_api(request)
+    if error.status_code >= 500:
+        logger.error("%s %s failed (request %s): %s", request.method, request.url.path, request_id(request),
+                     error.message)  # fmt: skip
+    else:
+        _refused(request, error.status_code, error.message)
+    if isinstance(error, ServiceBusyError):
+        return error_response(error.status_code, error.message, headers={"Retry-After": str(error.retry_after_s)},
+                              a1111=a1111)  # fmt: skip
+    return error_response(error.status_code, error.message, a1111=a1111, error=type(error).__name__,
+                          field=error.field)  # fmt: skip
+
+
+async def unexpected_error(request: Request, error: Exception) -> JSONResponse:
+    """A bug still answers JSON (A1111's error body on its paths), never Starlette's plain-text page, and never
+    the exception's text: it may name files, hosts or other callers' values. The log has it, by request id."""
+    rid = request_id(request)
+    logger.error("%s %s failed (request %s)", request.method, request.url.path, rid, exc_info=error)
+    message = f"internal error (request id {rid}); the service's log has the details"
+    return error_response(500, message, headers={"X-Request-ID": rid}, a1111=_on_a1111_api(request),
+                          error="InternalError")  # fmt: skip
+
+
+def jsonable_errors(error: RequestValidationError) -> list[dict]:
+    return [{"loc": list(item["loc"]), "msg": item["msg"], "type": item["type"]} for item in error.errors()]
+
+
+async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+    parts = []
+    for item in error.errors():
+        location = ".".join(str(part) for part in item["loc"] if part != "body") or "body"
+        parts.append(f"{location}: {item['msg']}" + (f" (got {item['input']!r})" if "input" in item else ""))
+    message = "; ".join(parts)[:2000]
+    _refused(request, 422, message)
+    if _on_a1111_api(request):
+        body = {"error": "RequestValidationError", "detail": jsonable_errors(error), "body": "", "errors": message}
+    else:
+        body = {"status": "error", "error": message, "detail": jsonable_errors(error)}
+    return AsciiJSONResponse(status_code=422, content=body)
+
+
+async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+    """Starlette's own answers (unknown path, method not allowed) in the API's error shape. A 405 lists in
+    `Allow` every method the schema documents for the path: Starlette names only the first matching route's."""
+    headers = dict(error.headers or {})
+    if error.status_code == 405:
+        allowed = documented_methods(request.app, get_route_path(request.scope))
+        headers["Allow"] = ", ".join(allowed) if allowed else headers.get("Allow", "")
+        message = f"{request.method} is not allowed on {request.url.path}; allowed: {headers['Allow']}"
+    elif error.status_code == 404:
+        message = f"no such path: {request.url.path} (see /docs)"
+    elif error.status_code == 400:
+        message = f"the request body cannot be read as JSON: {error.detail}"
+    else:
+        message = str(error.detail)
+    _refused(request, error.status_code, message)
+    return error_response(error.status_code, message, headers=headers, a1111=_on_a1111_api(request))
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(DiffusionAPIError, domain_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, unexpected_error)

@@ -1,0 +1,91 @@
+"""The job store's typed records: what `JobStore` returns (frozen dataclasses, states as `JobState`), so no
+caller reads a job through dict keys or compares bare state strings."""
+
+from dataclasses import dataclass, field
+
+from pipelines.schemas import JobState
+
+# What clients watching a job wait on (long polls, event streams): `JobStore.summaries` reads these columns.
+SUMMARY_FIELDS = ("state", "phase", "progress", "batch_size", "attempts", "preview")
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """One job as the store holds it (read-only: a change is a store transition, never an edit here)."""
+
+    job_id: str
+    kind: str
+    state: JobState
+    phase: str
+    progress: float
+    created: float
+    updated: float
+    payload: dict
+    warnings: list[str]
+    result: dict | None = None
+    error: str | None = None
+    batch_size: int | None = None
+    attempts: int = 1
+    preview: str | None = None
+    webhook: dict | None = None
+    family: str = ""
+    origin: str = ""
+    owner: str = ""
+    inputs: dict[str, str] = field(default_factory=dict)
+    started: float | None = None
+
+    @property
+    def ended(self) -> bool:
+        return self.state.ended
+
+    def summary(self) -> "JobSummary":
+        return JobSummary(**{name: getattr(self, name) for name in SUMMARY_FIELDS})
+
+
+@dataclass(frozen=True)
+class JobSummary:
+    """What clients watching a job wait on (long polls, event streams), read for many jobs at once."""
+
+    state: JobState
+    phase: str
+    progress: float
+    batch_size: int | None
+    attempts: int
+    preview: str | None
+
+    def fields(self) -> dict:
+        """The summary as status fields (the preview left out: it is an event of its own)."""
+        return {"state": self.state.value, "phase": self.phase, "progress": self.progress,
+                "batch_size": self.batch_size, "attempts": self.attempts}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ActiveJob:
+    """A queued or running job of one origin (A1111's `progress` reads these)."""
+
+    job_id: str
+    state: JobState
+    phase: str
+    progress: float
+    created: float
+    steps: int | None
+    preview: str | None
+
+
+@dataclass(frozen=True)
+class Orphan:
+    """An active job nobody held any more, claimed to be dispatched again."""
+
+    job_id: str
+    kind: str
+    payload: dict
+    family: str
+    inputs: dict[str, str]
+
+
+@dataclass(frozen=True)
+class LapsedDelivery:
+    """An ended job's webhook nobody is delivering, claimed to be delivered."""
+
+    job_id: str
+    callback_url: str | None

@@ -1,0 +1,285 @@
+"""The job service: a job's whole life, as both HTTP doors (native and A1111) use it.
+
+Submit (admission: everything that can be checked without a model, then the record, then the dispatch), status,
+wait until ended, events, cancel, the image files, the service-wide default model, and the background keeper.
+Plain Python: it raises domain errors (pipelines/errors.py) and never builds an HTTP response, so the routers
+stay thin and the logic is testable without FastAPI (and, given a fake handle, without Ray).
+"""
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from deployments.dispatch import Dispatcher
+from deployments.job_client import JobsClient
+from deployments.job_records import ActiveJob, JobRecord, JobSummary
+from deployments.job_status import INPUT_FIELDS, JobFiles
+from deployments.keeper import JobKeeper, WebhookDeliveries
+from deployments.keys import Caller
+from deployments.metrics import service_metrics
+from deployments.watch import KEEPALIVE_S, JobWatcher, change_key
+from deployments.webhooks import WebhookLookupUnavailable, WebhookPolicy, WebhookTargetError
+from pipelines.catalog import ModelCatalog, ModelEntry, check_mode_supported
+from pipelines.embeddings import EmbeddingLibrary
+from pipelines.errors import (
+    InvalidRequestError,
+    JobEndedError,
+    ServiceBusyError,
+    TemporarilyUnavailableError,
+    UnknownJobError,
+    UnknownModelError,
+)
+from pipelines.loras import LoraLibrary
+from pipelines.prepare import PreparedJob, prepare_job
+from pipelines.schemas import Img2ImgRequest, Txt2ImgRequest
+from pipelines.settings import Settings
+from pipelines.upscalers import UpscalerLibrary
+from pipelines.vaes import VaeLibrary
+
+logger = logging.getLogger("ray.serve")
+DEFAULT_MODEL_SETTING = "sd_model_checkpoint"
+DECODE_SLOTS = 2  # input images decoded at once per ingress replica (each up to max_input_image_pixels)
+GenerationRequest = Txt2ImgRequest | Img2ImgRequest
+
+
+@dataclass
+class Libraries:
+    """What is installed (checkpoints, LoRAs, upscalers, VAEs, embeddings), read from the folders on each use."""
+
+    catalog: ModelCatalog
+    loras: LoraLibrary
+    upscalers: UpscalerLibrary  # names only here: the Upscaler deployment runs them
+    vaes: VaeLibrary  # names and hashes: the generators load them
+    embeddings: EmbeddingLibrary
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "Libraries":
+        catalog = ModelCatalog(settings)
+        return cls(catalog, LoraLibrary(settings, catalog.facts), UpscalerLibrary(settings),
+                   VaeLibrary(settings, catalog.facts), EmbeddingLibrary(settings, catalog.facts))  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Event:
+    """One thing a job's event stream tells: `progress`, `preview`, or its end state with the final status;
+    `keepalive` when nothing happened for KEEPALIVE_S."""
+
+    name: str
+    data: dict | None = None
+
+
+class JobService:
+    def __init__(self, jobs: JobsClient, libraries: Libraries, files: JobFiles, handles: dict,
+                 webhooks: WebhookPolicy, max_queued_jobs: int, max_attempts: int,
+                 stale_job_timeout_s: float):  # fmt: skip
+        self.jobs = jobs
+        self.libraries = libraries
+        self.files = files
+        self.webhooks = webhooks
+        self.max_queued_jobs = max_queued_jobs
+        self.watcher = JobWatcher(jobs)  # wakes long polls and event streams when their job changes
+        self.dispatcher = Dispatcher(jobs, handles, files, max_attempts, on_ended=self._ended)
+        self.deliveries = WebhookDeliveries(jobs, webhooks, self._final_status)
+        self.keeper = JobKeeper(jobs, self.dispatcher, self.deliveries, stale_job_timeout_s)
+        self.decodes = asyncio.Semaphore(DECODE_SLOTS)  # bounds the memory and CPU that decoding inputs takes
+
+    # Submission --------------------------------------------------------------------------------------------
+    async def submit(self, kind: str, request: GenerationRequest, owner: str, origin: str = "",
+                     warnings: list[str] | None = None, hand_over: Callable[[], int] | None = None) -> str:  # fmt: skip
+        """Checks, records and dispatches a job; its id once it is recorded as queued. A 4xx-kind domain error
+        for anything wrong with it (before any record exists); ServiceBusyError when its family's queue is full.
+        `hand_over()`, called as the job is dispatched, says how many more submissions are on their way."""
+        self.keeper.start()
+        if request.callback_url is not None:
+            await self._check_callback(request.callback_url)
+        default_model = await self.default_model() if not (request.model or "").strip() else None
+        if kind == "img2img":  # its images are decoded: a bounded number at a time per replica
+            async with self.decodes:
+                entry, job = await asyncio.to_thread(self._check, kind, request, default_model)
+        else:
+            entry, job = await asyncio.to_thread(self._check, kind, request, default_model)
+        payload = request.stored_payload()
+        payload["model"] = entry.name
+        payload["seed"] = job.seed  # a random seed is fixed now, so a retried job makes the same image
+        job_id = uuid.uuid4().hex
+        warnings = job.sampler.warnings + job.warnings + (warnings or [])
+        record, inputs = payload, {}
+        if kind == "img2img":  # the input images are stored once, by reference: never in the record
+            record = {key: value for key, value in payload.items() if key not in INPUT_FIELDS}
+            inputs = await asyncio.to_thread(self.files.store_inputs, job_id, payload)
+        try:
+            created = await self.jobs.create(job_id, kind, record, warnings, entry.family, self.max_queued_jobs,
+                                             origin, owner, inputs)  # fmt: skip
+        except BaseException:
+            await asyncio.to_thread(self.files.delete_inputs, inputs)
+            raise
+        if not created:
+            await asyncio.to_thread(self.files.delete_inputs, inputs)
+            raise ServiceBusyError(f"the {entry.family} generators already have {self.max_queued_jobs} jobs queued "
+                                   f"or running; retry in a few seconds")  # fmt: skip
+        self.dispatcher.start(job_id, kind, payload, entry.family, hand_over() if hand_over else 0)
+        return job_id
+
+    async def _check_callback(self, url: str) -> None:
+        try:
+            await self.webhooks.check_async(url)
+        except WebhookTargetError as error:
+            raise InvalidRequestError(f"callback_url: {error}", field="callback_url") from None
+        except WebhookLookupUnavailable as error:
+            raise TemporarilyUnavailableError(f"callback_url: {error}; retry in a few seconds") from None
+
+    def _check(self, kind: str, request: GenerationRequest,
+               default_model: str | None) -> tuple[ModelEntry, PreparedJob]:  # fmt: skip
+        """Everything that can be checked before a job exists (in a worker thread: it reads files): the model
+        (absent: the service-wide default), the mode, sampler, image, LoRAs (unknown: 4xx; incompatible: a
+        warning), hires fix and refiner."""
+        found = self.libraries
+        entry = found.catalog.resolve(request.model or default_model)
+        check_mode_supported(entry, kind)
+        return entry, prepare_job(request, entry, found.loras, found.catalog, found.upscalers, found.vaes,
+                                  found.embeddings)  # fmt: skip
+
+    async def _ended(self, job_id: str, payload: dict) -> None:
+        """A dispatch of this replica's is over: the job has ended (or was taken over). Its watchers are woken
+        now, its outcome counted (by the replica that ran its last dispatch: each job once), its webhook sent."""
+        self.watcher.poke(job_id)
+        try:
+            job = await self.jobs.get(job_id)
+            if job is not None and job.ended:
+                tags = {"family": job.family, "state": job.state.value}
+                service_metrics().jobs_finished.inc(tags=tags)
+                service_metrics().job_seconds.observe(max(0.0, job.updated - job.created), tags=tags)
+        except Exception:  # metrics never fail a job
+            logger.warning("recording the metrics of job %s failed", job_id, exc_info=True)
+        if payload.get("callback_url"):
+            self.deliveries.start(job_id, payload["callback_url"], claimed=False)
+
+    # Reading jobs ------------------------------------------------------------------------------------------
+    async def job(self, job_id: str, caller: Caller) -> JobRecord:
+        """The job's record if the caller may see it (its owner, an admin, anyone with keys off); a job of another
+        key is UnknownJobError exactly as an unknown one, so its id is not confirmed to exist."""
+        job = await self.jobs.get(job_id)
+        if job is None or not caller.may_see(job.owner):
+            raise UnknownJobError(f"unknown job_id {job_id!r}")
+        return job
+
+    async def status(self, job_id: str, caller: Caller, wait_s: float = 0, with_inputs: bool = False) -> dict:
+        """The status fields; `wait_s`: a long poll, answered as soon as the state, phase or progress changes."""
+        self.keeper.start()
+        job = await self.job(job_id, caller)
+        if wait_s > 0 and not job.ended:
+            async with self.watcher.watching(job_id):
+                if await self.watcher.next_change(job_id, job.summary(), wait_s) is not None:
+                    job = await self.jobs.get(job_id) or job
+        return await self.files.status(job, with_images=True, with_inputs=with_inputs)
+
+    async def wait_until_ended(self, job_id: str) -> JobRecord | None:
+        """The job's record once it has ended (None if it has gone: pruned). This replica's own dispatch usually
+        ends it; otherwise (another replica finishes it, or the stale reaper) its watchers hear of the end. A job
+        store that stops answering is retried for a minute before the error is raised (the job goes on)."""
+        await self.dispatcher.wait(job_id)
+        unanswered = 0
+        async with self.watcher.watching(job_id):
+            while True:
+                try:
+                    job = await self.jobs.get(job_id)
+                    unanswered = 0
+                except Exception:
+                    unanswered += 1
+                    if unanswered > 60:
+                        raise
+                    logger.warning("job store did not answer for job %s; retrying", job_id, exc_info=True)
+                    await asyncio.sleep(1.0)
+                    continue
+                if job is None or job.ended:
+                    return job
+                await self.watcher.next_change(job_id, job.summary(), KEEPALIVE_S)
+
+    async def events(self, job: JobRecord) -> AsyncIterator[Event]:
+        """A visible job's progress as it happens (see `job` for the check), then its end with the final status
+        (no image bytes). One watch loop per replica wakes every stream of a job when the job changes."""
+        loop = asyncio.get_running_loop()
+        previews = bool(job.payload.get("preview"))
+        job_id = job.job_id
+        async with self.watcher.watching(job_id):
+            summary: JobSummary = job.summary()
+            sent: JobSummary | None = None
+            first_seen = (loop.time(), summary.progress)
+            while not summary.state.ended:
+                if change_key(summary) != change_key(sent):
+                    elapsed, gained = loop.time() - first_seen[0], summary.progress - first_seen[1]
+                    eta = round(elapsed * (100.0 - summary.progress) / gained, 1) if gained > 0 else None
+                    yield Event("progress", {"job_id": job_id, **summary.fields(), "eta_s": eta})
+                if previews and summary.preview and summary.preview != (sent.preview if sent else None):
+                    yield Event("preview", {"job_id": job_id, "progress": summary.progress, "image": summary.preview})
+                sent, changed = summary, None
+                while changed is None:
+                    changed = await self.watcher.next_change(job_id, summary, KEEPALIVE_S, with_preview=previews)
+                    if changed is None:
+                        yield Event("keepalive")
+                summary = changed
+        final = await self.jobs.get(job_id) or job
+        yield Event(final.state.value, await self.files.status(final, with_images=False))
+
+    async def _final_status(self, job_id: str) -> dict | None:
+        job = await self.jobs.get(job_id)
+        if job is None or not job.ended:
+            return None
+        return await self.files.status(job, with_images=False)
+
+    async def image(self, job_id: str, caller: Caller, index: int) -> tuple[bytes, str]:
+        """One image file of a visible job and its file type (see JobFiles.image for the errors)."""
+        return await self.files.image(await self.job(job_id, caller), index)
+
+    async def images_of(self, job: JobRecord) -> tuple[dict, list[str]]:
+        """A finished job's result with its images' bytes (base64), and a warning for each one missing."""
+        return await self.files.with_image_bytes(job.result or {})
+
+    # Changing jobs -----------------------------------------------------------------------------------------
+    async def cancel(self, job_id: str, caller: Caller) -> None:
+        """Cancels a visible job: a queued one never starts, a running one stops at its next step;
+        JobEndedError when it has already ended."""
+        await self.job(job_id, caller)
+        if not await self.jobs.cancel(job_id):
+            job = await self.jobs.get(job_id)
+            state = job.state.value if job else "pruned"
+            raise JobEndedError(f"job {job_id} has already ended (state {state!r}); nothing to cancel")
+
+    async def active_jobs(self, origin: str, caller: Caller) -> list[ActiveJob]:
+        """The caller's queued and running jobs of one door (with keys off: everyone's), oldest first."""
+        return await self.jobs.active_jobs(origin, caller.owner if caller.keys_on else None)
+
+    async def cancel_active(self, origin: str, caller: Caller) -> int:
+        """Cancels the caller's active jobs of one door (never another door's, never another key's)."""
+        jobs = await self.active_jobs(origin, caller)
+        for job in jobs:
+            await self.jobs.cancel(job.job_id)
+        return len(jobs)
+
+    # The default model -------------------------------------------------------------------------------------
+    async def default_model(self) -> str | None:
+        """The service-wide default model (kept in the job store, so every ingress replica shares it and it
+        survives restarts); None when never set or no longer installed."""
+        name = await self.jobs.get_setting(DEFAULT_MODEL_SETTING)
+        if name is None:
+            return None
+        try:
+            return (await asyncio.to_thread(self.libraries.catalog.resolve, name)).name
+        except UnknownModelError:
+            return None
+
+    async def set_default_model(self, wanted: str, field: str) -> None:
+        entry = await asyncio.to_thread(self.libraries.catalog.resolve, wanted, field)
+        await self.jobs.set_setting(DEFAULT_MODEL_SETTING, entry.name)
+
+    # The service's figures ---------------------------------------------------------------------------------
+    async def counts(self) -> dict[str, int]:
+        return await self.jobs.counts()
+
+    async def counts_by_family(self) -> list[tuple[str, str, int]]:
+        return await self.jobs.counts_by_family()
+
+    async def replica_reports(self) -> list[dict]:
+        return await self.jobs.replica_reports()
