@@ -18,7 +18,7 @@ import grpc
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 
-from deployments.job_records import Orphan
+from deployments.job_records import JobOrder, Orphan
 from deployments.job_status import JobFiles
 from pipelines.errors import DiffusionAPIError
 
@@ -26,30 +26,42 @@ logger = logging.getLogger("ray.serve")
 RETRY_WARNING = "retried after a worker failure (its generator replica or node was lost)"
 RECOVERY_WARNING = "dispatched again after the service restarted or the ingress replica that dispatched it was lost"
 BACK_PRESSURE_WAIT_S = 1.0
+RETURNED_IMAGES_KEEP_S = 60.0  # how long images a generator sent back wait for their caller to take them
 
 
 class Dispatcher:
     """Runs each job's dispatch in a task of its own (`inflight`: job id -> task); `on_ended(job_id, payload)`
     runs when a dispatch is over, however the job ended (metrics, the webhook, waking the job's watchers), unless
-    the replica is stopping (then the job's lease runs out and another replica takes it over)."""
+    the replica is stopping (then the job's lease runs out and another replica takes it over).
+    `prepare_again(job_id, kind, payload)` prepares a recorded job that is dispatched again after a restart."""
 
     def __init__(self, jobs, handles: dict, files: JobFiles, max_attempts: int,
-                 on_ended: Callable[[str, dict], Awaitable[None]]):  # fmt: skip
+                 on_ended: Callable[[str, dict], Awaitable[None]],
+                 prepare_again: Callable[[str, str, dict], Awaitable[JobOrder]]):  # fmt: skip
         self.jobs = jobs
         self.handles = handles  # family -> the generator deployment's handle
         self.files = files
         self.max_attempts = max_attempts  # dispatches of a job whose worker is lost, the first included
         self.on_ended = on_ended
+        self.prepare_again = prepare_again
         self.inflight: dict[str, asyncio.Task] = {}
+        self.returned: dict[str, list[bytes]] = {}  # job id -> the images its generator sent back (take_images)
 
-    def start(self, job_id: str, kind: str, payload: dict, family: str, more_coming: int = 0) -> None:
-        """Dispatches a recorded job in a task of its own. `more_coming`: submissions this replica has received
-        and not yet handed over (a burst: the generator may hold this job a moment for them to join its batch)."""
+    def start(self, order: JobOrder, payload: dict, family: str, more_coming: int = 0) -> None:
+        """Dispatches a recorded job (`payload`: its stored request) in a task of its own. `more_coming`:
+        submissions this replica has received and not yet handed over (a burst: the generator may hold this job
+        a moment for them to join its batch)."""
+        job_id = order.job_id
         handle = self.handles[family].options(multiplexed_model_id=payload["model"])
         # A fresh context detaches the work from this HTTP request: a client disconnect must not cancel it.
-        task = asyncio.create_task(self._run(job_id, handle, kind, payload, more_coming), context=contextvars.Context())
+        task = asyncio.create_task(self._run(order, handle, payload, more_coming), context=contextvars.Context())
         self.inflight[job_id] = task
         task.add_done_callback(lambda _: self.inflight.pop(job_id) if self.inflight.get(job_id) is task else None)
+
+    def take_images(self, job_id: str) -> list[bytes] | None:
+        """The encoded images the job's generator sent back with its answer (an order with `return_images`),
+        once; None when there are none here (another replica ran its last dispatch, or they have expired)."""
+        return self.returned.pop(job_id, None)
 
     async def wait(self, job_id: str) -> None:
         """Until this replica's dispatch of the job is over (at once if it has none); shielded, so a caller that
@@ -59,15 +71,19 @@ class Dispatcher:
             with contextlib.suppress(Exception):  # a failure is recorded on the job by the task
                 await asyncio.shield(task)
 
-    async def _run(self, job_id: str, handle, kind: str, payload: dict, more_coming: int) -> None:
-        await self._dispatch(job_id, handle, kind, payload, more_coming)  # raises only when it is cancelled
-        await self.on_ended(job_id, payload)
+    async def _run(self, order: JobOrder, handle, payload: dict, more_coming: int) -> None:
+        await self._dispatch(order, handle, more_coming)  # raises only when it is cancelled
+        await self.on_ended(order.job_id, payload)
 
-    async def _dispatch(self, job_id: str, handle, kind: str, payload: dict, more_coming: int) -> None:
+    async def _dispatch(self, order: JobOrder, handle, more_coming: int) -> None:
+        job_id = order.job_id
         try:
             while True:
                 try:
-                    await handle.generate.remote(job_id, kind, payload, more_coming)
+                    answer = await handle.generate.remote(order, more_coming)
+                    if order.return_images and answer.get("images"):
+                        self.returned[job_id] = answer["images"]
+                        asyncio.get_running_loop().call_later(RETURNED_IMAGES_KEEP_S, self.returned.pop, job_id, None)
                     return
                 except BackPressureError:
                     # Serve's own queue limit (max_queued_requests) is full: the job stays queued and waits.
@@ -104,5 +120,11 @@ class Dispatcher:
             await self.jobs.fail(orphan.job_id, f"cannot dispatch it again: its input image could not be read: "
                                                 f"{error.message}")  # fmt: skip
             return
+        try:
+            order = await self.prepare_again(orphan.job_id, orphan.kind, payload)
+        except Exception as error:  # uninstalled since (a LoRA, the model), or a request of an older version
+            reason = error.message if isinstance(error, DiffusionAPIError) else f"{type(error).__name__}: {error}"
+            await self.jobs.fail(orphan.job_id, f"cannot dispatch it again: {reason}"[:1000])
+            return
         logger.warning("job %s: %s; dispatching attempt %d", orphan.job_id, cause, attempt)
-        self.start(orphan.job_id, orphan.kind, payload, orphan.family)
+        self.start(order, payload, orphan.family)

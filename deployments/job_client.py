@@ -9,6 +9,7 @@ from pathlib import Path
 
 import ray
 
+from deployments.job_changes import PostgresListener
 from deployments.job_db import database_errors, describe, is_postgres_url
 from deployments.job_records import ActiveJob, JobRecord, JobSummary, LapsedDelivery, Orphan
 from deployments.jobs import JobStore
@@ -94,6 +95,21 @@ class JobsClient:
             except database_errors():
                 logger.warning("job store %s failed here; asking the job actor", method, exc_info=True)
         return await getattr(self.actor, method).remote(*args)
+
+    async def change_marker(self):
+        """The store's change marker (SQLite, opened here: see deployments/job_changes.py); None when this
+        process cannot check it cheaply (PostgreSQL announces changes instead; through the job actor, every
+        check would be a call)."""
+        store = await self._store()
+        if store is None or is_postgres_url(self.database):
+            return None
+        return await asyncio.to_thread(store.change_marker)
+
+    def listen(self, loop: asyncio.AbstractEventLoop, on_change) -> "PostgresListener | None":
+        """Starts listening for the store's change announcements (PostgreSQL); None for SQLite."""
+        if not is_postgres_url(self.database):
+            return None
+        return PostgresListener(self.database, loop, on_change)
 
     async def create(self, job_id: str, kind: str, payload: dict, warnings: list[str], family: str = "",
                      max_active: int | None = None, origin: str = "", owner: str = "",

@@ -61,6 +61,8 @@ MIGRATIONS: list[tuple[str, ...]] = [
      "INSERT INTO meta (key, value) VALUES ('last_prune', '0') ON CONFLICT (key) DO NOTHING"),
 ]  # fmt: skip
 SCHEMA_VERSION = len(MIGRATIONS)
+CHANGES_CHANNEL = "diffusion_api_jobs"  # PostgreSQL's NOTIFY channel of job changes (payload: job ids)
+NOTIFY_IDS_PER_PAYLOAD = 200  # 200 x 33 bytes: under the 8000-byte payload limit
 POSTGRES_INSTALL_HINT = "pip install 'diffusion-api[postgres]' (psycopg 3)"
 
 
@@ -118,10 +120,24 @@ class SqliteDatabase:
         # cancelled) are written `durable`, which syncs the log and everything before it.
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._lock = threading.Lock()
+        self._own_changes = 0
 
     @staticmethod
     def json_int(column: str, key: str) -> str:
         return f"json_extract({column}, '$.{key}')"
+
+    def announce(self, job_ids: list[str]) -> None:
+        """Counts a change this connection made to jobs' summaries (other connections' show in data_version)."""
+        with self._lock:
+            self._own_changes += 1
+
+    def change_marker(self) -> tuple[int, int]:
+        """A value that differs once any process has committed a change to the file (SQLite's
+        `PRAGMA data_version`, which counts other connections' commits) or this one announced one: the cheap
+        check that tells a watcher when reading its jobs is worth it."""
+        with self._lock:
+            (version,) = self._db.execute("PRAGMA data_version").fetchone()
+            return version, self._own_changes
 
     def execute(self, sql: str, parameters=(), durable: bool = False) -> list[tuple]:
         """Runs one statement; returns its rows (read before the transaction ends, as SQLite requires)."""
@@ -195,6 +211,18 @@ class PostgresDatabase:
     @staticmethod
     def json_int(column: str, key: str) -> str:
         return f"CAST(CAST({column} AS JSON) ->> '{key}' AS INTEGER)"
+
+    def announce(self, job_ids: list[str]) -> None:
+        """Tells every listener (deployments/job_changes.py) which jobs' summaries changed: NOTIFY on
+        CHANGES_CHANNEL, the ids comma-separated, in chunks under PostgreSQL's 8000-byte payload limit."""
+        with self._lock:
+            connection = self._connect()
+            for start in range(0, len(job_ids), NOTIFY_IDS_PER_PAYLOAD):
+                chunk = ",".join(job_ids[start : start + NOTIFY_IDS_PER_PAYLOAD])
+                connection.execute("SELECT pg_notify(%s, %s)", (CHANGES_CHANNEL, chunk))
+
+    def change_marker(self) -> None:
+        return None  # listeners are told (LISTEN/NOTIFY): nothing to poll
 
     @staticmethod
     def _sql(sql: str) -> str:

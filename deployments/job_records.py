@@ -3,6 +3,7 @@ caller reads a job through dict keys or compares bare state strings."""
 
 from dataclasses import dataclass, field
 
+from pipelines.prepare import PreparedJob
 from pipelines.schemas import JobState
 
 # What clients watching a job wait on (long polls, event streams): `JobStore.summaries` reads these columns.
@@ -89,3 +90,19 @@ class LapsedDelivery:
 
     job_id: str
     callback_url: str | None
+
+
+@dataclass
+class JobOrder:
+    """A job as the ingress prepared it, handed to a generator replica with the dispatch: the engine's
+    `PreparedJob` (its seed, LoRA files, input image, hires fix, refiner, VAE and warnings, decided once), how
+    many images it makes and how they are written. The generator runs it as it is: a file changed between
+    submission and run cannot make the two sides disagree. A job dispatched again after a restart is prepared
+    again from its stored request (with the seed the first preparation fixed)."""
+
+    job_id: str
+    job: PreparedJob
+    images: int  # batch_size x n_iter
+    file_type: str
+    jpeg_quality: int
+    return_images: bool = False  # the generator sends the encoded images back (a caller waits to answer with them)

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 from deployments.dispatch import Dispatcher
 from deployments.job_client import JobsClient
-from deployments.job_records import ActiveJob, JobRecord, JobSummary
+from deployments.job_records import ActiveJob, JobOrder, JobRecord, JobSummary
 from deployments.job_status import INPUT_FIELDS, JobFiles
+from deployments.jobs import image_fields
 from deployments.keeper import JobKeeper, WebhookDeliveries
 from deployments.keys import Caller
 from deployments.metrics import service_metrics
@@ -31,9 +32,10 @@ from pipelines.errors import (
     UnknownJobError,
     UnknownModelError,
 )
+from pipelines.images import decode_base64_bytes, encode_base64
 from pipelines.loras import LoraLibrary
 from pipelines.prepare import PreparedJob, prepare_job
-from pipelines.schemas import Img2ImgRequest, Txt2ImgRequest
+from pipelines.schemas import Img2ImgRequest, JobState, Txt2ImgRequest
 from pipelines.settings import Settings
 from pipelines.upscalers import UpscalerLibrary
 from pipelines.vaes import VaeLibrary
@@ -70,6 +72,12 @@ class Event:
     data: dict | None = None
 
 
+def _input_files(request: GenerationRequest) -> dict[str, bytes]:
+    """The img2img input images' files (base64 decoded once: preparing reads them, the storage keeps them)."""
+    return {name: decode_base64_bytes(getattr(request, name), name) for name in INPUT_FIELDS
+            if getattr(request, name, None)}  # fmt: skip
+
+
 class JobService:
     def __init__(self, jobs: JobsClient, libraries: Libraries, files: JobFiles, handles: dict,
                  webhooks: WebhookPolicy, max_queued_jobs: int, max_attempts: int,
@@ -80,24 +88,29 @@ class JobService:
         self.webhooks = webhooks
         self.max_queued_jobs = max_queued_jobs
         self.watcher = JobWatcher(jobs)  # wakes long polls and event streams when their job changes
-        self.dispatcher = Dispatcher(jobs, handles, files, max_attempts, on_ended=self._ended)
+        self.dispatcher = Dispatcher(jobs, handles, files, max_attempts, on_ended=self._ended,
+                                     prepare_again=self._prepare_again)  # fmt: skip
         self.deliveries = WebhookDeliveries(jobs, webhooks, self._final_status)
         self.keeper = JobKeeper(jobs, self.dispatcher, self.deliveries, stale_job_timeout_s)
         self.decodes = asyncio.Semaphore(DECODE_SLOTS)  # bounds the memory and CPU that decoding inputs takes
 
     # Submission --------------------------------------------------------------------------------------------
     async def submit(self, kind: str, request: GenerationRequest, owner: str, origin: str = "",
-                     warnings: list[str] | None = None, hand_over: Callable[[], int] | None = None) -> str:  # fmt: skip
+                     warnings: list[str] | None = None, hand_over: Callable[[], int] | None = None,
+                     return_images: bool = False) -> str:  # fmt: skip
         """Checks, records and dispatches a job; its id once it is recorded as queued. A 4xx-kind domain error
         for anything wrong with it (before any record exists); ServiceBusyError when its family's queue is full.
-        `hand_over()`, called as the job is dispatched, says how many more submissions are on their way."""
+        `hand_over()`, called as the job is dispatched, says how many more submissions are on their way.
+        `return_images`: the caller will wait for the images (`images_of`): the generator sends them back."""
         self.keeper.start()
         if request.callback_url is not None:
             await self._check_callback(request.callback_url)
         default_model = await self.default_model() if not (request.model or "").strip() else None
-        if kind == "img2img":  # its images are decoded: a bounded number at a time per replica
+        input_files: dict[str, bytes] = {}
+        if kind == "img2img":  # its images are decoded (once): a bounded number at a time per replica
             async with self.decodes:
-                entry, job = await asyncio.to_thread(self._check, kind, request, default_model)
+                input_files = await asyncio.to_thread(_input_files, request)
+                entry, job = await asyncio.to_thread(self._check, kind, request, default_model, input_files)
         else:
             entry, job = await asyncio.to_thread(self._check, kind, request, default_model)
         payload = request.stored_payload()
@@ -108,7 +121,7 @@ class JobService:
         record, inputs = payload, {}
         if kind == "img2img":  # the input images are stored once, by reference: never in the record
             record = {key: value for key, value in payload.items() if key not in INPUT_FIELDS}
-            inputs = await asyncio.to_thread(self.files.store_inputs, job_id, payload)
+            inputs = await asyncio.to_thread(self.files.store_inputs, job_id, input_files)
         try:
             created = await self.jobs.create(job_id, kind, record, warnings, entry.family, self.max_queued_jobs,
                                              origin, owner, inputs)  # fmt: skip
@@ -119,7 +132,9 @@ class JobService:
             await asyncio.to_thread(self.files.delete_inputs, inputs)
             raise ServiceBusyError(f"the {entry.family} generators already have {self.max_queued_jobs} jobs queued "
                                    f"or running; retry in a few seconds")  # fmt: skip
-        self.dispatcher.start(job_id, kind, payload, entry.family, hand_over() if hand_over else 0)
+        order = JobOrder(job_id, job, request.batch_size * request.n_iter, request.file_type, request.jpeg_quality,
+                         return_images)  # fmt: skip
+        self.dispatcher.start(order, payload, entry.family, hand_over() if hand_over else 0)
         return job_id
 
     async def _check_callback(self, url: str) -> None:
@@ -130,8 +145,8 @@ class JobService:
         except WebhookLookupUnavailable as error:
             raise TemporarilyUnavailableError(f"callback_url: {error}; retry in a few seconds") from None
 
-    def _check(self, kind: str, request: GenerationRequest,
-               default_model: str | None) -> tuple[ModelEntry, PreparedJob]:  # fmt: skip
+    def _check(self, kind: str, request: GenerationRequest, default_model: str | None,
+               input_files: dict[str, bytes] | None = None) -> tuple[ModelEntry, PreparedJob]:  # fmt: skip
         """Everything that can be checked before a job exists (in a worker thread: it reads files): the model
         (absent: the service-wide default), the mode, sampler, image, LoRAs (unknown: 4xx; incompatible: a
         warning), hires fix and refiner."""
@@ -139,7 +154,15 @@ class JobService:
         entry = found.catalog.resolve(request.model or default_model)
         check_mode_supported(entry, kind)
         return entry, prepare_job(request, entry, found.loras, found.catalog, found.upscalers, found.vaes,
-                                  found.embeddings)  # fmt: skip
+                                  found.embeddings, input_files)  # fmt: skip
+
+    async def _prepare_again(self, job_id: str, kind: str, payload: dict) -> JobOrder:
+        """The order of a recorded job dispatched again (after a restart or a lost ingress replica), prepared
+        from its stored request and inputs as at submission, with the seed fixed then."""
+        request = Img2ImgRequest(**payload) if kind == "img2img" else Txt2ImgRequest(**payload)
+        async with self.decodes:
+            _, job = await asyncio.to_thread(self._check, kind, request, payload.get("model"))
+        return JobOrder(job_id, job, request.batch_size * request.n_iter, request.file_type, request.jpeg_quality)
 
     async def _ended(self, job_id: str, payload: dict) -> None:
         """A dispatch of this replica's is over: the job has ended (or was taken over). Its watchers are woken
@@ -234,7 +257,15 @@ class JobService:
         return await self.files.image(await self.job(job_id, caller), index)
 
     async def images_of(self, job: JobRecord) -> tuple[dict, list[str]]:
-        """A finished job's result with its images' bytes (base64), and a warning for each one missing."""
+        """A finished job's result with its images' bytes (base64), and a warning for each one missing. The
+        images its generator sent back to this replica are used as they came; others are read from the storage."""
+        returned = self.dispatcher.take_images(job.job_id)
+        if returned is not None and job.state == JobState.done and job.result:
+            result = image_fields(job.result)
+            if len(returned) == len(result.get("output_paths") or []):
+                result["images"] = [encode_base64(data) for data in returned]
+                result["image"] = result["images"][0]
+                return result, []
         return await self.files.with_image_bytes(job.result or {})
 
     # Changing jobs -----------------------------------------------------------------------------------------

@@ -21,14 +21,13 @@ class JobFiles:
         self.storage = storage
 
     # Inputs ------------------------------------------------------------------------------------------------
-    def store_inputs(self, job_id: str, payload: dict) -> dict[str, str]:
-        """Writes a job's input images (img2img `image`, `mask`) once; their locations."""
+    def store_inputs(self, job_id: str, files: dict[str, bytes]) -> dict[str, str]:
+        """Writes a job's input images (img2img `image`, `mask`: field -> the file's bytes) once; their
+        locations."""
         stored: dict[str, str] = {}
         try:
-            for name in INPUT_FIELDS:
-                if payload.get(name):
-                    data = decode_base64_bytes(payload[name], name)
-                    stored[name] = self.storage.save_input(job_id, name, image_extension(data), data)
+            for name, data in files.items():
+                stored[name] = self.storage.save_input(job_id, name, image_extension(data), data)
         except BaseException:
             self.delete_inputs(stored)
             raise
@@ -114,6 +113,7 @@ class JobFiles:
                     result.pop(inline, None)
             fields["image_url"] = f"/queue/{job.job_id}/image"
             result.pop("staged_paths", None)  # where the attempt wrote them first: the service's own business
+            result.pop("parameters", None)  # the infotext's, structured (the A1111 door's `info`); `infotext` has them
             # Records written before inputs were stored apart still hold them in the payload: left out too.
             payload = {key: value for key, value in job.payload.items() if key not in INPUT_FIELDS}
             fields.update({**result, "payload": payload})

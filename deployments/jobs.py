@@ -17,11 +17,7 @@ from pathlib import Path
 
 import ray
 
-from deployments.job_db import (
-    ACTIVE_JOBS,
-    TERMINAL_STATES,
-    open_database,
-)
+from deployments.job_db import ACTIVE_JOBS, TERMINAL_STATES, database_errors, open_database
 from deployments.job_records import SUMMARY_FIELDS, ActiveJob, JobRecord, JobSummary, LapsedDelivery, Orphan
 from pipelines.schemas import JobState
 from pipelines.storage import OutputStorage, is_url
@@ -70,6 +66,20 @@ class JobStore:
         updated = {row[0] for row in rows}
         return [job_id for job_id in job_ids if job_id in updated]
 
+    def _announce(self, job_ids: list[str]) -> None:
+        """Tells the watchers of other processes that these jobs' summaries changed (deployments/job_changes.py);
+        a failure to tell costs them only latency (they poll as a fallback), never the write."""
+        if job_ids:
+            try:
+                self.db.announce(job_ids)
+            except database_errors():
+                logger.warning("announcing a change of jobs %s failed", job_ids[:5], exc_info=True)
+
+    def change_marker(self):
+        """A value that changes when any process commits a change to the store (SQLite); None where changes are
+        announced to listeners instead (PostgreSQL)."""
+        return self.db.change_marker()
+
     # Transitions -----------------------------------------------------------------------------------------
     def create(self, job_id: str, kind: str, payload: dict, warnings: list[str], family: str = "",
                max_active: int | None = None, origin: str = "", owner: str = "",
@@ -109,8 +119,9 @@ class JobStore:
             f"started = COALESCE(started, ?) WHERE job_id IN ({marks}) AND {ACTIVE_JOBS} RETURNING job_id",
             (phase, batch_size or len(job_ids), now, now, *job_ids),
         )
-        started = {row[0] for row in rows}
-        return [job_id for job_id in job_ids if job_id in started]
+        started = [job_id for job_id in job_ids if job_id in {row[0] for row in rows}]
+        self._announce(started)
+        return started
 
     def progress_many(self, job_ids: list[str], progress: float, phase: str) -> list[str]:
         """Progress in percent for the jobs of a batch; it never goes backwards. Returns the jobs still
@@ -123,8 +134,9 @@ class JobStore:
             f"WHERE job_id IN ({marks}) AND {ACTIVE_JOBS} RETURNING job_id",
             (phase, min(progress, 99.9), time.time(), *job_ids),
         )
-        active = {row[0] for row in rows}
-        return [job_id for job_id in job_ids if job_id in active]
+        active = [job_id for job_id in job_ids if job_id in {row[0] for row in rows}]
+        self._announce(active)
+        return active
 
     def touch_active(self, job_ids: list[str]) -> int:
         """Heartbeat for started jobs that wait for their turn inside a batch (an out-of-memory batch retried
@@ -197,9 +209,15 @@ class JobStore:
                         (json.dumps(result), json.dumps(merged), batch_size, now, job_id),
                     )
                 done.append(row is not None)
+        self._announce([job_id for (job_id, _, _), completed in zip(outcomes, done, strict=True) if completed])
         return done
 
     def retry(self, job_id: str, warning: str, max_attempts: int, cause: str) -> int | None:
+        attempt = self._retry(job_id, warning, max_attempts, cause)
+        self._announce([job_id])
+        return attempt
+
+    def _retry(self, job_id: str, warning: str, max_attempts: int, cause: str) -> int | None:
         """Puts a job whose worker died (replica or node lost) back in the queue for another attempt, with
         `warning` once among its warnings; returns the new attempt's number. None when the job has ended
         meanwhile (done, cancelled: never retried) or has had `max_attempts` attempts: then it is failed here,
@@ -229,18 +247,21 @@ class JobStore:
             return attempts + 1
 
     def fail(self, job_id: str, error: str) -> bool:
-        return bool(self._update_many([job_id], durable=True, state="error", phase="error", error=error,
-                                      preview=None))  # fmt: skip
+        failed = self._update_many([job_id], durable=True, state="error", phase="error", error=error, preview=None)
+        self._announce(failed)
+        return bool(failed)
 
     def cancel(self, job_id: str) -> bool:
         updated = self._update_many([job_id], durable=True, state="cancelled", phase="cancelled",
                                     error="cancelled by request", preview=None)  # fmt: skip
+        self._announce(updated)
         return bool(updated)
 
     def record_previews(self, previews: dict[str, str]) -> None:
         """The latest preview (a JPEG in base64) of each running job; not durable, like progress."""
         for job_id, preview in previews.items():
             self.db.execute(f"UPDATE jobs SET preview = ? WHERE job_id = ? AND {ACTIVE_JOBS}", (preview, job_id))
+        self._announce(list(previews))
 
     # Webhooks: a job with a callback_url is created with its delivery `pending`. Once the job has ended, one
     # ingress replica claims the delivery (`delivering`, under the job's lease, which it renews while it

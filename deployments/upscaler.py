@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from ray import serve
 
-from deployments.generators import torch_thread_count
+from deployments.generator_config import torch_thread_count
 from pipelines.models import select_device
 from pipelines.settings import Settings
 from pipelines.upscalers import UpscalerLibrary

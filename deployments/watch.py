@@ -1,9 +1,11 @@
 """Waking the requests that wait on jobs (long polls, Server-Sent Events) when a job changes.
 
 The store is shared by every replica and written by the generators, so a change can come from any node. One
-loop per ingress replica reads the summaries of every job someone waits on, in one store query per
-WATCH_INTERVAL_S, whatever the number of clients: a waiting client costs an entry in a dict and an event, not a
-polling loop of its own, and the loop stops when nobody waits.
+loop per ingress replica reads the summaries of every job someone waits on, in one store query, whatever the
+number of clients: a waiting client costs an entry in a dict and an event, not a polling loop of its own, and
+the loop stops when nobody waits. It reads as soon as it is told of a change (deployments/job_changes.py: the
+dispatch of this replica came back, PostgreSQL's NOTIFY, SQLite's data_version) and otherwise every
+FALLBACK_INTERVAL_S, or WATCH_INTERVAL_S where the store cannot tell (SQLite through the job actor).
 """
 
 import asyncio
@@ -13,10 +15,12 @@ import json
 import logging
 from collections.abc import AsyncIterator
 
+from deployments.job_changes import MARKER_CHECK_S
 from deployments.job_records import JobSummary
 
 logger = logging.getLogger("ray.serve")
-WATCH_INTERVAL_S = 0.25
+WATCH_INTERVAL_S = 0.25  # reading the watched jobs when nothing can tell of their changes
+FALLBACK_INTERVAL_S = 1.0  # ... and when something can: a notification lost costs at most this
 KEEPALIVE_S = 15.0  # an event stream sends a comment this often when nothing else happens
 
 
@@ -52,9 +56,11 @@ def sse_event(event: str, data: dict) -> str:
 
 
 class JobWatcher:
-    def __init__(self, jobs, interval: float = WATCH_INTERVAL_S):
+    def __init__(self, jobs, interval: float = WATCH_INTERVAL_S, fallback_interval: float = FALLBACK_INTERVAL_S):
         self.jobs = jobs
         self.interval = interval
+        self.fallback_interval = fallback_interval
+        self._listener = None  # PostgreSQL's change announcements (deployments/job_changes.py)
         self._waiting: dict[str, int] = {}  # job id -> requests waiting on it
         self._latest: dict[str, JobSummary] = {}  # job id -> its summary as last read
         self._changed: dict[str, asyncio.Event] = {}  # job id -> set (and replaced) when its summary changes
@@ -78,9 +84,17 @@ class JobWatcher:
 
     def poke(self, job_id: str) -> None:
         """A job this replica knows has just changed (its dispatch came back: it ended): its watchers learn it
-        now, not at the next interval. Other replicas' watchers still read it on theirs."""
+        now. Other replicas' watchers learn it from the store."""
         if job_id in self._waiting:
             self._read_now.set()
+
+    def _announced(self, job_ids: set[str]) -> None:
+        if not job_ids.isdisjoint(self._waiting):
+            self._read_now.set()
+
+    def close(self) -> None:
+        if self._listener is not None:
+            self._listener.stop()
 
     async def next_change(self, job_id: str, seen: JobSummary | None, timeout: float,
                           with_preview: bool = False) -> JobSummary | None:  # fmt: skip
@@ -102,7 +116,10 @@ class JobWatcher:
                 return None
 
     async def _watch(self) -> None:
+        if self._listener is None:
+            self._listener = self.jobs.listen(asyncio.get_running_loop(), self._announced)
         while self._waiting:
+            marker = await self._change_marker()  # before the read: a change committed after it moves it
             try:
                 summaries = await self.jobs.summaries(list(self._waiting))
             except Exception:
@@ -114,6 +131,25 @@ class JobWatcher:
                     event = self._changed.pop(job_id, None)
                     if event is not None:
                         event.set()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._read_now.wait(), self.interval)
+            await self._until_told_or_due(marker)
             self._read_now.clear()
+
+    async def _change_marker(self):
+        try:
+            return await self.jobs.change_marker()
+        except Exception:  # the store is out of reach: the fallback reads will say so
+            return None
+
+    async def _until_told_or_due(self, marker) -> None:
+        """Waits until a change is announced (a poke, NOTIFY) or the store's change marker moves from `marker`
+        (read before the last read of the jobs), or else the fallback interval passes."""
+        loop = asyncio.get_running_loop()
+        listening = self._listener is not None and self._listener.connected.is_set()
+        deadline = loop.time() + (self.fallback_interval if marker is not None or listening else self.interval)
+        while (remaining := deadline - loop.time()) > 0:
+            step = min(remaining, MARKER_CHECK_S) if marker is not None else remaining
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._read_now.wait(), step)
+                return
+            if marker is not None and await self._change_marker() != marker:
+                return

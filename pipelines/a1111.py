@@ -324,11 +324,12 @@ class ActiveJobView(Protocol):
 def generation_info(
     request: A1111GenerationRequest, job: JobView, result: dict, warnings: list[str], inpainting_model: bool = False
 ) -> dict:
-    """A1111's `info` (`Processed.js()`) for a finished job, read from its record and first infotext, plus
-    this service's `job_id` and `warnings`. `inpainting_model`: the job ran on an inpainting checkpoint."""
+    """A1111's `info` (`Processed.js()`) for a finished job, read from its record (the first image's infotext
+    parameters as the engine recorded them; parsed from its infotext for records that lack them), plus this
+    service's `job_id` and `warnings`. `inpainting_model`: the job ran on an inpainting checkpoint."""
     infotexts: list[str] = result.get("infotexts") or []
     seeds: list[int] = result.get("seeds") or []
-    params = parse_infotext(infotexts[0]) if infotexts else {}
+    params = result.get("parameters") or (parse_infotext(infotexts[0]) if infotexts else {})
     count = len(seeds)
     native = job.payload
     subseed = request.subseed if request.subseed is not None and request.subseed >= 0 else seeds[0] if seeds else -1

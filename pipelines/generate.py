@@ -16,7 +16,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from PIL import Image
@@ -92,6 +92,7 @@ class GenerationResult:
     model_hash: str
     warnings: list[str]
     batch_size: int = 1  # how many jobs ran in the diffusers call that made this image
+    parameters: dict[str, str] = field(default_factory=dict)  # the infotext's parameters, structured
 
 
 class ImageEngine:
@@ -308,11 +309,14 @@ class ImageEngine:
                 unload_from(loaded.pipe, embeddings)  # logs its own failures; job_scope clears the LoRAs anyway
             elapsed = round(time.perf_counter() - started, 3)
             memory_after = memory_mb(self.device)
+        parameters = [self.infotext_parameters(loaded, job, ti_hashes)
+                      for job, ti_hashes in zip(jobs, refiner_ti_hashes, strict=True)]  # fmt: skip
         return [
             GenerationResult(
                 image=image,
                 seed=job.seed,
-                infotext=self.infotext(loaded, job, ti_hashes),
+                infotext=build_infotext(prompt_with_lora_tags(job.prompt, job.loras), job.negative_prompt, params),
+                parameters=params,
                 width=image.width,
                 height=image.height,
                 generation_time_sec=elapsed,
@@ -323,7 +327,7 @@ class ImageEngine:
                 warnings=list(job.warnings),
                 batch_size=len(jobs),
             )
-            for job, image, ti_hashes in zip(jobs, images, refiner_ti_hashes, strict=True)
+            for job, image, params in zip(jobs, images, parameters, strict=True)
         ]
 
     def run_batch(
@@ -491,6 +495,12 @@ class ImageEngine:
     def infotext(self, loaded: LoadedModel, job: PreparedJob, more_ti_hashes: dict[str, str] | None = None) -> str:
         """The image's A1111 infotext. `more_ti_hashes`: embeddings another model's call of the job used (the
         refiner's), listed after the job's own in `TI hashes`."""
+        params = self.infotext_parameters(loaded, job, more_ti_hashes)
+        return build_infotext(prompt_with_lora_tags(job.prompt, job.loras), job.negative_prompt, params)
+
+    def infotext_parameters(self, loaded: LoadedModel, job: PreparedJob,
+                            more_ti_hashes: dict[str, str] | None = None) -> dict[str, str]:  # fmt: skip
+        """The infotext's parameters line as key -> text (the values `parse_infotext` reads back from it)."""
         ti_hashes = self._ti_hashes(job)
         for name, value in (more_ti_hashes or {}).items():
             ti_hashes.setdefault(name, value)
@@ -519,7 +529,7 @@ class ImageEngine:
         if job.refiner is not None:
             params.update({"Refiner": f"{job.refiner.model.name} [{job.refiner.model_hash}]",
                            "Refiner switch at": job.refiner.switch_at})  # fmt: skip
-        return build_infotext(prompt_with_lora_tags(job.prompt, job.loras), job.negative_prompt, params)
+        return {key: str(value) for key, value in params.items() if value is not None}
 
 
 def _load_embeddings(pipe, jobs: list[PreparedJob]) -> list[tuple]:

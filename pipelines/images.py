@@ -62,7 +62,14 @@ def decode_base64_image(
     """An image (in `mode`; None: as stored) from base64 text, turned upright as its EXIF orientation says.
     Anything that is not a complete, reasonably sized image in an accepted format is a BadImageError naming
     the field."""
-    image = open_image(decode_base64_bytes(data, field), field)
+    return decode_image(decode_base64_bytes(data, field), field, max_pixels, mode)
+
+
+def decode_image(
+    raw: bytes, field: str = "image", max_pixels: int = MAX_INPUT_PIXELS, mode: str | None = "RGB"
+) -> Image.Image:
+    """As `decode_base64_image`, from the file's bytes (for a caller that has decoded the base64 already)."""
+    image = open_image(raw, field)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

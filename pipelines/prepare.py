@@ -13,7 +13,7 @@ from pipelines.errors import (
     InvalidRequestError,
     UnknownModelError,
 )
-from pipelines.images import decode_base64_image
+from pipelines.images import decode_base64_image, decode_image
 from pipelines.inpaint import InpaintPlan, plan_inpainting
 from pipelines.limits import LIMITS
 from pipelines.loras import (
@@ -114,10 +114,12 @@ def prepare_job(
     upscalers: UpscalerLibrary | None = None,
     vaes: VaeLibrary | None = None,
     embeddings: EmbeddingLibrary | None = None,
+    input_bytes: dict[str, bytes] | None = None,
 ) -> PreparedJob:
     """Validates a request and resolves everything that needs no loaded model: sampler, seed, input image,
     LoRAs (checked against `model`; incompatible ones dropped with a warning), hires fix, refiner and VAE (an
-    unknown one is a 404)."""
+    unknown one is a 404). `input_bytes`: the img2img `image` and `mask` files when the caller has decoded
+    their base64 already (so it is decoded once)."""
     mode: Mode = "img2img" if isinstance(request, Img2ImgRequest) else "txt2img"
     sampler = resolve_sampler(request.sampler_name, request.scheduler_type)
     if loras is not None:
@@ -143,11 +145,13 @@ def prepare_job(
         preview=request.preview,
     )
     if isinstance(request, Img2ImgRequest):
-        image = decode_base64_image(request.image, field="image")
+        raw = input_bytes or {}
+        image = decode_image(raw["image"]) if "image" in raw else decode_base64_image(request.image, field="image")
         job.init_image = image.resize((request.width, request.height), Image.Resampling.LANCZOS)
         job.denoising_strength = at_least_one_step(request.steps, request.denoising_strength, "", job.warnings)
         if request.mask:
-            mask = decode_base64_image(request.mask, field="mask", mode=None)
+            mask = (decode_image(raw["mask"], field="mask", mode=None) if "mask" in raw
+                    else decode_base64_image(request.mask, field="mask", mode=None))  # fmt: skip
             job.init_image, job.inpaint = plan_inpainting(
                 image, mask, request.width, request.height, blur=request.mask_blur,
                 invert=request.inpainting_mask_invert, fill=request.inpainting_fill,

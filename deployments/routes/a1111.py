@@ -81,7 +81,8 @@ async def _sdapi_generate(request: A1111Txt2ImgRequest | A1111Img2ImgRequest, ht
     jobs = services.jobs
     mapped = await asyncio.to_thread(a1111.to_native, request, await jobs.default_model(), services.libraries.loras)
     job_id = await jobs.submit(mapped.kind, mapped.native, caller(http).owner, ORIGIN, mapped.warnings,
-                               hand_over=lambda: services.arrivals.hand_over(http))  # fmt: skip
+                               hand_over=lambda: services.arrivals.hand_over(http),
+                               return_images=request.send_images is not False)  # fmt: skip
     job = await jobs.wait_until_ended(job_id)
     if job is None:
         return error_response(500, f"job {job_id} has disappeared (pruned?)", a1111=True)

@@ -11,6 +11,7 @@ from ray.exceptions import RayActorError
 
 from deployments.dispatch import RETRY_WARNING
 from deployments.job_client import JobsClient
+from deployments.job_records import JobOrder
 from deployments.job_service import JobService, Libraries
 from deployments.job_status import JobFiles
 from deployments.jobs import JobStore
@@ -30,7 +31,7 @@ class FakeGenerator:
     a replica does) after `lose` lost replicas (RayActorError), or holds it until `release` is set."""
 
     def __init__(self, store: JobStore, lose: int = 0, hold: bool = False):
-        self.store, self.lose, self.calls = store, lose, []
+        self.store, self.lose, self.calls, self.orders = store, lose, [], []
         self.release = asyncio.Event()
         if not hold:
             self.release.set()
@@ -40,15 +41,20 @@ class FakeGenerator:
         self.model = multiplexed_model_id
         return self
 
-    async def remote(self, job_id: str, kind: str, payload: dict, more_coming: int) -> dict:
-        self.calls.append((job_id, payload["model"], more_coming))
+    async def remote(self, order: JobOrder, more_coming: int) -> dict:
+        self.calls.append((order.job_id, self.model, more_coming))
+        self.orders.append(order)
         if self.lose:
             self.lose -= 1
             raise RayActorError()
-        self.store.start_many([job_id])
+        self.store.start_many([order.job_id])
         await self.release.wait()
-        self.store.complete_many([(job_id, {"seed": payload["seed"], "output_paths": []}, [])])
-        return {}
+        if order.return_images:  # as a replica does: the record names the file, the answer carries its bytes
+            result = {"seed": order.job.seed, "output_paths": [f"{order.job_id}.png"], "file_type": "png"}
+            self.store.complete_many([(order.job_id, result, [])])
+            return {"job_id": order.job_id, "images": [b"\x89PNG sent back"]}
+        self.store.complete_many([(order.job_id, {"seed": order.job.seed, "output_paths": []}, [])])
+        return {"job_id": order.job_id}
 
 
 @pytest.fixture
@@ -153,5 +159,89 @@ def test_event_streams_follow_a_job_to_its_end(make_service):
         await asyncio.wait_for(follower, 5)
         assert events[0].name == "progress" and events[-1].name == "done"
         assert events[-1].data["job_id"] == job_id and "image" not in events[-1].data
+
+    asyncio.run(scenario())
+
+
+def test_the_generator_gets_what_the_ingress_prepared_and_a_recovered_job_is_prepared_again(make_service, monkeypatch):
+    """Each job is prepared once, at submission: the order handed over holds the LoRA files, the cleaned prompt
+    and the seed as decided then (the generator re-resolves nothing). A job nobody holds any more is prepared
+    again from its stored request, with the seed fixed at submission; one whose LoRA is gone meanwhile ends
+    in error naming it, instead of running without it."""
+
+    from deployments import jobs as jobs_module
+
+    monkeypatch.setattr(jobs_module, "LEASE_S", 0.1)
+
+    async def scenario():
+        service, generator = make_service()
+        job_id, job = await submitted_and_ended(service, prompt="ink <lora:demo-sd15-peft:0.5>", seed=-1)
+        (order,) = generator.orders
+        assert order.job_id == job_id and order.job.prompt == "ink" and order.images == 1
+        assert [(use.lora.name, use.scale) for use in order.job.loras] == [("demo-sd15-peft", 0.5)]
+        assert order.job.seed == job.payload["seed"] >= 0  # the random seed, fixed once
+        store = service.jobs._local
+        for orphan_id, prompt in (("orphan-ok", "ink <lora:demo-sd15-peft:0.5>"), ("orphan-gone", "<lora:gone>")):
+            store.create(orphan_id, "txt2img", tiny(prompt=prompt, model="Demo SD1.5", seed=11).stored_payload(),
+                         [], family="sd15")  # fmt: skip
+            store.start_many([orphan_id])
+        await asyncio.sleep(0.2)  # their leases lapse: nobody holds them
+        for orphan in store.claim_orphans():
+            await service.dispatcher.dispatch_again(orphan)
+        recovered = await asyncio.wait_for(service.wait_until_ended("orphan-ok"), 5)
+        assert recovered.state is JobState.done and recovered.attempts == 2
+        assert generator.orders[-1].job_id == "orphan-ok" and generator.orders[-1].job.seed == 11
+        assert generator.orders[-1].job.loras[0].lora.name == "demo-sd15-peft"
+        gone = await service.jobs.get("orphan-gone")
+        assert gone.state is JobState.error and "cannot dispatch it again: unknown LoRA 'gone'" in gone.error
+
+    asyncio.run(scenario())
+
+
+def test_an_inpainting_order_crosses_to_a_generator_process_whole(make_service):
+    """The order travels through Ray's serializer (cloudpickle) to the generator replica: the decoded input
+    image and mask, the inpainting plan and the batch key arrive as they were decided."""
+    import io
+
+    from PIL import Image
+    from ray import cloudpickle
+
+    from pipelines.images import encode_base64
+    from pipelines.schemas import Img2ImgRequest
+
+    def png(color) -> str:
+        buffer = io.BytesIO()
+        Image.new("RGB", (64, 64), color).save(buffer, "PNG")
+        return encode_base64(buffer.getvalue())
+
+    async def scenario():
+        service, generator = make_service()
+        request = Img2ImgRequest(prompt="a door", steps=2, width=64, height=64, seed=5, image=png("red"),
+                                 mask=png("white"), denoising_strength=0.6)  # fmt: skip
+        job_id = await service.submit("img2img", request, "alice")
+        await asyncio.wait_for(service.wait_until_ended(job_id), 5)
+        (order,) = generator.orders
+        arrived = cloudpickle.loads(cloudpickle.dumps(order))
+        assert arrived.job.batch_key() == order.job.batch_key() and arrived.job.inpaint is not None
+        assert arrived.job.init_image.size == (64, 64) and arrived.job.init_image.getpixel((0, 0))[:3] == (255, 0, 0)
+
+    asyncio.run(scenario())
+
+
+def test_images_sent_back_by_the_generator_are_answered_without_reading_the_storage(make_service):
+    """The A1111 door waits for its images: the generator sends them back with its answer, and the service
+    hands them over as they came (the storage, empty here, is not read); once taken they are gone, and a
+    second reader gets the storage's answer (the file is missing: said so, not an error)."""
+    from pipelines.images import decode_base64_bytes
+
+    async def scenario():
+        service, generator = make_service()
+        job_id = await service.submit("txt2img", tiny(), "alice", return_images=True)
+        job = await asyncio.wait_for(service.wait_until_ended(job_id), 5)
+        assert generator.orders[0].return_images is True
+        result, missing = await service.images_of(job)
+        assert missing == [] and decode_base64_bytes(result["image"]) == b"\x89PNG sent back"
+        result, missing = await service.images_of(job)
+        assert "images" not in result and len(missing) == 1
 
     asyncio.run(scenario())
