@@ -42,7 +42,7 @@ def main() -> None:
                     request = Txt2ImgRequest(prompt="a cat", model=model, steps=args.steps, width=size, height=size,
                                              seed=repeat)  # fmt: skip
                     started = time.perf_counter()
-                    engine.txt2img(request)
+                    engine.generate(request)
                     if repeat:  # the first run warms up
                         times.append(time.perf_counter() - started)
                 print(f"  txt2img {size}px {args.steps} steps: min {min(times):.3f}s "

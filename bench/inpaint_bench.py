@@ -49,11 +49,11 @@ def main() -> None:
         for name, fields in CASES.items():
             masked = {"mask": as_base64(mask), **fields} if fields else {}
             request = Img2ImgRequest(**base, **masked, model=model)
-            engine.img2img(request)
+            engine.generate(request)
             times = []
             for _ in range(args.runs):
                 started = time.perf_counter()
-                engine.img2img(request)
+                engine.generate(request)
                 times.append(time.perf_counter() - started)
             print(f"| {model} | {name} | {statistics.median(times) * 1000:.1f} | {min(times) * 1000:.1f} |")
 

@@ -51,12 +51,12 @@ def main() -> None:
         )
         engine = ImageEngine(ModelCatalog(settings), device="cpu", max_loaded_models=2)
         request = {"prompt": "a lighthouse", "steps": 20, "width": 256, "height": 256, "seed": 1}
-        engine.txt2img(Txt2ImgRequest(**request))  # load and warm
-        plain = timed(lambda: engine.txt2img(Txt2ImgRequest(**request)), 5)
+        engine.generate(Txt2ImgRequest(**request))  # load and warm
+        plain = timed(lambda: engine.generate(Txt2ImgRequest(**request)), 5)
         token = PREVIEW_SINK.set(lambda job_id, data: None)
         interval, pipelines.generate.PREVIEW_INTERVAL_S = pipelines.generate.PREVIEW_INTERVAL_S, 0.0
         try:
-            previewed = timed(lambda: engine.txt2img(Txt2ImgRequest(**request, preview=True)), 5)
+            previewed = timed(lambda: engine.generate(Txt2ImgRequest(**request, preview=True)), 5)
         finally:
             pipelines.generate.PREVIEW_INTERVAL_S = interval
             PREVIEW_SINK.reset(token)

@@ -106,3 +106,18 @@ class JobOrder:
     file_type: str
     jpeg_quality: int
     return_images: bool = False  # the generator sends the encoded images back (a caller waits to answer with them)
+
+
+PER_IMAGE_FIELDS = {"image": "images", "output_path": "output_paths", "seed": "seeds", "infotext": "infotexts"}
+
+
+def image_fields(result: dict) -> dict:
+    """A result record with both the per-image lists (`images`, `seeds`, ...) and their first items (`image`,
+    `seed`, ...): a record holds the lists, one written before multi-image jobs only the single fields."""
+    result = dict(result)
+    for single, plural in PER_IMAGE_FIELDS.items():
+        if result.get(plural):
+            result[single] = result[plural][0]
+        elif single in result:
+            result[plural] = [result[single]]
+    return result

@@ -14,9 +14,8 @@ from dataclasses import dataclass
 
 from deployments.dispatch import Dispatcher
 from deployments.job_client import JobsClient
-from deployments.job_records import ActiveJob, JobOrder, JobRecord, JobSummary
+from deployments.job_records import ActiveJob, JobOrder, JobRecord, JobSummary, image_fields
 from deployments.job_status import INPUT_FIELDS, JobFiles
-from deployments.jobs import image_fields
 from deployments.keeper import JobKeeper, WebhookDeliveries
 from deployments.keys import Caller
 from deployments.metrics import service_metrics

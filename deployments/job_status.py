@@ -3,8 +3,7 @@ projection of a `JobRecord` onto the status fields (`GET /queue/{id}`, the final
 
 import asyncio
 
-from deployments.job_records import JobRecord
-from deployments.jobs import image_fields
+from deployments.job_records import JobRecord, image_fields
 from pipelines.errors import JobNotFinishedError, UnknownJobError
 from pipelines.images import decode_base64_bytes, encode_base64, image_extension
 from pipelines.schemas import JobState

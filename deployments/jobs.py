@@ -13,14 +13,21 @@ import json
 import logging
 import time
 import uuid
-from pathlib import Path
 
 import ray
 
 from deployments.job_db import ACTIVE_JOBS, TERMINAL_STATES, database_errors, open_database
-from deployments.job_records import SUMMARY_FIELDS, ActiveJob, JobRecord, JobSummary, LapsedDelivery, Orphan
+from deployments.job_records import (
+    SUMMARY_FIELDS,
+    ActiveJob,
+    JobRecord,
+    JobSummary,
+    LapsedDelivery,
+    Orphan,
+)
+from deployments.retention import prune_finished
 from pipelines.schemas import JobState
-from pipelines.storage import OutputStorage, is_url
+from pipelines.storage import OutputStorage
 
 logger = logging.getLogger("ray.serve")
 REPLICA_REPORT_TTL_S = 60.0
@@ -407,55 +414,9 @@ class JobStore:
         return self.prune() if claimed else None
 
     def prune(self, limit: int = PRUNE_BATCH) -> int:
-        """Deletes finished jobs older than the retention time, and each owner's beyond the retention count (so
-        no caller's jobs make another's go), never-started cancelled ones first; their images, stored inputs
-        and staged files go from the output storage first, then their records (a file that cannot be deleted
-        now is logged). At most
-        `limit` jobs per call, so a backlog is worked through a bounded step at a time. Returns how many went."""
-        cutoff = time.time() - self.keep_finished_seconds
-        never_started = "CASE WHEN state = 'cancelled' AND started IS NULL THEN 1 ELSE 0 END"
-        rows = self.db.execute(
-            f"SELECT job_id, result, inputs FROM (SELECT job_id, result, inputs, updated, ROW_NUMBER() OVER "
-            f"(PARTITION BY owner ORDER BY {never_started}, updated DESC) AS kept FROM jobs "
-            f"WHERE state IN ({_TERMINAL})) AS finished WHERE kept > ? OR updated < ? LIMIT ?",
-            (self.keep_finished_count, cutoff, limit),
-        )
-        for job_id, result, inputs in rows:
-            stored = image_fields(json.loads(result) if result else {})
-            files = [*(stored.get("output_paths") or []), *(stored.get("staged_paths") or []),
-                     *(json.loads(inputs) if inputs else {}).values()]  # fmt: skip
-            for output in files:
-                if Path(output).name.startswith(job_id):  # only files named after the job
-                    self._delete_file(job_id, output)
-        self.db.executemany("DELETE FROM jobs WHERE job_id = ?", [(job_id,) for job_id, _, _ in rows])
-        return len(rows)
-
-    def _delete_file(self, job_id: str, location: str) -> None:
-        """One file of a pruned job, and the staged files of its attempts that never recorded them (a replica
-        lost mid-save); a failure is logged and retention goes on."""
-        try:
-            if self.outputs is not None:
-                self.outputs.delete(location)  # only under the storage's root
-                self.outputs.delete_staged(location)
-            elif not is_url(location):
-                Path(location).unlink(missing_ok=True)
-        except Exception:
-            logger.warning("retention: could not delete %s of job %s", location, job_id, exc_info=True)
-
-
-PER_IMAGE_FIELDS = {"image": "images", "output_path": "output_paths", "seed": "seeds", "infotext": "infotexts"}
-
-
-def image_fields(result: dict) -> dict:
-    """A result record with both the per-image lists (`images`, `seeds`, ...) and their first items (`image`,
-    `seed`, ...): a record holds the lists, one written before multi-image jobs only the single fields."""
-    result = dict(result)
-    for single, plural in PER_IMAGE_FIELDS.items():
-        if result.get(plural):
-            result[single] = result[plural][0]
-        elif single in result:
-            result[plural] = [result[single]]
-    return result
+        """Retention's one step (deployments/retention.py): at most `limit` finished jobs that are past the
+        retention time or beyond their owner's count, files first. Returns how many went."""
+        return prune_finished(self.db, self.outputs, self.keep_finished_seconds, self.keep_finished_count, limit)
 
 
 _JOB_COLUMNS = ("job_id", "kind", "state", "phase", "progress", "created", "updated", "payload", "warnings",

@@ -5,8 +5,7 @@ import time
 import weakref
 from dataclasses import dataclass, field
 
-from deployments.job_records import JobOrder
-from deployments.jobs import PER_IMAGE_FIELDS
+from deployments.job_records import PER_IMAGE_FIELDS, JobOrder
 from pipelines.generate import ImageEngine
 from pipelines.models import LoadedModel
 from pipelines.prepare import PreparedJob

@@ -245,7 +245,7 @@ def _generate(args, mode: str) -> None:
     else:
         request = Txt2ImgRequest(**fields)
     engine = ImageEngine(_catalog())
-    result = engine.img2img(request) if mode == "img2img" else engine.txt2img(request)
+    result = engine.generate(request)
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_bytes(encode_image(result.image, file_type, result.infotext, request.jpeg_quality))

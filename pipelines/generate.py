@@ -243,8 +243,6 @@ class ImageEngine:
         loaded = self.load(request.model)
         return self.run(loaded, [self.prepare(request, loaded.entry)], progress)[0]
 
-    txt2img = img2img = generate  # the older names, still called by pipelines/cli.py, bench/ and tests
-
     def run(
         self,
         loaded: LoadedModel,

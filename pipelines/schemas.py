@@ -265,9 +265,6 @@ class Txt2ImgResponse(BaseModel):
     status: Literal["queued"] = "queued"
 
 
-Img2ImgResponse = Txt2ImgResponse
-
-
 class WebhookOutcome(BaseModel):
     attempts: int = Field(..., ge=0, description="POSTs made (retried on network errors, 429 and 5xx)")
     status: Literal["delivering", "delivered", "failed"]

@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 
 from deployments.access import AccessPolicy
-from deployments.job_records import ActiveJob, JobRecord
-from deployments.jobs import JobStore, image_fields
+from deployments.job_records import ActiveJob, JobRecord, image_fields
+from deployments.jobs import JobStore
 from pipelines import a1111
 from pipelines.a1111_schemas import A1111Img2ImgRequest, A1111Txt2ImgRequest
 from pipelines.errors import DiffusionAPIError

@@ -26,10 +26,10 @@ def test_the_library_reads_both_formats_and_their_families(settings):
 
 
 def test_an_embedding_named_in_a_prompt_changes_the_image_and_is_unloaded_after(engine):
-    plain = engine.txt2img(Txt2ImgRequest(prompt="a fox in the snow", **BASE))
-    styled = engine.txt2img(Txt2ImgRequest(prompt="a fox in the snow, Demo-Style", **BASE))
-    negative = engine.txt2img(Txt2ImgRequest(prompt="a fox in the snow", negative_prompt="demo-style", **BASE))
-    after = engine.txt2img(Txt2ImgRequest(prompt="a fox in the snow", **BASE))
+    plain = engine.generate(Txt2ImgRequest(prompt="a fox in the snow", **BASE))
+    styled = engine.generate(Txt2ImgRequest(prompt="a fox in the snow, Demo-Style", **BASE))
+    negative = engine.generate(Txt2ImgRequest(prompt="a fox in the snow", negative_prompt="demo-style", **BASE))
+    after = engine.generate(Txt2ImgRequest(prompt="a fox in the snow", **BASE))
     assert not np.array_equal(pixels(plain), pixels(styled))
     assert not np.array_equal(pixels(plain), pixels(negative))
     assert np.array_equal(pixels(plain), pixels(after))
@@ -40,18 +40,18 @@ def test_an_embedding_named_in_a_prompt_changes_the_image_and_is_unloaded_after(
 
 
 def test_weighted_embeddings_and_sdxl_files(engine):
-    styled = engine.txt2img(Txt2ImgRequest(prompt="a fox, demo-style", **BASE))
-    stronger = engine.txt2img(Txt2ImgRequest(prompt="a fox, (demo-style:1.4)", **BASE))
+    styled = engine.generate(Txt2ImgRequest(prompt="a fox, demo-style", **BASE))
+    stronger = engine.generate(Txt2ImgRequest(prompt="a fox, (demo-style:1.4)", **BASE))
     assert not np.array_equal(pixels(styled), pixels(stronger))
-    plain_xl = engine.txt2img(Txt2ImgRequest(prompt="a fox", model="Demo SDXL", **BASE))
-    styled_xl = engine.txt2img(Txt2ImgRequest(prompt="a fox demo-xl-style", model="Demo SDXL", **BASE))
+    plain_xl = engine.generate(Txt2ImgRequest(prompt="a fox", model="Demo SDXL", **BASE))
+    styled_xl = engine.generate(Txt2ImgRequest(prompt="a fox demo-xl-style", model="Demo SDXL", **BASE))
     assert not np.array_equal(pixels(plain_xl), pixels(styled_xl))
     assert "demo-xl-style: " in parse_infotext(styled_xl.infotext)["TI hashes"]
 
 
 def test_an_embedding_of_the_other_family_is_skipped_with_a_warning_not_read_as_text(engine):
-    result = engine.txt2img(Txt2ImgRequest(prompt="a fox demo-xl-style", **BASE))
-    without = engine.txt2img(Txt2ImgRequest(prompt="a fox", **BASE))
+    result = engine.generate(Txt2ImgRequest(prompt="a fox demo-xl-style", **BASE))
+    without = engine.generate(Txt2ImgRequest(prompt="a fox", **BASE))
     assert any("'demo-xl-style' is for sdxl models" in warning for warning in result.warnings)
     assert np.array_equal(pixels(result), pixels(without))  # the name is removed, not encoded as words
     assert "TI hashes" not in parse_infotext(result.infotext)
@@ -62,7 +62,7 @@ def test_a_batch_mate_that_names_no_embedding_keeps_its_pixels(engine):
     jobs = [engine.prepare(Txt2ImgRequest(prompt="a fox, demo-style", **BASE), loaded.entry),
             engine.prepare(Txt2ImgRequest(prompt="a harbour", **{**BASE, "seed": 5}), loaded.entry)]  # fmt: skip
     batched = engine.run(loaded, jobs)
-    alone = engine.txt2img(Txt2ImgRequest(prompt="a harbour", **{**BASE, "seed": 5}))
+    alone = engine.generate(Txt2ImgRequest(prompt="a harbour", **{**BASE, "seed": 5}))
     assert np.abs(pixels(batched[1]) - pixels(alone)).max() <= 2
     assert "TI hashes" not in parse_infotext(batched[1].infotext)
 
@@ -77,8 +77,8 @@ def test_an_embedding_of_another_width_is_skipped_with_its_reason(engine, settin
     (tmp_path / "broken.safetensors").write_bytes(b"not a file")
     other = ImageEngine(ModelCatalog(settings.model_copy(update={"embeddings_dir": tmp_path})), device="cpu")
     assert {item.name: item.family for item in other.embeddings.available()} == {"broken": "unknown", "wide": "sd15"}
-    result = other.txt2img(Txt2ImgRequest(prompt="a fox wide", **BASE))
-    plain = other.txt2img(Txt2ImgRequest(prompt="a fox", **BASE))
+    result = other.generate(Txt2ImgRequest(prompt="a fox wide", **BASE))
+    plain = other.generate(Txt2ImgRequest(prompt="a fox", **BASE))
     assert any("'wide' was skipped: its vectors are 768 wide" in warning for warning in result.warnings)
     assert np.array_equal(pixels(result), pixels(plain))  # the name was dropped, not read as a word
     assert "TI hashes" not in parse_infotext(result.infotext)

@@ -20,17 +20,17 @@ def request(**fields) -> Txt2ImgRequest:
 
 
 def test_cancelled_job_stops_at_the_next_step_and_leaves_no_trace(engine):
-    before = engine.txt2img(request(loras=["demo-sd15-kohya"]))
+    before = engine.generate(request(loras=["demo-sd15-kohya"]))
     steps = []
     loaded = engine.load("Demo SD1.5")
     job = engine.prepare(request(loras=["demo-sd15-kohya"]), loaded.entry)
     with pytest.raises(JobCancelledError):
         engine.run(loaded, [job], progress=lambda d, t, p: steps.append(d), is_cancelled=lambda: len(steps) >= 2)
     assert len(steps) == 2  # steps 3..6 never ran
-    plain = engine.txt2img(request())
+    plain = engine.generate(request())
     assert not np.array_equal(np.asarray(plain.image), np.asarray(before.image))  # the LoRA is off again
     assert np.array_equal(
-        np.asarray(engine.txt2img(request(loras=["demo-sd15-kohya"])).image), np.asarray(before.image)
+        np.asarray(engine.generate(request(loras=["demo-sd15-kohya"])).image), np.asarray(before.image)
     )
 
 
@@ -51,9 +51,9 @@ def test_out_of_memory_is_a_clear_error_and_the_engine_keeps_serving(engine, mon
     loaded = engine.load("Demo SD1.5")
     monkeypatch.setattr(loaded, "pipe", FakeGpuOutOfMemory(loaded.pipe))
     with pytest.raises(OutOfMemoryError, match="out of GPU memory at 64x64.*try a smaller size"):
-        engine.txt2img(request())
+        engine.generate(request())
     monkeypatch.undo()
-    assert engine.txt2img(request()).image.size == (64, 64)
+    assert engine.generate(request()).image.size == (64, 64)
 
 
 def test_limits_come_from_the_config_and_bound_the_schema(tmp_path, monkeypatch):

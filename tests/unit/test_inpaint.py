@@ -40,7 +40,7 @@ def kept_area(mask: Image.Image, blur: int = 4) -> np.ndarray:
 def inpaint(engine, model: str, mask: Image.Image, image: Image.Image | None = None, **fields):
     image = image or input_image()
     request = Img2ImgRequest(**BASE, model=model, image=as_base64_png(image), mask=as_base64_png(mask), **fields)
-    return engine.img2img(request)
+    return engine.generate(request)
 
 
 @pytest.mark.parametrize("model", ["demo-sd15", "demo-sd15-inpainting", "models--demo--tiny-sdxl-base"])
@@ -107,15 +107,15 @@ def test_a_batch_of_masked_jobs_gives_each_job_its_own_image(engine):
 def test_an_inpainting_checkpoint_also_does_txt2img_img2img_and_hires_fix(engine):
     from pipelines.schemas import Txt2ImgRequest
 
-    txt2img = engine.txt2img(Txt2ImgRequest(**BASE, model="demo-sd15-inpainting"))
+    txt2img = engine.generate(Txt2ImgRequest(**BASE, model="demo-sd15-inpainting"))
     assert txt2img.image.size == (WIDTH, HEIGHT) and np.asarray(txt2img.image).std() > 0
     hires = {"enabled": True, "scale": 1.5, "steps": 2}
     for upscaler in ("Latent", "Lanczos"):
-        upscaled = engine.txt2img(
+        upscaled = engine.generate(
             Txt2ImgRequest(**BASE, model="demo-sd15-inpainting", hires=hires | {"upscaler": upscaler})
         )
         assert upscaled.image.size == (144, 96)
-    img2img = engine.img2img(Img2ImgRequest(**BASE, model="demo-sd15-inpainting", image=as_base64_png(input_image())))
+    img2img = engine.generate(Img2ImgRequest(**BASE, model="demo-sd15-inpainting", image=as_base64_png(input_image())))
     assert img2img.image.size == (WIDTH, HEIGHT)
 
 
@@ -145,7 +145,7 @@ def test_an_sdxl_inpainting_folder_is_detected_and_inpaints(settings, tmp_path):
     try:
         from pipelines.schemas import Txt2ImgRequest
 
-        engine.txt2img(Txt2ImgRequest(**BASE, model="tiny-sdxl-inpainting"))
+        engine.generate(Txt2ImgRequest(**BASE, model="tiny-sdxl-inpainting"))
     finally:
         hook.remove()
     assert len(unet_calls) == BASE["steps"]

@@ -110,11 +110,11 @@ def test_lora_of_an_unknown_family_is_checked_against_the_model_layers(tmp_path,
         # Preparing (the ingress's side) knows only the family: it keeps the LoRA; the engine checks the layers.
         job = prepare_job(request(loras=["mystery"]), catalog.resolve("Demo SD1.5"), engine.loras)
         assert [use.lora.name for use in job.loras] == ["mystery"] and job.warnings == []
-        result = engine.txt2img(request(loras=["mystery"]))
+        result = engine.generate(request(loras=["mystery"]))
         (warning,) = [w for w in result.warnings if "mystery" in w]
         assert warning.startswith("LoRA skipped: 'mystery'") and "another architecture" in warning
         assert "Lora hashes" not in result.infotext
-        sdxl = engine.txt2img(request(model="Demo SDXL", loras=["mystery"]))
+        sdxl = engine.generate(request(model="Demo SDXL", loras=["mystery"]))
         assert not [w for w in sdxl.warnings if "mystery" in w] and "mystery" in sdxl.infotext
     finally:
         path.unlink()
@@ -124,8 +124,8 @@ def test_lora_of_an_unknown_family_is_checked_against_the_model_layers(tmp_path,
 @pytest.mark.parametrize(("model", "lora"), [*[("Demo SD1.5", name) for name in SD15_LORAS],
                                              ("Demo SDXL", "demo-sdxl-peft")])  # fmt: skip
 def test_compatible_lora_changes_the_image_and_is_written_to_infotext(engine, model, lora):
-    base = engine.txt2img(request(model=model))
-    with_lora = engine.txt2img(request(model=model, loras=[{"name": lora, "scale": 0.8}]))
+    base = engine.generate(request(model=model))
+    with_lora = engine.generate(request(model=model, loras=[{"name": lora, "scale": 0.8}]))
     assert np.abs(pixels(with_lora) - pixels(base)).mean() > 1.0
     assert with_lora.warnings == []
     params = parse_infotext(with_lora.infotext)
@@ -135,23 +135,23 @@ def test_compatible_lora_changes_the_image_and_is_written_to_infotext(engine, mo
 
 
 def test_scale_zero_equals_no_lora(engine):
-    base = engine.txt2img(request())
-    zero = engine.txt2img(request(loras=[{"name": "demo-sd15-kohya", "scale": 0.0}]))
+    base = engine.generate(request())
+    zero = engine.generate(request(loras=[{"name": "demo-sd15-kohya", "scale": 0.0}]))
     assert np.array_equal(pixels(base), pixels(zero))
 
 
 def test_bare_name_object_and_prompt_tag_give_the_same_image(engine):
-    bare = engine.txt2img(request(loras=["demo-sd15-peft"]))
-    as_object = engine.txt2img(request(loras=[{"name": "demo-sd15-peft", "scale": 1.0}]))
-    tagged = engine.txt2img(request(prompt="a lighthouse at dusk <lora:demo-sd15-peft:1>"))
+    bare = engine.generate(request(loras=["demo-sd15-peft"]))
+    as_object = engine.generate(request(loras=[{"name": "demo-sd15-peft", "scale": 1.0}]))
+    tagged = engine.generate(request(prompt="a lighthouse at dusk <lora:demo-sd15-peft:1>"))
     assert np.array_equal(pixels(bare), pixels(as_object))
     assert np.array_equal(pixels(bare), pixels(tagged))
     assert bare.infotext == tagged.infotext
 
 
 def test_incompatible_lora_is_skipped_with_a_warning_and_the_compatible_one_still_applies(engine):
-    only_compatible = engine.txt2img(request(loras=["demo-sd15-kohya"]))
-    mixed = engine.txt2img(request(loras=["demo-sdxl-peft", "demo-sd15-kohya"]))
+    only_compatible = engine.generate(request(loras=["demo-sd15-kohya"]))
+    mixed = engine.generate(request(loras=["demo-sdxl-peft", "demo-sd15-kohya"]))
     assert np.array_equal(pixels(only_compatible), pixels(mixed))
     assert mixed.warnings == [
         "LoRA skipped: 'demo-sdxl-peft' is an SDXL LoRA; model 'demo-sd15' is SD1.5: use it with an SDXL model."
@@ -160,7 +160,7 @@ def test_incompatible_lora_is_skipped_with_a_warning_and_the_compatible_one_stil
 
 
 def test_no_lora_leaks_into_the_next_job_even_after_cache_eviction(engine):
-    before = engine.txt2img(request())
+    before = engine.generate(request())
     loaded = engine.load("Demo SD1.5")
     with loaded.lock:
         for name in list(loaded.adapters):
@@ -168,8 +168,8 @@ def test_no_lora_leaks_into_the_next_job_even_after_cache_eviction(engine):
     loaded.MAX_CACHED_ADAPTERS = 2  # force evictions while cycling through three LoRAs
     try:
         for name in [*SD15_LORAS, "demo-sd15-kohya"]:
-            engine.txt2img(request(loras=[{"name": name, "scale": 1.5}]))
-            after = engine.txt2img(request())
+            engine.generate(request(loras=[{"name": name, "scale": 1.5}]))
+            after = engine.generate(request())
             assert np.array_equal(pixels(before), pixels(after)), f"{name} leaked into the next job"
         assert len(loaded.adapters) <= 2
     finally:
@@ -177,11 +177,11 @@ def test_no_lora_leaks_into_the_next_job_even_after_cache_eviction(engine):
 
 
 def test_img2img_ignores_loras_and_says_so(engine):
-    start = engine.txt2img(request(seed=3)).image
+    start = engine.generate(request(seed=3)).image
     fields = {"prompt": "a lighthouse", "image": as_base64_png(start), "steps": 8, "width": 64, "height": 64,
               "seed": 5, "denoising_strength": 0.5}  # fmt: skip
-    plain = engine.img2img(Img2ImgRequest(**fields))
-    with_lora = engine.img2img(Img2ImgRequest(**fields, loras=["demo-sd15-kohya"]))
+    plain = engine.generate(Img2ImgRequest(**fields))
+    with_lora = engine.generate(Img2ImgRequest(**fields, loras=["demo-sd15-kohya"]))
     assert np.array_equal(pixels(plain), pixels(with_lora))
     assert with_lora.warnings == ["LoRAs are not applied to img2img; ignored: 'demo-sd15-kohya'"]
     assert "Lora hashes" not in with_lora.infotext
@@ -230,22 +230,22 @@ def test_a_job_with_max_loras_loras_keeps_them_all_and_leaves_no_lora_on_for_the
     engine = many_loras_engine
     names = [lora.name for lora in engine.loras.available()]
     assert len(names) == LIMITS.max_loras > engine.load("Demo SD1.5").MAX_CACHED_ADAPTERS
-    baseline = engine.txt2img(request())
-    with_all = engine.txt2img(request(loras=names))
+    baseline = engine.generate(request())
+    with_all = engine.generate(request(loras=names))
     assert with_all.warnings == []  # none evicted by its own batch-mates, none skipped
     assert f"<lora:{names[-1]}:1>" in with_all.infotext
     assert np.abs(pixels(with_all) - pixels(baseline)).max() > 0  # the LoRAs did apply
-    after = engine.txt2img(request())
+    after = engine.generate(request())
     assert np.array_equal(pixels(after), pixels(baseline)), "a LoRA stayed on after the job"
     # The same again: adapters now cached (and some evicted) must not change the result either.
-    assert np.array_equal(pixels(engine.txt2img(request(loras=names))), pixels(with_all))
-    assert np.array_equal(pixels(engine.txt2img(request())), pixels(baseline))
+    assert np.array_equal(pixels(engine.generate(request(loras=names))), pixels(with_all))
+    assert np.array_equal(pixels(engine.generate(request())), pixels(baseline))
 
 
 def test_a_job_that_fails_midway_leaves_no_lora_scheduler_or_vae_change_behind(many_loras_engine):
     engine = many_loras_engine
     loaded = engine.load("Demo SD1.5")
-    baseline = engine.txt2img(request(sampler_name="Euler"))
+    baseline = engine.generate(request(sampler_name="Euler"))
     own_scheduler, own_vae = loaded.pipe.scheduler, loaded.pipe.vae
     names = [lora.name for lora in engine.loras.available()][:3]
     vae = engine.vaes.available()[0].name
@@ -258,6 +258,6 @@ def test_a_job_that_fails_midway_leaves_no_lora_scheduler_or_vae_change_behind(m
     with pytest.raises(RuntimeError, match="the upscaler is gone"):
         engine.run(loaded, [failing], upscale=broken_upscaler)
     assert loaded.pipe.scheduler is own_scheduler and loaded.pipe.vae is own_vae
-    after = engine.txt2img(request(sampler_name="Euler"))
+    after = engine.generate(request(sampler_name="Euler"))
     assert np.array_equal(pixels(after), pixels(baseline)), "the failed job changed the next job's image"
     assert after.infotext == baseline.infotext

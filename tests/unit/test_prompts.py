@@ -75,9 +75,9 @@ def pixels(image: Image.Image) -> np.ndarray:
 
 @pytest.mark.parametrize("model", ["Demo SD1.5", "Demo SDXL"])
 def test_weight_one_is_the_plain_prompt_and_other_weights_change_the_image(engine, model):
-    plain = engine.txt2img(tiny(model=model, prompt="a red fox in the snow"))
-    same = engine.txt2img(tiny(model=model, prompt="a (red fox:1.0) in the snow"))
-    stronger = engine.txt2img(tiny(model=model, prompt="a (red fox:1.5) in the snow"))
+    plain = engine.generate(tiny(model=model, prompt="a red fox in the snow"))
+    same = engine.generate(tiny(model=model, prompt="a (red fox:1.0) in the snow"))
+    stronger = engine.generate(tiny(model=model, prompt="a (red fox:1.5) in the snow"))
     assert np.array_equal(pixels(plain.image), pixels(same.image))
     assert not np.array_equal(pixels(plain.image), pixels(stronger.image))
     assert stronger.infotext.startswith("a (red fox:1.5) in the snow\n")  # the prompt as written
@@ -86,16 +86,16 @@ def test_weight_one_is_the_plain_prompt_and_other_weights_change_the_image(engin
 @pytest.mark.parametrize("model", ["Demo SD1.5", "Demo SDXL"])
 def test_a_long_prompt_uses_its_tail(engine, model):
     head = ", ".join(["a mountain"] * 40)  # 119 tokens: the tail is past the first chunk
-    first = engine.txt2img(tiny(model=model, prompt=f"{head}, a lake"))
-    second = engine.txt2img(tiny(model=model, prompt=f"{head}, a desert"))
+    first = engine.generate(tiny(model=model, prompt=f"{head}, a lake"))
+    second = engine.generate(tiny(model=model, prompt=f"{head}, a desert"))
     assert not np.array_equal(pixels(first.image), pixels(second.image))
     assert not any("tokens" in warning for warning in first.warnings)
 
 
 def test_negative_prompt_emphasis_and_break_change_the_image(engine):
-    plain = engine.txt2img(tiny(negative_prompt="blurry, dark"))
-    weighted = engine.txt2img(tiny(negative_prompt="(blurry:1.6), dark"))
-    broken = engine.txt2img(tiny(prompt="a red fox BREAK in the snow"))
+    plain = engine.generate(tiny(negative_prompt="blurry, dark"))
+    weighted = engine.generate(tiny(negative_prompt="(blurry:1.6), dark"))
+    broken = engine.generate(tiny(prompt="a red fox BREAK in the snow"))
     reference = pixels(plain.image)
     assert pixels(weighted.image).std() > 0 and pixels(broken.image).std() > 0  # not a black (NaN) image
     assert not np.array_equal(reference, pixels(weighted.image))
@@ -110,7 +110,7 @@ def test_jobs_with_prompts_of_different_lengths_still_batch(engine):
     results = engine.run(loaded, jobs)
     assert [result.batch_size for result in results] == [2, 2]
     assert [result.image.size for result in results] == [(64, 64), (64, 64)]
-    alone = engine.txt2img(tiny(prompt=long_prompt, seed=1))
+    alone = engine.generate(tiny(prompt=long_prompt, seed=1))
     assert np.array_equal(pixels(alone.image), pixels(results[0].image)) or (
         np.abs(pixels(alone.image) - pixels(results[0].image)).max() <= 2
     )

@@ -26,7 +26,9 @@ def pixels(result) -> np.ndarray:
 def test_each_speed_option_gives_the_default_pixels(catalog, engine, options, applied):
     fast = ImageEngine(catalog, device="cpu", speed=SpeedOptions(**options))
     for model in ("Demo SD1.5", "Demo SDXL"):
-        assert np.abs(pixels(fast.txt2img(tiny(model=model))) - pixels(engine.txt2img(tiny(model=model)))).mean() <= 1.0
+        assert (
+            np.abs(pixels(fast.generate(tiny(model=model))) - pixels(engine.generate(tiny(model=model)))).mean() <= 1.0
+        )
     if applied:  # load-time options are reported (VAE tiling is chosen per call, by output size)
         assert applied in fast.load("Demo SD1.5").speed
 
@@ -35,8 +37,8 @@ def test_loras_apply_with_fused_qkv_and_leave_no_trace(catalog, engine):
     fused = ImageEngine(catalog, device="cpu", speed=SpeedOptions(fuse_qkv=True))
     with_lora = tiny(loras=["demo-sd15-peft"])
     assert "fused QKV" in fused.load("Demo SD1.5").speed
-    assert np.abs(pixels(fused.txt2img(with_lora)) - pixels(engine.txt2img(with_lora))).mean() <= 1.0
-    assert np.abs(pixels(fused.txt2img(tiny())) - pixels(engine.txt2img(tiny()))).mean() <= 1.0
+    assert np.abs(pixels(fused.generate(with_lora)) - pixels(engine.generate(with_lora))).mean() <= 1.0
+    assert np.abs(pixels(fused.generate(tiny())) - pixels(engine.generate(tiny()))).mean() <= 1.0
 
 
 def test_speed_options_come_from_the_environment_and_arguments_win(monkeypatch):

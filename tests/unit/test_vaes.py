@@ -31,10 +31,10 @@ def test_the_library_lists_and_resolves_vaes(settings):
 
 
 def test_a_chosen_vae_changes_the_image_and_never_leaks_into_the_next_job(engine):
-    own = engine.txt2img(Txt2ImgRequest(**BASE))
-    chosen = engine.txt2img(Txt2ImgRequest(**BASE, vae="demo-vae-ft"))
-    after = engine.txt2img(Txt2ImgRequest(**BASE))
-    automatic = engine.txt2img(Txt2ImgRequest(**BASE, vae="Automatic"))
+    own = engine.generate(Txt2ImgRequest(**BASE))
+    chosen = engine.generate(Txt2ImgRequest(**BASE, vae="demo-vae-ft"))
+    after = engine.generate(Txt2ImgRequest(**BASE))
+    automatic = engine.generate(Txt2ImgRequest(**BASE, vae="Automatic"))
     assert not np.array_equal(pixels(own), pixels(chosen))
     assert np.array_equal(pixels(own), pixels(after)) and np.array_equal(pixels(own), pixels(automatic))
     params = parse_infotext(chosen.infotext)
@@ -45,12 +45,12 @@ def test_a_chosen_vae_changes_the_image_and_never_leaks_into_the_next_job(engine
 
 
 def test_img2img_and_hires_fix_use_the_chosen_vae(engine):
-    start = as_base64_png(engine.txt2img(Txt2ImgRequest(**BASE)).image)
-    own = engine.img2img(Img2ImgRequest(**BASE, image=start, denoising_strength=0.5))
-    chosen = engine.img2img(Img2ImgRequest(**BASE, image=start, denoising_strength=0.5, vae="demo-vae-ft"))
+    start = as_base64_png(engine.generate(Txt2ImgRequest(**BASE)).image)
+    own = engine.generate(Img2ImgRequest(**BASE, image=start, denoising_strength=0.5))
+    chosen = engine.generate(Img2ImgRequest(**BASE, image=start, denoising_strength=0.5, vae="demo-vae-ft"))
     assert not np.array_equal(pixels(own), pixels(chosen))
     hires = {"enabled": True, "scale": 1.5, "steps": 2, "upscaler": "Lanczos"}
-    upscaled = engine.txt2img(Txt2ImgRequest(**BASE, hires=hires, vae="demo-vae-ft"))
+    upscaled = engine.generate(Txt2ImgRequest(**BASE, hires=hires, vae="demo-vae-ft"))
     assert upscaled.image.size == (96, 96) and parse_infotext(upscaled.infotext)["VAE"] == DEMO_VAE_FILE
 
 
@@ -62,6 +62,6 @@ def test_pt_files_and_diffusers_folders_give_the_same_vae(settings, tmp_path):
     vae = engine.vaes.load(engine.vaes.resolve("as-pt"), loaded.pipe.vae)
     vae.save_pretrained(tmp_path / "as-folder")
     assert [item.name for item in engine.vaes.available()] == ["as-folder", "as-pt"]
-    from_pt = engine.txt2img(Txt2ImgRequest(**BASE, vae="as-pt"))
-    from_folder = engine.txt2img(Txt2ImgRequest(**BASE, vae="as-folder"))
+    from_pt = engine.generate(Txt2ImgRequest(**BASE, vae="as-pt"))
+    from_folder = engine.generate(Txt2ImgRequest(**BASE, vae="as-folder"))
     assert np.array_equal(pixels(from_pt), pixels(from_folder))
