@@ -3,7 +3,8 @@
 Measures, in one run, on the same model, size and steps (the demo SD1.5, 64x64, 8 steps by default):
 - P1: client submit->done minus the job's own `generation_time_sec` (p50), polling every `--poll-ms`;
 - P1b: HTTP submit->done (p50) / the same job in plain diffusers in this process (p50);
-- P2: 8 jobs sent at once vs the same 8 sent one by one (throughput ratio);
+- P2: 8 jobs sent at once vs the same 8 sent one by one (throughput ratio), with clients that poll every
+  `--poll-ms` and again with clients that follow each job's event stream (`GET /queue/{id}/events`: no polling);
 - throughput at concurrency 1/2/4/8: jobs/s, submit->done p50/p95, batch sizes the service reported.
 
 .venv/bin/python bench/throughput.py [--url http://127.0.0.1:8000] [--results bench/RESULTS.md]
@@ -13,6 +14,7 @@ import argparse
 import asyncio
 import collections
 import datetime
+import json
 import platform
 import statistics
 import time
@@ -37,8 +39,9 @@ class Bench:
         self.poll_s = poll_s
         self.seed = 0
 
-    async def job(self) -> tuple[float, dict]:
-        """Submits one job and polls it to its end; returns (submit->done seconds, final status)."""
+    async def job(self, follow: str = "poll") -> tuple[float, dict]:
+        """Submits one job and polls it (or follows its event stream) to its end; returns (submit->done
+        seconds, final status)."""
         self.seed += 1
         body = {"prompt": "a lighthouse at dusk", "model": self.model, "steps": self.steps, "width": self.size,
                 "height": self.size, "seed": self.seed}  # fmt: skip
@@ -46,14 +49,28 @@ class Bench:
         response = await self.client.post("/txt2img", json=body)
         response.raise_for_status()
         job_id = response.json()["job_id"]
-        while True:
-            status = (await self.client.get(f"/queue/{job_id}")).json()
-            if status["state"] in ("done", "error", "cancelled"):
-                break
-            await asyncio.sleep(self.poll_s)
+        if follow == "events":
+            status = await self.final_event(job_id)
+        else:
+            while True:
+                status = (await self.client.get(f"/queue/{job_id}")).json()
+                if status["state"] in ("done", "error", "cancelled"):
+                    break
+                await asyncio.sleep(self.poll_s)
         if status["state"] != "done":
             raise RuntimeError(f"job {job_id} ended {status['state']}: {status.get('error')}")
         return time.perf_counter() - started, status
+
+    async def final_event(self, job_id: str) -> dict:
+        """The final status, as the event stream's last event carries it."""
+        event = None
+        async with self.client.stream("GET", f"/queue/{job_id}/events") as stream:
+            async for line in stream.aiter_lines():
+                if line.startswith("event: "):
+                    event = line[7:]
+                elif line.startswith("data: ") and event in ("done", "error", "cancelled"):
+                    return json.loads(line[6:])
+        raise RuntimeError(f"job {job_id}: the event stream ended without a final event")
 
     async def closed_loop(self, clients: int, seconds: float) -> tuple[list[float], collections.Counter, float]:
         latencies: list[float] = []
@@ -112,19 +129,22 @@ async def run(args) -> list[str]:
             elapsed, status = await bench.job()
             totals.append(elapsed)
             overheads.append(elapsed - status["generation_time_sec"])
-        # P2: 8 one by one, then 8 at once (alternating, best of --rounds).
-        one_by_one, at_once, at_once_batches = [], [], collections.Counter()
-        for _ in range(args.rounds):
-            started = time.perf_counter()
-            for _ in range(8):
-                await bench.job()
-            one_by_one.append(time.perf_counter() - started)
-            # Eight open connections first, so the eight jobs really leave at once (not one per TCP handshake).
-            await asyncio.gather(*(client.get("/hello") for _ in range(8)))
-            started = time.perf_counter()
-            results = await asyncio.gather(*(bench.job() for _ in range(8)))
-            at_once.append(time.perf_counter() - started)
-            at_once_batches.update(status.get("batch_size") for _, status in results)
+        # P2: 8 one by one, then 8 at once (alternating, --rounds), polling and following the event streams.
+        p2 = {}
+        for follow in ("poll", "events"):
+            one_by_one, at_once, at_once_batches = [], [], collections.Counter()
+            for _ in range(args.rounds):
+                started = time.perf_counter()
+                for _ in range(8):
+                    await bench.job(follow)
+                one_by_one.append(time.perf_counter() - started)
+                # Eight open connections first, so the eight jobs really leave at once (not one per handshake).
+                await asyncio.gather(*(client.get("/hello") for _ in range(8)))
+                started = time.perf_counter()
+                results = await asyncio.gather(*(bench.job(follow) for _ in range(8)))
+                at_once.append(time.perf_counter() - started)
+                at_once_batches.update(status.get("batch_size") for _, status in results)
+            p2[follow] = (one_by_one, at_once, at_once_batches)
         levels = []
         for clients in args.concurrency:
             latencies, batch_sizes, wall = await bench.closed_loop(clients, args.seconds)
@@ -145,12 +165,13 @@ async def run(args) -> list[str]:
     if plain is not None:
         say(f"| plain diffusers in one process, p50 ({threads} torch thread(s), the faster) | {1000 * plain:.1f} ms |")
         say(f"| P1b: HTTP submit->done / plain diffusers | {statistics.median(totals) / plain:.2f}x |")
-    if args.rounds:
-        ratio = min(one_by_one) / min(at_once)
-        median_ratio = statistics.median(one_by_one) / statistics.median(at_once)
-        say(f"| P2: 8 at once vs 8 one by one (best of {args.rounds}) | {ratio:.2f}x ({min(at_once):.3f} s vs "
-            f"{min(one_by_one):.3f} s; medians {median_ratio:.2f}x; batch sizes "
-            f"{dict(sorted(at_once_batches.items(), key=str))}) |")  # fmt: skip
+    for follow, (one_by_one, at_once, at_once_batches) in p2.items() if args.rounds else ():
+        how = f"polling every {args.poll_ms:g} ms" if follow == "poll" else "following the event streams"
+        ratio = statistics.median(one_by_one) / statistics.median(at_once)
+        sizes = dict(sorted(at_once_batches.items(), key=str))
+        say(f"| P2: 8 at once vs 8 one by one, {how} (median of {args.rounds}) | {ratio:.2f}x "
+            f"({statistics.median(at_once):.3f} s vs {statistics.median(one_by_one):.3f} s; best "
+            f"{min(one_by_one) / min(at_once):.2f}x; batch sizes {sizes}) |")  # fmt: skip
     say()
     if levels:
         say("| concurrency | jobs/s | submit->done p50 | p95 | batch sizes seen (jobs) |")

@@ -30,13 +30,14 @@ RETURNED_IMAGES_KEEP_S = 60.0  # how long images a generator sent back wait for 
 
 
 class Dispatcher:
-    """Runs each job's dispatch in a task of its own (`inflight`: job id -> task); `on_ended(job_id, payload)`
-    runs when a dispatch is over, however the job ended (metrics, the webhook, waking the job's watchers), unless
-    the replica is stopping (then the job's lease runs out and another replica takes it over).
+    """Runs each job's dispatch in a task of its own (`inflight`: job id -> task); `on_ended(job_id,
+    callback_url)` runs when a dispatch is over, however the job ended (metrics, the webhook, waking the job's
+    watchers), unless the replica is stopping (then the job's lease runs out and another replica takes it
+    over).
     `prepare_again(job_id, kind, payload)` prepares a recorded job that is dispatched again after a restart."""
 
     def __init__(self, jobs, handles: dict, files: JobFiles, max_attempts: int,
-                 on_ended: Callable[[str, dict], Awaitable[None]],
+                 on_ended: Callable[[str, str | None], Awaitable[None]],
                  prepare_again: Callable[[str, str, dict], Awaitable[JobOrder]]):  # fmt: skip
         self.jobs = jobs
         self.handles = handles  # family -> the generator deployment's handle
@@ -47,14 +48,17 @@ class Dispatcher:
         self.inflight: dict[str, asyncio.Task] = {}
         self.returned: dict[str, list[bytes]] = {}  # job id -> the images its generator sent back (take_images)
 
-    def start(self, order: JobOrder, payload: dict, family: str, more_coming: int = 0) -> None:
-        """Dispatches a recorded job (`payload`: its stored request) in a task of its own. `more_coming`:
-        submissions this replica has received and not yet handed over (a burst: the generator may hold this job
-        a moment for them to join its batch)."""
-        job_id = order.job_id
-        handle = self.handles[family].options(multiplexed_model_id=payload["model"])
+    def start(self, order: JobOrder, family: str, model: str, callback_url: str | None = None,
+              more_coming: int = 0) -> None:  # fmt: skip
+        """Dispatches a recorded job to `family`'s generators for `model` in a task of its own (it keeps the order
+        for retries, not the request: the order's images are decoded once, the request's base64 is not kept).
+        `more_coming`: submissions this replica has received and not yet handed over (a burst: the generator may
+        hold this job a moment for them to join its batch)."""
+        self._track(order.job_id, self._run(order, family, model, callback_url, more_coming))
+
+    def _track(self, job_id: str, work) -> None:
         # A fresh context detaches the work from this HTTP request: a client disconnect must not cancel it.
-        task = asyncio.create_task(self._run(order, handle, payload, more_coming), context=contextvars.Context())
+        task = asyncio.create_task(work, context=contextvars.Context())
         self.inflight[job_id] = task
         task.add_done_callback(lambda _: self.inflight.pop(job_id) if self.inflight.get(job_id) is task else None)
 
@@ -71,9 +75,11 @@ class Dispatcher:
             with contextlib.suppress(Exception):  # a failure is recorded on the job by the task
                 await asyncio.shield(task)
 
-    async def _run(self, order: JobOrder, handle, payload: dict, more_coming: int) -> None:
+    async def _run(self, order: JobOrder, family: str, model: str, callback_url: str | None,
+                   more_coming: int) -> None:  # fmt: skip
+        handle = self.handles[family].options(multiplexed_model_id=model)
         await self._dispatch(order, handle, more_coming)  # raises only when it is cancelled
-        await self.on_ended(order.job_id, payload)
+        await self.on_ended(order.job_id, callback_url)
 
     async def _dispatch(self, order: JobOrder, handle, more_coming: int) -> None:
         job_id = order.job_id
@@ -114,17 +120,31 @@ class Dispatcher:
         if orphan.family not in self.handles:
             await self.jobs.fail(orphan.job_id, f"cannot dispatch it again: unknown model family {orphan.family!r}")
             return
+        logger.warning("job %s: %s; dispatching attempt %d", orphan.job_id, cause, attempt)
+        # Its own task from here (in `inflight`, so this replica renews its lease while it is prepared): the
+        # keeper goes on with the other orphans and its lease renewals meanwhile.
+        self._track(orphan.job_id, self._recover(orphan))
+
+    async def _recover(self, orphan: Orphan) -> None:
+        """Prepares a claimed orphan again from its stored request and inputs, then runs its dispatch; a job that
+        cannot be prepared again ends in error saying why."""
+        model, callback_url = orphan.payload.get("model", ""), orphan.payload.get("callback_url")
         try:
+            order = await self._prepare_orphan(orphan)
+        except DiffusionAPIError as error:
+            await self.jobs.fail(orphan.job_id, f"cannot dispatch it again: {error.message}"[:1000])
+            await self.on_ended(orphan.job_id, callback_url)
+            return
+        await self._run(order, orphan.family, model, callback_url, 0)
+
+    async def _prepare_orphan(self, orphan: Orphan) -> JobOrder:
+        try:  # the input images are read back only for this (the order holds them decoded)
             payload = {**orphan.payload, **await asyncio.to_thread(self.files.read_inputs, orphan.inputs)}
         except DiffusionAPIError as error:  # an input image gone from the storage, or the storage unreachable
-            await self.jobs.fail(orphan.job_id, f"cannot dispatch it again: its input image could not be read: "
-                                                f"{error.message}")  # fmt: skip
-            return
+            raise DiffusionAPIError(f"its input image could not be read: {error.message}") from error
         try:
-            order = await self.prepare_again(orphan.job_id, orphan.kind, payload)
-        except Exception as error:  # uninstalled since (a LoRA, the model), or a request of an older version
-            reason = error.message if isinstance(error, DiffusionAPIError) else f"{type(error).__name__}: {error}"
-            await self.jobs.fail(orphan.job_id, f"cannot dispatch it again: {reason}"[:1000])
-            return
-        logger.warning("job %s: %s; dispatching attempt %d", orphan.job_id, cause, attempt)
-        self.start(order, payload, orphan.family)
+            return await self.prepare_again(orphan.job_id, orphan.kind, payload)
+        except DiffusionAPIError:  # uninstalled since (a LoRA, the model)
+            raise
+        except Exception as error:  # a request of an older version that no longer validates
+            raise DiffusionAPIError(f"{type(error).__name__}: {error}") from error

@@ -8,7 +8,8 @@ through the store:
 - PostgreSQL: the store NOTIFYs `CHANGES_CHANNEL` with the changed job ids after each write
   (`JobStore._announce`); `PostgresListener` LISTENs on a connection of its own, in a thread.
 - SQLite (one host): `PRAGMA data_version` changes whenever another connection commits; a watcher checks it
-  every `MARKER_CHECK_S` (a pragma, no table read) and reads its jobs only when it moved.
+  every `MARKER_CHECK_S` (a pragma, no table read) and reads its jobs only when it moved (at most once per
+  `MARKER_READ_GAP_S`: it moves at every commit, of any job).
 
 Either way, the watcher still reads its jobs every `FALLBACK_INTERVAL_S`: a lost notification (a dropped
 listening connection, a replica on another node that reaches SQLite through the job actor) costs latency,
@@ -24,6 +25,7 @@ from deployments.job_db import CHANGES_CHANNEL
 
 logger = logging.getLogger("ray.serve")
 MARKER_CHECK_S = 0.02
+MARKER_READ_GAP_S = 0.05  # reads the marker triggers are at least this far apart (it moves at every commit)
 LISTEN_RECONNECT_S = 1.0
 
 
@@ -46,6 +48,7 @@ class PostgresListener:
     def _listen(self) -> None:
         import psycopg
 
+        failures = 0
         while not self._stopping.is_set():
             try:
                 connection = psycopg.connect(self.url, autocommit=True, connect_timeout=10, keepalives=1,
@@ -53,13 +56,30 @@ class PostgresListener:
                 with connection:
                     connection.execute(f"LISTEN {CHANGES_CHANNEL}")
                     self.connected.set()
+                    failures = 0
                     while not self._stopping.is_set():
                         for notice in connection.notifies(timeout=1.0):
-                            job_ids = set(filter(None, notice.payload.split(",")))
-                            self.loop.call_soon_threadsafe(self.on_change, job_ids)
+                            self._tell(set(filter(None, notice.payload.split(","))))
+            except _LoopClosed:
+                return  # the replica is shutting down
             except Exception:  # a restart, a failover, a network cut: listen again soon
-                if not self._stopping.is_set():
-                    logger.warning("listening for job changes failed; reconnecting", exc_info=True)
+                failures += 1
+                if not self._stopping.is_set():  # said once per outage, not every second
+                    (logger.warning if failures == 1 else logger.debug)(
+                        "listening for job changes failed; reconnecting every %.0fs (the watchers poll meanwhile)",
+                        LISTEN_RECONNECT_S, exc_info=failures == 1)  # fmt: skip
             finally:
                 self.connected.clear()
             self._stopping.wait(LISTEN_RECONNECT_S)
+
+    def _tell(self, job_ids: set[str]) -> None:
+        if self.loop.is_closed():
+            raise _LoopClosed
+        try:
+            self.loop.call_soon_threadsafe(self.on_change, job_ids)
+        except RuntimeError as error:  # closed between the check and the call
+            raise _LoopClosed from error
+
+
+class _LoopClosed(Exception):
+    """The event loop the listener reports to has closed: the listener stops."""

@@ -133,7 +133,7 @@ class JobService:
                                    f"or running; retry in a few seconds")  # fmt: skip
         order = JobOrder(job_id, job, request.batch_size * request.n_iter, request.file_type, request.jpeg_quality,
                          return_images)  # fmt: skip
-        self.dispatcher.start(order, payload, entry.family, hand_over() if hand_over else 0)
+        self.dispatcher.start(order, entry.family, entry.name, request.callback_url, hand_over() if hand_over else 0)
         return job_id
 
     async def _check_callback(self, url: str) -> None:
@@ -163,7 +163,7 @@ class JobService:
             _, job = await asyncio.to_thread(self._check, kind, request, payload.get("model"))
         return JobOrder(job_id, job, request.batch_size * request.n_iter, request.file_type, request.jpeg_quality)
 
-    async def _ended(self, job_id: str, payload: dict) -> None:
+    async def _ended(self, job_id: str, callback_url: str | None) -> None:
         """A dispatch of this replica's is over: the job has ended (or was taken over). Its watchers are woken
         now, its outcome counted (by the replica that ran its last dispatch: each job once), its webhook sent."""
         self.watcher.poke(job_id)
@@ -175,8 +175,8 @@ class JobService:
                 service_metrics().job_seconds.observe(max(0.0, job.updated - job.created), tags=tags)
         except Exception:  # metrics never fail a job
             logger.warning("recording the metrics of job %s failed", job_id, exc_info=True)
-        if payload.get("callback_url"):
-            self.deliveries.start(job_id, payload["callback_url"], claimed=False)
+        if callback_url:
+            self.deliveries.start(job_id, callback_url, claimed=False)
 
     # Reading jobs ------------------------------------------------------------------------------------------
     async def job(self, job_id: str, caller: Caller) -> JobRecord:

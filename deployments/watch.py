@@ -15,7 +15,7 @@ import json
 import logging
 from collections.abc import AsyncIterator
 
-from deployments.job_changes import MARKER_CHECK_S
+from deployments.job_changes import MARKER_CHECK_S, MARKER_READ_GAP_S
 from deployments.job_records import JobSummary
 
 logger = logging.getLogger("ray.serve")
@@ -61,6 +61,7 @@ class JobWatcher:
         self.interval = interval
         self.fallback_interval = fallback_interval
         self._listener = None  # PostgreSQL's change announcements (deployments/job_changes.py)
+        self._last_read = 0.0  # the loop's time of its last read of the watched jobs
         self._waiting: dict[str, int] = {}  # job id -> requests waiting on it
         self._latest: dict[str, JobSummary] = {}  # job id -> its summary as last read
         self._changed: dict[str, asyncio.Event] = {}  # job id -> set (and replaced) when its summary changes
@@ -120,6 +121,7 @@ class JobWatcher:
             self._listener = self.jobs.listen(asyncio.get_running_loop(), self._announced)
         while self._waiting:
             marker = await self._change_marker()  # before the read: a change committed after it moves it
+            self._last_read = asyncio.get_running_loop().time()
             try:
                 summaries = await self.jobs.summaries(list(self._waiting))
             except Exception:
@@ -152,4 +154,10 @@ class JobWatcher:
                 await asyncio.wait_for(self._read_now.wait(), step)
                 return
             if marker is not None and await self._change_marker() != marker:
+                # The marker moves at any commit (other jobs' progress, heartbeats): under load, at most one
+                # read per MARKER_READ_GAP_S, unless a poke or a notification asks for one sooner.
+                gap = self._last_read + MARKER_READ_GAP_S - loop.time()
+                if gap > 0:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._read_now.wait(), gap)
                 return

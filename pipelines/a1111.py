@@ -12,6 +12,7 @@ warning in `info` (clients send their own fields), never refused.
 
 import datetime
 import json
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -465,13 +466,13 @@ def loras(library: LoraLibrary) -> list[dict]:
 
 
 def memory_report() -> dict:
-    """A1111's `GET /memory`: the host's RAM, and CUDA figures where torch sees a GPU."""
-    import torch
-
+    """A1111's `GET /memory`: the host's RAM, and CUDA figures where this process already runs torch on a GPU
+    (the ingress never imports torch: it has no GPU, and importing it would cost ~560 MB)."""
+    torch = sys.modules.get("torch")
     memory = psutil.virtual_memory()
     report: dict[str, Any] = {"ram": {"free": memory.available, "used": memory.total - memory.available,
                                       "total": memory.total}}  # fmt: skip
-    if torch.cuda.is_available():
+    if torch is not None and torch.cuda.is_available():
         free, total = torch.cuda.mem_get_info()
         report["cuda"] = {"system": {"free": free, "used": total - free, "total": total}}
     else:

@@ -115,17 +115,21 @@ class FileFactsCache:
         return value
 
 
+def _checkpoint_shapes(path: Path) -> dict:
+    """A single-file checkpoint's tensor names and shapes, read without torch where the format allows (the
+    ingress resolves models with this module: pipelines/tensor_shapes.py); else loaded with torch."""
+    from pipelines import tensor_shapes
+
+    state = tensor_shapes.read(path)
+    if state is None:
+        import torch
+
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return state.get("state_dict", state)
+
+
 def _checkpoint_keys(path: Path) -> list[str]:
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as handle:
-            return list(handle.keys())
-    import torch
-
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    state = state.get("state_dict", state)
-    return list(state.keys())
+    return list(_checkpoint_shapes(path).keys())
 
 
 def family_of_checkpoint_keys(keys: list[str]) -> Family:
@@ -150,15 +154,7 @@ INPAINTING_CHANNELS = 9  # 4 latent + 1 mask + 4 masked-image latent channels
 
 def unet_input_channels_of_checkpoint(path: Path) -> int:
     """The UNet's input channels in an original-layout checkpoint (9 for inpainting checkpoints)."""
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as handle:
-            return int(handle.get_slice(UNET_INPUT_KEY).get_shape()[1]) if UNET_INPUT_KEY in handle.keys() else 4  # noqa: SIM118
-    import torch
-
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    state = state.get("state_dict", state)
+    state = _checkpoint_shapes(path)
     return int(state[UNET_INPUT_KEY].shape[1]) if UNET_INPUT_KEY in state else 4
 
 

@@ -533,12 +533,29 @@ class LoraLibrary:
             return problem
         return incompatibility(lora, self.targets(lora, entry.family), entry, self.model_layers(entry))
 
+    def unreadable(self, lora: LoraFile) -> str | None:
+        """Why the file cannot be read as a LoRA's tensors (None when it can), read without torch where the
+        format allows and cached per file: the ingress's check, a 422 before the job exists."""
+
+        def problem(file: Path) -> str:
+            try:
+                read_lora_shapes(file)
+            except UnreadableLoraError as error:
+                return error.message
+            return ""
+
+        return self.facts.get(lora.path, "lora_unreadable", problem) or None
+
     def usable(self, uses: list[LoraUse], entry: ModelEntry) -> tuple[list[LoraUse], list[str]]:
         """The uses whose LoRA fits the model layer by layer, and a warning for each one that does not (the
-        engine's check, just before the LoRAs are applied; the results are cached per file and model)."""
+        engine's check, just before the LoRAs are applied; the results are cached per file and model). A file
+        that has become unreadable since the job was accepted is skipped the same way."""
         kept, warnings = [], []
         for use in uses:
-            reason = self.check(use.lora, entry)
+            try:
+                reason = self.check(use.lora, entry)
+            except DiffusionAPIError as error:
+                reason = error.message.rstrip(".")
             if reason is None:
                 kept.append(use)
             else:
@@ -575,6 +592,9 @@ class LoraLibrary:
             names = ", ".join(f"'{lora.name}'" for lora, _ in resolved.values())
             plan.warnings.append(f"LoRAs are not applied to img2img; ignored: {names}")
             return plan
+        for lora, _ in resolved.values():
+            if problem := self.unreadable(lora):
+                raise UnreadableLoraError(problem, field="loras")
         for lora, scale in resolved.values():  # the layers are checked by the engine, against the loaded model
             reason = self.family_problem(lora, entry) if entry is not None else None
             if reason is not None:

@@ -54,11 +54,25 @@ def select_device(
 def check_device(device: torch.device) -> None:
     """Raises when the device no longer computes: a GPU that fell off the bus, or a CUDA context broken by an
     earlier fault (CUDA errors are sticky: every later call raises them). A one-element kernel and its result
-    read back: microseconds on a healthy device. No device-wide synchronize and no lock: a running job delays
-    it by the work already queued on its stream at most."""
-    value = (torch.ones(1, device=device) + 1).item()
+    read back: microseconds on a healthy device. No device-wide synchronize and no lock; on CUDA it runs on a
+    side stream of its own (PyTorch's pool streams do not wait for the default stream), so a running job's
+    queued kernels (a large SDXL or hires step) do not delay it."""
+    if device.type == "cuda":
+        with torch.cuda.stream(_check_stream(device)):
+            value = (torch.ones(1, device=device) + 1).item()
+    else:
+        value = (torch.ones(1, device=device) + 1).item()
     if value != 2:
         raise RuntimeError(f"device {device} computed 1 + 1 = {value}")
+
+
+_CHECK_STREAMS: dict[torch.device, "torch.cuda.Stream"] = {}
+
+
+def _check_stream(device: torch.device) -> "torch.cuda.Stream":
+    if device not in _CHECK_STREAMS:
+        _CHECK_STREAMS[device] = torch.cuda.Stream(device)
+    return _CHECK_STREAMS[device]
 
 
 def memory_mb(device: torch.device) -> float:

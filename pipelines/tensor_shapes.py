@@ -25,6 +25,10 @@ class TensorShape:
         return len(self.shape)
 
 
+class _StateDict(dict):
+    """What an `OrderedDict` (a module's `state_dict()`, with its `_metadata` attribute) is read as."""
+
+
 class _ShapeUnpickler(pickle.Unpickler):
     """Runs nothing the pickle names: tensor and parameter rebuilds become TensorShapes, storages stay unread,
     any other class is refused."""
@@ -35,7 +39,7 @@ class _ShapeUnpickler(pickle.Unpickler):
         if module == "torch._utils" and name == "_rebuild_parameter":
             return lambda tensor, *rest: tensor
         if module == "collections" and name == "OrderedDict":
-            return dict
+            return _StateDict
         if module == "torch" and name.endswith("Storage"):
             return None
         raise pickle.UnpicklingError(f"{module}.{name} is not read without torch")
@@ -61,7 +65,11 @@ def read(path: Path) -> dict | None:
                 state = _ShapeUnpickler(data).load()
     except (zipfile.BadZipFile, pickle.UnpicklingError, ValueError, AttributeError, TypeError, EOFError, IndexError):
         return None
-    return state if isinstance(state, dict) else None
+    return _plain(state) if isinstance(state, dict) else None
+
+
+def _plain(state: dict) -> dict:
+    return {key: _plain(value) if isinstance(value, dict) else value for key, value in state.items()}
 
 
 def metadata(path: Path) -> dict[str, str]:

@@ -10,7 +10,9 @@ from deployments.contract import documented_errors
 from deployments.metrics import job_store_metrics
 from deployments.services import ServicesDep
 from pipelines.schemas import HealthResponse, HelloResponse, JobState
-from pipelines.system import gpu_info, health_report
+from pipelines.system import health_report
+
+NOT_REPORTED_GPU = {"cuda_available": False, "device_name": "unknown: no generator replica has reported yet"}
 
 router = APIRouter()
 PAGE_HTML = (pathlib.Path(__file__).parent.parent / "page" / "index.html").read_text(encoding="utf-8")
@@ -46,9 +48,9 @@ async def health(services: ServicesDep) -> dict:
     counts = await services.jobs.counts()
     replicas = await services.jobs.replica_reports()
     active = counts.get(JobState.queued, 0) + counts.get(JobState.processing, 0)
-    # GPU figures come from the generator replicas (they hold the GPUs); the ingress's own as a fallback.
+    # GPU figures come from the generator replicas (they hold the GPUs; the ingress imports no torch).
     gpus = [report["gpu"] for report in replicas]
-    gpu = next((g for g in gpus if g.get("cuda_available")), gpus[0] if gpus else None) or gpu_info()
+    gpu = next((g for g in gpus if g.get("cuda_available")), gpus[0] if gpus else None) or NOT_REPORTED_GPU
     settings, libraries = services.settings, services.libraries
     report = await asyncio.to_thread(
         health_report, settings.models_dir, settings.loras_dir, settings.outputs_dir, services.storage,

@@ -65,3 +65,58 @@ def import_chain(module: str) -> str:
                     depth = outer_depth
             return " -> ".join(reversed(chain))
     return f"(no chain found for {module})"
+
+
+WORK_PROBE = """
+import base64, io, json, sys
+from PIL import Image
+from deployments.job_service import Libraries
+from pipelines import a1111
+from pipelines.catalog import check_mode_supported
+from pipelines.prepare import prepare_job
+from pipelines.schemas import Img2ImgRequest, Txt2ImgRequest
+from pipelines.settings import Settings
+
+libraries = Libraries.from_settings(Settings.from_env())
+models = libraries.catalog.list_models()
+loras = libraries.loras.available()
+embeddings = libraries.embeddings.available()
+buffer = io.BytesIO()
+Image.new("RGB", (64, 64), "red").save(buffer, "PNG")
+image = base64.b64encode(buffer.getvalue()).decode()
+prepared = []
+for model in models:
+    for kind, request in (
+        ("txt2img", Txt2ImgRequest(prompt="ink <lora:demo-sd15-peft:0.5> demo-style", model=model.name, steps=2,
+                                   width=64, height=64, vae="demo-vae-ft", hires={"scale": 2, "upscaler": "demo-x2"})),
+        ("img2img", Img2ImgRequest(prompt="a door demo-xl-style", model=model.name, steps=2, width=64, height=64,
+                                   image=image, mask=image)),
+    ):
+        try:
+            check_mode_supported(model, kind)
+        except Exception:
+            continue
+        job = prepare_job(request, model, libraries.loras, libraries.catalog, libraries.upscalers, libraries.vaes,
+                          libraries.embeddings)
+        prepared.append((model.name, kind, [use.lora.name for use in job.loras]))
+a1111.memory_report()
+print(json.dumps({"models": len(models), "loras": len(loras), "embeddings": len(embeddings), "prepared": prepared,
+                  "heavy": [name for name in HEAVY if name in sys.modules]}))
+"""
+
+
+def test_the_ingress_s_checks_on_every_demo_model_import_no_torch(env_settings, tmp_path, monkeypatch):
+    """What the ingress does at run time, not only at import: list the models, LoRAs and embeddings with a cold
+    cache of file facts (families and hashes read from the files: single-file checkpoints, `.pt` embeddings
+    and LoRAs), and prepare txt2img (a LoRA tag, an embedding, a VAE, hires fix) and inpainting jobs on every
+    demo model, then A1111's /memory: still no torch."""
+    monkeypatch.setenv("DIFFUSION_API_CACHE_DIR", str(tmp_path / "cold-cache"))
+    probe = f"HEAVY = {HEAVY!r}\n" + WORK_PROBE
+    done = subprocess.run([sys.executable, "-c", probe], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["models"] >= 4 and result["loras"] >= 3 and result["embeddings"] >= 2
+    assert ("demo-sd15", "txt2img", ["demo-sd15-peft"]) in [tuple(item) for item in result["prepared"]]
+    assert len(result["prepared"]) >= 4
+    assert result["heavy"] == [], f"the ingress's work imported {result['heavy']}"

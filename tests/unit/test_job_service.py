@@ -192,7 +192,7 @@ def test_the_generator_gets_what_the_ingress_prepared_and_a_recovered_job_is_pre
         assert recovered.state is JobState.done and recovered.attempts == 2
         assert generator.orders[-1].job_id == "orphan-ok" and generator.orders[-1].job.seed == 11
         assert generator.orders[-1].job.loras[0].lora.name == "demo-sd15-peft"
-        gone = await service.jobs.get("orphan-gone")
+        gone = await asyncio.wait_for(service.wait_until_ended("orphan-gone"), 5)
         assert gone.state is JobState.error and "cannot dispatch it again: unknown LoRA 'gone'" in gone.error
 
     asyncio.run(scenario())

@@ -12,7 +12,13 @@ from pipelines.demo import build_sdxl_base, peft_lora
 from pipelines.errors import InvalidNameError
 from pipelines.infotext import parse_infotext
 from pipelines.lora_check import check_all, format_report
-from pipelines.loras import UnknownLoraError, detect_lora_family, lora_short_hash, parse_prompt_loras
+from pipelines.loras import (
+    UnknownLoraError,
+    UnreadableLoraError,
+    detect_lora_family,
+    lora_short_hash,
+    parse_prompt_loras,
+)
 from pipelines.prepare import prepare_job
 from pipelines.schemas import Img2ImgRequest, Txt2ImgRequest
 from tests.unit.test_generate import as_base64_png
@@ -118,6 +124,28 @@ def test_lora_of_an_unknown_family_is_checked_against_the_model_layers(tmp_path,
         assert not [w for w in sdxl.warnings if "mystery" in w] and "mystery" in sdxl.infotext
     finally:
         path.unlink()
+
+
+def test_an_unreadable_lora_is_refused_before_the_job_and_skipped_if_it_breaks_after(settings, engine, catalog):
+    """Not a tensor file: a 422 naming it when the job is prepared (read without torch). A file that breaks
+    between submission and run is skipped by the engine with a warning; the job still runs."""
+    path = settings.loras_dir / "broken.safetensors"
+    path.write_bytes(b"not a safetensors file")
+    try:
+        with pytest.raises(UnreadableLoraError, match="'broken.safetensors' could not be read") as refused:
+            prepare_job(request(loras=["broken"]), catalog.resolve("Demo SD1.5"), engine.loras)
+        assert refused.value.status_code == 422 and refused.value.field == "loras"
+        good = settings.loras_dir / "breaks-later.safetensors"
+        save_file(load_file(settings.loras_dir / "demo-sd15-peft.safetensors"), good)
+        job = prepare_job(request(loras=["breaks-later"]), catalog.resolve("Demo SD1.5"), engine.loras)
+        good.write_bytes(b"broken since")
+        loaded = engine.load("Demo SD1.5")
+        (result,) = engine.run(loaded, [job])
+        assert any(w.startswith("LoRA skipped:") and "breaks-later" in w for w in result.warnings)
+        assert "Lora hashes" not in result.infotext
+    finally:
+        path.unlink(missing_ok=True)
+        (settings.loras_dir / "breaks-later.safetensors").unlink(missing_ok=True)
 
 
 # Applying them ---------------------------------------------------------------------------------------------
