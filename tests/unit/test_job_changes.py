@@ -5,20 +5,11 @@ the store telling it can explain an answer within seconds."""
 import asyncio
 import time
 
-import pytest
-
 from deployments.job_client import JobsClient
 from deployments.jobs import JobStore
 from deployments.watch import JobWatcher
 
 NEVER_S = 60.0
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def location(request, tmp_path) -> str:
-    if request.param == "postgresql":
-        return request.getfixturevalue("postgres_url")
-    return str(tmp_path / "jobs.sqlite3")
 
 
 def test_another_process_s_progress_and_end_wake_the_watcher_at_once(location):

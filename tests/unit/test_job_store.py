@@ -13,14 +13,6 @@ from deployments.jobs import JobStore
 from pipelines.schemas import JobState
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def location(request, tmp_path) -> str:
-    """Where a test's store lives: a SQLite file, or a fresh database on the session's PostgreSQL server."""
-    if request.param == "postgresql":
-        return request.getfixturevalue("postgres_url")
-    return str(tmp_path / "jobs.sqlite3")
-
-
 def test_transitions_progress_never_goes_back_and_terminal_states_stick(location):
     store = JobStore(location)
     store.create("a", "txt2img", {"prompt": "x"}, ["w1"])
