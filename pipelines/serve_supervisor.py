@@ -55,6 +55,7 @@ HAPROXY_PORTS = {"RAY_SERVE_HAPROXY_STATS_PORT": 8404, "RAY_SERVE_HAPROXY_METRIC
 FALLBACK_PORT = ("RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", 8500)
 LOCK_NAME = "diffusion-api-serve.lock"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+REPEAT_SIGNAL_S = 1.0  # a second stop signal within this is the first one again, not "stop at once"
 KILL_GRACE_S = 5.0  # SIGTERM -> SIGKILL for the processes left once `serve run` is gone or out of time
 
 _PR_SET_PDEATHSIG = 1
@@ -284,6 +285,8 @@ def supervise(
                 break
             if info is not None and info.si_signo in STOP_SIGNALS:
                 if stopping_since is not None:
+                    if time.monotonic() - stopping_since < REPEAT_SIGNAL_S:
+                        continue  # the same stop, delivered twice (to a process group through `make`, say)
                     notify("stopping the service's processes now")
                     break
                 notify(f"{signal.Signals(info.si_signo).name}: stopping the service (again to stop it at once)")
