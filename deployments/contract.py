@@ -6,9 +6,9 @@ here is a bug; the schemathesis test (tests/serve/test_schema_fuzz.py) checks ev
 """
 
 from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Header
 from fastapi.openapi.utils import get_openapi
 from starlette.routing import compile_path
 
@@ -26,7 +26,8 @@ ERROR_DESCRIPTIONS = {
     409: "The job has already ended: there is nothing to cancel",
     413: "The request body is larger than `max_request_bytes` (configs/limits.yaml)",
     415: "The request body is not JSON: send `Content-Type: application/json`",
-    422: "Malformed JSON, or a field missing, of the wrong type or out of range; `detail` names each one",
+    422: "Malformed JSON, or a field missing, of the wrong type or out of range; `detail` names each one (on "
+    "submissions also: an `Idempotency-Key` already used for another request)",
     429: "This model family's queue is full (`max_queued_jobs`); retry after `Retry-After` seconds",
     500: "The output storage could not be read, or the service failed unexpectedly; the message says why",
     503: "The service is starting, or a `callback_url` host's name could not be looked up in time; retry after "
@@ -52,6 +53,30 @@ ERROR_HEADERS: dict[int, dict[str, Any]] = {
     429: _RETRY_AFTER,
     503: _RETRY_AFTER,
 }
+
+
+# Submissions that can be retried safely: `Idempotency-Key` on the four generation calls.
+IdempotencyKey = Annotated[
+    str,  # optional (the routes default it to None); a header is never null, so the schema says string only
+    Header(
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=255,
+        pattern=r"^[\x20-\x7e]+$",
+        json_schema_extra={"format": "idempotency-key"},  # a client's own fresh key per submission
+        description="Makes a retried submission safe: the same key from the same caller with the same body "
+        "within 24 h answers the first submission's job (`Idempotent-Replayed: true`) instead of making a second "
+        "one; the same key with another body is a 422. 1-255 printable ASCII characters, scoped per API key.",
+    ),
+]
+REPLAYED_HEADER = "Idempotent-Replayed"
+
+
+def submission_answer(description: str) -> dict[int | str, dict[str, Any]]:
+    """The 200 answer of a generation call, with the header a replayed submission carries."""
+    header = {"description": "`true` when this answers an earlier submission with the same Idempotency-Key",
+              "schema": {"type": "string", "enum": ["true"]}}  # fmt: skip
+    return {200: {"description": description, "headers": {REPLAYED_HEADER: header}}}
 
 
 def documented_errors(

@@ -11,7 +11,7 @@ import ray
 
 from deployments.job_changes import PostgresListener
 from deployments.job_db import database_errors, describe, is_postgres_url
-from deployments.job_records import ActiveJob, JobRecord, JobSummary, LapsedDelivery, Orphan
+from deployments.job_records import ActiveJob, JobRecord, JobSummary, LapsedDelivery, Orphan, PriorSubmission
 from deployments.jobs import JobStore
 
 logger = logging.getLogger("ray.serve")
@@ -19,7 +19,7 @@ ACTOR_NAME_PREFIX = "diffusion_api_jobs"
 ACTOR_NAMESPACE = "diffusion_api"
 # Bump when JobStore's methods change: the actor is detached and outlives redeploys, so a new interface
 # gets a new actor (same database) instead of calling methods the old one does not have.
-STORE_INTERFACE_VERSION = 10
+STORE_INTERFACE_VERSION = 11
 
 
 def same_store(database: str, store_id: str) -> bool:
@@ -113,8 +113,13 @@ class JobsClient:
 
     async def create(self, job_id: str, kind: str, payload: dict, warnings: list[str], family: str = "",
                      max_active: int | None = None, origin: str = "", owner: str = "",
-                     inputs: dict[str, str] | None = None) -> bool:  # fmt: skip
-        return await self._call("create", job_id, kind, payload, warnings, family, max_active, origin, owner, inputs)
+                     inputs: dict[str, str] | None = None,
+                     idempotency: tuple[str, str] | None = None) -> bool | PriorSubmission:  # fmt: skip
+        return await self._call("create", job_id, kind, payload, warnings, family, max_active, origin, owner, inputs,
+                                idempotency)  # fmt: skip
+
+    async def prior_submission(self, owner: str, key: str) -> PriorSubmission | None:
+        return await self._call("prior_submission", owner, key)
 
     async def prune_if_due(self) -> int | None:
         return await self._call("prune_if_due")

@@ -59,6 +59,10 @@ MIGRATIONS: list[tuple[str, ...]] = [
      "ALTER TABLE jobs ADD COLUMN inputs TEXT",
      "CREATE INDEX IF NOT EXISTS jobs_owner_state ON jobs (owner, state, updated)",
      "INSERT INTO meta (key, value) VALUES ('last_prune', '0') ON CONFLICT (key) DO NOTHING"),
+    # 8: submissions that can be retried safely: an owner's Idempotency-Key names its job for a day
+    ("CREATE TABLE IF NOT EXISTS idempotency (owner TEXT NOT NULL, idem_key TEXT NOT NULL, "
+     "request_hash TEXT NOT NULL, job_id TEXT NOT NULL, created {real} NOT NULL, PRIMARY KEY (owner, idem_key))",
+     "CREATE INDEX IF NOT EXISTS idempotency_created ON idempotency (created)"),
 ]  # fmt: skip
 SCHEMA_VERSION = len(MIGRATIONS)
 CHANGES_CHANNEL = "diffusion_api_jobs"  # PostgreSQL's NOTIFY channel of job changes (payload: job ids)

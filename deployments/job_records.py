@@ -92,6 +92,14 @@ class LapsedDelivery:
     callback_url: str | None
 
 
+@dataclass(frozen=True)
+class PriorSubmission:
+    """An earlier submission under the same Idempotency-Key: its job, and the fingerprint of its request."""
+
+    job_id: str
+    request_hash: str
+
+
 @dataclass
 class JobOrder:
     """A job as the ingress prepared it, handed to a generator replica with the dispatch: the engine's

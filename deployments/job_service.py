@@ -7,15 +7,20 @@ stay thin and the logic is testable without FastAPI (and, given a fake handle, w
 """
 
 import asyncio
+import hashlib
+import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+from pydantic import BaseModel
+
 from deployments.dispatch import Dispatcher
 from deployments.job_client import JobsClient
-from deployments.job_records import ActiveJob, JobOrder, JobRecord, JobSummary, image_fields
+from deployments.job_records import ActiveJob, JobOrder, JobRecord, JobSummary, PriorSubmission, image_fields
 from deployments.job_status import INPUT_FIELDS, JobFiles
+from deployments.jobs import IDEMPOTENCY_TTL_S
 from deployments.keeper import JobKeeper, WebhookDeliveries
 from deployments.keys import Caller
 from deployments.metrics import service_metrics
@@ -24,6 +29,7 @@ from deployments.webhooks import WebhookLookupUnavailable, WebhookPolicy, Webhoo
 from pipelines.catalog import ModelCatalog, ModelEntry, check_mode_supported
 from pipelines.embeddings import EmbeddingLibrary
 from pipelines.errors import (
+    IdempotencyKeyReusedError,
     InvalidRequestError,
     JobEndedError,
     ServiceBusyError,
@@ -71,6 +77,21 @@ class Event:
     data: dict | None = None
 
 
+def request_fingerprint(kind: str, request: BaseModel) -> str:
+    """What identifies a submission for its Idempotency-Key: the door's request as the client sent it (every
+    field, the defaults it left out included, unknown fields too), hashed."""
+    text = json.dumps([kind, request.model_dump(mode="json")], sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+class _Replayed(Exception):
+    """Inside `submit_once`: the store found the key's earlier submission as this one was recorded."""
+
+    def __init__(self, prior: PriorSubmission):
+        super().__init__(prior.job_id)
+        self.prior = prior
+
+
 def _input_files(request: GenerationRequest) -> dict[str, bytes]:
     """The img2img input images' files (base64 decoded once: preparing reads them, the storage keeps them)."""
     return {name: decode_base64_bytes(getattr(request, name), name) for name in INPUT_FIELDS
@@ -96,8 +117,9 @@ class JobService:
     # Submission --------------------------------------------------------------------------------------------
     async def submit(self, kind: str, request: GenerationRequest, owner: str, origin: str = "",
                      warnings: list[str] | None = None, hand_over: Callable[[], int] | None = None,
-                     return_images: bool = False) -> str:  # fmt: skip
-        """Checks, records and dispatches a job; its id once it is recorded as queued. A 4xx-kind domain error
+                     return_images: bool = False, idempotency: tuple[str, str] | None = None) -> str:  # fmt: skip
+        """Checks, records and dispatches a job; its id once it is recorded as queued (`idempotency`: see
+        `submit_once`; _Replayed when that key already names a job). A 4xx-kind domain error
         for anything wrong with it (before any record exists); ServiceBusyError when its family's queue is full.
         `hand_over()`, called as the job is dispatched, says how many more submissions are on their way.
         `return_images`: the caller will wait for the images (`images_of`): the generator sends them back."""
@@ -123,10 +145,13 @@ class JobService:
             inputs = await asyncio.to_thread(self.files.store_inputs, job_id, input_files)
         try:
             created = await self.jobs.create(job_id, kind, record, warnings, entry.family, self.max_queued_jobs,
-                                             origin, owner, inputs)  # fmt: skip
+                                             origin, owner, inputs, idempotency)  # fmt: skip
         except BaseException:
             await asyncio.to_thread(self.files.delete_inputs, inputs)
             raise
+        if isinstance(created, PriorSubmission):  # a concurrent submission with the same key was first
+            await asyncio.to_thread(self.files.delete_inputs, inputs)
+            raise _Replayed(created)
         if not created:
             await asyncio.to_thread(self.files.delete_inputs, inputs)
             raise ServiceBusyError(f"the {entry.family} generators already have {self.max_queued_jobs} jobs queued "
@@ -135,6 +160,28 @@ class JobService:
                          return_images)  # fmt: skip
         self.dispatcher.start(order, entry.family, entry.name, request.callback_url, hand_over() if hand_over else 0)
         return job_id
+
+    async def submit_once(self, idempotency_key: str, fingerprint: str, kind: str, request: GenerationRequest,
+                          owner: str, **options) -> tuple[str, bool]:  # fmt: skip
+        """`submit`, safe to retry: the owner's first submission with `idempotency_key` in IDEMPOTENCY_TTL_S
+        makes a job; a later one with the same request (`fingerprint`: what the client sent) gets that job
+        again, whatever its state, without a second one. Returns (job id, replayed). The key with another
+        request is IdempotencyKeyReusedError (422)."""
+        prior = await self.jobs.prior_submission(owner, idempotency_key)
+        if prior is None:
+            try:
+                job_id = await self.submit(kind, request, owner, idempotency=(idempotency_key, fingerprint),
+                                           **options)  # fmt: skip
+                return job_id, False
+            except _Replayed as replayed:
+                prior = replayed.prior
+        if prior.request_hash != fingerprint:
+            raise IdempotencyKeyReusedError(
+                f"Idempotency-Key {idempotency_key!r} was used for another request within the last "
+                f"{IDEMPOTENCY_TTL_S / 3600:g} h (job {prior.job_id}); send a new key with a new request",
+                field="Idempotency-Key",
+            )
+        return prior.job_id, True
 
     async def _check_callback(self, url: str) -> None:
         try:

@@ -24,6 +24,7 @@ from deployments.job_records import (
     JobSummary,
     LapsedDelivery,
     Orphan,
+    PriorSubmission,
 )
 from deployments.retention import prune_finished
 from pipelines.schemas import JobState
@@ -38,6 +39,7 @@ REPLICA_REPORT_TTL_S = 60.0
 LEASE_S = 15.0
 LEASE_RENEW_S = 3.0
 PRUNE_BATCH = 500  # jobs per retention step: a backlog is removed in bounded steps, other store calls between
+IDEMPOTENCY_TTL_S = 24 * 3600.0  # how long an Idempotency-Key names its submission
 PRUNE_INTERVAL_S = 60.0  # retention runs this often, from the ingress replicas' job keepers (one of them at a time)
 _TERMINAL = ", ".join(f"'{state.value}'" for state in TERMINAL_STATES)
 _NO_LIMIT = 2**62  # LIMIT for "all rows" (an OFFSET needs one on SQLite)
@@ -90,13 +92,25 @@ class JobStore:
     # Transitions -----------------------------------------------------------------------------------------
     def create(self, job_id: str, kind: str, payload: dict, warnings: list[str], family: str = "",
                max_active: int | None = None, origin: str = "", owner: str = "",
-               inputs: dict[str, str] | None = None) -> bool:  # fmt: skip
+               inputs: dict[str, str] | None = None,
+               idempotency: tuple[str, str] | None = None) -> bool | PriorSubmission:  # fmt: skip
         """Records a queued job. Refuses (returns False) when `family` already has `max_active` jobs queued or
         running, so callers can answer "busy, retry later" instead of queueing without bound. `origin` is the
         API that took it ("" native, "sdapi" A1111's), `owner` who sent it (its API key's name), `inputs` where
-        its input images are stored (payload field -> location in the output storage; the payload lacks them)."""
+        its input images are stored (payload field -> location in the output storage; the payload lacks them).
+        `idempotency`: (Idempotency-Key, the request's fingerprint): when the owner used that key within
+        IDEMPOTENCY_TTL_S and its job still exists, nothing is recorded and that submission is returned (in the
+        same transaction as the insert, so of two concurrent submissions with one key exactly one is created)."""
         now = time.time()
         with self.db.transaction(durable=True) as transaction:
+            if idempotency is not None:
+                prior = transaction.one(
+                    "SELECT i.job_id, i.request_hash FROM idempotency AS i JOIN jobs ON jobs.job_id = i.job_id "
+                    "WHERE i.owner = ? AND i.idem_key = ? AND i.created >= ?",
+                    (owner, idempotency[0], now - IDEMPOTENCY_TTL_S),
+                )
+                if prior is not None:
+                    return PriorSubmission(*prior)
             if max_active is not None:
                 (active,) = transaction.one(
                     "SELECT COUNT(*) FROM jobs WHERE family = ? AND state IN ('queued', 'processing')", (family,)
@@ -112,7 +126,23 @@ class JobStore:
                  now + LEASE_S, "pending" if payload.get("callback_url") else None,
                  json.dumps(inputs) if inputs else None),
             )  # fmt: skip
+            if idempotency is not None:  # an expired or orphaned use of the key is replaced
+                transaction.execute(
+                    "INSERT INTO idempotency (owner, idem_key, request_hash, job_id, created) VALUES (?, ?, ?, ?, ?) "
+                    "ON CONFLICT (owner, idem_key) DO UPDATE SET request_hash = excluded.request_hash, "
+                    "job_id = excluded.job_id, created = excluded.created",
+                    (owner, idempotency[0], idempotency[1], job_id, now),
+                )
         return True
+
+    def prior_submission(self, owner: str, key: str) -> PriorSubmission | None:
+        """The owner's submission with this Idempotency-Key within IDEMPOTENCY_TTL_S, if its job still exists."""
+        row = self.db.execute(
+            "SELECT i.job_id, i.request_hash FROM idempotency AS i JOIN jobs ON jobs.job_id = i.job_id "
+            "WHERE i.owner = ? AND i.idem_key = ? AND i.created >= ?",
+            (owner, key, time.time() - IDEMPOTENCY_TTL_S),
+        )
+        return PriorSubmission(*row[0]) if row else None
 
     def start_many(self, job_ids: list[str], phase: str = "generation", batch_size: int | None = None) -> list[str]:
         """Marks jobs as running (in one batch of `batch_size`); returns the ones still active, so a job
@@ -416,6 +446,7 @@ class JobStore:
     def prune(self, limit: int = PRUNE_BATCH) -> int:
         """Retention's one step (deployments/retention.py): at most `limit` finished jobs that are past the
         retention time or beyond their owner's count, files first. Returns how many went."""
+        self.db.execute("DELETE FROM idempotency WHERE created < ?", (time.time() - IDEMPOTENCY_TTL_S,))
         return prune_finished(self.db, self.outputs, self.keep_finished_seconds, self.keep_finished_count, limit)
 
 

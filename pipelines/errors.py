@@ -85,6 +85,12 @@ class UnknownJobError(DiffusionAPIError):
     status_code = 404
 
 
+class IdempotencyKeyReusedError(DiffusionAPIError):
+    """An Idempotency-Key the caller already used for another request (a retry must send the same request)."""
+
+    status_code = 422
+
+
 class JobEndedError(DiffusionAPIError):
     """The job has already ended: there is nothing to cancel."""
 

@@ -1,9 +1,13 @@
-"""Teaches schemathesis the one string format of the API it cannot know: `image-base64`, a base64-encoded
-image file (PNG, JPEG or WebP), with or without a `data:image/...;base64,` prefix.
+"""Teaches schemathesis the string formats of the API it cannot know, so that it does not count a refusal of
+what the format rules out as a refused valid request. `schemathesis.toml` in the repository root loads this
+file, so a plain `schemathesis run` from there uses it too.
 
-Without it, schemathesis would fill `image` with base64 of random text, which the schema allows (it is
-base64) but which is no image, and count the service's 422 as a refused valid request. `schemathesis.toml`
-in the repository root loads this file, so a plain `schemathesis run` from there uses it too.
+- `image-base64`: a base64-encoded image file (PNG, JPEG or WebP), with or without a `data:image/...;base64,`
+  prefix. Without it, schemathesis would fill `image` with base64 of random text, which is base64 but no image.
+- `idempotency-key`: the `Idempotency-Key` header, a key a client makes for one submission (printable ASCII).
+  A key used again with another body is a 422 by design, which only the history of earlier requests decides;
+  a fuzzer reusing its short strings across unrelated bodies would be reported as refused valid data. Here
+  each generated key is fresh, as a client's are (the replay itself is tested in tests/serve/).
 """
 
 import base64
@@ -33,3 +37,4 @@ IMAGE_BASE64 = st.builds(
 )
 
 schemathesis.openapi.format("image-base64", IMAGE_BASE64)
+schemathesis.openapi.format("idempotency-key", st.uuids().map(lambda key: f"key-{key.hex}"))

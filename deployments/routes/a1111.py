@@ -11,11 +11,11 @@ import logging
 import time
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends, Request
+from fastapi import APIRouter, Body, Depends, Request, Response
 
 from deployments.access import caller, error_response, require_admin, require_json_body
-from deployments.contract import documented_a1111_errors
-from deployments.job_service import DEFAULT_MODEL_SETTING
+from deployments.contract import REPLAYED_HEADER, IdempotencyKey, documented_a1111_errors, submission_answer
+from deployments.job_service import DEFAULT_MODEL_SETTING, request_fingerprint
 from deployments.services import ServicesDep
 from pipelines import a1111
 from pipelines.a1111_schemas import (
@@ -59,30 +59,44 @@ LISTING_ERRORS = documented_a1111_errors(401, 503)
 BODY_ERRORS = (400, 401, 413, 415, 422, 503)  # routes that read a JSON body
 UPSCALE_ERRORS = documented_a1111_errors(*BODY_ERRORS, 404)
 GENERATION_ERRORS = documented_a1111_errors(400, 401, 404, 413, 415, 422, 429, 500, 503)
+GENERATED = submission_answer("The images and A1111's `info` (an interrupted call: no images, `info.interrupted`)")
 ADMIN_ERRORS = documented_a1111_errors(401, 403, 503)  # service-wide changes: admin keys only
 
 
 # Generation ----------------------------------------------------------------------------------------------------
-@router.post("/txt2img", response_model=GenerationResponse, responses=GENERATION_ERRORS,
+@router.post("/txt2img", response_model=GenerationResponse, responses={**GENERATED, **GENERATION_ERRORS},
              dependencies=[Depends(require_json_body)])  # fmt: skip
-async def sdapi_txt2img(request: A1111Txt2ImgRequest, http: Request, services: ServicesDep):
-    return await _sdapi_generate(request, http, services)
+async def sdapi_txt2img(request: A1111Txt2ImgRequest, http: Request, response: Response, services: ServicesDep,
+                        idempotency_key: IdempotencyKey = None):  # fmt: skip
+    return await _sdapi_generate(request, http, response, services, idempotency_key)
 
 
-@router.post("/img2img", response_model=GenerationResponse, responses=GENERATION_ERRORS,
+@router.post("/img2img", response_model=GenerationResponse, responses={**GENERATED, **GENERATION_ERRORS},
              dependencies=[Depends(require_json_body)])  # fmt: skip
-async def sdapi_img2img(request: A1111Img2ImgRequest, http: Request, services: ServicesDep):
-    return await _sdapi_generate(request, http, services)
+async def sdapi_img2img(request: A1111Img2ImgRequest, http: Request, response: Response, services: ServicesDep,
+                        idempotency_key: IdempotencyKey = None):  # fmt: skip
+    return await _sdapi_generate(request, http, response, services, idempotency_key)
 
 
-async def _sdapi_generate(request: A1111Txt2ImgRequest | A1111Img2ImgRequest, http: Request, services: ServicesDep):
+async def _sdapi_generate(request: A1111Txt2ImgRequest | A1111Img2ImgRequest, http: Request, response: Response,
+                          services: ServicesDep, idempotency_key: str | None):  # fmt: skip
     """Submits the job as any other, then waits for it (a client that goes away does not cancel it) and
-    answers in A1111's shape."""
+    answers in A1111's shape. A retry with the same Idempotency-Key waits for the first call's job."""
     jobs = services.jobs
     mapped = await asyncio.to_thread(a1111.to_native, request, await jobs.default_model(), services.libraries.loras)
-    job_id = await jobs.submit(mapped.kind, mapped.native, caller(http).owner, ORIGIN, mapped.warnings,
-                               hand_over=lambda: services.arrivals.hand_over(http),
-                               return_images=request.send_images is not False)  # fmt: skip
+    options = {
+        "hand_over": lambda: services.arrivals.hand_over(http),
+        "return_images": request.send_images is not False,
+    }
+    owner = caller(http).owner
+    if idempotency_key is None:
+        job_id = await jobs.submit(mapped.kind, mapped.native, owner, ORIGIN, mapped.warnings, **options)
+    else:
+        fingerprint = await asyncio.to_thread(request_fingerprint, f"sdapi-{mapped.kind}", request)
+        job_id, replayed = await jobs.submit_once(idempotency_key, fingerprint, mapped.kind, mapped.native, owner,
+                                                  origin=ORIGIN, warnings=mapped.warnings, **options)  # fmt: skip
+        if replayed:
+            response.headers[REPLAYED_HEADER] = "true"
     job = await jobs.wait_until_ended(job_id)
     if job is None:
         return error_response(500, f"job {job_id} has disappeared (pruned?)", a1111=True)

@@ -1,12 +1,21 @@
 """The native API's jobs: `POST /txt2img`, `/img2img`, and `/queue/{job_id}` (status, cancel, image, events)."""
 
+import asyncio
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import Response, StreamingResponse
 
 from deployments.access import caller, require_json_body
-from deployments.contract import IMAGE_CONTENT, IMAGE_ERRORS, documented_errors
+from deployments.contract import (
+    IMAGE_CONTENT,
+    IMAGE_ERRORS,
+    REPLAYED_HEADER,
+    IdempotencyKey,
+    documented_errors,
+    submission_answer,
+)
+from deployments.job_service import request_fingerprint
 from deployments.services import ServicesDep
 from deployments.watch import JOB_EVENT_SCHEMA, sse_event
 from pipelines.infotext import MIME_TYPES
@@ -39,23 +48,36 @@ def unknown_field_warnings(kind: str, fields: list[str]) -> list[str]:
     return [f"unknown field(s) ignored: {named}{hint}"]
 
 
-@router.post("/txt2img", response_model=Txt2ImgResponse, responses=documented_errors(*JOB_SUBMISSION_ERRORS),
+SUBMITTED = submission_answer("The job is recorded as queued (or, replayed, the job of the first submission)")
+
+
+@router.post("/txt2img", response_model=Txt2ImgResponse,
+             responses={**SUBMITTED, **documented_errors(*JOB_SUBMISSION_ERRORS)},
              dependencies=[Depends(require_json_body)])  # fmt: skip
-async def txt2img(request: Txt2ImgRequest, http: Request, services: ServicesDep) -> Txt2ImgResponse:
-    return await _submit("txt2img", request, http, services)
+async def txt2img(request: Txt2ImgRequest, http: Request, response: Response, services: ServicesDep,
+                  idempotency_key: IdempotencyKey = None) -> Txt2ImgResponse:  # fmt: skip
+    return await _submit("txt2img", request, http, response, services, idempotency_key)
 
 
-@router.post("/img2img", response_model=Txt2ImgResponse, responses=documented_errors(*JOB_SUBMISSION_ERRORS),
+@router.post("/img2img", response_model=Txt2ImgResponse,
+             responses={**SUBMITTED, **documented_errors(*JOB_SUBMISSION_ERRORS)},
              dependencies=[Depends(require_json_body)])  # fmt: skip
-async def img2img(request: Img2ImgRequest, http: Request, services: ServicesDep) -> Txt2ImgResponse:
-    return await _submit("img2img", request, http, services)
+async def img2img(request: Img2ImgRequest, http: Request, response: Response, services: ServicesDep,
+                  idempotency_key: IdempotencyKey = None) -> Txt2ImgResponse:  # fmt: skip
+    return await _submit("img2img", request, http, response, services, idempotency_key)
 
 
-async def _submit(kind: str, request: Txt2ImgRequest | Img2ImgRequest, http: Request,
-                  services: ServicesDep) -> Txt2ImgResponse:  # fmt: skip
+async def _submit(kind: str, request: Txt2ImgRequest | Img2ImgRequest, http: Request, response: Response,
+                  services: ServicesDep, idempotency_key: str | None) -> Txt2ImgResponse:  # fmt: skip
     warnings = unknown_field_warnings(kind, request.unknown_fields())
-    job_id = await services.jobs.submit(kind, request, caller(http).owner, warnings=warnings,
-                                        hand_over=lambda: services.arrivals.hand_over(http))  # fmt: skip
+    options = {"warnings": warnings, "hand_over": lambda: services.arrivals.hand_over(http)}
+    owner = caller(http).owner
+    if idempotency_key is None:
+        return Txt2ImgResponse(job_id=await services.jobs.submit(kind, request, owner, **options))
+    fingerprint = await asyncio.to_thread(request_fingerprint, kind, request)  # an image may be megabytes
+    job_id, replayed = await services.jobs.submit_once(idempotency_key, fingerprint, kind, request, owner, **options)
+    if replayed:
+        response.headers[REPLAYED_HEADER] = "true"
     return Txt2ImgResponse(job_id=job_id)
 
 

@@ -173,6 +173,41 @@ def test_no_key_sees_follows_or_cancels_another_keys_job_on_either_door(keyed):
     assert http.get(f"/queue/{job_id}/image", headers=auth("ops")).status_code == 200
 
 
+def test_a_retried_submission_with_an_idempotency_key_gets_the_same_job_on_both_doors(keyed):
+    """A client whose connection dropped sends its submission again with the same Idempotency-Key: it gets the
+    first job (`Idempotent-Replayed: true`), no second one is made; another body under the key is a 422 naming
+    it; another key's caller has a key space of its own; a malformed key is a 422. The A1111 door too."""
+    http = keyed["http"]
+    body = {**TINY, "seed": -1, "prompt": "idempotent lighthouse"}
+    first = http.post("/txt2img", json=body, headers={**auth("alice"), "Idempotency-Key": "order-7731"})
+    assert first.status_code == 200 and "Idempotent-Replayed" not in first.headers, first.text
+    job_id = first.json()["job_id"]
+    done = wait_done(http, job_id, "alice")
+    again = http.post("/txt2img", json=body, headers={**auth("alice"), "Idempotency-Key": "order-7731"})
+    assert again.status_code == 200 and again.json()["job_id"] == job_id
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert wait_done(http, job_id, "alice")["seed"] == done["seed"]  # the very job, its random seed fixed once
+    changed = http.post(
+        "/txt2img", json={**body, "steps": 4}, headers={**auth("alice"), "Idempotency-Key": "order-7731"}
+    )
+    assert (
+        changed.status_code == 422
+        and "Idempotency-Key 'order-7731' was used for another request" in changed.json()["error"]
+    )
+    bobs = http.post("/txt2img", json=body, headers={**auth("bob"), "Idempotency-Key": "order-7731"})
+    assert bobs.status_code == 200 and bobs.json()["job_id"] != job_id and "Idempotent-Replayed" not in bobs.headers
+    for bad in ("", "x" * 256, "caf\u00e9"):
+        answer = http.post("/txt2img", json=body, headers={**auth("alice"), "Idempotency-Key": bad.encode("latin-1")})
+        assert answer.status_code == 422 and "Idempotency-Key" in answer.json()["error"], (bad[:10], answer.text)
+    call = {"prompt": "an idempotent cat", "steps": 3, "width": 64, "height": 64}
+    headers = {**auth("alice"), "Idempotency-Key": "sdapi-call-1"}
+    one, two = (http.post("/sdapi/v1/txt2img", json=call, headers=headers) for _ in range(2))
+    assert one.status_code == two.status_code == 200, (one.text, two.text)
+    assert json.loads(one.json()["info"])["job_id"] == json.loads(two.json()["info"])["job_id"]
+    assert two.headers["Idempotent-Replayed"] == "true" and len(two.json()["images"]) == 1
+    wait_done(http, bobs.json()["job_id"], "bob")
+
+
 def test_a1111_progress_and_interrupt_reach_only_the_callers_own_jobs(keyed):
     http = keyed["http"]
     answers = {}

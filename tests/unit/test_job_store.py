@@ -401,3 +401,23 @@ def test_retention_runs_once_per_interval_across_every_store_on_the_database(loc
     assert first.get("old") is None and not (inputs / "old-image.png").exists()
     assert (inputs / "new-image.png").exists()
     assert first.get("new").inputs == {"image": str(inputs / "new-image.png")}
+
+
+def test_an_idempotency_key_names_one_job_per_owner_for_a_day(location, monkeypatch):
+    from deployments import jobs as jobs_module
+    from deployments.job_records import PriorSubmission
+
+    store = JobStore(location)
+    payload = {"prompt": "p", "model": "m"}
+    assert store.create("first", "txt2img", payload, [], "sd15", owner="alice", idempotency=("k-1", "h1")) is True
+    again = store.create("second", "txt2img", payload, [], "sd15", owner="alice", idempotency=("k-1", "h1"))
+    assert again == PriorSubmission("first", "h1") and store.get("second") is None  # nothing recorded twice
+    assert store.prior_submission("alice", "k-1") == PriorSubmission("first", "h1")
+    assert store.prior_submission("bob", "k-1") is None  # scoped per owner
+    assert store.create("bobs", "txt2img", payload, [], "sd15", owner="bob", idempotency=("k-1", "h9")) is True
+    monkeypatch.setattr(jobs_module, "IDEMPOTENCY_TTL_S", 0.0)  # a day later: the key is free again
+    time.sleep(0.01)
+    assert store.prior_submission("alice", "k-1") is None
+    assert store.create("third", "txt2img", payload, [], "sd15", owner="alice", idempotency=("k-1", "h2")) is True
+    monkeypatch.setattr(jobs_module, "IDEMPOTENCY_TTL_S", 3600.0)
+    assert store.prior_submission("alice", "k-1") == PriorSubmission("third", "h2")

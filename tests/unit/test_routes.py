@@ -75,3 +75,15 @@ def test_a_bug_answers_500_with_a_request_id_never_the_exception_text(client, mo
         unknown = client.get(f"/queue/{'1' * 32}", headers={**as_("bob"), "X-Request-Id": "req-44"})
     assert unknown.status_code == 404
     assert any("req-44" in record.getMessage() and record.levelno == logging.INFO for record in caplog.records)
+
+
+def test_an_idempotency_key_replays_over_the_routes_and_a_malformed_one_is_named(client):
+    headers = {**as_("alice"), "Idempotency-Key": "route-key-1"}
+    first = client.post("/txt2img", json=TINY, headers=headers)
+    again = client.post("/txt2img", json=TINY, headers=headers)
+    assert first.status_code == again.status_code == 200 and first.json() == again.json()
+    assert "Idempotent-Replayed" not in first.headers and again.headers["Idempotent-Replayed"] == "true"
+    reused = client.post("/txt2img", json={**TINY, "steps": TINY["steps"] + 1}, headers=headers)
+    assert reused.status_code == 422 and reused.json()["field"] == "Idempotency-Key"
+    too_long = client.post("/txt2img", json=TINY, headers={**as_("alice"), "Idempotency-Key": "k" * 256})
+    assert too_long.status_code == 422 and too_long.json()["error"].startswith("header.Idempotency-Key:")
