@@ -6,12 +6,18 @@ file, so a plain `schemathesis run` from there uses it too.
   prefix. Without it, schemathesis would fill `image` with base64 of random text, which is base64 but no image.
 - `idempotency-key`: the `Idempotency-Key` header, a key a client makes for one submission (printable ASCII).
   A key used again with another body is a 422 by design, which only the history of earlier requests decides;
-  a fuzzer reusing its short strings across unrelated bodies would be reported as refused valid data. Here
-  each generated key is fresh, as a client's are (the replay itself is tested in tests/serve/).
+  a fuzzer reusing its short strings (`0`, 255 zeros: the coverage phase's boundaries, which no format
+  changes) across unrelated bodies would be reported as refused valid data. So a valid key is sent as it was
+  generated on its first use, and replaced by a fresh random one when it comes again with another body, as a
+  client makes a new key for a new request (the replay itself is tested in tests/serve/). Invalid
+  keys are sent as they are: their 422 is what the negative checks expect.
 """
 
 import base64
 import io
+import json
+import re
+import uuid
 
 import schemathesis
 from hypothesis import strategies as st
@@ -38,3 +44,18 @@ IMAGE_BASE64 = st.builds(
 
 schemathesis.openapi.format("image-base64", IMAGE_BASE64)
 schemathesis.openapi.format("idempotency-key", st.uuids().map(lambda key: f"key-{key.hex}"))
+VALID_KEY = re.compile(r"[\x20-\x7e]{1,255}")
+KEY_USES: dict[str, str] = {}  # key -> the first request it was sent with (operation, caller, body)
+
+
+@schemathesis.hook
+def before_call(ctx, case, **kwargs):
+    key = (case.headers or {}).get("Idempotency-Key")
+    if not isinstance(key, str) or not VALID_KEY.fullmatch(key):
+        return
+    use = json.dumps([case.method, case.path, case.headers.get("Authorization"), case.body], sort_keys=True,
+                     default=str)  # fmt: skip
+    if KEY_USES.setdefault(key, use) != use:
+        fresh = (uuid.uuid4().hex * 8)[: max(len(key), 32)]  # 32 random hex digits at least, at most 255 in all
+        KEY_USES[fresh] = use
+        case.headers["Idempotency-Key"] = fresh
