@@ -10,7 +10,8 @@ file, so a plain `schemathesis run` from there uses it too.
   changes) across unrelated bodies would be reported as refused valid data. So a valid key is sent as it was
   generated on its first use, and replaced by a fresh random one when it comes again with another body, as a
   client makes a new key for a new request (the replay itself is tested in tests/serve/). Invalid
-  keys are sent as they are: their 422 is what the negative checks expect.
+  keys, and every negative case (a missing `Authorization`, say), are sent as they are: their refusals are what
+  the negative checks expect.
 """
 
 import base64
@@ -53,6 +54,8 @@ def before_call(ctx, case, **kwargs):
     key = (case.headers or {}).get("Idempotency-Key")
     if not isinstance(key, str) or not VALID_KEY.fullmatch(key):
         return
+    if case.meta is None or not case.meta.generation.mode.is_positive:
+        return  # only a valid request's refusal counts against the service; a negative case is left as made
     use = json.dumps([case.method, case.path, case.headers.get("Authorization"), case.body], sort_keys=True,
                      default=str)  # fmt: skip
     if KEY_USES.setdefault(key, use) != use:
