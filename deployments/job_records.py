@@ -4,7 +4,7 @@ caller reads a job through dict keys or compares bare state strings."""
 from dataclasses import dataclass, field
 
 from pipelines.prepare import PreparedJob
-from pipelines.schemas import JobState
+from pipelines.schemas import GenerationRequest, JobState
 
 # What clients watching a job wait on (long polls, event streams): `JobStore.summaries` reads these columns.
 SUMMARY_FIELDS = ("state", "phase", "progress", "batch_size", "attempts", "preview")
@@ -114,6 +114,12 @@ class JobOrder:
     file_type: str
     jpeg_quality: int
     return_images: bool = False  # the generator sends the encoded images back (a caller waits to answer with them)
+
+    @classmethod
+    def of(cls, job_id: str, job: PreparedJob, request: GenerationRequest, return_images: bool = False) -> "JobOrder":
+        """The order of a request (either kind) as `job` prepared it."""
+        return cls(job_id, job, request.batch_size * request.n_iter, request.file_type, request.jpeg_quality,
+                   return_images)  # fmt: skip
 
 
 PER_IMAGE_FIELDS = {"image": "images", "output_path": "output_paths", "seed": "seeds", "infotext": "infotexts"}

@@ -77,10 +77,11 @@ class Event:
     data: dict | None = None
 
 
-def request_fingerprint(kind: str, request: BaseModel) -> str:
-    """What identifies a submission for its Idempotency-Key: the door's request as the client sent it (every
-    field, the defaults it left out included, unknown fields too), hashed."""
-    text = json.dumps([kind, request.model_dump(mode="json")], sort_keys=True, separators=(",", ":"), default=str)
+def request_fingerprint(origin: str, kind: str, request: BaseModel) -> str:
+    """What identifies a submission for its Idempotency-Key: the door and the door's request as the client sent
+    it (every field, the defaults it left out included, unknown fields too), hashed."""
+    text = json.dumps([origin, kind, request.model_dump(mode="json")], sort_keys=True, separators=(",", ":"),
+                      default=str)  # fmt: skip
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -156,21 +157,23 @@ class JobService:
             await asyncio.to_thread(self.files.delete_inputs, inputs)
             raise ServiceBusyError(f"the {entry.family} generators already have {self.max_queued_jobs} jobs queued "
                                    f"or running; retry in a few seconds")  # fmt: skip
-        order = JobOrder(job_id, job, request.batch_size * request.n_iter, request.file_type, request.jpeg_quality,
-                         return_images)  # fmt: skip
+        order = JobOrder.of(job_id, job, request, return_images)
         self.dispatcher.start(order, entry.family, entry.name, request.callback_url, hand_over() if hand_over else 0)
         return job_id
 
-    async def submit_once(self, idempotency_key: str, fingerprint: str, kind: str, request: GenerationRequest,
-                          owner: str, **options) -> tuple[str, bool]:  # fmt: skip
+    async def submit_once(self, idempotency_key: str | None, sent: BaseModel, kind: str, request: GenerationRequest,
+                          owner: str, origin: str = "", **options) -> tuple[str, bool]:  # fmt: skip
         """`submit`, safe to retry: the owner's first submission with `idempotency_key` in IDEMPOTENCY_TTL_S
-        makes a job; a later one with the same request (`fingerprint`: what the client sent) gets that job
-        again, whatever its state, without a second one. Returns (job id, replayed). The key with another
-        request is IdempotencyKeyReusedError (422)."""
+        makes a job; a later one with the same request (`sent`: the door's request as the client sent it) gets
+        that job again, whatever its state, without a second one. Returns (job id, replayed); without a key,
+        a plain `submit`. The key with another request is IdempotencyKeyReusedError (422)."""
+        if idempotency_key is None:
+            return await self.submit(kind, request, owner, origin, **options), False
+        fingerprint = await asyncio.to_thread(request_fingerprint, origin, kind, sent)  # an image may be megabytes
         prior = await self.jobs.prior_submission(owner, idempotency_key)
         if prior is None:
             try:
-                job_id = await self.submit(kind, request, owner, idempotency=(idempotency_key, fingerprint),
+                job_id = await self.submit(kind, request, owner, origin, idempotency=(idempotency_key, fingerprint),
                                            **options)  # fmt: skip
                 return job_id, False
             except _Replayed as replayed:
@@ -208,7 +211,7 @@ class JobService:
         request = Img2ImgRequest(**payload) if kind == "img2img" else Txt2ImgRequest(**payload)
         async with self.decodes:
             _, job = await asyncio.to_thread(self._check, kind, request, payload.get("model"))
-        return JobOrder(job_id, job, request.batch_size * request.n_iter, request.file_type, request.jpeg_quality)
+        return JobOrder.of(job_id, job, request)
 
     async def _ended(self, job_id: str, callback_url: str | None) -> None:
         """A dispatch of this replica's is over: the job has ended (or was taken over). Its watchers are woken

@@ -42,6 +42,9 @@ PRUNE_BATCH = 500  # jobs per retention step: a backlog is removed in bounded st
 IDEMPOTENCY_TTL_S = 24 * 3600.0  # how long an Idempotency-Key names its submission
 PRUNE_INTERVAL_S = 60.0  # retention runs this often, from the ingress replicas' job keepers (one of them at a time)
 _TERMINAL = ", ".join(f"'{state.value}'" for state in TERMINAL_STATES)
+# An owner's use of an Idempotency-Key since a time, if its job still exists: (job id, request fingerprint).
+_PRIOR_SUBMISSION = ("SELECT i.job_id, i.request_hash FROM idempotency AS i JOIN jobs ON jobs.job_id = i.job_id "
+                     "WHERE i.owner = ? AND i.idem_key = ? AND i.created >= ?")  # fmt: skip
 _NO_LIMIT = 2**62  # LIMIT for "all rows" (an OFFSET needs one on SQLite)
 
 
@@ -104,11 +107,7 @@ class JobStore:
         now = time.time()
         with self.db.transaction(durable=True) as transaction:
             if idempotency is not None:
-                prior = transaction.one(
-                    "SELECT i.job_id, i.request_hash FROM idempotency AS i JOIN jobs ON jobs.job_id = i.job_id "
-                    "WHERE i.owner = ? AND i.idem_key = ? AND i.created >= ?",
-                    (owner, idempotency[0], now - IDEMPOTENCY_TTL_S),
-                )
+                prior = transaction.one(_PRIOR_SUBMISSION, (owner, idempotency[0], now - IDEMPOTENCY_TTL_S))
                 if prior is not None:
                     return PriorSubmission(*prior)
             if max_active is not None:
@@ -137,11 +136,7 @@ class JobStore:
 
     def prior_submission(self, owner: str, key: str) -> PriorSubmission | None:
         """The owner's submission with this Idempotency-Key within IDEMPOTENCY_TTL_S, if its job still exists."""
-        row = self.db.execute(
-            "SELECT i.job_id, i.request_hash FROM idempotency AS i JOIN jobs ON jobs.job_id = i.job_id "
-            "WHERE i.owner = ? AND i.idem_key = ? AND i.created >= ?",
-            (owner, key, time.time() - IDEMPOTENCY_TTL_S),
-        )
+        row = self.db.execute(_PRIOR_SUBMISSION, (owner, key, time.time() - IDEMPOTENCY_TTL_S))
         return PriorSubmission(*row[0]) if row else None
 
     def start_many(self, job_ids: list[str], phase: str = "generation", batch_size: int | None = None) -> list[str]:
@@ -250,15 +245,15 @@ class JobStore:
         return done
 
     def retry(self, job_id: str, warning: str, max_attempts: int, cause: str) -> int | None:
+        """Puts a job whose worker died (replica or node lost) back in the queue for another attempt, with
+        `warning` once among its warnings; returns the new attempt's number. None when the job has ended
+        meanwhile (done, cancelled: never retried) or has had `max_attempts` attempts: then it is failed here,
+        with a message that says so."""
         attempt = self._retry(job_id, warning, max_attempts, cause)
         self._announce([job_id])
         return attempt
 
     def _retry(self, job_id: str, warning: str, max_attempts: int, cause: str) -> int | None:
-        """Puts a job whose worker died (replica or node lost) back in the queue for another attempt, with
-        `warning` once among its warnings; returns the new attempt's number. None when the job has ended
-        meanwhile (done, cancelled: never retried) or has had `max_attempts` attempts: then it is failed here,
-        with a message that says so."""
         now = time.time()
         with self.db.transaction(durable=True) as transaction:
             query = f"SELECT attempts, warnings FROM jobs WHERE job_id = ? AND {ACTIVE_JOBS}"

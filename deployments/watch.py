@@ -61,7 +61,6 @@ class JobWatcher:
         self.interval = interval
         self.fallback_interval = fallback_interval
         self._listener = None  # PostgreSQL's change announcements (deployments/job_changes.py)
-        self._last_read = 0.0  # the loop's time of its last read of the watched jobs
         self._waiting: dict[str, int] = {}  # job id -> requests waiting on it
         self._latest: dict[str, JobSummary] = {}  # job id -> its summary as last read
         self._changed: dict[str, asyncio.Event] = {}  # job id -> set (and replaced) when its summary changes
@@ -121,7 +120,7 @@ class JobWatcher:
             self._listener = self.jobs.listen(asyncio.get_running_loop(), self._announced)
         while self._waiting:
             marker = await self._change_marker()  # before the read: a change committed after it moves it
-            self._last_read = asyncio.get_running_loop().time()
+            read_at = asyncio.get_running_loop().time()
             try:
                 summaries = await self.jobs.summaries(list(self._waiting))
             except Exception:
@@ -133,7 +132,7 @@ class JobWatcher:
                     event = self._changed.pop(job_id, None)
                     if event is not None:
                         event.set()
-            await self._until_told_or_due(marker)
+            await self._until_told_or_due(marker, read_at)
             self._read_now.clear()
 
     async def _change_marker(self):
@@ -142,9 +141,10 @@ class JobWatcher:
         except Exception:  # the store is out of reach: the fallback reads will say so
             return None
 
-    async def _until_told_or_due(self, marker) -> None:
+    async def _until_told_or_due(self, marker, read_at: float) -> None:
         """Waits until a change is announced (a poke, NOTIFY) or the store's change marker moves from `marker`
-        (read before the last read of the jobs), or else the fallback interval passes."""
+        (read before the last read of the jobs, at `read_at` on the loop's clock), or else the fallback interval
+        passes."""
         loop = asyncio.get_running_loop()
         listening = self._listener is not None and self._listener.connected.is_set()
         deadline = loop.time() + (self.fallback_interval if marker is not None or listening else self.interval)
@@ -156,7 +156,7 @@ class JobWatcher:
             if marker is not None and await self._change_marker() != marker:
                 # The marker moves at any commit (other jobs' progress, heartbeats): under load, at most one
                 # read per MARKER_READ_GAP_S, unless a poke or a notification asks for one sooner.
-                gap = self._last_read + MARKER_READ_GAP_S - loop.time()
+                gap = read_at + MARKER_READ_GAP_S - loop.time()
                 if gap > 0:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._read_now.wait(), gap)

@@ -73,7 +73,7 @@ def read_shapes(path: Path) -> dict:
     """The file's vectors' shapes (the layout `read_vectors` returns), read without torch where the format
     allows, else with torch (pipelines/tensor_shapes.py)."""
     state = tensor_shapes.read(path)
-    return _vectors_of(state if state is not None else read_vectors(path), path)
+    return read_vectors(path) if state is None else _vectors_of(state, path)
 
 
 def _family(path: Path) -> str:

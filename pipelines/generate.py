@@ -313,7 +313,7 @@ class ImageEngine:
             GenerationResult(
                 image=image,
                 seed=job.seed,
-                infotext=build_infotext(prompt_with_lora_tags(job.prompt, job.loras), job.negative_prompt, params),
+                infotext=_infotext_of(job, params),
                 parameters=params,
                 width=image.width,
                 height=image.height,
@@ -493,8 +493,7 @@ class ImageEngine:
     def infotext(self, loaded: LoadedModel, job: PreparedJob, more_ti_hashes: dict[str, str] | None = None) -> str:
         """The image's A1111 infotext. `more_ti_hashes`: embeddings another model's call of the job used (the
         refiner's), listed after the job's own in `TI hashes`."""
-        params = self.infotext_parameters(loaded, job, more_ti_hashes)
-        return build_infotext(prompt_with_lora_tags(job.prompt, job.loras), job.negative_prompt, params)
+        return _infotext_of(job, self.infotext_parameters(loaded, job, more_ti_hashes))
 
     def infotext_parameters(self, loaded: LoadedModel, job: PreparedJob,
                             more_ti_hashes: dict[str, str] | None = None) -> dict[str, str]:  # fmt: skip
@@ -528,6 +527,11 @@ class ImageEngine:
             params.update({"Refiner": f"{job.refiner.model.name} [{job.refiner.model_hash}]",
                            "Refiner switch at": job.refiner.switch_at})  # fmt: skip
         return {key: str(value) for key, value in params.items() if value is not None}
+
+
+def _infotext_of(job: PreparedJob, params: dict[str, str]) -> str:
+    """The infotext of a job's image from its parameters line (`ImageEngine.infotext_parameters`)."""
+    return build_infotext(prompt_with_lora_tags(job.prompt, job.loras), job.negative_prompt, params)
 
 
 def _load_embeddings(pipe, jobs: list[PreparedJob]) -> list[tuple]:

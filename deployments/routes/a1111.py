@@ -15,7 +15,7 @@ from fastapi import APIRouter, Body, Depends, Request, Response
 
 from deployments.access import caller, error_response, require_admin, require_json_body
 from deployments.contract import REPLAYED_HEADER, IdempotencyKey, documented_a1111_errors, submission_answer
-from deployments.job_service import DEFAULT_MODEL_SETTING, request_fingerprint
+from deployments.job_service import DEFAULT_MODEL_SETTING
 from deployments.services import ServicesDep
 from pipelines import a1111
 from pipelines.a1111_schemas import (
@@ -84,19 +84,12 @@ async def _sdapi_generate(request: A1111Txt2ImgRequest | A1111Img2ImgRequest, ht
     answers in A1111's shape. A retry with the same Idempotency-Key waits for the first call's job."""
     jobs = services.jobs
     mapped = await asyncio.to_thread(a1111.to_native, request, await jobs.default_model(), services.libraries.loras)
-    options = {
-        "hand_over": lambda: services.arrivals.hand_over(http),
-        "return_images": request.send_images is not False,
-    }
-    owner = caller(http).owner
-    if idempotency_key is None:
-        job_id = await jobs.submit(mapped.kind, mapped.native, owner, ORIGIN, mapped.warnings, **options)
-    else:
-        fingerprint = await asyncio.to_thread(request_fingerprint, f"sdapi-{mapped.kind}", request)
-        job_id, replayed = await jobs.submit_once(idempotency_key, fingerprint, mapped.kind, mapped.native, owner,
-                                                  origin=ORIGIN, warnings=mapped.warnings, **options)  # fmt: skip
-        if replayed:
-            response.headers[REPLAYED_HEADER] = "true"
+    job_id, replayed = await jobs.submit_once(idempotency_key, request, mapped.kind, mapped.native, caller(http).owner,
+                                              ORIGIN, warnings=mapped.warnings,
+                                              hand_over=lambda: services.arrivals.hand_over(http),
+                                              return_images=request.send_images is not False)  # fmt: skip
+    if replayed:
+        response.headers[REPLAYED_HEADER] = "true"
     job = await jobs.wait_until_ended(job_id)
     if job is None:
         return error_response(500, f"job {job_id} has disappeared (pruned?)", a1111=True)

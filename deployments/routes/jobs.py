@@ -1,6 +1,5 @@
 """The native API's jobs: `POST /txt2img`, `/img2img`, and `/queue/{job_id}` (status, cancel, image, events)."""
 
-import asyncio
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Query, Request
@@ -15,7 +14,6 @@ from deployments.contract import (
     documented_errors,
     submission_answer,
 )
-from deployments.job_service import request_fingerprint
 from deployments.services import ServicesDep
 from deployments.watch import JOB_EVENT_SCHEMA, sse_event
 from pipelines.infotext import MIME_TYPES
@@ -70,12 +68,9 @@ async def img2img(request: Img2ImgRequest, http: Request, response: Response, se
 async def _submit(kind: str, request: Txt2ImgRequest | Img2ImgRequest, http: Request, response: Response,
                   services: ServicesDep, idempotency_key: str | None) -> Txt2ImgResponse:  # fmt: skip
     warnings = unknown_field_warnings(kind, request.unknown_fields())
-    options = {"warnings": warnings, "hand_over": lambda: services.arrivals.hand_over(http)}
-    owner = caller(http).owner
-    if idempotency_key is None:
-        return Txt2ImgResponse(job_id=await services.jobs.submit(kind, request, owner, **options))
-    fingerprint = await asyncio.to_thread(request_fingerprint, kind, request)  # an image may be megabytes
-    job_id, replayed = await services.jobs.submit_once(idempotency_key, fingerprint, kind, request, owner, **options)
+    job_id, replayed = await services.jobs.submit_once(idempotency_key, request, kind, request, caller(http).owner,
+                                                       warnings=warnings,
+                                                       hand_over=lambda: services.arrivals.hand_over(http))  # fmt: skip
     if replayed:
         response.headers[REPLAYED_HEADER] = "true"
     return Txt2ImgResponse(job_id=job_id)

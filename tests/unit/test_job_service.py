@@ -250,25 +250,23 @@ def test_images_sent_back_by_the_generator_are_answered_without_reading_the_stor
 def test_a_submission_retried_with_its_idempotency_key_gets_the_same_job(make_service):
     """The same key and body: the first job again (after it ended too), never a second; at once from two
     connections: one job; another body: 422 naming the header; another caller's key space is its own."""
-    from deployments.job_service import request_fingerprint
     from pipelines.errors import IdempotencyKeyReusedError
 
     async def scenario():
         service, generator = make_service()
         request = tiny(seed=-1)
-        fingerprint = request_fingerprint("txt2img", request)
-        first, replayed = await service.submit_once("retry-1", fingerprint, "txt2img", request, "alice")
+        first, replayed = await service.submit_once("retry-1", request, "txt2img", request, "alice")
         assert replayed is False
         await asyncio.wait_for(service.wait_until_ended(first), 5)
-        assert await service.submit_once("retry-1", fingerprint, "txt2img", tiny(seed=-1), "alice") == (first, True)
-        both = await asyncio.gather(*(service.submit_once("retry-2", fingerprint, "txt2img", tiny(seed=-1), "alice")
+        assert await service.submit_once("retry-1", tiny(seed=-1), "txt2img", tiny(seed=-1), "alice") == (first, True)
+        both = await asyncio.gather(*(service.submit_once("retry-2", tiny(seed=-1), "txt2img", tiny(seed=-1), "alice")
                                       for _ in range(2)))  # fmt: skip
         assert both[0][0] == both[1][0] and sorted(replayed for _, replayed in both) == [False, True]
         other = tiny(seed=-1, prompt="a different lighthouse")
         with pytest.raises(IdempotencyKeyReusedError, match=f"'retry-1' was used for another request.*{first}") as e:
-            await service.submit_once("retry-1", request_fingerprint("txt2img", other), "txt2img", other, "alice")
+            await service.submit_once("retry-1", other, "txt2img", other, "alice")
         assert e.value.status_code == 422 and e.value.field == "Idempotency-Key"
-        bobs, replayed = await service.submit_once("retry-1", fingerprint, "txt2img", tiny(seed=-1), "bob")
+        bobs, replayed = await service.submit_once("retry-1", tiny(seed=-1), "txt2img", tiny(seed=-1), "bob")
         assert replayed is False and bobs != first
         for job_id in (both[0][0], bobs):
             await asyncio.wait_for(service.wait_until_ended(job_id), 5)
