@@ -22,7 +22,7 @@ from starlette.routing import get_route_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from deployments.keys import ANONYMOUS, NOBODY, ApiKey, Caller, load_keys, match_key
-from pipelines.errors import DiffusionAPIError
+from pipelines.errors import DiffusionAPIError, ForbiddenError
 from pipelines.limits import LIMITS
 
 OPEN_PATHS = ("/hello", "/")  # the page asks for a key itself when the API answers 401
@@ -57,7 +57,7 @@ class AccessPolicy:
         if not self.keys:
             return ANONYMOUS
         key = self.key_of(authorization)
-        return Caller(owner=key.name, admin=key.admin, keys_on=True) if key else None
+        return Caller(owner=key.name, admin=key.admin, keys_on=True, limits=key.limits) if key else None
 
     def key_of(self, authorization: str | None) -> ApiKey | None:
         if not self.keys:
@@ -86,12 +86,6 @@ def caller(request: Request) -> Caller:
     return request.scope.get("state", {}).get(CALLER, NOBODY)
 
 
-class ForbiddenError(DiffusionAPIError):
-    """The caller's key may not do this (service-wide settings are for admin keys)."""
-
-    status_code = 403
-
-
 async def require_admin(request: Request) -> None:
     """Service-wide state (the default model, refreshes, unloads) changes for every caller: admins only."""
     if not caller(request).admin:
@@ -106,7 +100,8 @@ def is_a1111_path(path: str) -> bool:
 
 
 def error_response(status: int, message: str, headers: dict | None = None, a1111: bool = False,
-                   error: str = "HTTPException", field: str | None = None) -> JSONResponse:  # fmt: skip
+                   error: str = "HTTPException", field: str | None = None,
+                   limit: str | None = None) -> JSONResponse:  # fmt: skip
     """The API's error body, whatever the status; on the A1111 API (`a1111`), A1111's own error shape
     `{error, detail, body, errors}` (its clients read `detail`)."""
     if a1111:
@@ -115,6 +110,8 @@ def error_response(status: int, message: str, headers: dict | None = None, a1111
         content = {"status": "error", "error": message}
         if field:
             content["field"] = field
+        if limit:
+            content["limit"] = limit
     return AsciiJSONResponse(status_code=status, content=content, headers=headers)
 
 

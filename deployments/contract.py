@@ -28,7 +28,9 @@ ERROR_DESCRIPTIONS = {
     415: "The request body is not JSON: send `Content-Type: application/json`",
     422: "Malformed JSON, or a field missing, of the wrong type or out of range; `detail` names each one (on "
     "submissions also: an `Idempotency-Key` already used for another request)",
-    429: "This model family's queue is full (`max_queued_jobs`); retry after `Retry-After` seconds",
+    429: "A limit is reached (`limit` names it): the caller key's `max_queued_images` (images queued or running) "
+    "or `requests_per_minute` (keys file), or this model family's queue (`max_queued_jobs`); retry after "
+    "`Retry-After` seconds",
     500: "The output storage could not be read, or the service failed unexpectedly; the message says why",
     503: "The service is starting, or a `callback_url` host's name could not be looked up in time; retry after "
     "`Retry-After` seconds",

@@ -1,4 +1,10 @@
-"""Handing jobs to the generator deployments, and keeping them handed until they end.
+"""Handing jobs to the generator deployments from the store's fair queue, and keeping them handed until they end.
+
+A submitted job waits in the job store's fair queue (deployments/job_queue.py); each ingress replica's feeder
+takes the next jobs in fair order whenever a family's generators have room (woken by a submission here, a
+dispatch ending here, or every FEED_INTERVAL_S for what other replicas freed) and dispatches them. A job this
+replica queued is dispatched with the order it prepared; one another replica queued (or one queued again after
+a restart) is prepared again from its stored request.
 
 A job is dispatched detached from the HTTP request that created it (a client that disconnects does not cancel
 it). Its generator replica or node may die with it: then it is dispatched again (Serve routes it to a live or
@@ -18,14 +24,17 @@ import grpc
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 
-from deployments.job_records import JobOrder, Orphan
+from deployments.job_records import ClaimedJob, JobOrder, Orphan
 from deployments.job_status import JobFiles
 from pipelines.errors import DiffusionAPIError
+from pipelines.schemas import JobState
 
 logger = logging.getLogger("ray.serve")
 RETRY_WARNING = "retried after a worker failure (its generator replica or node was lost)"
 RECOVERY_WARNING = "dispatched again after the service restarted or the ingress replica that dispatched it was lost"
 BACK_PRESSURE_WAIT_S = 1.0
+FEED_INTERVAL_S = 0.5  # the feeder looks at the queue at least this often (room another replica freed)
+HELD_SWEEP_S = 30.0  # how often orders held here for jobs another replica took are let go
 RETURNED_IMAGES_KEEP_S = 60.0  # how long images a generator sent back wait for their caller to take them
 
 
@@ -38,23 +47,92 @@ class Dispatcher:
 
     def __init__(self, jobs, handles: dict, files: JobFiles, max_attempts: int,
                  on_ended: Callable[[str, str | None], Awaitable[None]],
-                 prepare_again: Callable[[str, str, dict], Awaitable[JobOrder]]):  # fmt: skip
+                 prepare_again: Callable[[str, str, dict], Awaitable[JobOrder]],
+                 incoming: Callable[[], int] = lambda: 0):  # fmt: skip
         self.jobs = jobs
         self.handles = handles  # family -> the generator deployment's handle
         self.files = files
         self.max_attempts = max_attempts  # dispatches of a job whose worker is lost, the first included
         self.on_ended = on_ended
         self.prepare_again = prepare_again
+        self.incoming = incoming  # submissions this replica has received and not yet queued (a burst)
         self.inflight: dict[str, asyncio.Task] = {}
         self.returned: dict[str, list[bytes]] = {}  # job id -> the images its generator sent back (take_images)
+        self.held: dict[str, tuple[JobOrder, str | None]] = {}  # jobs queued here: their order, callback_url
+        self._wake = asyncio.Event()
+        self._feeder: asyncio.Task | None = None
+        self._calling_up: dict[str, asyncio.Task] = {}  # family -> a request waiting for its first replica
+        self._last_sweep = 0.0
 
-    def start(self, order: JobOrder, family: str, model: str, callback_url: str | None = None,
-              more_coming: int = 0) -> None:  # fmt: skip
-        """Dispatches a recorded job to `family`'s generators for `model` in a task of its own (it keeps the order
-        for retries, not the request: the order's images are decoded once, the request's base64 is not kept).
-        `more_coming`: submissions this replica has received and not yet handed over (a burst: the generator may
-        hold this job a moment for them to join its batch)."""
-        self._track(order.job_id, self._run(order, family, model, callback_url, more_coming))
+    def queue(self, order: JobOrder, callback_url: str | None = None) -> None:
+        """A job recorded in the queue by this replica: its order (the images decoded once; the request's base64
+        is not kept) waits here for the feeder to take the job (or another replica's, which prepares it again)."""
+        self.held[order.job_id] = (order, callback_url)
+        self.wake()
+
+    def wake(self) -> None:
+        """Asks the feeder to look at the queue now (a job was queued, or room was freed)."""
+        self._wake.set()
+        if self._feeder is None or self._feeder.done():
+            self._feeder = asyncio.create_task(self._feed_forever(), context=contextvars.Context())
+
+    async def _feed_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), FEED_INTERVAL_S)
+            self._wake.clear()
+            try:
+                await self.feed()
+                if self.held and loop.time() - self._last_sweep >= HELD_SWEEP_S:
+                    self._last_sweep = loop.time()
+                    await self._let_go_of_taken()
+            except Exception:
+                logger.warning("the queue feeder failed; it looks again in %.1fs", FEED_INTERVAL_S, exc_info=True)
+                await asyncio.sleep(FEED_INTERVAL_S)
+
+    async def feed(self) -> int:
+        """Takes what the queue gives each family with room and dispatches it; returns how many jobs."""
+        dispatched = 0
+        for family in await self.jobs.waiting_families():
+            if family not in self.handles:
+                continue
+            claimed = await self.jobs.claim_next(family)
+            if claimed is None:  # no replica of the family is up (scaled to zero, or starting)
+                self._call_up(family)
+                continue
+            for index, job in enumerate(claimed):
+                more_coming = len(claimed) - index - 1 + self.incoming()  # its batch-mates on their way
+                held = self.held.pop(job.job_id, None)
+                if held is not None:
+                    order, callback_url = held
+                    self._track(job.job_id, self._run(order, family, job.payload.get("model", ""), callback_url,
+                                                      more_coming))  # fmt: skip
+                else:
+                    self._track(job.job_id, self._prepare_and_run(job))
+            dispatched += len(claimed)
+        return dispatched
+
+    def _call_up(self, family: str) -> None:
+        """Sends one request to a family that has no replica up, so that Serve starts one (a request waiting at
+        a handle is what scales a deployment up from zero); the jobs stay in the queue meanwhile."""
+        calling = self._calling_up.get(family)
+        if calling is None or calling.done():
+
+            async def call() -> None:
+                with contextlib.suppress(Exception):  # a failed call is sent again on the next look
+                    await self.handles[family].ready.remote()
+                self.wake()
+
+            self._calling_up[family] = asyncio.create_task(call(), context=contextvars.Context())
+
+    async def _let_go_of_taken(self) -> None:
+        """Orders held here for jobs that are no longer waiting (another replica took them, or they ended)."""
+        summaries = await self.jobs.summaries(list(self.held))
+        for job_id in list(self.held):
+            summary = summaries.get(job_id)
+            if summary is None or summary.state != JobState.queued:
+                self.held.pop(job_id, None)
 
     def _track(self, job_id: str, work) -> None:
         # A fresh context detaches the work from this HTTP request: a client disconnect must not cancel it.
@@ -79,6 +157,7 @@ class Dispatcher:
                    more_coming: int) -> None:  # fmt: skip
         handle = self.handles[family].options(multiplexed_model_id=model)
         await self._dispatch(order, handle, more_coming)  # raises only when it is cancelled
+        self.wake()  # its room is free
         await self.on_ended(order.job_id, callback_url)
 
     async def _dispatch(self, order: JobOrder, handle, more_coming: int) -> None:
@@ -109,41 +188,38 @@ class Dispatcher:
             if isinstance(error, asyncio.CancelledError):
                 raise
 
-    async def dispatch_again(self, orphan: Orphan) -> None:
-        """Dispatches a job nobody held any more, as a new attempt (failed instead after its last one)."""
+    async def queue_again(self, orphan: Orphan) -> None:
+        """Puts a dispatched job nobody held any more back in the queue, as a new attempt (failed instead after
+        its last one); whichever replica's feeder takes it prepares it again."""
         if orphan.job_id in self.inflight:  # still this replica's own (its lease lapsed while the store was away)
             return
         cause = "nobody held it any more (the service restarted, or its ingress replica was lost)"
-        attempt = await self.jobs.retry(orphan.job_id, RECOVERY_WARNING, self.max_attempts, cause)
-        if attempt is None:
-            return
-        if orphan.family not in self.handles:
-            await self.jobs.fail(orphan.job_id, f"cannot dispatch it again: unknown model family {orphan.family!r}")
-            return
-        logger.warning("job %s: %s; dispatching attempt %d", orphan.job_id, cause, attempt)
-        # Its own task from here (in `inflight`, so this replica renews its lease while it is prepared): the
-        # keeper goes on with the other orphans and its lease renewals meanwhile.
-        self._track(orphan.job_id, self._recover(orphan))
+        attempt = await self.jobs.retry(orphan.job_id, RECOVERY_WARNING, self.max_attempts, cause, True)
+        if attempt is not None:
+            logger.warning("job %s: %s; queued again for attempt %d", orphan.job_id, cause, attempt)
+            self.held.pop(orphan.job_id, None)
+            self.wake()
 
-    async def _recover(self, orphan: Orphan) -> None:
-        """Prepares a claimed orphan again from its stored request and inputs, then runs its dispatch; a job that
-        cannot be prepared again ends in error saying why."""
-        model, callback_url = orphan.payload.get("model", ""), orphan.payload.get("callback_url")
+    async def _prepare_and_run(self, job: ClaimedJob) -> None:
+        """Prepares a job this replica did not queue (or one queued again) from its stored request and inputs,
+        then runs its dispatch; a job that cannot be prepared again ends in error saying why."""
+        model, callback_url = job.payload.get("model", ""), job.payload.get("callback_url")
         try:
-            order = await self._prepare_orphan(orphan)
+            order = await self._prepare_claimed(job)
         except DiffusionAPIError as error:
-            await self.jobs.fail(orphan.job_id, f"cannot dispatch it again: {error.message}"[:1000])
-            await self.on_ended(orphan.job_id, callback_url)
+            await self.jobs.fail(job.job_id, f"cannot dispatch it: {error.message}"[:1000])
+            self.wake()
+            await self.on_ended(job.job_id, callback_url)
             return
-        await self._run(order, orphan.family, model, callback_url, 0)
+        await self._run(order, job.family, model, callback_url, 0)
 
-    async def _prepare_orphan(self, orphan: Orphan) -> JobOrder:
+    async def _prepare_claimed(self, job: ClaimedJob) -> JobOrder:
         try:  # the input images are read back only for this (the order holds them decoded)
-            payload = {**orphan.payload, **await asyncio.to_thread(self.files.read_inputs, orphan.inputs)}
+            payload = {**job.payload, **await asyncio.to_thread(self.files.read_inputs, job.inputs)}
         except DiffusionAPIError as error:  # an input image gone from the storage, or the storage unreachable
             raise DiffusionAPIError(f"its input image could not be read: {error.message}") from error
         try:
-            return await self.prepare_again(orphan.job_id, orphan.kind, payload)
+            return await self.prepare_again(job.job_id, job.kind, payload)
         except DiffusionAPIError:  # uninstalled since (a LoRA, the model)
             raise
         except Exception as error:  # a request of an older version that no longer validates

@@ -73,6 +73,8 @@ class _Generator:
         if self.engine.loaded_models():  # Serve runs the constructor on the replica's event loop
             self._registering = asyncio.get_running_loop().create_task(self._register(self.engine.loaded_models()))
         self._report()
+        # From here on the fair queue gives this family work for this replica too (deployments/job_queue.py).
+        self._room_keeper = asyncio.get_running_loop().create_task(self._keep_room())
 
     def _warm_up(self, jobs: list[dict]) -> None:
         """Runs the configured warm-up jobs of this deployment's family before the replica takes traffic (Serve
@@ -301,6 +303,39 @@ class _Generator:
             return asyncio.run_coroutine_threadsafe(call_refiner(model, jobs, latents.cpu(), phases), loop).result()
 
         return (upscale if self.upscaler else None), (refine if self.refiner else None)
+
+    async def _keep_room(self) -> None:
+        """Renews this replica's room in the job store every LEASE_RENEW_S: a batch of its family's images,
+        which the fair queue counts while the renewals go on (a lost replica's room lapses by itself)."""
+        while True:
+            try:
+                await self.jobs.renew_room(self.replica_name, self.FAMILY, self.batching.max_batch_size)
+            except Exception:
+                logger.warning("%s: renewing its room in the job store failed", self.replica_name, exc_info=True)
+            await asyncio.sleep(LEASE_RENEW_S)
+
+    def __del__(self) -> None:
+        """Serve's graceful shutdown (after the replica's requests have drained): its room is withdrawn at once,
+        so the fair queue counts it no longer (a lost replica's room lapses by itself). Synchronous, since the
+        garbage collector calls it too."""
+        keeper = getattr(self, "_room_keeper", None)
+        if keeper is None:  # the constructor did not get that far
+            return
+        keeper.cancel()
+        try:
+            self.jobs.withdraw_room(self.replica_name, self.FAMILY)
+        except Exception:
+            logger.warning("%s: withdrawing its room from the job store failed", self.replica_name, exc_info=True)
+
+    async def ready(self) -> bool:
+        """What the ingress sends a family with no replica up: answered once one is (Serve starts a replica
+        for a request waiting at a handle, deployments/autoscaling.py)."""
+        return True
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's custom autoscaling metrics (deployments/autoscaling.py): the family's images waiting in the
+        fair queue and dispatched to its replicas, from the job store (every replica reports the same figures)."""
+        return {name: float(value) for name, value in (await self.jobs.family_demand(self.FAMILY)).items()}
 
     async def _keep_leases(self) -> None:
         """Renews the leases of the jobs this replica holds (waiting in its batcher or running), so no ingress

@@ -45,7 +45,7 @@ async def domain_error(request: Request, error: DiffusionAPIError) -> JSONRespon
         _refused(request, error.status_code, error.message)
     if isinstance(error, ServiceBusyError):
         return error_response(error.status_code, error.message, headers={"Retry-After": str(error.retry_after_s)},
-                              a1111=a1111)  # fmt: skip
+                              a1111=a1111, limit=getattr(error, "limit", None))  # fmt: skip
     return error_response(error.status_code, error.message, a1111=a1111, error=type(error).__name__,
                           field=error.field)  # fmt: skip
 

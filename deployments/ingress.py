@@ -90,6 +90,7 @@ class Ingress:
         settings = Settings(**settings)
         storage = OutputStorage(settings.outputs_location)
         libraries = Libraries.from_settings(settings)
+        arrivals = Arrivals()
         job_service = JobService(
             JobsClient(job_database, **(job_options or {})),
             libraries,
@@ -99,9 +100,10 @@ class Ingress:
             max_queued_jobs=max_queued_jobs,
             max_attempts=max_attempts,
             stale_job_timeout_s=stale_job_timeout_s,
+            incoming=lambda: arrivals.count,
         )
         self.services = Services(settings, libraries, job_service, storage, upscaler, describe(job_database),
-                                 Arrivals())  # fmt: skip
+                                 arrivals)  # fmt: skip
 
     async def check_health(self) -> None:
         """Serve's health check (every few seconds); it also starts the job keeper on a fresh replica, so jobs

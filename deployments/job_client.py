@@ -11,7 +11,20 @@ import ray
 
 from deployments.job_changes import PostgresListener
 from deployments.job_db import database_errors, describe, is_postgres_url
-from deployments.job_records import ActiveJob, JobRecord, JobSummary, LapsedDelivery, Orphan, PriorSubmission
+from deployments.job_queue import QueueView
+from deployments.job_records import (
+    NO_LIMITS,
+    ActiveJob,
+    ClaimedJob,
+    JobListing,
+    JobRecord,
+    JobSummary,
+    KeyLimits,
+    LapsedDelivery,
+    Orphan,
+    PriorSubmission,
+    Refusal,
+)
 from deployments.jobs import JobStore
 
 logger = logging.getLogger("ray.serve")
@@ -19,7 +32,7 @@ ACTOR_NAME_PREFIX = "diffusion_api_jobs"
 ACTOR_NAMESPACE = "diffusion_api"
 # Bump when JobStore's methods change: the actor is detached and outlives redeploys, so a new interface
 # gets a new actor (same database) instead of calling methods the old one does not have.
-STORE_INTERFACE_VERSION = 11
+STORE_INTERFACE_VERSION = 12
 
 
 def same_store(database: str, store_id: str) -> bool:
@@ -113,10 +126,41 @@ class JobsClient:
 
     async def create(self, job_id: str, kind: str, payload: dict, warnings: list[str], family: str = "",
                      max_active: int | None = None, origin: str = "", owner: str = "",
-                     inputs: dict[str, str] | None = None,
-                     idempotency: tuple[str, str] | None = None) -> bool | PriorSubmission:  # fmt: skip
+                     inputs: dict[str, str] | None = None, idempotency: tuple[str, str] | None = None,
+                     images: int = 1, priority: int = 0, batch_key: str = "",
+                     limits: KeyLimits = NO_LIMITS) -> bool | PriorSubmission | Refusal:  # fmt: skip
         return await self._call("create", job_id, kind, payload, warnings, family, max_active, origin, owner, inputs,
-                                idempotency)  # fmt: skip
+                                idempotency, images, priority, batch_key, limits)  # fmt: skip
+
+    async def claim_next(self, family: str) -> list[ClaimedJob] | None:
+        return await self._call("claim_next", family)
+
+    async def waiting_families(self) -> list[str]:
+        return await self._call("waiting_families")
+
+    async def queue_view(self, family: str) -> QueueView:
+        return await self._call("queue_view", family)
+
+    async def renew_room(self, replica: str, family: str, slots: int) -> None:
+        return await self._call("renew_room", replica, family, slots)
+
+    def withdraw_room(self, replica: str, family: str) -> None:
+        """A stopping generator replica's last word, from a synchronous destructor: no room any more (written
+        here where the store is open in this process, else sent to the job actor without waiting)."""
+        if self._local is not None:
+            self._local.renew_room(replica, family, 0)
+        elif self.actor is not None:
+            self.actor.renew_room.remote(replica, family, 0)
+
+    async def family_demand(self, family: str) -> dict[str, int]:
+        return await self._call("family_demand", family)
+
+    async def list_jobs(self, owner: str | None, state: str | None, limit: int,
+                        before: tuple[float, str] | None = None) -> list[JobListing]:  # fmt: skip
+        return await self._call("list_jobs", owner, state, limit, before)
+
+    async def usage(self) -> list[tuple[str, str, str, int, int]]:
+        return await self._call("usage")
 
     async def prior_submission(self, owner: str, key: str) -> PriorSubmission | None:
         return await self._call("prior_submission", owner, key)
@@ -148,8 +192,9 @@ class JobsClient:
     async def fail(self, job_id: str, error: str) -> bool:
         return await self._call("fail", job_id, error)
 
-    async def retry(self, job_id: str, warning: str, max_attempts: int, cause: str) -> int | None:
-        return await self._call("retry", job_id, warning, max_attempts, cause)
+    async def retry(self, job_id: str, warning: str, max_attempts: int, cause: str,
+                    requeue: bool = False) -> int | None:  # fmt: skip
+        return await self._call("retry", job_id, warning, max_attempts, cause, requeue)
 
     async def cancel(self, job_id: str) -> bool:
         return await self._call("cancel", job_id)

@@ -63,6 +63,22 @@ MIGRATIONS: list[tuple[str, ...]] = [
     ("CREATE TABLE IF NOT EXISTS idempotency (owner TEXT NOT NULL, idem_key TEXT NOT NULL, "
      "request_hash TEXT NOT NULL, job_id TEXT NOT NULL, created {real} NOT NULL, PRIMARY KEY (owner, idem_key))",
      "CREATE INDEX IF NOT EXISTS idempotency_created ON idempotency (created)"),
+    # 9: many callers: jobs wait in the store's fair queue until a generator has room (`dispatched` is when one
+    # was claimed for a generator; jobs active at the upgrade count as dispatched), with their images, priority
+    # and batch key; each key's last turn per family (round-robin), its request bucket (requests_per_minute),
+    # and the generator replicas' room, which they renew every few seconds
+    ("ALTER TABLE jobs ADD COLUMN images INTEGER NOT NULL DEFAULT 1",
+     "ALTER TABLE jobs ADD COLUMN priority INTEGER NOT NULL DEFAULT 0",
+     "ALTER TABLE jobs ADD COLUMN batch_key TEXT NOT NULL DEFAULT ''",
+     "ALTER TABLE jobs ADD COLUMN dispatched {real}",
+     "UPDATE jobs SET dispatched = updated WHERE {active}",
+     "CREATE INDEX IF NOT EXISTS jobs_family_dispatched ON jobs (family, state, dispatched)",
+     "CREATE TABLE IF NOT EXISTS queue_turns (family TEXT NOT NULL, owner TEXT NOT NULL, served {real} NOT NULL, "
+     "PRIMARY KEY (family, owner))",
+     "CREATE TABLE IF NOT EXISTS request_buckets (owner TEXT PRIMARY KEY, tokens {real} NOT NULL, "
+     "updated {real} NOT NULL)",
+     "CREATE TABLE IF NOT EXISTS generator_room (replica TEXT PRIMARY KEY, family TEXT NOT NULL, "
+     "slots INTEGER NOT NULL, seen {real} NOT NULL)"),
 ]  # fmt: skip
 SCHEMA_VERSION = len(MIGRATIONS)
 CHANGES_CHANNEL = "diffusion_api_jobs"  # PostgreSQL's NOTIFY channel of job changes (payload: job ids)
@@ -264,7 +280,8 @@ class PostgresDatabase:
 
 
 class Transaction:
-    """Statements inside one write transaction: `execute` returns the rows, `one` the first or None."""
+    """Statements inside one write transaction (or plain reads, given the database's `execute`): `execute`
+    returns the rows, `one` the first or None."""
 
     def __init__(self, run):
         self._run = run

@@ -34,6 +34,9 @@ class JobRecord:
     owner: str = ""
     inputs: dict[str, str] = field(default_factory=dict)
     started: float | None = None
+    images: int = 1  # batch_size x n_iter
+    priority: int = 0  # among its owner's waiting jobs (higher first)
+    dispatched: float | None = None  # when the fair queue gave it to a generator (None: waiting in the queue)
 
     @property
     def ended(self) -> bool:
@@ -74,14 +77,86 @@ class ActiveJob:
 
 
 @dataclass(frozen=True)
+class JobListing:
+    """One job of a `GET /queue` listing: what it is and where it stands, without its request or result."""
+
+    job_id: str
+    kind: str
+    state: JobState
+    phase: str
+    progress: float
+    created: float
+    updated: float
+    family: str
+    origin: str
+    owner: str
+    images: int
+    priority: int
+    model: str
+
+
+@dataclass(frozen=True)
 class Orphan:
-    """An active job nobody held any more, claimed to be dispatched again."""
+    """An active job nobody held any more, claimed to be put back in the queue."""
+
+    job_id: str
+    family: str
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    """A waiting job the fair queue gave this replica to dispatch (its record's request, to prepare it again
+    where this replica did not take it)."""
 
     job_id: str
     kind: str
     payload: dict
     family: str
     inputs: dict[str, str]
+
+
+@dataclass(frozen=True)
+class KeyLimits:
+    """A key's own limits (the keys file's per-key settings); None: no limit of that kind."""
+
+    max_queued_images: int | None = None  # images (batch_size x n_iter) queued or running at once
+    requests_per_minute: int | None = None  # job submissions, a token bucket of this size refilled per minute
+    max_priority: int | None = None  # the highest `priority` its jobs may ask for
+
+
+NO_LIMITS = KeyLimits()
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why the store did not record a job: the limit reached (`max_queued_jobs`, `max_queued_images`,
+    `requests_per_minute`), its configured value, the count it reached, and when a retry may pass."""
+
+    limit: str
+    value: int
+    current: float
+    retry_after_s: int
+
+    def __bool__(self) -> bool:
+        return False  # a refusal is not a created job (`if not store.create(...)`)
+
+
+@dataclass(frozen=True)
+class QueuePlace:
+    """Where a waiting job stands: jobs ahead of it in its family's fair order, the images they hold, the
+    family's recent throughput (images/s, None before any job finished) and its generators' room now (0: no
+    replica is up: the job waits for one to start)."""
+
+    position: int
+    images_ahead: int
+    images_per_s: float | None
+    slots: int
+
+    def eta_s(self, own_images: int) -> float | None:
+        """Seconds until the job is done, at the family's recent pace (None: no pace measured yet)."""
+        if not self.images_per_s:
+            return None
+        return round((self.images_ahead + own_images) / self.images_per_s, 1)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -18,7 +19,19 @@ from pydantic import BaseModel
 
 from deployments.dispatch import Dispatcher
 from deployments.job_client import JobsClient
-from deployments.job_records import ActiveJob, JobOrder, JobRecord, JobSummary, PriorSubmission, image_fields
+from deployments.job_queue import QueueView
+from deployments.job_records import (
+    NO_LIMITS,
+    ActiveJob,
+    JobListing,
+    JobOrder,
+    JobRecord,
+    JobSummary,
+    KeyLimits,
+    PriorSubmission,
+    Refusal,
+    image_fields,
+)
 from deployments.job_status import INPUT_FIELDS, JobFiles
 from deployments.jobs import IDEMPOTENCY_TTL_S
 from deployments.keeper import JobKeeper, WebhookDeliveries
@@ -29,10 +42,11 @@ from deployments.webhooks import WebhookLookupUnavailable, WebhookPolicy, Webhoo
 from pipelines.catalog import ModelCatalog, ModelEntry, check_mode_supported
 from pipelines.embeddings import EmbeddingLibrary
 from pipelines.errors import (
+    ForbiddenError,
     IdempotencyKeyReusedError,
     InvalidRequestError,
     JobEndedError,
-    ServiceBusyError,
+    LimitReachedError,
     TemporarilyUnavailableError,
     UnknownJobError,
     UnknownModelError,
@@ -48,6 +62,8 @@ from pipelines.vaes import VaeLibrary
 logger = logging.getLogger("ray.serve")
 DEFAULT_MODEL_SETTING = "sd_model_checkpoint"
 DECODE_SLOTS = 2  # input images decoded at once per ingress replica (each up to max_input_image_pixels)
+QUEUE_VIEW_TTL_S = 0.25  # how stale a status's queue_position may be
+WAITING_FOR_REPLICA = "waiting_for_replica"  # the phase of a queued job whose family has no replica up (yet)
 GenerationRequest = Txt2ImgRequest | Img2ImgRequest
 
 
@@ -93,6 +109,46 @@ class _Replayed(Exception):
         self.prior = prior
 
 
+def batch_key_text(model: str, job: PreparedJob) -> str:
+    """The job's batch key as the fair queue compares it (equal: the jobs can share one diffusers call)."""
+    return hashlib.sha256(repr((model, job.batch_key())).encode()).hexdigest()[:24]
+
+
+def refusal_error(refusal: Refusal, family: str) -> LimitReachedError:
+    """The 429 for a limit the store found reached, naming it and its value."""
+    if refusal.limit == "max_queued_images":
+        message = (f"this API key already has {refusal.current} image(s) queued or running and may have at most "
+                   f"{refusal.value} (max_queued_images); retry in {refusal.retry_after_s} s")  # fmt: skip
+    elif refusal.limit == "requests_per_minute":
+        message = (f"this API key may submit {refusal.value} job(s) per minute (requests_per_minute); the next "
+                   f"one is allowed in {refusal.retry_after_s} s")  # fmt: skip
+    else:
+        message = (f"the {family} generators already have {refusal.current} jobs queued or running, the most the "
+                   f"service takes (max_queued_jobs {refusal.value}); retry in {refusal.retry_after_s} s")  # fmt: skip
+    return LimitReachedError(message, limit=refusal.limit, retry_after_s=refusal.retry_after_s)
+
+
+def capped_priority(request: GenerationRequest, limits: KeyLimits) -> tuple[int, list[str]]:
+    """The job's priority within the key's `priority` setting, and a warning when it was lowered."""
+    if limits.max_priority is None or request.priority <= limits.max_priority:
+        return request.priority, []
+    return limits.max_priority, [f"priority {request.priority} lowered to {limits.max_priority}, the highest this "
+                                 f"API key may ask for (its 'priority' setting)"]  # fmt: skip
+
+
+def make_cursor(last: JobListing) -> str:
+    """A `GET /queue` cursor: where the page ended, `<created>_<job_id>` of its last job (the creation time in
+    full precision, so the next page starts exactly after it). Any string of that form is a position."""
+    return f"{last.created!r}_{last.job_id}"
+
+
+def read_cursor(cursor: str | None) -> tuple[float, str] | None:
+    if cursor is None:
+        return None
+    created, _, job_id = cursor.partition("_")  # the route's pattern has checked the form
+    return float(created), job_id
+
+
 def _input_files(request: GenerationRequest) -> dict[str, bytes]:
     """The img2img input images' files (base64 decoded once: preparing reads them, the storage keeps them)."""
     return {name: decode_base64_bytes(getattr(request, name), name) for name in INPUT_FIELDS
@@ -102,7 +158,7 @@ def _input_files(request: GenerationRequest) -> dict[str, bytes]:
 class JobService:
     def __init__(self, jobs: JobsClient, libraries: Libraries, files: JobFiles, handles: dict,
                  webhooks: WebhookPolicy, max_queued_jobs: int, max_attempts: int,
-                 stale_job_timeout_s: float):  # fmt: skip
+                 stale_job_timeout_s: float, incoming: Callable[[], int] = lambda: 0):  # fmt: skip
         self.jobs = jobs
         self.libraries = libraries
         self.files = files
@@ -110,21 +166,29 @@ class JobService:
         self.max_queued_jobs = max_queued_jobs
         self.watcher = JobWatcher(jobs)  # wakes long polls and event streams when their job changes
         self.dispatcher = Dispatcher(jobs, handles, files, max_attempts, on_ended=self._ended,
-                                     prepare_again=self._prepare_again)  # fmt: skip
+                                     prepare_again=self._prepare_again, incoming=incoming)  # fmt: skip
         self.deliveries = WebhookDeliveries(jobs, webhooks, self._final_status)
         self.keeper = JobKeeper(jobs, self.dispatcher, self.deliveries, stale_job_timeout_s)
         self.decodes = asyncio.Semaphore(DECODE_SLOTS)  # bounds the memory and CPU that decoding inputs takes
+        self._queue_views: dict[str, tuple[float, QueueView]] = {}  # family -> (read at, its fair queue)
 
     # Submission --------------------------------------------------------------------------------------------
     async def submit(self, kind: str, request: GenerationRequest, owner: str, origin: str = "",
                      warnings: list[str] | None = None, hand_over: Callable[[], int] | None = None,
-                     return_images: bool = False, idempotency: tuple[str, str] | None = None) -> str:  # fmt: skip
-        """Checks, records and dispatches a job; its id once it is recorded as queued (`idempotency`: see
-        `submit_once`; _Replayed when that key already names a job). A 4xx-kind domain error
-        for anything wrong with it (before any record exists); ServiceBusyError when its family's queue is full.
-        `hand_over()`, called as the job is dispatched, says how many more submissions are on their way.
+                     return_images: bool = False, idempotency: tuple[str, str] | None = None,
+                     limits: KeyLimits = NO_LIMITS) -> str:  # fmt: skip
+        """Checks and records a job in the fair queue, from which it is dispatched when its turn comes; its id
+        once it is recorded as queued (`idempotency`: see `submit_once`; _Replayed when that key already names
+        a job). A 4xx-kind domain error for anything wrong with it (before any record exists);
+        LimitReachedError (429) when the owner's `limits` or its family's queue are full.
+        `hand_over()`, called as the job is queued, stops counting it among the submissions on their way.
         `return_images`: the caller will wait for the images (`images_of`): the generator sends them back."""
         self.keeper.start()
+        images = request.batch_size * request.n_iter
+        if limits.max_queued_images is not None and images > limits.max_queued_images:  # would never pass
+            raise InvalidRequestError(f"batch_size x n_iter: this job makes {images} images and this API key may have "
+                                      f"at most {limits.max_queued_images} queued (max_queued_images)",
+                                      field="batch_size")  # fmt: skip
         if request.callback_url is not None:
             await self._check_callback(request.callback_url)
         default_model = await self.default_model() if not (request.model or "").strip() else None
@@ -139,26 +203,29 @@ class JobService:
         payload["model"] = entry.name
         payload["seed"] = job.seed  # a random seed is fixed now, so a retried job makes the same image
         job_id = uuid.uuid4().hex
-        warnings = job.sampler.warnings + job.warnings + (warnings or [])
+        priority, priority_warnings = capped_priority(request, limits)
+        payload["priority"] = priority
+        warnings = job.sampler.warnings + job.warnings + (warnings or []) + priority_warnings
         record, inputs = payload, {}
         if kind == "img2img":  # the input images are stored once, by reference: never in the record
             record = {key: value for key, value in payload.items() if key not in INPUT_FIELDS}
             inputs = await asyncio.to_thread(self.files.store_inputs, job_id, input_files)
         try:
             created = await self.jobs.create(job_id, kind, record, warnings, entry.family, self.max_queued_jobs,
-                                             origin, owner, inputs, idempotency)  # fmt: skip
+                                             origin, owner, inputs, idempotency, images,
+                                             priority, batch_key_text(entry.name, job), limits)  # fmt: skip
         except BaseException:
             await asyncio.to_thread(self.files.delete_inputs, inputs)
             raise
         if isinstance(created, PriorSubmission):  # a concurrent submission with the same key was first
             await asyncio.to_thread(self.files.delete_inputs, inputs)
             raise _Replayed(created)
-        if not created:
+        if isinstance(created, Refusal):
             await asyncio.to_thread(self.files.delete_inputs, inputs)
-            raise ServiceBusyError(f"the {entry.family} generators already have {self.max_queued_jobs} jobs queued "
-                                   f"or running; retry in a few seconds")  # fmt: skip
-        order = JobOrder.of(job_id, job, request, return_images)
-        self.dispatcher.start(order, entry.family, entry.name, request.callback_url, hand_over() if hand_over else 0)
+            raise refusal_error(created, entry.family)
+        if hand_over is not None:
+            hand_over()
+        self.dispatcher.queue(JobOrder.of(job_id, job, request, return_images), request.callback_url)
         return job_id
 
     async def submit_once(self, idempotency_key: str | None, sent: BaseModel, kind: str, request: GenerationRequest,
@@ -245,7 +312,24 @@ class JobService:
             async with self.watcher.watching(job_id):
                 if await self.watcher.next_change(job_id, job.summary(), wait_s) is not None:
                     job = await self.jobs.get(job_id) or job
-        return await self.files.status(job, with_images=True, with_inputs=with_inputs)
+        fields = await self.files.status(job, with_images=True, with_inputs=with_inputs)
+        if job.state == JobState.queued:
+            fields.update(await self._queue_fields(job))
+        return fields
+
+    async def _queue_fields(self, job: JobRecord) -> dict:
+        """A queued job's place in its family's fair queue and its expected wait (the queue read at most every
+        QUEUE_VIEW_TTL_S per family on this replica: many clients poll queued jobs)."""
+        now = time.monotonic()
+        read_at, view = self._queue_views.get(job.family, (0.0, None))
+        if view is None or now - read_at > QUEUE_VIEW_TTL_S:
+            view = await self.jobs.queue_view(job.family)
+            self._queue_views[job.family] = (now, view)
+        place = view.place(job.job_id)
+        fields = {"queue_position": place.position, "eta_s": place.eta_s(job.images)}
+        if job.dispatched is None and place.slots == 0:
+            fields["current_phase"] = WAITING_FOR_REPLICA
+        return fields
 
     async def wait_until_ended(self, job_id: str) -> JobRecord | None:
         """The job's record once it has ended (None if it has gone: pruned). This replica's own dispatch usually
@@ -327,6 +411,18 @@ class JobService:
             state = job.state.value if job else "pruned"
             raise JobEndedError(f"job {job_id} has already ended (state {state!r}); nothing to cancel")
 
+    async def list_jobs(self, caller: Caller, state: JobState | None, limit: int, cursor: str | None,
+                        key: str | None) -> tuple[list[JobListing], str | None]:  # fmt: skip
+        """The caller's jobs newest first (an admin's, or anyone's with keys off: every key's, or `key`'s only),
+        a page of `limit` after `cursor`; returns them and the next page's cursor (None: no more)."""
+        if key is not None and caller.keys_on and not caller.admin and key != caller.owner:
+            raise ForbiddenError("only an admin key may list another API key's jobs (leave out 'key')")
+        owner = key if key is not None else (None if caller.admin or not caller.keys_on else caller.owner)
+        jobs = await self.jobs.list_jobs(owner, state.value if state else None, limit + 1, read_cursor(cursor))
+        more = len(jobs) > limit
+        jobs = jobs[:limit]
+        return jobs, (make_cursor(jobs[-1]) if more else None)
+
     async def active_jobs(self, origin: str, caller: Caller) -> list[ActiveJob]:
         """The caller's queued and running jobs of one door (with keys off: everyone's), oldest first."""
         return await self.jobs.active_jobs(origin, caller.owner if caller.keys_on else None)
@@ -360,6 +456,9 @@ class JobService:
 
     async def counts_by_family(self) -> list[tuple[str, str, int]]:
         return await self.jobs.counts_by_family()
+
+    async def usage(self) -> list[tuple[str, str, str, int, int]]:
+        return await self.jobs.usage()
 
     async def replica_reports(self) -> list[dict]:
         return await self.jobs.replica_reports()

@@ -98,6 +98,7 @@ class JobFiles:
             "warnings": job.warnings,
             "batch_size": job.batch_size,
             "attempts": job.attempts,
+            "priority": job.priority,
         }
         if job.webhook:
             fields["webhook"] = job.webhook

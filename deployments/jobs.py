@@ -16,15 +16,21 @@ import uuid
 
 import ray
 
-from deployments.job_db import ACTIVE_JOBS, TERMINAL_STATES, database_errors, open_database
+from deployments import job_queue
+from deployments.job_db import ACTIVE_JOBS, TERMINAL_STATES, Transaction, database_errors, open_database
 from deployments.job_records import (
+    NO_LIMITS,
     SUMMARY_FIELDS,
     ActiveJob,
+    ClaimedJob,
+    JobListing,
     JobRecord,
     JobSummary,
+    KeyLimits,
     LapsedDelivery,
     Orphan,
     PriorSubmission,
+    Refusal,
 )
 from deployments.retention import prune_finished
 from pipelines.schemas import JobState
@@ -38,6 +44,7 @@ REPLICA_REPORT_TTL_S = 60.0
 # dispatches it again.
 LEASE_S = 15.0
 LEASE_RENEW_S = 3.0
+FAMILY_FULL_RETRY_S = 5  # Retry-After when a family's max_queued_jobs is reached
 PRUNE_BATCH = 500  # jobs per retention step: a backlog is removed in bounded steps, other store calls between
 IDEMPOTENCY_TTL_S = 24 * 3600.0  # how long an Idempotency-Key names its submission
 PRUNE_INTERVAL_S = 60.0  # retention runs this often, from the ingress replicas' job keepers (one of them at a time)
@@ -95,9 +102,12 @@ class JobStore:
     # Transitions -----------------------------------------------------------------------------------------
     def create(self, job_id: str, kind: str, payload: dict, warnings: list[str], family: str = "",
                max_active: int | None = None, origin: str = "", owner: str = "",
-               inputs: dict[str, str] | None = None,
-               idempotency: tuple[str, str] | None = None) -> bool | PriorSubmission:  # fmt: skip
-        """Records a queued job. Refuses (returns False) when `family` already has `max_active` jobs queued or
+               inputs: dict[str, str] | None = None, idempotency: tuple[str, str] | None = None,
+               images: int = 1, priority: int = 0, batch_key: str = "",
+               limits: KeyLimits = NO_LIMITS) -> bool | PriorSubmission | Refusal:  # fmt: skip
+        """Records a queued job in the fair queue (deployments/job_queue.py): `images` it makes, its `priority`
+        among its owner's jobs, `batch_key` (jobs with equal keys can share a diffusers call). Refuses (returns
+        the Refusal) when the owner's `limits` are reached, or `family` already has `max_active` jobs queued or
         running, so callers can answer "busy, retry later" instead of queueing without bound. `origin` is the
         API that took it ("" native, "sdapi" A1111's), `owner` who sent it (its API key's name), `inputs` where
         its input images are stored (payload field -> location in the output storage; the payload lacks them).
@@ -110,20 +120,26 @@ class JobStore:
                 prior = transaction.one(_PRIOR_SUBMISSION, (owner, idempotency[0], now - IDEMPOTENCY_TTL_S))
                 if prior is not None:
                     return PriorSubmission(*prior)
+            refusal = job_queue.over_queued_images(transaction, owner, limits, images, family, now)
+            if refusal is not None:
+                return refusal
             if max_active is not None:
                 (active,) = transaction.one(
                     "SELECT COUNT(*) FROM jobs WHERE family = ? AND state IN ('queued', 'processing')", (family,)
                 )
                 if active >= max_active:
-                    return False
+                    return Refusal("max_queued_jobs", max_active, active, FAMILY_FULL_RETRY_S)
+            refusal = job_queue.take_request_token(transaction, owner, limits, now)  # last: taken only if recorded
+            if refusal is not None:
+                return refusal
             transaction.execute(
                 "INSERT INTO jobs (job_id, kind, state, phase, progress, created, updated, payload, warnings, "
-                "result, error, family, origin, owner, lease_until, webhook_state, inputs) "
-                "VALUES (?, ?, 'queued', 'queued', 0, ?, ?, ?, ?, NULL, NULL, ?, ?, ?, ?, ?, ?) "
+                "result, error, family, origin, owner, lease_until, webhook_state, inputs, images, priority, "
+                "batch_key) VALUES (?, ?, 'queued', 'queued', 0, ?, ?, ?, ?, NULL, NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (job_id) DO NOTHING",  # a create repeated through the job actor records it once
                 (job_id, kind, now, now, json.dumps(payload), json.dumps(warnings), family, origin, owner,
                  now + LEASE_S, "pending" if payload.get("callback_url") else None,
-                 json.dumps(inputs) if inputs else None),
+                 json.dumps(inputs) if inputs else None, images, priority, batch_key),
             )  # fmt: skip
             if idempotency is not None:  # an expired or orphaned use of the key is replaced
                 transaction.execute(
@@ -192,13 +208,13 @@ class JobStore:
         return len(rows)
 
     def claim_orphans(self, limit: int = 16) -> list[Orphan]:
-        """Takes up to `limit` active jobs whose lease has run out (nobody holds them any more) for the caller,
-        atomically (one caller gets each); returns them (job id, kind, payload, family) to dispatch again. A job
+        """Takes up to `limit` dispatched jobs whose lease has run out (nobody holds them any more) for the
+        caller, atomically (one caller gets each), to put back in the queue (`retry` with `requeue`). A job
         that has progressed within LEASE_S is not taken even then: its worker is alive (it only failed to renew,
         the store being out of reach, say). The claim counts as an update, so the stale reaper leaves the job
         to its new holder."""
         now = time.time()
-        orphaned = f"{ACTIVE_JOBS} AND lease_until < ? AND updated < ?"
+        orphaned = f"{job_queue.DISPATCHED} AND lease_until < ? AND updated < ?"
         # Every ingress replica asks every few seconds and the answer is nearly always "none": a plain read
         # answers that without taking the write lock.
         if not self.db.execute(f"SELECT 1 FROM jobs WHERE {orphaned} LIMIT 1", (now, now - LEASE_S)):
@@ -206,11 +222,10 @@ class JobStore:
         with self.db.transaction(durable=True) as transaction:
             rows = transaction.execute(
                 f"UPDATE jobs SET lease_until = ?, updated = ? WHERE job_id IN (SELECT job_id FROM jobs WHERE "
-                f"{orphaned} ORDER BY created LIMIT ?) RETURNING job_id, kind, payload, family, inputs",
+                f"{orphaned} ORDER BY created LIMIT ?) RETURNING job_id, family",
                 (now + LEASE_S, now, now, now - LEASE_S, limit),
             )
-        return [Orphan(job_id, kind, json.loads(payload), family, json.loads(inputs) if inputs else {})
-                for job_id, kind, payload, family, inputs in rows]  # fmt: skip
+        return [Orphan(job_id, family) for job_id, family in rows]
 
     def touch_queued(self, job_ids: list[str]) -> int:
         """Heartbeat for jobs still waiting for a generator, so the stale-job reaper leaves them alone."""
@@ -244,16 +259,17 @@ class JobStore:
         self._announce([job_id for (job_id, _, _), completed in zip(outcomes, done, strict=True) if completed])
         return done
 
-    def retry(self, job_id: str, warning: str, max_attempts: int, cause: str) -> int | None:
-        """Puts a job whose worker died (replica or node lost) back in the queue for another attempt, with
-        `warning` once among its warnings; returns the new attempt's number. None when the job has ended
-        meanwhile (done, cancelled: never retried) or has had `max_attempts` attempts: then it is failed here,
-        with a message that says so."""
-        attempt = self._retry(job_id, warning, max_attempts, cause)
+    def retry(self, job_id: str, warning: str, max_attempts: int, cause: str, requeue: bool = False) -> int | None:
+        """Counts another attempt of a job whose worker died (replica or node lost), with `warning` once among
+        its warnings; returns the new attempt's number. `requeue`: the job goes back to the fair queue (its
+        place kept: its age and priority), for whichever replica takes it next; else its holder dispatches it
+        again itself. None when the job has ended meanwhile (done, cancelled: never retried) or has had
+        `max_attempts` attempts: then it is failed here, with a message that says so."""
+        attempt = self._retry(job_id, warning, max_attempts, cause, requeue)
         self._announce([job_id])
         return attempt
 
-    def _retry(self, job_id: str, warning: str, max_attempts: int, cause: str) -> int | None:
+    def _retry(self, job_id: str, warning: str, max_attempts: int, cause: str, requeue: bool) -> int | None:
         now = time.time()
         with self.db.transaction(durable=True) as transaction:
             query = f"SELECT attempts, warnings FROM jobs WHERE job_id = ? AND {ACTIVE_JOBS}"
@@ -273,7 +289,7 @@ class JobStore:
                 warnings.append(warning)
             transaction.execute(
                 "UPDATE jobs SET state = 'queued', phase = 'queued', progress = 0, attempts = attempts + 1, "
-                "warnings = ?, updated = ? WHERE job_id = ?",
+                f"warnings = ?, updated = ?{', dispatched = NULL' if requeue else ''} WHERE job_id = ?",
                 (json.dumps(warnings), now, job_id),
             )
             return attempts + 1
@@ -294,6 +310,60 @@ class JobStore:
         for job_id, preview in previews.items():
             self.db.execute(f"UPDATE jobs SET preview = ? WHERE job_id = ? AND {ACTIVE_JOBS}", (preview, job_id))
         self._announce(list(previews))
+
+    # The fair queue (deployments/job_queue.py) ------------------------------------------------------------
+    def claim_next(self, family: str) -> list[ClaimedJob] | None:
+        """The family's next jobs in fair order, as many as its generators have room for, for the caller to
+        dispatch under a lease; None when no generator replica of the family is up. A plain read first answers
+        "nothing waits" without the write lock."""
+        if not self.db.execute(f"SELECT 1 FROM jobs WHERE family = ? AND {job_queue.WAITING} LIMIT 1", (family,)):
+            return []
+        with self.db.transaction() as transaction:
+            return job_queue.claim_next(transaction, family, LEASE_S)
+
+    def waiting_families(self) -> list[str]:
+        """The families with jobs waiting in the queue."""
+        return [row[0] for row in self.db.execute(f"SELECT DISTINCT family FROM jobs WHERE {job_queue.WAITING}")]
+
+    def queue_view(self, family: str) -> job_queue.QueueView:
+        """The family's fair queue as statuses read it (`queue_position`, `eta_s`)."""
+        return job_queue.queue_view(Transaction(self.db.execute), family)
+
+    def renew_room(self, replica: str, family: str, slots: int) -> None:
+        """A generator replica's heartbeat: it takes `slots` images at once (0: it is stopping)."""
+        with self.db.transaction() as transaction:
+            job_queue.renew_room(transaction, replica, family, slots)
+
+    def family_demand(self, family: str) -> dict[str, int]:
+        """Images waiting for and dispatched to the family's generators (what autoscaling reads)."""
+        with self.db.transaction() as transaction:
+            return job_queue.family_demand(transaction, family)
+
+    def list_jobs(self, owner: str | None, state: str | None, limit: int,
+                  before: tuple[float, str] | None = None) -> list[JobListing]:  # fmt: skip
+        """Jobs newest first (of `owner` only, unless None; in `state` only, unless None), `limit` of them,
+        those created before `before` (created, job_id: the last of the previous page) when given."""
+        query = ("SELECT job_id, kind, state, phase, progress, created, updated, family, origin, owner, images, "
+                 "priority, payload FROM jobs WHERE 1 = 1")  # fmt: skip
+        parameters: tuple = ()
+        if owner is not None:
+            query, parameters = query + " AND owner = ?", (*parameters, owner)
+        if state is not None:
+            query, parameters = query + " AND state = ?", (*parameters, state)
+        if before is not None:
+            query += " AND (created < ? OR (created = ? AND job_id < ?))"
+            parameters = (*parameters, before[0], before[0], before[1])
+        rows = self.db.execute(query + " ORDER BY created DESC, job_id DESC LIMIT ?", (*parameters, limit))
+        return [JobListing(job_id, kind, JobState(state), phase, progress, created, updated, family, origin, owner,
+                           images, priority, json.loads(payload).get("model") or "")
+                for job_id, kind, state, phase, progress, created, updated, family, origin, owner, images, priority,
+                payload in rows]  # fmt: skip
+
+    def usage(self) -> list[tuple[str, str, str, int, int]]:
+        """(family, state, owner, jobs, images) for every family, state and owner that has jobs (`/metrics`)."""
+        query = ("SELECT family, state, owner, COUNT(*), COALESCE(SUM(images), 0) FROM jobs "
+                 "GROUP BY family, state, owner")  # fmt: skip
+        return [(family, state, owner, count, images) for family, state, owner, count, images in self.db.execute(query)]
 
     # Webhooks: a job with a callback_url is created with its delivery `pending`. Once the job has ended, one
     # ingress replica claims the delivery (`delivering`, under the job's lease, which it renews while it
@@ -412,12 +482,14 @@ class JobStore:
 
     # Housekeeping ----------------------------------------------------------------------------------------
     def reap_stale(self, timeout_seconds: float) -> list[str]:
-        """Fails active jobs that are held (their lease is live) but have not been updated for `timeout_seconds`:
-        a worker that is alive and stuck. (Jobs nobody holds are claimed and dispatched again instead.) Returns
+        """Fails dispatched jobs that are held (their lease is live) but have not been updated for
+        `timeout_seconds`: a worker that is alive and stuck. (Jobs nobody holds are claimed and queued again
+        instead; jobs waiting in the queue are nobody's yet.) Returns
         their ids."""
         now = time.time()
         rows = self.db.execute(
-            "SELECT job_id FROM jobs WHERE state IN ('queued', 'processing') AND updated < ? AND lease_until >= ?",
+            "SELECT job_id FROM jobs WHERE state IN ('queued', 'processing') AND dispatched IS NOT NULL "
+            "AND updated < ? AND lease_until >= ?",
             (now - timeout_seconds, now),
         )
         stale = [row[0] for row in rows]
@@ -447,4 +519,4 @@ class JobStore:
 
 _JOB_COLUMNS = ("job_id", "kind", "state", "phase", "progress", "created", "updated", "payload", "warnings",
                 "result", "error", "batch_size", "attempts", "preview", "webhook", "family", "origin",
-                "owner", "inputs", "started")  # fmt: skip
+                "owner", "inputs", "started", "images", "priority", "dispatched")  # fmt: skip

@@ -2,7 +2,7 @@
 
 Every LEASE_RENEW_S the keeper renews the leases of the jobs and deliveries this replica holds; claims the jobs
 nobody holds any more (after a crash of the service, or of the ingress replica that dispatched them) and
-dispatches them again; now and then fails jobs that are held but have stopped progressing for
+puts them back in the fair queue; now and then fails jobs that are held but have stopped progressing for
 `stale_job_timeout_s` (jobs this replica still waits on get a heartbeat first, so a long queue is not mistaken
 for a stuck worker); delivers webhooks whose delivery nobody holds; runs retention when it is due (one replica
 per interval, in a task of its own); and sets the queue-depth gauge.
@@ -88,7 +88,7 @@ class JobKeeper:
                     await self.jobs.touch_queued(inflight)
                     await self.jobs.reap_stale(self.stale_job_timeout_s)
                 for orphan in await self.jobs.claim_orphans():
-                    await self.dispatcher.dispatch_again(orphan)
+                    await self.dispatcher.queue_again(orphan)
                 for delivery in await self.jobs.claim_lapsed_deliveries():  # ended otherwise, or holder lost
                     self.deliveries.start(delivery.job_id, delivery.callback_url, claimed=True)
             except Exception:

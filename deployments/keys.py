@@ -6,6 +6,11 @@ argument `api_keys_file`). The file is either one key per line (`#` comments) or
     keys:
       - {name: alice, key: "a-long-random-secret"}
       - {name: ops, sha256: "<hex SHA-256 of the key>", admin: true}   # the secret stays out of the file
+      - {name: batch, key: "...", max_queued_images: 64, requests_per_minute: 30, priority: 10}
+
+Per-key settings (absent: no limit of that kind): `max_queued_images` (images queued or running at once),
+`requests_per_minute` (job submissions, a token bucket), `priority` (the highest `priority` its jobs may ask
+for). Beyond a limit the key's submissions answer 429 with Retry-After; other keys' answers do not change.
 
 A key given in plain (the environment, a one-per-line file) is an ordinary caller named after its fingerprint
 (the first 16 hex digits of its SHA-256). Keys are kept only as SHA-256 digests and compared in constant time.
@@ -21,6 +26,9 @@ from pathlib import Path
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from deployments.job_records import NO_LIMITS, KeyLimits
+from pipelines.schemas import MAX_PRIORITY
 
 KEYS_ENV = "DIFFUSION_API_KEYS"
 KEYS_FILE_ENV = "DIFFUSION_API_KEYS_FILE"
@@ -39,6 +47,7 @@ class ApiKey:
     name: str
     admin: bool = False
     digest: bytes = field(default=b"", repr=False)
+    limits: KeyLimits = NO_LIMITS
 
 
 @dataclass(frozen=True)
@@ -49,6 +58,7 @@ class Caller:
     owner: str = ""
     admin: bool = False
     keys_on: bool = True
+    limits: KeyLimits = NO_LIMITS  # the key's own (keys file), checked when it submits a job
 
     def may_see(self, job_owner: str) -> bool:
         """A job is visible to its owner and to admins; with keys off, to everyone."""
@@ -69,6 +79,9 @@ class KeyEntry(BaseModel):
     key: str | None = Field(None, min_length=1)
     sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
     admin: bool = False
+    max_queued_images: int | None = Field(None, ge=1)
+    requests_per_minute: int | None = Field(None, ge=1)
+    priority: int | None = Field(None, ge=-MAX_PRIORITY, le=MAX_PRIORITY)
 
     @model_validator(mode="after")
     def _one_secret(self):
@@ -142,7 +155,8 @@ def _yaml_keys(path: Path, document: dict) -> list[ApiKey]:
                                 for item in error.errors())  # fmt: skip
             raise KeysConfigError(f"API keys file {path}: {label}: {reasons}") from None
         digest = bytes.fromhex(entry.sha256) if entry.sha256 else hashlib.sha256(entry.key.encode()).digest()
-        keys.append(ApiKey(name=entry.name, admin=entry.admin, digest=digest))
+        limits = KeyLimits(entry.max_queued_images, entry.requests_per_minute, entry.priority)
+        keys.append(ApiKey(name=entry.name, admin=entry.admin, digest=digest, limits=limits))
     return keys
 
 

@@ -67,21 +67,31 @@ def service_metrics() -> ServiceMetrics:
     return ServiceMetrics()
 
 
-def job_store_metrics(counts: list[tuple[str, str, int]]) -> bytes:
-    """`GET /metrics`: the job store's counts, (family, state, jobs) rows, as Prometheus text. Every state of
-    every family is given (0 where there are none), so a series does not vanish when its jobs do."""
+def job_store_metrics(usage: list[tuple[str, str, str, int, int]]) -> bytes:
+    """`GET /metrics`: the job store's counts, (family, state, owner, jobs, images) rows, as Prometheus text, by
+    the API key's name (never the key; empty with keys off). Every state of every family is given for every
+    key that has jobs (0 where there are none), so a series does not vanish when its jobs end."""
     registry = CollectorRegistry(auto_describe=False)
-    jobs = GaugeMetricFamily("diffusion_api_jobs", "Jobs in the job store by state and model family "
-                             "(ended jobs until retention prunes them)", labels=["state", "family"])  # fmt: skip
-    found = {(family, state): count for family, state, count in counts}
-    families = sorted({*FAMILIES, *(family for family, _ in found if family)})
+    labels = ["state", "family", "key"]
+    jobs = GaugeMetricFamily("diffusion_api_jobs", "Jobs in the job store by state, model family and API key "
+                             "(ended jobs until retention prunes them)", labels=labels)  # fmt: skip
+    images = GaugeMetricFamily("diffusion_api_images", "Images of the jobs in the job store by state, model family "
+                               "and API key: queued and processing are the images waiting or being made, done the "
+                               "images made (until retention prunes them)", labels=labels)  # fmt: skip
+    found = {(family, state, owner): (count, made) for family, state, owner, count, made in usage}
+    families = sorted({*FAMILIES, *(family for family, _, _ in found if family)})
+    owners = sorted({owner for _, _, owner in found}) or [""]
     for family in families:
         for state in JOB_STATES:
-            jobs.add_metric([state, family], found.get((family, state), 0))
+            for owner in owners:
+                count, made = found.get((family, state, owner), (0, 0))
+                jobs.add_metric([state, family, owner], count)
+                images.add_metric([state, family, owner], made)
 
     class Collector:
         def collect(self):
             yield jobs
+            yield images
 
     registry.register(Collector())
     return generate_latest(registry)

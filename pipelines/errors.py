@@ -71,6 +71,29 @@ class ServiceBusyError(DiffusionAPIError):
     retry_after_s = 5
 
 
+class ForbiddenError(DiffusionAPIError):
+    """The caller's key may not do this (service-wide settings, other keys' jobs: admin keys only)."""
+
+    status_code = 403
+
+
+class LimitReachedError(ServiceBusyError):
+    """A limit on queued work or submissions is reached (the caller key's own, or its model family's); the
+    answer names it (`limit`) and when a retry may pass (429 with Retry-After)."""
+
+    def __init__(self, message: str, *, limit: str, retry_after_s: int, field: str | None = None):
+        super().__init__(message, field=field)
+        self.limit = limit
+        self.retry_after_s = retry_after_s
+
+    def __reduce__(self):
+        return (_rebuild_limit, (self.message, self.limit, self.retry_after_s))
+
+
+def _rebuild_limit(message: str, limit: str, retry_after_s: int) -> "LimitReachedError":
+    return LimitReachedError(message, limit=limit, retry_after_s=retry_after_s)
+
+
 class TemporarilyUnavailableError(ServiceBusyError):
     """Something the request depends on cannot answer now (a webhook host's name lookup timed out); the same
     request may succeed in a moment (503 with Retry-After)."""

@@ -103,6 +103,9 @@ class HiresConfig(BaseModel):
     _whole_numbers = field_validator("*", mode="before")(whole_numbers_as_integers)
 
 
+MAX_PRIORITY = 100  # `priority` is -100..100
+
+
 class GenerationRequest(BaseModel):
     """Fields shared by txt2img and img2img."""
 
@@ -155,6 +158,11 @@ class GenerationRequest(BaseModel):
     preview: bool = Field(
         False, description="Send `preview` events (a small JPEG of the image so far) on GET /queue/{job_id}/events"
     )
+    priority: int = Field(
+        0, ge=-MAX_PRIORITY, le=MAX_PRIORITY,
+        description="Order among this API key's own waiting jobs (higher first; keys take turns whatever their "
+        "jobs' priorities). Above the key's `priority` setting it is lowered to it, with a warning",
+    )  # fmt: skip
 
     _whole_numbers = field_validator("*", mode="before")(whole_numbers_as_integers)
 
@@ -254,6 +262,29 @@ class Img2ImgRequest(GenerationRequest):
         return [] if self.mask else [name for name in names if getattr(self, name) != fields[name].default]
 
 
+class JobListItem(BaseModel):
+    """One job of `GET /queue`: what it is and where it stands (its status and images: `GET /queue/{job_id}`)."""
+
+    job_id: str
+    kind: Literal["txt2img", "img2img"]
+    state: JobStateName
+    current_phase: str
+    progress: float = Field(..., ge=0.0, le=100.0)
+    created: float = Field(..., description="Unix seconds")
+    updated: float = Field(..., description="Unix seconds of its last change")
+    model: str
+    family: str
+    door: Literal["native", "a1111"] = Field(..., description="Which API took it")
+    key: str = Field(..., description="The name of the API key that owns it (empty with keys off)")
+    images: int = Field(..., ge=1, description="batch_size x n_iter")
+    priority: int
+
+
+class JobListResponse(BaseModel):
+    jobs: list[JobListItem] = Field(..., description="Newest first")
+    next_cursor: str | None = Field(None, description="Pass as `cursor` for the next (older) page; null at the end")
+
+
 class CancelResponse(BaseModel):
     status: Literal["success"] = "success"
     job_id: str
@@ -297,6 +328,23 @@ class QueueStatusResponse(BaseModel):
     )
     attempts: int = Field(
         1, ge=1, description="How many times the job was dispatched: more than 1 after its worker was lost"
+    )
+    priority: int = Field(
+        0,
+        description="Its order among its API key's own waiting jobs (as recorded: capped by "
+        "the key's `priority` setting)",
+    )
+    queue_position: int | None = Field(
+        None,
+        ge=0,
+        description="While queued: jobs ahead of it in its model family's fair queue (keys take turns, "
+        "then priority, then age); 0 once a generator has it",
+    )
+    eta_s: float | None = Field(
+        None,
+        ge=0,
+        description="While queued: seconds until it is done, at the family's pace of the last 5 minutes "
+        "(absent before any job of the family has finished)",
     )
     images: list[str] | None = Field(None, description="Every image of the job, base64 (`image` is the first)")
     image_url: str | None = Field(None, description="Where GET serves the (first) image file (in events and webhooks)")
@@ -464,6 +512,9 @@ class ValidationIssue(BaseModel):
     type: str
 
 
+LimitName = Literal["max_queued_jobs", "max_queued_images", "requests_per_minute"]
+
+
 class ErrorResponse(BaseModel):
     """The body of every error answer, whatever its status code."""
 
@@ -471,3 +522,7 @@ class ErrorResponse(BaseModel):
     error: str = Field(..., description="What is wrong and what is allowed, for people")
     detail: list[ValidationIssue] | None = Field(None, description="422 only: each invalid field")
     field: str | None = Field(None, description="The request field the error is about, where it is about one")
+    limit: LimitName | None = Field(
+        None, description="429 only: the limit reached (the caller key's `max_queued_images` or "
+        "`requests_per_minute`, or the model family's `max_queued_jobs`)",
+    )  # fmt: skip

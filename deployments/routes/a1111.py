@@ -84,8 +84,9 @@ async def _sdapi_generate(request: A1111Txt2ImgRequest | A1111Img2ImgRequest, ht
     answers in A1111's shape. A retry with the same Idempotency-Key waits for the first call's job."""
     jobs = services.jobs
     mapped = await asyncio.to_thread(a1111.to_native, request, await jobs.default_model(), services.libraries.loras)
-    job_id, replayed = await jobs.submit_once(idempotency_key, request, mapped.kind, mapped.native, caller(http).owner,
-                                              ORIGIN, warnings=mapped.warnings,
+    who = caller(http)
+    job_id, replayed = await jobs.submit_once(idempotency_key, request, mapped.kind, mapped.native, who.owner,
+                                              ORIGIN, warnings=mapped.warnings, limits=who.limits,
                                               hand_over=lambda: services.arrivals.hand_over(http),
                                               return_images=request.send_images is not False)  # fmt: skip
     if replayed:

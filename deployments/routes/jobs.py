@@ -22,6 +22,9 @@ from pipelines.schemas import (
     JOB_ID_PATTERN,
     CancelResponse,
     Img2ImgRequest,
+    JobListItem,
+    JobListResponse,
+    JobState,
     QueueStatusResponse,
     StatusInclude,
     Txt2ImgRequest,
@@ -32,6 +35,7 @@ router = APIRouter()
 JobId = Annotated[str, Path(pattern=JOB_ID_PATTERN, description="The job_id POST /txt2img or /img2img answered")]
 JOB_SUBMISSION_ERRORS = (400, 401, 404, 413, 415, 422, 429, 503)
 MAX_IMAGES = LIMITS.max_batch_size * LIMITS.max_n_iter  # the most images one job makes
+CURSOR_PATTERN = r"^[0-9]{1,12}(\.[0-9]{1,12})?_[0-9a-f]{32}$"  # GET /queue's: <created>_<job_id>
 
 
 def unknown_field_warnings(kind: str, fields: list[str]) -> list[str]:
@@ -68,12 +72,33 @@ async def img2img(request: Img2ImgRequest, http: Request, response: Response, se
 async def _submit(kind: str, request: Txt2ImgRequest | Img2ImgRequest, http: Request, response: Response,
                   services: ServicesDep, idempotency_key: str | None) -> Txt2ImgResponse:  # fmt: skip
     warnings = unknown_field_warnings(kind, request.unknown_fields())
-    job_id, replayed = await services.jobs.submit_once(idempotency_key, request, kind, request, caller(http).owner,
-                                                       warnings=warnings,
+    who = caller(http)
+    job_id, replayed = await services.jobs.submit_once(idempotency_key, request, kind, request, who.owner,
+                                                       warnings=warnings, limits=who.limits,
                                                        hand_over=lambda: services.arrivals.hand_over(http))  # fmt: skip
     if replayed:
         response.headers[REPLAYED_HEADER] = "true"
     return Txt2ImgResponse(job_id=job_id)
+
+
+@router.get("/queue", response_model=JobListResponse, responses=documented_errors(401, 403, 422, 503))
+async def list_jobs(
+    http: Request,
+    services: ServicesDep,
+    state: Annotated[JobState | None, Query(description="Only jobs in this state")] = None,
+    limit: Annotated[int, Query(ge=1, le=100, description="Jobs per page")] = 20,
+    cursor: Annotated[str | None, Query(pattern=CURSOR_PATTERN, max_length=64, description="The `next_cursor` of "
+                                        "the previous page (`<created>_<job_id>`: the jobs created before it)")] = None,
+    key: Annotated[str | None, Query(min_length=1, max_length=64, description="Admins: only the jobs of the API "
+                                     "key with this name (others may name only their own key)")] = None,
+) -> JobListResponse:  # fmt: skip
+    """The caller's jobs, newest first, a page at a time (an admin key's: every key's jobs)."""
+    jobs, next_cursor = await services.jobs.list_jobs(caller(http), state, limit, cursor, key)
+    items = [JobListItem(job_id=job.job_id, kind=job.kind, state=job.state.value, current_phase=job.phase,
+                         progress=job.progress, created=job.created, updated=job.updated, model=job.model,
+                         family=job.family, door="a1111" if job.origin else "native", key=job.owner,
+                         images=job.images, priority=job.priority) for job in jobs]  # fmt: skip
+    return JobListResponse(jobs=items, next_cursor=next_cursor)
 
 
 @router.delete("/queue/{job_id}", response_model=CancelResponse, responses=documented_errors(401, 404, 409, 422, 503))

@@ -35,7 +35,7 @@ async def page() -> HTMLResponse:
 async def metrics(services: ServicesDep) -> Response:
     """The whole service's jobs by state and family, for a scrape that needs no Ray service discovery;
     the other metrics (phases, loads, batches, webhooks) come from Ray's metrics port on every node."""
-    return Response(job_store_metrics(await services.jobs.counts_by_family()), media_type=PROMETHEUS_TEXT)
+    return Response(job_store_metrics(await services.jobs.usage()), media_type=PROMETHEUS_TEXT)
 
 
 @router.get("/hello", response_model=HelloResponse, responses=documented_errors(503))

@@ -19,7 +19,7 @@ def samples(text: str) -> dict[tuple[str, tuple], float]:
 
 def test_the_metrics_endpoint_serves_jobs_by_state_and_family(client):
     before = samples(client.get("/metrics").text)
-    done = ("diffusion_api_jobs", (("family", "sd15"), ("state", "done")))
+    done = ("diffusion_api_jobs", (("family", "sd15"), ("key", ""), ("state", "done")))  # keys off: key ""
     assert wait_for_job(client, client.post("/txt2img", json=JOB).json()["job_id"])["state"] == "done"
     answer = client.get("/metrics")
     assert answer.status_code == 200 and answer.headers["content-type"].startswith("text/plain; version=0.0.4")

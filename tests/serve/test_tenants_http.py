@@ -30,7 +30,8 @@ from pipelines.settings import PROJECT_ROOT
 from tests.serve.conftest import PORT
 from tests.serve.test_schema_fuzz import SYNCHRONOUS_GENERATION, schemathesis_command
 
-KEYS = {"alice": "alice-key-3f9c2b7e", "bob": "bob-key-81d04a6c", "ops": "ops-key-c5e21f90"}
+KEYS = {"alice": "alice-key-3f9c2b7e", "bob": "bob-key-81d04a6c", "ops": "ops-key-c5e21f90",
+        "capped": "capped-key-77a1d0e2", "early": "early-key-19b3c4d5", "late": "late-key-5e6f7a8b"}  # fmt: skip
 KEEP_PER_OWNER = 6
 # No CPU asked: the session's cluster has given its logical CPUs to the main application (all of them, once the
 # scaling test has added SD1.5 replicas), and these replicas only run tiny jobs.
@@ -52,6 +53,9 @@ keys:
   - {{name: alice, key: "{KEYS["alice"]}"}}
   - {{name: bob, sha256: "{bob_digest}"}}
   - {{name: ops, key: "{KEYS["ops"]}", admin: true}}
+  - {{name: capped, key: "{KEYS["capped"]}", max_queued_images: 3, requests_per_minute: 6, priority: 2}}
+  - {{name: early, key: "{KEYS["early"]}"}}
+  - {{name: late, key: "{KEYS["late"]}"}}
 """)
     return str(path)
 
@@ -376,3 +380,89 @@ def test_schemathesis_with_a_key_finds_no_failure(keyed):
     assert done.returncode == 0, f"schemathesis found failures (seed {seed}); its report is printed above"
     generated = re.search(r"Test cases:\s*\n?\s*(\d+) generated", report)
     assert generated and int(generated.group(1)) > 100, report[-3000:]
+
+
+def test_a_key_at_its_limits_gets_429_and_no_other_key_does(keyed):
+    """`max_queued_images` and `requests_per_minute` are the key's own: beyond them its submissions answer 429
+    with Retry-After and a body naming the limit, while another key's same submission is accepted; a job that
+    could never fit is a 422; a priority above the key's setting is lowered, with a warning."""
+    http = keyed["http"]
+    slow = {**SLOW, "steps": 40, "width": 256, "height": 256}
+    first = submit(http, "capped", {**slow, "batch_size": 2, "priority": 9})
+    status = http.get(f"/queue/{first}", headers=auth("capped")).json()
+    assert status["priority"] == 2 and any("priority 9 lowered to 2" in w for w in status["warnings"])
+    refused = http.post("/txt2img", json={**slow, "batch_size": 2}, headers=auth("capped"))
+    assert refused.status_code == 429 and int(refused.headers["Retry-After"]) >= 1, refused.text
+    assert refused.json()["limit"] == "max_queued_images" and "at most 3" in refused.json()["error"]
+    assert http.post("/txt2img", json={**slow, "batch_size": 2}, headers=auth("bob")).status_code == 200
+    never = http.post("/txt2img", json={**TINY, "batch_size": 4}, headers=auth("capped"))
+    assert never.status_code == 422 and never.json()["field"] == "batch_size", never.text
+    assert http.delete(f"/queue/{first}", headers=auth("capped")).status_code == 200
+    answers = [http.post("/txt2img", json=TINY, headers=auth("capped")) for _ in range(6)]
+    statuses = [answer.status_code for answer in answers]
+    assert statuses[0] == 200 and statuses[-1] == 429, statuses  # 6 a minute, the first already taken
+    limited = next(answer for answer in answers if answer.status_code == 429)
+    assert limited.json()["limit"] in ("requests_per_minute", "max_queued_images")
+    rate = [a for a in answers if a.status_code == 429 and a.json()["limit"] == "requests_per_minute"]
+    for answer in rate:
+        assert 1 <= int(answer.headers["Retry-After"]) <= 10 and "per minute" in answer.json()["error"]
+    for _ in range(3):  # meanwhile everyone else is answered as before
+        assert http.post("/txt2img", json=TINY, headers=auth("alice")).status_code == 200
+    a1111 = http.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 2, "width": 64, "height": 64},
+                      headers=auth("capped"))  # fmt: skip
+    assert a1111.status_code == 429 and "Retry-After" in a1111.headers  # A1111's door has the same limits
+
+
+def test_the_queue_listing_shows_the_callers_own_jobs_newest_first_in_pages(keyed):
+    http = keyed["http"]
+    mine = [submit(http, "late", {**TINY, "seed": seed}) for seed in range(3)]
+    theirs = submit(http, "early", TINY)
+    page = http.get("/queue", params={"limit": 2}, headers=auth("late"))
+    assert page.status_code == 200, page.text
+    body = page.json()
+    assert [job["job_id"] for job in body["jobs"]] == mine[::-1][:2] and body["next_cursor"]
+    assert {job["key"] for job in body["jobs"]} == {"late"} and body["jobs"][0]["door"] == "native"
+    rest = http.get("/queue", params={"limit": 2, "cursor": body["next_cursor"]}, headers=auth("late")).json()
+    assert mine[0] in [job["job_id"] for job in rest["jobs"]] and theirs not in str(rest)
+    assert http.get("/queue", params={"key": "early"}, headers=auth("late")).status_code == 403
+    admin = http.get("/queue", params={"key": "early", "limit": 100}, headers=auth("ops")).json()
+    assert theirs in [job["job_id"] for job in admin["jobs"]] and {job["key"] for job in admin["jobs"]} == {"early"}
+    everyone = http.get("/queue", params={"limit": 100}, headers=auth("ops")).json()
+    assert {"late", "early"} <= {job["key"] for job in everyone["jobs"]}
+    for job_id in mine:
+        wait_done(http, job_id, "late")
+    done = http.get("/queue", params={"state": "done", "limit": 100}, headers=auth("late")).json()
+    assert set(mine) <= {job["job_id"] for job in done["jobs"]}
+    assert http.get("/queue", params={"cursor": "not-a-cursor"}, headers=auth("late")).status_code == 422
+    assert http.get("/queue", params={"state": "lost"}, headers=auth("late")).status_code == 422
+    assert http.get("/queue", params={"limit": 101}, headers=auth("late")).status_code == 422
+
+
+def test_a_late_key_is_served_before_the_early_keys_backlog(keyed):
+    """The fairness scenario over HTTP: key `early` queues 32 jobs at once, then key `late` submits 2; `late`'s
+    jobs are done before `early`'s 16th is (first come, first served would make them wait for all 32), and
+    while they wait their status says where they stand."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    http = keyed["http"]
+    job = {**TINY, "steps": 12, "width": 128, "height": 128}
+    with ThreadPoolExecutor(8) as pool:
+        early = list(pool.map(lambda seed: submit(http, "early", {**job, "seed": seed}), range(32)))
+    late = [submit(http, "late", {**job, "seed": 100 + index}) for index in range(2)]
+    waiting = http.get(f"/queue/{late[1]}", headers=auth("late")).json()
+    if waiting["state"] == "queued":
+        assert waiting["queue_position"] is not None and waiting["queue_position"] <= 3, waiting
+    for job_id in late:
+        assert wait_done(http, job_id, "late")["state"] == "done"
+
+    def early_active() -> int:
+        listed = [http.get("/queue", params={"state": state, "limit": 100}, headers=auth("early")).json()["jobs"]
+                  for state in ("queued", "processing")]  # fmt: skip
+        return len([item for jobs in listed for item in jobs if item["job_id"] in early])
+
+    finished_before = 32 - early_active()  # at most this many of early's jobs were done when late's last was
+    assert finished_before < 16, finished_before
+    deadline = time.monotonic() + 180
+    while early_active() and time.monotonic() < deadline:  # they all end (done ones are pruned: 6 kept per key)
+        time.sleep(1)
+    assert early_active() == 0

@@ -32,6 +32,7 @@ class FakeGenerator:
 
     def __init__(self, store: JobStore, lose: int = 0, hold: bool = False):
         self.store, self.lose, self.calls, self.orders = store, lose, [], []
+        self.incoming = 0  # submissions the ingress has received and not yet queued
         self.release = asyncio.Event()
         if not hold:
             self.release.set()
@@ -62,10 +63,12 @@ def make_service(settings, tmp_path):
     def make(generator_options: dict | None = None, max_queued_jobs: int = 8) -> tuple[JobService, FakeGenerator]:
         store = JobStore(str(tmp_path / "jobs.sqlite3"))
         generator = FakeGenerator(store, **(generator_options or {}))
+        for family in ("sd15", "sdxl"):  # as a generator replica does: the room it has for jobs
+            store.renew_room(f"fake-{family}", family, 8)
         service = JobService(JobsClient.in_process(store), Libraries.from_settings(settings),
                              JobFiles(OutputStorage(tmp_path / "outputs")), {"sd15": generator, "sdxl": generator},
                              WebhookPolicy(), max_queued_jobs=max_queued_jobs, max_attempts=3,
-                             stale_job_timeout_s=600)  # fmt: skip
+                             stale_job_timeout_s=600, incoming=lambda: generator.incoming)  # fmt: skip
         return service, generator
 
     return make
@@ -83,6 +86,7 @@ async def submitted_and_ended(service: JobService, caller: Caller = ALICE, **fie
 def test_a_job_is_recorded_dispatched_and_done_with_what_was_decided_at_submission(make_service):
     async def scenario():
         service, generator = make_service()
+        generator.incoming = 2
         started = time.perf_counter()
         job_id, job = await submitted_and_ended(service, model="Demo SD1.5")
         elapsed = time.perf_counter() - started
@@ -181,19 +185,22 @@ def test_the_generator_gets_what_the_ingress_prepared_and_a_recovered_job_is_pre
         assert [(use.lora.name, use.scale) for use in order.job.loras] == [("demo-sd15-peft", 0.5)]
         assert order.job.seed == job.payload["seed"] >= 0  # the random seed, fixed once
         store = service.jobs._local
+        store.renew_room("fake-sd15", "sd15", 0)  # no room: the feeder takes nothing while they are set up
         for orphan_id, prompt in (("orphan-ok", "ink <lora:demo-sd15-peft:0.5>"), ("orphan-gone", "<lora:gone>")):
             store.create(orphan_id, "txt2img", tiny(prompt=prompt, model="Demo SD1.5", seed=11).stored_payload(),
                          [], family="sd15")  # fmt: skip
-            store.start_many([orphan_id])
+            store.db.execute("UPDATE jobs SET dispatched = ? WHERE job_id = ?", (time.time(), orphan_id))
+            store.start_many([orphan_id])  # dispatched and started by a replica that is then lost
+        store.renew_room("fake-sd15", "sd15", 8)
         await asyncio.sleep(0.2)  # their leases lapse: nobody holds them
         for orphan in store.claim_orphans():
-            await service.dispatcher.dispatch_again(orphan)
+            await service.dispatcher.queue_again(orphan)  # back in the queue: the feeder prepares them again
         recovered = await asyncio.wait_for(service.wait_until_ended("orphan-ok"), 5)
         assert recovered.state is JobState.done and recovered.attempts == 2
         assert generator.orders[-1].job_id == "orphan-ok" and generator.orders[-1].job.seed == 11
         assert generator.orders[-1].job.loras[0].lora.name == "demo-sd15-peft"
         gone = await asyncio.wait_for(service.wait_until_ended("orphan-gone"), 5)
-        assert gone.state is JobState.error and "cannot dispatch it again: unknown LoRA 'gone'" in gone.error
+        assert gone.state is JobState.error and "cannot dispatch it: unknown LoRA 'gone'" in gone.error
 
     asyncio.run(scenario())
 

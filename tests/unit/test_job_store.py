@@ -34,9 +34,17 @@ def test_records_survive_reopening(location):
     assert JobStore(location).get("a").result == {"image": "abc"}
 
 
+def dispatched(store: JobStore, *job_ids: str) -> None:
+    """Marks jobs as the fair queue does when it gives them to a generator (tests/unit/test_fair_queue.py
+    covers the queue itself)."""
+    for job_id in job_ids:
+        store.db.execute("UPDATE jobs SET dispatched = ? WHERE job_id = ?", (time.time(), job_id))
+
+
 def test_stale_jobs_are_failed_and_old_ones_pruned(location):
     store = JobStore(location, keep_finished_seconds=3600, keep_finished_count=2)
     store.create("stale", "txt2img", {}, [])
+    dispatched(store, "stale")
     time.sleep(0.05)
     assert store.reap_stale(0.01) == ["stale"]
     assert "stopped reporting" in store.get("stale").error
@@ -51,7 +59,8 @@ def test_admission_limit_counts_active_jobs_per_family(location):
     store = JobStore(location)
     assert store.create("a", "txt2img", {}, [], "sdxl", max_active=2)
     assert store.create("b", "txt2img", {}, [], "sdxl", max_active=2)
-    assert not store.create("c", "txt2img", {}, [], "sdxl", max_active=2)
+    refusal = store.create("c", "txt2img", {}, [], "sdxl", max_active=2)
+    assert (refusal.limit, refusal.value, refusal.current) == ("max_queued_jobs", 2, 2)
     assert store.create("d", "txt2img", {}, [], "sd15", max_active=2)
     store.complete_many([("a", {}, [])])
     assert store.create("c", "txt2img", {}, [], "sdxl", max_active=2)
@@ -62,6 +71,7 @@ def test_queued_jobs_with_a_heartbeat_are_not_reaped(location):
     store = JobStore(location)
     store.create("waiting", "txt2img", {}, [])
     store.create("orphan", "txt2img", {}, [])
+    dispatched(store, "waiting", "orphan")
     time.sleep(0.06)
     assert store.touch_queued(["waiting", "unknown"]) == 1
     assert store.reap_stale(0.05) == ["orphan"]
@@ -201,16 +211,17 @@ def test_jobs_nobody_holds_are_claimed_once_and_held_ones_never(location, monkey
     store = JobStore(location)
     for job_id in ("held", "orphan", "done"):
         store.create(job_id, "txt2img", {"prompt": job_id, "model": "m"}, [], family="sd15")
+    dispatched(store, "held", "orphan", "done")
     store.start_many(["orphan"])
     store.complete_many([("done", {"output_path": "x"}, [])])
     time.sleep(0.3)
     assert store.renew_leases(["held", "done"]) == 1  # ended jobs have no lease to renew
     claimed = store.claim_orphans()
-    assert [(job.job_id, job.family, job.payload["prompt"]) for job in claimed] == [("orphan", "sd15", "orphan")]
+    assert [(job.job_id, job.family) for job in claimed] == [("orphan", "sd15")]
     assert store.claim_orphans() == []  # the claim is a lease of its own: nobody else takes it now
     time.sleep(0.3)
     assert {job.job_id for job in store.claim_orphans()} == {"held", "orphan"}
-    # A stuck job (held, no progress) is reaped; one nobody holds is left to be claimed and dispatched again.
+    # A stuck job (held, no progress) is reaped; one still waiting in the queue is nobody's: left alone.
     store.create("lost", "txt2img", {"prompt": "lost"}, [], family="sd15")
     time.sleep(0.3)
     store.renew_leases(["held"])
@@ -257,6 +268,7 @@ def test_a_job_that_progresses_is_not_taken_over_even_with_its_lease_lapsed(loca
     monkeypatch.setattr(jobs_module, "LEASE_S", 0.3)
     store = JobStore(location)
     store.create("alive", "txt2img", {}, [], family="sd15")
+    dispatched(store, "alive")
     store.start_many(["alive"])
     for _ in range(4):  # its worker reports progress but cannot renew (the store was out of its reach)
         time.sleep(0.12)
@@ -350,17 +362,20 @@ def test_job_counts_by_family_feed_the_metrics_endpoint(location):
     from deployments.metrics import job_store_metrics
 
     store = JobStore(location)
-    store.create("a", "txt2img", {"prompt": "x"}, [], "sd15")
-    store.create("b", "txt2img", {"prompt": "x"}, [], "sd15")
-    store.create("c", "txt2img", {"prompt": "x"}, [], "sdxl")
+    store.create("a", "txt2img", {"prompt": "x"}, [], "sd15", owner="alice", images=4)
+    store.create("b", "txt2img", {"prompt": "x"}, [], "sd15", owner="bob", images=2)
+    store.create("c", "txt2img", {"prompt": "x"}, [], "sdxl", owner="alice")
     store.complete_many([("a", {"seed": 1}, [])])
     store.cancel("c")
     assert sorted(store.counts_by_family()) == [("sd15", "done", 1), ("sd15", "queued", 1), ("sdxl", "cancelled", 1)]
-    (family,) = text_string_to_metric_families(job_store_metrics(store.counts_by_family()).decode())
-    values = {(sample.labels["family"], sample.labels["state"]): sample.value for sample in family.samples}
-    assert family.name == "diffusion_api_jobs" and family.type == "gauge"
-    assert values[("sd15", "done")] == 1 and values[("sd15", "queued")] == 1 and values[("sdxl", "cancelled")] == 1
-    assert values[("sdxl-refiner", "processing")] == 0 and len(values) == 3 * 5  # every family and state
+    jobs, images = text_string_to_metric_families(job_store_metrics(store.usage()).decode())
+    assert (jobs.name, images.name, jobs.type) == ("diffusion_api_jobs", "diffusion_api_images", "gauge")
+    counted = {(s.labels["family"], s.labels["state"], s.labels["key"]): s.value for s in jobs.samples}
+    made = {(s.labels["family"], s.labels["state"], s.labels["key"]): s.value for s in images.samples}
+    assert counted[("sd15", "done", "alice")] == 1 and made[("sd15", "done", "alice")] == 4  # images made
+    assert counted[("sd15", "queued", "bob")] == 1 and made[("sd15", "queued", "bob")] == 2  # images queued
+    assert counted[("sdxl", "cancelled", "alice")] == 1 and counted[("sd15", "queued", "alice")] == 0
+    assert len(counted) == 3 * 5 * 2  # every family and state, for each key with jobs
 
 
 def test_retention_counts_each_owners_jobs_and_drops_never_started_cancellations_first(location, tmp_path):

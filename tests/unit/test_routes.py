@@ -28,6 +28,7 @@ TINY = {"prompt": "a lighthouse", "steps": 2, "width": 64, "height": 64, "seed":
 def client(settings, tmp_path):
     store = JobStore(str(tmp_path / "jobs.sqlite3"))
     generator = FakeGenerator(store)
+    store.renew_room("fake-sd15", "sd15", 8)  # as a generator replica does: its room for jobs
     storage = OutputStorage(tmp_path / "outputs")
     jobs = JobService(JobsClient.in_process(store), Libraries.from_settings(settings), JobFiles(storage),
                       {"sd15": generator, "sdxl": generator}, WebhookPolicy(), max_queued_jobs=8, max_attempts=3,
