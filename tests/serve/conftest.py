@@ -39,6 +39,9 @@ def patched_production_config(settings, outputs: Path, **arg_overrides) -> dict:
     config["http_options"] = {**config.get("http_options", {}), "host": "127.0.0.1", "port": PORT}
     config["proxy_location"] = "HeadOnly"  # the session's Ray nodes share this machine, and so its ports
     (application,) = config["applications"]
+    for deployment in application["deployments"]:  # the production policy, with delays a test can wait for
+        if "autoscaling_config" in deployment:
+            deployment["autoscaling_config"].update(upscale_delay_s=2, downscale_delay_s=6, downscale_to_zero_delay_s=6)
     application["args"] = {
         **application.get("args", {}),
         "models_dir": str(settings.models_dir),
