@@ -436,3 +436,20 @@ def test_an_idempotency_key_names_one_job_per_owner_for_a_day(location, monkeypa
     assert store.create("third", "txt2img", payload, [], "sd15", owner="alice", idempotency=("k-1", "h2")) is True
     monkeypatch.setattr(jobs_module, "IDEMPOTENCY_TTL_S", 3600.0)
     assert store.prior_submission("alice", "k-1") == PriorSubmission("third", "h2")
+
+
+def test_a_listing_pages_newest_first_by_owner_and_state(location):
+    from deployments.admission import make_cursor, read_cursor
+
+    store = JobStore(location)
+    for index in range(5):
+        store.create(f"{index:032x}", "txt2img", {"model": "m"}, [], "sd15", owner="alice" if index != 2 else "bob")
+        time.sleep(0.002)
+    store.complete_many([(f"{0:032x}", {}, [])])
+    first = store.list_jobs("alice", None, 2)
+    assert [job.job_id[-1] for job in first] == ["4", "3"] and first[0].model == "m" and first[0].owner == "alice"
+    cursor = make_cursor(first[-1])
+    rest = store.list_jobs("alice", None, 10, read_cursor(cursor))
+    assert [job.job_id[-1] for job in rest] == ["1", "0"]  # bob's job is not alice's
+    assert [job.job_id[-1] for job in store.list_jobs(None, "done", 10)] == ["0"]
+    assert len(store.list_jobs(None, None, 10)) == 5  # an admin's view: every key's
