@@ -92,8 +92,9 @@ def _waiting(transaction: Transaction, family: str) -> tuple[list[Waiting], dict
     return [Waiting(*row) for row in rows], served
 
 
-def _room(transaction: Transaction, family: str, now: float) -> tuple[int, int]:
+def family_room(transaction: Transaction, family: str, now: float | None = None) -> tuple[int, int]:
     """(the family's live slots, the images dispatched to its generators and not ended)."""
+    now = time.time() if now is None else now
     ((slots,),) = transaction.execute(
         "SELECT COALESCE(SUM(slots), 0) FROM generator_room WHERE family = ? AND seen >= ?", (family, now - ROOM_TTL_S)
     )
@@ -109,7 +110,7 @@ def claim_next(transaction: Transaction, family: str, lease_s: float) -> list[Cl
     replica up at all (its jobs wait for one to start). One transaction (the store's write lock): two replicas
     asking at once never take the same job or more than the room."""
     now = time.time()
-    slots, dispatched = _room(transaction, family, now)
+    slots, dispatched = family_room(transaction, family, now)
     if slots <= 0:
         return None
     waiting, served = _waiting(transaction, family)
@@ -169,7 +170,7 @@ def queue_view(transaction: Transaction, family: str) -> QueueView:
     """The family's fair queue now (plain reads: a status poll never takes the write lock)."""
     now = time.time()
     waiting, served = _waiting(transaction, family)
-    slots, _ = _room(transaction, family, now)
+    slots, _ = family_room(transaction, family, now)
     order = [(job.job_id, job.images) for job in fair_order(waiting, served)]
     return QueueView(order, images_per_s(transaction, family, now), slots)
 

@@ -318,6 +318,13 @@ class JobStore:
         "nothing waits" without the write lock."""
         if not self.db.execute(f"SELECT 1 FROM jobs WHERE family = ? AND {job_queue.WAITING} LIMIT 1", (family,)):
             return []
+        # A plain read of the room first too (the claim reads it again under the lock): a full family is asked
+        # on every submission while its generators are busy.
+        slots, dispatched = job_queue.family_room(Transaction(self.db.execute), family)
+        if slots <= 0:
+            return None
+        if slots <= dispatched:
+            return []
         with self.db.transaction() as transaction:
             return job_queue.claim_next(transaction, family, LEASE_S)
 
