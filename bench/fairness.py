@@ -4,6 +4,8 @@ prints numbers).
 - Scenario F1: key A queues 32 small jobs at once, then key B submits 2. Prints how many of A's jobs were done
   before B's last one (by the jobs' own completion times, `updated` in `GET /queue`), and the same with B's two
   sent under A's key (what first come, first served gives).
+- Scenario F3: 16 of a key's jobs at once, then one more of its own at `priority` 5: how many of the 16 were
+  done before it (a batch already running is not preempted).
 - Scenario F2: 32 jobs at once from 1 key vs the same 32 spread over 4 keys: jobs/s of each (fairness must not
   cost throughput).
 
@@ -28,9 +30,10 @@ class Fairness:
     def auth(self, key: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {key}"}
 
-    async def submit(self, key: str) -> str:
+    async def submit(self, key: str, **fields) -> str:
         self.seed += 1
-        answer = await self.client.post("/txt2img", json={**self.body, "seed": self.seed}, headers=self.auth(key))
+        body = {**self.body, "seed": self.seed, **fields}
+        answer = await self.client.post("/txt2img", json=body, headers=self.auth(key))
         answer.raise_for_status()
         return answer.json()["job_id"]
 
@@ -68,6 +71,14 @@ class Fairness:
         late_done = await self.finished(late, late_ids)
         last = max(late_done.values())
         return sum(t < last for t in early_done.values()), sum(t <= last for t in early_done.values())
+
+    async def priority(self) -> int:
+        """F3: how many of the key's 16 jobs were done before its later priority-5 job."""
+        key = self.keys[0]
+        plain = await self.submit_many([key] * 16)
+        urgent = await self.submit(key, priority=5)
+        done = await self.finished(key, [*plain, urgent])
+        return sum(done[job_id] < done[urgent] for job_id in plain)
 
     async def throughput(self, keys: list[str]) -> float:
         """F2: jobs/s for 32 jobs sent at once, spread evenly over `keys`."""
@@ -107,6 +118,9 @@ async def main() -> None:
                      f"{', '.join(f'{a}/{b}' for a, b in fair)} of 32 (must be < 16)")  # fmt: skip
         lines.append(f"F1 same, B's 2 sent under A's key (first come, first served): "
                      f"{', '.join(f'{a}/{b}' for a, b in fcfs)} of 32")  # fmt: skip
+        urgent = [await bench.priority() for _ in range(args.repeats)]
+        lines.append(f"F3 of 16 waiting jobs, done before the key's later priority-5 job: "
+                     f"{', '.join(map(str, urgent))} (must be < 9)")  # fmt: skip
         one = [await bench.throughput(keys[:1]) for _ in range(args.repeats)]
         four = [await bench.throughput(keys[:4]) for _ in range(args.repeats)]
         ratio = (sum(four) / len(four)) / (sum(one) / len(one))
