@@ -60,18 +60,25 @@ class Dispatcher:
         self.returned: dict[str, list[bytes]] = {}  # job id -> the images its generator sent back (take_images)
         self.held: dict[str, tuple[JobOrder, str | None]] = {}  # jobs queued here: their order, callback_url
         self._wake = asyncio.Event()
+        self._named: set[str] | None = set()  # the families a wake named (None: look at every family)
         self._feeder: asyncio.Task | None = None
         self._calling_up: dict[str, asyncio.Task] = {}  # family -> a request waiting for its first replica
         self._last_sweep = 0.0
 
-    def queue(self, order: JobOrder, callback_url: str | None = None) -> None:
-        """A job recorded in the queue by this replica: its order (the images decoded once; the request's base64
-        is not kept) waits here for the feeder to take the job (or another replica's, which prepares it again)."""
+    def queue(self, order: JobOrder, family: str, callback_url: str | None = None) -> None:
+        """A job recorded in `family`'s queue by this replica: its order (the images decoded once; the request's
+        base64 is not kept) waits here for the feeder to take the job (or another replica's, which prepares it
+        again)."""
         self.held[order.job_id] = (order, callback_url)
-        self.wake()
+        self.wake(family)
 
-    def wake(self) -> None:
-        """Asks the feeder to look at the queue now (a job was queued, or room was freed)."""
+    def wake(self, family: str | None = None) -> None:
+        """Asks the feeder to look at `family`'s queue now (a job was queued, or room was freed), or at every
+        family's (None)."""
+        if family is None:
+            self._named = None
+        elif self._named is not None:
+            self._named.add(family)
         self._wake.set()
         if self._feeder is None or self._feeder.done():
             self._feeder = asyncio.create_task(self._feed_forever(), context=contextvars.Context())
@@ -81,9 +88,11 @@ class Dispatcher:
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), FEED_INTERVAL_S)
+            woken = self._wake.is_set()
             self._wake.clear()
+            families, self._named = (self._named if woken else None), set()
             try:
-                await self.feed()
+                await self.feed(families)
                 if self.held and loop.time() - self._last_sweep >= HELD_SWEEP_S:
                     self._last_sweep = loop.time()
                     await self._let_go_of_taken()
@@ -91,10 +100,11 @@ class Dispatcher:
                 logger.warning("the queue feeder failed; it looks again in %.1fs", FEED_INTERVAL_S, exc_info=True)
                 await asyncio.sleep(FEED_INTERVAL_S)
 
-    async def feed(self) -> int:
-        """Takes what the queue gives each family with room and dispatches it; returns how many jobs."""
+    async def feed(self, families: set[str] | None = None) -> int:
+        """Takes what the queue gives each of `families` (None: every family with waiting jobs) and dispatches
+        it; returns how many jobs."""
         dispatched = 0
-        for family in await self.jobs.waiting_families():
+        for family in families if families is not None else await self.jobs.waiting_families():
             if family not in self.handles:
                 continue
             claimed = await self.jobs.claim_next(family)
@@ -122,7 +132,7 @@ class Dispatcher:
             async def call() -> None:
                 with contextlib.suppress(Exception):  # a failed call is sent again on the next look
                     await self.handles[family].ready.remote()
-                self.wake()
+                self.wake(family)
 
             self._calling_up[family] = asyncio.create_task(call(), context=contextvars.Context())
 
@@ -157,7 +167,7 @@ class Dispatcher:
                    more_coming: int) -> None:  # fmt: skip
         handle = self.handles[family].options(multiplexed_model_id=model)
         await self._dispatch(order, handle, more_coming)  # raises only when it is cancelled
-        self.wake()  # its room is free
+        self.wake(family)  # its room is free
         await self.on_ended(order.job_id, callback_url)
 
     async def _dispatch(self, order: JobOrder, handle, more_coming: int) -> None:
@@ -198,7 +208,7 @@ class Dispatcher:
         if attempt is not None:
             logger.warning("job %s: %s; queued again for attempt %d", orphan.job_id, cause, attempt)
             self.held.pop(orphan.job_id, None)
-            self.wake()
+            self.wake(orphan.family)
 
     async def _prepare_and_run(self, job: ClaimedJob) -> None:
         """Prepares a job this replica did not queue (or one queued again) from its stored request and inputs,
@@ -208,7 +218,7 @@ class Dispatcher:
             order = await self._prepare_claimed(job)
         except DiffusionAPIError as error:
             await self.jobs.fail(job.job_id, f"cannot dispatch it: {error.message}"[:1000])
-            self.wake()
+            self.wake(job.family)
             await self.on_ended(job.job_id, callback_url)
             return
         await self._run(order, job.family, model, callback_url, 0)

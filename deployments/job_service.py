@@ -182,7 +182,7 @@ class JobService:
             raise refusal_error(created, entry.family)
         if hand_over is not None:
             hand_over()
-        self.dispatcher.queue(JobOrder.of(job_id, job, request, return_images), request.callback_url)
+        self.dispatcher.queue(JobOrder.of(job_id, job, request, return_images), entry.family, request.callback_url)
         return job_id
 
     async def submit_once(self, idempotency_key: str | None, sent: BaseModel, kind: str, request: GenerationRequest,
