@@ -72,6 +72,10 @@ class Dispatcher:
         self.held[order.job_id] = (order, callback_url)
         self.wake(family)
 
+    def start(self, order: JobOrder, family: str, model: str, callback_url: str | None = None) -> None:
+        """Dispatches a job the store gave its generators at once, as it recorded it (`TakenAtOnce`)."""
+        self._track(order.job_id, self._run(order, family, model, callback_url, self.incoming()))
+
     def wake(self, family: str | None = None) -> None:
         """Asks the feeder to look at `family`'s queue now (a job was queued, or room was freed), or at every
         family's (None)."""

@@ -24,6 +24,7 @@ from deployments.job_records import (
     Orphan,
     PriorSubmission,
     Refusal,
+    TakenAtOnce,
 )
 from deployments.jobs import JobStore
 
@@ -127,10 +128,10 @@ class JobsClient:
     async def create(self, job_id: str, kind: str, payload: dict, warnings: list[str], family: str = "",
                      max_active: int | None = None, origin: str = "", owner: str = "",
                      inputs: dict[str, str] | None = None, idempotency: tuple[str, str] | None = None,
-                     images: int = 1, priority: int = 0, batch_key: str = "",
-                     limits: KeyLimits = NO_LIMITS) -> bool | PriorSubmission | Refusal:  # fmt: skip
+                     images: int = 1, priority: int = 0, batch_key: str = "", limits: KeyLimits = NO_LIMITS,
+                     take_at_once: bool = False) -> bool | TakenAtOnce | PriorSubmission | Refusal:  # fmt: skip
         return await self._call("create", job_id, kind, payload, warnings, family, max_active, origin, owner, inputs,
-                                idempotency, images, priority, batch_key, limits)  # fmt: skip
+                                idempotency, images, priority, batch_key, limits, take_at_once)  # fmt: skip
 
     async def claim_next(self, family: str) -> list[ClaimedJob] | None:
         return await self._call("claim_next", family)

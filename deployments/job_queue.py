@@ -135,6 +135,26 @@ def claim_next(transaction: Transaction, family: str, lease_s: float) -> list[Cl
             for job in taken if job.job_id in found]  # fmt: skip
 
 
+def take_at_once(transaction: Transaction, family: str, owner: str, job_id: str, images: int, lease_s: float,
+                 now: float) -> bool:  # fmt: skip
+    """Gives a job that was just recorded straight to its family's generators when no other job waits and they
+    have room for it (what `claim_next` would do next), marking it dispatched; False leaves it waiting."""
+    slots, dispatched = family_room(transaction, family, now)
+    if slots <= 0 or (dispatched > 0 and dispatched + images > slots):
+        return False
+    if transaction.one(f"SELECT 1 FROM jobs WHERE family = ? AND {WAITING} AND job_id <> ? LIMIT 1", (family, job_id)):
+        return False
+    transaction.execute(
+        "UPDATE jobs SET dispatched = ?, lease_until = ? WHERE job_id = ?", (now, now + lease_s, job_id)
+    )
+    transaction.execute(
+        "INSERT INTO queue_turns (family, owner, served) VALUES (?, ?, ?) "
+        "ON CONFLICT (family, owner) DO UPDATE SET served = excluded.served",
+        (family, owner, now),
+    )
+    return True
+
+
 def images_per_s(transaction: Transaction, family: str, now: float) -> float | None:
     """The family's recent pace: images of jobs done in the last THROUGHPUT_WINDOW_S over the time since the
     first of them started (None: none finished)."""

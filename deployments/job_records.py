@@ -142,6 +142,12 @@ class Refusal:
 
 
 @dataclass(frozen=True)
+class TakenAtOnce:
+    """What `create` answers when the job went straight to its family's generators: nobody waited ahead of it
+    and they had room, so the fair queue would have given it next anyway (no claim round trip)."""
+
+
+@dataclass(frozen=True)
 class QueuePlace:
     """Where a waiting job stands: jobs ahead of it in its family's fair order, the images they hold, the
     family's recent throughput (images/s, None before any job finished) and its generators' room now (0: no

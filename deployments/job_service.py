@@ -36,6 +36,7 @@ from deployments.job_records import (
     KeyLimits,
     PriorSubmission,
     Refusal,
+    TakenAtOnce,
     image_fields,
 )
 from deployments.job_status import INPUT_FIELDS, JobFiles
@@ -170,7 +171,8 @@ class JobService:
         try:
             created = await self.jobs.create(job_id, kind, record, warnings, entry.family, self.max_queued_jobs,
                                              origin, owner, inputs, idempotency, images,
-                                             priority, batch_key_text(entry.name, job), limits)  # fmt: skip
+                                             priority, batch_key_text(entry.name, job), limits,
+                                             take_at_once=True)  # fmt: skip
         except BaseException:
             await asyncio.to_thread(self.files.delete_inputs, inputs)
             raise
@@ -182,7 +184,11 @@ class JobService:
             raise refusal_error(created, entry.family)
         if hand_over is not None:
             hand_over()
-        self.dispatcher.queue(JobOrder.of(job_id, job, request, return_images), entry.family, request.callback_url)
+        order = JobOrder.of(job_id, job, request, return_images)
+        if isinstance(created, TakenAtOnce):  # nobody waited ahead of it and its generators had room
+            self.dispatcher.start(order, entry.family, entry.name, request.callback_url)
+        else:
+            self.dispatcher.queue(order, entry.family, request.callback_url)
         return job_id
 
     async def submit_once(self, idempotency_key: str | None, sent: BaseModel, kind: str, request: GenerationRequest,

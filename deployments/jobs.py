@@ -31,6 +31,7 @@ from deployments.job_records import (
     Orphan,
     PriorSubmission,
     Refusal,
+    TakenAtOnce,
 )
 from deployments.retention import prune_finished
 from pipelines.schemas import JobState
@@ -103,8 +104,8 @@ class JobStore:
     def create(self, job_id: str, kind: str, payload: dict, warnings: list[str], family: str = "",
                max_active: int | None = None, origin: str = "", owner: str = "",
                inputs: dict[str, str] | None = None, idempotency: tuple[str, str] | None = None,
-               images: int = 1, priority: int = 0, batch_key: str = "",
-               limits: KeyLimits = NO_LIMITS) -> bool | PriorSubmission | Refusal:  # fmt: skip
+               images: int = 1, priority: int = 0, batch_key: str = "", limits: KeyLimits = NO_LIMITS,
+               take_at_once: bool = False) -> bool | TakenAtOnce | PriorSubmission | Refusal:  # fmt: skip
         """Records a queued job in the fair queue (deployments/job_queue.py): `images` it makes, its `priority`
         among its owner's jobs, `batch_key` (jobs with equal keys can share a diffusers call). Refuses (returns
         the Refusal) when the owner's `limits` are reached, or `family` already has `max_active` jobs queued or
@@ -113,7 +114,9 @@ class JobStore:
         its input images are stored (payload field -> location in the output storage; the payload lacks them).
         `idempotency`: (Idempotency-Key, the request's fingerprint): when the owner used that key within
         IDEMPOTENCY_TTL_S and its job still exists, nothing is recorded and that submission is returned (in the
-        same transaction as the insert, so of two concurrent submissions with one key exactly one is created)."""
+        same transaction as the insert, so of two concurrent submissions with one key exactly one is created).
+        `take_at_once`: the caller will dispatch the job itself if nobody waits ahead of it and its family has
+        room (then TakenAtOnce is returned, and the job is recorded as dispatched)."""
         now = time.time()
         with self.db.transaction(durable=True) as transaction:
             if idempotency is not None:
@@ -148,6 +151,8 @@ class JobStore:
                     "job_id = excluded.job_id, created = excluded.created",
                     (owner, idempotency[0], idempotency[1], job_id, now),
                 )
+            if take_at_once and job_queue.take_at_once(transaction, family, owner, job_id, images, LEASE_S, now):
+                return TakenAtOnce()
         return True
 
     def prior_submission(self, owner: str, key: str) -> PriorSubmission | None:

@@ -126,3 +126,17 @@ def test_a_keys_queued_images_and_request_rate_are_its_own(location, monkeypatch
     assert store.create("s1", "txt2img", {}, [], "sd15", owner="s", limits=rate)  # another key's bucket
     store.db.execute("UPDATE request_buckets SET updated = updated - 30 WHERE owner = 'r'")  # 30 s later
     assert store.create("r3", "txt2img", {}, [], "sd15", owner="r", limits=rate)
+
+
+def test_a_job_nobody_waits_ahead_of_goes_to_a_generator_with_room_at_once(location):
+    from deployments.job_records import TakenAtOnce
+
+    store = JobStore(location)
+    assert store.create("x0", "txt2img", {}, [], "sd15", owner="a", take_at_once=True) is True  # no replica up
+    store.renew_room("SD15Generator#1", "sd15", 2)
+    assert store.create("x1", "txt2img", {}, [], "sd15", owner="b", take_at_once=True) is True  # x0 waits first
+    assert ids(store.claim_next("sd15")) == ["x0", "x1"]
+    store.complete_many([("x0", {}, []), ("x1", {}, [])])
+    assert isinstance(store.create("x2", "txt2img", {}, [], "sd15", owner="a", take_at_once=True), TakenAtOnce)
+    assert store.get("x2").dispatched is not None and store.claim_next("sd15") == []
+    assert store.create("x3", "txt2img", {}, [], "sd15", owner="a", images=2, take_at_once=True) is True  # no room
