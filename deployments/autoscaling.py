@@ -4,9 +4,11 @@ Jobs wait in the job store's fair queue and a family's replicas are given only w
 Serve's default policy (ongoing requests per replica) no longer sees the demand. `QueueDepthPolicy` scales a
 family to `ceil((images waiting + images dispatched) / target_images_per_replica)` replicas, from the figures
 every replica of the family reports (`record_autoscaling_stats` in deployments/generators.py: the same
-family-wide figures from the store on each). Serve applies `min_replicas`, `max_replicas` and the delays
-around it. From zero replicas there is nobody to report: the ingress sends the family one request, which waits
-at its handle, and Serve's cold start brings up the first replica for it.
+family-wide figures from the store on each), and never below what the requests in flight need at that target
+(the Refiner's hand-offs from SDXL jobs reach it as requests, not through the queue). Serve applies
+`min_replicas`, `max_replicas` and the delays around it. From zero replicas there is nobody to report: the
+ingress sends the family one request, which waits at its handle, and Serve's cold start brings up the first
+replica for it.
 
 Configured in serve_config.yaml (`autoscaling_config.policy`). This module imports nothing of the project:
 Serve's controller unpickles the policy by value, where the project's packages may not be importable.
@@ -32,4 +34,5 @@ class QueueDepthPolicy:
                 return (1 if ctx.total_num_requests > 0 else 0), {}
             return ctx.current_num_replicas, {}
         images = max(waiting.values(), default=0.0) + max(dispatched.values(), default=0.0)
-        return math.ceil(images / self.target), {"images": images}
+        requests = ctx.total_num_requests  # ongoing and queued at handles: jobs and hand-offs
+        return max(math.ceil(images / self.target), math.ceil(requests / self.target)), {"images": images}

@@ -466,3 +466,14 @@ def test_a_late_key_is_served_before_the_early_keys_backlog(keyed):
     while early_active() and time.monotonic() < deadline:  # they all end (done ones are pruned: 6 kept per key)
         time.sleep(1)
     assert early_active() == 0
+
+
+def test_metrics_count_jobs_and_images_by_key_name_never_by_key(keyed):
+    http = keyed["http"]
+    job_id = submit(http, "bob", {**TINY, "batch_size": 2})
+    assert wait_done(http, job_id, "bob")["state"] == "done"
+    text = http.get("/metrics", headers=auth("bob")).text
+    made = re.search(r'diffusion_api_images\{state="done",family="sd15",key="bob"\} ([0-9.]+)', text)
+    assert made and float(made.group(1)) >= 2, text[:2000]
+    assert re.search(r'diffusion_api_jobs\{state="done",family="sd15",key="bob"\} [1-9]', text)
+    assert not any(secret in text for secret in KEYS.values())  # names only
