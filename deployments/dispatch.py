@@ -84,17 +84,26 @@ class Dispatcher:
         elif self._named is not None:
             self._named.add(family)
         self._wake.set()
+        self.keep_feeding()
+
+    def keep_feeding(self) -> None:
+        """Starts the feeder if it is not running (the job keeper calls this: jobs may wait in the queue after a
+        restart, or after their ingress replica was lost, with no submission here to wake it)."""
         if self._feeder is None or self._feeder.done():
             self._feeder = asyncio.create_task(self._feed_forever(), context=contextvars.Context())
 
     async def _feed_forever(self) -> None:
         loop = asyncio.get_running_loop()
+        looked_at_all = loop.time()
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), FEED_INTERVAL_S)
-            woken = self._wake.is_set()
             self._wake.clear()
-            families, self._named = (self._named if woken else None), set()
+            families, self._named = self._named, set()
+            if loop.time() - looked_at_all >= FEED_INTERVAL_S:  # whatever the wakes: room freed elsewhere
+                families = None
+            if families is None:
+                looked_at_all = loop.time()
             try:
                 await self.feed(families)
                 if self.held and loop.time() - self._last_sweep >= HELD_SWEEP_S:
@@ -109,7 +118,8 @@ class Dispatcher:
         it; returns how many jobs."""
         dispatched = 0
         for family in families if families is not None else await self.jobs.waiting_families():
-            if family not in self.handles:
+            if family not in self.handles:  # a record of a family this service does not serve
+                await self.jobs.fail_waiting(family, f"cannot dispatch it: unknown model family {family!r}")
                 continue
             claimed = await self.jobs.claim_next(family)
             if claimed is None:  # no replica of the family is up (scaled to zero, or starting)

@@ -136,6 +136,9 @@ class JobsClient:
     async def claim_next(self, family: str) -> list[ClaimedJob] | None:
         return await self._call("claim_next", family)
 
+    async def fail_waiting(self, family: str, error: str) -> list[str]:
+        return await self._call("fail_waiting", family, error)
+
     async def waiting_families(self) -> list[str]:
         return await self._call("waiting_families")
 

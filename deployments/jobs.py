@@ -119,6 +119,11 @@ class JobStore:
         room (then TakenAtOnce is returned, and the job is recorded as dispatched)."""
         now = time.time()
         with self.db.transaction(durable=True) as transaction:
+            # A create repeated through the job actor (the first one's answer was lost after its commit) answers
+            # as the first did, before any limit would count the job against itself.
+            recorded = transaction.one("SELECT dispatched FROM jobs WHERE job_id = ?", (job_id,))
+            if recorded is not None:
+                return TakenAtOnce() if take_at_once and recorded[0] is not None else True
             if idempotency is not None:
                 prior = transaction.one(_PRIOR_SUBMISSION, (owner, idempotency[0], now - IDEMPOTENCY_TTL_S))
                 if prior is not None:
@@ -332,6 +337,18 @@ class JobStore:
             return []
         with self.db.transaction() as transaction:
             return job_queue.claim_next(transaction, family, LEASE_S)
+
+    def fail_waiting(self, family: str, error: str) -> list[str]:
+        """Fails the jobs waiting in `family`'s queue (a family no replica serves); returns their ids."""
+        rows = self.db.execute(
+            f"UPDATE jobs SET state = 'error', phase = 'error', error = ?, updated = ? WHERE family = ? AND "
+            f"{job_queue.WAITING} RETURNING job_id",
+            (error, time.time(), family),
+            durable=True,
+        )
+        failed = [row[0] for row in rows]
+        self._announce(failed)
+        return failed
 
     def waiting_families(self) -> list[str]:
         """The families with jobs waiting in the queue."""

@@ -74,6 +74,7 @@ class JobKeeper:
         replica takes up the jobs a crash left without waiting for a request)."""
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._keep_forever(), context=contextvars.Context())
+        self.dispatcher.keep_feeding()  # jobs waiting in the queue need no submission here to be taken
 
     async def _keep_forever(self) -> None:
         last_reaped = time.monotonic()

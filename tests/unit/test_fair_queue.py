@@ -140,3 +140,17 @@ def test_a_job_nobody_waits_ahead_of_goes_to_a_generator_with_room_at_once(locat
     assert isinstance(store.create("x2", "txt2img", {}, [], "sd15", owner="a", take_at_once=True), TakenAtOnce)
     assert store.get("x2").dispatched is not None and store.claim_next("sd15") == []
     assert store.create("x3", "txt2img", {}, [], "sd15", owner="a", images=2, take_at_once=True) is True  # no room
+
+
+def test_a_repeated_create_answers_as_the_first_and_never_counts_the_job_against_itself(location):
+    from deployments.job_records import TakenAtOnce
+
+    store = JobStore(location)
+    store.renew_room("SD15Generator#1", "sd15", 4)
+    limits = KeyLimits(max_queued_images=4, requests_per_minute=2)
+    first = store.create("r", "txt2img", {}, [], "sd15", owner="a", images=4, limits=limits, take_at_once=True)
+    again = store.create("r", "txt2img", {}, [], "sd15", owner="a", images=4, limits=limits, take_at_once=True)
+    assert isinstance(first, TakenAtOnce) and isinstance(again, TakenAtOnce)  # not a Refusal of its own images
+    store.complete_many([("r", {}, [])])
+    assert store.create("s", "txt2img", {}, [], "sd15", owner="a", limits=limits)  # the repeat took no token
+    assert store.create("t", "txt2img", {}, [], "sd15", owner="a", limits=limits).limit == "requests_per_minute"

@@ -281,3 +281,22 @@ def test_a_submission_retried_with_its_idempotency_key_gets_the_same_job(make_se
         assert sum((await service.counts()).values()) == 3
 
     asyncio.run(scenario())
+
+
+def test_jobs_waiting_in_the_queue_at_a_start_are_taken_without_a_submission(make_service):
+    """After a restart (or the loss of the ingress replica that queued them), jobs waiting in the queue are
+    nobody's: a fresh replica's keeper starts its feeder, which takes them; one of a family this service has no
+    generator for ends in error instead of waiting for ever."""
+
+    async def scenario():
+        service, generator = make_service()
+        store = service.jobs._local
+        store.create("waiting", "txt2img", tiny(model="Demo SD1.5").stored_payload(), [], family="sd15")
+        store.create("stranger", "txt2img", tiny().stored_payload(), [], family="flux")
+        service.keeper.start()  # what Serve's first health check does on a fresh replica
+        waited = await asyncio.wait_for(service.wait_until_ended("waiting"), 5)
+        assert waited.state is JobState.done and generator.orders[-1].job_id == "waiting"
+        stranger = await asyncio.wait_for(service.wait_until_ended("stranger"), 5)
+        assert stranger.state is JobState.error and "unknown model family 'flux'" in stranger.error
+
+    asyncio.run(scenario())
