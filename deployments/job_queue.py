@@ -98,10 +98,33 @@ def family_room(transaction: Transaction, family: str, now: float | None = None)
     ((slots,),) = transaction.execute(
         "SELECT COALESCE(SUM(slots), 0) FROM generator_room WHERE family = ? AND seen >= ?", (family, now - ROOM_TTL_S)
     )
-    ((dispatched,),) = transaction.execute(
-        f"SELECT COALESCE(SUM(images), 0) FROM jobs WHERE family = ? AND {DISPATCHED}", (family,)
+    return int(slots), _images(transaction, family, DISPATCHED)
+
+
+def _images(transaction: Transaction, family: str, condition: str) -> int:
+    """The images of the family's jobs that match `condition` (SQL)."""
+    ((images,),) = transaction.execute(
+        f"SELECT COALESCE(SUM(images), 0) FROM jobs WHERE family = ? AND {condition}", (family,)
     )
-    return int(slots), int(dispatched)
+    return int(images)
+
+
+def _dispatch(transaction: Transaction, family: str, taken: list[Waiting], lease_s: float, now: float) -> list[tuple]:
+    """Marks waiting jobs as given to the family's generators (under a lease of `lease_s`) and moves their keys'
+    turns, in the order they were served; returns (job_id, kind, payload, inputs) of those still waiting."""
+    marks = ", ".join("?" * len(taken))
+    rows = transaction.execute(
+        f"UPDATE jobs SET dispatched = ?, lease_until = ?, updated = ? WHERE job_id IN ({marks}) AND {WAITING} "
+        f"RETURNING job_id, kind, payload, inputs",
+        (now, now + lease_s, now, *(job.job_id for job in taken)),
+    )
+    for step, owner in enumerate(dict.fromkeys(job.owner for job in taken)):
+        transaction.execute(
+            "INSERT INTO queue_turns (family, owner, served) VALUES (?, ?, ?) "
+            "ON CONFLICT (family, owner) DO UPDATE SET served = excluded.served",
+            (family, owner, now + step * 1e-6),
+        )
+    return rows
 
 
 def claim_next(transaction: Transaction, family: str, lease_s: float) -> list[ClaimedJob] | None:
@@ -117,42 +140,24 @@ def claim_next(transaction: Transaction, family: str, lease_s: float) -> list[Cl
     taken = take_for_room(fair_order(waiting, served), slots - dispatched, dispatched)
     if not taken:
         return []
-    marks = ", ".join("?" * len(taken))
-    rows = transaction.execute(
-        f"UPDATE jobs SET dispatched = ?, lease_until = ?, updated = ? WHERE job_id IN ({marks}) AND {WAITING} "
-        f"RETURNING job_id, kind, payload, inputs",
-        (now, now + lease_s, now, *(job.job_id for job in taken)),
-    )
-    for step, owner in enumerate(dict.fromkeys(job.owner for job in taken)):  # in the order they were served
-        transaction.execute(
-            "INSERT INTO queue_turns (family, owner, served) VALUES (?, ?, ?) "
-            "ON CONFLICT (family, owner) DO UPDATE SET served = excluded.served",
-            (family, owner, now + step * 1e-6),
-        )
+    rows = _dispatch(transaction, family, taken, lease_s, now)
     found = {job_id: (kind, payload, inputs) for job_id, kind, payload, inputs in rows}
     return [ClaimedJob(job.job_id, found[job.job_id][0], json.loads(found[job.job_id][1]), family,
                        json.loads(found[job.job_id][2]) if found[job.job_id][2] else {})
             for job in taken if job.job_id in found]  # fmt: skip
 
 
-def take_at_once(transaction: Transaction, family: str, owner: str, job_id: str, images: int, lease_s: float,
-                 now: float) -> bool:  # fmt: skip
+def take_at_once(transaction: Transaction, family: str, job: Waiting, lease_s: float, now: float) -> bool:
     """Gives a job that was just recorded straight to its family's generators when no other job waits and they
-    have room for it (what `claim_next` would do next), marking it dispatched; False leaves it waiting."""
+    have room for it (what `claim_next` would do next, by the same rule), marking it dispatched; False leaves
+    it waiting."""
     slots, dispatched = family_room(transaction, family, now)
-    if slots <= 0 or (dispatched > 0 and dispatched + images > slots):
+    if slots <= 0 or not take_for_room([job], slots - dispatched, dispatched):
         return False
-    if transaction.one(f"SELECT 1 FROM jobs WHERE family = ? AND {WAITING} AND job_id <> ? LIMIT 1", (family, job_id)):
+    if transaction.one(f"SELECT 1 FROM jobs WHERE family = ? AND {WAITING} AND job_id <> ? LIMIT 1",
+                       (family, job.job_id)):  # fmt: skip
         return False
-    transaction.execute(
-        "UPDATE jobs SET dispatched = ?, lease_until = ? WHERE job_id = ?", (now, now + lease_s, job_id)
-    )
-    transaction.execute(
-        "INSERT INTO queue_turns (family, owner, served) VALUES (?, ?, ?) "
-        "ON CONFLICT (family, owner) DO UPDATE SET served = excluded.served",
-        (family, owner, now),
-    )
-    return True
+    return bool(_dispatch(transaction, family, [job], lease_s, now))
 
 
 def images_per_s(transaction: Transaction, family: str, now: float) -> float | None:
@@ -208,13 +213,8 @@ def renew_room(transaction: Transaction, replica: str, family: str, slots: int) 
 def family_demand(transaction: Transaction, family: str) -> dict[str, int]:
     """What autoscaling reads: images waiting in the queue and images dispatched (queued on or running in a
     generator) for the family."""
-    ((waiting,),) = transaction.execute(
-        f"SELECT COALESCE(SUM(images), 0) FROM jobs WHERE family = ? AND {WAITING}", (family,)
-    )
-    ((dispatched,),) = transaction.execute(
-        f"SELECT COALESCE(SUM(images), 0) FROM jobs WHERE family = ? AND {DISPATCHED}", (family,)
-    )
-    return {"waiting_images": int(waiting), "dispatched_images": int(dispatched)}
+    return {"waiting_images": _images(transaction, family, WAITING),
+            "dispatched_images": _images(transaction, family, DISPATCHED)}  # fmt: skip
 
 
 def over_queued_images(transaction: Transaction, owner: str, limits: KeyLimits, images: int, family: str,

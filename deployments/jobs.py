@@ -156,8 +156,10 @@ class JobStore:
                     "job_id = excluded.job_id, created = excluded.created",
                     (owner, idempotency[0], idempotency[1], job_id, now),
                 )
-            if take_at_once and job_queue.take_at_once(transaction, family, owner, job_id, images, LEASE_S, now):
-                return TakenAtOnce()
+            if take_at_once:
+                job = job_queue.Waiting(job_id, owner, priority, now, images, batch_key)
+                if job_queue.take_at_once(transaction, family, job, LEASE_S, now):
+                    return TakenAtOnce()
         return True
 
     def prior_submission(self, owner: str, key: str) -> PriorSubmission | None:
