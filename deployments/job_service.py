@@ -417,9 +417,6 @@ class JobService:
     async def counts(self) -> dict[str, int]:
         return await self.jobs.counts()
 
-    async def counts_by_family(self) -> list[tuple[str, str, int]]:
-        return await self.jobs.counts_by_family()
-
     async def usage(self) -> list[tuple[str, str, str, int, int]]:
         return await self.jobs.usage()
 
