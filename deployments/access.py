@@ -14,6 +14,7 @@ import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
@@ -26,6 +27,9 @@ from pipelines.errors import DiffusionAPIError, ForbiddenError
 from pipelines.limits import LIMITS
 
 OPEN_PATHS = ("/hello", "/")  # the page asks for a key itself when the API answers 401
+# Signed image links (`response_format: url` of the OpenAI door): the link's signature is the access, so the
+# clients that fetch them later without the caller's key (Open WebUI, LibreChat) get the image.
+SIGNED_PATHS_PREFIX = "/v1/images/files/"
 CORS_METHODS = "GET, POST, DELETE, OPTIONS"
 CORS_HEADERS = "Authorization, Content-Type"
 CALLER = "diffusion_api_caller"  # where the middleware leaves the request's Caller (scope["state"])
@@ -93,19 +97,37 @@ async def require_admin(request: Request) -> None:
 
 
 A1111_PREFIX = "/sdapi/"
+OPENAI_PREFIX = "/v1/"
+Api = Literal["native", "a1111", "openai"]  # the three doors, each with its own error body
 
 
 def is_a1111_path(path: str) -> bool:
     return path.startswith(A1111_PREFIX)
 
 
-def error_response(status: int, message: str, headers: dict | None = None, a1111: bool = False,
+def api_of(path: str) -> Api:
+    """Which door a path belongs to: its errors are answered in that door's shape."""
+    if path.startswith(A1111_PREFIX):
+        return "a1111"
+    return "openai" if path.startswith(OPENAI_PREFIX) else "native"
+
+
+# OpenAI's error `type` by status, as its API answers (the SDKs pick their exception class by status).
+OPENAI_ERROR_TYPES = {401: "invalid_request_error", 403: "permission_error", 429: "rate_limit_exceeded",
+                      500: "server_error", 503: "server_error"}  # fmt: skip
+
+
+def error_response(status: int, message: str, headers: dict | None = None, api: Api = "native",
                    error: str = "HTTPException", field: str | None = None,
-                   limit: str | None = None) -> JSONResponse:  # fmt: skip
-    """The API's error body, whatever the status; on the A1111 API (`a1111`), A1111's own error shape
-    `{error, detail, body, errors}` (its clients read `detail`)."""
-    if a1111:
+                   limit: str | None = None, code: str | None = None) -> JSONResponse:  # fmt: skip
+    """The API's error body, whatever the status. On the A1111 API, A1111's own error shape
+    `{error, detail, body, errors}` (its clients read `detail`); on the OpenAI door, OpenAI's
+    `{"error": {message, type, param, code}}` (`field` is its `param`; `code`, or the limit reached)."""
+    if api == "a1111":
         content = {"error": error, "detail": message, "body": "", "errors": message}
+    elif api == "openai":
+        kind = OPENAI_ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+        content = {"error": {"message": message, "type": kind, "param": field, "code": code or limit}}
     else:
         content = {"status": "error", "error": message}
         if field:
@@ -155,19 +177,19 @@ def check_request(policy: AccessPolicy, scope: Scope) -> tuple[Response | None, 
         return too_large(policy, scope, cors, f"request body is {length} bytes"), cors
     path = get_route_path(scope) or "/"
     found = policy.caller_of(headers.get("authorization"))
-    if found is None and path not in OPEN_PATHS:
+    if found is None and path not in OPEN_PATHS and not path.startswith(SIGNED_PATHS_PREFIX):
         refused = {**cors, "WWW-Authenticate": "Bearer"}
         missing_key = "missing or invalid API key: send the header 'Authorization: Bearer <key>'"
         if is_a1111_path(path):
             missing_key += " (or Basic credentials with the key as the password)"
-        return error_response(401, missing_key, refused, a1111=is_a1111_path(path)), cors
+        return error_response(401, missing_key, refused, api=api_of(path), code="invalid_api_key"), cors
     scope.setdefault("state", {})[CALLER] = found or NOBODY
     return None, cors
 
 
 def too_large(policy: AccessPolicy, scope: Scope, cors: dict[str, str], what: str) -> Response:
     message = f"{what}; at most {policy.max_request_bytes} are accepted"
-    return error_response(413, message, {**cors, "Connection": "close"}, a1111=is_a1111_path(get_route_path(scope)))
+    return error_response(413, message, {**cors, "Connection": "close"}, api=api_of(get_route_path(scope)))
 
 
 async def bounded_body(receive: Receive, limit: int) -> tuple[list[Message], bool]:
@@ -214,7 +236,7 @@ class AccessMiddleware:
                 503,
                 "the service is starting; retry in a few seconds",
                 headers={"Retry-After": "2"},
-                a1111=is_a1111_path(get_route_path(scope)),
+                api=api_of(get_route_path(scope)),
             )
             await starting(scope, receive, send)
             return

@@ -9,6 +9,7 @@ from ray.serve import Application
 
 from deployments.access import AccessPolicy
 from deployments.generators import Refiner, SD15Generator, SDXLGenerator
+from deployments.image_links import LINK_SECRET_ENV
 from deployments.ingress import Ingress
 from deployments.job_db import describe, is_postgres_url, open_database, redact
 from deployments.upscaler import Upscaler
@@ -75,6 +76,12 @@ class AppArgs(BaseModel):
     webhook_allowed_hosts: list[str] | None = None
     webhook_secret: str | None = None
     webhook_retry_delays_s: list[Annotated[float, Field(ge=0, le=3600)]] = Field([15.0, 45.0], max_length=10)
+    # The OpenAI door's `response_format: url` links: how long they work, the address clients reach the service
+    # at (default: the request's own; set it behind a proxy), and the secret that signs them (default: one made
+    # once and kept in the job store; also DIFFUSION_API_IMAGE_LINK_SECRET).
+    image_link_ttl_s: float = Field(3600.0, gt=0, le=7 * 86400)
+    public_url: str | None = Field(None, pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$")
+    image_link_secret: str | None = Field(None, min_length=16)
     # Jobs each generator runs at start for the models of its family (an unknown model stops the deploy).
     warmup: list[WarmupJob] = Field(default_factory=list)
 
@@ -156,6 +163,11 @@ def build_app(args: dict | None = None) -> Application:
         cors_origins=parsed.cors_origins,
         upscaler=upscaler,
         webhooks=webhooks,
+        image_links={
+            "ttl_s": parsed.image_link_ttl_s,
+            "public_url": parsed.public_url,
+            "configured_secret": parsed.image_link_secret or os.environ.get(LINK_SECRET_ENV),
+        },
     )
 
 

@@ -12,9 +12,10 @@ from fastapi import FastAPI, Header
 from fastapi.openapi.utils import get_openapi
 from starlette.routing import compile_path
 
-from deployments.access import OPEN_PATHS
+from deployments.access import OPEN_PATHS, OPENAI_PREFIX, SIGNED_PATHS_PREFIX
 from pipelines.a1111_schemas import A1111Error
 from pipelines.infotext import MIME_TYPES
+from pipelines.openai_images import OpenAIError
 from pipelines.schemas import ErrorResponse
 
 ERROR_DESCRIPTIONS = {
@@ -108,6 +109,25 @@ def documented_a1111_errors(*status_codes: int) -> dict[int | str, dict[str, Any
     return documented_errors(*status_codes, model=A1111Error, descriptions=A1111_ERROR_DESCRIPTIONS)
 
 
+OPENAI_ERROR_DESCRIPTIONS = {
+    **ERROR_DESCRIPTIONS,
+    400: "A parameter missing, unknown, of the wrong type or out of range, or a body that is not JSON (a form "
+    "for edits and variations); `error.param` names it, `error.code` says which (OpenAI's answer: its SDKs "
+    "raise BadRequestError)",
+    401: "API keys are on and the request has no valid `Authorization: Bearer <key>` header (`invalid_api_key`)",
+    403: "A signed image link that is not valid or has expired",
+    404: "An unknown model (`model_not_found`; OpenAI's model names only as aliases in configs/models.yaml), or an "
+    "image no longer in the job store or the output storage",
+    409: "The job was cancelled (DELETE /queue/{job_id}) before its images were done",
+    500: "The generation failed, or the service failed unexpectedly; the message says why",
+}
+
+
+def documented_openai_errors(*status_codes: int) -> dict[int | str, dict[str, Any]]:
+    """`responses` of an OpenAI-door route: OpenAI's error body `{"error": {message, type, param, code}}`."""
+    return documented_errors(*status_codes, model=OpenAIError, descriptions=OPENAI_ERROR_DESCRIPTIONS)
+
+
 def documented_methods(app: FastAPI, path: str) -> list[str]:
     """The methods /openapi.json documents for the path template `path` matches (`/queue/<id>` -> DELETE, GET)."""
     for template, operations in app.openapi()["paths"].items():
@@ -128,6 +148,10 @@ def install_openapi(app: FastAPI, api_keys_on: Callable[[], bool],
         if app.openapi_schema is not None:
             return app.openapi_schema
         schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        for path, operations in schema["paths"].items():
+            if path.startswith(OPENAI_PREFIX):  # FastAPI's own 422: that door answers 400 instead, as OpenAI does
+                for operation in operations.values():
+                    operation["responses"].pop("422", None)
         for name, field_schema in configured_fields().items():
             for model in schema.get("components", {}).get("schemas", {}).values():
                 if name in model.get("properties", {}):
@@ -137,7 +161,7 @@ def install_openapi(app: FastAPI, api_keys_on: Callable[[], bool],
                 "apiKey": {"type": "http", "scheme": "bearer", "description": "One of the service's API keys"}
             }
             for path, operations in schema["paths"].items():
-                if path not in OPEN_PATHS:
+                if path not in OPEN_PATHS and not path.startswith(SIGNED_PATHS_PREFIX):
                     for operation in operations.values():
                         operation["security"] = [{"apiKey": []}]
         app.openapi_schema = schema

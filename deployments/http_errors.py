@@ -15,9 +15,9 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import get_route_path
 
-from deployments.access import AsciiJSONResponse, error_response, is_a1111_path
+from deployments.access import Api, AsciiJSONResponse, api_of, error_response
 from deployments.contract import documented_methods
-from pipelines.errors import DiffusionAPIError, ServiceBusyError
+from pipelines.errors import DiffusionAPIError, ServiceBusyError, UnknownModelError
 
 logger = logging.getLogger("ray.serve")
 REQUEST_ID_HEADER = "x-request-id"  # set by Serve's proxy (HAProxy or its own) on every request
@@ -27,8 +27,14 @@ def request_id(request: Request) -> str:
     return request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
 
 
-def _on_a1111_api(request: Request) -> bool:
-    return is_a1111_path(get_route_path(request.scope))
+def _api(request: Request) -> Api:
+    return api_of(get_route_path(request.scope))
+
+
+def _status_on(api: Api, status: int) -> int:
+    """OpenAI answers a request it cannot use with 400 (its SDKs raise BadRequestError), where the other doors
+    answer 422."""
+    return 400 if api == "openai" and status == 422 else status
 
 
 def _refused(request: Request, status: int, message: str) -> None:
@@ -37,17 +43,19 @@ def _refused(request: Request, status: int, message: str) -> None:
 
 
 async def domain_error(request: Request, error: DiffusionAPIError) -> JSONResponse:
-    a1111 = _on_a1111_api(request)
-    if error.status_code >= 500:
+    api = _api(request)
+    status = _status_on(api, error.status_code)
+    if status >= 500:
         logger.error("%s %s failed (request %s): %s", request.method, request.url.path, request_id(request),
                      error.message)  # fmt: skip
     else:
-        _refused(request, error.status_code, error.message)
+        _refused(request, status, error.message)
     if isinstance(error, ServiceBusyError):
-        return error_response(error.status_code, error.message, headers={"Retry-After": str(error.retry_after_s)},
-                              a1111=a1111, limit=getattr(error, "limit", None))  # fmt: skip
-    return error_response(error.status_code, error.message, a1111=a1111, error=type(error).__name__,
-                          field=error.field)  # fmt: skip
+        return error_response(status, error.message, headers={"Retry-After": str(error.retry_after_s)},
+                              api=api, limit=getattr(error, "limit", None))  # fmt: skip
+    code = "model_not_found" if isinstance(error, UnknownModelError) else None
+    return error_response(status, error.message, api=api, error=type(error).__name__, field=error.field,
+                          code=code)  # fmt: skip
 
 
 async def unexpected_error(request: Request, error: Exception) -> JSONResponse:
@@ -56,22 +64,34 @@ async def unexpected_error(request: Request, error: Exception) -> JSONResponse:
     rid = request_id(request)
     logger.error("%s %s failed (request %s)", request.method, request.url.path, rid, exc_info=error)
     message = f"internal error (request id {rid}); the service's log has the details"
-    return error_response(500, message, headers={"X-Request-ID": rid}, a1111=_on_a1111_api(request),
-                          error="InternalError")  # fmt: skip
+    return error_response(500, message, headers={"X-Request-ID": rid}, api=_api(request), error="InternalError")
 
 
 def jsonable_errors(error: RequestValidationError) -> list[dict]:
     return [{"loc": list(item["loc"]), "msg": item["msg"], "type": item["type"]} for item in error.errors()]
 
 
+def _location(item: dict, leave_out: tuple[str, ...] = ("body",)) -> str:
+    return ".".join(str(part) for part in item["loc"] if part not in leave_out) or "body"
+
+
+# OpenAI's error codes for the kinds of invalid parameter.
+OPENAI_VALIDATION_CODES = {"missing": "missing_required_parameter", "extra_forbidden": "unknown_parameter"}
+
+
 async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
     parts = []
     for item in error.errors():
-        location = ".".join(str(part) for part in item["loc"] if part != "body") or "body"
-        parts.append(f"{location}: {item['msg']}" + (f" (got {item['input']!r})" if "input" in item else ""))
+        parts.append(f"{_location(item)}: {item['msg']}" + (f" (got {item['input']!r})" if "input" in item else ""))
     message = "; ".join(parts)[:2000]
-    _refused(request, 422, message)
-    if _on_a1111_api(request):
+    api = _api(request)
+    _refused(request, _status_on(api, 422), message)
+    if api == "openai":  # OpenAI names one parameter: the first one wrong
+        first = error.errors()[0] if error.errors() else {"loc": (), "type": ""}
+        code = OPENAI_VALIDATION_CODES.get(first["type"], "invalid_value")
+        param = _location(first, leave_out=("body", "query", "path", "header"))
+        return error_response(400, message, api=api, field=param, code=code)
+    if api == "a1111":
         body = {"error": "RequestValidationError", "detail": jsonable_errors(error), "body": "", "errors": message}
     else:
         body = {"status": "error", "error": message, "detail": jsonable_errors(error)}
@@ -93,7 +113,7 @@ async def http_error(request: Request, error: StarletteHTTPException) -> JSONRes
     else:
         message = str(error.detail)
     _refused(request, error.status_code, message)
-    return error_response(error.status_code, message, headers=headers, a1111=_on_a1111_api(request))
+    return error_response(_status_on(_api(request), error.status_code), message, headers=headers, api=_api(request))
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -16,11 +16,12 @@ from ray.serve.exceptions import RayServeException
 from deployments.access import AccessMiddleware, AccessPolicy, CollapseLeadingSlashes
 from deployments.contract import install_openapi
 from deployments.http_errors import install_error_handlers
+from deployments.image_links import ImageLinks
 from deployments.job_client import JobsClient
 from deployments.job_db import describe
 from deployments.job_service import JobService, Libraries
 from deployments.job_status import JobFiles
-from deployments.routes import a1111, jobs, listings, ops
+from deployments.routes import a1111, jobs, listings, openai, ops
 from deployments.services import Services
 from deployments.submissions import Arrivals, CountSubmissions
 from deployments.webhooks import WebhookPolicy
@@ -70,7 +71,7 @@ app.add_middleware(CountSubmissions, get_arrivals=_arrivals)
 app.add_middleware(AccessMiddleware, get_policy=_access_policy)
 app.add_middleware(CollapseLeadingSlashes)  # outermost: every check sees the collapsed path
 install_error_handlers(app)
-for router in (ops.router, listings.router, jobs.router, a1111.router):
+for router in (ops.router, listings.router, jobs.router, a1111.router, openai.router):
     app.include_router(router)
 install_openapi(app, api_keys_on=_api_keys_on, configured_fields=_configured_fields)
 
@@ -82,7 +83,7 @@ class Ingress:
                  job_options: dict | None = None, stale_job_timeout_s: float = 600.0,
                  max_queued_jobs: int = 64, api_keys_file: str | None = None,
                  cors_origins: list[str] | None = None, upscaler=None, max_attempts: int = 3,
-                 webhooks: dict | None = None):  # fmt: skip
+                 webhooks: dict | None = None, image_links: dict | None = None):  # fmt: skip
         self.access = AccessPolicy.from_config(api_keys_file, cors_origins)
         if self.access.keys_on:
             logger.info("API keys are on: %s", ", ".join(key.name + (" (admin)" if key.admin else "")
@@ -103,7 +104,7 @@ class Ingress:
             incoming=lambda: arrivals.count,
         )
         self.services = Services(settings, libraries, job_service, storage, upscaler, describe(job_database),
-                                 arrivals)  # fmt: skip
+                                 arrivals, ImageLinks(**(image_links or {"ttl_s": 3600.0})))  # fmt: skip
 
     async def check_health(self) -> None:
         """Serve's health check (every few seconds); it also starts the job keeper on a fresh replica, so jobs

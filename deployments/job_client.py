@@ -33,7 +33,7 @@ ACTOR_NAME_PREFIX = "diffusion_api_jobs"
 ACTOR_NAMESPACE = "diffusion_api"
 # Bump when JobStore's methods change: the actor is detached and outlives redeploys, so a new interface
 # gets a new actor (same database) instead of calling methods the old one does not have.
-STORE_INTERFACE_VERSION = 12
+STORE_INTERFACE_VERSION = 13
 
 
 def same_store(database: str, store_id: str) -> bool:
@@ -183,6 +183,9 @@ class JobsClient:
 
     async def set_setting(self, key: str, value: str) -> None:
         return await self._call("set_setting", key, value)
+
+    async def setting_or(self, key: str, value: str) -> str:
+        return await self._call("setting_or", key, value)
 
     async def start_many(self, job_ids: list[str], phase: str, batch_size: int | None = None) -> list[str]:
         return await self._call("start_many", job_ids, phase, batch_size)

@@ -8,6 +8,7 @@ stay thin and the logic is testable without FastAPI (and, given a fake handle, w
 
 import asyncio
 import logging
+import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -24,6 +25,7 @@ from deployments.admission import (
     request_fingerprint,
 )
 from deployments.dispatch import Dispatcher
+from deployments.image_links import LINK_SECRET_SETTING
 from deployments.job_client import JobsClient
 from deployments.job_queue import QueueView
 from deployments.job_records import (
@@ -129,6 +131,7 @@ class JobService:
         self.keeper = JobKeeper(jobs, self.dispatcher, self.deliveries, stale_job_timeout_s)
         self.decodes = asyncio.Semaphore(DECODE_SLOTS)  # bounds the memory and CPU that decoding inputs takes
         self._queue_views: dict[str, tuple[float, QueueView]] = {}  # family -> (read at, its fair queue)
+        self._link_secret: bytes | None = None
 
     # Submission --------------------------------------------------------------------------------------------
     async def submit(self, kind: str, request: GenerationRequest, owner: str, origin: str = "",
@@ -351,6 +354,22 @@ class JobService:
     async def image(self, job_id: str, caller: Caller, index: int) -> tuple[bytes, str]:
         """One image file of a visible job and its file type (see JobFiles.image for the errors)."""
         return await self.files.image(await self.job(job_id, caller), index)
+
+    async def linked_image(self, job_id: str, index: int) -> tuple[bytes, str]:
+        """One image file of a job, for a signed link (the link is the access: no caller is checked here)."""
+        job = await self.jobs.get(job_id)
+        if job is None:
+            raise UnknownJobError(f"unknown job_id {job_id!r} (pruned?)")
+        return await self.files.image(job, index)
+
+    async def link_secret(self, configured: str | None) -> bytes:
+        """The secret that signs image links: `configured` (the app argument), else the one every replica shares
+        in the job store, made by the first replica that needs it."""
+        if configured:
+            return configured.encode()
+        if self._link_secret is None:
+            self._link_secret = (await self.jobs.setting_or(LINK_SECRET_SETTING, secrets.token_hex(32))).encode()
+        return self._link_secret
 
     async def images_of(self, job: JobRecord) -> tuple[dict, list[str]]:
         """A finished job's result with its images' bytes (base64), and a warning for each one missing. The

@@ -493,6 +493,13 @@ class JobStore:
             durable=True,
         )
 
+    def setting_or(self, key: str, value: str) -> str:
+        """The setting's value; one not set yet is set to `value` first. Two replicas that ask at once get the
+        same answer (the first write wins), as a value every replica must share needs."""
+        self.db.execute("INSERT INTO settings (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING", (key, value),
+                        durable=True)  # fmt: skip
+        return self.get_setting(key)
+
     def counts(self) -> dict[str, int]:
         return dict(self.db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state"))
 

@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from ray import serve
 
+from deployments.image_links import ImageLinks
 from deployments.job_service import JobService, Libraries
 from deployments.submissions import Arrivals
 from pipelines.settings import Settings
@@ -23,6 +24,7 @@ class Services:
     upscaler: object  # the Upscaler deployment's handle (the A1111 API's extras)
     store_label: str  # where the job store is, for /health (a PostgreSQL URL without its password)
     arrivals: Arrivals  # submissions received and not yet handed over (a burst a generator may batch)
+    links: ImageLinks = ImageLinks(ttl_s=3600.0)  # the OpenAI door's signed image links
 
 
 def services(request: Request) -> Services:

@@ -274,7 +274,7 @@ class JobListItem(BaseModel):
     updated: float = Field(..., description="Unix seconds of its last change")
     model: str
     family: str
-    door: Literal["native", "a1111"] = Field(..., description="Which API took it")
+    door: Literal["native", "a1111", "openai"] = Field(..., description="Which API took it")
     key: str = Field(..., description="The name of the API key that owns it (empty with keys off)")
     images: int = Field(..., ge=1, description="batch_size x n_iter")
     priority: int

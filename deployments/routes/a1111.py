@@ -93,16 +93,16 @@ async def _sdapi_generate(request: A1111Txt2ImgRequest | A1111Img2ImgRequest, ht
         response.headers[REPLAYED_HEADER] = "true"
     job = await jobs.wait_until_ended(job_id)
     if job is None:
-        return error_response(500, f"job {job_id} has disappeared (pruned?)", a1111=True)
+        return error_response(500, f"job {job_id} has disappeared (pruned?)", api="a1111")
     if job.state == JobState.error:
-        return error_response(500, f"job {job_id} failed: {job.error}", a1111=True, error="GenerationError")
+        return error_response(500, f"job {job_id} failed: {job.error}", api="a1111", error="GenerationError")
     if job.state == JobState.cancelled:  # as A1111: an interrupted call answers 200 (with no images here)
         info = a1111.generation_info(request, job, {}, [*job.warnings, INTERRUPTED_WARNING], False)
         return GenerationResponse(images=[], parameters=a1111.parameters_echo(request),
                                   info=a1111.json_info({**info, "interrupted": True}))  # fmt: skip
     result, missing = await jobs.images_of(job)
     if missing:
-        return error_response(500, f"job {job_id} finished, but {'; '.join(missing)}", a1111=True)
+        return error_response(500, f"job {job_id} finished, but {'; '.join(missing)}", api="a1111")
     inpainting = await asyncio.to_thread(_is_inpainting, services, job.payload.get("model"))
     info = a1111.generation_info(request, job, result, list(job.warnings), inpainting)
     images = result.get("images") or [] if request.send_images is not False else []

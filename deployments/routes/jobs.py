@@ -35,6 +35,7 @@ router = APIRouter()
 JobId = Annotated[str, Path(pattern=JOB_ID_PATTERN, description="The job_id POST /txt2img or /img2img answered")]
 JOB_SUBMISSION_ERRORS = (400, 401, 404, 413, 415, 422, 429, 503)
 MAX_IMAGES = LIMITS.max_batch_size * LIMITS.max_n_iter  # the most images one job makes
+DOORS = {"sdapi": "a1111", "openai": "openai"}  # a job's origin -> the door that took it
 CURSOR_PATTERN = r"^[0-9]{1,12}(\.[0-9]{1,12})?_[0-9a-f]{32}$"  # GET /queue's: <created>_<job_id>
 
 
@@ -96,7 +97,7 @@ async def list_jobs(
     jobs, next_cursor = await services.jobs.list_jobs(caller(http), state, limit, cursor, key)
     items = [JobListItem(job_id=job.job_id, kind=job.kind, state=job.state.value, current_phase=job.phase,
                          progress=job.progress, created=job.created, updated=job.updated, model=job.model,
-                         family=job.family, door="a1111" if job.origin else "native", key=job.owner,
+                         family=job.family, door=DOORS.get(job.origin, "native"), key=job.owner,
                          images=job.images, priority=job.priority) for job in jobs]  # fmt: skip
     return JobListResponse(jobs=items, next_cursor=next_cursor)
 

@@ -64,3 +64,16 @@ def test_the_webuiapi_example_runs_through_the_a1111_api(service, tmp_path):
     seeds = [Image.open(tmp_path / f"example_webuiapi-{index}.png") for index in (0, 1)]
     assert [image.size for image in seeds] == [(64, 64), (64, 64)]
     assert "Seed: 7" in done.stdout and "seeds [7, 8]" in done.stderr
+
+
+def test_the_openai_sdk_example_runs_every_call_of_the_openai_door(service, tmp_path):
+    done = run_example(tmp_path, sys.executable, str(EXAMPLES / "openai_sdk.py"), "--steps", "4", "--size",
+                       "64x64")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    names = ["example_openai-0.png", "example_openai-1.png", "example_openai-url.png", "example_openai-edit.png",
+             "example_openai-variation.png", "example_openai-streamed.png"]  # fmt: skip
+    assert all(Image.open(tmp_path / name).size == (64, 64) for name in names)
+    assert "Seed: 7" in done.stdout
+    assert read_infotext(Image.open(tmp_path / "example_openai-url.png")).startswith("a red fox")
+    refused = run_example(tmp_path, sys.executable, str(EXAMPLES / "openai_sdk.py"), "--model", "dall-e-3")
+    assert refused.returncode == 1 and "model_not_found" in refused.stderr

@@ -21,6 +21,7 @@ import time
 
 import httpx
 import numpy as np
+import openai
 import pytest
 from PIL import Image, PngImagePlugin
 
@@ -210,6 +211,29 @@ def test_a_retried_submission_with_an_idempotency_key_gets_the_same_job_on_both_
     assert json.loads(one.json()["info"])["job_id"] == json.loads(two.json()["info"])["job_id"]
     assert two.headers["Idempotent-Replayed"] == "true" and len(two.json()["images"]) == 1
     wait_done(http, bobs.json()["job_id"], "bob")
+
+
+def test_the_openai_door_takes_the_sdks_bearer_key_and_its_links_work_without_one(keyed):
+    """OpenAI's SDK with a key: its job is the caller's own (another key's caller gets a 404 for it), a wrong key
+    is the SDK's AuthenticationError, and a `url` answer is fetched by a client that has no key at all."""
+    base_url = f"{keyed['http'].base_url}/v1".replace("//v1", "/v1")
+    with openai.OpenAI(base_url=base_url, api_key=KEYS["alice"], max_retries=0, timeout=120) as sdk:
+        raw = sdk.images.with_raw_response.generate(prompt="a keyed lighthouse", size="64x64", response_format="url",
+                                                    extra_body={"steps": 3, "seed": 8})  # fmt: skip
+        (image,) = raw.parse().data
+        assert {model.id for model in sdk.models.list()} >= {"demo-sd15"}
+    job_id = raw.headers["X-Job-Id"]
+    assert image.url.startswith(f"{base_url}/images/files/{job_id}/0.png?")
+    fetched = httpx.get(image.url, timeout=30)  # no Authorization header
+    assert fetched.status_code == 200 and fetched.content == keyed["http"].get(
+        f"/queue/{job_id}/image", headers=auth("alice")).content  # fmt: skip
+    assert keyed["http"].get(f"/queue/{job_id}", headers=auth("bob")).status_code == 404
+    stranger = openai.OpenAI(base_url=base_url, api_key="not-a-key", max_retries=0)
+    with stranger, pytest.raises(openai.AuthenticationError) as refused:
+        stranger.images.generate(prompt="x", size="64x64")
+    assert refused.value.code == "invalid_api_key"
+    no_key = httpx.post(f"{base_url}/images/generations", json={"prompt": "x"}, timeout=30)
+    assert no_key.status_code == 401 and no_key.json()["error"]["code"] == "invalid_api_key"
 
 
 def test_a1111_progress_and_interrupt_reach_only_the_callers_own_jobs(keyed):

@@ -1,0 +1,98 @@
+"""The OpenAI door's routes over a real job service without Serve (tests/unit/test_routes.py's app and store,
+API keys on): OpenAI's error shape and statuses, the model listing, answers in OpenAI's shape, and the signed
+image links. The door with the real `openai` SDK against the running service is tests/serve/test_openai_http.py."""
+
+import base64
+import time
+from urllib.parse import parse_qs, urlsplit
+
+from tests.unit.test_routes import as_, client  # noqa: F401 (the fixture)
+
+PROMPT = {"prompt": "a lighthouse", "size": "64x64", "steps": 2, "seed": 3}
+
+
+def test_a_generation_answers_in_openais_shape_with_the_job_id_in_a_header(client):  # noqa: F811
+    answer = client.post("/v1/images/generations", json={**PROMPT, "n": 1}, headers=as_("alice"))
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert set(body) == {"created", "data", "background", "output_format", "quality", "size", "usage"}
+    assert body["size"] == "64x64" and body["quality"] == "medium" and body["output_format"] == "png"
+    (image,) = body["data"]
+    assert set(image) == {"b64_json", "revised_prompt"} and image["revised_prompt"] == "a lighthouse"
+    assert base64.b64decode(image["b64_json"]) == b"\x89PNG sent back"  # what the generator sent back
+    job_id = answer.headers["X-Job-Id"]
+    status = client.get(f"/queue/{job_id}", headers=as_("alice")).json()
+    assert status["state"] == "done" and status["payload"]["steps"] == 2 and status["payload"]["width"] == 64
+    listed = client.get("/queue", headers=as_("alice")).json()["jobs"]
+    assert [job["door"] for job in listed if job["job_id"] == job_id] == ["openai"]
+    assert client.get(f"/queue/{job_id}", headers=as_("bob")).status_code == 404
+
+
+def test_bad_parameters_are_400s_in_openais_shape_naming_the_parameter(client):  # noqa: F811
+    cases = [
+        ({**PROMPT, "size": "65x64"}, "size", "invalid_value"),
+        ({**PROMPT, "size": "4096x4096"}, "size", "invalid_value"),
+        ({**PROMPT, "n": 0}, "n", "invalid_value"),
+        ({**PROMPT, "bogus": 1}, "bogus", "unknown_parameter"),
+        ({"size": "64x64"}, "prompt", "missing_required_parameter"),
+        ({**PROMPT, "output_format": "gif"}, "output_format", "invalid_value"),
+        ({**PROMPT, "steps": 0}, "steps", "invalid_value"),
+    ]
+    for body, param, code in cases:
+        answer = client.post("/v1/images/generations", json=body, headers=as_("alice"))
+        assert answer.status_code == 400, (body, answer.text)
+        error = answer.json()["error"]
+        assert (error["param"], error["code"], error["type"]) == (param, code, "invalid_request_error"), error
+        assert error["message"]
+    unknown = client.post("/v1/images/generations", json={**PROMPT, "model": "dall-e-3"}, headers=as_("alice"))
+    assert unknown.status_code == 404
+    assert unknown.json()["error"]["code"] == "model_not_found" and "demo-sd15" in unknown.json()["error"]["message"]
+    no_key = client.post("/v1/images/generations", json=PROMPT)
+    assert no_key.status_code == 401 and no_key.json()["error"]["code"] == "invalid_api_key"
+    not_json = client.post("/v1/images/generations", content=b"prompt=x", headers={
+        **as_("alice"), "Content-Type": "application/x-www-form-urlencoded"})  # fmt: skip
+    assert not_json.status_code == 415 and "error" in not_json.json()
+
+
+def test_models_are_listed_and_found_by_name_or_label(client):  # noqa: F811
+    listed = client.get("/v1/models", headers=as_("bob")).json()
+    assert listed["object"] == "list"
+    ids = {model["id"] for model in listed["data"]}
+    assert "demo-sd15" in ids and all(model["object"] == "model" for model in listed["data"])
+    found = client.get("/v1/models/Demo SD1.5", headers=as_("bob"))
+    assert found.status_code == 200 and found.json()["id"] == "Demo SD1.5"
+    missing = client.get("/v1/models/gpt-image-1", headers=as_("bob"))
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+
+
+def test_url_answers_are_signed_links_that_work_without_a_key_until_they_expire(client):  # noqa: F811
+    answer = client.post("/v1/images/generations", json={**PROMPT, "response_format": "url"}, headers=as_("alice"))
+    assert answer.status_code == 200, answer.text
+    (image,) = answer.json()["data"]
+    assert set(image) == {"url", "revised_prompt"} and image["url"].startswith("http://testserver/v1/images/files/")
+    link = urlsplit(image["url"])
+    # The fake generator names a file it never wrote: the link is accepted, the storage has no such image.
+    assert client.get(f"{link.path}?{link.query}").status_code == 404
+    query = parse_qs(link.query)
+    later = int(query["expires"][0]) + 10
+    forged = client.get(link.path, params={"expires": later, "signature": query["signature"][0]})
+    assert forged.status_code == 403 and forged.json()["error"]["param"] == "signature"
+    services = client.app.state.services
+    secret = client.portal.call(services.jobs.link_secret, None)
+    expired = services.links.url(secret, "http://testserver", link.path.split("/")[4], 0, "png", now=time.time() - 7200)
+    expired_link = urlsplit(expired)
+    refused = client.get(f"{expired_link.path}?{expired_link.query}")
+    assert refused.status_code == 403 and "expired" in refused.json()["error"]["message"]
+
+
+def test_the_schema_documents_openais_errors_and_no_422_on_the_openai_door(client):  # noqa: F811
+    schema = client.get("/openapi.json", headers=as_("alice")).json()
+    operations = {(path, method): operation for path, item in schema["paths"].items() if path.startswith("/v1/")
+                  for method, operation in item.items()}  # fmt: skip
+    assert ("/v1/images/generations", "post") in operations and ("/v1/images/edits", "post") in operations
+    for operation in operations.values():
+        assert "422" not in operation["responses"]
+        assert operation["tags"] == ["OpenAI-compatible API"]
+    generation = operations[("/v1/images/generations", "post")]
+    assert generation["responses"]["400"]["content"]["application/json"]["schema"]["$ref"].endswith("/OpenAIError")
+    assert "security" not in operations[("/v1/images/files/{job_id}/{name}", "get")]
