@@ -3,8 +3,12 @@ API keys on): OpenAI's error shape and statuses, the model listing, answers in O
 image links. The door with the real `openai` SDK against the running service is tests/serve/test_openai_http.py."""
 
 import base64
+import io
+import json
 import time
 from urllib.parse import parse_qs, urlsplit
+
+from PIL import Image
 
 from tests.unit.test_routes import as_, client  # noqa: F401 (the fixture)
 
@@ -96,3 +100,20 @@ def test_the_schema_documents_openais_errors_and_no_422_on_the_openai_door(clien
     generation = operations[("/v1/images/generations", "post")]
     assert generation["responses"]["400"]["content"]["application/json"]["schema"]["$ref"].endswith("/OpenAIError")
     assert "security" not in operations[("/v1/images/files/{job_id}/{name}", "get")]
+
+
+def test_a_streamed_edit_ends_with_its_completed_event_and_a_form_error_names_the_field(client):  # noqa: F811
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), "teal").save(buffer, format="PNG")
+    files = {"image": ("in.png", buffer.getvalue(), "image/png")}
+    form = {"prompt": "a door", "stream": "true", "steps": "2", "seed": "4"}
+    with client.stream("POST", "/v1/images/edits", data=form, files=files, headers=as_("alice")) as answer:
+        assert answer.status_code == 200 and answer.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in answer.iter_lines() if line]
+    events = [json.loads(line.removeprefix("data: ")) for line in lines if line.startswith("data: ")]
+    assert [event["type"] for event in events] == ["image_edit.completed"]
+    assert base64.b64decode(events[0]["b64_json"]) == b"\x89PNG sent back" and events[0]["size"] == "64x64"
+    bad = client.post("/v1/images/edits", data={**form, "mask_blur": "9999"}, files=files, headers=as_("alice"))
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "mask_blur"
+    missing = client.post("/v1/images/edits", data={"prompt": "a door"}, headers=as_("alice"))
+    assert missing.status_code == 400 and missing.json()["error"]["param"] == "image"
