@@ -22,6 +22,7 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.routing import get_route_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from deployments.image_links import LINKS_PATH
 from deployments.keys import ANONYMOUS, NOBODY, ApiKey, Caller, load_keys, match_key
 from pipelines.errors import DiffusionAPIError, ForbiddenError
 from pipelines.limits import LIMITS
@@ -29,7 +30,7 @@ from pipelines.limits import LIMITS
 OPEN_PATHS = ("/hello", "/")  # the page asks for a key itself when the API answers 401
 # Signed image links (`response_format: url` of the OpenAI door): the link's signature is the access, so the
 # clients that fetch them later without the caller's key (Open WebUI, LibreChat) get the image.
-SIGNED_PATHS_PREFIX = "/v1/images/files/"
+SIGNED_PATHS_PREFIX = LINKS_PATH + "/"
 CORS_METHODS = "GET, POST, DELETE, OPTIONS"
 CORS_HEADERS = "Authorization, Content-Type"
 CALLER = "diffusion_api_caller"  # where the middleware leaves the request's Caller (scope["state"])
@@ -113,8 +114,14 @@ def api_of(path: str) -> Api:
 
 
 # OpenAI's error `type` by status, as its API answers (the SDKs pick their exception class by status).
-OPENAI_ERROR_TYPES = {401: "invalid_request_error", 403: "permission_error", 429: "rate_limit_exceeded",
-                      500: "server_error", 503: "server_error"}  # fmt: skip
+OPENAI_ERROR_TYPES = {403: "permission_error", 429: "requests"}
+
+
+def openai_error(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    """OpenAI's error body; a rate limit is `requests` / `rate_limit_exceeded`, as OpenAI answers."""
+    kind = OPENAI_ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+    return {"error": {"message": message, "type": kind, "param": param,
+                      "code": "rate_limit_exceeded" if status == 429 else code}}  # fmt: skip
 
 
 def error_response(status: int, message: str, headers: dict | None = None, api: Api = "native",
@@ -122,12 +129,11 @@ def error_response(status: int, message: str, headers: dict | None = None, api: 
                    limit: str | None = None, code: str | None = None) -> JSONResponse:  # fmt: skip
     """The API's error body, whatever the status. On the A1111 API, A1111's own error shape
     `{error, detail, body, errors}` (its clients read `detail`); on the OpenAI door, OpenAI's
-    `{"error": {message, type, param, code}}` (`field` is its `param`; `code`, or the limit reached)."""
+    `{"error": {message, type, param, code}}` (`field` is its `param`)."""
     if api == "a1111":
         content = {"error": error, "detail": message, "body": "", "errors": message}
     elif api == "openai":
-        kind = OPENAI_ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
-        content = {"error": {"message": message, "type": kind, "param": field, "code": code or limit}}
+        content = openai_error(status, message, field, code)
     else:
         content = {"status": "error", "error": message}
         if field:

@@ -145,6 +145,9 @@ def build_app(args: dict | None = None) -> Application:
                 "retry_delays_s": parsed.webhook_retry_delays_s}  # fmt: skip
     WebhookPolicy.from_config(**webhooks)  # hosts allowed without a secret stop the deploy here
     AccessPolicy.from_config(parsed.api_keys_file, parsed.cors_origins)  # so do keys configured but unusable
+    link_secret = parsed.image_link_secret or os.environ.get(LINK_SECRET_ENV)
+    if link_secret is not None and len(link_secret) < 16:
+        raise ValueError(f"image_link_secret ({LINK_SECRET_ENV}): at least 16 characters, not {len(link_secret)}")
     generator_args = {"settings": plain, "job_database": database, "job_options": job_options, "device": parsed.device,
                       "engine_options": engine_options}  # fmt: skip
     upscaler = Upscaler.bind(settings=plain, device=parsed.device, torch_threads=parsed.torch_threads)

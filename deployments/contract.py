@@ -119,13 +119,23 @@ OPENAI_ERROR_DESCRIPTIONS = {
     404: "An unknown model (`model_not_found`; OpenAI's model names only as aliases in configs/models.yaml), or an "
     "image no longer in the job store or the output storage",
     409: "The job was cancelled (DELETE /queue/{job_id}) before its images were done",
+    429: "A limit is reached (the message names it: the caller key's `max_queued_images` or `requests_per_minute`, "
+    "or this model family's `max_queued_jobs`); `code` is `rate_limit_exceeded`; retry after `Retry-After` seconds",
     500: "The generation failed, or the service failed unexpectedly; the message says why",
 }
+# A job that ended without its images answers with this header: OpenAI's SDKs retry 409 and 5xx answers by
+# default, which would submit the job again (a cancelled one, or one already tried `max_attempts` times).
+NO_RETRY_HEADER = {"x-should-retry": {"description": "`false`: the SDK must not retry (the job has ended)",
+                                      "schema": {"type": "string", "enum": ["false"]}}}  # fmt: skip
 
 
 def documented_openai_errors(*status_codes: int) -> dict[int | str, dict[str, Any]]:
     """`responses` of an OpenAI-door route: OpenAI's error body `{"error": {message, type, param, code}}`."""
-    return documented_errors(*status_codes, model=OpenAIError, descriptions=OPENAI_ERROR_DESCRIPTIONS)
+    responses = documented_errors(*status_codes, model=OpenAIError, descriptions=OPENAI_ERROR_DESCRIPTIONS)
+    for code in (409, 500):
+        if code in responses:
+            responses[code]["headers"] = {**responses[code].get("headers", {}), **NO_RETRY_HEADER}
+    return responses
 
 
 def documented_methods(app: FastAPI, path: str) -> list[str]:

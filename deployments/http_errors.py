@@ -17,7 +17,7 @@ from starlette.routing import get_route_path
 
 from deployments.access import Api, AsciiJSONResponse, api_of, error_response
 from deployments.contract import documented_methods
-from pipelines.errors import DiffusionAPIError, ServiceBusyError, UnknownModelError
+from pipelines.errors import DiffusionAPIError, InvalidNameError, ServiceBusyError, UnknownModelError
 
 logger = logging.getLogger("ray.serve")
 REQUEST_ID_HEADER = "x-request-id"  # set by Serve's proxy (HAProxy or its own) on every request
@@ -53,7 +53,10 @@ async def domain_error(request: Request, error: DiffusionAPIError) -> JSONRespon
     if isinstance(error, ServiceBusyError):
         return error_response(status, error.message, headers={"Retry-After": str(error.retry_after_s)},
                               api=api, limit=getattr(error, "limit", None))  # fmt: skip
-    code = "model_not_found" if isinstance(error, UnknownModelError) else None
+    unknown_model = isinstance(error, UnknownModelError) or (
+        isinstance(error, InvalidNameError) and error.field == "model"
+    )
+    code = "model_not_found" if unknown_model else None
     return error_response(status, error.message, api=api, error=type(error).__name__, field=error.field,
                           code=code)  # fmt: skip
 
@@ -80,14 +83,18 @@ OPENAI_VALIDATION_CODES = {"missing": "missing_required_parameter", "extra_forbi
 
 
 async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+    api = _api(request)
     parts = []
     for item in error.errors():
-        parts.append(f"{_location(item)}: {item['msg']}" + (f" (got {item['input']!r})" if "input" in item else ""))
+        # A missing field's "input" is the whole body (on the OpenAI door's forms: its files' descriptions too).
+        echo = "input" in item and not (api == "openai" and item["type"] == "missing")
+        parts.append(f"{_location(item)}: {item['msg']}" + (f" (got {item['input']!r})" if echo else ""))
     message = "; ".join(parts)[:2000]
-    api = _api(request)
     _refused(request, _status_on(api, 422), message)
     if api == "openai":  # OpenAI names one parameter: the first one wrong
         first = error.errors()[0] if error.errors() else {"loc": (), "type": ""}
+        if first["type"] == "json_invalid":  # its location is a character offset, not a parameter
+            return error_response(400, message, api=api, code="invalid_json")
         code = OPENAI_VALIDATION_CODES.get(first["type"], "invalid_value")
         param = _location(first, leave_out=("body", "query", "path", "header"))
         return error_response(400, message, api=api, field=param, code=code)

@@ -194,6 +194,12 @@ class JobService:
             self.dispatcher.queue(order, entry.family, request.callback_url)
         return job_id
 
+    async def decoding(self, work: Callable, *args):
+        """`work(*args)` (decoding input images) in a worker thread, within this replica's decode slots: a burst
+        of large uploads takes a bounded share of its memory and CPU."""
+        async with self.decodes:
+            return await asyncio.to_thread(work, *args)
+
     async def submit_once(self, idempotency_key: str | None, sent: BaseModel, kind: str, request: GenerationRequest,
                           owner: str, origin: str = "", **options) -> tuple[str, bool]:  # fmt: skip
         """`submit`, safe to retry: the owner's first submission with `idempotency_key` in IDEMPOTENCY_TTL_S

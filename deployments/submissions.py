@@ -9,7 +9,8 @@ from starlette.routing import get_route_path
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 ARRIVING = "diffusion_api_submission_arriving"  # in a counted request's scope state until it is handed over
-SUBMISSION_PATHS = ("/txt2img", "/img2img", "/sdapi/v1/txt2img", "/sdapi/v1/img2img")
+SUBMISSION_PATHS = ("/txt2img", "/img2img", "/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/v1/images/generations",
+                    "/v1/images/edits", "/v1/images/variations")  # fmt: skip
 
 
 class Arrivals:

@@ -1,5 +1,5 @@
 """The OpenAI Images API's requests and answers, and their translation into native jobs (no HTTP here: the
-router is deployments/routes/openai.py).
+router is deployments/routes/openai_api.py).
 
 OpenAI's SDKs, LiteLLM, LangChain, Open WebUI's and LibreChat's image tools call `POST /v1/images/generations`
 (JSON), `/v1/images/edits` and `/v1/images/variations` (multipart forms). Each call becomes an ordinary
@@ -16,10 +16,10 @@ import re
 from typing import Any, Literal
 
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from pipelines.errors import InvalidRequestError
-from pipelines.images import decode_image, encode_base64
+from pipelines.images import decode_image, encode_base64, open_image
 from pipelines.limits import LIMITS
 from pipelines.schemas import Img2ImgRequest, Txt2ImgRequest, whole_numbers_as_integers
 
@@ -72,18 +72,31 @@ def native_fields(model: type[BaseModel], names: tuple[str, ...]) -> dict[str, A
     return fields
 
 
+# OpenAI's SDKs type these as optional and send `null` for "the default", as OpenAI reads it: so does this door
+# (the schema says they are nullable; a null never reaches the field's checks).
+NULL_MEANS_DEFAULT = ("n", "size", "response_format", "quality", "output_format", "output_compression",
+                      "background", "moderation", "stream", "partial_images")  # fmt: skip
+
+
 class OpenAIFields(BaseModel):
     """What the three calls share, as OpenAI defines it."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {name: value for name, value in data.items() if value is not None or name not in NULL_MEANS_DEFAULT}
+        return data
 
     model: str | None = Field(
         None, min_length=1, max_length=255,
         description="A checkpoint's name or label (GET /v1/models); OpenAI's model names only where the operator "
         "made them aliases in configs/models.yaml. Absent: the service's default model",
     )  # fmt: skip
-    n: int = Field(1, ge=1, le=LIMITS.max_batch_size, description="Images to make (one job, one batch)")
+    n: int | None = Field(1, ge=1, le=LIMITS.max_batch_size, description="Images to make (one job, one batch)")
     # The pattern is in the schema; the check is the validator's, whose message a person can read.
-    size: str = Field("auto", json_schema_extra={"pattern": SIZE_PATTERN}, description=SIZE_DESCRIPTION)
-    response_format: ResponseFormat = Field(
+    size: str | None = Field("auto", json_schema_extra={"pattern": SIZE_PATTERN}, description=SIZE_DESCRIPTION)
+    response_format: ResponseFormat | None = Field(
         "b64_json", description="`url`: signed links to the images that work without an API key until they expire"
     )
     user: str | None = Field(None, max_length=256, description="Accepted; not used (nothing is tracked per user)")
@@ -110,17 +123,17 @@ class OpenAIFields(BaseModel):
 class RenderFields(BaseModel):
     """Generations' and edits' output options."""
 
-    quality: Quality = Field("auto", description="Denoising steps: low 12, medium/auto/standard 24, high/hd 40, "
+    quality: Quality | None = Field("auto", description="Denoising steps: low 12, medium/auto/standard 24, high/hd 40, "
                              "xhigh 50, max 60 (a `steps` field wins)")  # fmt: skip
-    output_format: OutputFormat = Field("png", description="The image files' format")
-    output_compression: int = Field(100, ge=0, le=100, description="jpeg and webp quality (0-100)")
-    background: Literal["transparent", "opaque", "auto"] = Field(
+    output_format: OutputFormat | None = Field("png", description="The image files' format")
+    output_compression: int | None = Field(100, ge=0, le=100, description="jpeg and webp quality (0-100)")
+    background: Literal["transparent", "opaque", "auto"] | None = Field(
         "auto", description="Images are always opaque here; `transparent` is answered with a warning in the job"
     )
-    moderation: Literal["low", "auto"] = Field("auto", description="Accepted; this service moderates nothing")
-    stream: bool = Field(False, description="Server-Sent Events: partial images from the live previews, then each "
-                         "image's `completed` event")  # fmt: skip
-    partial_images: int = Field(0, ge=0, le=3, description="Partial images to stream before the final ones")
+    moderation: Literal["low", "auto"] | None = Field("auto", description="Accepted; this service moderates nothing")
+    stream: bool | None = Field(False, description="Server-Sent Events: partial images from the live previews, then "
+                                "each image's `completed` event")  # fmt: skip
+    partial_images: int | None = Field(0, ge=0, le=3, description="Partial images to stream before the final ones")
     safety_identifier: str | None = Field(None, max_length=256, description="Accepted; echoed back, not used")
 
 
@@ -150,13 +163,15 @@ def _form_number(value: Any) -> Any:
     return int(value) if isinstance(value, str) and value.strip().isdigit() else value
 
 
-class _VariationBase(OpenAIFields):
+class _FormFields(OpenAIFields):
+    """Edits' and variations' fields: a multipart form's text."""
+
     model_config = FORM
 
     _numbered = field_validator("inpainting_fill", mode="before", check_fields=False)(_form_number)
 
 
-class _EditBase(_VariationBase, RenderFields):
+class _EditBase(_FormFields, RenderFields):
     prompt: str = Field(..., min_length=1, max_length=LIMITS.max_prompt_chars, description="What to draw")
     input_fidelity: Literal["high", "low"] | None = Field(None, description="Accepted, not used")
 
@@ -171,7 +186,7 @@ ImageEditFields = create_model(
 )
 ImageVariationFields = create_model(
     "ImageVariationFields",
-    __base__=_VariationBase,
+    __base__=_FormFields,
     __doc__="`POST /v1/images/variations` (multipart): img2img of the image with an empty prompt.",
     **native_fields(Img2ImgRequest, (*COMMON_EXTRAS, *IMG2IMG_EXTRAS)),
 )
@@ -210,12 +225,16 @@ class ImagesResponse(BaseModel):
     safety_identifier: str | None = None
 
 
+OpenAIErrorType = Literal["invalid_request_error", "permission_error", "requests", "server_error"]
+
+
 class OpenAIErrorDetail(BaseModel):
     message: str = Field(..., description="What is wrong and what is allowed")
-    type: str = Field(..., description="invalid_request_error, permission_error, rate_limit_exceeded, server_error")
-    param: str | None = Field(None, description="The request parameter the error is about")
-    code: str | None = Field(None, description="e.g. model_not_found, invalid_value, unknown_parameter, "
-                             "missing_required_parameter, invalid_api_key, or the limit reached")  # fmt: skip
+    type: OpenAIErrorType = Field(..., description="`requests`: a rate limit (429), as OpenAI names it")
+    param: str | None = Field(..., description="The request parameter the error is about (null: none)")
+    code: str | None = Field(..., description="e.g. model_not_found, invalid_value, unknown_parameter, "
+                             "missing_required_parameter, invalid_json, invalid_api_key, rate_limit_exceeded "
+                             "(null: none)")  # fmt: skip
 
 
 class OpenAIError(BaseModel):
@@ -275,6 +294,11 @@ def _render_options(request: Any, warnings: list[str]) -> tuple[dict[str, Any], 
     return options, quality
 
 
+# Native field names as this door's parameters, for the errors that name one.
+OPENAI_NAMES = {"width": "size", "height": "size", "batch_size": "n", "n_iter": "n", "file_type": "output_format",
+                "scheduler_type": "scheduler"}  # fmt: skip
+
+
 def _native(model: type[BaseModel], fields: dict[str, Any]) -> Txt2ImgRequest | Img2ImgRequest:
     """The native request; a value it refuses (a rule across fields) is a 400 naming OpenAI's parameter."""
     try:
@@ -282,12 +306,11 @@ def _native(model: type[BaseModel], fields: dict[str, Any]) -> Txt2ImgRequest | 
     except ValidationError as error:
         first = error.errors()[0]
         name = str(first["loc"][0]) if first["loc"] else "body"
-        name = {"width": "size", "height": "size", "batch_size": "n", "file_type": "output_format",
-                "scheduler_type": "scheduler", "image": "image"}.get(name, name)  # fmt: skip
+        name = OPENAI_NAMES.get(name, name)
         raise InvalidRequestError(f"{name}: {first['msg']}", field=name) from None
 
 
-def generation_job(request: BaseModel, model: str, family: str) -> Translated:
+def generation_job(request: ImageGenerationRequest, model: str, family: str) -> Translated:
     """`POST /v1/images/generations` as a txt2img job of the checkpoint `model` (of `family`)."""
     warnings = [f"'{name}' is accepted and not used here" for name in ("style", "complexity")
                 if getattr(request, name) is not None]  # fmt: skip
@@ -305,13 +328,21 @@ def snapped_size(width: int, height: int) -> tuple[int, int]:
     return tuple(max(LIMITS.min_size, int(side * scale) // 8 * 8) for side in (width, height))  # type: ignore[return-value]
 
 
-def openai_mask(mask: Image.Image) -> Image.Image:
-    """OpenAI's mask (transparent = repaint) as the native one (white = repaint). A mask without an alpha
-    channel is read as the native kind already."""
-    if mask.mode == "RGBA" or "transparency" in mask.info:
-        alpha = mask.convert("RGBA").getchannel("A")
-        return alpha.point(lambda value: 255 if value < 128 else 0)
-    return mask.convert("L")
+def _alpha(raw: bytes, field: str) -> tuple[Image.Image, Image.Image | None]:
+    """The image in `raw` and its alpha channel, if it has transparent pixels (None otherwise). Whether it has
+    one is read from the file before any conversion: decoding turns palette and 1-bit images into RGBA."""
+    with open_image(raw, field) as opened:
+        transparent = opened.has_transparency_data
+    image = decode_image(raw, field, mode=None)
+    if not transparent:
+        return image, None
+    alpha = image.convert("RGBA").getchannel("A")
+    return image, (alpha if alpha.getextrema()[0] < 255 else None)
+
+
+def repaint_where_transparent(alpha: Image.Image) -> Image.Image:
+    """OpenAI's mask (transparent = repaint) as the native one (white = repaint)."""
+    return alpha.point(lambda value: 255 if value < 128 else 0)
 
 
 def _png_base64(image: Image.Image) -> str:
@@ -320,23 +351,24 @@ def _png_base64(image: Image.Image) -> str:
     return encode_base64(buffer.getvalue())
 
 
-def edit_job(request: BaseModel, image: bytes, mask: bytes | None, model: str, extra_images: int) -> Translated:
+def edit_job(request: ImageEditFields, image: bytes, mask: bytes | None, model: str, extra_images: int) -> Translated:
     """`POST /v1/images/edits` as an img2img job: inpainting where the mask (or the image's own alpha) is
     transparent, else the whole image redrawn at EDIT_STRENGTH."""
     warnings = ["'input_fidelity' is accepted and not used here"] if request.input_fidelity is not None else []
     if extra_images:
         warnings.append(f"{extra_images} more image(s) sent in image[] were not used: an edit takes one image")
     options, quality = _render_options(request, warnings)
-    picture = decode_image(image, "image", mode=None)
+    picture, picture_alpha = _alpha(image, "image")
     native_mask = None
     if mask is not None:
-        opened = decode_image(mask, "mask", mode=None)
+        opened, mask_alpha = _alpha(mask, "mask")
         if opened.size != picture.size:
             raise InvalidRequestError(f"mask is {opened.size[0]}x{opened.size[1]}; it must have the image's size "
                                       f"({picture.size[0]}x{picture.size[1]})", field="mask")  # fmt: skip
-        native_mask = openai_mask(opened)
-    elif picture.mode == "RGBA" and picture.getchannel("A").getextrema()[0] < 128:
-        native_mask = openai_mask(picture)  # as OpenAI: no mask, so the image's transparent pixels are repainted
+        # Transparent pixels: OpenAI's mask. None (an opaque or alpha-less file): the native kind, white = repaint.
+        native_mask = repaint_where_transparent(mask_alpha) if mask_alpha is not None else opened.convert("L")
+    elif picture_alpha is not None and picture_alpha.getextrema()[0] < 128:
+        native_mask = repaint_where_transparent(picture_alpha)  # as OpenAI: no mask, the image's transparent part
     width, height = request.dimensions(snapped_size(*picture.size))
     strength = MASKED_EDIT_STRENGTH if native_mask is not None else EDIT_STRENGTH
     fields = {"prompt": request.prompt, "model": model, "width": width, "height": height, "batch_size": request.n,
@@ -348,7 +380,7 @@ def edit_job(request: BaseModel, image: bytes, mask: bytes | None, model: str, e
     return Translated(kind="img2img", native=native, warnings=warnings, quality=quality, size=f"{width}x{height}")
 
 
-def variation_job(request: BaseModel, image: bytes, model: str) -> Translated:
+def variation_job(request: ImageVariationFields, image: bytes, model: str) -> Translated:
     """`POST /v1/images/variations` as img2img of the image with an empty prompt at VARIATION_STRENGTH."""
     picture = decode_image(image, "image")
     width, height = request.dimensions(snapped_size(*picture.size))

@@ -6,6 +6,8 @@ tests/serve/test_tenants_http.py."""
 
 import base64
 import io
+import threading
+import time
 
 import httpx
 import numpy as np
@@ -159,3 +161,34 @@ def test_open_webui_and_litellm_shaped_bodies_get_images(client):
         image = Image.open(io.BytesIO(base64.b64decode(answer.json()["data"][0]["b64_json"])))
         assert image.size == (64, 64)
     assert parse_infotext(read_infotext(base64.b64decode(answer.json()["data"][0]["b64_json"])))["Steps"] == "12"
+
+
+def test_a_call_whose_job_is_cancelled_is_a_conflict_the_sdk_does_not_retry(client):
+    """The SDK retries 409 and 5xx answers twice by default; a job that has ended says `x-should-retry: false`,
+    so a cancelled job is not submitted again behind the canceller's back."""
+    started, outcome = time.time(), {}
+
+    def call(sdk: openai.OpenAI) -> None:
+        try:
+            sdk.images.generate(model="demo-sd15", prompt="a cancelled one", size="512x512",
+                                extra_body={"steps": 150, "seed": 9})  # fmt: skip
+        except openai.APIStatusError as error:
+            outcome["error"] = error
+
+    def openai_jobs() -> list[dict]:
+        jobs = client.get("/queue", params={"limit": 100}).json()["jobs"]
+        return [job for job in jobs if job["door"] == "openai" and job["created"] >= started]
+
+    with openai.OpenAI(base_url=BASE_URL, api_key="x", timeout=180) as retrying:  # the SDK's default retries
+        caller = threading.Thread(target=call, args=(retrying,))
+        caller.start()
+        deadline = time.monotonic() + 60
+        while not openai_jobs() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        (job,) = openai_jobs()
+        assert client.delete(f"/queue/{job['job_id']}").status_code == 200
+        caller.join(120)
+    error = outcome["error"]
+    assert isinstance(error, openai.ConflictError) and error.response.headers["x-should-retry"] == "false"
+    assert error.response.headers["X-Job-Id"] == job["job_id"] and "cancelled" in error.message
+    assert [item["job_id"] for item in openai_jobs()] == [job["job_id"]]  # no second job

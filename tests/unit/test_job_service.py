@@ -50,11 +50,12 @@ class FakeGenerator:
             raise RayActorError()
         self.store.start_many([order.job_id])
         await self.release.wait()
-        if order.return_images:  # as a replica does: the record names the file, the answer carries its bytes
-            result = {"seed": order.job.seed, "output_paths": [f"{order.job_id}.png"], "file_type": "png"}
-            self.store.complete_many([(order.job_id, result, [])])
+        # As a replica does: the record names the file (never written here), the answer carries its bytes when
+        # the caller will wait for them.
+        result = {"seed": order.job.seed, "output_paths": [f"{order.job_id}.png"], "file_type": "png"}
+        self.store.complete_many([(order.job_id, result, [])])
+        if order.return_images:
             return {"job_id": order.job_id, "images": [b"\x89PNG sent back"]}
-        self.store.complete_many([(order.job_id, {"seed": order.job.seed, "output_paths": []}, [])])
         return {"job_id": order.job_id}
 
 

@@ -119,3 +119,27 @@ def test_a_variation_is_img2img_with_an_empty_prompt():
     job = openai_images.variation_job(ImageVariationFields(n=2), png(Image.new("RGB", (48, 48), "blue")), "m")
     assert job.kind == "img2img" and job.native.prompt == "" and job.native.batch_size == 2
     assert job.native.denoising_strength == openai_images.VARIATION_STRENGTH
+
+
+@pytest.mark.parametrize("mode", ["1", "P", "L", "RGB"])
+def test_a_mask_without_transparency_is_read_as_the_native_kind_whatever_its_mode(mode):
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (0, 0, 32, 64))  # white: repaint
+    job = openai_images.edit_job(ImageEditFields(prompt="x"), png(Image.new("RGB", (64, 64))),
+                                 png(mask.convert(mode)), "m", 0)  # fmt: skip
+    native = decoded(job.native.mask)
+    assert native[10, 10] == 255 and native[10, 50] == 0
+
+
+def test_a_gray_mask_with_alpha_repaints_its_transparent_pixels():
+    mask = Image.new("LA", (64, 64), (255, 255))
+    mask.paste((0, 0), (32, 0, 64, 64))  # transparent: repaint
+    job = openai_images.edit_job(ImageEditFields(prompt="x"), png(Image.new("RGB", (64, 64))), png(mask), "m", 0)
+    native = decoded(job.native.mask)
+    assert native[10, 50] == 255 and native[10, 10] == 0
+
+
+def test_openais_nulls_mean_its_defaults():
+    request = ImageGenerationRequest(prompt="x", n=None, size=None, quality=None, output_format=None, stream=None)
+    job = openai_images.generation_job(request, "m", "sd15")
+    assert (job.native.batch_size, job.size, job.native.steps, job.native.file_type) == (1, "512x512", 24, "png")

@@ -117,3 +117,31 @@ def test_a_streamed_edit_ends_with_its_completed_event_and_a_form_error_names_th
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "mask_blur"
     missing = client.post("/v1/images/edits", data={"prompt": "a door"}, headers=as_("alice"))
     assert missing.status_code == 400 and missing.json()["error"]["param"] == "image"
+
+
+def test_without_a_model_a_call_runs_on_the_service_wide_default_model(client):  # noqa: F811
+    services = client.app.state.services
+    client.portal.call(services.jobs.set_default_model, "demo-sd15-single", "model")
+    answer = client.post("/v1/images/generations", json=PROMPT, headers=as_("alice"))
+    assert answer.status_code == 200, answer.text
+    payload = client.get(f"/queue/{answer.headers['X-Job-Id']}", headers=as_("alice")).json()["payload"]
+    assert payload["model"] == "demo-sd15-single"
+
+
+def test_nulls_are_openais_defaults_and_broken_json_names_no_parameter(client):  # noqa: F811
+    nulls = {"n": None, "quality": None, "response_format": None, "output_format": None, "stream": None,
+             "partial_images": None, "background": None, "moderation": None, "output_compression": None}  # fmt: skip
+    answer = client.post("/v1/images/generations", json={**PROMPT, **nulls}, headers=as_("alice"))
+    assert answer.status_code == 200 and len(answer.json()["data"]) == 1, answer.text
+    broken = client.post("/v1/images/generations", content=b'{"prompt": "x",', headers={
+        **as_("alice"), "Content-Type": "application/json"})  # fmt: skip
+    assert broken.status_code == 400
+    assert broken.json()["error"]["param"] is None and broken.json()["error"]["code"] == "invalid_json"
+
+
+def test_edits_and_variations_are_documented_as_multipart_forms_and_ended_jobs_say_do_not_retry(client):  # noqa: F811
+    schema = client.get("/openapi.json", headers=as_("alice")).json()
+    for path in ("/v1/images/edits", "/v1/images/variations"):
+        assert list(schema["paths"][path]["post"]["requestBody"]["content"]) == ["multipart/form-data"]
+    generation = schema["paths"]["/v1/images/generations"]["post"]["responses"]
+    assert "x-should-retry" in generation["409"]["headers"] and "x-should-retry" in generation["500"]["headers"]

@@ -9,8 +9,9 @@ signed image links deployments/image_links.py.
 """
 
 import asyncio
-import base64
 import json
+import logging
+import pathlib
 import time
 from collections.abc import AsyncIterator
 from typing import Annotated
@@ -19,16 +20,18 @@ from fastapi import APIRouter, Depends, Form, Path, Query, Request, Response, Up
 from fastapi.responses import StreamingResponse
 from pydantic import Field
 
-from deployments.access import caller, error_response, require_json_body
+from deployments.access import caller, error_response, openai_error, require_json_body
 from deployments.contract import REPLAYED_HEADER, IdempotencyKey, documented_openai_errors, submission_answer
 from deployments.image_links import LINKS_PATH, ImageLinks
 from deployments.job_records import JobRecord
 from deployments.services import Services, ServicesDep
 from pipelines import openai_images
-from pipelines.errors import InvalidRequestError
-from pipelines.images import decode_base64_bytes
+from pipelines.catalog import ModelEntry
+from pipelines.errors import DiffusionAPIError, InvalidRequestError
+from pipelines.images import decode_base64_bytes, encode_base64
 from pipelines.infotext import MIME_TYPES
 from pipelines.openai_images import (
+    OPENAI_NAMES,
     ImageEditFields,
     ImageGenerationRequest,
     ImagesResponse,
@@ -39,7 +42,10 @@ from pipelines.openai_images import (
 )
 from pipelines.schemas import JOB_ID_PATTERN, JobState
 
+logger = logging.getLogger("ray.serve")
 OPENAI_TAG = "OpenAI-compatible API"
+MULTIPART = "multipart/form-data"  # edits and variations: forms with files, as the SDKs send them
+NO_RETRY = {"x-should-retry": "false"}  # the job has ended: an SDK's retry would submit it again
 router = APIRouter(prefix="/v1", tags=[OPENAI_TAG])
 ORIGIN = "openai"
 JOB_ID_HEADER = "X-Job-Id"
@@ -77,21 +83,24 @@ class ImageVariationForm(ImageVariationFields):
     image: UploadFile = Field(..., description="The image to vary (PNG, JPEG or WebP)")
 
 
+OpenAIRequest = ImageGenerationRequest | ImageEditForm | ImageVariationForm
+
+
 # Generation ----------------------------------------------------------------------------------------------------
 @router.post("/images/generations", response_model=ImagesResponse, response_model_exclude_none=True,
              responses={**ANSWERED, **GENERATION_ERRORS}, dependencies=[Depends(require_json_body)])  # fmt: skip
 async def generations(request: ImageGenerationRequest, http: Request, response: Response, services: ServicesDep,
                       idempotency_key: IdempotencyKey = None):  # fmt: skip
     """Makes `n` images from the prompt (txt2img), answered when they are done."""
-    entry = await asyncio.to_thread(services.libraries.catalog.resolve, request.model)
+    entry = await _model(services, request.model)
     translated = openai_images.generation_job(request, entry.name, entry.family)
     return await _run(translated, request, "image_generation", http, response, services, idempotency_key)
 
 
 @router.post("/images/edits", response_model=ImagesResponse, response_model_exclude_none=True,
              responses={**ANSWERED, **GENERATION_ERRORS})  # fmt: skip
-async def edits(form: Annotated[ImageEditForm, Form()], http: Request, response: Response, services: ServicesDep,
-                idempotency_key: IdempotencyKey = None):  # fmt: skip
+async def edits(form: Annotated[ImageEditForm, Form(media_type=MULTIPART)], http: Request, response: Response,
+                services: ServicesDep, idempotency_key: IdempotencyKey = None):  # fmt: skip
     """Redraws the image from the prompt: inpainting where the mask is transparent (outside it the image's
     pixels come back), or the whole image without a mask."""
     files = [file for file in ([form.image] if form.image else []) + list(form.images or []) if file is not None]
@@ -99,60 +108,83 @@ async def edits(form: Annotated[ImageEditForm, Form()], http: Request, response:
         raise InvalidRequestError("image: send the image to edit as a file (`image`, or `image[]`)", field="image")
     image = await files[0].read()
     mask = await form.mask.read() if form.mask is not None else None
-    entry = await asyncio.to_thread(services.libraries.catalog.resolve, form.model)
-    translated = await asyncio.to_thread(openai_images.edit_job, form, image, mask, entry.name, len(files) - 1)
+    entry = await _model(services, form.model)
+    translated = await services.jobs.decoding(openai_images.edit_job, form, image, mask, entry.name, len(files) - 1)
     return await _run(translated, form, "image_edit", http, response, services, idempotency_key)
 
 
 @router.post("/images/variations", response_model=ImagesResponse, response_model_exclude_none=True,
              responses={**ANSWERED_IMAGES, **GENERATION_ERRORS})  # fmt: skip
-async def variations(form: Annotated[ImageVariationForm, Form()], http: Request, response: Response,
-                     services: ServicesDep, idempotency_key: IdempotencyKey = None):  # fmt: skip
+async def variations(form: Annotated[ImageVariationForm, Form(media_type=MULTIPART)], http: Request,
+                     response: Response, services: ServicesDep, idempotency_key: IdempotencyKey = None):  # fmt: skip
     """Variations of the image: img2img with an empty prompt at the strength the README names."""
     image = await form.image.read()
-    entry = await asyncio.to_thread(services.libraries.catalog.resolve, form.model)
-    translated = await asyncio.to_thread(openai_images.variation_job, form, image, entry.name)
+    entry = await _model(services, form.model)
+    translated = await services.jobs.decoding(openai_images.variation_job, form, image, entry.name)
     return await _run(translated, form, "image_generation", http, response, services, idempotency_key)
 
 
-async def _run(translated: Translated, request, events: str, http: Request, response: Response,
-               services: ServicesDep, idempotency_key: str | None):  # fmt: skip
+async def _model(services: Services, requested: str | None) -> ModelEntry:
+    """The checkpoint a call names; none: the service-wide default model, as on the other doors."""
+    wanted = requested or await services.jobs.default_model()
+    return await asyncio.to_thread(services.libraries.catalog.resolve, wanted)
+
+
+async def _run(translated: Translated, request: OpenAIRequest, event_prefix: str, http: Request, response: Response,
+               services: Services, idempotency_key: str | None):  # fmt: skip
     """Submits the job as any other, then answers with its images, or streams them (`stream: true`)."""
     who = caller(http)
     jobs = services.jobs
-    job_id, replayed = await jobs.submit_once(idempotency_key, translated.native, translated.kind, translated.native,
-                                              who.owner, ORIGIN, warnings=translated.warnings, limits=who.limits,
-                                              hand_over=lambda: services.arrivals.hand_over(http),
-                                              return_images=True)  # fmt: skip
+    streamed = bool(getattr(request, "stream", False))
+    native = translated.native
+    with_bytes = streamed or request.response_format == "b64_json"  # a `url` answer needs no image bytes here
+    try:
+        job_id, replayed = await jobs.submit_once(idempotency_key, native, translated.kind, native, who.owner, ORIGIN,
+                                                  warnings=translated.warnings, limits=who.limits,
+                                                  hand_over=lambda: services.arrivals.hand_over(http),
+                                                  return_images=with_bytes)  # fmt: skip
+    except DiffusionAPIError as error:  # a check of the native job: named as this door's parameter
+        error.field = OPENAI_NAMES.get(error.field, error.field)
+        raise
     headers = {JOB_ID_HEADER: job_id, **({REPLAYED_HEADER: "true"} if replayed else {})}
-    if getattr(request, "stream", False):
+    if streamed:
         job = await jobs.job(job_id, who)
-        stream = _events(job, translated, request, events, str(http.base_url), services)
+        stream = _events(job, translated, request, event_prefix, services)
         headers.update({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
     response.headers.update(headers)
     job = await jobs.wait_until_ended(job_id)
-    failure = _failure(job, job_id)
-    if failure is not None:
-        return error_response(*failure, headers=headers, api="openai")
-    result, missing = await jobs.images_of(job)
-    if missing:
-        return error_response(500, f"job {job_id} finished, but {'; '.join(missing)}", headers, api="openai")
-    return await _answer(job, result, translated, request, str(http.base_url), services)
+    outcome = await _images(job, job_id, with_bytes, services)
+    if isinstance(outcome, tuple):
+        return error_response(*outcome, headers={**headers, **NO_RETRY}, api="openai")
+    return ImagesResponse(
+        created=int(job.created),
+        data=await _image_data(job, outcome, request, str(http.base_url), services),
+        output_format=getattr(request, "output_format", "png"),
+        quality=translated.quality,
+        size=translated.size,
+        usage=_usage(job),
+        safety_identifier=getattr(request, "safety_identifier", None) or request.user,
+    )
 
 
-def _failure(job: JobRecord | None, job_id: str) -> tuple[int, str] | None:
-    """The error status and message of a job that did not end with images."""
+async def _images(job: JobRecord | None, job_id: str, with_bytes: bool, services: Services) -> dict | tuple[int, str]:
+    """A finished job's result (with its images' bytes, `with_bytes`), or the status and message of a job that
+    ended without them."""
     if job is None:
         return 500, f"job {job_id} has disappeared (pruned?)"
     if job.state == JobState.error:
         return 500, f"job {job_id} failed: {job.error}"
     if job.state == JobState.cancelled:
         return 409, f"job {job_id} was cancelled (DELETE /queue/{job_id}) before its images were done"
-    return None
+    if not with_bytes:
+        return job.result or {}
+    result, missing = await services.jobs.images_of(job)
+    return (500, f"job {job_id} finished, but {'; '.join(missing)}") if missing else result
 
 
-async def _image_data(job: JobRecord, result: dict, request, base_url: str, services: Services) -> list[dict]:
+async def _image_data(job: JobRecord, result: dict, request: OpenAIRequest, base_url: str,
+                      services: Services) -> list[dict]:  # fmt: skip
     """Each image as `b64_json`, or as a signed link (`response_format: url`)."""
     prompt = job.payload.get("prompt", "")
     if request.response_format == "b64_json":
@@ -170,27 +202,15 @@ def _usage(job: JobRecord) -> dict:
             "output_tokens": 0, "total_tokens": tokens}  # fmt: skip
 
 
-async def _answer(job: JobRecord, result: dict, translated: Translated, request, base_url: str,
-                  services: Services) -> ImagesResponse:  # fmt: skip
-    return ImagesResponse(
-        created=int(job.created),
-        data=await _image_data(job, result, request, base_url, services),
-        output_format=getattr(request, "output_format", "png"),
-        quality=translated.quality,
-        size=translated.size,
-        usage=_usage(job),
-        safety_identifier=getattr(request, "safety_identifier", None) or request.user,
-    )
-
-
 def _sse(event: str, data: dict) -> str:
     return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
 
 
-async def _events(job: JobRecord, translated: Translated, request, kind: str, base_url: str,
+async def _events(job: JobRecord, translated: Translated, request: OpenAIRequest, event_prefix: str,
                   services: Services) -> AsyncIterator[str]:  # fmt: skip
-    """OpenAI's image stream: up to `partial_images` partial images from the live previews as they come, then
-    one `completed` event per image; a job that fails ends the stream with an `error` event."""
+    """OpenAI's image stream: `partial_images` partial images from the live previews, spread over the job's
+    progress (the k-th once it is past k/(partial_images+1)), then one `completed` event per image; a job that
+    ends without images ends the stream with an `error` event. A client that goes away cancels nothing."""
     width, height = translated.native.width, translated.native.height
     common = {"background": "opaque", "output_format": request.output_format, "quality": translated.quality,
               "size": translated.size}  # fmt: skip
@@ -199,39 +219,41 @@ async def _events(job: JobRecord, translated: Translated, request, kind: str, ba
         if event.name == "keepalive":
             yield ": keep-alive\n\n"
         elif event.name == "preview" and sent < request.partial_images:
-            preview = decode_base64_bytes(event.data["image"], "preview")
-            image = await asyncio.to_thread(openai_images.partial_image, preview, width, height, request.output_format)
-            yield _sse(f"{kind}.partial_image", {"type": f"{kind}.partial_image", "b64_json": _b64(image),
-                                                 "partial_image_index": sent, "created_at": int(time.time()),
-                                                 **common})  # fmt: skip
+            if event.data["progress"] < 100.0 * (sent + 1) / (request.partial_images + 1):
+                continue
+            try:
+                preview = decode_base64_bytes(event.data["image"], "preview")
+                image = await asyncio.to_thread(openai_images.partial_image, preview, width, height,
+                                                request.output_format)  # fmt: skip
+            except Exception:  # a partial image is a nicety: the stream goes on without it
+                logger.warning("a preview of job %s could not be made a partial image", job.job_id, exc_info=True)
+                continue
+            yield _sse(f"{event_prefix}.partial_image", {
+                "type": f"{event_prefix}.partial_image", "b64_json": encode_base64(image),
+                "partial_image_index": sent, "created_at": int(time.time()), **common})  # fmt: skip
             sent += 1
     final = await services.jobs.wait_until_ended(job.job_id)
-    failure = _failure(final, job.job_id)
-    if failure is None:
-        result, missing = await services.jobs.images_of(final)
-        failure = (500, f"job {job.job_id} finished, but {'; '.join(missing)}") if missing else None
-    if failure is not None:
-        status, message = failure
-        kind_of_error = "server_error" if status >= 500 else "invalid_request_error"
-        yield _sse("error", {"type": "error", "error": {"message": message, "type": kind_of_error, "param": None,
-                                                        "code": None}})  # fmt: skip
+    outcome = await _images(final, job.job_id, True, services)
+    if isinstance(outcome, tuple):
+        status, message = outcome
+        yield _sse("error", {"type": "error", "error": openai_error(status, message)["error"]})
         return
     usage = _usage(final)
-    for image in result.get("images") or []:
-        yield _sse(f"{kind}.completed", {"type": f"{kind}.completed", "b64_json": image, "created_at": int(time.time()),
-                                         "usage": usage, **common})  # fmt: skip
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
+    for image in outcome.get("images") or []:
+        yield _sse(f"{event_prefix}.completed", {"type": f"{event_prefix}.completed", "b64_json": image,
+                                                 "created_at": int(time.time()), "usage": usage, **common})  # fmt: skip
 
 
 # Models ------------------------------------------------------------------------------------------------------
 @router.get("/models", response_model=ModelList, responses=documented_openai_errors(401, 503))
 async def list_models(services: ServicesDep) -> ModelList:
     """The installed checkpoints, by name (what `model` takes)."""
-    entries = await asyncio.to_thread(services.libraries.catalog.list_models)
-    return ModelList(data=[ModelObject(id=entry.name, created=_installed_at(entry.path)) for entry in entries])
+
+    def listed() -> list[ModelObject]:  # a worker thread: it reads the folders and each file's time
+        entries = services.libraries.catalog.list_models()
+        return [ModelObject(id=entry.name, created=_installed_at(entry.path)) for entry in entries]
+
+    return ModelList(data=await asyncio.to_thread(listed))
 
 
 @router.get("/models/{model_id:path}", response_model=ModelObject,
@@ -239,10 +261,10 @@ async def list_models(services: ServicesDep) -> ModelList:
 async def get_model(model_id: Annotated[str, Path(min_length=1, max_length=255)], services: ServicesDep) -> ModelObject:
     """One model by name, label or alias (configs/models.yaml); an unknown one is a 404 `model_not_found`."""
     entry = await asyncio.to_thread(services.libraries.catalog.resolve, model_id)
-    return ModelObject(id=model_id, created=_installed_at(entry.path))
+    return ModelObject(id=model_id, created=await asyncio.to_thread(_installed_at, entry.path))
 
 
-def _installed_at(path) -> int:
+def _installed_at(path: pathlib.Path) -> int:
     try:
         return int(path.stat().st_mtime)
     except OSError:
@@ -272,5 +294,6 @@ async def linked_image(
     secret = await services.jobs.link_secret(services.links.configured_secret)
     ImageLinks.check(secret, job_id, index, expires, signature)
     data, file_type = await services.jobs.linked_image(job_id, index)
+    cached = max(0, min(3600, expires - int(time.time())))  # never beyond the link's own life
     return Response(content=data, media_type=MIME_TYPES.get(file_type, "application/octet-stream"),
-                    headers={"Cache-Control": "private, max-age=3600"})  # fmt: skip
+                    headers={"Cache-Control": f"private, max-age={cached}"})  # fmt: skip
