@@ -98,6 +98,7 @@ async def require_admin(request: Request) -> None:
 
 
 A1111_PREFIX = "/sdapi/"
+CONTROLNET_PREFIX = "/controlnet/"  # A1111's ControlNet extension's routes: A1111's error body too
 OPENAI_PREFIX = "/v1/"
 Api = Literal["native", "a1111", "openai"]  # the three doors, each with its own error body
 
@@ -108,7 +109,7 @@ def is_a1111_path(path: str) -> bool:
 
 def api_of(path: str) -> Api:
     """Which door a path belongs to: its errors are answered in that door's shape."""
-    if path.startswith(A1111_PREFIX):
+    if path.startswith((A1111_PREFIX, CONTROLNET_PREFIX)):
         return "a1111"
     return "openai" if path.startswith(OPENAI_PREFIX) else "native"
 

@@ -41,6 +41,7 @@ class AppArgs(BaseModel):
     upscalers_dir: str | None = None
     vaes_dir: str | None = None
     embeddings_dir: str | None = None
+    controlnet_dir: str | None = None
     outputs_dir: str | None = None  # a local folder, or an fsspec URL for the images (s3://..., file:///...)
     models_config: str | None = None
     cache_dir: str | None = None  # hashes and detected families of model files
@@ -116,6 +117,7 @@ def build_app(args: dict | None = None) -> Application:
             "upscalers_dir",
             "vaes_dir",
             "embeddings_dir",
+            "controlnet_dir",
             "outputs_dir",
             "models_config",
             "cache_dir",

@@ -21,7 +21,7 @@ from deployments.job_client import JobsClient
 from deployments.job_db import describe
 from deployments.job_service import JobService, Libraries
 from deployments.job_status import JobFiles
-from deployments.routes import a1111, jobs, listings, openai_api, ops
+from deployments.routes import a1111, controlnet, jobs, listings, openai_api, ops
 from deployments.services import Services
 from deployments.submissions import Arrivals, CountSubmissions
 from deployments.webhooks import WebhookPolicy
@@ -71,7 +71,7 @@ app.add_middleware(CountSubmissions, get_arrivals=_arrivals)
 app.add_middleware(AccessMiddleware, get_policy=_access_policy)
 app.add_middleware(CollapseLeadingSlashes)  # outermost: every check sees the collapsed path
 install_error_handlers(app)
-for router in (ops.router, listings.router, jobs.router, a1111.router, openai_api.router):
+for router in (ops.router, listings.router, jobs.router, a1111.router, controlnet.router, openai_api.router):
     app.include_router(router)
 install_openapi(app, api_keys_on=_api_keys_on, configured_fields=_configured_fields)
 

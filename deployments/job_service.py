@@ -41,7 +41,7 @@ from deployments.job_records import (
     TakenAtOnce,
     image_fields,
 )
-from deployments.job_status import INPUT_FIELDS, JobFiles
+from deployments.job_status import JobFiles, input_field, input_images, without_inputs
 from deployments.jobs import IDEMPOTENCY_TTL_S
 from deployments.keeper import JobKeeper, WebhookDeliveries
 from deployments.keys import Caller
@@ -49,6 +49,7 @@ from deployments.metrics import service_metrics
 from deployments.watch import KEEPALIVE_S, JobWatcher, change_key
 from deployments.webhooks import WebhookLookupUnavailable, WebhookPolicy, WebhookTargetError
 from pipelines.catalog import ModelCatalog, ModelEntry, check_mode_supported
+from pipelines.controlnets import ControlNetLibrary
 from pipelines.embeddings import EmbeddingLibrary
 from pipelines.errors import (
     ForbiddenError,
@@ -84,12 +85,14 @@ class Libraries:
     upscalers: UpscalerLibrary  # names only here: the Upscaler deployment runs them
     vaes: VaeLibrary  # names and hashes: the generators load them
     embeddings: EmbeddingLibrary
+    controlnets: ControlNetLibrary  # names, families and hashes: the generators load them
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "Libraries":
         catalog = ModelCatalog(settings)
         return cls(catalog, LoraLibrary(settings, catalog.facts), UpscalerLibrary(settings),
-                   VaeLibrary(settings, catalog.facts), EmbeddingLibrary(settings, catalog.facts))  # fmt: skip
+                   VaeLibrary(settings, catalog.facts), EmbeddingLibrary(settings, catalog.facts),
+                   ControlNetLibrary(settings, catalog.facts))  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -110,9 +113,9 @@ class _Replayed(Exception):
 
 
 def _input_files(request: GenerationRequest) -> dict[str, bytes]:
-    """The img2img input images' files (base64 decoded once: preparing reads them, the storage keeps them)."""
-    return {name: decode_base64_bytes(getattr(request, name), name) for name in INPUT_FIELDS
-            if getattr(request, name, None)}  # fmt: skip
+    """The input images' files (img2img's, ControlNet units'), base64 decoded once: preparing reads them, the
+    storage keeps them."""
+    return {name: decode_base64_bytes(text, input_field(name)) for name, text in input_images(request).items()}
 
 
 class JobService:
@@ -154,7 +157,7 @@ class JobService:
             await self._check_callback(request.callback_url)
         default_model = await self.default_model() if not (request.model or "").strip() else None
         input_files: dict[str, bytes] = {}
-        if kind == "img2img":  # its images are decoded (once): a bounded number at a time per replica
+        if input_images(request):  # its images are decoded (once): a bounded number at a time per replica
             async with self.decodes:
                 input_files = await asyncio.to_thread(_input_files, request)
                 entry, job = await asyncio.to_thread(self._check, kind, request, default_model, input_files)
@@ -168,8 +171,8 @@ class JobService:
         payload["priority"] = priority
         warnings = job.sampler.warnings + job.warnings + (warnings or []) + priority_warnings
         record, inputs = payload, {}
-        if kind == "img2img":  # the input images are stored once, by reference: never in the record
-            record = {key: value for key, value in payload.items() if key not in INPUT_FIELDS}
+        if input_files:  # the input images are stored once, by reference: never in the record
+            record = without_inputs(payload)
             inputs = await asyncio.to_thread(self.files.store_inputs, job_id, input_files)
         try:
             created = await self.jobs.create(job_id, kind, record, warnings, entry.family, self.max_queued_jobs,
@@ -242,7 +245,7 @@ class JobService:
         entry = found.catalog.resolve(request.model or default_model)
         check_mode_supported(entry, kind)
         return entry, prepare_job(request, entry, found.loras, found.catalog, found.upscalers, found.vaes,
-                                  found.embeddings, input_files)  # fmt: skip
+                                  found.embeddings, input_files, found.controlnets)  # fmt: skip
 
     async def _prepare_again(self, job_id: str, kind: str, payload: dict) -> JobOrder:
         """The order of a recorded job dispatched again (after a restart or a lost ingress replica), prepared

@@ -10,6 +10,42 @@ from pipelines.schemas import JobState
 from pipelines.storage import MissingImageError, OutputStorage
 
 INPUT_FIELDS = ("image", "mask")  # img2img's input images: stored in the output storage, not in the job record
+CONTROL_IMAGE = "controlnet.{index}.image"  # a ControlNet unit's image, stored the same way
+
+
+def input_images(request) -> dict[str, str]:
+    """A request's input images as sent (base64), by the name they are stored under: img2img's `image` and
+    `mask`, each ControlNet unit's `image`."""
+    found = {name: getattr(request, name) for name in INPUT_FIELDS if getattr(request, name, None)}
+    for index, unit in enumerate(getattr(request, "controlnet", None) or []):
+        if unit.image:
+            found[CONTROL_IMAGE.format(index=index)] = unit.image
+    return found
+
+
+def input_field(name: str) -> str:
+    """The request field an input image's stored name stands for (`controlnet.0.image` -> `controlnet[0].image`)."""
+    parts = name.split(".")
+    return f"controlnet[{parts[1]}].image" if parts[0] == "controlnet" else name
+
+
+def without_inputs(payload: dict) -> dict:
+    """A request's payload as its job record keeps it: the input images left out (they are stored apart)."""
+    record = {key: value for key, value in payload.items() if key not in INPUT_FIELDS}
+    if payload.get("controlnet"):
+        record["controlnet"] = [{**unit, "image": None} for unit in payload["controlnet"]]
+    return record
+
+
+def with_inputs(payload: dict, inputs: dict[str, str]) -> dict:
+    """A record's payload with its input images (base64, `read_inputs`) back in their places."""
+    merged = {**payload, **{name: value for name, value in inputs.items() if name in INPUT_FIELDS}}
+    units = [dict(unit) for unit in payload.get("controlnet") or []]
+    for index, unit in enumerate(units):
+        unit["image"] = inputs.get(CONTROL_IMAGE.format(index=index), unit.get("image"))
+    if units:
+        merged["controlnet"] = units
+    return merged
 
 
 class JobFiles:
@@ -115,9 +151,8 @@ class JobFiles:
             result.pop("staged_paths", None)  # where the attempt wrote them first: the service's own business
             result.pop("parameters", None)  # the infotext's, structured (the A1111 door's `info`); `infotext` has them
             # Records written before inputs were stored apart still hold them in the payload: left out too.
-            payload = {key: value for key, value in job.payload.items() if key not in INPUT_FIELDS}
-            fields.update({**result, "payload": payload})
+            fields.update({**result, "payload": without_inputs(job.payload)})
             fields["warnings"] = job.warnings + missing
         if with_inputs:  # an input gone from the storage: MissingImageError (404); unreachable: StorageError
-            fields["payload"] = {**job.payload, **await asyncio.to_thread(self.read_inputs, job.inputs)}
+            fields["payload"] = with_inputs(job.payload, await asyncio.to_thread(self.read_inputs, job.inputs))
         return fields

@@ -47,6 +47,7 @@ def _catalog():
 
 def cmd_demo_models(args) -> None:
     from pipelines.demo import (
+        create_demo_controlnets,
         create_demo_embeddings,
         create_demo_loras,
         create_demo_models,
@@ -64,10 +65,14 @@ def cmd_demo_models(args) -> None:
     written += create_demo_vae(Path(args.vaes_dir) if args.vaes_dir else settings.vaes_dir, overwrite=args.force)
     embeddings_dir = Path(args.embeddings_dir) if args.embeddings_dir else settings.embeddings_dir
     written += create_demo_embeddings(embeddings_dir, overwrite=args.force)
+    written += create_demo_controlnets(settings.controlnet_dir, overwrite=args.force)
     for path in written:
         print(f"wrote {path}")
     if not written:
-        print("demo models, LoRAs, upscaler, VAE and embeddings already present (use --force to rewrite them)")
+        print(
+            "demo models, LoRAs, upscaler, VAE, embeddings and ControlNets already present (use --force to rewrite "
+            "them)"
+        )
 
 
 def cmd_vaes(args) -> None:

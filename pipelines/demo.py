@@ -433,3 +433,51 @@ def create_demo_upscaler(upscalers_dir: Path, overwrite: bool = False) -> list[P
     torch.save(esrgan_state_dict(), target)
     logger.info("wrote %s", target)
     return [target]
+
+
+# ControlNet ---------------------------------------------------------------------------------------------------
+CONTROLNET_SD15_FOLDER = "demo-sd15-canny"  # a diffusers folder
+CONTROLNET_SD15_FILE = "control_demo_sd15_canny.safetensors"  # A1111's single-file layout (`control_model.*`)
+CONTROLNET_SDXL_FOLDER = "demo-sdxl-canny"
+
+
+def _demo_controlnet(unet, seed: int):
+    """A ControlNet of the demo UNet's shape. A trained ControlNet starts from zero convolutions; these get small
+    random ones instead, so that a demo control image changes the picture (what the tests look for)."""
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(seed)
+    controlnet = ControlNetModel.from_unet(unet)  # the hint encoder of real ControlNets: (16, 32, 96, 256)
+    with torch.no_grad():
+        for zero_conv in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
+            zero_conv.weight.normal_(0.0, 0.3)
+            zero_conv.bias.normal_(0.0, 0.05)
+    return controlnet.eval()
+
+
+def create_demo_controlnets(controlnet_dir: Path, overwrite: bool = False) -> list[Path]:
+    """A tiny SD1.5 ControlNet (as a diffusers folder and as an A1111 single file, the same weights) and a tiny
+    SDXL one, for the demo models' UNets."""
+    from pipelines.ldm_layout import controlnet_ldm_state_dict
+
+    controlnet_dir.mkdir(parents=True, exist_ok=True)
+    targets = {"sd15": controlnet_dir / CONTROLNET_SD15_FOLDER, "single": controlnet_dir / CONTROLNET_SD15_FILE,
+               "sdxl": controlnet_dir / CONTROLNET_SDXL_FOLDER}  # fmt: skip
+    written = []
+    sd15 = None
+    for kind, target in targets.items():
+        if target.exists() and not overwrite:
+            continue
+        shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+        if kind in ("sd15", "single"):
+            sd15 = sd15 or _demo_controlnet(_sd15_unet(15), seed=31)
+        if kind == "sd15":
+            sd15.save_pretrained(target, safe_serialization=True)
+        elif kind == "single":
+            save_file(controlnet_ldm_state_dict(sd15), target, metadata={"format": "pt"})
+        else:
+            unet = _sdxl_unet(20, cross_attention_dim=64, projection_input_dim=80)
+            _demo_controlnet(unet, seed=32).save_pretrained(target, safe_serialization=True)
+        written.append(target)
+        logger.info("wrote %s", target)
+    return written

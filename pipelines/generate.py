@@ -22,6 +22,8 @@ import torch
 from PIL import Image
 
 from pipelines.catalog import ModelCatalog, ModelEntry
+from pipelines.control_run import control_arguments, controlled, soft_injection
+from pipelines.controlnets import ControlNetLibrary
 from pipelines.embeddings import EmbeddingLibrary, load_into, rewrite_prompt, unload_from
 from pipelines.errors import (
     DiffusionAPIError,
@@ -126,6 +128,7 @@ class ImageEngine:
         self.loras = LoraLibrary(catalog.settings, catalog.facts)
         self.vaes = VaeLibrary(catalog.settings, catalog.facts)
         self.embeddings = EmbeddingLibrary(catalog.settings, catalog.facts)
+        self.controlnets = ControlNetLibrary(catalog.settings, catalog.facts)
         self.device, self.dtype = select_device(device, dtype)
         self.speed = speed or SpeedOptions.from_env()
         self.upscalers = UpscalerLibrary(catalog.settings, device=self.device)
@@ -215,7 +218,8 @@ class ImageEngine:
     def prepare(self, request: Txt2ImgRequest | Img2ImgRequest, model: ModelEntry | None = None) -> PreparedJob:
         """`prepare_job` with this engine's LoRA folder, for `model` (the request's model when not given)."""
         model = model or self.catalog.resolve(request.model)
-        return prepare_job(request, model, self.loras, self.catalog, self.upscalers, self.vaes, self.embeddings)
+        return prepare_job(request, model, self.loras, self.catalog, self.upscalers, self.vaes, self.embeddings,
+                           controlnets=self.controlnets)  # fmt: skip
 
     def warm_up(self, model: str, width: int, height: int, steps: int, batch_sizes: list[int]) -> float:
         """Loads `model` and runs throwaway jobs of each batch size, so work done on a model's first calls
@@ -265,6 +269,7 @@ class ImageEngine:
         # and vae_swapped the model's own VAE, however the job ends.
         with loaded.lock, loaded.job_scope(), loaded.vae_swapped(self._vae_for(loaded, first)):
             pipe = loaded.pipeline_for(first.mode, masked=first.inpaint is not None)
+            pipe, _ = controlled(loaded, pipe, first, self.controlnets)  # the ControlNet pipeline if units apply
             memory_before = memory_mb(self.device)
             started = time.perf_counter()
             embeddings: list[tuple] = []
@@ -381,9 +386,9 @@ class ImageEngine:
             phases.report(PHASE_UPSCALING, 0, 1)
             second_input = upscale(first_pass, hires.upscaler, hires.width, hires.height)
         phases.report(PHASE_UPSCALING, 1, 1)
-        img2img = loaded.pipeline_for("img2img")
+        img2img, _ = controlled(loaded, loaded.pipeline_for("img2img"), jobs[0], self.controlnets, hires_pass=True)
         img2img.scheduler = build_scheduler(jobs[0].sampler, loaded.scheduler_config)
-        return self._call_pipeline(img2img, jobs, phases.step(PHASE_HIRES_PASS), image=second_input,
+        return self._call_pipeline(img2img, jobs, phases.step(PHASE_HIRES_PASS), hires_pass=True, image=second_input,
                                    strength=hires.denoising_strength, num_inference_steps=hires.steps,
                                    width=hires.width, height=hires.height)  # fmt: skip
 
@@ -420,9 +425,10 @@ class ImageEngine:
         """The job's chosen VAE, loaded like the model's own (None: the model's own)."""
         return self.vaes.load(job.vae, loaded.pipe.vae) if job.vae else None
 
-    def _call_pipeline(self, pipe, jobs: list[PreparedJob], on_step: "StepCallback", **overrides):
+    def _call_pipeline(self, pipe, jobs: list[PreparedJob], on_step: "StepCallback", hires_pass: bool = False,
+                       **overrides):  # fmt: skip
         """One diffusers call for the batch; `overrides` replace or add call arguments (image, strength,
-        output_type, denoising_start/end, ...)."""
+        output_type, denoising_start/end, ...); `hires_pass`: the hires fix's second pass (its ControlNet units)."""
         first = jobs[0]
         preview_sink = PREVIEW_SINK.get()
         previewed: dict[str, int] = {}  # job id -> the batch index of its first image here (its preview)
@@ -462,6 +468,12 @@ class ImageEngine:
             arguments.update(image=[job.init_image for job in jobs], strength=first.denoising_strength)
         arguments.update(width=first.width, height=first.height)
         arguments.update(overrides)
+        if hasattr(pipe, "controlnet"):  # each job's maps, at this call's size
+            control_warnings: list[str] = []
+            arguments.update(control_arguments(pipe, jobs, hires_pass, arguments["width"], arguments["height"],
+                                               control_warnings))  # fmt: skip
+            for job in jobs:
+                job.warnings.extend(w for w in control_warnings if w not in job.warnings)
         # Not every pipeline takes every argument (SDXL img2img has no size: the image sets it).
         parameters = _call_parameters(pipe)
         for name in ("clip_skip", "denoising_start", "denoising_end", "width", "height"):
@@ -483,7 +495,8 @@ class ImageEngine:
                     pipe, arguments.pop("negative_prompt"), first.clip_skip
                 )
                 arguments.pop("clip_skip")
-            output = pipe(**arguments).images
+            with soft_injection(pipe, jobs, hires_pass):
+                output = pipe(**arguments).images
         return output
 
     def _ti_hashes(self, job: PreparedJob) -> dict[str, str]:
@@ -526,6 +539,8 @@ class ImageEngine:
         if job.refiner is not None:
             params.update({"Refiner": f"{job.refiner.model.name} [{job.refiner.model_hash}]",
                            "Refiner switch at": job.refiner.switch_at})  # fmt: skip
+        for index, control in enumerate(job.controls):  # as the ControlNet extension writes its units
+            params[f"ControlNet {index}"] = control.infotext()
         return {key: str(value) for key, value in params.items() if value is not None}
 
 

@@ -113,3 +113,30 @@ def sd15_single_file_state_dict(unet, vae, text_encoder) -> dict[str, torch.Tens
     for key, tensor in text_encoder.state_dict().items():
         state[CLIP_PREFIX + key.removeprefix("text_model.")] = tensor
     return {key: tensor.contiguous() for key, tensor in state.items()}
+
+
+CONTROLNET_PREFIX = "control_model."
+
+
+def controlnet_key_to_ldm(key: str, layers_per_block: int) -> str:
+    """One ControlNetModel key -> its name in A1111's ControlNet files (without `control_model.`): the UNet
+    encoder's names, plus the hint encoder (`input_hint_block`, convolutions at 0, 2, ..., 14) and the zero
+    convolutions (`zero_convs.N.0`, `middle_block_out.0`)."""
+    if m := re.fullmatch(r"controlnet_cond_embedding\.conv_in\.(.+)", key):
+        return f"input_hint_block.0.{m[1]}"
+    if m := re.fullmatch(r"controlnet_cond_embedding\.blocks\.(\d+)\.(.+)", key):
+        return f"input_hint_block.{2 * (int(m[1]) + 1)}.{m[2]}"
+    if m := re.fullmatch(r"controlnet_cond_embedding\.conv_out\.(.+)", key):
+        return f"input_hint_block.14.{m[1]}"
+    if m := re.fullmatch(r"controlnet_down_blocks\.(\d+)\.(.+)", key):
+        return f"zero_convs.{m[1]}.0.{m[2]}"
+    if m := re.fullmatch(r"controlnet_mid_block\.(.+)", key):
+        return f"middle_block_out.0.{m[1]}"
+    return unet_key_to_ldm(key, layers_per_block, [])
+
+
+def controlnet_ldm_state_dict(controlnet) -> dict[str, torch.Tensor]:
+    """An SD1.5 diffusers ControlNetModel as A1111's single-file layout (`control_model.*`)."""
+    layers = controlnet.config.layers_per_block
+    return {CONTROLNET_PREFIX + controlnet_key_to_ldm(key, layers): tensor.contiguous()
+            for key, tensor in controlnet.state_dict().items()}  # fmt: skip

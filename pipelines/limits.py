@@ -32,6 +32,7 @@ class Limits(BaseModel):
     max_mask_blur: int = Field(64, ge=0)  # `mask_blur` in pixels
     max_input_image_pixels: int = Field(4096 * 4096, ge=64 * 64)  # img2img input, before resizing
     max_request_bytes: int = Field(32 * 2**20, ge=1024)  # larger request bodies get 413
+    max_controlnet_units: int = Field(3, ge=0, le=10)  # ControlNet units per job (A1111's "Multi-ControlNet")
 
 
 def load_limits(path: Path | None = None) -> Limits:

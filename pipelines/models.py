@@ -232,6 +232,30 @@ class LoadedModel:
         return self._img2img
 
 
+def with_controlnet(pipe, controlnets: list):
+    """The job's pipeline with ControlNet: diffusers' ControlNet pipeline of the same kind (txt2img, img2img,
+    inpainting; SD1.5 or SDXL), sharing every module of `pipe`; several ControlNets as one MultiControlNetModel.
+    Made per call (it costs no memory), so no job's ControlNets stay on the model."""
+    import diffusers
+    from diffusers.models import MultiControlNetModel
+
+    classes = {
+        diffusers.StableDiffusionPipeline: diffusers.StableDiffusionControlNetPipeline,
+        diffusers.StableDiffusionImg2ImgPipeline: diffusers.StableDiffusionControlNetImg2ImgPipeline,
+        diffusers.StableDiffusionInpaintPipeline: diffusers.StableDiffusionControlNetInpaintPipeline,
+        diffusers.StableDiffusionXLPipeline: diffusers.StableDiffusionXLControlNetPipeline,
+        diffusers.StableDiffusionXLImg2ImgPipeline: diffusers.StableDiffusionXLControlNetImg2ImgPipeline,
+        diffusers.StableDiffusionXLInpaintPipeline: diffusers.StableDiffusionXLControlNetInpaintPipeline,
+    }
+    controlled = classes.get(type(pipe))
+    if controlled is None:
+        raise ModelLoadError(f"ControlNet does not run with a {type(pipe).__name__}", field="controlnet")
+    model = controlnets[0] if len(controlnets) == 1 else MultiControlNetModel(controlnets)
+    made = controlled.from_pipe(pipe, controlnet=model)
+    made.set_progress_bar_config(disable=True)
+    return made
+
+
 def inpainting_class(family: str):
     from diffusers import StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline
 

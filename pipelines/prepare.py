@@ -8,6 +8,8 @@ from dataclasses import dataclass, field, replace
 from PIL import Image
 
 from pipelines.catalog import Mode, ModelCatalog, ModelEntry
+from pipelines.control_plan import ControlPlan, plan_controls
+from pipelines.controlnets import ControlNetLibrary
 from pipelines.embeddings import EmbeddingFile, EmbeddingLibrary
 from pipelines.errors import (
     InvalidRequestError,
@@ -77,6 +79,7 @@ class PreparedJob:
     image_index: int = 0  # which of its request's images this is (batch_size x n_iter images, seed + index)
     image_count: int = 1
     preview: bool = False  # live previews of the image so far (pipelines/previews.py)
+    controls: list[ControlPlan] = field(default_factory=list)  # ControlNet units, their maps made
 
     def per_image(self, count: int) -> list["PreparedJob"]:
         """The `count` images of one request (`batch_size` x `n_iter`), as A1111 makes them: seeds seed,
@@ -98,8 +101,9 @@ class PreparedJob:
         alone = id(self) if self.sampler.scheduler_class in SCHEDULERS_WITH_NOISE_PER_CALL else None
         vae = str(self.vae.path) if self.vae else None
         masked = self.inpaint.fill if self.inpaint else None  # the inpainting pipeline; one start per batch
+        controls = tuple(control.batch_key() for control in self.controls)  # the maps are per job
         return (self.mode, self.steps, self.cfg_scale, self.width, self.height, sampler, self.clip_skip,
-                self.denoising_strength, loras, self.hires, refiner, vae, masked, alone)  # fmt: skip
+                self.denoising_strength, loras, self.hires, refiner, vae, masked, controls, alone)  # fmt: skip
 
 
 def random_seed() -> int:
@@ -115,11 +119,12 @@ def prepare_job(
     vaes: VaeLibrary | None = None,
     embeddings: EmbeddingLibrary | None = None,
     input_bytes: dict[str, bytes] | None = None,
+    controlnets: ControlNetLibrary | None = None,
 ) -> PreparedJob:
     """Validates a request and resolves everything that needs no loaded model: sampler, seed, input image,
     LoRAs (checked against `model`; incompatible ones dropped with a warning), hires fix, refiner and VAE (an
     unknown one is a 404). `input_bytes`: the img2img `image` and `mask` files when the caller has decoded
-    their base64 already (so it is decoded once)."""
+    their base64 already (so it is decoded once), and the ControlNet units' images (`controlnet.N.image`)."""
     mode: Mode = "img2img" if isinstance(request, Img2ImgRequest) else "txt2img"
     sampler = resolve_sampler(request.sampler_name, request.scheduler_type)
     if loras is not None:
@@ -144,8 +149,9 @@ def prepare_job(
         warnings=list(plan.warnings) if plan else [],
         preview=request.preview,
     )
+    image = None
+    raw = input_bytes or {}
     if isinstance(request, Img2ImgRequest):
-        raw = input_bytes or {}
         image = decode_image(raw["image"]) if "image" in raw else decode_base64_image(request.image, field="image")
         job.init_image = image.resize((request.width, request.height), Image.Resampling.LANCZOS)
         job.denoising_strength = at_least_one_step(request.steps, request.denoising_strength, "", job.warnings)
@@ -167,6 +173,7 @@ def prepare_job(
         job.embeddings, job.foreign_embeddings = embeddings.named_in([job.prompt, job.negative_prompt], model.family)
         job.warnings += [f"embedding '{item.name}' is for {item.family} models, not {model.family}; its name was "
                          f"removed from the prompt" for item in job.foreign_embeddings]  # fmt: skip
+    job.controls = plan_controls(request.controlnet, model, controlnets, request.width, request.height, image, raw)
     job.hires = _plan_hires(request, mode, upscalers, job.warnings)
     job.refiner = _plan_refiner(request, mode, model, catalog, job.warnings)
     if job.hires is not None:

@@ -103,6 +103,46 @@ class HiresConfig(BaseModel):
     _whole_numbers = field_validator("*", mode="before")(whole_numbers_as_integers)
 
 
+ControlMode = Literal["Balanced", "My prompt is more important", "ControlNet is more important"]
+ControlResizeMode = Literal["Just Resize", "Crop and Resize", "Resize and Fill"]
+HiresOption = Literal["Both", "Low res only", "High res only"]
+ProcessorResolution = Annotated[int, Field(ge=64, le=LIMITS.max_size)] | Literal[-1]
+
+
+class ControlNetUnit(BaseModel):
+    """One ControlNet unit, with the fields and defaults of A1111's ControlNet extension."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    model: Name = Field(..., description="A ControlNet model's name or A1111 title (GET /controlnet/models); of the "
+                        "job's model family")  # fmt: skip
+    module: str = Field("none", min_length=1, max_length=100, description="The preprocessor (GET "
+                        "/controlnet/module_list); `none`: `image` is the control map already")  # fmt: skip
+    image: str | None = Field(
+        None, min_length=1, json_schema_extra={"format": IMAGE_FORMAT},
+        description="The control image, base64 (the formats `image` of img2img takes); absent on img2img: the "
+        "init image",
+    )  # fmt: skip
+    weight: float = Field(1.0, ge=0.0, le=2.0, description="The ControlNet's conditioning scale")
+    guidance_start: float = Field(0.0, ge=0.0, le=1.0, description="Of the steps, when the control starts")
+    guidance_end: float = Field(1.0, ge=0.0, le=1.0, description="Of the steps, when the control ends")
+    control_mode: ControlMode = Field("Balanced", description="See the README's ControlNet section")
+    resize_mode: ControlResizeMode = Field("Crop and Resize", description="How the map is fitted to the image's size")
+    processor_res: ProcessorResolution = Field(-1, description="The preprocessor's resolution (-1: its default)")
+    threshold_a: float = Field(-1.0, allow_inf_nan=False, description="The preprocessor's first slider (-1: default)")
+    threshold_b: float = Field(-1.0, allow_inf_nan=False, description="Its second slider (-1: default)")
+    pixel_perfect: bool = Field(False, description="The preprocessor's resolution from the image's size")
+    hr_option: HiresOption = Field("Both", description="Hires fix: the passes the control applies to")
+
+    _whole_numbers = field_validator("*", mode="before")(whole_numbers_as_integers)
+
+    @model_validator(mode="after")
+    def _start_before_end(self):
+        if self.guidance_start > self.guidance_end:
+            raise ValueError(f"guidance_start {self.guidance_start:g} is after guidance_end {self.guidance_end:g}")
+        return self
+
+
 MAX_PRIORITY = 100  # `priority` is -100..100
 
 
@@ -158,6 +198,10 @@ class GenerationRequest(BaseModel):
     preview: bool = Field(
         False, description="Send `preview` events (a small JPEG of the image so far) on GET /queue/{job_id}/events"
     )
+    controlnet: list[ControlNetUnit] = Field(
+        default_factory=list, max_length=LIMITS.max_controlnet_units,
+        description="ControlNet units (A1111's Multi-ControlNet), applied together",
+    )  # fmt: skip
     priority: int = Field(
         0, ge=-MAX_PRIORITY, le=MAX_PRIORITY,
         description="Order among this API key's own waiting jobs (higher first; keys take turns whatever their "
@@ -195,6 +239,9 @@ class GenerationRequest(BaseModel):
         if isinstance(hires, HiresConfig):
             for name in hires.model_extra or {}:
                 payload["hires"].pop(name, None)
+        for index, unit in enumerate(self.controlnet):
+            for name in unit.model_extra or {}:
+                payload["controlnet"][index].pop(name, None)
         return payload
 
     def unknown_fields(self) -> list[str]:
@@ -206,6 +253,8 @@ class GenerationRequest(BaseModel):
         hires = self.__dict__.get("hires")  # a field of txt2img only
         if isinstance(hires, HiresConfig):
             names += [f"hires.{name}" for name in sorted(hires.model_extra or {})]
+        for index, unit in enumerate(self.controlnet):
+            names += [f"controlnet[{index}].{name}" for name in sorted(unit.model_extra or {})]
         return names
 
 

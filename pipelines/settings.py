@@ -23,6 +23,7 @@ class Settings(BaseModel):
     upscalers_dir: Path
     vaes_dir: Path
     embeddings_dir: Path
+    controlnet_dir: Path  # ControlNet models (A1111 single files and diffusers folders)
     outputs_dir: Path  # local things the service keeps by default: the job database, images unless outputs_url
     # Images in storage every node reaches (an fsspec URL: s3://bucket/prefix, file:///mnt/shared/...), given as
     # `outputs_dir` (app argument or DIFFUSION_API_OUTPUTS_DIR); None: images go in outputs_dir.
@@ -46,6 +47,7 @@ class Settings(BaseModel):
             upscalers_dir=_env_path("DIFFUSION_API_UPSCALERS_DIR", sd / "upscalers"),
             vaes_dir=_env_path("DIFFUSION_API_VAES_DIR", sd / "vae"),
             embeddings_dir=_env_path("DIFFUSION_API_EMBEDDINGS_DIR", sd / "embeddings"),
+            controlnet_dir=_env_path("DIFFUSION_API_CONTROLNET_DIR", sd / "controlnet"),
             outputs_dir=root / "outputs" if outputs_url else _env_path("DIFFUSION_API_OUTPUTS_DIR", root / "outputs"),
             outputs_url=outputs_url,
             cache_dir=_env_path("DIFFUSION_API_CACHE_DIR", sd / ".cache"),

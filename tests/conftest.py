@@ -13,6 +13,7 @@ import pytest
 
 from pipelines.catalog import ModelCatalog
 from pipelines.demo import (
+    create_demo_controlnets,
     create_demo_embeddings,
     create_demo_loras,
     create_demo_models,
@@ -30,6 +31,7 @@ def demo_root(tmp_path_factory) -> Path:
     create_demo_upscaler(root / "stable_diffusion" / "upscalers")
     create_demo_vae(root / "stable_diffusion" / "vae")
     create_demo_embeddings(root / "stable_diffusion" / "embeddings")
+    create_demo_controlnets(root / "stable_diffusion" / "controlnet")
     return root
 
 

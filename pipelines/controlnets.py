@@ -1,0 +1,188 @@
+"""ControlNet models users install: `stable_diffusion/controlnet/`, as A1111's single files
+(`control_v11p_sd15_canny.safetensors`, `.pth`) or diffusers folders (`config.json` + weights).
+
+The family (SD1.5 or SDXL) is read from the files without torch, as for LoRAs: an SDXL ControlNet has the
+text-and-time embedding of its UNet (`add_embedding` / `label_emb`), an SD 2.x one cross-attends to 1024-wide
+text. A single file is read into a ControlNet built from the job's own UNet configuration (a ControlNet is its
+UNet's encoder), with diffusers' own original-layout conversion, so nothing is fetched from the hub. Loaded
+ControlNets are kept in a small per-process cache. torch is imported only to load one (the ingress resolves
+names with this module and must not load torch).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pipelines import tensor_shapes
+from pipelines.catalog import FileFactsCache, sha256_of_file
+from pipelines.errors import DiffusionAPIError, ModelLoadError
+from pipelines.names import find_named_file, scan_named_files
+from pipelines.settings import Settings
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+CONTROLNET_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt", ".bin")
+DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+SDXL_KEYS = ("add_embedding.linear_1.weight", "control_model.label_emb.0.0.weight", "label_emb.0.0.weight")
+_TITLE = re.compile(r"^(?P<name>.+?)\s+\[(?P<hash>[0-9a-fA-F]{8,10})\]$")  # A1111's `name [hash8]`
+
+
+class UnknownControlNetError(DiffusionAPIError):
+    status_code = 404
+
+
+@dataclass(frozen=True)
+class ControlNetFile:
+    name: str  # as listed and requested: the path under the folder, without extension
+    path: Path  # the file, or the diffusers folder
+    family: str  # sd15, sdxl, sd2 or unknown
+
+    @property
+    def weights_file(self) -> Path:
+        if self.path.is_file():
+            return self.path
+        return next(self.path / name for name in DIFFUSERS_WEIGHTS if (self.path / name).exists())
+
+
+def detect_controlnet_family(path: Path) -> str:
+    """sd15, sdxl, sd2 or unknown, from a diffusers folder's config or a file's tensor names and shapes."""
+    if path.is_dir():
+        config = json.loads((path / "config.json").read_text())
+        if config.get("addition_embed_type") == "text_time":
+            return "sdxl"
+        return "sd2" if config.get("cross_attention_dim") == 1024 else "sd15"
+    shapes = tensor_shapes.read(path)
+    if shapes is None:
+        return "unknown"
+    shapes = shapes.get("state_dict", shapes)
+    if any(key in shapes for key in SDXL_KEYS):
+        return "sdxl"
+    hint_encoder = ("input_hint_block.0.weight", "controlnet_cond_embedding.conv_in.weight")
+    if not any(key.endswith(hint_encoder) for key in shapes):
+        return "unknown"  # no ControlNet's hint encoder: another kind of file
+    for key, shape in shapes.items():
+        if key.endswith("attn2.to_k.weight") and getattr(shape, "ndim", 0) == 2:
+            return "sd2" if shape.shape[1] == 1024 else "sd15"
+    return "sd15"
+
+
+class ControlNetLibrary:
+    def __init__(self, settings: Settings, facts: FileFactsCache | None = None, max_loaded: int = 4):
+        self.folder = settings.controlnet_dir
+        self.allow_external_links = settings.allow_external_links
+        self.facts = facts or FileFactsCache(settings.cache_dir / "file_facts.json")
+        self.max_loaded = max_loaded
+        self._loaded: OrderedDict[tuple, torch.nn.Module] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _entries(self) -> list[tuple[str, Path]]:
+        folders = []
+        if self.folder.is_dir():
+            for config in sorted(self.folder.rglob("config.json")):
+                folder = config.parent
+                if any((folder / name).exists() for name in DIFFUSERS_WEIGHTS):
+                    folders.append((folder.relative_to(self.folder).as_posix(), folder))
+        files = scan_named_files(self.folder, CONTROLNET_SUFFIXES, self.allow_external_links)
+        files = [(name, path) for name, path in files if not any(path.is_relative_to(folder) for _, folder in folders)]
+        return sorted(files + folders)
+
+    def _family(self, path: Path) -> str:
+        key = path.resolve() / "config.json" if path.is_dir() else path.resolve()
+        return self.facts.get(key, "controlnet_family", lambda _: detect_controlnet_family(path))
+
+    def available(self) -> list[ControlNetFile]:
+        """Every ControlNet installed, with its family (files that are no ControlNet are left out)."""
+        found = [ControlNetFile(name, path, self._family(path)) for name, path in self._entries()]
+        return [entry for entry in found if entry.family != "unknown"]
+
+    def resolve(self, requested: str, field: str = "model") -> ControlNetFile:
+        """A ControlNet by name (with or without extension) or A1111 title (`name [hash]`)."""
+        entries = self._entries()
+        wanted = title["name"] if (title := _TITLE.match(requested.strip())) else requested
+        found = find_named_file(wanted, entries, CONTROLNET_SUFFIXES, field, "ControlNet")
+        if found is None:
+            names = ", ".join(repr(entry.name) for entry in self.available())
+            raise UnknownControlNetError(f"unknown ControlNet model {requested!r}; installed: "
+                                         f"{names or f'none (the folder {self.folder} is empty)'}",
+                                         field=field)  # fmt: skip
+        name, path = found
+        return ControlNetFile(name, path, self._family(path))
+
+    def short_hash(self, entry: ControlNetFile) -> str:
+        """A1111's ControlNet hash in titles: the first 8 hex digits of the weights file's sha256."""
+        return self.facts.get(entry.weights_file.resolve(), "sha256", sha256_of_file)[:8]
+
+    def title(self, entry: ControlNetFile) -> str:
+        return f"{entry.name} [{self.short_hash(entry)}]"
+
+    def load(self, entry: ControlNetFile, unet: torch.nn.Module) -> torch.nn.Module:
+        """The ControlNet as a diffusers ControlNetModel on the device and in the precision of `unet` (the
+        job's model's UNet, whose configuration a single file is read into); cached."""
+        key = (str(entry.path), entry.weights_file.stat().st_mtime_ns, unet.device, unet.dtype)
+        with self._lock:
+            if key in self._loaded:
+                self._loaded.move_to_end(key)
+                return self._loaded[key]
+            try:
+                loaded = self._read(entry, unet)
+            except Exception as error:  # a user's file: unreadable, another layout, another architecture
+                message = f"could not load ControlNet '{entry.name}': {error}"
+                raise ModelLoadError(message, field="controlnet") from error
+            loaded = loaded.to(device=unet.device, dtype=unet.dtype).eval()
+            while len(self._loaded) >= self.max_loaded:
+                self._loaded.popitem(last=False)
+            self._loaded[key] = loaded
+            return loaded
+
+    @staticmethod
+    def _read(entry: ControlNetFile, unet: torch.nn.Module) -> torch.nn.Module:
+        import torch
+        from diffusers import ControlNetModel
+        from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
+
+        if entry.path.is_dir():
+            return ControlNetModel.from_pretrained(entry.path, local_files_only=True)
+        if entry.path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(entry.path))
+        else:
+            state = torch.load(entry.path, map_location="cpu", weights_only=True)
+            state = state.get("state_dict", state)
+        model = ControlNetModel.from_unet(unet, load_weights_from_unet=False)
+        converted = convert_controlnet_checkpoint(state, dict(model.config))
+        missing, unexpected = model.load_state_dict(converted, strict=False)
+        if missing:
+            raise ValueError(f"{len(missing)} weights missing (e.g. {missing[0]}): not a ControlNet for this model")
+        if unexpected:
+            logger.warning("ControlNet %s: %d unexpected weights ignored", entry.name, len(unexpected))
+        return model
+
+
+# The extension's control types (its UI's filter), for this service's preprocessors: type -> (its preprocessors,
+# the word the names of its models hold, the default preprocessor). "All" lists everything.
+CONTROL_TYPES: dict[str, tuple[tuple[str, ...], str, str]] = {
+    "Canny": (("canny", "invert"), "canny", "canny"),
+    "Lineart": (("lineart_standard", "invert"), "lineart", "lineart_standard"),
+    "Scribble/Sketch": (("scribble_xdog", "invert"), "scribble", "scribble_xdog"),
+    "Tile/Blur": (("tile_resample", "blur_gaussian"), "tile", "tile_resample"),
+}
+
+
+def control_types(modules: list[str], titles: list[str]) -> dict[str, dict]:
+    """The extension's `GET /controlnet/control_types`: each type's preprocessors and models, and defaults."""
+    types = {"All": {"module_list": modules, "model_list": titles, "default_option": "none", "default_model": "None"}}
+    for name, (preprocessors, word, default) in CONTROL_TYPES.items():
+        models = [title for title in titles if word in title.lower()]
+        types[name] = {"module_list": ["none", *preprocessors], "model_list": models, "default_option": default,
+                       "default_model": models[0] if models else "None"}  # fmt: skip
+    return types
