@@ -25,7 +25,7 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 
 from deployments.job_records import ClaimedJob, JobOrder, Orphan
-from deployments.job_status import JobFiles, with_inputs
+from deployments.job_status import JobFiles, payload_with_inputs
 from pipelines.errors import DiffusionAPIError
 from pipelines.schemas import JobState
 
@@ -239,7 +239,7 @@ class Dispatcher:
 
     async def _prepare_claimed(self, job: ClaimedJob) -> JobOrder:
         try:  # the input images are read back only for this (the order holds them decoded)
-            payload = with_inputs(job.payload, await asyncio.to_thread(self.files.read_inputs, job.inputs))
+            payload = payload_with_inputs(job.payload, await asyncio.to_thread(self.files.read_inputs, job.inputs))
         except DiffusionAPIError as error:  # an input image gone from the storage, or the storage unreachable
             raise DiffusionAPIError(f"its input image could not be read: {error.message}") from error
         try:

@@ -11,6 +11,7 @@ from pipelines.storage import MissingImageError, OutputStorage
 
 INPUT_FIELDS = ("image", "mask")  # img2img's input images: stored in the output storage, not in the job record
 CONTROL_IMAGE = "controlnet.{index}.image"  # a ControlNet unit's image, stored the same way
+DETECTED_MAP = "controlnet.{index}.detected"  # the map its preprocessor made (at submission), stored beside it
 
 
 def input_images(request) -> dict[str, str]:
@@ -37,7 +38,7 @@ def without_inputs(payload: dict) -> dict:
     return record
 
 
-def with_inputs(payload: dict, inputs: dict[str, str]) -> dict:
+def payload_with_inputs(payload: dict, inputs: dict[str, str]) -> dict:
     """A record's payload with its input images (base64, `read_inputs`) back in their places."""
     merged = {**payload, **{name: value for name, value in inputs.items() if name in INPUT_FIELDS}}
     units = [dict(unit) for unit in payload.get("controlnet") or []]
@@ -74,7 +75,22 @@ class JobFiles:
 
     def read_inputs(self, inputs: dict[str, str]) -> dict[str, str]:
         """A job's stored input images, as the base64 its payload had (MissingImageError when one is gone)."""
-        return {name: encode_base64(self.storage.read(location)) for name, location in inputs.items()}
+        return {name: encode_base64(self.storage.read(location)) for name, location in inputs.items()
+                if not name.endswith(".detected")}  # fmt: skip
+
+    def detected_maps(self, job: JobRecord) -> list[str]:
+        """The ControlNet units' detected maps (PNG, base64), in unit order (units with module `none` have
+        none); a map gone from the storage is left out."""
+        maps = []
+        for index in range(len(job.payload.get("controlnet") or [])):
+            location = (job.inputs or {}).get(DETECTED_MAP.format(index=index))
+            if location is None:
+                continue
+            try:
+                maps.append(encode_base64(self.storage.read(location)))
+            except MissingImageError:
+                continue
+        return maps
 
     # Outputs -----------------------------------------------------------------------------------------------
     async def with_image_bytes(self, result: dict) -> tuple[dict, list[str]]:
@@ -152,7 +168,9 @@ class JobFiles:
             result.pop("parameters", None)  # the infotext's, structured (the A1111 door's `info`); `infotext` has them
             # Records written before inputs were stored apart still hold them in the payload: left out too.
             fields.update({**result, "payload": without_inputs(job.payload)})
+            if with_images and job.payload.get("controlnet"):
+                fields["controlnet_maps"] = await asyncio.to_thread(self.detected_maps, job)
             fields["warnings"] = job.warnings + missing
         if with_inputs:  # an input gone from the storage: MissingImageError (404); unreachable: StorageError
-            fields["payload"] = with_inputs(job.payload, await asyncio.to_thread(self.read_inputs, job.inputs))
+            fields["payload"] = payload_with_inputs(job.payload, await asyncio.to_thread(self.read_inputs, job.inputs))
         return fields

@@ -20,6 +20,7 @@ import psutil
 from PIL import Image
 from pydantic import ValidationError
 
+from pipelines.a1111_controlnet import controlnet_args, native_units
 from pipelines.a1111_schemas import (
     PROMPT_FIELDS,
     A1111GenerationRequest,
@@ -78,6 +79,7 @@ class MappedRequest:
     kind: Kind
     native: Txt2ImgRequest | Img2ImgRequest
     warnings: list[str] = field(default_factory=list)
+    save_detected_maps: bool = False  # answer the ControlNet units' detected maps after the images
 
 
 def _is_set(value: Any) -> bool:
@@ -100,7 +102,7 @@ def _unsupported_warnings(request: A1111GenerationRequest, kind: Kind) -> list[s
         "styles": bool(request.styles),
         "subseed_strength": bool(request.subseed_strength),
         "script_name": _is_set(request.script_name),
-        "alwayson_scripts": bool(request.alwayson_scripts),
+        "alwayson_scripts": bool(controlnet_args(request.alwayson_scripts)[1]),  # ControlNet's is read
     }
     if isinstance(request, A1111Txt2ImgRequest) and request.enable_hr:
         asked["hr_checkpoint_name"] = _is_set(request.hr_checkpoint_name)
@@ -225,6 +227,10 @@ def to_native(
             native.update(refiner_checkpoint=request.refiner_checkpoint, refiner_switch_at=switch_at)
     if isinstance(request, A1111Txt2ImgRequest) and request.enable_hr:
         native["hires"] = _hires(request, width, height, steps, warnings)
+    save_maps = False
+    units, _ = controlnet_args(request.alwayson_scripts)
+    if units:
+        native["controlnet"], save_maps = native_units(units, warnings)
     if isinstance(request, A1111Img2ImgRequest):
         if not request.init_images:
             raise InvalidRequestError("init_images: img2img needs at least one input image", field="init_images")
@@ -234,7 +240,7 @@ def to_native(
             native.update(_inpainting(request, warnings))
     model = Img2ImgRequest if kind == "img2img" else Txt2ImgRequest
     try:
-        return MappedRequest(kind, model.model_validate(native), warnings)
+        return MappedRequest(kind, model.model_validate(native), warnings, save_maps and bool(native.get("controlnet")))
     except ValidationError as error:
         raise InvalidRequestError(_validation_message(error), field=None) from None
 
@@ -336,7 +342,7 @@ def generation_info(
     subseed = request.subseed if request.subseed is not None and request.subseed >= 0 else seeds[0] if seeds else -1
     extra_keys = ("Schedule type", "Hires upscale", "Hires steps", "Hires upscaler", "Lora hashes", "Refiner",
                   "Refiner switch at", "Mask blur", "Mask mode", "Inpaint area", "Masked area padding",
-                  "Masked content")  # fmt: skip
+                  "Masked content", *(key for key in params if key.startswith("ControlNet ")))  # fmt: skip
     denoising = params.get("Denoising strength")
     return {
         "prompt": request.prompt or "",

@@ -3,6 +3,7 @@ control map (the preprocessor run on its image, fitted to the job's size) and it
 ControlNet extension reads them. The maps are made on the ingress (no torch: OpenCV and numpy), so a bad unit
 fails at submission and the generator gets the maps ready."""
 
+import io
 from dataclasses import dataclass
 
 from PIL import Image, ImageOps
@@ -50,6 +51,17 @@ class ControlPlan:
                   "Guidance Start": self.guidance_start, "Guidance End": self.guidance_end,
                   "Pixel Perfect": self.pixel_perfect, "Control Mode": self.control_mode}  # fmt: skip
         return ", ".join(f"{key}: {value}" for key, value in fields.items())
+
+
+def detected_files(controls: list[ControlPlan]) -> dict[str, bytes]:
+    """The units' detected maps as PNG files, by the name the job stores them under."""
+    files = {}
+    for index, control in enumerate(controls):
+        if control.detected is not None:
+            buffer = io.BytesIO()
+            control.detected.save(buffer, format="PNG")
+            files[f"controlnet.{index}.detected"] = buffer.getvalue()
+    return files
 
 
 def pixel_perfect_resolution(image: Image.Image, width: int, height: int, resize_mode: str) -> int:
@@ -104,7 +116,10 @@ def _plan(unit: ControlNetUnit, field: str, model: ModelEntry | None, library: C
             f"{FAMILY_NAMES.get(model.family, model.family)} ControlNets: {', '.join(map(repr, fitting)) or 'none'}",
             field=f"{field}.model",
         )
-    module = preprocessor(unit.module)
+    try:
+        module = preprocessor(unit.module)
+    except DiffusionAPIError as error:
+        raise InvalidRequestError(f"{field}: {error.message}", field=f"{field}.module") from None
     if raw is not None:
         image = decode_image(raw, field=f"{field}.image", mode=None)  # transparency: over white, as the extension
     elif unit.image:

@@ -405,6 +405,10 @@ class QueueStatusResponse(BaseModel):
     output_paths: list[str] | None = None
     seeds: list[int] | None = Field(None, description="Each image's seed: seed, seed+1, ... (as A1111)")
     infotexts: list[str] | None = None
+    controlnet_maps: list[str] | None = Field(
+        None, description="Once done: each ControlNet unit's detected map (PNG, base64) as its preprocessor made it "
+        "(units with module `none` have none)",
+    )  # fmt: skip
 
 
 class ModelInfo(BaseModel):

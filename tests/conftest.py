@@ -62,6 +62,7 @@ def env_settings(monkeypatch, settings):
     monkeypatch.setenv("DIFFUSION_API_UPSCALERS_DIR", str(settings.upscalers_dir))
     monkeypatch.setenv("DIFFUSION_API_VAES_DIR", str(settings.vaes_dir))
     monkeypatch.setenv("DIFFUSION_API_EMBEDDINGS_DIR", str(settings.embeddings_dir))
+    monkeypatch.setenv("DIFFUSION_API_CONTROLNET_DIR", str(settings.controlnet_dir))
     monkeypatch.setenv("DIFFUSION_API_CACHE_DIR", str(settings.cache_dir))
     monkeypatch.setenv("DIFFUSION_API_EXTRA_MODELS_DIR", str(settings.extra_models_dir))
     monkeypatch.setenv("DIFFUSION_API_MODELS_CONFIG", str(settings.models_config))

@@ -51,6 +51,7 @@ from pipelines.upscalers import RESIZE_MODES, canonical_latent_name
 logger = logging.getLogger("ray.serve")
 router = APIRouter(prefix="/sdapi/v1", tags=["A1111-compatible API"])
 ORIGIN = "sdapi"
+CONTROLNET_SCRIPTS = ("controlnet", "controlnet m2m")
 INTERRUPTED_WARNING = (
     "interrupted: the job was cancelled (POST /sdapi/v1/interrupt or skip, or DELETE "
     "/queue/{job_id}) before its images were done"
@@ -106,6 +107,8 @@ async def _sdapi_generate(request: A1111Txt2ImgRequest | A1111Img2ImgRequest, ht
     inpainting = await asyncio.to_thread(_is_inpainting, services, job.payload.get("model"))
     info = a1111.generation_info(request, job, result, list(job.warnings), inpainting)
     images = result.get("images") or [] if request.send_images is not False else []
+    if images and mapped.save_detected_maps:  # as the extension answers: the units' maps after the images
+        images = [*images, *await jobs.detected_maps(job)]
     return GenerationResponse(images=images, parameters=a1111.parameters_echo(request), info=a1111.json_info(info))
 
 
@@ -217,7 +220,8 @@ async def sdapi_embeddings(services: ServicesDep) -> Embeddings:
 
 @router.get("/scripts", response_model=Scripts, responses=LISTING_ERRORS)
 async def sdapi_scripts() -> Scripts:
-    return Scripts()  # no scripts: webuiapi then adds no alwayson_scripts of its own
+    # ControlNet's always-on script (the extension's name, and `controlnet m2m`, which webuiapi looks for).
+    return Scripts(txt2img=list(CONTROLNET_SCRIPTS), img2img=list(CONTROLNET_SCRIPTS))
 
 
 @router.get("/memory", response_model=Memory, responses=LISTING_ERRORS)

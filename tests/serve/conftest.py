@@ -48,6 +48,7 @@ def patched_production_config(settings, outputs: Path, **arg_overrides) -> dict:
         "loras_dir": str(settings.loras_dir),
         "vaes_dir": str(settings.vaes_dir),
         "embeddings_dir": str(settings.embeddings_dir),
+        "controlnet_dir": str(settings.controlnet_dir),
         "upscalers_dir": str(settings.upscalers_dir),
         "outputs_dir": (outputs / "images").as_uri(),
         "job_database": str(outputs / "jobs.sqlite3"),

@@ -222,7 +222,8 @@ def test_errors_are_a1111_json_with_the_reason(client):
 
 
 def test_other_sdapi_endpoints_answer_json(client):
-    assert client.get("/sdapi/v1/scripts").json() == {"txt2img": [], "img2img": []}
+    scripts = {"txt2img": ["controlnet", "controlnet m2m"], "img2img": ["controlnet", "controlnet m2m"]}
+    assert client.get("/sdapi/v1/scripts").json() == scripts  # ControlNet, as webuiapi looks for it
     assert set(client.get("/sdapi/v1/embeddings").json()["loaded"]) == {"demo-style", "demo-xl-style"}
     assert client.get("/sdapi/v1/sd-vae").json()[0]["model_name"] == "demo-vae-ft.safetensors"
     assert {"name": "Latent (bicubic antialiased)"} in client.get("/sdapi/v1/latent-upscale-modes").json()

@@ -73,6 +73,7 @@ def _keyed_application(settings, folder) -> dict:
             "loras_dir": str(loras),
             "vaes_dir": str(settings.vaes_dir),
             "embeddings_dir": str(settings.embeddings_dir),
+            "controlnet_dir": str(settings.controlnet_dir),
             "upscalers_dir": str(settings.upscalers_dir),
             "models_config": str(settings.models_config),
             "cache_dir": str(settings.cache_dir),
