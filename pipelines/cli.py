@@ -4,6 +4,7 @@ Errors are one line on stderr and a non-zero exit code, never a traceback.
 """
 
 import argparse
+import base64
 import logging
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ FLAGS = {
     "scheduler_type": "--scheduler-type", "seed": "--seed", "clip_skip": "--clip-skip",
     "jpeg_quality": "--quality", "image": "--image", "denoising_strength": "--denoising-strength", "loras": "--lora",
     "hires.upscaler": "--upscaler", "vae": "--vae", "mask": "--mask", "mask_blur": "--mask-blur",
-    "inpainting_fill": "--masked-content", "inpaint_full_res_padding": "--padding",
+    "inpainting_fill": "--masked-content", "inpaint_full_res_padding": "--padding", "controlnet": "--controlnet",
 }  # fmt: skip
 
 
@@ -205,9 +206,43 @@ def _request_fields(args) -> dict:
         "cfg_scale": args.cfg_scale, "width": args.width, "height": args.height, "model": args.model,
         "sampler_name": args.sampler, "scheduler_type": args.scheduler_type, "seed": args.seed,
         "clip_skip": args.clip_skip, "jpeg_quality": args.quality, "loras": _lora_flags(args.lora),
-        "vae": args.vae,
+        "vae": args.vae, "controlnet": _controlnet_flags(args.controlnet),
     }  # fmt: skip
     return {key: value for key, value in fields.items() if value is not None}
+
+
+CONTROLNET_NUMBERS = ("weight", "guidance_start", "guidance_end", "threshold_a", "threshold_b")
+
+
+def _controlnet_flags(values: list[str] | None) -> list[dict] | None:
+    """`--controlnet model=NAME,image=FILE[,module=canny][,weight=0.8][,...]`: one unit per flag, any field of
+    the native unit (`image` is a file path)."""
+    if not values:
+        return None
+    units = []
+    for value in values:
+        unit: dict = {}
+        for part in value.split(","):
+            key, sep, text = part.partition("=")
+            key = key.strip().replace("-", "_")
+            if not sep or not key:
+                raise CliError(f"argument --controlnet: expected key=value pairs separated by commas, got {value!r}")
+            if key == "image":
+                try:
+                    unit["image"] = base64.b64encode(Path(text).read_bytes()).decode("ascii")
+                except OSError as error:
+                    raise CliError(f"argument --controlnet: cannot read image {text!r}: {error.strerror}") from error
+            elif key in CONTROLNET_NUMBERS or key == "processor_res":
+                try:
+                    unit[key] = int(text) if key == "processor_res" else float(text)
+                except ValueError:
+                    raise CliError(f"argument --controlnet: {key} must be a number, got {text!r}") from None
+            elif key == "pixel_perfect":
+                unit[key] = text.strip().lower() in ("1", "true", "yes", "on")
+            else:
+                unit[key] = text
+        units.append(unit)
+    return units
 
 
 def _lora_flags(values: list[str] | None) -> list[dict] | None:
@@ -349,6 +384,10 @@ def _add_generation_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quality", type=int, help="jpg/webp/avif quality (1-100)")
     parser.add_argument("--lora", action="append", metavar="NAME[:SCALE]", help="apply a LoRA (repeatable)")
     parser.add_argument("--vae", help="a VAE (see 'diffusion-api vaes'); default: the model's own")
+    parser.add_argument(
+        "--controlnet", action="append", metavar="model=NAME,image=FILE[,module=canny,...]",
+        help="a ControlNet unit (repeatable): its fields as key=value (README 'ControlNet')",
+    )  # fmt: skip
     parser.add_argument("--output", required=True, help="output file; .png .jpg .webp .avif .gif")
 
 
@@ -441,7 +480,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as error:
         message = _validation_message(error)
     except DiffusionAPIError as error:
-        flag = FLAGS.get(error.field or "", error.field)
+        field = error.field or ""
+        flag = "--controlnet" if field.startswith("controlnet") else FLAGS.get(field, error.field)
         message = f"argument {flag}: {error.message}" if flag else error.message
     except KeyboardInterrupt:
         message = "interrupted"

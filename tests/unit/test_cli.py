@@ -181,3 +181,20 @@ def test_embeddings_listing(env_settings, capsys):
     code, out, _ = run_cli(capsys, "embeddings")
     assert code == 0
     assert [line.split() for line in out.splitlines()[1:]] == [["demo-style", "sd15"], ["demo-xl-style", "sdxl"]]
+
+
+def test_txt2img_with_a_controlnet_flag(env_settings, capsys, tmp_path):
+    hint = tmp_path / "hint.png"
+    Image.new("RGB", (64, 64), "white").save(hint)
+    output = tmp_path / "controlled.png"
+    code, _, err = run_cli(capsys, "txt2img", "--prompt", "x", "--steps", "3", "--width", "64", "--height", "64",
+                           "--controlnet", f"model=demo-sd15-canny,image={hint},module=invert,weight=0.7",
+                           "--output", str(output))  # fmt: skip
+    assert code == 0, err
+    unit = parse_infotext(read_infotext(output.read_bytes()))["ControlNet 0"]
+    assert unit.startswith("Module: invert, Model: demo-sd15-canny [") and "Weight: 0.7" in unit
+    code, _, err = run_cli(capsys, "txt2img", "--prompt", "x", "--controlnet", f"model=nope,image={hint}",
+                           "--output", str(output))  # fmt: skip
+    assert code == 2 and err.startswith("diffusion-api: error: argument --controlnet: unknown ControlNet model 'nope'")
+    code, _, err = run_cli(capsys, "txt2img", "--prompt", "x", "--controlnet", "model", "--output", str(output))
+    assert code == 2 and "key=value" in err

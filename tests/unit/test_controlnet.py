@@ -157,3 +157,28 @@ def test_a_unit_that_cannot_run_is_a_4xx_naming_it(engine, units, field, status)
     assert (refused.value.field, refused.value.status_code) == (field, status), refused.value.message
     if field == "controlnet[0].model" and status == 422:
         assert "installed SD1.5 ControlNets: 'control_demo_sd15_canny', 'demo-sd15-canny'" in refused.value.message
+
+
+@pytest.mark.parametrize("model", ["demo-sd15", "demo-sd15-inpainting"])
+def test_inpainting_with_a_unit_repaints_the_mask_under_control_and_keeps_the_rest(engine, model):
+    from PIL import ImageDraw, ImageFilter
+
+    init = Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    mask = Image.new("L", (64, 64), 0)
+    ImageDraw.Draw(mask).ellipse((16, 16, 48, 48), fill=255)
+    common = {**BASE, "model": model, "image": as_base64(init), "mask": as_base64(mask), "denoising_strength": 0.9}
+    plain = pixels(engine.generate(Img2ImgRequest(**common)))
+    controlled = pixels(
+        engine.generate(Img2ImgRequest(**common, controlnet=[unit(image=as_base64(hint(box=(10, 10, 54, 30))))]))
+    )
+    kept = np.asarray(mask.filter(ImageFilter.GaussianBlur(4))) == 0
+    assert np.array_equal(controlled[kept], np.asarray(init).astype(int)[kept])
+    assert np.abs(controlled - plain)[~kept].mean() > 1
+
+
+def test_loras_still_apply_under_control(engine):
+    with_lora = engine.generate(
+        Txt2ImgRequest(**{**BASE, "prompt": "a cat <lora:demo-sd15-kohya:1>"}, controlnet=[unit()])
+    )
+    without = engine.generate(Txt2ImgRequest(**{**BASE, "prompt": "a cat"}, controlnet=[unit()]))
+    assert with_lora.warnings == [] and np.abs(pixels(with_lora) - pixels(without)).mean() > 0.5
