@@ -1,4 +1,5 @@
-"""GPU benchmark of the image engine: plain diffusers vs the engine vs the engine with each speed option on.
+"""GPU benchmark of the image engine: plain diffusers vs the engine vs the engine with each speed option on, and
+with one ControlNet unit (what ControlNet costs on the architecture).
 
 Builds full-size SD1.5 and SDXL architectures with random weights (compute does not depend on the weight
 values), directly on the device, so no checkpoint and no download is needed. Imports `pipelines/` only (no
@@ -139,6 +140,7 @@ class Variant:
     key: str
     way: str
     speed: SpeedOptions | None
+    controlnet: bool = False  # one ControlNet unit (module none) on every job: what ControlNet costs
 
 
 def variants(compile_mode: str, compile_allowed: bool) -> list[Variant]:
@@ -153,6 +155,7 @@ def variants(compile_mode: str, compile_allowed: bool) -> list[Variant]:
         Variant("eager", "engine + eager attention", SpeedOptions(attention="eager")),
         Variant("vae_tiling", "engine + vae_tiling=always", SpeedOptions(vae_tiling="always")),
         Variant("all_fast", "engine + all fast", SpeedOptions(**fast)),
+        Variant("controlnet", "engine + ControlNet", SpeedOptions(), controlnet=True),
     ]
 
 
@@ -365,8 +368,11 @@ def plain_job(pipe, batch: int, size: tuple[int, int], steps: int) -> Job:
     return run
 
 
-def engine_job(engine: ImageEngine, loaded: LoadedModel, batch: int, size: tuple[int, int], steps: int) -> Job:
-    """The engine as the service runs it: one request per image, prepared, then run as one batch."""
+def engine_job(engine: ImageEngine, loaded: LoadedModel, batch: int, size: tuple[int, int], steps: int,
+               controlnet: str | None = None) -> Job:  # fmt: skip
+    """The engine as the service runs it: one request per image, prepared, then run as one batch (with one
+    ControlNet unit of the model `controlnet`, a map of the job's size, when given)."""
+    units = [{"model": controlnet, "image": hint_map(size)}] if controlnet else []
 
     def run(clock: StepClock) -> None:
         requests = [
@@ -378,6 +384,7 @@ def engine_job(engine: ImageEngine, loaded: LoadedModel, batch: int, size: tuple
                 height=size[1],
                 seed=i,
                 sampler_name=SAMPLER,
+                controlnet=units,
             )
             for i in range(batch)
         ]
@@ -544,8 +551,34 @@ def free_memory(setup: Setup, compiled: bool) -> None:
         torch.cuda.empty_cache()
 
 
+def hint_map(size: tuple[int, int]) -> str:
+    """A control map of the job's size (a white square on black), base64."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    image = Image.new("RGB", size)
+    image.paste((255, 255, 255), (size[0] // 4, size[1] // 4, 3 * size[0] // 4, 3 * size[1] // 4))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def write_controlnet(setup: Setup, spec: ModelSpec, unet) -> str:
+    """A random-weight ControlNet of the model's UNet (its encoder's shape: what real ones are), saved where the
+    engine's ControlNet folder is, in the run's precision; its name."""
+    from diffusers import ControlNetModel
+
+    name = f"bench-{spec.key}-controlnet"
+    folder = setup.work / "engine-home" / "stable_diffusion" / "controlnet" / name
+    if not folder.exists():
+        ControlNetModel.from_unet(unet).to(dtype=setup.dtype).save_pretrained(folder, safe_serialization=True)
+    return name
+
+
 def new_engine(setup: Setup, speed: SpeedOptions) -> ImageEngine:
-    settings = Settings.from_env(root=setup.work / "engine-home")  # an empty home: no models, LoRAs or upscalers
+    settings = Settings.from_env(root=setup.work / "engine-home")  # a home with no models, LoRAs or upscalers
     return ImageEngine(ModelCatalog(settings), device=str(setup.device),
                        dtype=str(setup.dtype).removeprefix("torch."), speed=speed)  # fmt: skip
 
@@ -564,11 +597,12 @@ def bench_variant(setup: Setup, spec: ModelSpec, variant: Variant, report: Repor
         entry = ModelEntry(f"bench-{spec.key}", f"bench-{spec.key}", spec.family, "diffusers",
                            setup.work / f"bench-{spec.key}")  # fmt: skip
         loaded = engine.adopt(entry, pipe)
+    controlnet = write_controlnet(setup, spec, pipe.unet) if variant.controlnet else None
 
     def job_for(batch: int, size: tuple[int, int]) -> Job:
         if engine is None:
             return plain_job(pipe, batch, size, setup.steps)
-        return engine_job(engine, loaded, batch, size, setup.steps)
+        return engine_job(engine, loaded, batch, size, setup.steps, controlnet)
 
     compiled = variant.speed is not None and variant.speed.compile
     applied = ", ".join(loaded.speed) if loaded is not None else "diffusers defaults"

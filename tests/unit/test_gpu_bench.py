@@ -22,6 +22,7 @@ WAYS = [
     "engine + eager attention",
     "engine + vae_tiling=always",
     "engine + all fast",
+    "engine + ControlNet",
 ]
 MODELS = ["sd15", "sdxl"]
 NUMBER = re.compile(r"^\d+(\.\d+)?$")
