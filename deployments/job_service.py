@@ -49,7 +49,7 @@ from deployments.metrics import service_metrics
 from deployments.watch import KEEPALIVE_S, JobWatcher, change_key
 from deployments.webhooks import WebhookLookupUnavailable, WebhookPolicy, WebhookTargetError
 from pipelines.catalog import ModelCatalog, ModelEntry, check_mode_supported
-from pipelines.control_plan import detected_files
+from pipelines.control_plan import map_files
 from pipelines.controlnets import ControlNetLibrary
 from pipelines.embeddings import EmbeddingLibrary
 from pipelines.errors import (
@@ -164,7 +164,8 @@ class JobService:
                 entry, job = await asyncio.to_thread(self._check, kind, request, default_model, input_files)
         else:
             entry, job = await asyncio.to_thread(self._check, kind, request, default_model)
-        input_files.update(await asyncio.to_thread(detected_files, job.controls))  # stored with the inputs
+        if job.controls:  # the maps the ControlNets see, stored with the inputs; the job keeps only its own
+            input_files.update(await asyncio.to_thread(map_files, job.controls))
         payload = request.stored_payload()
         payload["model"] = entry.name
         payload["seed"] = job.seed  # a random seed is fixed now, so a retried job makes the same image
@@ -382,9 +383,9 @@ class JobService:
             self._link_secret = (await self.jobs.setting_or(LINK_SECRET_SETTING, secrets.token_hex(32))).encode()
         return self._link_secret
 
-    async def detected_maps(self, job: JobRecord) -> list[str]:
-        """The job's ControlNet units' detected maps (PNG, base64), as their preprocessors made them."""
-        return await asyncio.to_thread(self.files.detected_maps, job)
+    async def control_maps(self, job: JobRecord) -> list[str | None]:
+        """The job's ControlNet units' maps (PNG, base64) as the ControlNets saw them, in unit order."""
+        return await asyncio.to_thread(self.files.control_maps, job)
 
     async def images_of(self, job: JobRecord) -> tuple[dict, list[str]]:
         """A finished job's result with its images' bytes (base64), and a warning for each one missing. The

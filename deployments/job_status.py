@@ -4,14 +4,13 @@ projection of a `JobRecord` onto the status fields (`GET /queue/{id}`, the final
 import asyncio
 
 from deployments.job_records import JobRecord, image_fields
+from pipelines.control_plan import CONTROL_IMAGE, CONTROL_MAP
 from pipelines.errors import JobNotFinishedError, UnknownJobError
 from pipelines.images import decode_base64_bytes, encode_base64, image_extension
 from pipelines.schemas import JobState
 from pipelines.storage import MissingImageError, OutputStorage
 
 INPUT_FIELDS = ("image", "mask")  # img2img's input images: stored in the output storage, not in the job record
-CONTROL_IMAGE = "controlnet.{index}.image"  # a ControlNet unit's image, stored the same way
-DETECTED_MAP = "controlnet.{index}.detected"  # the map its preprocessor made (at submission), stored beside it
 
 
 def input_images(request) -> dict[str, str]:
@@ -58,8 +57,8 @@ class JobFiles:
 
     # Inputs ------------------------------------------------------------------------------------------------
     def store_inputs(self, job_id: str, files: dict[str, bytes]) -> dict[str, str]:
-        """Writes a job's input images (img2img `image`, `mask`: field -> the file's bytes) once; their
-        locations."""
+        """Writes a job's input images (img2img `image`, `mask`, the ControlNet units' images and maps: name ->
+        the file's bytes) once; their locations."""
         stored: dict[str, str] = {}
         try:
             for name, data in files.items():
@@ -75,21 +74,20 @@ class JobFiles:
 
     def read_inputs(self, inputs: dict[str, str]) -> dict[str, str]:
         """A job's stored input images, as the base64 its payload had (MissingImageError when one is gone)."""
+        maps = {CONTROL_MAP.format(index=index) for index in range(len(inputs))}
         return {name: encode_base64(self.storage.read(location)) for name, location in inputs.items()
-                if not name.endswith(".detected")}  # fmt: skip
+                if name not in maps}  # fmt: skip
 
-    def detected_maps(self, job: JobRecord) -> list[str]:
-        """The ControlNet units' detected maps (PNG, base64), in unit order (units with module `none` have
-        none); a map gone from the storage is left out."""
-        maps = []
+    def control_maps(self, job: JobRecord) -> list[str | None]:
+        """Each ControlNet unit's map as the ControlNet saw it (PNG, base64), in unit order; None for one gone
+        from the storage."""
+        maps: list[str | None] = []
         for index in range(len(job.payload.get("controlnet") or [])):
-            location = (job.inputs or {}).get(DETECTED_MAP.format(index=index))
-            if location is None:
-                continue
+            location = (job.inputs or {}).get(CONTROL_MAP.format(index=index))
             try:
-                maps.append(encode_base64(self.storage.read(location)))
+                maps.append(encode_base64(self.storage.read(location)) if location else None)
             except MissingImageError:
-                continue
+                maps.append(None)
         return maps
 
     # Outputs -----------------------------------------------------------------------------------------------
@@ -169,7 +167,7 @@ class JobFiles:
             # Records written before inputs were stored apart still hold them in the payload: left out too.
             fields.update({**result, "payload": without_inputs(job.payload)})
             if with_images and job.payload.get("controlnet"):
-                fields["controlnet_maps"] = await asyncio.to_thread(self.detected_maps, job)
+                fields["controlnet_maps"] = await asyncio.to_thread(self.control_maps, job)
             fields["warnings"] = job.warnings + missing
         if with_inputs:  # an input gone from the storage: MissingImageError (404); unreachable: StorageError
             fields["payload"] = payload_with_inputs(job.payload, await asyncio.to_thread(self.read_inputs, job.inputs))

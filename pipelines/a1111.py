@@ -79,7 +79,7 @@ class MappedRequest:
     kind: Kind
     native: Txt2ImgRequest | Img2ImgRequest
     warnings: list[str] = field(default_factory=list)
-    save_detected_maps: bool = False  # answer the ControlNet units' detected maps after the images
+    save_detected_maps: list[bool] = field(default_factory=list)  # per ControlNet unit: its map after the images
 
 
 def _is_set(value: Any) -> bool:
@@ -227,9 +227,9 @@ def to_native(
             native.update(refiner_checkpoint=request.refiner_checkpoint, refiner_switch_at=switch_at)
     if isinstance(request, A1111Txt2ImgRequest) and request.enable_hr:
         native["hires"] = _hires(request, width, height, steps, warnings)
-    save_maps = False
+    save_maps: list[bool] = []
     units, _ = controlnet_args(request.alwayson_scripts)
-    if units:
+    if units is not None:
         native["controlnet"], save_maps = native_units(units, warnings)
     if isinstance(request, A1111Img2ImgRequest):
         if not request.init_images:
@@ -240,7 +240,7 @@ def to_native(
             native.update(_inpainting(request, warnings))
     model = Img2ImgRequest if kind == "img2img" else Txt2ImgRequest
     try:
-        return MappedRequest(kind, model.model_validate(native), warnings, save_maps and bool(native.get("controlnet")))
+        return MappedRequest(kind, model.model_validate(native), warnings, save_maps)
     except ValidationError as error:
         raise InvalidRequestError(_validation_message(error), field=None) from None
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from pipelines.a1111_schemas import number_from_text
 from pipelines.errors import InvalidRequestError
+from pipelines.preprocessors import preprocessor
 
 RESIZE_MODES = ["Just Resize", "Crop and Resize", "Resize and Fill"]
 LEGACY_RESIZE_MODES = {
@@ -29,21 +30,50 @@ NATIVE_FIELDS = ("model", "module", "weight", "guidance_start", "guidance_end", 
                  "threshold_b", "pixel_perfect")  # fmt: skip
 
 
-def controlnet_args(scripts: dict[str, Any] | None) -> tuple[list[Any] | None, dict[str, Any]]:
-    """(the ControlNet script's args or None, the other always-on scripts)."""
+# Unit fields that are read above, or that only the extension's UI and batch modes use.
+READ_OR_UI_FIELDS = {"enabled", "image", "input_image", "guidance", "mask", "resize_mode", "control_mode", "hr_option",
+                     "save_detected_map", "low_vram", "lowvram", "input_mode", "batch_images", "is_ui", "output_dir",
+                     "loopback", "guessmode", "use_preview_as_input", "generated_image", "batch_image_dir",
+                     "batch_mask_dir", "batch_input_gallery", "batch_mask_gallery", "animatediff_batch"}  # fmt: skip
+
+
+def _fit_to_sliders(unit: dict, index: int, warnings: list[str]) -> None:
+    """As A1111 clients count on: a negative `processor_res` means the default, and thresholds beyond the
+    module's sliders are brought into range (webuiapi sends 64 whatever the module), with a warning."""
+    if isinstance(unit.get("processor_res"), int | float) and unit["processor_res"] < 0:
+        unit["processor_res"] = -1
+    try:
+        module = preprocessor(unit.get("module", "none"))
+    except InvalidRequestError:
+        return  # the native validation names it
+    for name, slider in zip(("threshold_a", "threshold_b"), (*module.thresholds, None, None), strict=False):
+        value = unit.get(name)
+        if slider is None or not isinstance(value, int | float) or value < 0:
+            continue
+        fitted = min(max(value, slider.min), slider.max)
+        if fitted != value:
+            unit[name] = fitted
+            warnings.append(f"ControlNet unit {index}: {name} {value:g} is outside {slider.name}'s "
+                            f"{slider.min:g}-{slider.max:g}; {fitted:g} was used")  # fmt: skip
+
+
+def controlnet_args(scripts: dict[str, Any] | None) -> tuple[Any, dict[str, Any]]:
+    """(the ControlNet script's args, None when there is none; the other always-on scripts)."""
     others = dict(scripts or {})
     for name in list(others):
         if name.lower() == "controlnet":
             script = others.pop(name)
-            args = script.get("args") if isinstance(script, dict) else script
-            return (args if isinstance(args, list) else None), others
+            return (script.get("args") if isinstance(script, dict) else script), others
     return None, others
 
 
-def native_units(args: list[Any], warnings: list[str]) -> tuple[list[dict], bool]:
-    """The enabled units as native `controlnet` entries, and whether their detected maps are to be answered
-    (the extension's `save_detected_map`, on unless every unit turns it off)."""
-    units, save_maps = [], False
+def native_units(args: Any, warnings: list[str]) -> tuple[list[dict], list[bool]]:
+    """The enabled units as native `controlnet` entries, and for each whether its map is answered after the
+    images (the extension's `save_detected_map`, on by default)."""
+    if not isinstance(args, list):
+        raise InvalidRequestError("alwayson_scripts.controlnet.args: a list of units, not "
+                                  f"{type(args).__name__}", field="alwayson_scripts")  # fmt: skip
+    units, save_maps = [], []
     for index, arg in enumerate(args):
         if not isinstance(arg, dict):
             raise InvalidRequestError(f"alwayson_scripts.controlnet.args[{index}]: a unit is an object, not "
@@ -54,13 +84,19 @@ def native_units(args: list[Any], warnings: list[str]) -> tuple[list[dict], bool
         if not isinstance(model, str) or model.strip() in NO_MODEL:
             warnings.append(f"ControlNet unit {index} has no model: left out")
             continue
-        units.append(_unit(arg, index))
-        save_maps = save_maps or _flag(arg.get("save_detected_map", True))
+        units.append(_unit(arg, index, warnings))
+        save_maps.append(_flag(arg.get("save_detected_map", True)))
     return units, save_maps
 
 
-def _unit(arg: dict, index: int) -> dict:
+def _unit(arg: dict, index: int, warnings: list[str]) -> dict:
     unit = {name: arg[name] for name in NATIVE_FIELDS if arg.get(name) is not None}
+    unknown = sorted(name for name in arg if name not in NATIVE_FIELDS and name not in READ_OR_UI_FIELDS)
+    if unknown:
+        warnings.append(f"ControlNet unit {index}: field(s) not used here: {', '.join(map(repr, unknown[:10]))}")
+    if _image(arg.get("mask")) or (isinstance(arg.get("image"), dict) and _image(arg["image"].get("mask"))):
+        warnings.append(f"ControlNet unit {index}: its mask is not used here (the whole image is the control)")
+    _fit_to_sliders(unit, index, warnings)
     if "guidance_end" not in unit and arg.get("guidance") is not None:  # the extension's legacy name
         unit["guidance_end"] = arg["guidance"]
     for name in ("weight", "guidance_start", "guidance_end", "processor_res", "threshold_a", "threshold_b"):

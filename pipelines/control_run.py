@@ -7,16 +7,18 @@ and A1111's control modes (engine side: torch; the planning is pipelines/control
   classifier-free guidance, its outputs scaled up through the layers (10^-1 ... 1: A1111's 0.825^(12-i) for
   SD's 13 outputs, to within 1%). diffusers has one guess mode per call: with units of mixed modes, it is used
   only when every unit asks for it (a warning says so otherwise);
-- "My prompt is more important" -> the same scaling through the layers on both halves (A1111's soft
-  injection without its cfg injection), applied to that unit's outputs by a forward hook for the call;
+- "My prompt is more important" -> A1111's soft injection (output i x 0.825^(12-i)) on both halves, by a forward
+  hook on that unit's own copy of its ControlNet; in the hires fix's second pass every unit gets it, as in A1111;
 - hires fix: a unit applies to both passes unless its `hr_option` says "Low res only" or "High res only"; the
-  maps of the second pass are resized to its size.
+  maps of the second pass are resized to its size. Without hires fix every unit applies.
 """
 
-import contextlib
+import copy
 import inspect
-from collections.abc import Iterator
+from collections import OrderedDict
 
+import numpy as np
+import torch
 from PIL import Image
 
 from pipelines.controlnets import ControlNetLibrary
@@ -25,80 +27,83 @@ from pipelines.prepare import PreparedJob
 
 PROMPT_FIRST = "My prompt is more important"
 CONTROL_FIRST = "ControlNet is more important"
+SOFT_BASE, SOFT_LAYERS = 0.825, 13  # A1111's soft injection: output i (down blocks, then mid) x 0.825^(12-i)
 
 
 def active_units(job: PreparedJob, hires_pass: bool) -> list[int]:
-    """The units that apply to a pass (the first pass, or the hires fix's second)."""
+    """The units that apply to a pass: without hires fix, every unit (as A1111, whatever `hr_option` says);
+    with it, those of the first pass or of the second."""
+    if job.hires is None:
+        return list(range(len(job.controls)))
     skipped = "Low res only" if hires_pass else "High res only"
     return [index for index, control in enumerate(job.controls) if control.hr_option != skipped]
 
 
 def controlled(loaded: LoadedModel, pipe, job: PreparedJob, library: ControlNetLibrary, hires_pass: bool = False):
-    """(the pipeline for this pass, its ControlNet models in unit order): the ControlNet pipeline when units
-    apply to the pass, else `pipe` and none."""
+    """The pipeline for this pass: the ControlNet pipeline when units apply to it, else `pipe`. Each unit gets
+    a shallow copy of its (cached, shared) ControlNet, with hooks of its own: two units may use one model, and
+    one's soft injection must not reach the other, nor a later job."""
     units = active_units(job, hires_pass)
     if not units:
-        return pipe, []
-    models = [library.load(job.controls[index].model, loaded.pipe.unet) for index in units]
-    return with_controlnet(pipe, models), models
+        return pipe
+    models = []
+    for index in units:
+        own = copy.copy(library.load(job.controls[index].model, loaded.pipe.unet))  # shares the weights
+        own._forward_hooks, own._forward_hooks_with_kwargs = OrderedDict(), OrderedDict()
+        own._forward_hooks_always_called = OrderedDict()
+        if job.controls[index].control_mode == PROMPT_FIRST or hires_pass:  # A1111: all units in the hires pass
+            own.register_forward_hook(_soft_injection)
+        models.append(own)
+    return with_controlnet(pipe, models)
 
 
 def control_arguments(pipe, jobs: list[PreparedJob], hires_pass: bool, width: int, height: int,
                       warnings: list[str]) -> dict:  # fmt: skip
-    """The ControlNet arguments of the batch's call: each job's own maps (stacked per unit), and the units'
-    weights, guidance windows and mode."""
+    """The ControlNet arguments of the batch's call: each job's own maps, and the units' weights, guidance
+    windows and mode. One unit: a map per job. Several: per unit, the jobs' maps as one (batch, 3, H, W) tensor
+    in [0, 1], the layout every diffusers ControlNet pipeline reads for a MultiControlNetModel."""
     units = active_units(jobs[0], hires_pass)
     controls = [jobs[0].controls[index] for index in units]
-    # One unit: a map per job; several: per job, a map per unit (diffusers' layout for a MultiControlNetModel).
-    per_job = [[_sized(job.controls[index].image, width, height) for index in units] for job in jobs]
     modes = {control.control_mode for control in controls}
     guess_mode = modes == {CONTROL_FIRST}
     if CONTROL_FIRST in modes and not guess_mode:
         warnings.append(f"ControlNet: '{CONTROL_FIRST}' applies only when every unit of the job asks for it (one "
                         "guess mode per diffusers call); its unit ran as 'Balanced'")  # fmt: skip
     single = len(controls) == 1
+    if single:
+        maps = [_sized(job.controls[units[0]].image, width, height) for job in jobs]
+    else:
+        maps = [torch.stack([_tensor(_sized(job.controls[index].image, width, height)) for job in jobs])
+                for index in units]  # fmt: skip
     takes_control_image = "control_image" in _parameters(pipe)  # img2img and inpainting: `image` is the input
+    weights, starts, ends = zip(*(control.call_settings() for control in controls), strict=True)
     return {
-        "control_image" if takes_control_image else "image": [maps[0] for maps in per_job] if single else per_job,
-        "controlnet_conditioning_scale": controls[0].weight if single else [c.weight for c in controls],
-        "control_guidance_start": [c.guidance_start for c in controls],
-        "control_guidance_end": [c.guidance_end for c in controls],
+        "control_image" if takes_control_image else "image": maps,
+        "controlnet_conditioning_scale": weights[0] if single else list(weights),
+        "control_guidance_start": list(starts),
+        "control_guidance_end": list(ends),
         "guess_mode": guess_mode,
     }
 
 
-@contextlib.contextmanager
-def soft_injection(pipe, jobs: list[PreparedJob], hires_pass: bool) -> Iterator[None]:
-    """ "My prompt is more important": each such unit's outputs scaled 0.825^(n-1-i) through its n layers for
-    the block (hooks removed after, however it ends: the ControlNets are shared with later jobs)."""
-    controlnet = getattr(pipe, "controlnet", None)
-    if controlnet is None:
-        yield
-        return
-    models = list(getattr(controlnet, "nets", [controlnet]))
-    units = active_units(jobs[0], hires_pass)
-    handles = [model.register_forward_hook(_scale_outputs) for model, index in zip(models, units, strict=True)
-               if jobs[0].controls[index].control_mode == PROMPT_FIRST]  # fmt: skip
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def _scale_outputs(module, args, output):
+def _soft_injection(module, args, output):
+    """A1111's soft injection on one ControlNet's outputs (SDXL's 10 outputs take the first 10 scales, its mid
+    block 0.825^3, as A1111 zips them)."""
     down, mid = output[0], output[1]
-    count = len(down) + 1
-    scaled = [sample * (0.825 ** float(count - 1 - index)) for index, sample in enumerate(down)]
+    scales = [SOFT_BASE ** float(SOFT_LAYERS - 1 - index) for index in range(len(down) + 1)]
+    scaled = [sample * scale for sample, scale in zip(down, scales, strict=False)]
+    mid = mid * scales[len(down)]
     return (scaled, mid, *output[2:]) if isinstance(output, tuple) else type(output)(scaled, mid)
 
 
+def _tensor(image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
+
+
 def _sized(control_map: Image.Image, width: int, height: int) -> Image.Image:
-    return (
-        control_map
-        if control_map.size == (width, height)
-        else control_map.resize((width, height), Image.Resampling.LANCZOS)
-    )
+    if control_map.size == (width, height):
+        return control_map
+    return control_map.resize((width, height), Image.Resampling.LANCZOS)
 
 
 def _parameters(pipe) -> set[str]:

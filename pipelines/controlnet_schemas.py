@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipelines.schemas import IMAGE_FORMAT, ProcessorResolution
+from pipelines.schemas import IMAGE_FORMAT, ControlNetModule, ProcessorResolution
 
 MAX_DETECT_IMAGES = 8  # images per `POST /controlnet/detect`
 
@@ -69,10 +69,14 @@ DetectImage = Annotated[str, Field(min_length=1, json_schema_extra={"format": IM
 
 
 class DetectRequest(BaseModel):
-    """The extension's detect body; webuiapi sends the images as `controlnet_images`, which is read too."""
+    """The extension's detect body; webuiapi sends the images as `controlnet_images`, which is read too (one
+    of the two lists has the images)."""
 
-    model_config = ConfigDict(extra="allow")
-    controlnet_module: str = Field("none", min_length=1, max_length=100, description="GET /controlnet/module_list")
+    model_config = ConfigDict(extra="allow", json_schema_extra={"anyOf": [
+        {"required": ["controlnet_input_images"], "properties": {"controlnet_input_images": {"minItems": 1}}},
+        {"required": ["controlnet_images"], "properties": {"controlnet_images": {"minItems": 1}}},
+    ]})  # fmt: skip
+    controlnet_module: ControlNetModule = Field("none", description="GET /controlnet/module_list")
     controlnet_input_images: list[DetectImage] = Field(default_factory=list, max_length=MAX_DETECT_IMAGES)
     controlnet_images: list[DetectImage] = Field(
         default_factory=list, max_length=MAX_DETECT_IMAGES, description="webuiapi's name for `controlnet_input_images`"

@@ -11,6 +11,7 @@ names with this module and must not load torch).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipelines import tensor_shapes
-from pipelines.catalog import FileFactsCache, sha256_of_file
+from pipelines.catalog import FileFactsCache
 from pipelines.errors import DiffusionAPIError, ModelLoadError
 from pipelines.names import find_named_file, scan_named_files
 from pipelines.settings import Settings
@@ -34,6 +35,13 @@ CONTROLNET_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt", ".bin")
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 SDXL_KEYS = ("add_embedding.linear_1.weight", "control_model.label_emb.0.0.weight", "label_emb.0.0.weight")
 _TITLE = re.compile(r"^(?P<name>.+?)\s+\[(?P<hash>[0-9a-fA-F]{8,10})\]$")  # A1111's `name [hash8]`
+
+
+def legacy_model_hash(path: Path) -> str:
+    """A1111's legacy model hash (its ControlNet titles'): the sha256 of the 64 KiB at 1 MiB, first 8 digits."""
+    with path.open("rb") as handle:
+        handle.seek(0x100000)
+        return hashlib.sha256(handle.read(0x10000)).hexdigest()[:8]
 
 
 class UnknownControlNetError(DiffusionAPIError):
@@ -56,11 +64,19 @@ class ControlNetFile:
 def detect_controlnet_family(path: Path) -> str:
     """sd15, sdxl, sd2 or unknown, from a diffusers folder's config or a file's tensor names and shapes."""
     if path.is_dir():
-        config = json.loads((path / "config.json").read_text())
+        try:
+            config = json.loads((path / "config.json").read_text())
+        except (OSError, ValueError):
+            return "unknown"  # a broken folder is not listed
+        if not isinstance(config, dict) or config.get("_class_name") != "ControlNetModel":
+            return "unknown"  # a UNet's, a VAE's or another model's folder
         if config.get("addition_embed_type") == "text_time":
             return "sdxl"
         return "sd2" if config.get("cross_attention_dim") == 1024 else "sd15"
-    shapes = tensor_shapes.read(path)
+    try:
+        shapes = tensor_shapes.read(path)
+    except Exception:  # a truncated or foreign file: not listed
+        return "unknown"
     if shapes is None:
         return "unknown"
     shapes = shapes.get("state_dict", shapes)
@@ -118,8 +134,14 @@ class ControlNetLibrary:
         return ControlNetFile(name, path, self._family(path))
 
     def short_hash(self, entry: ControlNetFile) -> str:
-        """A1111's ControlNet hash in titles: the first 8 hex digits of the weights file's sha256."""
-        return self.facts.get(entry.weights_file.resolve(), "sha256", sha256_of_file)[:8]
+        """The hash in A1111's ControlNet titles: its legacy model hash (the sha256 of 64 KiB read at 1 MiB), so
+        the titles equal A1111's; reading it costs nothing even for multi-GB files."""
+        return self.facts.get(entry.weights_file.resolve(), "legacy_hash", legacy_model_hash)
+
+    def clear(self) -> None:
+        """Forgets the loaded ControlNets (out of memory: they are read again when next asked for)."""
+        with self._lock:
+            self._loaded.clear()
 
     def title(self, entry: ControlNetFile) -> str:
         return f"{entry.name} [{self.short_hash(entry)}]"
@@ -127,7 +149,10 @@ class ControlNetLibrary:
     def load(self, entry: ControlNetFile, unet: torch.nn.Module) -> torch.nn.Module:
         """The ControlNet as a diffusers ControlNetModel on the device and in the precision of `unet` (the
         job's model's UNet, whose configuration a single file is read into); cached."""
-        key = (str(entry.path), entry.weights_file.stat().st_mtime_ns, unet.device, unet.dtype)
+        # One ControlNet per family's UNet shape (an inpainting checkpoint's 9-channel UNet included: a ControlNet
+        # always takes the 4 latent channels).
+        key = (str(entry.path), entry.weights_file.stat().st_mtime_ns, unet.device, unet.dtype,
+               unet.config.cross_attention_dim, unet.config.addition_embed_type)  # fmt: skip
         with self._lock:
             if key in self._loaded:
                 self._loaded.move_to_end(key)
@@ -159,6 +184,8 @@ class ControlNetLibrary:
             state = torch.load(entry.path, map_location="cpu", weights_only=True)
             state = state.get("state_dict", state)
         model = ControlNetModel.from_unet(unet, load_weights_from_unet=False)
+        if model.config.in_channels != 4:  # an inpainting checkpoint's UNet: a ControlNet takes the latents only
+            model = ControlNetModel.from_config({**model.config, "in_channels": 4})
         converted = convert_controlnet_checkpoint(state, dict(model.config))
         missing, unexpected = model.load_state_dict(converted, strict=False)
         if missing:

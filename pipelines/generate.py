@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from pipelines.catalog import ModelCatalog, ModelEntry
-from pipelines.control_run import control_arguments, controlled, soft_injection
+from pipelines.control_run import control_arguments, controlled
 from pipelines.controlnets import ControlNetLibrary
 from pipelines.embeddings import EmbeddingLibrary, load_into, rewrite_prompt, unload_from
 from pipelines.errors import (
@@ -210,6 +210,7 @@ class ImageEngine:
     def _free_memory(self) -> None:
         import gc
 
+        self.controlnets.clear()  # cached ControlNets are reloaded from their files when next asked for
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -269,12 +270,12 @@ class ImageEngine:
         # and vae_swapped the model's own VAE, however the job ends.
         with loaded.lock, loaded.job_scope(), loaded.vae_swapped(self._vae_for(loaded, first)):
             pipe = loaded.pipeline_for(first.mode, masked=first.inpaint is not None)
-            pipe, _ = controlled(loaded, pipe, first, self.controlnets)  # the ControlNet pipeline if units apply
             memory_before = memory_mb(self.device)
             started = time.perf_counter()
             embeddings: list[tuple] = []
             refiner_ti_hashes: list[dict[str, str]] = [{} for _ in jobs]
             try:
+                pipe = controlled(loaded, pipe, first, self.controlnets)  # the ControlNet pipeline if units apply
                 pipe.scheduler = build_scheduler(first.sampler, loaded.scheduler_config)
                 fitting, lora_warnings = self.loras.usable(first.loras, loaded.entry) if first.loras else ([], [])
                 applied, load_warnings = loaded.apply_loras(fitting) if first.mode == "txt2img" else ([], [])
@@ -386,7 +387,7 @@ class ImageEngine:
             phases.report(PHASE_UPSCALING, 0, 1)
             second_input = upscale(first_pass, hires.upscaler, hires.width, hires.height)
         phases.report(PHASE_UPSCALING, 1, 1)
-        img2img, _ = controlled(loaded, loaded.pipeline_for("img2img"), jobs[0], self.controlnets, hires_pass=True)
+        img2img = controlled(loaded, loaded.pipeline_for("img2img"), jobs[0], self.controlnets, hires_pass=True)
         img2img.scheduler = build_scheduler(jobs[0].sampler, loaded.scheduler_config)
         return self._call_pipeline(img2img, jobs, phases.step(PHASE_HIRES_PASS), hires_pass=True, image=second_input,
                                    strength=hires.denoising_strength, num_inference_steps=hires.steps,
@@ -495,8 +496,7 @@ class ImageEngine:
                     pipe, arguments.pop("negative_prompt"), first.clip_skip
                 )
                 arguments.pop("clip_skip")
-            with soft_injection(pipe, jobs, hires_pass):
-                output = pipe(**arguments).images
+            output = pipe(**arguments).images
         return output
 
     def _ti_hashes(self, job: PreparedJob) -> dict[str, str]:

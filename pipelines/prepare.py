@@ -149,7 +149,6 @@ def prepare_job(
         warnings=list(plan.warnings) if plan else [],
         preview=request.preview,
     )
-    image = None
     raw = input_bytes or {}
     if isinstance(request, Img2ImgRequest):
         image = decode_image(raw["image"]) if "image" in raw else decode_base64_image(request.image, field="image")
@@ -173,12 +172,31 @@ def prepare_job(
         job.embeddings, job.foreign_embeddings = embeddings.named_in([job.prompt, job.negative_prompt], model.family)
         job.warnings += [f"embedding '{item.name}' is for {item.family} models, not {model.family}; its name was "
                          f"removed from the prompt" for item in job.foreign_embeddings]  # fmt: skip
-    job.controls = plan_controls(request.controlnet, model, controlnets, request.width, request.height, image, raw)
+    job.controls = plan_controls(request.controlnet, model, controlnets, request.width, request.height,
+                                 job.init_image, raw, job.warnings)  # fmt: skip
     job.hires = _plan_hires(request, mode, upscalers, job.warnings)
     job.refiner = _plan_refiner(request, mode, model, catalog, job.warnings)
     if job.hires is not None:
         job.denoising_strength = job.hires.denoising_strength
+    _check_control_combinations(job, model)
     return job
+
+
+def _check_control_combinations(job: PreparedJob, model: ModelEntry | None) -> None:
+    """What diffusers' ControlNet inpainting pipelines cannot run, refused at submission (they take no
+    prepared masked-image latents): A1111's "latent noise" / "latent nothing", and a latent hires fix on an
+    inpainting checkpoint."""
+    if not job.controls:
+        return
+    if job.inpaint is not None and job.inpaint.fill in (2, 3):
+        message = "inpainting_fill 2 (latent noise) and 3 (latent nothing) cannot run with ControlNet here; use 0 or 1"
+        raise InvalidRequestError(message, field="inpainting_fill")
+    if job.hires is not None and job.hires.latent is not None and model is not None and model.inpainting:
+        message = (
+            "a latent hires fix cannot run with ControlNet on an inpainting checkpoint here; choose a model "
+            "upscaler or Lanczos for hires.upscaler"
+        )
+        raise InvalidRequestError(message, field="hires.upscaler")
 
 
 def at_least_one_step(steps: int, strength: float, field_prefix: str, warnings: list[str]) -> float:

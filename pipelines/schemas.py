@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 from pipelines.catalog import Family
 from pipelines.inpaint import InpaintingFill
 from pipelines.limits import LIMITS
+from pipelines.preprocessors import ALIASES, PREPROCESSORS
 from pipelines.samplers import accepted_sampler_names, accepted_schedule_types
 from pipelines.upscalers import LATENT_MODES
 
@@ -107,6 +108,7 @@ ControlMode = Literal["Balanced", "My prompt is more important", "ControlNet is 
 ControlResizeMode = Literal["Just Resize", "Crop and Resize", "Resize and Fill"]
 HiresOption = Literal["Both", "Low res only", "High res only"]
 ProcessorResolution = Annotated[int, Field(ge=64, le=LIMITS.max_size)] | Literal[-1]
+ControlNetModule = Literal[tuple(PREPROCESSORS) + tuple(ALIASES)]  # a closed set: the preprocessors installed
 
 
 class ControlNetUnit(BaseModel):
@@ -116,8 +118,8 @@ class ControlNetUnit(BaseModel):
 
     model: Name = Field(..., description="A ControlNet model's name or A1111 title (GET /controlnet/models); of the "
                         "job's model family")  # fmt: skip
-    module: str = Field("none", min_length=1, max_length=100, description="The preprocessor (GET "
-                        "/controlnet/module_list); `none`: `image` is the control map already")  # fmt: skip
+    module: ControlNetModule = Field("none", description="The preprocessor (GET /controlnet/module_list; the "
+                                     "extension's display names too); `none`: `image` is the control map")  # fmt: skip
     image: str | None = Field(
         None, min_length=1, json_schema_extra={"format": IMAGE_FORMAT},
         description="The control image, base64 (the formats `image` of img2img takes); absent on img2img: the "
@@ -135,12 +137,6 @@ class ControlNetUnit(BaseModel):
     hr_option: HiresOption = Field("Both", description="Hires fix: the passes the control applies to")
 
     _whole_numbers = field_validator("*", mode="before")(whole_numbers_as_integers)
-
-    @model_validator(mode="after")
-    def _start_before_end(self):
-        if self.guidance_start > self.guidance_end:
-            raise ValueError(f"guidance_start {self.guidance_start:g} is after guidance_end {self.guidance_end:g}")
-        return self
 
 
 MAX_PRIORITY = 100  # `priority` is -100..100
@@ -405,9 +401,9 @@ class QueueStatusResponse(BaseModel):
     output_paths: list[str] | None = None
     seeds: list[int] | None = Field(None, description="Each image's seed: seed, seed+1, ... (as A1111)")
     infotexts: list[str] | None = None
-    controlnet_maps: list[str] | None = Field(
-        None, description="Once done: each ControlNet unit's detected map (PNG, base64) as its preprocessor made it "
-        "(units with module `none` have none)",
+    controlnet_maps: list[str | None] | None = Field(
+        None, description="Once done: each ControlNet unit's map (PNG, base64) as the ControlNet saw it (its "
+        "preprocessor's, fitted to the image's size), in unit order; null for one no longer in the storage",
     )  # fmt: skip
 
 

@@ -107,8 +107,10 @@ async def _sdapi_generate(request: A1111Txt2ImgRequest | A1111Img2ImgRequest, ht
     inpainting = await asyncio.to_thread(_is_inpainting, services, job.payload.get("model"))
     info = a1111.generation_info(request, job, result, list(job.warnings), inpainting)
     images = result.get("images") or [] if request.send_images is not False else []
-    if images and mapped.save_detected_maps:  # as the extension answers: the units' maps after the images
-        images = [*images, *await jobs.detected_maps(job)]
+    if images and any(mapped.save_detected_maps):  # as the extension answers: the units' maps after the images
+        maps = await jobs.control_maps(job)
+        images = [*images, *(found for found, save in zip(maps, mapped.save_detected_maps, strict=False)
+                             if save and found)]  # fmt: skip
     return GenerationResponse(images=images, parameters=a1111.parameters_echo(request), info=a1111.json_info(info))
 
 

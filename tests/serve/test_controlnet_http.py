@@ -15,7 +15,7 @@ from pipelines.preprocessors import preprocessor
 from tests.serve.conftest import PORT, wait_for_job
 from tests.serve.test_batching_http import BLOCKER, submit, wait_until_processing
 
-CANNY_TITLE = "demo-sd15-canny [5bc5a734]"
+CANNY_TITLE = "demo-sd15-canny [2fa19545]"
 FAST = {"prompt": "a lighthouse", "model": "demo-sd15", "steps": 4, "width": 64, "height": 64, "fileType": "png"}
 
 
@@ -69,7 +69,7 @@ def test_detect_answers_each_images_map_in_the_extensions_shape(client):
     ).size == (8, 6)
     unknown = client.post("/controlnet/detect", json={"controlnet_module": "depth_zoe",
                                                       "controlnet_input_images": [as_base64(photo())]})  # fmt: skip
-    assert unknown.status_code == 422 and "depth_zoe" in unknown.json()["detail"]
+    assert unknown.status_code == 422 and "depth_zoe" in unknown.json()["errors"]
     assert client.post("/controlnet/detect", json={"controlnet_module": "canny"}).status_code == 422
     types = client.get("/controlnet/control_types").json()["control_types"]
     assert (
