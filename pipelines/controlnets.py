@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from pipelines import tensor_shapes
 from pipelines.catalog import FileFactsCache
 from pipelines.errors import DiffusionAPIError, ModelLoadError
-from pipelines.names import find_named_file, scan_named_files
+from pipelines.names import find_named_file, scan_files_and_folders
 from pipelines.settings import Settings
 
 if TYPE_CHECKING:
@@ -101,15 +101,7 @@ class ControlNetLibrary:
         self._lock = threading.Lock()
 
     def _entries(self) -> list[tuple[str, Path]]:
-        folders = []
-        if self.folder.is_dir():
-            for config in sorted(self.folder.rglob("config.json")):
-                folder = config.parent
-                if any((folder / name).exists() for name in DIFFUSERS_WEIGHTS):
-                    folders.append((folder.relative_to(self.folder).as_posix(), folder))
-        files = scan_named_files(self.folder, CONTROLNET_SUFFIXES, self.allow_external_links)
-        files = [(name, path) for name, path in files if not any(path.is_relative_to(folder) for _, folder in folders)]
-        return sorted(files + folders)
+        return scan_files_and_folders(self.folder, CONTROLNET_SUFFIXES, DIFFUSERS_WEIGHTS, self.allow_external_links)
 
     def _family(self, path: Path) -> str:
         key = path.resolve() / "config.json" if path.is_dir() else path.resolve()

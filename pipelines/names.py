@@ -48,6 +48,21 @@ def scan_named_files(folder: Path, suffixes: tuple[str, ...], allow_external_lin
     return found
 
 
+def scan_files_and_folders(folder: Path, suffixes: tuple[str, ...], folder_weights: tuple[str, ...],
+                           allow_external_links: bool) -> list[tuple[str, Path]]:  # fmt: skip
+    """(name, path) of the weights files with `suffixes` and of the diffusers folders (a `config.json` beside
+    one of `folder_weights`) under `folder`, sorted; a folder's own weights file is part of the folder, not a
+    file of its own."""
+    folders = []
+    if folder.is_dir():
+        for config in sorted(folder.rglob("config.json")):
+            if any((config.parent / name).exists() for name in folder_weights):
+                folders.append((config.parent.relative_to(folder).as_posix(), config.parent))
+    files = scan_named_files(folder, suffixes, allow_external_links)
+    files = [(name, path) for name, path in files if not any(path.is_relative_to(found) for _, found in folders)]
+    return sorted(files + folders)
+
+
 def find_named_file(
     requested: str, files: list[tuple[str, Path]], suffixes: tuple[str, ...], field: str, kind: str
 ) -> tuple[str, Path] | None:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from pipelines.catalog import FileFactsCache, sha256_of_file
 from pipelines.errors import DiffusionAPIError, ModelLoadError
-from pipelines.names import find_named_file, scan_named_files
+from pipelines.names import find_named_file, scan_files_and_folders
 from pipelines.settings import Settings
 
 if TYPE_CHECKING:
@@ -65,16 +65,7 @@ class VaeLibrary:
         self._lock = threading.Lock()
 
     def _entries(self) -> list[tuple[str, Path]]:
-        folders = []
-        if self.folder.is_dir():
-            for config in sorted(self.folder.rglob("config.json")):
-                folder = config.parent
-                if any((folder / name).exists() for name in DIFFUSERS_WEIGHTS):
-                    folders.append((folder.relative_to(self.folder).as_posix(), folder))
-        files = scan_named_files(self.folder, VAE_SUFFIXES, self.allow_external_links)
-        # A diffusers folder's own weights file is part of the folder, not a VAE file of its own.
-        files = [(name, path) for name, path in files if not any(path.is_relative_to(folder) for _, folder in folders)]
-        return sorted(files + folders)
+        return scan_files_and_folders(self.folder, VAE_SUFFIXES, DIFFUSERS_WEIGHTS, self.allow_external_links)
 
     def available(self) -> list[VaeFile]:
         return [VaeFile(name, path) for name, path in self._entries()]
