@@ -9,8 +9,8 @@ A1111's `POST /sdapi/v1/txt2img` and `/img2img` and OpenAI's `POST /v1/images/ge
 `/variations`, hold each request until its images are made (minutes for a large image on the CPU), so a
 fuzzing run would spend its budget waiting on a few of them; their validation is the native `/txt2img` and
 `/img2img` one, fuzzed here, after translations tested in tests/unit/test_a1111.py,
-tests/unit/test_openai_images.py and tests/serve/ (test_sdapi_http.py, test_openai_http.py). The seed is random and printed; a failure
-is replayed with `DIFFUSION_API_FUZZ_SEED=<seed>`. The time budget fits CI (`DIFFUSION_API_FUZZ_SECONDS`,
+tests/unit/test_openai_images.py and tests/serve/ (test_sdapi_http.py, test_openai_http.py). The seed is
+random and printed; a failure is replayed with `DIFFUSION_API_FUZZ_SEED=<seed>`. The time budget fits CI (`DIFFUSION_API_FUZZ_SECONDS`,
 default 150; the README's manual run uses 420). Jobs the fuzzing got accepted are cancelled afterwards, and
 the test waits for the generators to stop, so they do not hold the CPU for the tests after this one.
 """
