@@ -1,18 +1,18 @@
-"""schemathesis, with every check, against the running service's own `/openapi.json`: every operation, valid
-and invalid input, as a client generated from the schema would send it.
+"""schemathesis, with every check, against the running service's own `/openapi.json`: every operation, valid and
+invalid input, as a client generated from the schema would send it.
 
-The run is the operator's command (`schemathesis run URL --checks all`) from the repository root, so it
-reads `schemathesis.toml` there (the `image-base64` format, the long poll's time limit, and the one check off
-for the job's reads: a cancelled job stays readable, which the use-after-free check would call a deleted
-resource still there). No baseline file. Five operations are left out: the synchronous generation calls,
-A1111's `POST /sdapi/v1/txt2img` and `/img2img` and OpenAI's `POST /v1/images/generations`, `/edits` and
-`/variations`, hold each request until its images are made (minutes for a large image on the CPU), so a
-fuzzing run would spend its budget waiting on a few of them; their validation is the native `/txt2img` and
-`/img2img` one, fuzzed here, after translations tested in tests/unit/test_a1111.py,
-tests/unit/test_openai_images.py and tests/serve/ (test_sdapi_http.py, test_openai_http.py). The seed is
-random and printed; a failure is replayed with `DIFFUSION_API_FUZZ_SEED=<seed>`. The time budget fits CI (`DIFFUSION_API_FUZZ_SECONDS`,
-default 150; the README's manual run uses 420). Jobs the fuzzing got accepted are cancelled afterwards, and
-the test waits for the generators to stop, so they do not hold the CPU for the tests after this one.
+The run is the operator's command (`schemathesis run URL --checks all`) from the repository root, so it reads
+`schemathesis.toml` there (the `image-base64` format, the long poll's time limit, and the one check off for the
+job's reads: a cancelled job stays readable, which the use-after-free check would call a deleted resource still
+there). No baseline file. Five operations are left out: the synchronous generation calls, A1111's `POST
+/sdapi/v1/txt2img` and `/img2img` and OpenAI's `POST /v1/images/generations`, `/edits` and `/variations`, hold each
+request until its images are made (minutes for a large image on the CPU), so a fuzzing run would spend its budget
+waiting on a few of them; their validation is the native `/txt2img` and `/img2img` one, fuzzed here, after
+translations tested in tests/unit/test_a1111.py, tests/unit/test_openai_images.py and tests/serve/
+(test_sdapi_http.py, test_openai_http.py). The seed is random and printed; a failure is replayed with
+`DIFFUSION_API_FUZZ_SEED=<seed>`. The time budget fits CI (`DIFFUSION_API_FUZZ_SECONDS`, default 150; the README's
+manual run uses 420). Jobs the fuzzing got accepted are cancelled afterwards, and the test waits for the generators
+to stop, so they do not hold the CPU for the tests after this one.
 """
 
 import os
