@@ -26,6 +26,7 @@ from pipelines.catalog import FileFactsCache
 from pipelines.errors import DiffusionAPIError, ModelLoadError
 from pipelines.names import find_named_file, scan_files_and_folders
 from pipelines.settings import Settings
+from pipelines.state_dicts import read_state_dict
 
 if TYPE_CHECKING:
     import torch
@@ -162,19 +163,12 @@ class ControlNetLibrary:
 
     @staticmethod
     def _read(entry: ControlNetFile, unet: torch.nn.Module) -> torch.nn.Module:
-        import torch
         from diffusers import ControlNetModel
         from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
 
         if entry.path.is_dir():
             return ControlNetModel.from_pretrained(entry.path, local_files_only=True)
-        if entry.path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(entry.path))
-        else:
-            state = torch.load(entry.path, map_location="cpu", weights_only=True)
-            state = state.get("state_dict", state)
+        state = read_state_dict(entry.path)
         model = ControlNetModel.from_unet(unet, load_weights_from_unet=False)
         if model.config.in_channels != 4:  # an inpainting checkpoint's UNet: a ControlNet takes the latents only
             model = ControlNetModel.from_config({**model.config, "in_channels": 4})

@@ -31,6 +31,7 @@ from pipelines.errors import DiffusionAPIError
 from pipelines.limits import LIMITS
 from pipelines.names import find_named_file, scan_named_files
 from pipelines.settings import Settings
+from pipelines.state_dicts import read_state_dict
 
 if TYPE_CHECKING:
     import torch
@@ -98,13 +99,7 @@ def read_lora_state_dict(path: Path) -> dict[str, torch.Tensor]:
     import torch
 
     try:
-        if path.suffix.lower() == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            state = state.get("state_dict", state) if isinstance(state, dict) else state
+        state = read_state_dict(path)
     except Exception as error:
         raise UnreadableLoraError(f"LoRA '{path.name}' could not be read: {error}", field="loras") from error
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

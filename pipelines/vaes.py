@@ -20,6 +20,7 @@ from pipelines.catalog import FileFactsCache, sha256_of_file
 from pipelines.errors import DiffusionAPIError, ModelLoadError
 from pipelines.names import find_named_file, scan_files_and_folders
 from pipelines.settings import Settings
+from pipelines.state_dicts import read_state_dict
 
 if TYPE_CHECKING:
     import torch
@@ -105,19 +106,12 @@ class VaeLibrary:
 
     @staticmethod
     def _read(vae: VaeFile, like: torch.nn.Module) -> torch.nn.Module:
-        import torch
         from diffusers import AutoencoderKL
         from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
         if vae.path.is_dir():
             return AutoencoderKL.from_pretrained(vae.path)
-        if vae.path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(vae.path))
-        else:
-            state = torch.load(vae.path, map_location="cpu", weights_only=True)
-            state = state.get("state_dict", state)
+        state = read_state_dict(vae.path)
         config = dict(like.config)
         model = AutoencoderKL.from_config(config)
         converted = convert_ldm_vae_checkpoint(state, config)
