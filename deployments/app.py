@@ -42,6 +42,8 @@ class AppArgs(BaseModel):
     vaes_dir: str | None = None
     embeddings_dir: str | None = None
     controlnet_dir: str | None = None
+    ipadapter_dir: str | None = None
+    clip_vision_dir: str | None = None
     outputs_dir: str | None = None  # a local folder, or an fsspec URL for the images (s3://..., file:///...)
     models_config: str | None = None
     cache_dir: str | None = None  # hashes and detected families of model files
@@ -118,6 +120,8 @@ def build_app(args: dict | None = None) -> Application:
             "vaes_dir",
             "embeddings_dir",
             "controlnet_dir",
+            "ipadapter_dir",
+            "clip_vision_dir",
             "outputs_dir",
             "models_config",
             "cache_dir",

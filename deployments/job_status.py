@@ -4,7 +4,7 @@ projection of a `JobRecord` onto the status fields (`GET /queue/{id}`, the final
 import asyncio
 
 from deployments.job_records import JobRecord, image_fields
-from pipelines.control_plan import CONTROL_IMAGE, CONTROL_MAP
+from pipelines.control_plan import CONTROL_MAP, unit_image_name, unit_images
 from pipelines.errors import JobNotFinishedError, UnknownJobError
 from pipelines.images import decode_base64_bytes, encode_base64, image_extension
 from pipelines.schemas import JobState
@@ -18,15 +18,18 @@ def input_images(request) -> dict[str, str]:
     `mask`, each ControlNet unit's `image`."""
     found = {name: getattr(request, name) for name in INPUT_FIELDS if getattr(request, name, None)}
     for index, unit in enumerate(getattr(request, "controlnet", None) or []):
-        if unit.image:
-            found[CONTROL_IMAGE.format(index=index)] = unit.image
+        for position, image in enumerate(unit_images(unit)):
+            found[unit_image_name(index, position)] = image
     return found
 
 
 def input_field(name: str) -> str:
-    """The request field an input image's stored name stands for (`controlnet.0.image` -> `controlnet[0].image`)."""
+    """The request field an input image's stored name stands for (`controlnet.0.image` -> `controlnet[0].image`,
+    `controlnet.0.image.2` -> `controlnet[0].image[2]`)."""
     parts = name.split(".")
-    return f"controlnet[{parts[1]}].image" if parts[0] == "controlnet" else name
+    if parts[0] != "controlnet":
+        return name
+    return f"controlnet[{parts[1]}].image" + (f"[{parts[3]}]" if len(parts) > 3 else "")
 
 
 def without_inputs(payload: dict) -> dict:
@@ -42,7 +45,11 @@ def payload_with_inputs(payload: dict, inputs: dict[str, str]) -> dict:
     merged = {**payload, **{name: value for name, value in inputs.items() if name in INPUT_FIELDS}}
     units = [dict(unit) for unit in payload.get("controlnet") or []]
     for index, unit in enumerate(units):
-        unit["image"] = inputs.get(CONTROL_IMAGE.format(index=index), unit.get("image"))
+        images = []
+        while (name := unit_image_name(index, len(images))) in inputs:
+            images.append(inputs[name])
+        if images:  # an IP-Adapter unit's several reference images come back as the list they were sent as
+            unit["image"] = images[0] if len(images) == 1 else images
     if units:
         merged["controlnet"] = units
     return merged

@@ -55,6 +55,7 @@ def cmd_demo_models(args) -> None:
         create_demo_upscaler,
         create_demo_vae,
     )
+    from pipelines.demo_adapters import create_demo_ip_adapters
 
     settings = _settings()
     models_dir = Path(args.models_dir) if args.models_dir else settings.models_dir
@@ -67,12 +68,13 @@ def cmd_demo_models(args) -> None:
     embeddings_dir = Path(args.embeddings_dir) if args.embeddings_dir else settings.embeddings_dir
     written += create_demo_embeddings(embeddings_dir, overwrite=args.force)
     written += create_demo_controlnets(settings.controlnet_dir, overwrite=args.force)
+    written += create_demo_ip_adapters(settings.ipadapter_dir, settings.clip_vision_dir, overwrite=args.force)
     for path in written:
         print(f"wrote {path}")
     if not written:
         print(
-            "demo models, LoRAs, upscaler, VAE, embeddings and ControlNets already present (use --force to rewrite "
-            "them)"
+            "demo models, LoRAs, upscaler, VAE, embeddings, ControlNets and IP-Adapters already present (use --force "
+            "to rewrite them)"
         )
 
 

@@ -3,6 +3,7 @@ control map (the preprocessor run on its image, fitted to the job's size) and it
 ControlNet extension reads them. The maps are made on the ingress (no torch: OpenCV and numpy), so a bad unit
 fails at submission and the generator gets the maps ready."""
 
+import hashlib
 import io
 from dataclasses import dataclass
 
@@ -13,7 +14,14 @@ from pipelines.catalog import ModelEntry
 from pipelines.controlnets import ControlNetFile, ControlNetLibrary
 from pipelines.errors import DiffusionAPIError, InvalidRequestError
 from pipelines.images import decode_base64_image, decode_image
-from pipelines.preprocessors import Preprocessor, preprocessor
+from pipelines.ipadapters import ImageEncoderFile, IpAdapterFile
+from pipelines.preprocessors import (
+    IP_ADAPTER_ALIASES,
+    Preprocessor,
+    is_ip_adapter_module,
+    preprocessor,
+    rgb_like_extension,
+)
 from pipelines.schemas import ControlNetUnit
 
 FAMILY_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL", "sd2": "SD 2.x", "sdxl-refiner": "SDXL refiner"}
@@ -23,14 +31,12 @@ CONTROL_IMAGE = "controlnet.{index}.image"
 CONTROL_MAP = "controlnet.{index}.map"
 
 
-@dataclass(frozen=True)
-class ControlPlan:
-    """One unit, resolved: what the engine runs and what the infotext says of it."""
+@dataclass(frozen=True, kw_only=True)
+class UnitPlan:
+    """What every unit has, resolved: its settings as the engine runs them and as the infotext says them."""
 
-    model: ControlNetFile
     model_title: str  # A1111's `name [hash8]`
     module: str
-    image: Image.Image  # the control map at the job's size: what the ControlNet sees
     weight: float
     guidance_start: float
     guidance_end: float
@@ -48,10 +54,6 @@ class ControlPlan:
         applies to no step runs at weight 0 (the pixels of no ControlNet)."""
         return (self.weight, self.guidance_start, self.guidance_end) if self.applies else (0.0, 0.0, 1.0)
 
-    def batch_key(self) -> tuple:
-        """What must be equal for jobs to share one diffusers call (the maps are per job)."""
-        return (str(self.model.path), self.call_settings(), self.control_mode, self.hr_option)
-
     def infotext(self) -> str:
         """The value of `ControlNet N:` as the extension writes it (its reader splits it back on ', ')."""
         fields = {"Module": self.module, "Model": self.model_title, "Weight": self.weight,
@@ -63,10 +65,59 @@ class ControlPlan:
         return ", ".join(f"{key}: {value}" for key, value in fields.items() if value != -1)
 
 
-def map_files(controls: list[ControlPlan]) -> dict[str, bytes]:
-    """The units' maps (as the ControlNet sees them) as PNG files, by the names the job stores them under."""
+@dataclass(frozen=True, kw_only=True)
+class ControlPlan(UnitPlan):
+    """A ControlNet unit: its model and the control map at the job's size (what the ControlNet sees)."""
+
+    model: ControlNetFile
+    image: Image.Image
+
+    def batch_key(self) -> tuple:
+        """What must be equal for jobs to share one diffusers call (the maps are per job)."""
+        return (str(self.model.path), self.call_settings(), self.control_mode, self.hr_option)
+
+
+@dataclass(frozen=True, kw_only=True)
+class IpAdapterPlan(UnitPlan):
+    """An IP-Adapter unit: the adapter, the image encoder its module runs, and the reference images (as sent,
+    made RGB; the encoder's processor resizes and crops them)."""
+
+    model: IpAdapterFile
+    encoder: ImageEncoderFile
+    images: tuple[Image.Image, ...]
+    references: str = ""  # a digest of the images' pixels
+
+    def batch_key(self) -> tuple:
+        """The reference images are part of it: diffusers' pipelines give every prompt of a call the same image
+        features (they repeat what they are given for each), so only jobs with the same references share a call
+        (a request's `batch_size` images always do)."""
+        return (str(self.model.path), str(self.encoder.path), self.call_settings(), self.hr_option, self.references)
+
+
+def references_digest(images: list[Image.Image]) -> str:
+    digest = hashlib.sha256()
+    for image in images:
+        digest.update(f"{image.mode}{image.size}".encode())
+        digest.update(image.tobytes())
+    return digest.hexdigest()[:16]
+
+
+def control_units(controls: list[UnitPlan]) -> list[int]:
+    """The indexes of a job's ControlNet units (IP-Adapter units run apart)."""
+    return [index for index, control in enumerate(controls) if isinstance(control, ControlPlan)]
+
+
+def ip_adapter_units(controls: list[UnitPlan]) -> list[int]:
+    return [index for index, control in enumerate(controls) if isinstance(control, IpAdapterPlan)]
+
+
+def map_files(controls: list[UnitPlan]) -> dict[str, bytes]:
+    """The ControlNet units' maps (as the ControlNet sees them) as PNG files, by the names the job stores them
+    under (an IP-Adapter unit has no map)."""
     files = {}
     for index, control in enumerate(controls):
+        if not isinstance(control, ControlPlan):
+            continue
         buffer = io.BytesIO()
         control.image.save(buffer, format="PNG")
         files[CONTROL_MAP.format(index=index)] = buffer.getvalue()
@@ -111,44 +162,104 @@ def slider_values_used(module: Preprocessor, resolution: int, threshold_a: float
     return res, float(a), float(b)
 
 
+def unit_image_name(index: int, position: int = 0) -> str:
+    """The name a unit's image is stored under: `controlnet.N.image`, and `controlnet.N.image.K` for an
+    IP-Adapter unit's further reference images."""
+    name = CONTROL_IMAGE.format(index=index)
+    return name if position == 0 else f"{name}.{position}"
+
+
+def unit_images(unit: ControlNetUnit) -> list[str]:
+    """A unit's images as sent (base64): none, one, or (IP-Adapter) several."""
+    if unit.image is None:
+        return []
+    return [unit.image] if isinstance(unit.image, str) else list(unit.image)
+
+
 def plan_controls(units: list[ControlNetUnit], model: ModelEntry | None, library: ControlNetLibrary | None,
                   width: int, height: int, init_image: Image.Image | None, input_bytes: dict[str, bytes],
-                  warnings: list[str]) -> list[ControlPlan]:  # fmt: skip
+                  warnings: list[str]) -> list[UnitPlan]:  # fmt: skip
     """Each unit resolved and its map made; a unit that cannot run is a 4xx naming it. `init_image`: img2img's
-    input as the job runs it (resized, or cropped for "Only masked"): the map of a unit without an image."""
+    input as the job runs it (resized, or cropped for "Only masked"): the image of a unit without one."""
     if units and library is None:
         raise InvalidRequestError("ControlNet needs the ControlNet folder; none is configured here", field="controlnet")
-    return [_plan(unit, f"controlnet[{index}]", model, library, width, height, init_image,
-                  input_bytes.get(CONTROL_IMAGE.format(index=index)), warnings)
-            for index, unit in enumerate(units)]  # fmt: skip
+    plans: list[UnitPlan] = []
+    for index, unit in enumerate(units):
+        sent = [(input_bytes.get(unit_image_name(index, position)), text)
+                for position, text in enumerate(unit_images(unit))]  # fmt: skip
+        plans.append(_plan(unit, f"controlnet[{index}]", model, library, width, height, init_image, sent, warnings))
+    return plans
+
+
+def _decode(sent: list[tuple[bytes | None, str]], field: str) -> list[Image.Image]:
+    """A unit's images: the bytes the ingress decoded already, else the base64 sent (transparency is composited
+    over white later, as the extension does)."""
+    images = []
+    for position, (raw, text) in enumerate(sent):
+        place = f"{field}.image" + (f"[{position}]" if len(sent) > 1 else "")
+        images.append(decode_image(raw, field=place, mode=None) if raw is not None
+                      else decode_base64_image(text, field=place, mode=None))  # fmt: skip
+    return images
+
+
+def _check_family(entry: ControlNetFile | IpAdapterFile, field: str, model: ModelEntry | None,
+                  library: ControlNetLibrary) -> None:  # fmt: skip
+    if model is None or entry.family == model.family:
+        return
+    kind = "IP-Adapter" if isinstance(entry, IpAdapterFile) else "ControlNet"
+    fitting = [item.name for item in library.all_models() if item.family == model.family]
+    family, wanted = FAMILY_NAMES.get(entry.family, entry.family), FAMILY_NAMES.get(model.family, model.family)
+    raise InvalidRequestError(
+        f"{field}.model: {kind} '{entry.name}' is for {family} models and model '{model.name}' is {wanted}; "
+        f"installed {wanted} ControlNets and IP-Adapters: {', '.join(map(repr, fitting)) or 'none'}",
+        field=f"{field}.model",
+    )
 
 
 def _plan(unit: ControlNetUnit, field: str, model: ModelEntry | None, library: ControlNetLibrary, width: int,
-          height: int, init_image: Image.Image | None, raw: bytes | None,
-          warnings: list[str]) -> ControlPlan:  # fmt: skip
+          height: int, init_image: Image.Image | None, sent: list[tuple[bytes | None, str]],
+          warnings: list[str]) -> UnitPlan:  # fmt: skip
     entry = library.resolve(unit.model, field=f"{field}.model")
-    if model is not None and entry.family != model.family:
-        fitting = [item.name for item in library.available() if item.family == model.family]
-        raise InvalidRequestError(
-            f"{field}.model: ControlNet '{entry.name}' is for {FAMILY_NAMES.get(entry.family, entry.family)} models "
-            f"and model '{model.name}' is {FAMILY_NAMES.get(model.family, model.family)}; installed "
-            f"{FAMILY_NAMES.get(model.family, model.family)} ControlNets: {', '.join(map(repr, fitting)) or 'none'}",
-            field=f"{field}.model",
-        )
+    _check_family(entry, field, model, library)
+    ip_module = is_ip_adapter_module(unit.module)
+    if isinstance(entry, IpAdapterFile) != ip_module:
+        wanted = ("an IP-Adapter model (its module runs the image encoder)" if ip_module
+                  else "a ControlNet model (an IP-Adapter takes an ip-adapter_clip_* module)")  # fmt: skip
+        raise InvalidRequestError(f"{field}.module: module '{unit.module}' needs {wanted}; '{entry.name}' is "
+                                  f"{'an IP-Adapter' if isinstance(entry, IpAdapterFile) else 'a ControlNet'}",
+                                  field=f"{field}.module")  # fmt: skip
+    applies = unit.guidance_start < unit.guidance_end
+    if not applies:
+        warnings.append(f"{field}: guidance_start {unit.guidance_start:g} is not before guidance_end "
+                        f"{unit.guidance_end:g}: the unit applies to no step")  # fmt: skip
+    common = dict(model_title=library.title(entry), weight=unit.weight, guidance_start=unit.guidance_start,
+                  guidance_end=unit.guidance_end, control_mode=unit.control_mode, resize_mode=unit.resize_mode,
+                  pixel_perfect=unit.pixel_perfect, hr_option=unit.hr_option, applies=applies)  # fmt: skip
+    images = _decode(sent, field)
+    if not images and init_image is not None:
+        images = [init_image]  # img2img: the input as the job runs it, as the extension
+    if not images:
+        raise InvalidRequestError(f"{field}.image: a txt2img unit needs an image (a reference image for an "
+                                  "IP-Adapter, or a map with module 'none')", field=f"{field}.image")  # fmt: skip
+    if isinstance(entry, IpAdapterFile):
+        encoder = library.ip_adapters.encoder_for(entry, unit.module, field=f"{field}.module")
+        references = tuple(map(rgb_like_extension, images))
+        return IpAdapterPlan(model=entry, encoder=encoder, images=references, references=references_digest(references),
+                             module=IP_ADAPTER_ALIASES.get(unit.module, unit.module), processor_res=-1,
+                             threshold_a=-1, threshold_b=-1, **common)  # fmt: skip
+    if len(images) > 1:
+        raise InvalidRequestError(f"{field}.image: several images are for IP-Adapter units; a ControlNet takes "
+                                  "one control image", field=f"{field}.image")  # fmt: skip
+    return _control_plan(unit, field, entry, images[0], width, height, init_image is images[0], common)
+
+
+def _control_plan(unit: ControlNetUnit, field: str, entry: ControlNetFile, image: Image.Image, width: int,
+                  height: int, from_init_image: bool, common: dict) -> ControlPlan:  # fmt: skip
     try:
         module = preprocessor(unit.module)
     except DiffusionAPIError as error:
         raise InvalidRequestError(f"{field}: {error.message}", field=f"{field}.module") from None
-    resize_mode = unit.resize_mode
-    if raw is not None:
-        image = decode_image(raw, field=f"{field}.image", mode=None)  # transparency: over white, as the extension
-    elif unit.image:
-        image = decode_base64_image(unit.image, field=f"{field}.image", mode=None)
-    elif init_image is not None:
-        image, resize_mode = init_image, "Just Resize"  # img2img: the input as the job runs it, as the extension
-    else:
-        raise InvalidRequestError(f"{field}.image: a txt2img unit needs an image (or a map, with module 'none')",
-                                  field=f"{field}.image")  # fmt: skip
+    resize_mode = "Just Resize" if from_init_image else unit.resize_mode  # the init image has the job's size
     resolution = unit.processor_res
     if unit.pixel_perfect:
         resolution = max(64, min(2048, pixel_perfect_resolution(image, width, height, unit.resize_mode)))
@@ -157,14 +268,7 @@ def _plan(unit: ControlNetUnit, field: str, model: ModelEntry | None, library: C
     except DiffusionAPIError as error:  # a slider out of its range: named as the unit's field
         raise InvalidRequestError(f"{field}.{error.message}", field=f"{field}.{error.field}") from None
     slider_values = slider_values_used(module, resolution, unit.threshold_a, unit.threshold_b)
-    applies = unit.guidance_start < unit.guidance_end
-    if not applies:
-        warnings.append(f"{field}: guidance_start {unit.guidance_start:g} is not before guidance_end "
-                        f"{unit.guidance_end:g}: the unit applies to no step")  # fmt: skip
     return ControlPlan(
-        model=entry, model_title=library.title(entry), module=module.name,
-        image=fit_map(detected.convert("RGB"), width, height, resize_mode), weight=unit.weight,
-        guidance_start=unit.guidance_start, guidance_end=unit.guidance_end, control_mode=unit.control_mode,
-        resize_mode=unit.resize_mode, processor_res=slider_values[0], threshold_a=slider_values[1],
-        threshold_b=slider_values[2], pixel_perfect=unit.pixel_perfect, hr_option=unit.hr_option, applies=applies,
+        model=entry, module=module.name, image=fit_map(detected.convert("RGB"), width, height, resize_mode),
+        processor_res=slider_values[0], threshold_a=slider_values[1], threshold_b=slider_values[2], **common,
     )  # fmt: skip

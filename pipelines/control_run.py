@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipelines.control_plan import control_units
 from pipelines.controlnets import ControlNetLibrary
 from pipelines.models import LoadedModel, with_controlnet
 from pipelines.prepare import PreparedJob
@@ -30,13 +31,17 @@ CONTROL_FIRST = "ControlNet is more important"
 SOFT_BASE, SOFT_LAYERS = 0.825, 13  # A1111's soft injection: output i (down blocks, then mid) x 0.825^(12-i)
 
 
-def active_units(job: PreparedJob, hires_pass: bool) -> list[int]:
-    """The units that apply to a pass: without hires fix, every unit (as A1111, whatever `hr_option` says);
-    with it, those of the first pass or of the second."""
+def applies_to_pass(job: PreparedJob, index: int, hires_pass: bool) -> bool:
+    """Whether a unit applies to a pass: without hires fix, every unit does (as A1111, whatever `hr_option`
+    says); with it, those of the first pass or of the second."""
     if job.hires is None:
-        return list(range(len(job.controls)))
-    skipped = "Low res only" if hires_pass else "High res only"
-    return [index for index, control in enumerate(job.controls) if control.hr_option != skipped]
+        return True
+    return job.controls[index].hr_option != ("Low res only" if hires_pass else "High res only")
+
+
+def active_units(job: PreparedJob, hires_pass: bool) -> list[int]:
+    """The ControlNet units that apply to a pass."""
+    return [index for index in control_units(job.controls) if applies_to_pass(job, index, hires_pass)]
 
 
 def controlled(loaded: LoadedModel, pipe, job: PreparedJob, library: ControlNetLibrary, hires_pass: bool = False):

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 from pipelines import tensor_shapes
 from pipelines.catalog import FileFactsCache
 from pipelines.errors import DiffusionAPIError, ModelLoadError
+from pipelines.ipadapters import IpAdapterFile, IpAdapterLibrary
 from pipelines.names import find_named_file, scan_files_and_folders
 from pipelines.settings import Settings
 from pipelines.state_dicts import read_state_dict
@@ -98,6 +99,7 @@ class ControlNetLibrary:
         self.allow_external_links = settings.allow_external_links
         self.facts = facts or FileFactsCache(settings.cache_dir / "file_facts.json")
         self.max_loaded = max_loaded
+        self.ip_adapters = IpAdapterLibrary(settings, self.facts)
         self._loaded: OrderedDict[tuple, torch.nn.Module] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -113,20 +115,26 @@ class ControlNetLibrary:
         found = [ControlNetFile(name, path, self._family(path)) for name, path in self._entries()]
         return [entry for entry in found if entry.family != "unknown"]
 
-    def resolve(self, requested: str, field: str = "model") -> ControlNetFile:
-        """A ControlNet by name (with or without extension) or A1111 title (`name [hash]`)."""
-        entries = self._entries()
-        wanted = title["name"] if (title := _TITLE.match(requested.strip())) else requested
-        found = find_named_file(wanted, entries, CONTROLNET_SUFFIXES, field, "ControlNet")
-        if found is None:
-            names = ", ".join(repr(entry.name) for entry in self.available())
-            raise UnknownControlNetError(f"unknown ControlNet model {requested!r}; installed: "
-                                         f"{names or f'none (the folder {self.folder} is empty)'}",
-                                         field=field)  # fmt: skip
-        name, path = found
-        return ControlNetFile(name, path, self._family(path))
+    def all_models(self) -> list[ControlNetFile | IpAdapterFile]:
+        """What a unit's `model` can name: the ControlNets, then the IP-Adapters (the extension lists both)."""
+        return [*self.available(), *self.ip_adapters.available()]
 
-    def short_hash(self, entry: ControlNetFile) -> str:
+    def resolve(self, requested: str, field: str = "model") -> ControlNetFile | IpAdapterFile:
+        """A ControlNet, else an IP-Adapter, by name (with or without extension) or A1111 title (`name [hash]`)."""
+        wanted = title["name"] if (title := _TITLE.match(requested.strip())) else requested
+        found = find_named_file(wanted, self._entries(), CONTROLNET_SUFFIXES, field, "ControlNet")
+        if found is not None:
+            name, path = found
+            return ControlNetFile(name, path, self._family(path))
+        adapter = self.ip_adapters.find(wanted, field)
+        if adapter is not None:
+            return adapter
+        names = ", ".join(repr(entry.name) for entry in self.all_models())
+        empty = f"none (the folders {self.folder} and {self.ip_adapters.folder} are empty)"
+        raise UnknownControlNetError(f"unknown ControlNet or IP-Adapter model {requested!r}; installed: "
+                                     f"{names or empty}", field=field)  # fmt: skip
+
+    def short_hash(self, entry: ControlNetFile | IpAdapterFile) -> str:
         """The hash in A1111's ControlNet titles: its legacy model hash (the sha256 of 64 KiB read at 1 MiB), so
         the titles equal A1111's; reading it costs nothing even for multi-GB files."""
         return self.facts.get(entry.weights_file.resolve(), "legacy_hash", legacy_model_hash)
@@ -135,8 +143,9 @@ class ControlNetLibrary:
         """Forgets the loaded ControlNets (out of memory: they are read again when next asked for)."""
         with self._lock:
             self._loaded.clear()
+        self.ip_adapters.clear()
 
-    def title(self, entry: ControlNetFile) -> str:
+    def title(self, entry: ControlNetFile | IpAdapterFile) -> str:
         return f"{entry.name} [{self.short_hash(entry)}]"
 
     def load(self, entry: ControlNetFile, unet: torch.nn.Module) -> torch.nn.Module:

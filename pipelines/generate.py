@@ -10,6 +10,7 @@ The flow of a job, top to bottom:
    needs it; progress through pipelines/progress.py), and builds each image's A1111 infotext.
 """
 
+import contextlib
 import io
 import logging
 import threading
@@ -33,6 +34,7 @@ from pipelines.errors import (
 from pipelines.images import encode_base64
 from pipelines.infotext import build_infotext
 from pipelines.inpaint import inpaint_arguments, is_inpaint_pipeline, paste_back
+from pipelines.ip_adapter_run import IpAdapterFeatures, adapters_of, encode_references, scheduled_scales
 from pipelines.loras import (
     LoraLibrary,
     lora_hashes_value,
@@ -268,7 +270,9 @@ class ImageEngine:
         phases = PhaseProgress.for_job(first, progress, is_cancelled)
         # job_scope puts back whatever the job changes on the model (scheduler, LoRAs, QKV fusion, VAE tiling)
         # and vae_swapped the model's own VAE, however the job ends.
-        with loaded.lock, loaded.job_scope(), loaded.vae_swapped(self._vae_for(loaded, first)):
+        ip_adapters = self.controlnets.ip_adapters
+        with loaded.lock, loaded.job_scope(), loaded.vae_swapped(self._vae_for(loaded, first)), \
+                loaded.ip_adapters_loaded(adapters_of(jobs, ip_adapters)):  # fmt: skip
             pipe = loaded.pipeline_for(first.mode, masked=first.inpaint is not None)
             memory_before = memory_mb(self.device)
             started = time.perf_counter()
@@ -276,6 +280,7 @@ class ImageEngine:
             refiner_ti_hashes: list[dict[str, str]] = [{} for _ in jobs]
             try:
                 pipe = controlled(loaded, pipe, first, self.controlnets)  # the ControlNet pipeline if units apply
+                features = encode_references(jobs, ip_adapters, self.device, self.dtype)  # IP-Adapter units
                 pipe.scheduler = build_scheduler(first.sampler, loaded.scheduler_config)
                 fitting, lora_warnings = self.loras.usable(first.loras, loaded.entry) if first.loras else ([], [])
                 applied, load_warnings = loaded.apply_loras(fitting) if first.mode == "txt2img" else ([], [])
@@ -290,16 +295,17 @@ class ImageEngine:
                     new_warnings = first.sampler.warnings + lora_warnings + clip_warnings
                     job.warnings.extend(w for w in dict.fromkeys(new_warnings) if w not in job.warnings)
                 if first.hires is not None:
-                    images = self._run_hires(loaded, pipe, jobs, phases, upscale or self._upscale_here)
+                    images = self._run_hires(loaded, pipe, jobs, phases, upscale or self._upscale_here, features)
                 elif first.refiner is not None:
                     latents = self._call_pipeline(pipe, jobs, phases.step(PHASE_GENERATION), output_type="latent",
-                                                  denoising_end=first.refiner.switch_at)  # fmt: skip
+                                                  denoising_end=first.refiner.switch_at,
+                                                  ip_features=features)  # fmt: skip
                     refined = (refine or self._refine_here)(first.refiner.model, jobs, latents, phases)
                     images, refiner_ti_hashes = refined.images, refined.ti_hashes
                     for job, added in zip(jobs, refined.warnings, strict=True):
                         job.warnings.extend(w for w in dict.fromkeys(added) if w not in job.warnings)
                 else:
-                    images = self._call_pipeline(pipe, jobs, phases.step(PHASE_GENERATION))
+                    images = self._call_pipeline(pipe, jobs, phases.step(PHASE_GENERATION), ip_features=features)
                 images = [paste_back(image, job.inpaint) if job.inpaint else image
                           for job, image in zip(jobs, images, strict=True)]  # fmt: skip
             except torch.cuda.OutOfMemoryError as error:
@@ -374,16 +380,17 @@ class ImageEngine:
         return outcomes
 
     def _run_hires(self, loaded: LoadedModel, pipe, jobs: list[PreparedJob], phases: "PhaseProgress",
-                   upscale: "UpscaleHook") -> list[Image.Image]:  # fmt: skip
+                   upscale: "UpscaleHook", features: IpAdapterFeatures | None = None) -> list[Image.Image]:  # fmt: skip
         """First pass at the requested size, upscale (latents, or the decoded image with an upscaler model),
         then an img2img pass at the final size, with the same seeds."""
         hires = jobs[0].hires
         if hires.latent is not None:
-            latents = self._call_pipeline(pipe, jobs, phases.step(PHASE_FIRST_PASS), output_type="latent")
+            latents = self._call_pipeline(pipe, jobs, phases.step(PHASE_FIRST_PASS), output_type="latent",
+                                          ip_features=features)  # fmt: skip
             phases.report(PHASE_UPSCALING, 0, 1)
             second_input = upscale_latents(latents, hires.height, hires.width, hires.latent)
         else:
-            first_pass = self._call_pipeline(pipe, jobs, phases.step(PHASE_FIRST_PASS))
+            first_pass = self._call_pipeline(pipe, jobs, phases.step(PHASE_FIRST_PASS), ip_features=features)
             phases.report(PHASE_UPSCALING, 0, 1)
             second_input = upscale(first_pass, hires.upscaler, hires.width, hires.height)
         phases.report(PHASE_UPSCALING, 1, 1)
@@ -391,7 +398,7 @@ class ImageEngine:
         img2img.scheduler = build_scheduler(jobs[0].sampler, loaded.scheduler_config)
         return self._call_pipeline(img2img, jobs, phases.step(PHASE_HIRES_PASS), hires_pass=True, image=second_input,
                                    strength=hires.denoising_strength, num_inference_steps=hires.steps,
-                                   width=hires.width, height=hires.height)  # fmt: skip
+                                   width=hires.width, height=hires.height, ip_features=features)  # fmt: skip
 
     def _upscale_here(self, images: list[Image.Image], upscaler: str, width: int, height: int) -> list[Image.Image]:
         return [self.upscalers.upscale(image, upscaler, width, height) for image in images]
@@ -427,9 +434,10 @@ class ImageEngine:
         return self.vaes.load(job.vae, loaded.pipe.vae) if job.vae else None
 
     def _call_pipeline(self, pipe, jobs: list[PreparedJob], on_step: "StepCallback", hires_pass: bool = False,
-                       **overrides):  # fmt: skip
+                       ip_features: IpAdapterFeatures | None = None, **overrides):  # fmt: skip
         """One diffusers call for the batch; `overrides` replace or add call arguments (image, strength,
-        output_type, denoising_start/end, ...); `hires_pass`: the hires fix's second pass (its ControlNet units)."""
+        output_type, denoising_start/end, ...); `hires_pass`: the hires fix's second pass (its ControlNet and
+        IP-Adapter units); `ip_features`: the jobs' reference image features (IP-Adapter units)."""
         first = jobs[0]
         preview_sink = PREVIEW_SINK.get()
         previewed: dict[str, int] = {}  # job id -> the batch index of its first image here (its preview)
@@ -475,6 +483,11 @@ class ImageEngine:
                                                control_warnings))  # fmt: skip
             for job in jobs:
                 job.warnings.extend(w for w in control_warnings if w not in job.warnings)
+        scales = contextlib.nullcontext()
+        if ip_features is not None:
+            guidance = first.cfg_scale > 1 and pipe.unet.config.time_cond_proj_dim is None  # as diffusers decides
+            arguments.update(ip_features.call_arguments(guidance))
+            scales = scheduled_scales(pipe, first, ip_features, hires_pass)
         # Not every pipeline takes every argument (SDXL img2img has no size: the image sets it).
         parameters = _call_parameters(pipe)
         for name in ("clip_skip", "denoising_start", "denoising_end", "width", "height"):
@@ -496,7 +509,8 @@ class ImageEngine:
                     pipe, arguments.pop("negative_prompt"), first.clip_skip
                 )
                 arguments.pop("clip_skip")
-            output = pipe(**arguments).images
+            with scales:
+                output = pipe(**arguments).images
         return output
 
     def _ti_hashes(self, job: PreparedJob) -> dict[str, str]:

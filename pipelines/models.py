@@ -120,6 +120,31 @@ class LoadedModel:
             if tiling is not None and own_vae.use_tiling != tiling:
                 own_vae.enable_tiling() if tiling else own_vae.disable_tiling()
 
+    @contextlib.contextmanager
+    def ip_adapters_loaded(self, state_dicts: list[dict]):
+        """The job's IP-Adapters in the UNet while the block runs (diffusers' `load_ip_adapter`, from the given
+        state dicts; the image encoder runs apart), and the UNet exactly as before after it: its attention
+        processors (a speed option's or fused QKV's included), its image projection and config, the pipeline's
+        feature extractor. Hold `lock`."""
+        if not state_dicts:
+            yield
+            return
+        unet = self.pipe.unet
+        processors = dict(unet.attn_processors)
+        projection, projection_type = unet.encoder_hid_proj, unet.config.encoder_hid_dim_type
+        extractor = getattr(self.pipe, "feature_extractor", None)
+        try:
+            count = len(state_dicts)
+            self.pipe.load_ip_adapter(state_dicts, subfolder=[None] * count, weight_name=[None] * count,
+                                      image_encoder_folder=None)  # fmt: skip
+            yield
+        finally:
+            unet.encoder_hid_proj = projection  # first: a plus adapter's Resampler has attention layers of its own
+            unet.config.encoder_hid_dim_type = projection_type
+            unet.set_attn_processor(processors)
+            if hasattr(self.pipe, "feature_extractor") and self.pipe.feature_extractor is not extractor:
+                self.pipe.register_modules(feature_extractor=extractor)
+
     def _pipelines(self) -> list:
         return [pipe for pipe in (self.pipe, self._img2img, self._inpaint) if pipe is not None]
 

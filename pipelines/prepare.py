@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 from PIL import Image
 
 from pipelines.catalog import Mode, ModelCatalog, ModelEntry
-from pipelines.control_plan import ControlPlan, plan_controls
+from pipelines.control_plan import UnitPlan, control_units, plan_controls
 from pipelines.controlnets import ControlNetLibrary
 from pipelines.embeddings import EmbeddingFile, EmbeddingLibrary
 from pipelines.errors import (
@@ -79,7 +79,7 @@ class PreparedJob:
     image_index: int = 0  # which of its request's images this is (batch_size x n_iter images, seed + index)
     image_count: int = 1
     preview: bool = False  # live previews of the image so far (pipelines/previews.py)
-    controls: list[ControlPlan] = field(default_factory=list)  # ControlNet units, their maps made
+    controls: list[UnitPlan] = field(default_factory=list)  # ControlNet units (maps made) and IP-Adapter units
 
     def per_image(self, count: int) -> list["PreparedJob"]:
         """The `count` images of one request (`batch_size` x `n_iter`), as A1111 makes them: seeds seed,
@@ -185,8 +185,8 @@ def prepare_job(
 def _check_control_combinations(job: PreparedJob, model: ModelEntry | None) -> None:
     """What diffusers' ControlNet inpainting pipelines cannot run, refused at submission (they take no
     prepared masked-image latents): A1111's "latent noise" / "latent nothing", and a latent hires fix on an
-    inpainting checkpoint."""
-    if not job.controls:
+    inpainting checkpoint. IP-Adapter units run in the plain pipelines: nothing to refuse."""
+    if not control_units(job.controls):
         return
     if job.inpaint is not None and job.inpaint.fill in (2, 3):
         message = "inpainting_fill 2 (latent noise) and 3 (latent nothing) cannot run with ControlNet here; use 0 or 1"

@@ -54,6 +54,11 @@ def _hwc3(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"))
 
 
+def rgb_like_extension(image: Image.Image) -> Image.Image:
+    """The image as the extension's modules read it (`_hwc3`), as a Pillow image."""
+    return Image.fromarray(_hwc3(image))
+
+
 def _resize_with_pad(img: np.ndarray, resolution: int) -> tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]:
     """The extension's `resize_image_with_pad`: short side to `resolution` (each side rounded half to even),
     then edge padding to multiples of 64. Returns the padded image and the crop back to the resized size."""
@@ -212,10 +217,26 @@ ALIASES: dict[str, str] = {
 }
 _DISPLAY_NAMES = {internal: alias for alias, internal in ALIASES.items()}
 
+# The extension's IP-Adapter preprocessors -> the image encoder each runs (None: the one that fits the adapter).
+IP_ADAPTER_MODULES: dict[str, str | None] = {
+    "ip-adapter_clip_sd15": "clip_h",
+    "ip-adapter_clip_sdxl": "clip_g",
+    "ip-adapter_clip_sdxl_plus_vith": "clip_h",
+    "ip-adapter-auto": None,
+}
+IP_ADAPTER_ALIASES = {"ip-adapter_clip_h": "ip-adapter_clip_sd15", "ip-adapter_clip_g": "ip-adapter_clip_sdxl"}
+
+
+def is_ip_adapter_module(name: str) -> bool:
+    return IP_ADAPTER_ALIASES.get(name, name) in IP_ADAPTER_MODULES
+
 
 def preprocessor(name: str) -> Preprocessor:
     """The preprocessor by internal or display name. Names are case-sensitive, as in the extension."""
     found = PREPROCESSORS.get(ALIASES.get(name, name))
+    if found is None and is_ip_adapter_module(name):
+        raise InvalidRequestError(f"module {name!r} runs an IP-Adapter's image encoder (on the generator, with the "
+                                  "job); it makes no map", field="module")  # fmt: skip
     if found is None:
         available = ", ".join([*PREPROCESSORS, *(repr(alias) for alias in ALIASES)])
         raise InvalidRequestError(f"unknown ControlNet module {name!r}; available: {available}", field="module")
@@ -232,4 +253,7 @@ def module_detail(alias_names: bool = False) -> dict:
         placeholder = [None] if p.resolution is None and p.thresholds else []
         key = _DISPLAY_NAMES.get(name, name) if alias_names else name
         detail[key] = {"model_free": False, "sliders": placeholder + [slider.as_json() for slider in p.sliders]}
+    labels = {internal: alias for alias, internal in IP_ADAPTER_ALIASES.items()}
+    for name in IP_ADAPTER_MODULES:  # the image encoder runs with the job: no sliders
+        detail[labels.get(name, name) if alias_names else name] = {"model_free": False, "sliders": []}
     return detail

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 from pipelines.catalog import Family
 from pipelines.inpaint import InpaintingFill
 from pipelines.limits import LIMITS
-from pipelines.preprocessors import ALIASES, PREPROCESSORS
+from pipelines.preprocessors import ALIASES, IP_ADAPTER_ALIASES, IP_ADAPTER_MODULES, PREPROCESSORS
 from pipelines.samplers import accepted_sampler_names, accepted_schedule_types
 from pipelines.upscalers import LATENT_MODES
 
@@ -108,7 +108,14 @@ ControlMode = Literal["Balanced", "My prompt is more important", "ControlNet is 
 ControlResizeMode = Literal["Just Resize", "Crop and Resize", "Resize and Fill"]
 HiresOption = Literal["Both", "Low res only", "High res only"]
 ProcessorResolution = Annotated[int, Field(ge=64, le=LIMITS.max_size)] | Literal[-1]
-ControlNetModule = Literal[tuple(PREPROCESSORS) + tuple(ALIASES)]  # a closed set: the preprocessors installed
+# A closed set: the preprocessors installed, and the IP-Adapter modules (their image encoder).
+ControlNetModule = Literal[
+    tuple(PREPROCESSORS) + tuple(ALIASES) + tuple(IP_ADAPTER_MODULES) + tuple(IP_ADAPTER_ALIASES)
+]
+MAX_REFERENCE_IMAGES = 4  # per IP-Adapter unit
+
+
+UnitImage = Annotated[str, Field(min_length=1, json_schema_extra={"format": IMAGE_FORMAT})]
 
 
 class ControlNetUnit(BaseModel):
@@ -120,10 +127,10 @@ class ControlNetUnit(BaseModel):
                         "job's model family")  # fmt: skip
     module: ControlNetModule = Field("none", description="The preprocessor (GET /controlnet/module_list; the "
                                      "extension's display names too); `none`: `image` is the control map")  # fmt: skip
-    image: str | None = Field(
-        None, min_length=1, json_schema_extra={"format": IMAGE_FORMAT},
-        description="The control image, base64 (the formats `image` of img2img takes); absent on img2img: the "
-        "init image",
+    image: UnitImage | Annotated[list[UnitImage], Field(min_length=1, max_length=MAX_REFERENCE_IMAGES)] | None = Field(
+        None,
+        description="The control image, base64 (the formats `image` of img2img takes), or an IP-Adapter's "
+        f"reference image(s) (a list: up to {MAX_REFERENCE_IMAGES}, read together); absent on img2img: the init image",
     )  # fmt: skip
     weight: float = Field(1.0, ge=0.0, le=2.0, description="The ControlNet's conditioning scale")
     guidance_start: float = Field(0.0, ge=0.0, le=1.0, description="Of the steps, when the control starts")

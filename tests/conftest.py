@@ -20,6 +20,7 @@ from pipelines.demo import (
     create_demo_upscaler,
     create_demo_vae,
 )
+from pipelines.demo_adapters import create_demo_ip_adapters
 from pipelines.settings import PROJECT_ROOT, Settings
 
 
@@ -32,6 +33,7 @@ def demo_root(tmp_path_factory) -> Path:
     create_demo_vae(root / "stable_diffusion" / "vae")
     create_demo_embeddings(root / "stable_diffusion" / "embeddings")
     create_demo_controlnets(root / "stable_diffusion" / "controlnet")
+    create_demo_ip_adapters(root / "stable_diffusion" / "ipadapter", root / "stable_diffusion" / "clip_vision")
     return root
 
 
@@ -63,6 +65,8 @@ def env_settings(monkeypatch, settings):
     monkeypatch.setenv("DIFFUSION_API_VAES_DIR", str(settings.vaes_dir))
     monkeypatch.setenv("DIFFUSION_API_EMBEDDINGS_DIR", str(settings.embeddings_dir))
     monkeypatch.setenv("DIFFUSION_API_CONTROLNET_DIR", str(settings.controlnet_dir))
+    monkeypatch.setenv("DIFFUSION_API_IPADAPTER_DIR", str(settings.ipadapter_dir))
+    monkeypatch.setenv("DIFFUSION_API_CLIP_VISION_DIR", str(settings.clip_vision_dir))
     monkeypatch.setenv("DIFFUSION_API_CACHE_DIR", str(settings.cache_dir))
     monkeypatch.setenv("DIFFUSION_API_EXTRA_MODELS_DIR", str(settings.extra_models_dir))
     monkeypatch.setenv("DIFFUSION_API_MODELS_CONFIG", str(settings.models_config))

@@ -49,6 +49,8 @@ def patched_production_config(settings, outputs: Path, **arg_overrides) -> dict:
         "vaes_dir": str(settings.vaes_dir),
         "embeddings_dir": str(settings.embeddings_dir),
         "controlnet_dir": str(settings.controlnet_dir),
+        "ipadapter_dir": str(settings.ipadapter_dir),
+        "clip_vision_dir": str(settings.clip_vision_dir),
         "upscalers_dir": str(settings.upscalers_dir),
         "outputs_dir": (outputs / "images").as_uri(),
         "job_database": str(outputs / "jobs.sqlite3"),

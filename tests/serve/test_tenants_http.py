@@ -74,6 +74,8 @@ def _keyed_application(settings, folder) -> dict:
             "vaes_dir": str(settings.vaes_dir),
             "embeddings_dir": str(settings.embeddings_dir),
             "controlnet_dir": str(settings.controlnet_dir),
+            "ipadapter_dir": str(settings.ipadapter_dir),
+            "clip_vision_dir": str(settings.clip_vision_dir),
             "upscalers_dir": str(settings.upscalers_dir),
             "models_config": str(settings.models_config),
             "cache_dir": str(settings.cache_dir),

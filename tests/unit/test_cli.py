@@ -195,6 +195,8 @@ def test_txt2img_with_a_controlnet_flag(env_settings, capsys, tmp_path):
     assert unit.startswith("Module: invert, Model: demo-sd15-canny [") and "Weight: 0.7" in unit
     code, _, err = run_cli(capsys, "txt2img", "--prompt", "x", "--controlnet", f"model=nope,image={hint}",
                            "--output", str(output))  # fmt: skip
-    assert code == 2 and err.startswith("diffusion-api: error: argument --controlnet: unknown ControlNet model 'nope'")
+    assert code == 2 and err.startswith(
+        "diffusion-api: error: argument --controlnet: unknown ControlNet or IP-Adapter model 'nope'"
+    )
     code, _, err = run_cli(capsys, "txt2img", "--prompt", "x", "--controlnet", "model", "--output", str(output))
     assert code == 2 and "key=value" in err

@@ -154,7 +154,10 @@ def test_a_unit_that_cannot_run_is_a_4xx_naming_it(engine, units, field, status)
         engine.prepare(Txt2ImgRequest(**BASE, controlnet=units))
     assert (refused.value.field, refused.value.status_code) == (field, status), refused.value.message
     if field == "controlnet[0].model" and status == 422:
-        assert "installed SD1.5 ControlNets: 'control_demo_sd15_canny', 'demo-sd15-canny'" in refused.value.message
+        assert (
+            "installed SD1.5 ControlNets and IP-Adapters: 'control_demo_sd15_canny', 'demo-sd15-canny'"
+            in refused.value.message
+        )
 
 
 @pytest.mark.parametrize("model", ["demo-sd15", "demo-sd15-inpainting"])

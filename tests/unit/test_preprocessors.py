@@ -7,7 +7,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from pipelines.errors import InvalidRequestError
-from pipelines.preprocessors import ALIASES, PREPROCESSORS, module_detail, preprocessor
+from pipelines.preprocessors import ALIASES, IP_ADAPTER_MODULES, PREPROCESSORS, module_detail, preprocessor
 
 RESIZING = ["canny", "threshold", "lineart_standard", "scribble_xdog", "blur_gaussian"]
 
@@ -197,7 +197,9 @@ def test_negative_or_missing_values_take_the_defaults_and_unused_sliders_are_ign
 
 def test_module_detail_has_the_extensions_shape():
     detail = module_detail()
-    assert list(detail) == list(PREPROCESSORS)
+    assert list(detail) == [*PREPROCESSORS, *IP_ADAPTER_MODULES]  # the IP-Adapter modules: no sliders
+    assert detail["ip-adapter_clip_sd15"] == {"model_free": False, "sliders": []}
+    assert "ip-adapter_clip_h" in module_detail(alias_names=True)
     assert all(set(entry) == {"model_free", "sliders"} and entry["model_free"] is False for entry in detail.values())
     assert detail["none"]["sliders"] == [] and detail["invert"]["sliders"] == []
     assert detail["canny"]["sliders"] == [
