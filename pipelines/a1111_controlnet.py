@@ -5,7 +5,7 @@ Read leniently, as the extension reads what real clients send: the args are unit
 means enabled; the legacy names `input_image` (= `image`), `guidance` (= `guidance_end`) and `lowvram`; integers
 for `resize_mode`, `control_mode` and `hr_option`, and the extension's older mode names; numbers as strings;
 `"image": ""` means none (img2img then uses the init image); an image as `{"image", "mask"}` or a list (the
-first is used). A unit without a model, or disabled, is left out; the rest go to the native validation, whose
+first is used; an IP-Adapter unit reads them all). A unit without a model, or disabled, is left out; the rest go to the native validation, whose
 errors name `controlnet[N]` of the args.
 """
 
@@ -14,7 +14,7 @@ from typing import Any
 
 from pipelines.a1111_schemas import number_from_text
 from pipelines.errors import InvalidRequestError
-from pipelines.preprocessors import preprocessor
+from pipelines.preprocessors import is_ip_adapter_module, preprocessor
 
 RESIZE_MODES = ["Just Resize", "Crop and Resize", "Resize and Fill"]
 LEGACY_RESIZE_MODES = {
@@ -105,8 +105,12 @@ def _unit(arg: dict, index: int, warnings: list[str]) -> dict:
                 unit[name] = number_from_text(unit[name])
     if isinstance(unit.get("pixel_perfect"), str):
         unit["pixel_perfect"] = _flag(unit["pixel_perfect"])
-    image = _image(arg.get("image", arg.get("input_image")))
-    if image:
+    sent = arg.get("image", arg.get("input_image"))
+    if isinstance(sent, list) and len(sent) > 1 and is_ip_adapter_module(str(unit.get("module", ""))):
+        references = [found for item in sent if (found := _image(item))]  # an IP-Adapter reads them together
+        if references:
+            unit["image"] = references
+    elif image := _image(sent):
         unit["image"] = image
     for name, choices, legacy in (("resize_mode", RESIZE_MODES, LEGACY_RESIZE_MODES),
                                   ("control_mode", CONTROL_MODES, {}), ("hr_option", HR_OPTIONS, {})):  # fmt: skip

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipelines.schemas import IMAGE_FORMAT, ControlNetModule, ProcessorResolution
+from pipelines.schemas import IMAGE_FORMAT, PreprocessorModule, ProcessorResolution
 
 MAX_DETECT_IMAGES = 8  # images per `POST /controlnet/detect`
 
@@ -16,6 +16,8 @@ class ControlNetModelInfo(BaseModel):
     name: str = Field(..., description="What a unit's `model` takes (the A1111 title works too)")
     title: str = Field(..., description="A1111's `name [hash8]`")
     family: Literal["sd15", "sdxl", "sd2"] = Field(..., description="The base model family it was trained for")
+    type: Literal["controlnet", "ip-adapter"] = Field(..., description="A ControlNet, or an IP-Adapter (its unit "
+                                                      "takes an ip-adapter_clip_* module)")  # fmt: skip
     format: Literal["single-file", "diffusers"]
 
 
@@ -76,7 +78,9 @@ class DetectRequest(BaseModel):
         {"required": ["controlnet_input_images"], "properties": {"controlnet_input_images": {"minItems": 1}}},
         {"required": ["controlnet_images"], "properties": {"controlnet_images": {"minItems": 1}}},
     ]})  # fmt: skip
-    controlnet_module: ControlNetModule = Field("none", description="GET /controlnet/module_list")
+    controlnet_module: PreprocessorModule = Field(
+        "none", description="GET /controlnet/module_list (the IP-Adapter modules make no map)"
+    )
     controlnet_input_images: list[DetectImage] = Field(default_factory=list, max_length=MAX_DETECT_IMAGES)
     controlnet_images: list[DetectImage] = Field(
         default_factory=list, max_length=MAX_DETECT_IMAGES, description="webuiapi's name for `controlnet_input_images`"

@@ -197,6 +197,11 @@ CONTROL_TYPES: dict[str, tuple[tuple[str, ...], str, str]] = {
     "Lineart": (("lineart_standard", "invert"), "lineart", "lineart_standard"),
     "Scribble/Sketch": (("scribble_xdog", "invert"), "scribble", "scribble_xdog"),
     "Tile/Blur": (("tile_resample", "blur_gaussian"), "tile", "tile_resample"),
+    "IP-Adapter": (
+        ("ip-adapter_clip_sd15", "ip-adapter_clip_sdxl", "ip-adapter_clip_sdxl_plus_vith", "ip-adapter-auto"),
+        "ip-adapter",
+        "ip-adapter_clip_sd15",
+    ),
 }
 
 

@@ -108,7 +108,9 @@ ControlMode = Literal["Balanced", "My prompt is more important", "ControlNet is 
 ControlResizeMode = Literal["Just Resize", "Crop and Resize", "Resize and Fill"]
 HiresOption = Literal["Both", "Low res only", "High res only"]
 ProcessorResolution = Annotated[int, Field(ge=64, le=LIMITS.max_size)] | Literal[-1]
-# A closed set: the preprocessors installed, and the IP-Adapter modules (their image encoder).
+# Closed sets: the preprocessors installed (they make maps), and with them the IP-Adapter modules (their image
+# encoder runs with the job).
+PreprocessorModule = Literal[tuple(PREPROCESSORS) + tuple(ALIASES)]
 ControlNetModule = Literal[
     tuple(PREPROCESSORS) + tuple(ALIASES) + tuple(IP_ADAPTER_MODULES) + tuple(IP_ADAPTER_ALIASES)
 ]

@@ -26,6 +26,7 @@ from pipelines.controlnet_schemas import (
 from pipelines.controlnets import ControlNetFile, control_types
 from pipelines.errors import InvalidRequestError
 from pipelines.images import decode_base64_image, encode_base64
+from pipelines.ipadapters import IpAdapterFile
 from pipelines.limits import LIMITS
 
 router = APIRouter(prefix="/controlnet", tags=["ControlNet"])
@@ -33,17 +34,20 @@ EXTENSION_API_VERSION = 2  # what the extension's `GET /controlnet/version` answ
 LISTING_ERRORS = documented_a1111_errors(401, 503)
 
 
-def _titles(services: Services) -> list[tuple[ControlNetFile, str]]:
+def _titles(services: Services) -> list[tuple[ControlNetFile | IpAdapterFile, str]]:
+    """The ControlNets, then the IP-Adapters, with their A1111 titles (the extension lists both together)."""
     library = services.libraries.controlnets
-    return [(entry, library.title(entry)) for entry in library.available()]
+    return [(entry, library.title(entry)) for entry in library.all_models()]
 
 
 @router.get("/models", response_model=ControlNetModelsResponse, responses=LISTING_ERRORS)
 async def models(services: ServicesDep) -> ControlNetModelsResponse:
-    """The installed ControlNet models (`stable_diffusion/controlnet/`) with their family."""
+    """The installed ControlNet models (`stable_diffusion/controlnet/`) and IP-Adapters
+    (`stable_diffusion/ipadapter/`) with their family."""
     found = await asyncio.to_thread(_titles, services)
     return ControlNetModelsResponse(models=[
         ControlNetModelInfo(name=entry.name, title=title, family=entry.family,
+                            type="ip-adapter" if isinstance(entry, IpAdapterFile) else "controlnet",
                             format="diffusers" if entry.path.is_dir() else "single-file")
         for entry, title in found])  # fmt: skip
 
@@ -69,7 +73,8 @@ async def module_list(alias_names: bool = False) -> ControlNetModuleList:
 @router.get("/control_types", response_model=ControlTypes, responses=LISTING_ERRORS)
 async def control_types_route(services: ServicesDep) -> ControlTypes:
     titles = [title for _, title in await asyncio.to_thread(_titles, services)]
-    return ControlTypes(control_types=control_types(list(preprocessors.PREPROCESSORS), titles))
+    modules = [*preprocessors.PREPROCESSORS, *preprocessors.IP_ADAPTER_MODULES]
+    return ControlTypes(control_types=control_types(modules, titles))
 
 
 @router.get("/settings", response_model=ControlNetSettings, responses=LISTING_ERRORS)

@@ -284,6 +284,26 @@ def test_a_job_with_max_loras_loras_leaves_the_next_callers_image_as_it_was(keye
     assert np.array_equal(image_pixels(http, after, "bob"), image_pixels(http, baseline, "bob"))
 
 
+def test_an_ip_adapter_job_keeps_its_references_to_its_key_and_leaves_the_model_as_it_was(keyed):
+    """The reference image is the owner's input: no other key reads it back; and the adapter loaded for the
+    job is gone for the next caller's image."""
+    http = keyed["http"]
+    reference = png_base64((48, 40))
+    unit = {"model": "ip-adapter_demo_sd15", "module": "ip-adapter_clip_h", "image": reference}
+    baseline = submit(http, "bob", TINY)
+    assert wait_done(http, baseline, "bob")["state"] == "done"
+    guided = submit(http, "alice", {**TINY, "controlnet": [unit]})
+    assert wait_done(http, guided, "alice")["state"] == "done"
+    refused = http.get(f"/queue/{guided}", params={"include": "inputs"}, headers=auth("bob"))
+    assert refused.status_code == 404
+    own = http.get(f"/queue/{guided}", params={"include": "inputs"}, headers=auth("alice")).json()
+    assert own["payload"]["controlnet"][0]["image"] == reference
+    after = submit(http, "bob", TINY)
+    assert wait_done(http, after, "bob")["state"] == "done"
+    assert np.abs(image_pixels(http, guided, "alice") - image_pixels(http, baseline, "bob")).max() > 0
+    assert np.array_equal(image_pixels(http, after, "bob"), image_pixels(http, baseline, "bob"))
+
+
 class HelloWatch:
     """Asks `/hello` every 0.2 s in a thread while hostile requests run: each must answer (200, within 10 s),
     which a request holding the ingress's event loop or GIL would prevent."""
