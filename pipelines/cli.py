@@ -218,7 +218,7 @@ CONTROLNET_NUMBERS = ("weight", "guidance_start", "guidance_end", "threshold_a",
 
 def _controlnet_flags(values: list[str] | None) -> list[dict] | None:
     """`--controlnet model=NAME,image=FILE[,module=canny][,weight=0.8][,...]`: one unit per flag, any field of
-    the native unit (`image` is a file path)."""
+    the native unit (`image` is a file path; given again, an IP-Adapter unit's further reference images)."""
     if not values:
         return None
     units = []
@@ -231,9 +231,12 @@ def _controlnet_flags(values: list[str] | None) -> list[dict] | None:
                 raise CliError(f"argument --controlnet: expected key=value pairs separated by commas, got {value!r}")
             if key == "image":
                 try:
-                    unit["image"] = base64.b64encode(Path(text).read_bytes()).decode("ascii")
+                    image = base64.b64encode(Path(text).read_bytes()).decode("ascii")
                 except OSError as error:
                     raise CliError(f"argument --controlnet: cannot read image {text!r}: {error.strerror}") from error
+                earlier = unit.get("image")
+                unit["image"] = image if earlier is None else [*([earlier] if isinstance(earlier, str) else earlier),
+                                                               image]  # fmt: skip
             elif key in CONTROLNET_NUMBERS or key == "processor_res":
                 try:
                     unit[key] = int(text) if key == "processor_res" else float(text)
@@ -388,7 +391,8 @@ def _add_generation_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vae", help="a VAE (see 'diffusion-api vaes'); default: the model's own")
     parser.add_argument(
         "--controlnet", action="append", metavar="model=NAME,image=FILE[,module=canny,...]",
-        help="a ControlNet unit (repeatable): its fields as key=value (README 'ControlNet')",
+        help="a ControlNet or IP-Adapter unit (repeatable): its fields as key=value, image=FILE again for more "
+        "references (README 'ControlNet and IP-Adapter')",
     )  # fmt: skip
     parser.add_argument("--output", required=True, help="output file; .png .jpg .webp .avif .gif")
 

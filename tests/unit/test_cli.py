@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -200,3 +201,20 @@ def test_txt2img_with_a_controlnet_flag(env_settings, capsys, tmp_path):
     )
     code, _, err = run_cli(capsys, "txt2img", "--prompt", "x", "--controlnet", "model", "--output", str(output))
     assert code == 2 and "key=value" in err
+
+
+def test_txt2img_with_an_ip_adapter_unit_of_two_references(env_settings, capsys, tmp_path):
+    first, second = tmp_path / "a.png", tmp_path / "b.png"
+    Image.new("RGB", (40, 40), "orange").save(first)
+    Image.new("RGB", (40, 40), "navy").save(second)
+    outputs = {}
+    for name, images in (("one", f"image={first}"), ("two", f"image={first},image={second}")):
+        outputs[name] = tmp_path / f"{name}.png"
+        unit = f"model=ip-adapter_demo_sd15,module=ip-adapter-auto,{images}"
+        code, _, err = run_cli(capsys, "txt2img", "--prompt", "x", "--steps", "3", "--width", "64", "--height", "64",
+                               "--seed", "3", "--controlnet", unit, "--output", str(outputs[name]))  # fmt: skip
+        assert code == 0, err
+    unit = parse_infotext(read_infotext(outputs["two"].read_bytes()))["ControlNet 0"]
+    assert unit.startswith("Module: ip-adapter-auto, Model: ip-adapter_demo_sd15 [")
+    one, two = (np.asarray(Image.open(path).convert("RGB")).astype(int) for path in outputs.values())
+    assert np.abs(one - two).mean() > 0.5  # the second reference was read too
