@@ -5,8 +5,8 @@ Read leniently, as the extension reads what real clients send: the args are unit
 means enabled; the legacy names `input_image` (= `image`), `guidance` (= `guidance_end`) and `lowvram`; integers
 for `resize_mode`, `control_mode` and `hr_option`, and the extension's older mode names; numbers as strings;
 `"image": ""` means none (img2img then uses the init image); an image as `{"image", "mask"}` or a list (the
-first is used; an IP-Adapter unit reads them all). A unit without a model, or disabled, is left out; the rest go to the native validation, whose
-errors name `controlnet[N]` of the args.
+first is used; an IP-Adapter unit reads them all). A unit without a model, or disabled, is left out; the rest
+go to the native validation, whose errors name `controlnet[N]` of the args.
 """
 
 import contextlib
