@@ -1,5 +1,6 @@
 """GPU benchmark of the image engine: plain diffusers vs the engine vs the engine with each speed option on, and
-with one ControlNet unit (what ControlNet costs on the architecture).
+with one ControlNet unit or one IP-Adapter unit (what each costs on the architecture; the IP-Adapter way
+includes loading the adapter into the UNet and the ViT-H/14 image encoder's pass, as every such job does).
 
 Builds full-size SD1.5 and SDXL architectures with random weights (compute does not depend on the weight
 values), directly on the device, so no checkpoint and no download is needed. Imports `pipelines/` only (no
@@ -141,6 +142,7 @@ class Variant:
     way: str
     speed: SpeedOptions | None
     controlnet: bool = False  # one ControlNet unit (module none) on every job: what ControlNet costs
+    ip_adapter: bool = False  # one IP-Adapter unit (a plain adapter, a ViT-H/14 encoder) on every job
 
 
 def variants(compile_mode: str, compile_allowed: bool) -> list[Variant]:
@@ -156,6 +158,7 @@ def variants(compile_mode: str, compile_allowed: bool) -> list[Variant]:
         Variant("vae_tiling", "engine + vae_tiling=always", SpeedOptions(vae_tiling="always")),
         Variant("all_fast", "engine + all fast", SpeedOptions(**fast)),
         Variant("controlnet", "engine + ControlNet", SpeedOptions(), controlnet=True),
+        Variant("ip_adapter", "engine + IP-Adapter", SpeedOptions(), ip_adapter=True),
     ]
 
 
@@ -369,10 +372,13 @@ def plain_job(pipe, batch: int, size: tuple[int, int], steps: int) -> Job:
 
 
 def engine_job(engine: ImageEngine, loaded: LoadedModel, batch: int, size: tuple[int, int], steps: int,
-               controlnet: str | None = None) -> Job:  # fmt: skip
+               controlnet: str | None = None, ip_adapter: str | None = None) -> Job:  # fmt: skip
     """The engine as the service runs it: one request per image, prepared, then run as one batch (with one
-    ControlNet unit of the model `controlnet`, a map of the job's size, when given)."""
+    ControlNet unit of the model `controlnet`, a map of the job's size, or one IP-Adapter unit of `ip_adapter`
+    with a reference image, when given)."""
     units = [{"model": controlnet, "image": hint_map(size)}] if controlnet else []
+    if ip_adapter:
+        units.append({"model": ip_adapter, "module": "ip-adapter_clip_h", "image": hint_map((224, 224))})
 
     def run(clock: StepClock) -> None:
         requests = [
@@ -577,6 +583,39 @@ def write_controlnet(setup: Setup, spec: ModelSpec, unet) -> str:
     return name
 
 
+# ViT-H/14 (open_clip's laion2B), the image encoder of the SD1.5 and the SDXL `_vit-h` IP-Adapters.
+VIT_H = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16, image_size=224,
+             patch_size=14, projection_dim=1024, hidden_act="gelu")  # fmt: skip
+
+
+def write_ip_adapter(setup: Setup, spec: ModelSpec, unet) -> str:
+    """A random-weight IP-Adapter for the model's UNet (h94's plain layout) and a ViT-H/14 image encoder (the
+    demo's tiny one with --tiny), where the engine's folders are; the adapter's name."""
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from pipelines.demo_adapters import ENCODER_CONFIG, flat_state_dict, plain_ip_adapter
+
+    home = setup.work / "engine-home" / "stable_diffusion"
+    config = ENCODER_CONFIG if setup.tiny else VIT_H
+    encoder = home / "clip_vision" / "clip_h"
+    if not encoder.exists():
+        with torch.device(setup.device):
+            model = CLIPVisionModelWithProjection(CLIPVisionConfig(**config))
+        model.to(dtype=setup.dtype).save_pretrained(encoder, safe_serialization=True)
+    name = f"bench-{spec.key}-ip-adapter"
+    target = home / "ipadapter" / f"{name}.safetensors"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        architecture = (
+            "stable-diffusion-xl-v1-base/ip-adapter" if spec.family == "sdxl" else "stable-diffusion-v1/ip-adapter"
+        )  # the tiny SDXL's width alone would read as SD1.5
+        state = flat_state_dict(plain_ip_adapter(unet, config["projection_dim"], seed=7))
+        save_file({key: value.to(setup.dtype) for key, value in state.items()}, target,
+                  metadata={"modelspec.architecture": architecture})  # fmt: skip
+    return name
+
+
 def new_engine(setup: Setup, speed: SpeedOptions) -> ImageEngine:
     settings = Settings.from_env(root=setup.work / "engine-home")  # a home with no models, LoRAs or upscalers
     return ImageEngine(ModelCatalog(settings), device=str(setup.device),
@@ -598,11 +637,12 @@ def bench_variant(setup: Setup, spec: ModelSpec, variant: Variant, report: Repor
                            setup.work / f"bench-{spec.key}")  # fmt: skip
         loaded = engine.adopt(entry, pipe)
     controlnet = write_controlnet(setup, spec, pipe.unet) if variant.controlnet else None
+    ip_adapter = write_ip_adapter(setup, spec, pipe.unet) if variant.ip_adapter else None
 
     def job_for(batch: int, size: tuple[int, int]) -> Job:
         if engine is None:
             return plain_job(pipe, batch, size, setup.steps)
-        return engine_job(engine, loaded, batch, size, setup.steps, controlnet)
+        return engine_job(engine, loaded, batch, size, setup.steps, controlnet, ip_adapter)
 
     compiled = variant.speed is not None and variant.speed.compile
     applied = ", ".join(loaded.speed) if loaded is not None else "diffusers defaults"

@@ -2,8 +2,9 @@
 
 - IP-Adapters: `stable_diffusion/ipadapter/`, the files as h94/IP-Adapter ships them (`ip-adapter_sd15.safetensors`,
   `ip-adapter-plus_sd15.bin`, `ip-adapter_sdxl_vit-h.safetensors`, ...): `image_proj.*` and `ip_adapter.*`
-  tensors (a `.bin` holds the two as dicts). Their facts are read from the tensor shapes without torch: the
-  family from the width the adapter cross-attends to (768 SD1.5, 2048 SDXL), the kind from the projection
+  tensors (a `.bin` holds the two as dicts). Their facts are read from the files without torch: the
+  family from `modelspec.architecture` metadata where present, else the width the adapter cross-attends to
+  (768 SD1.5, 2048 SDXL, 1024 SD 2.x; another, a tiny model's, reads as SD1.5), the kind from the projection
   (a linear `proj` or an MLP: the encoder's image embedding; a Resampler's `latents`: its penultimate hidden
   states, the "plus" adapters), and the width the adapter expects from the encoder.
 - Image encoders: `stable_diffusion/clip_vision/`, as transformers folders (`config.json` + `model.safetensors`,
@@ -101,8 +102,7 @@ def ip_adapter_facts(path: Path) -> dict:
     keys = [key for key in shapes if key.startswith("ip_adapter.") and key.endswith("to_k_ip.weight")]
     if not keys:
         return unknown
-    cross_width = shapes[keys[0]].shape[1]
-    family = {2048: "sdxl", 1024: "sd2"}.get(cross_width, "sd15")
+    family = _family_from_metadata(path) or {2048: "sdxl", 1024: "sd2"}.get(shapes[keys[0]].shape[1], "sd15")
     if any("lora" in key for key in shapes if key.startswith("ip_adapter.")) or any(
         "perceiver_resampler" in key or "proj_model" in key for key in shapes
     ):
@@ -113,6 +113,19 @@ def ip_adapter_facts(path: Path) -> dict:
         if key in shapes and shapes[key].ndim == 2:
             return {"family": family, "kind": "embeds", "image_width": shapes[key].shape[1]}
     return unknown
+
+
+def _family_from_metadata(path: Path) -> str | None:
+    """The family a `.safetensors` file says it is for (`modelspec.architecture`, as sd-scripts writes it)."""
+    try:
+        architecture = tensor_shapes.metadata(path).get("modelspec.architecture", "").lower()
+    except Exception:
+        return None
+    if "xl" in architecture:
+        return "sdxl"
+    if "v2" in architecture:
+        return "sd2"
+    return "sd15" if "v1" in architecture else None
 
 
 def encoder_facts(path: Path) -> dict | None:

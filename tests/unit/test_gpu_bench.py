@@ -23,6 +23,7 @@ WAYS = [
     "engine + vae_tiling=always",
     "engine + all fast",
     "engine + ControlNet",
+    "engine + IP-Adapter",
 ]
 MODELS = ["sd15", "sdxl"]
 NUMBER = re.compile(r"^\d+(\.\d+)?$")
