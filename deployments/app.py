@@ -44,6 +44,7 @@ class AppArgs(BaseModel):
     controlnet_dir: str | None = None
     ipadapter_dir: str | None = None
     clip_vision_dir: str | None = None
+    annotators_dir: str | None = None
     outputs_dir: str | None = None  # a local folder, or an fsspec URL for the images (s3://..., file:///...)
     models_config: str | None = None
     cache_dir: str | None = None  # hashes and detected families of model files
@@ -122,6 +123,7 @@ def build_app(args: dict | None = None) -> Application:
             "controlnet_dir",
             "ipadapter_dir",
             "clip_vision_dir",
+            "annotators_dir",
             "outputs_dir",
             "models_config",
             "cache_dir",

@@ -7,6 +7,7 @@ resource (deployments/routes/); they call the job service (deployments/job_servi
 life from its submission to its end, and never the store.
 """
 
+import asyncio
 import logging
 
 from fastapi import FastAPI
@@ -25,6 +26,7 @@ from deployments.routes import a1111, controlnet, jobs, listings, openai_api, op
 from deployments.services import Services
 from deployments.submissions import Arrivals, CountSubmissions
 from deployments.webhooks import WebhookPolicy
+from pipelines.errors import TemporarilyUnavailableError
 from pipelines.settings import VERSION, Settings
 from pipelines.storage import OutputStorage
 
@@ -76,6 +78,30 @@ for router in (ops.router, listings.router, jobs.router, a1111.router, controlne
 install_openapi(app, api_keys_on=_api_keys_on, configured_fields=_configured_fields)
 
 
+ANNOTATE_TIMEOUT_S = 300.0  # a cold Upscaler replica loads the annotator's model first
+
+
+def remote_annotator(upscaler, loop: asyncio.AbstractEventLoop):
+    """Runs an annotator's model on the Upscaler deployment. It is called from a worker thread (the submission's
+    checks run in one) and awaits the handle on the replica's event loop, as handles must be called (Serve's
+    router may run on that loop)."""
+
+    async def call(module: str, padded, resolution: int):
+        return await upscaler.annotate.remote(module, padded, resolution)
+
+    def run(module: str, padded, resolution: int):
+        try:
+            return asyncio.run_coroutine_threadsafe(call(module, padded, resolution), loop).result(ANNOTATE_TIMEOUT_S)
+        except Exception as error:  # the Upscaler down, restarting or too slow: the same request may pass later
+            logger.warning("annotator %s on the Upscaler deployment failed: %r", module, error)
+            raise TemporarilyUnavailableError(
+                f"the {module} annotator could not run just now ({type(error).__name__}); retry in a few seconds",
+                field="controlnet",
+            ) from None
+
+    return run
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=200)
 @serve.ingress(app)
 class Ingress:
@@ -91,6 +117,9 @@ class Ingress:
         settings = Settings(**settings)
         storage = OutputStorage(settings.outputs_location)
         libraries = Libraries.from_settings(settings)
+        if upscaler is not None:  # the ingress runs no torch: the annotators' models run on the Upscaler
+            # Serve runs a replica's constructor on its event loop, the one its requests run on.
+            libraries.controlnets.annotators.runner = remote_annotator(upscaler, asyncio.get_running_loop())
         arrivals = Arrivals()
         job_service = JobService(
             JobsClient(job_database, **(job_options or {})),

@@ -55,7 +55,7 @@ def cmd_demo_models(args) -> None:
         create_demo_upscaler,
         create_demo_vae,
     )
-    from pipelines.demo_adapters import create_demo_ip_adapters
+    from pipelines.demo_adapters import create_demo_annotators, create_demo_ip_adapters
 
     settings = _settings()
     models_dir = Path(args.models_dir) if args.models_dir else settings.models_dir
@@ -69,12 +69,13 @@ def cmd_demo_models(args) -> None:
     written += create_demo_embeddings(embeddings_dir, overwrite=args.force)
     written += create_demo_controlnets(settings.controlnet_dir, overwrite=args.force)
     written += create_demo_ip_adapters(settings.ipadapter_dir, settings.clip_vision_dir, overwrite=args.force)
+    written += create_demo_annotators(settings.annotators_dir, overwrite=args.force)
     for path in written:
         print(f"wrote {path}")
     if not written:
         print(
-            "demo models, LoRAs, upscaler, VAE, embeddings, ControlNets and IP-Adapters already present (use --force "
-            "to rewrite them)"
+            "demo models, LoRAs, upscaler, VAE, embeddings, ControlNets, IP-Adapters and the depth annotator already "
+            "present (use --force to rewrite them)"
         )
 
 

@@ -10,9 +10,10 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
+from pipelines.annotators import AnnotatorNotInstalledError, is_annotator_module
 from pipelines.catalog import ModelEntry
 from pipelines.controlnets import ControlNetFile, ControlNetLibrary
-from pipelines.errors import DiffusionAPIError, InvalidRequestError
+from pipelines.errors import InvalidRequestError
 from pipelines.images import decode_base64_image, decode_image
 from pipelines.ipadapters import ImageEncoderFile, IpAdapterFile
 from pipelines.preprocessors import (
@@ -250,22 +251,24 @@ def _plan(unit: ControlNetUnit, field: str, model: ModelEntry | None, library: C
     if len(images) > 1:
         raise InvalidRequestError(f"{field}.image: several images are for IP-Adapter units; a ControlNet takes "
                                   "one control image", field=f"{field}.image")  # fmt: skip
-    return _control_plan(unit, field, entry, images[0], width, height, init_image is images[0], common)
+    return _control_plan(unit, field, entry, images[0], width, height, init_image is images[0], common, library)
 
 
 def _control_plan(unit: ControlNetUnit, field: str, entry: ControlNetFile, image: Image.Image, width: int,
-                  height: int, from_init_image: bool, common: dict) -> ControlPlan:  # fmt: skip
+                  height: int, from_init_image: bool, common: dict,
+                  library: ControlNetLibrary) -> ControlPlan:  # fmt: skip
     try:
-        module = preprocessor(unit.module)
-    except DiffusionAPIError as error:
-        raise InvalidRequestError(f"{field}: {error.message}", field=f"{field}.module") from None
+        module = library.annotators.preprocessor(unit.module) if is_annotator_module(unit.module) \
+            else preprocessor(unit.module)  # fmt: skip
+    except (InvalidRequestError, AnnotatorNotInstalledError) as error:  # named as the unit's field, same status
+        raise type(error)(f"{field}: {error.message}", field=f"{field}.module") from None
     resize_mode = "Just Resize" if from_init_image else unit.resize_mode  # the init image has the job's size
     resolution = unit.processor_res
     if unit.pixel_perfect:
         resolution = max(64, min(2048, pixel_perfect_resolution(image, width, height, unit.resize_mode)))
     try:
         detected = module.run(image, resolution, unit.threshold_a, unit.threshold_b)
-    except DiffusionAPIError as error:  # a slider out of its range: named as the unit's field
+    except InvalidRequestError as error:  # a slider out of its range: named as the unit's field
         raise InvalidRequestError(f"{field}.{error.message}", field=f"{field}.{error.field}") from None
     slider_values = slider_values_used(module, resolution, unit.threshold_a, unit.threshold_b)
     return ControlPlan(

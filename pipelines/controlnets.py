@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipelines import tensor_shapes
+from pipelines.annotators import AnnotatorLibrary
 from pipelines.catalog import FileFactsCache
 from pipelines.errors import DiffusionAPIError, ModelLoadError
 from pipelines.ipadapters import IpAdapterFile, IpAdapterLibrary
@@ -100,6 +101,7 @@ class ControlNetLibrary:
         self.facts = facts or FileFactsCache(settings.cache_dir / "file_facts.json")
         self.max_loaded = max_loaded
         self.ip_adapters = IpAdapterLibrary(settings, self.facts)
+        self.annotators = AnnotatorLibrary(settings)  # the depth annotators' weights (runner: where they run)
         self._loaded: OrderedDict[tuple, torch.nn.Module] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -144,6 +146,7 @@ class ControlNetLibrary:
         with self._lock:
             self._loaded.clear()
         self.ip_adapters.clear()
+        self.annotators.clear()
 
     def title(self, entry: ControlNetFile | IpAdapterFile) -> str:
         return f"{entry.name} [{self.short_hash(entry)}]"
@@ -197,6 +200,7 @@ CONTROL_TYPES: dict[str, tuple[tuple[str, ...], str, str]] = {
     "Lineart": (("lineart_standard", "invert"), "lineart", "lineart_standard"),
     "Scribble/Sketch": (("scribble_xdog", "invert"), "scribble", "scribble_xdog"),
     "Tile/Blur": (("tile_resample", "blur_gaussian"), "tile", "tile_resample"),
+    "Depth": (("depth_anything", "depth_anything_v2", "depth"), "depth", "depth_anything"),
     "IP-Adapter": (
         ("ip-adapter_clip_sd15", "ip-adapter_clip_sdxl", "ip-adapter_clip_sdxl_plus_vith", "ip-adapter-auto"),
         "ip-adapter",
@@ -210,6 +214,8 @@ def control_types(modules: list[str], titles: list[str]) -> dict[str, dict]:
     types = {"All": {"module_list": modules, "model_list": titles, "default_option": "none", "default_model": "None"}}
     for name, (preprocessors, word, default) in CONTROL_TYPES.items():
         models = [title for title in titles if word in title.lower()]
-        types[name] = {"module_list": ["none", *preprocessors], "model_list": models, "default_option": default,
+        offered = [module for module in preprocessors if module in modules]  # weight-needing ones when installed
+        types[name] = {"module_list": ["none", *offered], "model_list": models,
+                       "default_option": default if default in offered else "none",
                        "default_model": models[0] if models else "None"}  # fmt: skip
     return types

@@ -1,7 +1,8 @@
 """Tiny random-weight IP-Adapters and their CLIP image encoder, in the real on-disk formats (h94's IP-Adapter
 files: `image_proj.*` + `ip_adapter.*`; a transformers CLIPVisionModelWithProjection folder), for the demo
-SD1.5 model. Read back only through the real loaders (diffusers' `load_ip_adapter`, transformers'
-`from_pretrained`), as the other demo models (pipelines/demo.py)."""
+SD1.5 model, and a tiny depth annotator (a transformers Depth Anything folder). Read back only through the real
+loaders (diffusers' `load_ip_adapter`, transformers' `from_pretrained`), as the other demo models
+(pipelines/demo.py)."""
 
 import logging
 import shutil
@@ -126,3 +127,38 @@ def create_demo_ip_adapters(ipadapter_dir: Path, clip_vision_dir: Path, overwrit
     for path in written:
         logger.info("wrote %s", path)
     return written
+
+
+DEPTH_FOLDER = "depth_anything"  # the module `depth_anything` reads annotators/depth_anything/
+
+
+def demo_depth_model(seed: int = 61):
+    """A tiny Depth Anything (a DINOv2 backbone, DPT neck and head) with random weights, and its image
+    processor set as Depth Anything's (keep the aspect ratio, multiples of 14, ImageNet normalisation) at 56 px
+    instead of 518."""
+    from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, DPTImageProcessor
+
+    backbone = {"model_type": "dinov2", "hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 2,
+                "mlp_ratio": 2, "patch_size": 14, "image_size": 56, "out_indices": [1, 2, 3, 4],
+                "reshape_hidden_states": False, "apply_layernorm": True}  # fmt: skip
+    config = DepthAnythingConfig(backbone_config=backbone, reassemble_hidden_size=32, neck_hidden_sizes=[8, 16, 32, 32],
+                                 fusion_hidden_size=16, head_hidden_size=8, patch_size=14)  # fmt: skip
+    torch.manual_seed(seed)
+    model = DepthAnythingForDepthEstimation(config).eval()
+    imagenet = {"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}
+    processor = DPTImageProcessor(size={"height": 56, "width": 56}, keep_aspect_ratio=True, ensure_multiple_of=14,
+                                  resample=3, **imagenet)  # fmt: skip
+    return model, processor
+
+
+def create_demo_annotators(annotators_dir: Path, overwrite: bool = False) -> list[Path]:
+    """A tiny random-weight Depth Anything for the `depth_anything` module, as a transformers folder."""
+    target = annotators_dir / DEPTH_FOLDER
+    if target.exists() and not overwrite:
+        return []
+    shutil.rmtree(target, ignore_errors=True)
+    model, processor = demo_depth_model()
+    model.save_pretrained(target, safe_serialization=True)
+    processor.save_pretrained(target)
+    logger.info("wrote %s", target)
+    return [target]

@@ -59,7 +59,7 @@ def rgb_like_extension(image: Image.Image) -> Image.Image:
     return Image.fromarray(_hwc3(image))
 
 
-def _resize_with_pad(img: np.ndarray, resolution: int) -> tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]:
+def resize_with_pad(img: np.ndarray, resolution: int) -> tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]:
     """The extension's `resize_image_with_pad`: short side to `resolution` (each side rounded half to even),
     then edge padding to multiples of 64. Returns the padded image and the crop back to the resized size."""
     import cv2
@@ -81,12 +81,12 @@ def _resize_with_pad(img: np.ndarray, resolution: int) -> tuple[np.ndarray, Call
 def _canny(img: np.ndarray, res: int, low: float, high: float) -> np.ndarray:
     import cv2
 
-    padded, crop = _resize_with_pad(img, res)
+    padded, crop = resize_with_pad(img, res)
     return crop(cv2.Canny(padded, int(low), int(high)))  # on all 3 channels: the strongest gradient wins
 
 
 def _threshold(img: np.ndarray, res: int, level: float, _: float) -> np.ndarray:
-    padded, crop = _resize_with_pad(img, res)
+    padded, crop = resize_with_pad(img, res)
     return crop(np.where(padded.min(axis=2) > level, 255, 0).astype(np.uint8))
 
 
@@ -94,7 +94,7 @@ def _scribble_xdog(img: np.ndarray, res: int, level: float, _: float) -> np.ndar
     """Difference of Gaussians (sigma 0.5 and 5): white where the darker side of an edge is strong enough."""
     import cv2
 
-    padded, crop = _resize_with_pad(img, res)
+    padded, crop = resize_with_pad(img, res)
     x = padded.astype(np.float32)
     difference = cv2.GaussianBlur(x, (0, 0), 5.0) - cv2.GaussianBlur(x, (0, 0), 0.5)
     dog = (255 - difference.min(axis=2)).clip(0, 255).astype(np.uint8)
@@ -108,7 +108,7 @@ def _lineart_standard(img: np.ndarray, res: int, _a: float, _b: float) -> np.nda
     pixel (of those above 8) maps to 127: white lines on black from dark lines on a light background."""
     import cv2
 
-    padded, crop = _resize_with_pad(img, res)
+    padded, crop = resize_with_pad(img, res)
     x = padded.astype(np.float32)
     intensity = (cv2.GaussianBlur(x, (0, 0), 6.0) - x).min(axis=2).clip(0, 255)
     lines = intensity[intensity > 8]
@@ -120,7 +120,7 @@ def _lineart_standard(img: np.ndarray, res: int, _a: float, _b: float) -> np.nda
 def _blur_gaussian(img: np.ndarray, res: int, sigma: float, _: float) -> np.ndarray:
     import cv2
 
-    padded, crop = _resize_with_pad(img, res)
+    padded, crop = resize_with_pad(img, res)
     return cv2.GaussianBlur(np.ascontiguousarray(crop(padded)), (0, 0), float(sigma))
 
 
@@ -243,7 +243,7 @@ def preprocessor(name: str) -> Preprocessor:
     return found
 
 
-def module_detail(alias_names: bool = False) -> dict:
+def module_detail(alias_names: bool = False, annotators: list[str] | None = None) -> dict:
     """`GET /controlnet/module_list`'s `module_detail`: {module: {"model_free", "sliders"}}. `model_free` is
     the extension's "needs no ControlNet model" (only the reference and revision modules): False for all of
     these. A module without a resolution slider but with others reports None in its place (tile_resample), so
@@ -253,6 +253,11 @@ def module_detail(alias_names: bool = False) -> dict:
         placeholder = [None] if p.resolution is None and p.thresholds else []
         key = _DISPLAY_NAMES.get(name, name) if alias_names else name
         detail[key] = {"model_free": False, "sliders": placeholder + [slider.as_json() for slider in p.sliders]}
+    for name in annotators or []:  # the installed weight-needing ones (pipelines/annotators.py): a resolution
+        detail["depth_midas" if alias_names and name == "depth" else name] = {
+            "model_free": False,
+            "sliders": [_RES.as_json()],
+        }
     labels = {internal: alias for alias, internal in IP_ADAPTER_ALIASES.items()}
     for name in IP_ADAPTER_MODULES:  # the image encoder runs with the job: no sliders
         detail[labels.get(name, name) if alias_names else name] = {"model_free": False, "sliders": []}

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
+from pipelines.annotators import ANNOTATOR_ALIASES, ANNOTATORS
 from pipelines.catalog import Family
 from pipelines.inpaint import InpaintingFill
 from pipelines.limits import LIMITS
@@ -108,12 +109,11 @@ ControlMode = Literal["Balanced", "My prompt is more important", "ControlNet is 
 ControlResizeMode = Literal["Just Resize", "Crop and Resize", "Resize and Fill"]
 HiresOption = Literal["Both", "Low res only", "High res only"]
 ProcessorResolution = Annotated[int, Field(ge=64, le=LIMITS.max_size)] | Literal[-1]
-# Closed sets: the preprocessors installed (they make maps), and with them the IP-Adapter modules (their image
-# encoder runs with the job).
-PreprocessorModule = Literal[tuple(PREPROCESSORS) + tuple(ALIASES)]
-ControlNetModule = Literal[
-    tuple(PREPROCESSORS) + tuple(ALIASES) + tuple(IP_ADAPTER_MODULES) + tuple(IP_ADAPTER_ALIASES)
-]
+# Closed sets: the preprocessors that make maps (the weight-needing annotators among them: a 4xx where their
+# weights are not installed), and with them the IP-Adapter modules (their image encoder runs with the job).
+_MAP_MODULES = tuple(PREPROCESSORS) + tuple(ALIASES) + tuple(ANNOTATORS) + tuple(ANNOTATOR_ALIASES)
+PreprocessorModule = Literal[_MAP_MODULES]
+ControlNetModule = Literal[_MAP_MODULES + tuple(IP_ADAPTER_MODULES) + tuple(IP_ADAPTER_ALIASES)]
 MAX_REFERENCE_IMAGES = 4  # per IP-Adapter unit
 
 

@@ -26,6 +26,7 @@ class Settings(BaseModel):
     controlnet_dir: Path  # ControlNet models (A1111 single files and diffusers folders)
     ipadapter_dir: Path  # IP-Adapter models (h94's files)
     clip_vision_dir: Path  # the CLIP image encoders IP-Adapters read reference images with
+    annotators_dir: Path  # the weights of the ControlNet annotators that need them (depth)
     outputs_dir: Path  # local things the service keeps by default: the job database, images unless outputs_url
     # Images in storage every node reaches (an fsspec URL: s3://bucket/prefix, file:///mnt/shared/...), given as
     # `outputs_dir` (app argument or DIFFUSION_API_OUTPUTS_DIR); None: images go in outputs_dir.
@@ -52,6 +53,7 @@ class Settings(BaseModel):
             controlnet_dir=_env_path("DIFFUSION_API_CONTROLNET_DIR", sd / "controlnet"),
             ipadapter_dir=_env_path("DIFFUSION_API_IPADAPTER_DIR", sd / "ipadapter"),
             clip_vision_dir=_env_path("DIFFUSION_API_CLIP_VISION_DIR", sd / "clip_vision"),
+            annotators_dir=_env_path("DIFFUSION_API_ANNOTATORS_DIR", sd / "annotators"),
             outputs_dir=root / "outputs" if outputs_url else _env_path("DIFFUSION_API_OUTPUTS_DIR", root / "outputs"),
             outputs_url=outputs_url,
             cache_dir=_env_path("DIFFUSION_API_CACHE_DIR", sd / ".cache"),

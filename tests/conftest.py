@@ -20,7 +20,7 @@ from pipelines.demo import (
     create_demo_upscaler,
     create_demo_vae,
 )
-from pipelines.demo_adapters import create_demo_ip_adapters
+from pipelines.demo_adapters import create_demo_annotators, create_demo_ip_adapters
 from pipelines.settings import PROJECT_ROOT, Settings
 
 
@@ -34,6 +34,7 @@ def demo_root(tmp_path_factory) -> Path:
     create_demo_embeddings(root / "stable_diffusion" / "embeddings")
     create_demo_controlnets(root / "stable_diffusion" / "controlnet")
     create_demo_ip_adapters(root / "stable_diffusion" / "ipadapter", root / "stable_diffusion" / "clip_vision")
+    create_demo_annotators(root / "stable_diffusion" / "annotators")
     return root
 
 
@@ -67,6 +68,7 @@ def env_settings(monkeypatch, settings):
     monkeypatch.setenv("DIFFUSION_API_CONTROLNET_DIR", str(settings.controlnet_dir))
     monkeypatch.setenv("DIFFUSION_API_IPADAPTER_DIR", str(settings.ipadapter_dir))
     monkeypatch.setenv("DIFFUSION_API_CLIP_VISION_DIR", str(settings.clip_vision_dir))
+    monkeypatch.setenv("DIFFUSION_API_ANNOTATORS_DIR", str(settings.annotators_dir))
     monkeypatch.setenv("DIFFUSION_API_CACHE_DIR", str(settings.cache_dir))
     monkeypatch.setenv("DIFFUSION_API_EXTRA_MODELS_DIR", str(settings.extra_models_dir))
     monkeypatch.setenv("DIFFUSION_API_MODELS_CONFIG", str(settings.models_config))

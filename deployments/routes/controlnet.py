@@ -1,7 +1,8 @@
 """ControlNet's routes: the native listing of the installed models, and A1111's ControlNet extension API
 (`/controlnet/...`, in the extension's shapes and its error body), so A1111 clients that look for the
-extension find its models, preprocessors and detection here. The preprocessors need no weights and no torch:
-they run on the ingress replica, in a worker thread within its decode slots."""
+extension find its models, preprocessors and detection here. The preprocessors that need no weights need no
+torch: they run on the ingress replica, in a worker thread within its decode slots; the depth annotators' models
+run on the Upscaler deployment (pipelines/annotators.py)."""
 
 import asyncio
 import io
@@ -12,6 +13,7 @@ from deployments.access import require_json_body
 from deployments.contract import documented_a1111_errors
 from deployments.services import Services, ServicesDep
 from pipelines import preprocessors
+from pipelines.annotators import is_annotator_module
 from pipelines.controlnet_schemas import (
     ControlNetModelInfo,
     ControlNetModelList,
@@ -64,16 +66,19 @@ async def model_list(services: ServicesDep, update: bool = True) -> ControlNetMo
 
 
 @router.get("/module_list", response_model=ControlNetModuleList, responses=documented_a1111_errors(401, 422, 503))
-async def module_list(alias_names: bool = False) -> ControlNetModuleList:
-    """The preprocessors (`alias_names`: the extension's display names), with their sliders."""
-    detail = preprocessors.module_detail(alias_names)
+async def module_list(services: ServicesDep, alias_names: bool = False) -> ControlNetModuleList:
+    """The preprocessors (`alias_names`: the extension's display names), with their sliders; the annotators
+    that need weights only where they are installed."""
+    installed = await asyncio.to_thread(services.libraries.controlnets.annotators.available)
+    detail = preprocessors.module_detail(alias_names, annotators=installed)
     return ControlNetModuleList(module_list=list(detail), module_detail=detail)
 
 
 @router.get("/control_types", response_model=ControlTypes, responses=LISTING_ERRORS)
 async def control_types_route(services: ServicesDep) -> ControlTypes:
     titles = [title for _, title in await asyncio.to_thread(_titles, services)]
-    modules = [*preprocessors.PREPROCESSORS, *preprocessors.IP_ADAPTER_MODULES]
+    installed = await asyncio.to_thread(services.libraries.controlnets.annotators.available)
+    modules = [*preprocessors.PREPROCESSORS, *installed, *preprocessors.IP_ADAPTER_MODULES]
     return ControlTypes(control_types=control_types(modules, titles))
 
 
@@ -82,12 +87,14 @@ async def settings() -> ControlNetSettings:
     return ControlNetSettings(control_net_unit_count=LIMITS.max_controlnet_units)
 
 
-@router.post("/detect", response_model=DetectResponse, responses=documented_a1111_errors(400, 401, 413, 415, 422, 503),
+@router.post("/detect", response_model=DetectResponse,
+             responses=documented_a1111_errors(400, 401, 404, 413, 415, 422, 503),
              dependencies=[Depends(require_json_body)])  # fmt: skip
 async def detect(request: DetectRequest, services: ServicesDep) -> DetectResponse:
     """Runs a preprocessor on each image and answers the detected maps, as the extension's detect does. A
     threshold outside the module's slider range is clamped into it (webuiapi sends 64 whatever the module)."""
-    module = preprocessors.preprocessor(request.controlnet_module)
+    name, annotators = request.controlnet_module, services.libraries.controlnets.annotators
+    module = annotators.preprocessor(name) if is_annotator_module(name) else preprocessors.preprocessor(name)
     images = request.controlnet_input_images or request.controlnet_images
     if not images:
         raise InvalidRequestError("no image: send them in `controlnet_input_images`", field="controlnet_input_images")

@@ -125,3 +125,25 @@ def test_two_controlnet_jobs_queued_together_batch_and_keep_their_solo_pixels(cl
 def test_the_keyless_routes_answer_a1111s_error_body(service):
     answer = httpx.get(f"http://127.0.0.1:{PORT}/controlnet/model_list", params={"update": "maybe"}, timeout=30)
     assert answer.status_code == 422 and answer.json()["error"] == "RequestValidationError"
+
+
+def test_a_depth_annotator_runs_on_the_upscaler_and_its_map_controls_the_job(client, settings):
+    """The ingress runs no torch: `depth_anything` (installed by the demo) runs on the Upscaler deployment, for
+    detect and for a unit, and gives the map the module makes in-process."""
+    from pipelines.annotators import AnnotatorLibrary
+
+    assert "depth_anything" in client.get("/controlnet/module_list").json()["module_list"]
+    assert "depth_anything_v2" not in client.get("/controlnet/module_list").json()["module_list"]  # not installed
+    here = np.asarray(AnnotatorLibrary(settings, device="cpu").preprocessor("depth_anything").run(photo(), 64))
+    detected = client.post("/controlnet/detect", json={"controlnet_module": "depth_anything",
+                                                       "controlnet_processor_res": 64,
+                                                       "controlnet_input_images": [as_base64(photo())]})  # fmt: skip
+    assert detected.status_code == 200, detected.text
+    assert np.abs(decoded(detected.json()["images"][0]) - here).max() <= 1
+    unit = {"model": "demo-sd15-canny", "module": "depth_anything", "image": as_base64(photo()), "processor_res": 64}
+    job = wait_for_job(client, submit(client, {**FAST, "seed": 4, "controlnet": [unit]}))
+    assert job["state"] == "done", job
+    assert np.abs(decoded(job["controlnet_maps"][0]) - here).max() <= 1
+    missing = client.post("/txt2img", json={**FAST, "controlnet": [{**unit, "module": "depth_anything_v2"}]})
+    assert missing.status_code == 404 and missing.json()["field"] == "controlnet[0].module"
+    assert "depth_anything_v2" in missing.json()["error"]

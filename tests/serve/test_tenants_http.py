@@ -76,6 +76,7 @@ def _keyed_application(settings, folder) -> dict:
             "controlnet_dir": str(settings.controlnet_dir),
             "ipadapter_dir": str(settings.ipadapter_dir),
             "clip_vision_dir": str(settings.clip_vision_dir),
+            "annotators_dir": str(settings.annotators_dir),
             "upscalers_dir": str(settings.upscalers_dir),
             "models_config": str(settings.models_config),
             "cache_dir": str(settings.cache_dir),
