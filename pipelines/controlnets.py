@@ -5,8 +5,8 @@ The family (SD1.5 or SDXL) is read from the files without torch, as for LoRAs: a
 text-and-time embedding of its UNet (`add_embedding` / `label_emb`), an SD 2.x one cross-attends to 1024-wide
 text. A single file is read into a ControlNet built from the job's own UNet configuration (a ControlNet is its
 UNet's encoder), with diffusers' own original-layout conversion, so nothing is fetched from the hub. Loaded
-ControlNets are kept in a small per-process cache. torch is imported only to load one (the ingress resolves
-names with this module and must not load torch).
+ControlNets are kept in a small per-process cache, within the size of the UNet they run with (`fit_budget`).
+torch is imported only to load one (the ingress resolves names with this module and must not load torch).
 """
 
 from __future__ import annotations
@@ -38,6 +38,12 @@ CONTROLNET_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt", ".bin")
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 SDXL_KEYS = ("add_embedding.linear_1.weight", "control_model.label_emb.0.0.weight", "label_emb.0.0.weight")
 _TITLE = re.compile(r"^(?P<name>.+?)\s+\[(?P<hash>[0-9a-fA-F]{8,10})\]$")  # A1111's `name [hash8]`
+
+
+def module_bytes(module) -> int:
+    """What a torch module's parameters and buffers take in memory."""
+    tensors = [*module.parameters(), *module.buffers()]
+    return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
 
 
 def legacy_model_hash(path: Path) -> str:
@@ -171,7 +177,25 @@ class ControlNetLibrary:
             while len(self._loaded) >= self.max_loaded:
                 self._loaded.popitem(last=False)
             self._loaded[key] = loaded
-            return loaded
+        self.fit_budget(module_bytes(unet))
+        return loaded
+
+    def fit_budget(self, limit_bytes: int) -> None:
+        """Keeps the control models held here (ControlNets, then IP-Adapter image encoders) within `limit_bytes`
+        (the engine passes the job's UNet's size), dropping the least recently used; the most recent of each
+        stays, so a job's own models are never dropped under it. With the engine's budget of loaded models,
+        a replica holds its pipelines plus at most one UNet's worth of control models."""
+        with self._lock:
+            caches = [(self._loaded, lambda model: model), (self.ip_adapters._encoders, lambda pair: pair[0])]
+            total = sum(module_bytes(pick(item)) for cache, pick in caches for item in cache.values())
+            for cache, pick in caches:
+                while total > limit_bytes and len(cache) > 1:
+                    _, dropped = cache.popitem(last=False)
+                    total -= module_bytes(pick(dropped))
+
+    def held(self) -> list[str]:
+        """The files of the ControlNets and image encoders held now, least recently used first."""
+        return [key[0] for key in self._loaded] + [key[0] for key in self.ip_adapters._encoders]
 
     @staticmethod
     def _read(entry: ControlNetFile, unet: torch.nn.Module) -> torch.nn.Module:
@@ -181,7 +205,16 @@ class ControlNetLibrary:
         if entry.path.is_dir():
             return ControlNetModel.from_pretrained(entry.path, local_files_only=True)
         state = read_state_dict(entry.path)
-        model = ControlNetModel.from_unet(unet, load_weights_from_unet=False)
+        # A job's IP-Adapter, loaded into the UNet for the job, marks its config (`ip_image_proj`); the ControlNet
+        # is built from the UNet's own configuration (the caller holds the model's lock: nothing else reads it).
+        adapted = unet.config.encoder_hid_dim_type == "ip_image_proj"
+        if adapted:
+            unet.config.encoder_hid_dim_type = None
+        try:
+            model = ControlNetModel.from_unet(unet, load_weights_from_unet=False)
+        finally:
+            if adapted:
+                unet.config.encoder_hid_dim_type = "ip_image_proj"
         if model.config.in_channels != 4:  # an inpainting checkpoint's UNet: a ControlNet takes the latents only
             model = ControlNetModel.from_config({**model.config, "in_channels": 4})
         converted = convert_controlnet_checkpoint(state, dict(model.config))

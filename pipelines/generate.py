@@ -280,7 +280,7 @@ class ImageEngine:
             refiner_ti_hashes: list[dict[str, str]] = [{} for _ in jobs]
             try:
                 pipe = controlled(loaded, pipe, first, self.controlnets)  # the ControlNet pipeline if units apply
-                features = encode_references(jobs, ip_adapters, self.device, self.dtype)  # IP-Adapter units
+                features = encode_references(jobs, self.controlnets, loaded.pipe.unet)  # IP-Adapter units
                 pipe.scheduler = build_scheduler(first.sampler, loaded.scheduler_config)
                 fitting, lora_warnings = self.loras.usable(first.loras, loaded.entry) if first.loras else ([], [])
                 applied, load_warnings = loaded.apply_loras(fitting) if first.mode == "txt2img" else ([], [])

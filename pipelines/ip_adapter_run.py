@@ -20,6 +20,7 @@ import torch
 
 from pipelines.control_plan import IpAdapterPlan, ip_adapter_units
 from pipelines.control_run import applies_to_pass
+from pipelines.controlnets import ControlNetLibrary, module_bytes
 from pipelines.ipadapters import IpAdapterLibrary
 from pipelines.prepare import PreparedJob
 
@@ -46,19 +47,21 @@ def adapters_of(jobs: list[PreparedJob], library: IpAdapterLibrary) -> list[dict
     return [library.state_dict(jobs[0].controls[index].model) for index in ip_adapter_units(jobs[0].controls)]
 
 
-def encode_references(jobs: list[PreparedJob], library: IpAdapterLibrary, device: torch.device,
-                      dtype: torch.dtype) -> IpAdapterFeatures | None:  # fmt: skip
-    """The batch's reference images through its units' encoders (equal for every job of a batch); None when
-    it has no IP-Adapter unit."""
+def encode_references(jobs: list[PreparedJob], controls: ControlNetLibrary, unet) -> IpAdapterFeatures | None:
+    """The batch's reference images through its units' encoders (equal for every job of a batch), on the
+    UNet's device and in its precision; None when it has no IP-Adapter unit. The encoders are cached within the
+    control models' budget (`ControlNetLibrary.fit_budget`)."""
     units = ip_adapter_units(jobs[0].controls)
     if not units:
         return None
+    library, device, dtype = controls.ip_adapters, unet.device, unet.dtype
     positive, negative = [], []
     for index in units:
         plan: IpAdapterPlan = jobs[0].controls[index]
         features, unconditional = library.encode(plan.encoder, plan.model, list(plan.images), device, dtype)
         positive.append(features[None])
         negative.append(unconditional[None])
+    controls.fit_budget(module_bytes(unet))
     return IpAdapterFeatures(units, positive, negative)
 
 

@@ -189,3 +189,27 @@ def test_a_single_file_encoder_reads_as_the_folder(settings, tmp_path):
     single = library.encode(encoder, adapter, images, torch.device("cpu"), torch.float32)[0]
     same = folder_library.encode(folder_encoder, adapter, images, torch.device("cpu"), torch.float32)[0]
     assert torch.equal(single, same)
+
+
+def test_control_models_are_cached_within_the_unets_size(engine):
+    """ControlNets and image encoders stay loaded only within the budget the engine gives them (the job's UNet's
+    size): beyond it the least recently used go; the most recent of each kind stays."""
+    from pipelines.controlnets import module_bytes
+
+    edges = Image.new("RGB", (64, 64))
+    library = engine.controlnets
+    library.clear()
+    engine.generate(Txt2ImgRequest(**BASE, controlnet=[{"model": "demo-sd15-canny", "image": as_base64(edges)}]))
+    (first,) = library._loaded.values()
+    engine.generate(Txt2ImgRequest(**BASE, controlnet=[{"model": "control_demo_sd15_canny", "image": as_base64(edges)},
+                                                       unit()]))  # fmt: skip
+    unet = engine.load("demo-sd15").pipe.unet
+    held = library.held()
+    (second,) = library._loaded.values()
+    ((encoder, _),) = library.ip_adapters._encoders.values()
+    # Both ControlNets and the encoder would not fit in the tiny UNet's size: the least recent one was dropped.
+    assert sum(map(module_bytes, (first, second, encoder))) > module_bytes(unet)
+    assert [path.rsplit("/", 1)[-1] for path in held] == ["control_demo_sd15_canny.safetensors", "clip_h"]
+    assert module_bytes(second) + module_bytes(encoder) <= module_bytes(unet)
+    library.fit_budget(0)  # nothing fits: the most recent of each kind stays all the same
+    assert library.held() == held
