@@ -213,3 +213,38 @@ def test_control_models_are_cached_within_the_unets_size(engine):
     assert module_bytes(second) + module_bytes(encoder) <= module_bytes(unet)
     library.fit_budget(0)  # nothing fits: the most recent of each kind stays all the same
     assert library.held() == held
+
+
+def test_an_ip_adapter_with_a_lora_hires_fix_and_previews_and_the_model_after(engine):
+    plain = pixels(engine.generate(Txt2ImgRequest(**BASE)))
+    guided = pixels(engine.generate(Txt2ImgRequest(**BASE, controlnet=[unit()])))
+    with_lora = engine.generate(Txt2ImgRequest(**BASE, controlnet=[unit()], loras=["demo-sd15-peft"], preview=True))
+    assert with_lora.warnings == [] and np.abs(pixels(with_lora) - guided).mean() > 0.5
+    hires = {**BASE, "hires": {"enabled": True, "scale": 1.5, "steps": 2, "denoising_strength": 0.6}}
+    both, low = (pixels(engine.generate(Txt2ImgRequest(**hires, controlnet=[unit(hr_option=option)])))
+                 for option in ("Both", "Low res only"))  # fmt: skip
+    assert both.shape == (96, 96, 3) and not np.array_equal(both, low)
+    assert np.array_equal(plain, pixels(engine.generate(Txt2ImgRequest(**BASE))))  # nothing stayed on the model
+
+
+def test_an_sdxl_ip_adapter_and_the_refiner(engine, tmp_path, monkeypatch):
+    """An SDXL adapter (written here for the demo SDXL's UNet; its family from the file's modelspec metadata),
+    through the SDXL pipelines, with the refiner finishing the job (the base part is guided)."""
+    from safetensors.torch import save_file
+
+    from pipelines.demo_adapters import ENCODER_CONFIG, flat_state_dict, plain_ip_adapter
+
+    unet = engine.load("Demo SDXL").pipe.unet
+    state = flat_state_dict(plain_ip_adapter(unet, ENCODER_CONFIG["projection_dim"], seed=8))
+    save_file(state, tmp_path / "ip-adapter_demo_sdxl.safetensors",
+              metadata={"modelspec.architecture": "stable-diffusion-xl-v1-base/ip-adapter"})  # fmt: skip
+    monkeypatch.setattr(engine.controlnets.ip_adapters, "folder", tmp_path)
+    sdxl = {**BASE, "model": "Demo SDXL", "sampler_name": "Euler"}
+    sdxl_unit = unit(model="ip-adapter_demo_sdxl", module="ip-adapter-auto")
+    plain = pixels(engine.generate(Txt2ImgRequest(**sdxl)))
+    guided = pixels(engine.generate(Txt2ImgRequest(**sdxl, controlnet=[sdxl_unit])))
+    assert np.abs(guided - plain).mean() > 1
+    refined = engine.generate(Txt2ImgRequest(**sdxl, controlnet=[sdxl_unit], refiner_checkpoint="Demo SDXL Refiner",
+                                             refiner_switch_at=0.5))  # fmt: skip
+    assert "Refiner" in refined.parameters and not np.array_equal(pixels(refined), guided)
+    assert np.array_equal(plain, pixels(engine.generate(Txt2ImgRequest(**sdxl))))
