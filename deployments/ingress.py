@@ -26,7 +26,7 @@ from deployments.routes import a1111, controlnet, jobs, listings, openai_api, op
 from deployments.services import Services
 from deployments.submissions import Arrivals, CountSubmissions
 from deployments.webhooks import WebhookPolicy
-from pipelines.errors import TemporarilyUnavailableError
+from pipelines.errors import DiffusionAPIError, TemporarilyUnavailableError
 from pipelines.settings import VERSION, Settings
 from pipelines.storage import OutputStorage
 
@@ -78,28 +78,43 @@ for router in (ops.router, listings.router, jobs.router, a1111.router, controlne
 install_openapi(app, api_keys_on=_api_keys_on, configured_fields=_configured_fields)
 
 
-ANNOTATE_TIMEOUT_S = 300.0  # a cold Upscaler replica loads the annotator's model first
+ANNOTATE_TIMEOUT_S = 120.0  # the Upscaler's replica is always up; a first call loads the annotator's model
 
 
-def remote_annotator(upscaler, loop: asyncio.AbstractEventLoop):
+def remote_annotator(upscaler, loop: asyncio.AbstractEventLoop | None):
     """Runs an annotator's model on the Upscaler deployment. It is called from a worker thread (the submission's
     checks run in one) and awaits the handle on the replica's event loop, as handles must be called (Serve's
-    router may run on that loop)."""
+    router may run on that loop). The Upscaler's own errors (a model that does not load) come back as they
+    are; one that cannot answer in time is a 503 to retry."""
 
     async def call(module: str, padded, resolution: int):
         return await upscaler.annotate.remote(module, padded, resolution)
 
     def run(module: str, padded, resolution: int):
+        if upscaler is None or loop is None:
+            raise TemporarilyUnavailableError(f"the {module} annotator runs on the Upscaler deployment, which this "
+                                              "service has none of", field="controlnet")  # fmt: skip
+        answer = asyncio.run_coroutine_threadsafe(call(module, padded, resolution), loop)
         try:
-            return asyncio.run_coroutine_threadsafe(call(module, padded, resolution), loop).result(ANNOTATE_TIMEOUT_S)
-        except Exception as error:  # the Upscaler down, restarting or too slow: the same request may pass later
+            return answer.result(ANNOTATE_TIMEOUT_S)
+        except Exception as error:
+            answer.cancel()
+            cause = getattr(error, "cause", error)  # Ray wraps what the replica raised
+            if isinstance(cause, DiffusionAPIError):
+                raise cause from None
             logger.warning("annotator %s on the Upscaler deployment failed: %r", module, error)
-            raise TemporarilyUnavailableError(
-                f"the {module} annotator could not run just now ({type(error).__name__}); retry in a few seconds",
-                field="controlnet",
-            ) from None
+            raise TemporarilyUnavailableError(f"the {module} annotator could not run just now "
+                                              f"({type(error).__name__}); retry in a few seconds",
+                                              field="controlnet") from None  # fmt: skip
 
     return run
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=200)
@@ -117,9 +132,9 @@ class Ingress:
         settings = Settings(**settings)
         storage = OutputStorage(settings.outputs_location)
         libraries = Libraries.from_settings(settings)
-        if upscaler is not None:  # the ingress runs no torch: the annotators' models run on the Upscaler
-            # Serve runs a replica's constructor on its event loop, the one its requests run on.
-            libraries.controlnets.annotators.runner = remote_annotator(upscaler, asyncio.get_running_loop())
+        # The ingress runs no torch: the annotators' models run on the Upscaler. Serve runs a replica's
+        # constructor on its event loop, the one its requests run on.
+        libraries.controlnets.annotators.runner = remote_annotator(upscaler, _running_loop())
         arrivals = Arrivals()
         job_service = JobService(
             JobsClient(job_database, **(job_options or {})),

@@ -81,9 +81,9 @@ class JobFiles:
 
     def read_inputs(self, inputs: dict[str, str]) -> dict[str, str]:
         """A job's stored input images, as the base64 its payload had (MissingImageError when one is gone)."""
-        maps = {CONTROL_MAP.format(index=index) for index in range(len(inputs))}
+        map_suffix = CONTROL_MAP.format(index="")[len("controlnet.") :]  # ".map": a unit's map, not an input
         return {name: encode_base64(self.storage.read(location)) for name, location in inputs.items()
-                if name not in maps}  # fmt: skip
+                if not name.endswith(map_suffix)}  # fmt: skip
 
     def control_maps(self, job: JobRecord) -> list[str | None]:
         """Each ControlNet unit's map as the ControlNet saw it (PNG, base64), in unit order; None for one gone

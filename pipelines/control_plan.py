@@ -108,6 +108,12 @@ def control_units(controls: list[UnitPlan]) -> list[int]:
     return [index for index, control in enumerate(controls) if isinstance(control, ControlPlan)]
 
 
+def control_files(controls: list[UnitPlan]) -> set[str]:
+    """The model files a job's units load: its ControlNets and its IP-Adapters' image encoders."""
+    return {str(control.model.path) if isinstance(control, ControlPlan) else str(control.encoder.path)
+            for control in controls}  # fmt: skip
+
+
 def ip_adapter_units(controls: list[UnitPlan]) -> list[int]:
     return [index for index, control in enumerate(controls) if isinstance(control, IpAdapterPlan)]
 

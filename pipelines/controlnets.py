@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from pipelines import tensor_shapes
 from pipelines.annotators import AnnotatorLibrary
 from pipelines.catalog import FileFactsCache
-from pipelines.errors import DiffusionAPIError, ModelLoadError
+from pipelines.errors import DiffusionAPIError, InvalidRequestError, ModelLoadError
 from pipelines.ipadapters import IpAdapterFile, IpAdapterLibrary
 from pipelines.names import find_named_file, scan_files_and_folders
 from pipelines.settings import Settings
@@ -131,12 +131,15 @@ class ControlNetLibrary:
         """A ControlNet, else an IP-Adapter, by name (with or without extension) or A1111 title (`name [hash]`)."""
         wanted = title["name"] if (title := _TITLE.match(requested.strip())) else requested
         found = find_named_file(wanted, self._entries(), CONTROLNET_SUFFIXES, field, "ControlNet")
-        if found is not None:
+        if found is not None and self._family(found[1]) != "unknown":
             name, path = found
             return ControlNetFile(name, path, self._family(path))
         adapter = self.ip_adapters.find(wanted, field)
         if adapter is not None:
             return adapter
+        if found is not None:  # neither a ControlNet nor an IP-Adapter
+            raise InvalidRequestError(f"{field}: {found[0]!r} in {self.folder} is neither a ControlNet nor an "
+                                      "IP-Adapter this service can read", field=field)  # fmt: skip
         names = ", ".join(repr(entry.name) for entry in self.all_models())
         empty = f"none (the folders {self.folder} and {self.ip_adapters.folder} are empty)"
         raise UnknownControlNetError(f"unknown ControlNet or IP-Adapter model {requested!r}; installed: "
@@ -177,25 +180,35 @@ class ControlNetLibrary:
             while len(self._loaded) >= self.max_loaded:
                 self._loaded.popitem(last=False)
             self._loaded[key] = loaded
-        self.fit_budget(module_bytes(unet))
-        return loaded
+            return loaded
 
-    def fit_budget(self, limit_bytes: int) -> None:
+    def fit_budget(self, limit_bytes: int, keep: set[str] = frozenset()) -> None:
         """Keeps the control models held here (ControlNets, then IP-Adapter image encoders) within `limit_bytes`
-        (the engine passes the job's UNet's size), dropping the least recently used; the most recent of each
-        stays, so a job's own models are never dropped under it. With the engine's budget of loaded models,
-        a replica holds its pipelines plus at most one UNet's worth of control models."""
+        (the engine passes the job's UNet's size), dropping the least recently used, but never those of the
+        files in `keep` (the running job's own). With the engine's budget of loaded models, a replica holds its
+        pipelines plus at most one UNet's worth of control models (more only while one job needs more)."""
         with self._lock:
-            caches = [(self._loaded, lambda model: model), (self.ip_adapters._encoders, lambda pair: pair[0])]
-            total = sum(module_bytes(pick(item)) for cache, pick in caches for item in cache.values())
-            for cache, pick in caches:
-                while total > limit_bytes and len(cache) > 1:
-                    _, dropped = cache.popitem(last=False)
-                    total -= module_bytes(pick(dropped))
+            held = [(key, module_bytes(model)) for key, model in self._loaded.items()]
+        encoders = self.ip_adapters.encoder_sizes()
+        total = sum(size for _, size in held) + sum(size for _, size in encoders)
+        for key, size in held:  # least recently used first
+            if total <= limit_bytes:
+                return
+            if key[0] not in keep:
+                with self._lock:
+                    if self._loaded.pop(key, None) is not None:
+                        total -= size
+        for key, size in encoders:
+            if total <= limit_bytes:
+                return
+            if key[0] not in keep and self.ip_adapters.drop_encoder(key):
+                total -= size
 
     def held(self) -> list[str]:
         """The files of the ControlNets and image encoders held now, least recently used first."""
-        return [key[0] for key in self._loaded] + [key[0] for key in self.ip_adapters._encoders]
+        with self._lock:
+            controlnets = [key[0] for key in self._loaded]
+        return controlnets + [key[0] for key, _ in self.ip_adapters.encoder_sizes()]
 
     @staticmethod
     def _read(entry: ControlNetFile, unet: torch.nn.Module) -> torch.nn.Module:

@@ -23,8 +23,9 @@ import torch
 from PIL import Image
 
 from pipelines.catalog import ModelCatalog, ModelEntry
+from pipelines.control_plan import control_files
 from pipelines.control_run import control_arguments, controlled
-from pipelines.controlnets import ControlNetLibrary
+from pipelines.controlnets import ControlNetLibrary, module_bytes
 from pipelines.embeddings import EmbeddingLibrary, load_into, rewrite_prompt, unload_from
 from pipelines.errors import (
     DiffusionAPIError,
@@ -34,7 +35,7 @@ from pipelines.errors import (
 from pipelines.images import encode_base64
 from pipelines.infotext import build_infotext
 from pipelines.inpaint import inpaint_arguments, is_inpaint_pipeline, paste_back
-from pipelines.ip_adapter_run import IpAdapterFeatures, adapters_of, encode_references, scheduled_scales
+from pipelines.ip_adapter_run import IpAdapterFeatures, ScaleSchedule, adapters_of, encode_references
 from pipelines.loras import (
     LoraLibrary,
     lora_hashes_value,
@@ -270,9 +271,9 @@ class ImageEngine:
         phases = PhaseProgress.for_job(first, progress, is_cancelled)
         # job_scope puts back whatever the job changes on the model (scheduler, LoRAs, QKV fusion, VAE tiling)
         # and vae_swapped the model's own VAE, however the job ends.
-        ip_adapters = self.controlnets.ip_adapters
+        # job_models holds what the job loads into the model for itself (its IP-Adapters), taken out first.
         with loaded.lock, loaded.job_scope(), loaded.vae_swapped(self._vae_for(loaded, first)), \
-                loaded.ip_adapters_loaded(adapters_of(jobs, ip_adapters)):  # fmt: skip
+                contextlib.ExitStack() as job_models:  # fmt: skip
             pipe = loaded.pipeline_for(first.mode, masked=first.inpaint is not None)
             memory_before = memory_mb(self.device)
             started = time.perf_counter()
@@ -280,11 +281,14 @@ class ImageEngine:
             refiner_ti_hashes: list[dict[str, str]] = [{} for _ in jobs]
             try:
                 pipe = controlled(loaded, pipe, first, self.controlnets)  # the ControlNet pipeline if units apply
-                features = encode_references(jobs, self.controlnets, loaded.pipe.unet)  # IP-Adapter units
                 pipe.scheduler = build_scheduler(first.sampler, loaded.scheduler_config)
                 fitting, lora_warnings = self.loras.usable(first.loras, loaded.entry) if first.loras else ([], [])
                 applied, load_warnings = loaded.apply_loras(fitting) if first.mode == "txt2img" else ([], [])
                 lora_warnings += load_warnings
+                # IP-Adapters after the LoRAs: unfusing QKV for a LoRA sets the attention processors anew.
+                job_models.enter_context(loaded.ip_adapters_loaded(adapters_of(jobs, self.controlnets.ip_adapters)))
+                features = encode_references(jobs, self.controlnets.ip_adapters, loaded.pipe.unet)
+                self.controlnets.fit_budget(module_bytes(loaded.pipe.unet), keep=control_files(first.controls))
                 final_size = (first.hires.width, first.hires.height) if first.hires else (first.width, first.height)
                 set_vae_tiling(loaded.pipe, self.speed, *final_size)
                 clip_warnings = _fit_clip_skip(pipe, jobs)
@@ -445,8 +449,11 @@ class ImageEngine:
             if job.preview and preview_sink:
                 previewed.setdefault(job.job_id, index)
         last_preview = [time.monotonic()]
+        schedule: ScaleSchedule | None = None  # the IP-Adapters' scales per step, when the batch has any
 
         def on_step_end(pipeline, step_index, timestep, callback_kwargs):
+            if schedule is not None:  # the IP-Adapters' scales for the next step
+                schedule.set_for(step_index + 1, pipeline.num_timesteps)
             if previewed and time.monotonic() - last_preview[0] >= PREVIEW_INTERVAL_S:
                 last_preview[0] = time.monotonic()
                 try:
@@ -483,11 +490,11 @@ class ImageEngine:
                                                control_warnings))  # fmt: skip
             for job in jobs:
                 job.warnings.extend(w for w in control_warnings if w not in job.warnings)
-        scales = contextlib.nullcontext()
         if ip_features is not None:
             guidance = first.cfg_scale > 1 and pipe.unet.config.time_cond_proj_dim is None  # as diffusers decides
             arguments.update(ip_features.call_arguments(guidance))
-            scales = scheduled_scales(pipe, first, ip_features, hires_pass)
+            schedule = ScaleSchedule(pipe, first, ip_features, hires_pass)
+            schedule.set_for(0, arguments["num_inference_steps"])
         # Not every pipeline takes every argument (SDXL img2img has no size: the image sets it).
         parameters = _call_parameters(pipe)
         for name in ("clip_skip", "denoising_start", "denoising_end", "width", "height"):
@@ -509,8 +516,7 @@ class ImageEngine:
                     pipe, arguments.pop("negative_prompt"), first.clip_skip
                 )
                 arguments.pop("clip_skip")
-            with scales:
-                output = pipe(**arguments).images
+            output = pipe(**arguments).images
         return output
 
     def _ti_hashes(self, job: PreparedJob) -> dict[str, str]:

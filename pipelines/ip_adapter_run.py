@@ -8,19 +8,17 @@
   job would be folded into its neighbours' attention), so jobs share a call only with the same references
   (`IpAdapterPlan.batch_key`): the first job's features are the batch's.
 - weight -> the adapter's scale; guidance start/end as diffusers' ControlNet windows them (a step i of n
-  applies when i/n >= start and (i+1)/n <= end): the scales are set before each UNet call by a forward
-  pre-hook; with hires fix a unit applies to the passes its `hr_option` names. Control modes do not apply to
-  IP-Adapter units (as in the extension, which has none for them).
+  applies when i/n >= start and (i+1)/n <= end): the scales are set before the call and from its step
+  callback (`ScaleSchedule`); with hires fix a unit applies to the passes its `hr_option` names. Control
+  modes do not apply to IP-Adapter units (as in the extension, which has none for them).
 """
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
 
 from pipelines.control_plan import IpAdapterPlan, ip_adapter_units
 from pipelines.control_run import applies_to_pass
-from pipelines.controlnets import ControlNetLibrary, module_bytes
 from pipelines.ipadapters import IpAdapterLibrary
 from pipelines.prepare import PreparedJob
 
@@ -47,47 +45,42 @@ def adapters_of(jobs: list[PreparedJob], library: IpAdapterLibrary) -> list[dict
     return [library.state_dict(jobs[0].controls[index].model) for index in ip_adapter_units(jobs[0].controls)]
 
 
-def encode_references(jobs: list[PreparedJob], controls: ControlNetLibrary, unet) -> IpAdapterFeatures | None:
+def encode_references(jobs: list[PreparedJob], library: IpAdapterLibrary, unet) -> IpAdapterFeatures | None:
     """The batch's reference images through its units' encoders (equal for every job of a batch), on the
-    UNet's device and in its precision; None when it has no IP-Adapter unit. The encoders are cached within the
-    control models' budget (`ControlNetLibrary.fit_budget`)."""
+    UNet's device and in its precision; None when it has no IP-Adapter unit."""
     units = ip_adapter_units(jobs[0].controls)
     if not units:
         return None
-    library, device, dtype = controls.ip_adapters, unet.device, unet.dtype
+    device, dtype = unet.device, unet.dtype
     positive, negative = [], []
     for index in units:
         plan: IpAdapterPlan = jobs[0].controls[index]
         features, unconditional = library.encode(plan.encoder, plan.model, list(plan.images), device, dtype)
         positive.append(features[None])
         negative.append(unconditional[None])
-    controls.fit_budget(module_bytes(unet))
     return IpAdapterFeatures(units, positive, negative)
 
 
-@contextlib.contextmanager
-def scheduled_scales(pipe, job: PreparedJob, features: IpAdapterFeatures, hires_pass: bool):
-    """Sets each adapter's scale before every UNet call of the block: its weight on the steps of its window in
-    a pass it applies to, else 0 (an adapter at 0 adds nothing: the pixels of no adapter)."""
-    units = [job.controls[index] for index in features.units]
-    in_pass = [applies_to_pass(job, index, hires_pass) for index in features.units]
-    calls = [0]
-    current: list[list[float] | None] = [None]
+class ScaleSchedule:
+    """Each adapter's scale per step of a call: its weight on the steps of its window in a pass it applies to,
+    else 0 (an adapter at 0 adds nothing: the pixels of no adapter). Set before the call for its first step and
+    from the step callback for the next ones (not by a hook on the UNet, which torch.compile would trace)."""
 
-    def before_unet(module, args):
-        step, total = calls[0], max(getattr(pipe, "_num_timesteps", 0) or 1, 1)
-        calls[0] += 1
+    def __init__(self, pipe, job: PreparedJob, features: IpAdapterFeatures, hires_pass: bool):
+        self.pipe = pipe
+        self.units = [job.controls[index] for index in features.units]
+        self.in_pass = [applies_to_pass(job, index, hires_pass) for index in features.units]
+        self.current: list[float] | None = None
+
+    def set_for(self, step: int, total: int) -> None:
+        """`total`: the call's steps (before its first step, its `num_inference_steps`: an img2img call runs
+        fewer, so a window ending before the first step's end is judged by that count)."""
+        total = max(int(total or 1), 1)
         scales = []
-        for unit, applies in zip(units, in_pass, strict=True):
+        for unit, applies in zip(self.units, self.in_pass, strict=True):
             weight, start, end = unit.call_settings()
             inside = step / total >= start and (step + 1) / total <= end
             scales.append(weight if applies and inside else 0.0)
-        if scales != current[0]:
-            pipe.set_ip_adapter_scale(scales)
-            current[0] = scales
-
-    handle = pipe.unet.register_forward_pre_hook(before_unet)
-    try:
-        yield
-    finally:
-        handle.remove()
+        if scales != self.current:
+            self.pipe.set_ip_adapter_scale(scales)
+            self.current = scales

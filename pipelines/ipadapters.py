@@ -5,8 +5,8 @@
   tensors (a `.bin` holds the two as dicts). Their facts are read from the files without torch: the
   family from `modelspec.architecture` metadata where present, else the width the adapter cross-attends to
   (768 SD1.5, 2048 SDXL, 1024 SD 2.x; another, a tiny model's, reads as SD1.5), the kind from the projection
-  (a linear `proj` or an MLP: the encoder's image embedding; a Resampler's `latents`: its penultimate hidden
-  states, the "plus" adapters), and the width the adapter expects from the encoder.
+  (a linear `proj`: the encoder's image embedding; a Resampler's `latents` (the "plus" adapters) or the full
+  face's MLP: its penultimate hidden states), and the width the adapter expects from the encoder.
 - Image encoders: `stable_diffusion/clip_vision/`, as transformers folders (`config.json` + `model.safetensors`,
   h94's `models/image_encoder/`) or single files in transformers' layout (A1111's `clip_h.pth`, `clip_g.pth`;
   ComfyUI's `CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors`). The extension's modules name which one runs:
@@ -109,9 +109,12 @@ def ip_adapter_facts(path: Path) -> dict:
         return {"family": family, "kind": "faceid", "image_width": 0}
     if "image_proj.latents" in shapes and "image_proj.proj_in.weight" in shapes:  # a Resampler: "plus"
         return {"family": family, "kind": "hidden", "image_width": shapes["image_proj.proj_in.weight"].shape[1]}
-    for key in ("image_proj.proj.weight", "image_proj.proj.0.weight"):  # linear (plain), MLP (full face)
-        if key in shapes and shapes[key].ndim == 2:
-            return {"family": family, "kind": "embeds", "image_width": shapes[key].shape[1]}
+    if "image_proj.proj.3.weight" in shapes:  # full face: an MLP over the hidden states (diffusers feeds them)
+        return {"family": family, "kind": "hidden", "image_width": shapes["image_proj.proj.0.weight"].shape[1]}
+    if "image_proj.proj.0.weight" in shapes:  # an MLP and a norm without the full face's: FaceID portrait
+        return {"family": family, "kind": "faceid", "image_width": 0}
+    if "image_proj.proj.weight" in shapes and shapes["image_proj.proj.weight"].ndim == 2:  # linear: plain
+        return {"family": family, "kind": "embeds", "image_width": shapes["image_proj.proj.weight"].shape[1]}
     return unknown
 
 
@@ -175,6 +178,7 @@ class IpAdapterLibrary:
 
     def __init__(self, settings: Settings, facts: FileFactsCache | None = None, max_loaded: int = 4):
         self.folder = settings.ipadapter_dir
+        self.controlnet_folder = settings.controlnet_dir
         self.encoders_folder = settings.clip_vision_dir
         self.allow_external_links = settings.allow_external_links
         self.facts = facts or FileFactsCache(settings.cache_dir / "file_facts.json")
@@ -185,10 +189,20 @@ class IpAdapterLibrary:
 
     # Adapters ----------------------------------------------------------------------------------------------
     def _entries(self) -> list[tuple[str, Path]]:
-        return scan_named_files(self.folder, IP_ADAPTER_SUFFIXES, self.allow_external_links)
+        """The IP-Adapter folder's files, then the ControlNet folder's IP-Adapters (where A1111's extension
+        keeps them: `models/ControlNet/ip-adapter_sd15.safetensors`)."""
+        own = scan_named_files(self.folder, IP_ADAPTER_SUFFIXES, self.allow_external_links)
+        names = {name for name, _ in own}
+        beside = [(name, path) for name, path in
+                  scan_named_files(self.controlnet_folder, IP_ADAPTER_SUFFIXES, self.allow_external_links)
+                  if name not in names and self._facts(path)["family"] != "unknown"]  # fmt: skip
+        return own + beside
+
+    def _facts(self, path: Path) -> dict:
+        return self.facts.get(path.resolve(), "ip_adapter", ip_adapter_facts)
 
     def _entry(self, name: str, path: Path) -> IpAdapterFile:
-        facts = self.facts.get(path.resolve(), "ip_adapter", ip_adapter_facts)
+        facts = self._facts(path)
         return IpAdapterFile(name, path, facts["family"], facts["kind"], facts["image_width"])
 
     def available(self) -> list[IpAdapterFile]:
@@ -258,7 +272,10 @@ class IpAdapterLibrary:
     def state_dict(self, entry: IpAdapterFile) -> dict:
         """The adapter's tensors as diffusers' `load_ip_adapter` takes them: {"image_proj": ..., "ip_adapter":
         ...}, on the CPU; cached (read once per file version)."""
-        key = (str(entry.path), entry.path.stat().st_mtime_ns)
+        try:
+            key = (str(entry.path), entry.path.stat().st_mtime_ns)
+        except OSError as error:  # removed since the job was submitted
+            raise ModelLoadError(f"could not read IP-Adapter '{entry.name}': {error}", field="controlnet") from error
         with self._lock:
             if key in self._states:
                 self._states.move_to_end(key)
@@ -296,6 +313,17 @@ class IpAdapterLibrary:
                 self._encoders.popitem(last=False)
             self._encoders[key] = (model, loaded[1])
             return self._encoders[key]
+
+    def encoder_sizes(self) -> list[tuple[tuple, int]]:
+        """(cache key, bytes) of the loaded encoders, least recently used first."""
+        from pipelines.controlnets import module_bytes
+
+        with self._lock:
+            return [(key, module_bytes(model)) for key, (model, _) in self._encoders.items()]
+
+    def drop_encoder(self, key: tuple) -> bool:
+        with self._lock:
+            return self._encoders.pop(key, None) is not None
 
     def encode(self, entry: ImageEncoderFile, adapter: IpAdapterFile, images: list[Image.Image],
                device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip

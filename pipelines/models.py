@@ -135,8 +135,16 @@ class LoadedModel:
         extractor = getattr(self.pipe, "feature_extractor", None)
         try:
             count = len(state_dicts)
-            self.pipe.load_ip_adapter(state_dicts, subfolder=[None] * count, weight_name=[None] * count,
-                                      image_encoder_folder=None)  # fmt: skip
+            try:
+                self.pipe.load_ip_adapter(state_dicts, subfolder=[None] * count, weight_name=[None] * count,
+                                          image_encoder_folder=None)  # fmt: skip
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except Exception as error:  # a file of another architecture: layers missing or of other shapes
+                message = (
+                    f"could not load the IP-Adapter(s) into model '{self.entry.name}': {type(error).__name__}: {error}"
+                )
+                raise ModelLoadError(message[:1000], field="controlnet") from error
             yield
         finally:
             unet.encoder_hid_proj = projection  # first: a plus adapter's Resampler has attention layers of its own

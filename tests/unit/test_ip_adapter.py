@@ -193,7 +193,7 @@ def test_a_single_file_encoder_reads_as_the_folder(settings, tmp_path):
 
 def test_control_models_are_cached_within_the_unets_size(engine):
     """ControlNets and image encoders stay loaded only within the budget the engine gives them (the job's UNet's
-    size): beyond it the least recently used go; the most recent of each kind stays."""
+    size): beyond it the least recently used go, never the running job's own."""
     from pipelines.controlnets import module_bytes
 
     edges = Image.new("RGB", (64, 64))
@@ -211,8 +211,10 @@ def test_control_models_are_cached_within_the_unets_size(engine):
     assert sum(map(module_bytes, (first, second, encoder))) > module_bytes(unet)
     assert [path.rsplit("/", 1)[-1] for path in held] == ["control_demo_sd15_canny.safetensors", "clip_h"]
     assert module_bytes(second) + module_bytes(encoder) <= module_bytes(unet)
-    library.fit_budget(0)  # nothing fits: the most recent of each kind stays all the same
+    library.fit_budget(0, keep=set(held))  # a running job's own models stay, whatever the budget
     assert library.held() == held
+    library.fit_budget(0)
+    assert library.held() == []
 
 
 def test_an_ip_adapter_with_a_lora_hires_fix_and_previews_and_the_model_after(engine):
@@ -248,3 +250,62 @@ def test_an_sdxl_ip_adapter_and_the_refiner(engine, tmp_path, monkeypatch):
                                              refiner_switch_at=0.5))  # fmt: skip
     assert "Refiner" in refined.parameters and not np.array_equal(pixels(refined), guided)
     assert np.array_equal(plain, pixels(engine.generate(Txt2ImgRequest(**sdxl))))
+
+
+def test_ip_adapters_in_the_controlnet_folder_as_a1111_keeps_them(settings, tmp_path):
+    import shutil
+
+    controlnet = tmp_path / "controlnet"
+    shutil.copytree(settings.controlnet_dir, controlnet)
+    shutil.copy(settings.ipadapter_dir / f"{PLAIN}.safetensors", controlnet / "ip-adapter_in_controlnet.safetensors")
+    (controlnet / "notes.bin").write_bytes(b"not a model")
+    library = ControlNetLibrary(settings.model_copy(update={"controlnet_dir": controlnet,
+                                                            "cache_dir": tmp_path / "cache"}))  # fmt: skip
+    found = library.resolve("ip-adapter_in_controlnet")
+    assert found.kind == "embeds" and found in library.ip_adapters.available()
+    assert "ip-adapter_in_controlnet" not in {entry.name for entry in library.available()}  # not a ControlNet
+    with pytest.raises(DiffusionAPIError, match="neither a ControlNet nor an IP-Adapter"):
+        library.resolve("notes")
+
+
+def test_the_kinds_read_from_the_files(tmp_path):
+    """Full-face adapters read the hidden states (an MLP ending in a norm, `proj.3`); FaceID ones (InsightFace
+    embeddings) are refused."""
+    from safetensors.torch import save_file
+
+    from pipelines.ipadapters import ip_adapter_facts
+
+    zeros = torch.zeros
+    layers = {"ip_adapter.1.to_k_ip.weight": zeros(320, 768), "ip_adapter.1.to_v_ip.weight": zeros(320, 768)}
+    files = {
+        "full_face": {"image_proj.proj.0.weight": zeros(1280, 1280), "image_proj.proj.2.weight": zeros(768, 1280),
+                      "image_proj.proj.3.weight": zeros(768)},
+        "faceid_portrait": {"image_proj.proj.0.weight": zeros(1024, 512), "image_proj.proj.2.weight": zeros(3072, 1024),
+                            "image_proj.norm.weight": zeros(768)},
+        "faceid": {"image_proj.proj.weight": zeros(3072, 512), "ip_adapter.1.to_k_lora.down.weight": zeros(4, 320)},
+    }  # fmt: skip
+    kinds = {}
+    for name, tensors in files.items():
+        save_file({**layers, **tensors}, tmp_path / f"{name}.safetensors")
+        kinds[name] = ip_adapter_facts(tmp_path / f"{name}.safetensors")
+    assert kinds["full_face"] == {"family": "sd15", "kind": "hidden", "image_width": 1280}
+    assert kinds["faceid_portrait"]["kind"] == kinds["faceid"]["kind"] == "faceid"
+
+
+def test_an_ip_adapter_with_a_lora_on_a_model_with_fused_qkv(catalog):
+    """A LoRA unfuses the QKV projections, which sets the attention processors anew: the IP-Adapter is loaded
+    after it, and both come off after the job (the fused processors back)."""
+    from pipelines.generate import ImageEngine
+    from pipelines.speed import SpeedOptions
+
+    engine = ImageEngine(catalog, device="cpu", max_loaded_models=1, speed=SpeedOptions(fuse_qkv=True))
+    plain = pixels(engine.generate(Txt2ImgRequest(**BASE)))
+    processors = {
+        name: type(processor) for name, processor in engine.load("demo-sd15").pipe.unet.attn_processors.items()
+    }
+    both = engine.generate(Txt2ImgRequest(**BASE, controlnet=[unit(model=PLUS, module="ip-adapter-auto")],
+                                          loras=["demo-sd15-peft"]))  # fmt: skip
+    assert both.warnings == [] and np.abs(pixels(both) - plain).mean() > 1
+    after = engine.load("demo-sd15").pipe.unet.attn_processors
+    assert {name: type(processor) for name, processor in after.items()} == processors
+    assert np.array_equal(plain, pixels(engine.generate(Txt2ImgRequest(**BASE))))
