@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 from pipelines import tensor_shapes
 from pipelines.catalog import FileFactsCache
-from pipelines.errors import DiffusionAPIError, InvalidRequestError, ModelLoadError
+from pipelines.errors import InvalidRequestError, ModelLoadError
 from pipelines.names import find_named_file, scan_files_and_folders, scan_named_files
 from pipelines.preprocessors import IP_ADAPTER_ALIASES, IP_ADAPTER_MODULES
 from pipelines.settings import Settings
@@ -48,10 +48,6 @@ ENCODER_NAME_HINTS = {"clip_h": ("clip_h", "vit-h", "vit_h", "image_encoder"), "
 # and ViT-bigG/14); other widths take 64-wide heads (at least one) and transformers' default activation.
 KNOWN_VISION_WIDTHS = {1024: (16, "quick_gelu"), 1280: (16, "gelu"), 1664: (16, "gelu")}
 _LAYER = re.compile(r"vision_model\.encoder\.layers\.(\d+)\.")
-
-
-class UnknownIpAdapterError(DiffusionAPIError):
-    status_code = 404
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import webuiapi
 from pipelines.infotext import parse_infotext
 from tests.serve.conftest import PORT, wait_for_job
 from tests.serve.test_batching_http import BLOCKER, submit, wait_until_processing
-from tests.serve.test_controlnet_http import FAST, as_base64, decoded, photo
+from tests.serve.test_controlnet_http import FAST, as_base64, assert_batched_with_solo_pixels, decoded, photo
 
 ADAPTER = "ip-adapter_demo_sd15"
 
@@ -80,11 +80,6 @@ def test_bad_ip_adapter_units_are_4xx_naming_the_unit(client):
 def test_two_jobs_of_one_reference_batch_and_keep_their_solo_pixels(client):
     blocker = submit(client, BLOCKER)
     wait_until_processing(client, blocker)
-    bodies = [{**FAST, "seed": seed, "controlnet": [unit()]} for seed in (21, 22)]
-    batched = [wait_for_job(client, job_id) for job_id in [submit(client, body) for body in bodies]]
-    wait_for_job(client, blocker)
-    assert [job["batch_size"] for job in batched] == [2, 2], batched
-    for body, job in zip(bodies, batched, strict=True):
-        alone = wait_for_job(client, submit(client, body))
-        assert alone["batch_size"] == 1
-        assert np.abs(decoded(job["image"]) - decoded(alone["image"])).max() <= 2
+    assert_batched_with_solo_pixels(
+        client, blocker, [{**FAST, "seed": seed, "controlnet": [unit()]} for seed in (21, 22)]
+    )

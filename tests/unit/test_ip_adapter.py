@@ -4,9 +4,6 @@ scale 0 gives the plain pixels and a reference image changes them; the plus adap
 several reference images; batched jobs with different references keep their solo pixels; the model is as
 loaded after the job; bad units are 4xx naming them; the infotext says each unit as the extension does."""
 
-import base64
-import io
-
 import numpy as np
 import pytest
 import torch
@@ -18,6 +15,7 @@ from pipelines.infotext import parse_infotext
 from pipelines.ipadapters import IpAdapterLibrary, single_file_config
 from pipelines.samplers import build_scheduler, resolve_sampler
 from pipelines.schemas import Img2ImgRequest, Txt2ImgRequest
+from tests.unit.test_controlnet import as_base64, pixels
 
 BASE = {"prompt": "a lighthouse", "steps": 4, "width": 64, "height": 64, "seed": 5, "model": "demo-sd15",
         "fileType": "png"}  # fmt: skip
@@ -26,16 +24,6 @@ PLAIN, PLUS = "ip-adapter_demo_sd15", "ip-adapter-plus_demo_sd15"
 
 def reference(seed: int = 1, size=(48, 40)) -> Image.Image:
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
-
-
-def as_base64(image: Image.Image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
-
-
-def pixels(result) -> np.ndarray:
-    return np.asarray(result.image).astype(int)
 
 
 def unit(**fields) -> dict:
