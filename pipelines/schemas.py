@@ -10,7 +10,15 @@ does, and each one is named in the job's warnings.
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from pipelines.annotators import ANNOTATOR_ALIASES, ANNOTATORS
 from pipelines.catalog import Family
@@ -146,6 +154,16 @@ class ControlNetUnit(BaseModel):
     hr_option: HiresOption = Field("Both", description="Hires fix: the passes the control applies to")
 
     _whole_numbers = field_validator("*", mode="before")(whole_numbers_as_integers)
+
+    @field_validator("image", mode="wrap")
+    @classmethod
+    def _one_error_for_the_image(cls, value, handler):
+        """One clear message for a bad `image` (pydantic would report each member of the union apart)."""
+        try:
+            return handler(value)
+        except ValidationError:
+            raise ValueError(f"a base64 image (a non-empty string), or for an IP-Adapter unit a list of 1 to "
+                             f"{MAX_REFERENCE_IMAGES} of them; got {type(value).__name__}") from None  # fmt: skip
 
 
 MAX_PRIORITY = 100  # `priority` is -100..100

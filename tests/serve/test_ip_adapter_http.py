@@ -83,3 +83,12 @@ def test_two_jobs_of_one_reference_batch_and_keep_their_solo_pixels(client):
     assert_batched_with_solo_pixels(
         client, blocker, [{**FAST, "seed": seed, "controlnet": [unit()]} for seed in (21, 22)]
     )
+
+
+def test_a_bad_image_field_is_one_clear_422(client):
+    for image in ("", [], [as_base64(photo())] * 5, 3):
+        answer = client.post("/txt2img", json={**FAST, "controlnet": [unit(image=image)]})
+        assert answer.status_code == 422, answer.text
+        assert (
+            "a base64 image (a non-empty string), or for an IP-Adapter unit a list of 1 to 4" in answer.json()["error"]
+        )
