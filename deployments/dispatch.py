@@ -43,11 +43,12 @@ class Dispatcher:
     callback_url)` runs when a dispatch is over, however the job ended (metrics, the webhook, waking the job's
     watchers), unless the replica is stopping (then the job's lease runs out and another replica takes it
     over).
-    `prepare_again(job_id, kind, payload)` prepares a recorded job that is dispatched again after a restart."""
+    `prepare_again(job_id, kind, payload, maps)` prepares a recorded job that is dispatched again after a restart
+    (`maps`: its ControlNet units' stored maps, name -> PNG bytes, so they are not made again)."""
 
     def __init__(self, jobs, handles: dict, files: JobFiles, max_attempts: int,
                  on_ended: Callable[[str, str | None], Awaitable[None]],
-                 prepare_again: Callable[[str, str, dict], Awaitable[JobOrder]],
+                 prepare_again: Callable[[str, str, dict, dict[str, bytes]], Awaitable[JobOrder]],
                  incoming: Callable[[], int] = lambda: 0):  # fmt: skip
         self.jobs = jobs
         self.handles = handles  # family -> the generator deployment's handle
@@ -242,8 +243,9 @@ class Dispatcher:
             payload = payload_with_inputs(job.payload, await asyncio.to_thread(self.files.read_inputs, job.inputs))
         except DiffusionAPIError as error:  # an input image gone from the storage, or the storage unreachable
             raise DiffusionAPIError(f"its input image could not be read: {error.message}") from error
+        maps = await asyncio.to_thread(self.files.read_maps, job.inputs)  # the depth annotator's run at submission
         try:
-            return await self.prepare_again(job.job_id, job.kind, payload)
+            return await self.prepare_again(job.job_id, job.kind, payload, maps)
         except DiffusionAPIError:  # uninstalled since (a LoRA, the model)
             raise
         except Exception as error:  # a request of an older version that no longer validates

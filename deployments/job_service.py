@@ -250,12 +250,13 @@ class JobService:
         return entry, prepare_job(request, entry, found.loras, found.catalog, found.upscalers, found.vaes,
                                   found.embeddings, input_files, found.controlnets)  # fmt: skip
 
-    async def _prepare_again(self, job_id: str, kind: str, payload: dict) -> JobOrder:
+    async def _prepare_again(self, job_id: str, kind: str, payload: dict, maps: dict[str, bytes]) -> JobOrder:
         """The order of a recorded job dispatched again (after a restart or a lost ingress replica), prepared
-        from its stored request and inputs as at submission, with the seed fixed then."""
+        from its stored request and inputs as at submission, with the seed fixed then, and its ControlNet units'
+        maps as made then (`maps`: none is made again, so a depth unit needs no Upscaler now)."""
         request = Img2ImgRequest(**payload) if kind == "img2img" else Txt2ImgRequest(**payload)
         async with self.decodes:
-            _, job = await asyncio.to_thread(self._check, kind, request, payload.get("model"))
+            _, job = await asyncio.to_thread(self._check, kind, request, payload.get("model"), maps)
         return JobOrder.of(job_id, job, request)
 
     async def _ended(self, job_id: str, callback_url: str | None) -> None:

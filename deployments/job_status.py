@@ -85,6 +85,18 @@ class JobFiles:
         return {name: encode_base64(self.storage.read(location)) for name, location in inputs.items()
                 if not name.endswith(map_suffix)}  # fmt: skip
 
+    def read_maps(self, inputs: dict[str, str]) -> dict[str, bytes]:
+        """A job's stored ControlNet maps (name -> PNG bytes), those still in the storage."""
+        map_suffix = CONTROL_MAP.format(index="")[len("controlnet.") :]
+        maps = {}
+        for name, location in inputs.items():
+            if name.endswith(map_suffix):
+                try:
+                    maps[name] = self.storage.read(location)
+                except MissingImageError:  # made again from the unit's image
+                    continue
+        return maps
+
     def control_maps(self, job: JobRecord) -> list[str | None]:
         """Each ControlNet unit's map as the ControlNet saw it (PNG, base64), in unit order; None for one gone
         from the storage."""

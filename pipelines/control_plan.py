@@ -194,7 +194,10 @@ def plan_controls(units: list[ControlNetUnit], model: ModelEntry | None, library
     for index, unit in enumerate(units):
         sent = [(input_bytes.get(unit_image_name(index, position)), text)
                 for position, text in enumerate(unit_images(unit))]  # fmt: skip
-        plans.append(_plan(unit, f"controlnet[{index}]", model, library, width, height, init_image, sent, warnings))
+        stored_map = input_bytes.get(CONTROL_MAP.format(index=index))  # a job prepared again: the map made then
+        plans.append(
+            _plan(unit, f"controlnet[{index}]", model, library, width, height, init_image, sent, warnings, stored_map)
+        )
     return plans
 
 
@@ -225,7 +228,7 @@ def _check_family(entry: ControlNetFile | IpAdapterFile, field: str, model: Mode
 
 def _plan(unit: ControlNetUnit, field: str, model: ModelEntry | None, library: ControlNetLibrary, width: int,
           height: int, init_image: Image.Image | None, sent: list[tuple[bytes | None, str]],
-          warnings: list[str]) -> UnitPlan:  # fmt: skip
+          warnings: list[str], stored_map: bytes | None = None) -> UnitPlan:  # fmt: skip
     entry = library.resolve(unit.model, field=f"{field}.model")
     _check_family(entry, field, model, library)
     ip_module = is_ip_adapter_module(unit.module)
@@ -257,12 +260,14 @@ def _plan(unit: ControlNetUnit, field: str, model: ModelEntry | None, library: C
     if len(images) > 1:
         raise InvalidRequestError(f"{field}.image: several images are for IP-Adapter units; a ControlNet takes "
                                   "one control image", field=f"{field}.image")  # fmt: skip
-    return _control_plan(unit, field, entry, images[0], width, height, init_image is images[0], common, library)
+    return _control_plan(
+        unit, field, entry, images[0], width, height, init_image is images[0], common, library, stored_map
+    )
 
 
 def _control_plan(unit: ControlNetUnit, field: str, entry: ControlNetFile, image: Image.Image, width: int,
-                  height: int, from_init_image: bool, common: dict,
-                  library: ControlNetLibrary) -> ControlPlan:  # fmt: skip
+                  height: int, from_init_image: bool, common: dict, library: ControlNetLibrary,
+                  stored_map: bytes | None = None) -> ControlPlan:  # fmt: skip
     try:
         module = library.annotators.preprocessor(unit.module) if is_annotator_module(unit.module) \
             else preprocessor(unit.module)  # fmt: skip
@@ -272,12 +277,16 @@ def _control_plan(unit: ControlNetUnit, field: str, entry: ControlNetFile, image
     resolution = unit.processor_res
     if unit.pixel_perfect:
         resolution = max(64, min(2048, pixel_perfect_resolution(image, width, height, unit.resize_mode)))
-    try:
-        detected = module.run(image, resolution, unit.threshold_a, unit.threshold_b)
-    except InvalidRequestError as error:  # a slider out of its range: named as the unit's field
-        raise InvalidRequestError(f"{field}.{error.message}", field=f"{field}.{error.field}") from None
     slider_values = slider_values_used(module, resolution, unit.threshold_a, unit.threshold_b)
+    if stored_map is not None:  # made when the job was submitted, fitted to its size already
+        control_map = decode_image(stored_map, field=f"{field}.image").convert("RGB")
+    else:
+        try:
+            detected = module.run(image, resolution, unit.threshold_a, unit.threshold_b)
+        except InvalidRequestError as error:  # a slider out of its range: named as the unit's field
+            raise InvalidRequestError(f"{field}.{error.message}", field=f"{field}.{error.field}") from None
+        control_map = fit_map(detected.convert("RGB"), width, height, resize_mode)
     return ControlPlan(
-        model=entry, module=module.name, image=fit_map(detected.convert("RGB"), width, height, resize_mode),
+        model=entry, module=module.name, image=control_map,
         processor_res=slider_values[0], threshold_a=slider_values[1], threshold_b=slider_values[2], **common,
     )  # fmt: skip

@@ -135,12 +135,23 @@ def test_full_queue_answers_429_with_retry_after_and_accepted_jobs_all_finish(cl
     assert client.post("/txt2img", json=body | {"steps": 2}).status_code == 200
 
 
+def _depth_photo() -> str:
+    import numpy as np
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(5).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buffer, "PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
 def test_whole_service_crash_keeps_finished_jobs_and_finishes_interrupted_ones(client, service):
     from ray import serve
 
     finished_id = client.post("/txt2img", json={"prompt": "before", "steps": 3, "width": 64, "height": 64}).json()
     finished = wait_for_job(client, finished_id["job_id"])
-    body = {"prompt": "interrupted", "steps": 60, "width": 256, "height": 256, "seed": 2, "fileType": "png"}
+    body = {"prompt": "interrupted", "steps": 60, "width": 256, "height": 256, "seed": 2, "fileType": "png",
+            # prepared again after the crash: its map is the one stored at submission (not made again)
+            "controlnet": [{"model": "demo-sd15-canny", "module": "depth_anything", "processor_res": 64,
+                            "image": _depth_photo()}]}  # fmt: skip
     running_id = client.post("/txt2img", json=body).json()["job_id"]
     _running(client, running_id, attempt=1)
     # A crash of the whole service: every replica and the detached job actor die at once (no graceful drain,

@@ -77,3 +77,39 @@ def test_a_unit_with_a_depth_module_uses_the_modules_map(engine, settings):
     by_map = engine.generate(Txt2ImgRequest(**BASE, controlnet=[unit(depth, "none")]))
     assert np.array_equal(np.asarray(by_module.image), np.asarray(by_map.image))
     assert "Module: depth_anything, Model: demo-sd15-canny [" in by_module.infotext
+
+
+def test_a_job_prepared_again_uses_its_stored_map_and_needs_no_annotator_run(engine, settings):
+    """A job dispatched again after a restart is prepared from its record: its unit's map as stored at
+    submission is used (the depth model, on the Upscaler in the service, need not answer again)."""
+    import base64
+    import io
+
+    from pipelines.control_plan import map_files
+    from pipelines.errors import TemporarilyUnavailableError
+
+    buffer = io.BytesIO()
+    gradient((64, 64)).save(buffer, format="PNG")
+    unit = {"model": "demo-sd15-canny", "module": "depth_anything", "processor_res": 64,
+            "image": base64.b64encode(buffer.getvalue()).decode()}  # fmt: skip
+    request = Txt2ImgRequest(**BASE, controlnet=[unit])
+    first = engine.prepare(request)
+    stored = map_files(first.controls)
+    assert list(stored) == ["controlnet.0.map"]
+
+    def unavailable(*_):
+        raise TemporarilyUnavailableError("the Upscaler is restarting")
+
+    annotators = engine.controlnets.annotators
+    annotators.runner = unavailable
+    try:
+        with pytest.raises(TemporarilyUnavailableError):
+            engine.prepare(request)
+        from pipelines.prepare import prepare_job
+
+        again = prepare_job(request, engine.catalog.resolve("demo-sd15"), engine.loras, engine.catalog,
+                            engine.upscalers, engine.vaes, engine.embeddings, stored, engine.controlnets)  # fmt: skip
+    finally:
+        annotators.runner = None
+    assert np.array_equal(np.asarray(again.controls[0].image), np.asarray(first.controls[0].image))
+    assert again.controls[0].infotext() == first.controls[0].infotext()
