@@ -16,6 +16,7 @@ import torch
 import pipelines.generate
 from pipelines.catalog import ModelCatalog
 from pipelines.demo import create_demo_models
+from pipelines.families.sd15 import SD15
 from pipelines.generate import ImageEngine
 from pipelines.previews import PREVIEW_SINK, preview_jpeg_base64
 from pipelines.schemas import Txt2ImgRequest
@@ -39,8 +40,8 @@ def main() -> None:
     rows = []
     for size in (512, 1024, 2048):
         latents = torch.randn(4, size // 8, size // 8)
-        seconds = timed(lambda latents=latents: preview_jpeg_base64(latents, sdxl=False), 50)
-        data = preview_jpeg_base64(latents, sdxl=False)
+        seconds = timed(lambda latents=latents: preview_jpeg_base64(latents, SD15.latent_rgb), 50)
+        data = preview_jpeg_base64(latents, SD15.latent_rgb)
         rows.append((f"decode + JPEG of one {size}x{size} image's latents", f"{seconds * 1000:.2f} ms",
                      f"{len(data)} base64 chars"))  # fmt: skip
 

@@ -8,12 +8,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray.serve import Application
 
 from deployments.access import AccessPolicy
-from deployments.generators import Refiner, SD15Generator, SDXLGenerator
+from deployments.generators import GENERATORS
 from deployments.image_links import LINK_SECRET_ENV
 from deployments.ingress import Ingress
 from deployments.job_db import describe, is_postgres_url, open_database, redact
 from deployments.upscaler import Upscaler
 from deployments.webhooks import WebhookPolicy
+from pipelines.families import FAMILIES
 from pipelines.settings import Settings
 from pipelines.speed import SpeedOptions
 from pipelines.storage import OutputStorage, is_url
@@ -159,11 +160,8 @@ def build_app(args: dict | None = None) -> Application:
     generator_args = {"settings": plain, "job_database": database, "job_options": job_options, "device": parsed.device,
                       "engine_options": engine_options}  # fmt: skip
     upscaler = Upscaler.bind(settings=plain, device=parsed.device, torch_threads=parsed.torch_threads)
-    refiner = Refiner.bind(**generator_args)
     return Ingress.bind(
-        SD15Generator.bind(**generator_args, upscaler=upscaler),
-        SDXLGenerator.bind(**generator_args, upscaler=upscaler, refiner=refiner),
-        refiner,
+        generators=bind_generators(generator_args, upscaler),
         settings=plain,
         job_database=database,
         job_options=job_options,
@@ -180,6 +178,23 @@ def build_app(args: dict | None = None) -> Application:
             "configured_secret": parsed.image_link_secret or os.environ.get(LINK_SECRET_ENV),
         },
     )
+
+
+def bind_generators(generator_args: dict, upscaler) -> dict:
+    """One generator deployment per family of the table (pipelines/families/), keyed by family. Families that
+    start images get the Upscaler (hires fix); a family a refiner continues gets that refiner's deployment."""
+    refiners = {spec.refines: GENERATORS[name].bind(**generator_args) for name, spec in FAMILIES.items()
+                if spec.refines}  # fmt: skip
+    generators = {}
+    for name, spec in FAMILIES.items():
+        if spec.refines:
+            generators[name] = refiners[spec.refines]
+            continue
+        extra = {"upscaler": upscaler} if spec.txt2img else {}
+        if name in refiners:
+            extra["refiner"] = refiners[name]
+        generators[name] = GENERATORS[name].bind(**generator_args, **extra)
+    return generators
 
 
 app = build_app()

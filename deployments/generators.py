@@ -25,6 +25,7 @@ from deployments.metrics import PhaseTimer, observe_phase, service_metrics
 from deployments.replica_jobs import CollectedImages, ModelHandle, QueuedJob
 from pipelines.catalog import ModelCatalog
 from pipelines.errors import DiffusionAPIError
+from pipelines.families import family_of
 from pipelines.generate import GenerationResult, ImageEngine, RefinedImages
 from pipelines.models import LoadedModel
 from pipelines.prepare import PreparedJob
@@ -44,8 +45,8 @@ HEALTH_CHECK_TIMEOUT_S = 10.0  # the device check's limit (below Serve's own 30 
 class _Generator:
     """Shared body of the per-family deployments."""
 
-    FAMILY = ""  # the model family this deployment serves
-    DEFAULT_BATCHING = BatchingConfig()  # SD1.5's: 8 jobs, 8 x 512x512 pixels
+    FAMILY = ""  # the model family this deployment serves (pipelines/families/)
+    DEFAULT_BATCHING = BatchingConfig()  # the family's own limits: see `family_batching`
 
     def __init__(self, settings: dict, job_database: str, job_options: dict | None = None, device: str | None = None,
                  upscaler=None, refiner=None, engine_options: dict | None = None):  # fmt: skip
@@ -360,21 +361,26 @@ class _Generator:
         self._report()
 
 
+def family_batching(family: str) -> BatchingConfig:
+    """A family's default batching limits, from its table row (pipelines/families/)."""
+    spec = family_of(family)
+    return BatchingConfig(max_batch_size=spec.max_batch_size, max_batch_pixels=spec.max_batch_pixels)
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=16)
 class SD15Generator(_Generator):
-    """SD 1.5 checkpoints. Batches of up to 8 images of 512x512 (2 MP): about 7 GB of activations in half
-    precision with SDPA, next to 2 GB of weights."""
+    """SD 1.5 checkpoints."""
 
     FAMILY = "sd15"
+    DEFAULT_BATCHING = family_batching(FAMILY)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=8)
 class SDXLGenerator(_Generator):
-    """SDXL base checkpoints. Batches of up to 4 images of 1024x1024 (4 MP): the UNet's activations at
-    128x128 latents are about 4x SD1.5's per image, next to 7 GB of weights."""
+    """SDXL base checkpoints."""
 
     FAMILY = "sdxl"
-    DEFAULT_BATCHING = BatchingConfig(max_batch_size=4, max_batch_pixels=4 * 1024 * 1024)
+    DEFAULT_BATCHING = family_batching(FAMILY)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=8)
@@ -383,7 +389,7 @@ class Refiner(_Generator):
     (the SDXL generator hands over its latents at `refiner_switch_at`)."""
 
     FAMILY = "sdxl-refiner"
-    DEFAULT_BATCHING = BatchingConfig(max_batch_size=4, max_batch_pixels=4 * 1024 * 1024)
+    DEFAULT_BATCHING = family_batching(FAMILY)
 
     async def refine(self, jobs: list[PreparedJob], latents, progress_range: tuple[float, float]) -> RefinedImages:
         """The refiner's steps for a batch the SDXL generator started (its jobs are already running): the images,
@@ -403,3 +409,7 @@ class Refiner(_Generator):
             return self.engine.refine(loaded, jobs, latents, on_step)
 
         return await asyncio.to_thread(refine_with_previews)
+
+
+# Family -> its generator deployment: every family of pipelines/families/ has one, named `ModelFamily.deployment`.
+GENERATORS = {deployment.func_or_class.FAMILY: deployment for deployment in (SD15Generator, SDXLGenerator, Refiner)}

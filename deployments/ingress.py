@@ -120,7 +120,7 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=200)
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, sd15, sdxl, refiner, settings: dict, job_database: str,
+    def __init__(self, generators: dict, settings: dict, job_database: str,
                  job_options: dict | None = None, stale_job_timeout_s: float = 600.0,
                  max_queued_jobs: int = 64, api_keys_file: str | None = None,
                  cors_origins: list[str] | None = None, upscaler=None, max_attempts: int = 3,
@@ -140,7 +140,7 @@ class Ingress:
             JobsClient(job_database, **(job_options or {})),
             libraries,
             JobFiles(storage),
-            handles={"sd15": sd15, "sdxl": sdxl, "sdxl-refiner": refiner},
+            handles=generators,  # family -> its generator deployment's handle
             webhooks=WebhookPolicy.from_config(**(webhooks or {})),
             max_queued_jobs=max_queued_jobs,
             max_attempts=max_attempts,

@@ -19,6 +19,7 @@ from typing import Literal
 import yaml
 
 from pipelines.errors import UnknownModelError
+from pipelines.families import FAMILIES, FamilyName, family_of
 from pipelines.names import check_user_name
 from pipelines.settings import Settings
 
@@ -26,9 +27,8 @@ Mode = Literal["txt2img", "img2img"]  # what a job does: from a prompt, or from 
 
 logger = logging.getLogger(__name__)
 
-Family = Literal["sd15", "sdxl", "sdxl-refiner"]
+Family = FamilyName  # the served families' ids (pipelines/families/)
 ModelFormat = Literal["diffusers", "hf-cache", "single-file"]
-FAMILIES: tuple[Family, ...] = ("sd15", "sdxl", "sdxl-refiner")
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 UNET_WEIGHT_FILES = (
     "diffusion_pytorch_model.safetensors",
@@ -60,11 +60,12 @@ class ModelEntry:
         """The file whose sha256 is the A1111 `Model hash`: the checkpoint, or a folder's UNet weights."""
         if self.format == "single-file":
             return self.path
+        folder = self.path / family_of(self.family).weights_folder
         for filename in UNET_WEIGHT_FILES:
-            candidate = self.path / "unet" / filename
+            candidate = folder / filename
             if candidate.exists():
                 return candidate
-        raise FileNotFoundError(f"no UNet weights in {self.path / 'unet'}")
+        raise FileNotFoundError(f"no model weights in {folder}")
 
 
 def _file_key(path: Path) -> str:
@@ -132,19 +133,21 @@ def _checkpoint_keys(path: Path) -> list[str]:
     return list(_checkpoint_shapes(path).keys())
 
 
+def _served_labels() -> str:
+    return ", ".join(family.label for family in FAMILIES.values())
+
+
 def family_of_checkpoint_keys(keys: list[str]) -> Family:
-    """The family of an original-layout (A1111/CompVis) checkpoint, from its tensor names."""
+    """The family of an original-layout (A1111/CompVis, BFL, ...) checkpoint, from its tensor names: the first
+    family of the table that claims them."""
+    for family in FAMILIES.values():
+        if family.claims_checkpoint(keys):
+            return family.name
     has = lambda prefix: any(key.startswith(prefix) for key in keys)  # noqa: E731
+    if has("model.diffusion_model.") and has("cond_stage_model.model."):
+        raise UnsupportedModelError(f"an SD 2.x checkpoint (OpenCLIP text encoder); supported: {_served_labels()}")
     if not has("model.diffusion_model."):
-        raise UnsupportedModelError("no 'model.diffusion_model.' tensors: not a Stable Diffusion checkpoint")
-    if has("conditioner.embedders.1."):
-        return "sdxl"
-    if has("conditioner.embedders.0.model."):
-        return "sdxl-refiner"
-    if has("cond_stage_model.transformer."):
-        return "sd15"
-    if has("cond_stage_model.model."):
-        raise UnsupportedModelError("an SD 2.x checkpoint (OpenCLIP text encoder); supported: SD1.5 and SDXL")
+        raise UnsupportedModelError(f"not a checkpoint of a served family ({_served_labels()}): no tensors it knows")
     raise UnsupportedModelError("unknown text encoder layout")
 
 
@@ -159,20 +162,19 @@ def unet_input_channels_of_checkpoint(path: Path) -> int:
 
 
 def unet_input_channels_of_folder(folder: Path) -> int:
-    return int(json.loads((folder / "unet" / "config.json").read_text()).get("in_channels", 4))
+    config = folder / "unet" / "config.json"
+    return int(json.loads(config.read_text()).get("in_channels", 4)) if config.is_file() else 4
 
 
 def family_of_diffusers_folder(folder: Path) -> Family:
-    """The family of a diffusers folder, from `model_index.json` and the UNet config."""
+    """The family of a diffusers folder, from `model_index.json` and its component configs: the first family of
+    the table that claims it."""
     index = json.loads((folder / "model_index.json").read_text())
+    for family in FAMILIES.values():
+        if family.claims_folder(index, folder):
+            return family.name
     class_name = index.get("_class_name", "")
-    unet_config = json.loads((folder / "unet" / "config.json").read_text())
-    if unet_config.get("addition_embed_type") == "text_time":
-        has_first_text_encoder = (index.get("text_encoder") or [None, None])[0] is not None
-        return "sdxl" if has_first_text_encoder else "sdxl-refiner"
-    if class_name.startswith("StableDiffusion") and "XL" not in class_name:
-        return "sd15"
-    raise UnsupportedModelError(f"pipeline class {class_name!r} is not SD1.5 or SDXL")
+    raise UnsupportedModelError(f"pipeline class {class_name!r} is not of a served family ({_served_labels()})")
 
 
 def _hf_snapshot(cache_folder: Path) -> Path | None:
@@ -225,13 +227,18 @@ class ModelCatalog:
         if folder is not None and folder.is_dir() and (folder / "model_index.json").exists():
             unet_config = folder / "unet" / "config.json"
             family = self.facts.get(folder / "model_index.json", "family", lambda _: family_of_diffusers_folder(folder))
-            channels = self.facts.get(unet_config, "unet_in_channels", lambda _: unet_input_channels_of_folder(folder))
+            channels = 4
+            if family_of(family).inpainting_checkpoints:
+                channels = self.facts.get(unet_config, "unet_in_channels",
+                                          lambda _: unet_input_channels_of_folder(folder))  # fmt: skip
             model_format: ModelFormat = "hf-cache" if folder != path else "diffusers"
             return ModelEntry(path.name, path.name, family, model_format, folder,
                               inpainting=channels == INPAINTING_CHANNELS)  # fmt: skip
         if path.is_file() and path.suffix.lower() in SINGLE_FILE_SUFFIXES:
             family = self.facts.get(path, "family", lambda p: family_of_checkpoint_keys(_checkpoint_keys(p)))
-            channels = self.facts.get(path, "unet_in_channels", unet_input_channels_of_checkpoint)
+            channels = 4
+            if family_of(family).inpainting_checkpoints:
+                channels = self.facts.get(path, "unet_in_channels", unet_input_channels_of_checkpoint)
             config_dir = path.parent / ".configs" / path.stem
             return ModelEntry(path.stem, path.stem, family, "single-file", path,
                               config_dir if config_dir.is_dir() else None, channels == INPAINTING_CHANNELS)  # fmt: skip
@@ -289,9 +296,10 @@ class ModelCatalog:
                     return entry
             except UnknownModelError:
                 logger.warning("default_model %r from %s is not installed", configured, self.settings.models_config)
-        for wanted in (family or "sd15", family or "sdxl"):
+        wanted = [family] if family else [name for name, spec in FAMILIES.items() if spec.txt2img]
+        for name in wanted:  # the table's order: SD1.5 first, as the seed API's default
             for entry in models:
-                if entry.family == wanted:
+                if entry.family == name:
                     return entry
         return models[0]
 
@@ -338,10 +346,11 @@ class ModelCatalog:
 
 
 def check_mode_supported(entry: ModelEntry, mode: Mode) -> None:
-    """A refiner only continues images: it has no first text encoder for txt2img."""
-    if entry.family == "sdxl-refiner" and mode == "txt2img":
+    """A family without a txt2img pipeline (the SDXL refiner) only continues images."""
+    family = family_of(entry.family)
+    if mode == "txt2img" and not family.txt2img:
         raise UnknownModelError(
-            f"model '{entry.name}' is an SDXL refiner, not a txt2img model: use it for img2img or as "
+            f"model '{entry.name}' is an {family.label}, not a txt2img model: use it for img2img or as "
             "'refiner_checkpoint'",
             field="model",
         )

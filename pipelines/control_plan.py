@@ -14,6 +14,7 @@ from pipelines.annotators import AnnotatorNotInstalledError, is_annotator_module
 from pipelines.catalog import ModelEntry
 from pipelines.controlnets import ControlNetFile, ControlNetLibrary
 from pipelines.errors import InvalidRequestError
+from pipelines.families import family_label
 from pipelines.images import decode_base64_image, decode_image
 from pipelines.ipadapters import ImageEncoderFile, IpAdapterFile
 from pipelines.preprocessors import (
@@ -25,7 +26,6 @@ from pipelines.preprocessors import (
 )
 from pipelines.schemas import ControlNetUnit
 
-FAMILY_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL", "sd2": "SD 2.x", "sdxl-refiner": "SDXL refiner"}
 # The names a job's ControlNet files are stored under (beside img2img's inputs): a unit's image as sent, and the
 # map the ControlNet saw (the preprocessor's, fitted to the job's size).
 CONTROL_IMAGE = "controlnet.{index}.image"
@@ -218,7 +218,7 @@ def _check_family(entry: ControlNetFile | IpAdapterFile, field: str, model: Mode
         return
     kind = "IP-Adapter" if isinstance(entry, IpAdapterFile) else "ControlNet"
     fitting = [item.name for item in library.all_models() if item.family == model.family]
-    family, wanted = FAMILY_NAMES.get(entry.family, entry.family), FAMILY_NAMES.get(model.family, model.family)
+    family, wanted = family_label(entry.family), family_label(model.family)
     raise InvalidRequestError(
         f"{field}.model: {kind} '{entry.name}' is for {family} models and model '{model.name}' is {wanted}; "
         f"installed {wanted} ControlNets and IP-Adapters: {', '.join(map(repr, fitting)) or 'none'}",

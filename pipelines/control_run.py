@@ -59,7 +59,7 @@ def controlled(loaded: LoadedModel, pipe, job: PreparedJob, library: ControlNetL
         if job.controls[index].control_mode == PROMPT_FIRST or hires_pass:  # A1111: all units in the hires pass
             own.register_forward_hook(_soft_injection)
         models.append(own)
-    return with_controlnet(pipe, models)
+    return with_controlnet(pipe, loaded.entry.family, models)
 
 
 def control_arguments(pipe, jobs: list[PreparedJob], hires_pass: bool, width: int, height: int,

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from pipelines import tensor_shapes
 from pipelines.catalog import FileFactsCache, sha256_of_file
+from pipelines.families import family_of
 from pipelines.names import scan_named_files
 from pipelines.settings import Settings
 
@@ -115,7 +116,7 @@ class EmbeddingLibrary:
     def named_in(self, texts: list[str], family: str) -> tuple[list[EmbeddingFile], list[EmbeddingFile]]:
         """The installed embeddings the texts name (as whole words, any case, as A1111 matches them): those
         of `family` and those of another family."""
-        wanted = "sdxl" if family.startswith("sdxl") else family
+        wanted = family_of(family).embedding_family
         usable, foreign = [], []
         for embedding in self.available():
             pattern = name_pattern(embedding.name)

@@ -32,6 +32,7 @@ from pipelines.errors import (
     JobCancelledError,
     OutOfMemoryError,
 )
+from pipelines.families import ModelFamily, family_of
 from pipelines.images import encode_base64
 from pipelines.infotext import build_infotext
 from pipelines.inpaint import inpaint_arguments, is_inpaint_pipeline, paste_back
@@ -230,7 +231,7 @@ class ImageEngine:
         (torch.compile compiles per shape) happens now rather than on a user's job; returns the seconds."""
         started = time.perf_counter()
         loaded = self.load(model)
-        mode: Mode = "img2img" if loaded.entry.family == "sdxl-refiner" else "txt2img"
+        mode: Mode = "txt2img" if family_of(loaded.entry.family).txt2img else "img2img"
         for batch_size in batch_sizes:
             fields = {"prompt": "warm-up", "model": loaded.entry.name, "steps": steps, "width": width,
                       "height": height}  # fmt: skip
@@ -269,6 +270,7 @@ class ImageEngine:
         if any(job.batch_key() != first.batch_key() for job in jobs):
             raise ValueError("jobs in one batch must share mode, size, steps, cfg, sampler and strength")
         phases = PhaseProgress.for_job(first, progress, is_cancelled)
+        family = family_of(loaded.entry.family)
         # job_scope puts back whatever the job changes on the model (scheduler, LoRAs, QKV fusion, VAE tiling)
         # and vae_swapped the model's own VAE, however the job ends.
         # job_models holds what the job loads into the model for itself (its IP-Adapters), taken out first.
@@ -301,15 +303,16 @@ class ImageEngine:
                 if first.hires is not None:
                     images = self._run_hires(loaded, pipe, jobs, phases, upscale or self._upscale_here, features)
                 elif first.refiner is not None:
-                    latents = self._call_pipeline(pipe, jobs, phases.step(PHASE_GENERATION), output_type="latent",
-                                                  denoising_end=first.refiner.switch_at,
+                    latents = self._call_pipeline(family, pipe, jobs, phases.step(PHASE_GENERATION),
+                                                  output_type="latent", denoising_end=first.refiner.switch_at,
                                                   ip_features=features)  # fmt: skip
                     refined = (refine or self._refine_here)(first.refiner.model, jobs, latents, phases)
                     images, refiner_ti_hashes = refined.images, refined.ti_hashes
                     for job, added in zip(jobs, refined.warnings, strict=True):
                         job.warnings.extend(w for w in dict.fromkeys(added) if w not in job.warnings)
                 else:
-                    images = self._call_pipeline(pipe, jobs, phases.step(PHASE_GENERATION), ip_features=features)
+                    images = self._call_pipeline(family, pipe, jobs, phases.step(PHASE_GENERATION),
+                                                 ip_features=features)  # fmt: skip
                 images = [paste_back(image, job.inpaint) if job.inpaint else image
                           for job, image in zip(jobs, images, strict=True)]  # fmt: skip
             except torch.cuda.OutOfMemoryError as error:
@@ -387,22 +390,24 @@ class ImageEngine:
                    upscale: "UpscaleHook", features: IpAdapterFeatures | None = None) -> list[Image.Image]:  # fmt: skip
         """First pass at the requested size, upscale (latents, or the decoded image with an upscaler model),
         then an img2img pass at the final size, with the same seeds."""
-        hires = jobs[0].hires
+        hires, family = jobs[0].hires, family_of(loaded.entry.family)
         if hires.latent is not None:
-            latents = self._call_pipeline(pipe, jobs, phases.step(PHASE_FIRST_PASS), output_type="latent",
+            latents = self._call_pipeline(family, pipe, jobs, phases.step(PHASE_FIRST_PASS), output_type="latent",
                                           ip_features=features)  # fmt: skip
             phases.report(PHASE_UPSCALING, 0, 1)
             second_input = upscale_latents(latents, hires.height, hires.width, hires.latent)
         else:
-            first_pass = self._call_pipeline(pipe, jobs, phases.step(PHASE_FIRST_PASS), ip_features=features)
+            first_pass = self._call_pipeline(family, pipe, jobs, phases.step(PHASE_FIRST_PASS),
+                                             ip_features=features)  # fmt: skip
             phases.report(PHASE_UPSCALING, 0, 1)
             second_input = upscale(first_pass, hires.upscaler, hires.width, hires.height)
         phases.report(PHASE_UPSCALING, 1, 1)
         img2img = controlled(loaded, loaded.pipeline_for("img2img"), jobs[0], self.controlnets, hires_pass=True)
         img2img.scheduler = build_scheduler(jobs[0].sampler, loaded.scheduler_config)
-        return self._call_pipeline(img2img, jobs, phases.step(PHASE_HIRES_PASS), hires_pass=True, image=second_input,
-                                   strength=hires.denoising_strength, num_inference_steps=hires.steps,
-                                   width=hires.width, height=hires.height, ip_features=features)  # fmt: skip
+        return self._call_pipeline(family, img2img, jobs, phases.step(PHASE_HIRES_PASS), hires_pass=True,
+                                   image=second_input, strength=hires.denoising_strength,
+                                   num_inference_steps=hires.steps, width=hires.width, height=hires.height,
+                                   ip_features=features)  # fmt: skip
 
     def _upscale_here(self, images: list[Image.Image], upscaler: str, width: int, height: int) -> list[Image.Image]:
         return [self.upscalers.upscale(image, upscaler, width, height) for image in images]
@@ -416,7 +421,7 @@ class ImageEngine:
         It runs on copies of the jobs' embedding lists and warnings: an embedding the refiner cannot load is
         left out of its own call only (the base used it, and its hash stays in the infotext); what the refiner
         adds comes back in the result, the same in this process as from the Refiner deployment."""
-        first = jobs[0]
+        first, family = jobs[0], family_of(loaded.entry.family)
         own = [replace(job, embeddings=list(job.embeddings), foreign_embeddings=list(job.foreign_embeddings),
                        warnings=[]) for job in jobs]  # fmt: skip
         with loaded.lock, loaded.job_scope(), loaded.vae_swapped(self._vae_for(loaded, first)):
@@ -426,7 +431,7 @@ class ImageEngine:
             embeddings: list[tuple] = []
             try:
                 embeddings = _load_embeddings(loaded.pipe, own)
-                images = self._call_pipeline(pipe, own, on_step, image=latents.to(self.device, self.dtype),
+                images = self._call_pipeline(family, pipe, own, on_step, image=latents.to(self.device, self.dtype),
                                              denoising_start=first.refiner.switch_at)  # fmt: skip
             finally:
                 unload_from(loaded.pipe, embeddings)
@@ -437,11 +442,12 @@ class ImageEngine:
         """The job's chosen VAE, loaded like the model's own (None: the model's own)."""
         return self.vaes.load(job.vae, loaded.pipe.vae) if job.vae else None
 
-    def _call_pipeline(self, pipe, jobs: list[PreparedJob], on_step: "StepCallback", hires_pass: bool = False,
-                       ip_features: IpAdapterFeatures | None = None, **overrides):  # fmt: skip
-        """One diffusers call for the batch; `overrides` replace or add call arguments (image, strength,
-        output_type, denoising_start/end, ...); `hires_pass`: the hires fix's second pass (its ControlNet and
-        IP-Adapter units); `ip_features`: the jobs' reference image features (IP-Adapter units)."""
+    def _call_pipeline(self, family: ModelFamily, pipe, jobs: list[PreparedJob], on_step: "StepCallback",
+                       hires_pass: bool = False, ip_features: IpAdapterFeatures | None = None,
+                       **overrides):  # fmt: skip
+        """One diffusers call for the batch on a model of `family`; `overrides` replace or add call arguments
+        (image, strength, output_type, denoising_start/end, ...); `hires_pass`: the hires fix's second pass (its
+        ControlNet and IP-Adapter units); `ip_features`: the jobs' reference image features (IP-Adapter units)."""
         first = jobs[0]
         preview_sink = PREVIEW_SINK.get()
         previewed: dict[str, int] = {}  # job id -> the batch index of its first image here (its preview)
@@ -457,9 +463,9 @@ class ImageEngine:
             if previewed and time.monotonic() - last_preview[0] >= PREVIEW_INTERVAL_S:
                 last_preview[0] = time.monotonic()
                 try:
-                    latents, sdxl = callback_kwargs["latents"], _is_sdxl(pipeline)
+                    latents = callback_kwargs["latents"]
                     for job_id, index in previewed.items():
-                        preview_sink(job_id, preview_jpeg_base64(latents[index], sdxl))
+                        preview_sink(job_id, preview_jpeg_base64(latents[index], family.latent_rgb))
                 except Exception:  # a preview is a nicety: it never fails the job
                     logger.warning("making a preview failed; the job goes on without it", exc_info=True)
             on_step(step_index + 1, pipeline.num_timesteps)

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 from pipelines import tensor_shapes
 from pipelines.catalog import FileFactsCache, ModelEntry, sha256_of_file
 from pipelines.errors import DiffusionAPIError
+from pipelines.families import FAMILIES, family_label, family_of
 from pipelines.limits import LIMITS
 from pipelines.names import find_named_file, scan_named_files
 from pipelines.settings import Settings
@@ -39,13 +40,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 LORA_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-FAMILY_LABELS = {
-    "sd15": "SD1.5",
-    "sdxl": "SDXL",
-    "sdxl-refiner": "SDXL refiner",
-    "sd2": "SD2.x",
-    "unknown": "unknown-family",
-}
 # The grammar of a usable tag, for reference: `find_lora_tags` finds exactly its matches, in linear time.
 PROMPT_LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^:>]*))?>")
 _LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
@@ -356,15 +350,13 @@ def model_layer_shapes(entry: ModelEntry) -> LayerShapes | None:
 def lora_layer_shapes(state: dict[str, torch.Tensor], family: str) -> LayerShapes:
     """The layers a LoRA targets and the (in, out) sizes it expects, in diffusers/peft module names,
     converted with diffusers' own key converters (the ones `load_lora_weights` uses)."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.utils import (
         convert_state_dict_to_diffusers,
         convert_state_dict_to_peft,
         convert_unet_state_dict_to_peft,
     )
 
-    pipeline_class = StableDiffusionXLPipeline if family.startswith("sdxl") else StableDiffusionPipeline
-    normalized, _ = pipeline_class.lora_state_dict(dict(state))
+    normalized, _ = _lora_loader_class(family).lora_state_dict(dict(state))
     targets: LayerShapes = {}
     for component in _LORA_COMPONENTS:
         part = {k.removeprefix(f"{component}."): v for k, v in normalized.items() if k.startswith(f"{component}.")}
@@ -389,6 +381,15 @@ def lora_layer_shapes(state: dict[str, torch.Tensor], family: str) -> LayerShape
     return targets
 
 
+def _lora_loader_class(family: str):
+    """The diffusers pipeline class whose `lora_state_dict` reads LoRAs for models of `family` (its txt2img
+    pipeline; the img2img one for a family without txt2img)."""
+    import diffusers
+
+    pipelines = family_of(family).pipelines
+    return getattr(diffusers, pipelines.txt2img or pipelines.img2img)
+
+
 def _find_layer(layers: dict[str, tuple[int, int]], name: str) -> tuple[int, int] | None:
     # transformers 5 flattened CLIPTextModel (no `text_model.` level); LoRA files still use both forms.
     for candidate in (name, name.removeprefix("text_model."), f"text_model.{name}"):
@@ -399,17 +400,19 @@ def _find_layer(layers: dict[str, tuple[int, int]], name: str) -> tuple[int, int
 
 def incompatibility(lora: LoraFile, targets: LayerShapes, entry: ModelEntry, model: LayerShapes | None) -> str | None:
     """Why `lora` cannot be applied to the model, in a sentence a user can act on; None when it fits."""
-    model_label = FAMILY_LABELS[entry.family]
-    if entry.family == "sdxl-refiner":
+    family = family_of(entry.family)
+    if family.lora_family is None:
+        takers = [spec.label for spec in FAMILIES.values() if spec.lora_family is not None]
         return (
-            f"'{lora.name}' cannot be applied to model '{entry.name}': it is an SDXL refiner; LoRAs apply to SD1.5 "
-            f"and SDXL base models"
+            f"'{lora.name}' cannot be applied to model '{entry.name}': it is an {family.label}; LoRAs apply to "
+            f"{', '.join(takers[:-1])} and {takers[-1]} base models"
         )
-    if lora.family in ("sd15", "sdxl", "sd2") and lora.family != entry.family:
-        article = "an"  # SD1.5, SDXL, SD2.x all read "an ..."
+    if lora.family != "unknown" and lora.family != family.lora_family:
+        article = "an"  # SD1.5, SDXL, SD 2.x, FLUX.1 all read "an ..."
+        lora_label = family_label(lora.family)
         return (
-            f"'{lora.name}' is {article} {FAMILY_LABELS[lora.family]} LoRA; model '{entry.name}' is {model_label}: "
-            f"use it with {article} {FAMILY_LABELS[lora.family]} model"
+            f"'{lora.name}' is {article} {lora_label} LoRA; model '{entry.name}' is {family.label}: "
+            f"use it with {article} {lora_label} model"
         )
     if not any(targets.values()):
         return f"'{lora.name}' holds no LoRA weights this service can read (kohya/A1111 or diffusers/peft keys)"
@@ -418,17 +421,17 @@ def incompatibility(lora: LoraFile, targets: LayerShapes, entry: ModelEntry, mod
     for component, layers in targets.items():
         model_layers = model.get(component)
         if model_layers is None:
-            return f"'{lora.name}' has weights for a {component} that model '{entry.name}' ({model_label}) lacks"
+            return f"'{lora.name}' has weights for a {component} that model '{entry.name}' ({family.label}) lacks"
         for name, (lora_in, lora_out) in sorted(layers.items()):
             found = _find_layer(model_layers, name)
             if found is None:
                 return (
-                    f"'{lora.name}' targets layer {component}.{name}, which model '{entry.name}' ({model_label}) "
+                    f"'{lora.name}' targets layer {component}.{name}, which model '{entry.name}' ({family.label}) "
                     f"does not have: it was made for a different architecture"
                 )
             if (lora_in and lora_in != found[0]) or (lora_out and lora_out != found[1]):
                 return (
-                    f"'{lora.name}' does not fit model '{entry.name}' ({model_label}): layer {component}.{name} is "
+                    f"'{lora.name}' does not fit model '{entry.name}' ({family.label}): layer {component}.{name} is "
                     f"{found[0]}->{found[1]}, the LoRA expects {lora_in}->{lora_out}; it was made for another "
                     f"architecture"
                 )
@@ -489,7 +492,7 @@ class LoraLibrary:
 
     def targets(self, lora: LoraFile, family: str) -> LayerShapes:
         stat = lora.path.stat()
-        key = (f"{lora.path}|{stat.st_size}|{stat.st_mtime_ns}", "sdxl" if family.startswith("sdxl") else "sd15")
+        key = (f"{lora.path}|{stat.st_size}|{stat.st_mtime_ns}", _lora_loader_class(family).__name__)
         with self._lock:
             cached = self._targets.get(key)
         if cached is None:
@@ -516,7 +519,8 @@ class LoraLibrary:
 
     def family_problem(self, lora: LoraFile, entry: ModelEntry) -> str | None:
         """Why `lora`'s family rules out the model (None when the family does not): the ingress's check."""
-        if entry.family == "sdxl-refiner" or (lora.family in ("sd15", "sdxl", "sd2") and lora.family != entry.family):
+        fits = family_of(entry.family).lora_family
+        if fits is None or (lora.family != "unknown" and lora.family != fits):
             return incompatibility(lora, {}, entry, None)
         return None
 

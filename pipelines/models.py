@@ -13,6 +13,7 @@ import torch
 
 from pipelines.catalog import Mode, ModelEntry, check_mode_supported
 from pipelines.errors import ModelLoadError
+from pipelines.families import family_of
 from pipelines.loras import LoraUse, read_lora_state_dict
 from pipelines.speed import set_qkv_fused
 
@@ -249,50 +250,46 @@ class LoadedModel:
         check_mode_supported(self.entry, mode)
         if self.entry.inpainting:
             return self.pipe
+        family = family_of(self.entry.family)
         if masked:
             if self._inpaint is None:
                 self._inpaint = inpainting_class(self.entry.family).from_pipe(self.pipe)
                 self._inpaint.set_progress_bar_config(disable=True)
             return self._inpaint
-        if mode == "txt2img" or self.entry.family == "sdxl-refiner":
+        if mode == "txt2img" or not family.txt2img:  # a family without txt2img loads as its img2img pipeline
             return self.pipe
         if self._img2img is None:
-            from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline
+            import diffusers
 
-            cls = StableDiffusionXLImg2ImgPipeline if self.entry.family == "sdxl" else StableDiffusionImg2ImgPipeline
-            self._img2img = cls.from_pipe(self.pipe)  # shares the modules: no extra memory
+            self._img2img = getattr(diffusers, family.pipelines.img2img).from_pipe(self.pipe)  # shares the modules
             self._img2img.set_progress_bar_config(disable=True)
         return self._img2img
 
 
-def with_controlnet(pipe, controlnets: list):
+def with_controlnet(pipe, family: str, controlnets: list):
     """The job's pipeline with ControlNet: diffusers' ControlNet pipeline of the same kind (txt2img, img2img,
-    inpainting; SD1.5 or SDXL), sharing every module of `pipe`; several ControlNets as one MultiControlNetModel.
-    Made per call (it costs no memory), so no job's ControlNets stay on the model."""
+    inpainting) for the model's family, sharing every module of `pipe`; several ControlNets as one
+    MultiControlNetModel. Made per call (it costs no memory), so no job's ControlNets stay on the model."""
     import diffusers
     from diffusers.models import MultiControlNetModel
 
-    classes = {
-        diffusers.StableDiffusionPipeline: diffusers.StableDiffusionControlNetPipeline,
-        diffusers.StableDiffusionImg2ImgPipeline: diffusers.StableDiffusionControlNetImg2ImgPipeline,
-        diffusers.StableDiffusionInpaintPipeline: diffusers.StableDiffusionControlNetInpaintPipeline,
-        diffusers.StableDiffusionXLPipeline: diffusers.StableDiffusionXLControlNetPipeline,
-        diffusers.StableDiffusionXLImg2ImgPipeline: diffusers.StableDiffusionXLControlNetImg2ImgPipeline,
-        diffusers.StableDiffusionXLInpaintPipeline: diffusers.StableDiffusionXLControlNetInpaintPipeline,
-    }
-    controlled = classes.get(type(pipe))
+    controlled = family_of(family).pipelines.controlnet.get(type(pipe).__name__)
     if controlled is None:
         raise ModelLoadError(f"ControlNet does not run with a {type(pipe).__name__}", field="controlnet")
     model = controlnets[0] if len(controlnets) == 1 else MultiControlNetModel(controlnets)
-    made = controlled.from_pipe(pipe, controlnet=model)
+    made = getattr(diffusers, controlled).from_pipe(pipe, controlnet=model)
     made.set_progress_bar_config(disable=True)
     return made
 
 
 def inpainting_class(family: str):
-    from diffusers import StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline
+    """The family's inpainting pipeline class; a 422 for a family that has none."""
+    import diffusers
 
-    return StableDiffusionInpaintPipeline if family == "sd15" else StableDiffusionXLInpaintPipeline
+    name = family_of(family).pipelines.inpaint
+    if name is None:
+        raise ModelLoadError(f"{family_of(family).label} models have no inpainting pipeline", field="mask")
+    return getattr(diffusers, name)
 
 
 def load_pipeline(entry: ModelEntry, device: torch.device, dtype: torch.dtype):
@@ -302,11 +299,7 @@ def load_pipeline(entry: ModelEntry, device: torch.device, dtype: torch.dtype):
 
     try:
         if entry.format == "single-file":
-            cls = {
-                "sd15": diffusers.StableDiffusionPipeline,
-                "sdxl": diffusers.StableDiffusionXLPipeline,
-                "sdxl-refiner": diffusers.StableDiffusionXLImg2ImgPipeline,
-            }[entry.family]
+            cls = getattr(diffusers, family_of(entry.family).pipelines.single_file)
             cls = inpainting_class(entry.family) if entry.inpainting else cls
             extra = {"config": str(entry.config_dir), "local_files_only": True} if entry.config_dir else {}
             pipe = cls.from_single_file(str(entry.path), dtype=dtype, **extra)

@@ -19,6 +19,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from pipelines.errors import InvalidRequestError
+from pipelines.families import family_of
 from pipelines.images import decode_image, encode_base64, open_image
 from pipelines.limits import LIMITS
 from pipelines.schemas import Img2ImgRequest, Txt2ImgRequest, whole_numbers_as_integers
@@ -32,7 +33,6 @@ SIZE_DESCRIPTION = (
     f"at most {LIMITS.max_pixels}), or `auto`"
 )
 # `auto`: the family's native size for generations; the input image's size (snapped) for edits and variations.
-NATIVE_SIZES = {"sd15": (512, 512), "sdxl": (1024, 1024), "sdxl-refiner": (1024, 1024)}
 
 Quality = Literal["low", "medium", "high", "xhigh", "max", "auto", "standard", "hd"]
 # OpenAI's qualities as denoising steps (a request's own `steps` wins); the answer names the quality it ran.
@@ -315,7 +315,7 @@ def generation_job(request: ImageGenerationRequest, model: str, family: str) -> 
     warnings = [f"'{name}' is accepted and not used here" for name in ("style", "complexity")
                 if getattr(request, name) is not None]  # fmt: skip
     options, quality = _render_options(request, warnings)
-    width, height = request.dimensions(NATIVE_SIZES.get(family, (512, 512)))
+    width, height = request.dimensions(family_of(family).native_size)
     fields = {"prompt": request.prompt, "model": model, "width": width, "height": height, "batch_size": request.n,
               **options, **_extras(request, (*JSON_EXTRAS, "hires"))}  # fmt: skip
     native = _native(Txt2ImgRequest, fields)

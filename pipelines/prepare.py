@@ -15,11 +15,11 @@ from pipelines.errors import (
     InvalidRequestError,
     UnknownModelError,
 )
+from pipelines.families import FAMILIES, family_label, family_of
 from pipelines.images import decode_base64_image, decode_image
 from pipelines.inpaint import InpaintPlan, plan_inpainting
 from pipelines.limits import LIMITS
 from pipelines.loras import (
-    FAMILY_LABELS,
     LoraLibrary,
     LoraUse,
 )
@@ -255,18 +255,20 @@ def _plan_refiner(
             "a refiner needs the model catalog; none is configured here", field="refiner_checkpoint"
         )
     refiner = catalog.resolve(request.refiner_checkpoint, field="refiner_checkpoint")
-    if refiner.family != "sdxl-refiner":
-        installed = [e.name for e in catalog.list_models() if e.family == "sdxl-refiner"]
+    base_family = family_of(refiner.family).refines  # the family whose images it continues
+    if base_family is None:
+        installed = [e.name for e in catalog.list_models() if family_of(e.family).refines is not None]
+        refiners = " or ".join(spec.label for spec in FAMILIES.values() if spec.refines is not None)
         raise UnknownModelError(
-            f"'refiner_checkpoint' {refiner.name!r} is not an SDXL refiner (it is an "
-            f"{FAMILY_LABELS[refiner.family]} model); "
+            f"'refiner_checkpoint' {refiner.name!r} is not an {refiners} (it is an "
+            f"{family_label(refiner.family)} model); "
             f"installed refiners: {', '.join(map(repr, installed)) or 'none'}",
             field="refiner_checkpoint",
         )
     skipped = f"refiner '{refiner.name}' not used: "
-    if model is not None and model.family != "sdxl":
-        warnings.append(skipped + f"a refiner continues SDXL base models; '{model.name}' is "
-                        f"{FAMILY_LABELS[model.family]}")  # fmt: skip
+    if model is not None and model.family != base_family:
+        warnings.append(skipped + f"a refiner continues {family_label(base_family)} base models; '{model.name}' is "
+                        f"{family_label(model.family)}")  # fmt: skip
         return None
     if isinstance(request, Txt2ImgRequest) and request.hires is not None and request.hires.enabled:
         warnings.append(skipped + "hires fix and a refiner in one job are not supported; the job ran with hires fix")

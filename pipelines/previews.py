@@ -1,9 +1,9 @@
 """Live previews: the image so far, decoded cheaply from the latents while a job denoises.
 
-The decode is a fixed linear map from the 4 latent channels to RGB (A1111's "Approx cheap" idea; the
-coefficients are the published fits for the SD1.5 and SDXL autoencoders), one pixel per latent (a 512x512 job
-gives a 64x64 preview): a matrix product and a small JPEG, no VAE call, so asking for previews does not slow a
-job down.
+The decode is a fixed linear map from the latent channels to RGB (A1111's "Approx cheap" idea; the
+coefficients are the published fits for each family's autoencoder, in pipelines/families/), one pixel per
+latent (a 512x512 job gives a 64x64 preview): a matrix product and a small JPEG, no VAE call, so asking for
+previews does not slow a job down.
 
 The engine reports previews to whoever set `PREVIEW_SINK` for the call (the generator deployment sets it in its
 worker thread); at most every PREVIEW_INTERVAL_S, for the jobs that asked (`"preview": true`).
@@ -19,26 +19,22 @@ from PIL import Image
 
 PREVIEW_INTERVAL_S = 0.5
 PREVIEW_JPEG_QUALITY = 70
-# Latent channel -> (R, G, B) weights; the result is in [-1, 1].
-SD15_LATENT_RGB = ((0.298, 0.207, 0.208), (0.187, 0.286, 0.173), (-0.158, 0.189, 0.264), (-0.184, -0.271, -0.473))
-SDXL_LATENT_RGB = ((0.3448, 0.4168, 0.4395), (-0.1953, -0.0290, 0.0250), (0.1074, 0.0886, -0.0163),
-                   (-0.3730, -0.2499, -0.2088))  # fmt: skip
-
 PreviewSink = Callable[[str, str], None]  # (job id, JPEG in base64)
 PREVIEW_SINK: ContextVar[PreviewSink | None] = ContextVar("diffusion_api_preview_sink", default=None)
 
 
-def latents_to_image(latents: torch.Tensor, sdxl: bool) -> Image.Image:
-    """One image's latents (4 x h x w) as an RGB image of h x w pixels."""
-    weights = torch.tensor(SDXL_LATENT_RGB if sdxl else SD15_LATENT_RGB, dtype=torch.float32)
-    rgb = torch.einsum("chw,cr->hwr", latents[:4].detach().float().cpu(), weights)
+def latents_to_image(latents: torch.Tensor, latent_rgb: tuple[tuple[float, float, float], ...]) -> Image.Image:
+    """One image's latents (c x h x w) as an RGB image of h x w pixels, through the family's channel -> RGB
+    weights (`ModelFamily.latent_rgb`; the result is in [-1, 1])."""
+    weights = torch.tensor(latent_rgb, dtype=torch.float32)
+    rgb = torch.einsum("chw,cr->hwr", latents[: len(latent_rgb)].detach().float().cpu(), weights)
     pixels = ((rgb + 1.0) * 127.5).clamp(0, 255).to(torch.uint8).numpy()
     return Image.fromarray(pixels, "RGB")
 
 
-def preview_jpeg_base64(latents: torch.Tensor, sdxl: bool) -> str:
+def preview_jpeg_base64(latents: torch.Tensor, latent_rgb: tuple[tuple[float, float, float], ...]) -> str:
     buffer = io.BytesIO()
-    latents_to_image(latents, sdxl).save(buffer, format="JPEG", quality=PREVIEW_JPEG_QUALITY)
+    latents_to_image(latents, latent_rgb).save(buffer, format="JPEG", quality=PREVIEW_JPEG_QUALITY)
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 

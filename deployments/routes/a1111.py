@@ -42,6 +42,7 @@ from pipelines.a1111_schemas import (
     Upscaler,
 )
 from pipelines.errors import DiffusionAPIError, InvalidRequestError, UnknownModelError
+from pipelines.families import FAMILIES
 from pipelines.images import decode_base64_bytes, decode_base64_image, encode_base64
 from pipelines.infotext import encode_image, read_infotext
 from pipelines.limits import LIMITS
@@ -49,6 +50,8 @@ from pipelines.schemas import JobState
 from pipelines.upscalers import RESIZE_MODES, canonical_latent_name
 
 logger = logging.getLogger("ray.serve")
+SERVED_EMBEDDING_FAMILIES = {spec.embedding_family for spec in FAMILIES.values()} - {None}
+
 router = APIRouter(prefix="/sdapi/v1", tags=["A1111-compatible API"])
 ORIGIN = "sdapi"
 CONTROLNET_SCRIPTS = ("controlnet", "controlnet m2m")
@@ -210,13 +213,13 @@ async def sdapi_loras(services: ServicesDep) -> list[dict]:
 
 @router.get("/embeddings", response_model=Embeddings, responses=LISTING_ERRORS)
 async def sdapi_embeddings(services: ServicesDep) -> Embeddings:
-    """A1111's shape: the SD1.5 and SDXL embeddings as `loaded` (used when a prompt names them), others as
+    """A1111's shape: the embeddings of a served family as `loaded` (used when a prompt names them), others as
     `skipped`."""
     found = await asyncio.to_thread(services.libraries.embeddings.available)
     listing = {"loaded": {}, "skipped": {}}
     for item in found:
         entry = {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "family": item.family}
-        listing["loaded" if item.family in ("sd15", "sdxl") else "skipped"][item.name] = entry
+        listing["loaded" if item.family in SERVED_EMBEDDING_FAMILIES else "skipped"][item.name] = entry
     return Embeddings(**listing)
 
 

@@ -256,15 +256,16 @@ def test_previews_are_small_jpegs_of_the_latents_and_change_nothing(engine, mode
 def test_the_cheap_decode_maps_latent_channels_to_colours():
     import torch
 
+    from pipelines.families.sd15 import SD15
     from pipelines.previews import latents_to_image
 
     latents = torch.zeros(4, 2, 3)
-    assert np.asarray(latents_to_image(latents, sdxl=False)).tolist() == [[[127, 127, 127]] * 3] * 2  # grey
+    assert np.asarray(latents_to_image(latents, SD15.latent_rgb)).tolist() == [[[127, 127, 127]] * 3] * 2  # grey
     latents[0] = 1.0  # SD1.5's first channel is mostly brightness
-    first = np.asarray(latents_to_image(latents, sdxl=False))
+    first = np.asarray(latents_to_image(latents, SD15.latent_rgb))
     assert first.shape == (2, 3, 3) and (first > 150).all()
     latents[3] = 3.0  # its last channel pulls towards dark blue-less
-    assert (np.asarray(latents_to_image(latents, sdxl=False)) < first).all()
+    assert (np.asarray(latents_to_image(latents, SD15.latent_rgb)) < first).all()
 
 
 def test_the_device_check_passes_on_the_cpu_and_raises_on_a_faulted_gpu(engine, monkeypatch):

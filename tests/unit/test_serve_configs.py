@@ -6,9 +6,11 @@ import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
+from pipelines.families import FAMILIES
 from pipelines.settings import PROJECT_ROOT
 
-DEPLOYMENTS = {"Ingress", "SD15Generator", "SDXLGenerator", "Refiner", "Upscaler"}
+# Every family of the table has its generator deployment in both configs.
+DEPLOYMENTS = {"Ingress", "Upscaler", *(family.deployment for family in FAMILIES.values())}
 
 
 @pytest.mark.parametrize("path", [PROJECT_ROOT / "serve_config.yaml", PROJECT_ROOT / "configs" / "serve_local.yaml"])
@@ -26,7 +28,7 @@ def test_config_validates(path: Path):
 def test_production_generators_use_gpus_and_autoscale():
     config = ServeDeploySchema(**yaml.safe_load((PROJECT_ROOT / "serve_config.yaml").read_text()))
     by_name = {d.name: d for d in config.applications[0].deployments}
-    for name in ("SD15Generator", "SDXLGenerator"):
+    for name in [family.deployment for family in FAMILIES.values() if family.txt2img]:
         assert by_name[name].ray_actor_options.num_gpus >= 1
         autoscaling = by_name[name].autoscaling_config
         assert autoscaling["max_replicas"] > autoscaling["min_replicas"]

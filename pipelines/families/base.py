@@ -1,0 +1,55 @@
+"""The shape of a model family's facts (pipelines/families/__init__.py has the table)."""
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+Guidance = Literal["cfg", "distilled"]  # classifier-free guidance; FLUX's guidance embedding (+ optional true CFG)
+PromptEncoding = Literal["a1111-clip", "plain"]  # A1111's weighted CLIP chunks where asked for; diffusers' own
+LatentLayout = Literal["spatial", "packed"]  # UNet latents (c, h, w); transformer tokens (h*w/4, c*4) for FLUX
+
+
+@dataclass(frozen=True)
+class FamilyPipelines:
+    """diffusers class names, looked up in `diffusers` when a model is loaded."""
+
+    txt2img: str | None  # None: the family only continues images (the SDXL refiner)
+    img2img: str
+    inpaint: str | None  # None: no inpainting pipeline
+    single_file: str | None = None  # the class whose `from_single_file` reads an original-layout checkpoint
+    controlnet: dict[str, str] = field(default_factory=dict)  # pipeline class -> its ControlNet pipeline class
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """One family's facts. `name` is the id the API, the job store and the metrics use."""
+
+    name: str
+    label: str  # as messages and listings name it: "SD1.5", "SDXL", "FLUX.1"
+    deployment: str  # the generator deployment that runs its jobs
+    pipelines: FamilyPipelines
+    native_size: tuple[int, int]  # (width, height) it was trained at: the OpenAI door's `size: auto`
+    latent_rgb: tuple[tuple[float, float, float], ...]  # latent channel -> RGB weights for live previews
+    lora_family: str | None  # the LoRA family that fits (pipelines/loras.py detects it); None: LoRAs do not apply
+    embedding_family: str | None = None  # the textual-inversion embeddings that fit (pipelines/embeddings.py)
+    refines: str | None = None  # a refiner: the family whose images it continues (`refiner_checkpoint`)
+    max_batch_size: int = 8  # the generator's default cross-request batching limits
+    max_batch_pixels: int = 2 * 1024 * 1024
+    weights_folder: str = "unet"  # the folder of a diffusers model whose weights give its A1111 `Model hash`
+    guidance: Guidance = "cfg"
+    prompt_encoding: PromptEncoding = "a1111-clip"
+    latent_layout: LatentLayout = "spatial"
+    samplers: tuple[str, ...] | None = None  # A1111 sampler names it runs; None: all of pipelines/samplers.py's
+    default_sampler: str = "DPM++ 2M"
+    default_schedule: str | None = None  # the schedule `Automatic` means for it; None: the sampler's own
+    sizes_multiple_of: int = 8  # width and height must be multiples of this (the VAE's downsampling x patching)
+    # Recognising its files: an original-layout checkpoint's tensor names, a diffusers folder's model_index.json
+    # (with the folder, for component configs). Families are asked in `FAMILIES` order; the first claim wins.
+    claims_checkpoint: Callable[[list[str]], bool] = lambda keys: False
+    claims_folder: Callable[[dict, Path], bool] = lambda index, folder: False
+    inpainting_checkpoints: bool = True  # 9-channel UNets (image + mask conditioning) exist for it
+
+    @property
+    def txt2img(self) -> bool:
+        return self.pipelines.txt2img is not None
