@@ -40,8 +40,8 @@ def main() -> None:
     rows = []
     for size in (512, 1024, 2048):
         latents = torch.randn(4, size // 8, size // 8)
-        seconds = timed(lambda latents=latents: preview_jpeg_base64(latents, SD15.latent_rgb), 50)
-        data = preview_jpeg_base64(latents, SD15.latent_rgb)
+        seconds = timed(lambda latents=latents: preview_jpeg_base64(latents, SD15), 50)
+        data = preview_jpeg_base64(latents, SD15)
         rows.append((f"decode + JPEG of one {size}x{size} image's latents", f"{seconds * 1000:.2f} ms",
                      f"{len(data)} base64 chars"))  # fmt: skip
 

@@ -411,5 +411,15 @@ class Refiner(_Generator):
         return await asyncio.to_thread(refine_with_previews)
 
 
+@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=8)
+class FluxGenerator(_Generator):
+    """FLUX.1 checkpoints (dev, schnell and their fine-tunes)."""
+
+    FAMILY = "flux"
+    DEFAULT_BATCHING = family_batching(FAMILY)
+
+
 # Family -> its generator deployment: every family of pipelines/families/ has one, named `ModelFamily.deployment`.
-GENERATORS = {deployment.func_or_class.FAMILY: deployment for deployment in (SD15Generator, SDXLGenerator, Refiner)}
+GENERATORS = {
+    deployment.func_or_class.FAMILY: deployment for deployment in (SD15Generator, SDXLGenerator, Refiner, FluxGenerator)
+}

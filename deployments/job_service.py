@@ -63,7 +63,7 @@ from pipelines.errors import (
 )
 from pipelines.images import decode_base64_bytes, encode_base64
 from pipelines.loras import LoraLibrary
-from pipelines.prepare import PreparedJob, prepare_job
+from pipelines.prepare import PreparedJob, prepare_job, unsent_family_defaults
 from pipelines.schemas import Img2ImgRequest, JobState, Txt2ImgRequest
 from pipelines.settings import Settings
 from pipelines.upscalers import UpscalerLibrary
@@ -167,6 +167,7 @@ class JobService:
         if job.controls:  # the maps the ControlNets see, stored with the inputs; the job keeps only its own
             input_files.update(await asyncio.to_thread(map_files, job.controls))
         payload = request.stored_payload()
+        payload.update(unsent_family_defaults(request, entry.family))  # as prepared: FLUX.1's cfg_scale 1, ...
         payload["model"] = entry.name
         payload["seed"] = job.seed  # a random seed is fixed now, so a retried job makes the same image
         job_id = uuid.uuid4().hex

@@ -199,7 +199,6 @@ def to_native(
         "prompt": without_unknown_loras(request.prompt or "", loras, warnings),
         "negative_prompt": request.negative_prompt or "",
         "steps": steps,
-        "cfg_scale": request.cfg_scale if request.cfg_scale is not None else 7.0,
         "width": width,
         "height": height,
         "sampler_name": sampler,
@@ -211,6 +210,10 @@ def to_native(
         "model": overrides.get("sd_model_checkpoint") or default_model,
         "preview": True,  # A1111's live previews are on by default: /progress answers them as current_image
     }
+    if "cfg_scale" in request.model_fields_set:  # unsent, the model's family decides: 7, or 1 for FLUX.1
+        native["cfg_scale"] = request.cfg_scale if request.cfg_scale is not None else 7.0
+    if request.distilled_cfg_scale is not None:
+        native["distilled_cfg_scale"] = request.distilled_cfg_scale
     if isinstance(vae := overrides.get("sd_vae"), str) and vae.strip():
         native["vae"] = vae  # "Automatic" and "None" mean the model's own, as in A1111
     try:
@@ -340,9 +343,10 @@ def generation_info(
     count = len(seeds)
     native = job.payload
     subseed = request.subseed if request.subseed is not None and request.subseed >= 0 else seeds[0] if seeds else -1
-    extra_keys = ("Schedule type", "Hires upscale", "Hires steps", "Hires upscaler", "Lora hashes", "Refiner",
-                  "Refiner switch at", "Mask blur", "Mask mode", "Inpaint area", "Masked area padding",
-                  "Masked content", *(key for key in params if key.startswith("ControlNet ")))  # fmt: skip
+    extra_keys = ("Schedule type", "Distilled CFG Scale", "Hires upscale", "Hires steps", "Hires upscaler",
+                  "Lora hashes", "Refiner", "Refiner switch at", "Mask blur", "Mask mode", "Inpaint area",
+                  "Masked area padding", "Masked content",
+                  *(key for key in params if key.startswith("ControlNet ")))  # fmt: skip
     denoising = params.get("Denoising strength")
     return {
         "prompt": request.prompt or "",

@@ -67,6 +67,7 @@ class A1111GenerationRequest(BaseModel):
     n_iter: LaxInt = 1
     steps: LaxInt = 50
     cfg_scale: LaxFloat = 7.0
+    distilled_cfg_scale: LaxFloat = None  # Forge's, for FLUX.1 (its guidance embedding)
     width: LaxInt = 512
     height: LaxInt = 512
     restore_faces: Flag = None

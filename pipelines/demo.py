@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from pipelines.demo_flux import FLUX_FOLDER, build_flux
 from pipelines.ldm_layout import sd15_single_file_state_dict
 from pipelines.tokenizer import write_tokenizer_files
 
@@ -43,6 +44,7 @@ DEMO_LABELS = {
     "Demo SDXL": SDXL_CACHE_FOLDER,
     "Demo SDXL Refiner": REFINER_FOLDER,
     "Demo SD1.5 Inpainting": "demo-sd15-inpainting",
+    "Demo FLUX.1-dev": FLUX_FOLDER,
 }
 
 # The noise schedules real SD1.5 and SDXL checkpoints ship with.
@@ -217,6 +219,7 @@ def create_demo_models(models_dir: Path, overwrite: bool = False) -> list[Path]:
         "sdxl": models_dir / SDXL_CACHE_FOLDER,
         "refiner": models_dir / REFINER_FOLDER,
         "inpainting": models_dir / SD15_INPAINTING_FILE,
+        "flux": models_dir / FLUX_FOLDER,
     }
     written = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -247,6 +250,8 @@ def create_demo_models(models_dir: Path, overwrite: bool = False) -> list[Path]:
                 _write_hf_cache_layout(staged, target, SDXL_REPO_ID)
             elif kind == "refiner":
                 _save_pipeline(build_sdxl_refiner(work), target)
+            elif kind == "flux":
+                _save_pipeline(build_flux(work), target)
             written.append(target)
             logger.info("wrote %s", target)
     return written

@@ -289,8 +289,8 @@ class ImageEngine:
                 lora_warnings += load_warnings
                 # IP-Adapters after the LoRAs: unfusing QKV for a LoRA sets the attention processors anew.
                 job_models.enter_context(loaded.ip_adapters_loaded(adapters_of(jobs, self.controlnets.ip_adapters)))
-                features = encode_references(jobs, self.controlnets.ip_adapters, loaded.pipe.unet)
-                self.controlnets.fit_budget(module_bytes(loaded.pipe.unet), keep=control_files(first.controls))
+                features = encode_references(jobs, self.controlnets.ip_adapters, loaded.denoiser)
+                self.controlnets.fit_budget(module_bytes(loaded.denoiser), keep=control_files(first.controls))
                 final_size = (first.hires.width, first.hires.height) if first.hires else (first.width, first.height)
                 set_vae_tiling(loaded.pipe, self.speed, *final_size)
                 clip_warnings = _fit_clip_skip(pipe, jobs)
@@ -465,7 +465,7 @@ class ImageEngine:
                 try:
                     latents = callback_kwargs["latents"]
                     for job_id, index in previewed.items():
-                        preview_sink(job_id, preview_jpeg_base64(latents[index], family.latent_rgb))
+                        preview_sink(job_id, preview_jpeg_base64(latents[index], family, *size))
                 except Exception:  # a preview is a nicety: it never fails the job
                     logger.warning("making a preview failed; the job goes on without it", exc_info=True)
             on_step(step_index + 1, pipeline.num_timesteps)
@@ -476,7 +476,9 @@ class ImageEngine:
         negatives = [rewrite_prompt(job.negative_prompt, job.embeddings, job.foreign_embeddings) for job in jobs]
         # Emphasis, BREAK or more than 75 tokens: A1111's chunked, weighted encoding (pipelines/prompts.py);
         # otherwise diffusers' own, so that a plain prompt gives the pixels it always did.
-        own_encoding = any(needs_own_encoding(pipe, text) for text in prompts + negatives)
+        own_encoding = family.prompt_encoding == "a1111-clip" and any(
+            needs_own_encoding(pipe, text) for text in prompts + negatives
+        )
         arguments = dict(
             prompt=[without_emphasis(text) for text in prompts],
             negative_prompt=[without_emphasis(text) for text in negatives],
@@ -490,6 +492,11 @@ class ImageEngine:
             arguments.update(image=[job.init_image for job in jobs], strength=first.denoising_strength)
         arguments.update(width=first.width, height=first.height)
         arguments.update(overrides)
+        size = (arguments["width"], arguments["height"])  # this call's (packed latents' previews need it)
+        if family.guidance == "distilled":  # FLUX.1: the guidance embedding, and true CFG only above 1
+            arguments.update(guidance_scale=first.distilled_cfg_scale, true_cfg_scale=first.cfg_scale)
+            if first.cfg_scale <= 1:
+                arguments.pop("negative_prompt")
         if hasattr(pipe, "controlnet"):  # each job's maps, at this call's size
             control_warnings: list[str] = []
             arguments.update(control_arguments(pipe, jobs, hires_pass, arguments["width"], arguments["height"],
@@ -545,6 +552,7 @@ class ImageEngine:
             "Sampler": job.sampler.sampler,
             "Schedule type": job.sampler.schedule_label,
             "CFG scale": job.cfg_scale,
+            "Distilled CFG Scale": job.distilled_cfg_scale,  # as Forge writes it for FLUX.1
             "Seed": job.seed,
             "Size": f"{job.width}x{job.height}",
             "Model hash": loaded.model_hash,

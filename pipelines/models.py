@@ -101,6 +101,11 @@ class LoadedModel:
         self._inpaint = None
         self.adapters: OrderedDict[str, str] = OrderedDict()  # LoRA adapters kept loaded: name -> file
 
+    @property
+    def denoiser(self):
+        """The network every step runs: the UNet, or the transformer of a family that has one (FLUX.1)."""
+        return self.pipe.unet if hasattr(self.pipe, "unet") else self.pipe.transformer
+
     MAX_CACHED_ADAPTERS = 4  # adapters kept loaded between jobs; a job with more keeps all of its own
 
     @contextlib.contextmanager

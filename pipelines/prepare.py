@@ -15,7 +15,7 @@ from pipelines.errors import (
     InvalidRequestError,
     UnknownModelError,
 )
-from pipelines.families import FAMILIES, family_label, family_of
+from pipelines.families import FAMILIES, ModelFamily, family_label, family_of
 from pipelines.images import decode_base64_image, decode_image
 from pipelines.inpaint import InpaintPlan, plan_inpainting
 from pipelines.limits import LIMITS
@@ -80,6 +80,7 @@ class PreparedJob:
     image_count: int = 1
     preview: bool = False  # live previews of the image so far (pipelines/previews.py)
     controls: list[UnitPlan] = field(default_factory=list)  # ControlNet units (maps made) and IP-Adapter units
+    distilled_cfg_scale: float | None = None  # a guidance-distilled family's (FLUX.1's) guidance embedding
 
     def per_image(self, count: int) -> list["PreparedJob"]:
         """The `count` images of one request (`batch_size` x `n_iter`), as A1111 makes them: seeds seed,
@@ -103,7 +104,8 @@ class PreparedJob:
         masked = self.inpaint.fill if self.inpaint else None  # the inpainting pipeline; one start per batch
         controls = tuple(control.batch_key() for control in self.controls)  # the maps are per job
         return (self.mode, self.steps, self.cfg_scale, self.width, self.height, sampler, self.clip_skip,
-                self.denoising_strength, loras, self.hires, refiner, vae, masked, controls, alone)  # fmt: skip
+                self.denoising_strength, loras, self.hires, refiner, vae, masked, controls, alone,
+                self.distilled_cfg_scale)  # fmt: skip
 
 
 def random_seed() -> int:
@@ -126,7 +128,11 @@ def prepare_job(
     unknown one is a 404). `input_bytes`: the img2img `image` and `mask` files when the caller has decoded
     their base64 already (so it is decoded once), and the ControlNet units' images (`controlnet.N.image`)."""
     mode: Mode = "img2img" if isinstance(request, Img2ImgRequest) else "txt2img"
-    sampler = resolve_sampler(request.sampler_name, request.scheduler_type)
+    family = family_of(model.family) if model is not None else None
+    sent = {"sampler_name": request.sampler_name, "scheduler_type": request.scheduler_type,
+            "cfg_scale": request.cfg_scale}  # fmt: skip
+    sent.update(unsent_family_defaults(request, model.family) if model else {})
+    sampler = resolve_sampler(sent["sampler_name"], sent["scheduler_type"], family)
     if loras is not None:
         plan = loras.plan(request.loras, request.prompt, model, mode)
     elif request.loras or "<lora:" in request.prompt:
@@ -139,7 +145,7 @@ def prepare_job(
         prompt=plan.prompt if plan else request.prompt,
         negative_prompt=request.negative_prompt,
         steps=request.steps,
-        cfg_scale=request.cfg_scale,
+        cfg_scale=sent["cfg_scale"],
         width=request.width,
         height=request.height,
         seed=seed,
@@ -179,7 +185,40 @@ def prepare_job(
     if job.hires is not None:
         job.denoising_strength = job.hires.denoising_strength
     _check_control_combinations(job, model)
+    if family is not None:
+        _apply_family_rules(job, request, family)
     return job
+
+
+def unsent_family_defaults(request: GenerationRequest, family: str) -> dict:
+    """The family's defaults for the request fields the caller did not send (FLUX.1: cfg_scale 1, Euler,
+    Simple), by API name: used when the job is prepared, and written into its stored request, so a job
+    dispatched again is prepared the same."""
+    defaults = family_of(family).request_defaults
+    return {name: value for name, value in defaults.items() if name not in request.model_fields_set}
+
+
+def _apply_family_rules(job: PreparedJob, request: GenerationRequest, family: ModelFamily) -> None:
+    """What a family asks of a job beyond the shared checks: its size multiple, and its guidance (FLUX.1's
+    distilled guidance; its negative prompt only with true CFG)."""
+    for name in ("width", "height"):
+        if getattr(request, name) % family.sizes_multiple_of:
+            raise InvalidRequestError(f"{name} must be a multiple of {family.sizes_multiple_of} for {family.label} "
+                                      f"models, not {getattr(request, name)}", field=name)  # fmt: skip
+    if family.guidance != "distilled":
+        return
+    job.distilled_cfg_scale = (request.distilled_cfg_scale if request.distilled_cfg_scale is not None
+                               else family.distilled_cfg_scale)  # fmt: skip
+    if job.cfg_scale <= 1 and job.negative_prompt.strip():
+        job.warnings.append(f"negative_prompt not used: with cfg_scale {job.cfg_scale:g} a {family.label} model "
+                            "runs no unconditional pass; a cfg_scale above 1 uses it (true CFG)")  # fmt: skip
+    if job.hires is not None and job.hires.latent is not None:
+        raise InvalidRequestError(f"a latent hires fix cannot run on {family.label} models (their latents are "
+                                  "packed); choose a model upscaler or Lanczos for hires.upscaler",
+                                  field="hires.upscaler")  # fmt: skip
+    if job.inpaint is not None and job.inpaint.fill in (2, 3):
+        raise InvalidRequestError(f"inpainting_fill 2 (latent noise) and 3 (latent nothing) cannot run on "
+                                  f"{family.label} models here; use 0 or 1", field="inpainting_fill")  # fmt: skip
 
 
 def _check_control_combinations(job: PreparedJob, model: ModelEntry | None) -> None:

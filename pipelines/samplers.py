@@ -8,8 +8,12 @@ warnings. Every job gets its own scheduler instance (schedulers hold per-run sta
 import inspect
 import logging
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from pipelines.errors import UnknownSamplerError
+
+if TYPE_CHECKING:
+    from pipelines.families import ModelFamily
 
 logger = logging.getLogger(__name__)
 
@@ -21,6 +25,7 @@ class SamplerSpec:
     default_schedule: str = "automatic"  # A1111's schedule for "Automatic"; "automatic" = the sampler's own
     approximation: str | None = None  # None when diffusers implements the same sampler
     aliases: tuple[str, ...] = ()  # A1111's alternative names (`k_...`)
+    schedules: tuple[str, ...] | None = None  # the schedule types it can run; None: every one of its family's
 
 
 # A1111 v1.10 sampler (without schedule) -> diffusers. Order = A1111's `GET /samplers` order.
@@ -166,18 +171,18 @@ def accepted_schedule_types() -> list[str]:
     return list(dict.fromkeys(schedule_type_names() + [spec.label for spec in SCHEDULES.values()]))
 
 
-def _schedule_key(value: str) -> str | None:
+def _schedule_key(value: str, schedules: dict[str, "ScheduleSpec"]) -> str | None:
     wanted = value.strip().lower()
     wanted = SEED_SCHEDULE_ALIASES.get(wanted, wanted)
-    for key, spec in SCHEDULES.items():
+    for key, spec in schedules.items():
         if wanted in (key, spec.label.lower(), spec.label.lower().replace(" ", "")):
             return key
     return None
 
 
-def _sampler_key(value: str) -> str | None:
+def _sampler_key(value: str, samplers: dict[str, SamplerSpec]) -> str | None:
     wanted = value.strip().lower()
-    for name, spec in SAMPLERS.items():
+    for name, spec in samplers.items():
         if wanted == name.lower() or wanted in spec.aliases:
             return name
     return None
@@ -200,46 +205,56 @@ class ResolvedSampler:
     warnings: list[str]
 
 
-def resolve_sampler(sampler_name: str | None, schedule_type: str | None) -> ResolvedSampler:
-    """Parses a sampler (old names like `DPM++ 2M Karras` too) and an optional schedule type.
+def resolve_sampler(sampler_name: str | None, schedule_type: str | None,
+                    family: "ModelFamily | None" = None) -> ResolvedSampler:  # fmt: skip
+    """Parses a sampler (old names like `DPM++ 2M Karras` too) and an optional schedule type, among the ones
+    `family` runs (its own tables where it has them, as FLUX.1's flow-matching samplers; else this module's).
 
     An explicit schedule type wins over one written in the sampler name, as in A1111.
     """
+    samplers = family.samplers if family is not None and family.samplers is not None else SAMPLERS
+    schedules = family.schedules if family is not None and family.schedules is not None else SCHEDULES
+    of_family = f" for {family.label} models" if family is not None and family.samplers is not None else ""
     raw = (sampler_name or "DPM++ 2M").strip()
-    sampler = _sampler_key(raw)
+    sampler = _sampler_key(raw, samplers)
     schedule_in_name = None
     if sampler is None:  # old style: "<sampler> <schedule>"
-        for key, spec in SCHEDULES.items():
+        for key, spec in schedules.items():
             for suffix in (spec.label, key):
                 if raw.lower().endswith(" " + suffix.lower()):
-                    sampler = _sampler_key(raw[: -len(suffix) - 1])
+                    sampler = _sampler_key(raw[: -len(suffix) - 1], samplers)
                     if sampler:
                         schedule_in_name = key
                         break
             if sampler:
                 break
     if sampler is None:
-        raise UnknownSamplerError(
-            f"unknown sampler_name {raw!r}; valid: {', '.join(sampler_names())}", field="sampler_name"
-        )
+        valid = list(samplers) if samplers is not SAMPLERS else sampler_names()
+        raise UnknownSamplerError(f"unknown sampler_name {raw!r}{of_family}; valid: {', '.join(valid)}",
+                                  field="sampler_name")  # fmt: skip
     schedule = "automatic"
     if schedule_type is not None and schedule_type.strip():
-        key = _schedule_key(schedule_type)
+        key = _schedule_key(schedule_type, schedules)
         if key is None:
+            valid = [spec.label for spec in schedules.values()] if schedules is not SCHEDULES else schedule_type_names()
             raise UnknownSamplerError(
-                f"unknown scheduler_type {schedule_type!r}; valid: {', '.join(schedule_type_names())}",
+                f"unknown scheduler_type {schedule_type!r}{of_family}; valid: {', '.join(valid)}",
                 field="scheduler_type",
             )
         schedule = key
     if schedule == "automatic" and schedule_in_name:
         schedule = schedule_in_name
 
-    spec = SAMPLERS[sampler]
+    spec = samplers[sampler]
     warnings = []
     if spec.approximation:
         warnings.append(f"Sampler '{sampler}': {spec.approximation}.")
     effective = spec.default_schedule if schedule == "automatic" else schedule
-    schedule_spec = SCHEDULES[effective]
+    if spec.schedules is not None and effective not in spec.schedules:
+        warnings.append(f"Schedule type '{schedules[effective].label}' is not available for sampler '{sampler}'; "
+                        f"'{schedules[spec.schedules[0]].label}' was used.")  # fmt: skip
+        effective = spec.schedules[0]
+    schedule_spec = schedules[effective]
     if schedule_spec.approximation:
         warnings.append(f"Schedule type '{schedule_spec.label}': {schedule_spec.approximation}.")
     return ResolvedSampler(

@@ -177,7 +177,16 @@ class GenerationRequest(BaseModel):
     prompt: str = Field(..., max_length=LIMITS.max_prompt_chars, description="Main prompt")
     negative_prompt: str = Field("", max_length=LIMITS.max_prompt_chars)
     steps: int = Field(30, ge=1, le=LIMITS.max_steps, description="Number of inference steps")
-    cfg_scale: float = Field(7.0, ge=0.0, le=LIMITS.max_cfg_scale, description="Classifier-free guidance scale")
+    cfg_scale: float = Field(
+        7.0, ge=0.0, le=LIMITS.max_cfg_scale,
+        description="Classifier-free guidance scale; absent on FLUX.1 models: 1 (no unconditional pass, the negative "
+        "prompt not used); above 1 there: true CFG with the negative prompt",
+    )  # fmt: skip
+    distilled_cfg_scale: float | None = Field(
+        None, ge=0.0, le=LIMITS.max_cfg_scale,
+        description="FLUX.1 dev: the guidance embedding (Forge's 'Distilled CFG Scale'); absent: 3.5. No effect on "
+        "schnell or on other families",
+    )  # fmt: skip
     width: int = Field(512, ge=LIMITS.min_size, le=LIMITS.max_size, multiple_of=8, description=SIZE_RULE)
     height: int = Field(512, ge=LIMITS.min_size, le=LIMITS.max_size, multiple_of=8, description=SIZE_RULE)
     model: str | None = Field(

@@ -88,8 +88,9 @@ def apply_speed_options(pipe, options: SpeedOptions) -> list[str]:
     if options.vae_slicing:
         pipe.vae.enable_slicing()
         applied.append("VAE slicing")
-    if options.compile and unet is not None:
-        unet.compile(mode=options.compile_mode)
+    denoiser = unet if unet is not None else getattr(pipe, "transformer", None)  # FLUX.1's transformer
+    if options.compile and denoiser is not None:
+        denoiser.compile(mode=options.compile_mode)
         applied.append(f"torch.compile ({options.compile_mode})")
     return applied
 

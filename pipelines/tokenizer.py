@@ -7,6 +7,7 @@ files are identical on every run.
 """
 
 import json
+import math
 import re
 from collections import Counter
 from pathlib import Path
@@ -92,3 +93,22 @@ def write_tokenizer_files(directory: Path) -> None:
     (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     lines = ["#version: 0.2"] + [f"{a} {b}" for a, b in merges]
     (directory / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+# T5 ---------------------------------------------------------------------------------------------------------
+T5_SPECIAL = ("<pad>", "</s>", "<unk>")  # T5's ids 0, 1, 2
+T5_WORD_START = "\u2581"  # SentencePiece's word-start marker
+
+
+def t5_unigram_vocab(corpus: str = CORPUS) -> list[tuple[str, float]]:
+    """A tiny T5-style Unigram vocabulary (piece, log probability) from the same corpus: the special tokens,
+    each corpus word with its word-start marker, by frequency (ties alphabetically), then every character, so any
+    text tokenizes. `transformers.T5Tokenizer(vocab=...)` builds the tokenizer; its files are saved with it."""
+    counts = Counter(_words(corpus))
+    total = sum(counts.values())
+    vocab = [(token, 0.0) for token in T5_SPECIAL] + [(T5_WORD_START, -2.0)]
+    for word, count in sorted(counts.items(), key=lambda item: (-item[1], item[0])):
+        vocab.append((T5_WORD_START + word, math.log(count / total)))
+    characters = sorted(set(corpus) - set(" \n"))
+    vocab += [(character, -12.0) for character in characters]
+    return vocab

@@ -5,6 +5,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from pipelines.samplers import SamplerSpec, ScheduleSpec
+
 Guidance = Literal["cfg", "distilled"]  # classifier-free guidance; FLUX's guidance embedding (+ optional true CFG)
 PromptEncoding = Literal["a1111-clip", "plain"]  # A1111's weighted CLIP chunks where asked for; diffusers' own
 LatentLayout = Literal["spatial", "packed"]  # UNet latents (c, h, w); transformer tokens (h*w/4, c*4) for FLUX
@@ -40,9 +42,13 @@ class ModelFamily:
     guidance: Guidance = "cfg"
     prompt_encoding: PromptEncoding = "a1111-clip"
     latent_layout: LatentLayout = "spatial"
-    samplers: tuple[str, ...] | None = None  # A1111 sampler names it runs; None: all of pipelines/samplers.py's
-    default_sampler: str = "DPM++ 2M"
-    default_schedule: str | None = None  # the schedule `Automatic` means for it; None: the sampler's own
+    latent_rgb_bias: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    # Its samplers and schedule types (A1111 name -> diffusers), where they differ from pipelines/samplers.py's.
+    samplers: dict[str, SamplerSpec] | None = None
+    schedules: dict[str, ScheduleSpec] | None = None
+    # Request fields a job of this family gets when the caller did not send them (FLUX.1: cfg_scale 1, Euler).
+    request_defaults: dict[str, object] = field(default_factory=dict)
+    distilled_cfg_scale: float | None = None  # guidance "distilled": the guidance embedding's default
     sizes_multiple_of: int = 8  # width and height must be multiples of this (the VAE's downsampling x patching)
     # Recognising its files: an original-layout checkpoint's tensor names, a diffusers folder's model_index.json
     # (with the folder, for component configs). Families are asked in `FAMILIES` order; the first claim wins.

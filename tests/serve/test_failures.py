@@ -12,6 +12,7 @@ import ray
 from PIL import Image
 
 from deployments.job_client import ACTOR_NAMESPACE, job_actor_name
+from pipelines.families import FAMILIES
 from tests.serve.conftest import wait_for_job
 
 
@@ -156,7 +157,7 @@ def test_whole_service_crash_keeps_finished_jobs_and_finishes_interrupted_ones(c
     _running(client, running_id, attempt=1)
     # A crash of the whole service: every replica and the detached job actor die at once (no graceful drain,
     # which would let the running job finish), then the operator deploys again. Only the disk survives.
-    for deployment in ("Ingress", "SD15Generator", "SDXLGenerator", "Refiner", "Upscaler"):
+    for deployment in ("Ingress", "Upscaler", *(family.deployment for family in FAMILIES.values())):
         for actor in _replica_actors(deployment):
             ray.kill(actor, no_restart=True)
     ray.kill(ray.get_actor(job_actor_name(service["database"]), namespace=ACTOR_NAMESPACE), no_restart=True)

@@ -1,0 +1,98 @@
+"""FLUX.1 (dev, schnell and their fine-tunes): a rectified-flow transformer over 16-channel latents packed in
+2x2 patches, with CLIP ViT-L (pooled) and T5-XXL text encoders.
+
+Guidance as Forge defines it: dev is guidance-distilled, so `distilled_cfg_scale` (default 3.5) is the
+guidance embedding and `cfg_scale` 1 means no unconditional pass (the negative prompt is not used); `cfg_scale`
+above 1 adds true classifier-free guidance with the negative prompt (diffusers' `true_cfg_scale`). schnell has
+no guidance embedding: `distilled_cfg_scale` does nothing there. dev and schnell are told apart by the
+transformer's config (`guidance_embeds`).
+"""
+
+import json
+from pathlib import Path
+
+from pipelines.families.base import FamilyPipelines, ModelFamily
+from pipelines.samplers import SamplerSpec, ScheduleSpec
+
+# The published fit of FLUX.1's 16 latent channels to RGB, with its bias (the latents as the transformer
+# sees them: shifted and scaled).
+LATENT_RGB = (
+    (-0.0346, 0.0244, 0.0681), (0.0034, 0.0210, 0.0687), (0.0275, -0.0668, -0.0433), (-0.0174, 0.0160, 0.0617),
+    (0.0859, 0.0721, 0.0329), (0.0004, 0.0383, 0.0115), (0.0405, 0.0861, 0.0915), (-0.0236, -0.0185, -0.0259),
+    (-0.0245, 0.0250, 0.1180), (0.1008, 0.0755, -0.0421), (-0.0515, 0.0201, 0.0011), (0.0428, -0.0012, -0.0036),
+    (0.0817, 0.0765, 0.0749), (-0.1264, -0.0522, -0.1103), (-0.0280, -0.0881, -0.0499), (-0.1262, -0.0982, -0.0778),
+)  # fmt: skip
+LATENT_RGB_BIAS = (-0.0329, -0.0718, -0.0851)
+
+# The samplers that run on flow-matching sigmas in diffusers' FluxPipeline (it passes its own sigmas and the
+# resolution-dependent shift `mu` to the scheduler). Heun is not here: diffusers' FlowMatchHeunDiscreteScheduler
+# does not take custom sigmas. Ancestral and SDE samplers are not here either: their noise does not follow each
+# job's seed in a batch.
+FLOW_SAMPLERS = {
+    "Euler": SamplerSpec("FlowMatchEulerDiscreteScheduler", default_schedule="simple", aliases=("k_euler",)),
+    "DPM++ 2M": SamplerSpec(
+        "DPMSolverMultistepScheduler",
+        {"use_flow_sigmas": True, "prediction_type": "flow_prediction"},
+        "simple",
+        aliases=("k_dpmpp_2m",),
+        schedules=("simple",),
+    ),
+    "UniPC": SamplerSpec(
+        "UniPCMultistepScheduler",
+        {"use_flow_sigmas": True, "prediction_type": "flow_prediction"},
+        "simple",
+        aliases=("unipc",),
+        schedules=("simple",),
+    ),
+}
+# Forge's schedule types for FLUX.1; Simple is the model's own shifted sigmas, the default.
+FLOW_SCHEDULES = {
+    "automatic": ScheduleSpec("Automatic"),
+    "simple": ScheduleSpec("Simple"),
+    "karras": ScheduleSpec("Karras", {"use_karras_sigmas": True}),
+    "exponential": ScheduleSpec("Exponential", {"use_exponential_sigmas": True}),
+    "beta": ScheduleSpec("Beta", {"use_beta_sigmas": True}),
+}
+
+
+def _claims_folder(index: dict, folder: Path) -> bool:
+    """A diffusers FLUX.1 folder: `FluxPipeline` (or its img2img / inpainting class) with a FluxTransformer2DModel."""
+    config = folder / "transformer" / "config.json"
+    if not index.get("_class_name", "").startswith("Flux") or not config.is_file():
+        return False
+    return json.loads(config.read_text()).get("_class_name") == "FluxTransformer2DModel"
+
+
+def has_guidance_embedding(transformer_config: dict) -> bool:
+    """dev (and its fine-tunes) embed the guidance; schnell does not."""
+    return bool(transformer_config.get("guidance_embeds"))
+
+
+FLUX = ModelFamily(
+    name="flux",
+    label="FLUX.1",
+    deployment="FluxGenerator",
+    pipelines=FamilyPipelines(
+        txt2img="FluxPipeline",
+        img2img="FluxImg2ImgPipeline",
+        inpaint="FluxInpaintPipeline",
+    ),
+    native_size=(1024, 1024),
+    latent_rgb=LATENT_RGB,
+    latent_rgb_bias=LATENT_RGB_BIAS,
+    lora_family="flux",
+    embedding_family=None,  # no textual inversion for T5
+    max_batch_size=4,  # 4 images of 1024x1024 next to ~33 GB of bf16 weights (transformer + T5) on an 80 GB GPU
+    max_batch_pixels=4 * 1024 * 1024,
+    weights_folder="transformer",
+    guidance="distilled",
+    prompt_encoding="plain",
+    latent_layout="packed",
+    samplers=FLOW_SAMPLERS,
+    schedules=FLOW_SCHEDULES,
+    request_defaults={"cfg_scale": 1.0, "sampler_name": "Euler", "scheduler_type": "simple"},
+    distilled_cfg_scale=3.5,
+    sizes_multiple_of=16,  # 8x VAE downsampling, then 2x2 patches
+    claims_folder=_claims_folder,
+    inpainting_checkpoints=False,
+)
