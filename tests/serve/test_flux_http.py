@@ -1,0 +1,83 @@
+"""FLUX.1 through the running service, on its own generator deployment: listed with its family; a native job;
+Forge-shaped A1111 payloads (`sampler_name: Euler`, `scheduler: Simple`, `cfg_scale: 1`, `distilled_cfg_scale`)
+give the native job's pixels and Forge's infotext, read back by png-info and by webuiapi; two FLUX jobs batch and
+keep their solo pixels; a sampler it cannot run is a 422 listing its choices."""
+
+import json
+
+import numpy as np
+import webuiapi
+
+from pipelines.infotext import parse_infotext
+from tests.serve.conftest import PORT, wait_for_job
+from tests.serve.test_batching_http import submit, wait_until_processing
+from tests.serve.test_controlnet_http import assert_batched_with_solo_pixels, decoded
+
+FLUX = {"prompt": "a lighthouse by the sea", "model": "demo-flux-dev", "steps": 4, "width": 64, "height": 64,
+        "fileType": "png"}  # fmt: skip
+FLUX_BLOCKER = {**FLUX, "prompt": "busy", "steps": 40, "width": 128, "height": 128, "seed": 1}
+FORGE = {"prompt": "a lighthouse by the sea", "sampler_name": "Euler", "scheduler": "Simple", "cfg_scale": 1,
+         "distilled_cfg_scale": 3.5, "steps": 4, "width": 64, "height": 64, "seed": 21,
+         "override_settings": {"sd_model_checkpoint": "demo-flux-dev"}}  # fmt: skip
+
+
+def test_the_model_is_listed_with_its_family(client):
+    models = {model["name"]: model for model in client.get("/models").json()["models"]}
+    assert models["demo-flux-dev"]["family"] == "flux" and models["demo-flux-dev"]["label"] == "Demo FLUX.1-dev"
+    titles = [model["title"] for model in client.get("/sdapi/v1/sd-models").json()]
+    assert any(title.startswith("demo-flux-dev [") for title in titles)
+
+
+def test_a_native_job_runs_on_the_flux_generator_with_forges_defaults(client):
+    job = wait_for_job(client, submit(client, {**FLUX, "seed": 3, "negative_prompt": "blurry"}))
+    assert job["state"] == "done", job
+    params = parse_infotext(job["infotext"])
+    assert params["Sampler"] == "Euler" and params["Schedule type"] == "Simple"
+    assert float(params["CFG scale"]) == 1.0 and params["Distilled CFG Scale"] == "3.5"
+    assert any("negative_prompt not used" in warning for warning in job["warnings"])
+    true_cfg = wait_for_job(client, submit(client, {**FLUX, "seed": 3, "negative_prompt": "blurry", "cfg_scale": 4}))
+    assert np.abs(decoded(true_cfg["image"]) - decoded(job["image"])).max() > 2
+    bad = client.post("/txt2img", json={**FLUX, "width": 72})
+    assert bad.status_code == 422 and bad.json()["field"] == "width" and "multiple of 16" in bad.json()["error"]
+
+
+def test_a_forge_shaped_payload_gives_the_native_pixels_and_forges_infotext(client):
+    answer = client.post("/sdapi/v1/txt2img", json=FORGE)
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    info = json.loads(body["info"])
+    assert info["cfg_scale"] == 1.0 and info["sampler_name"] == "Euler"
+    assert info["extra_generation_params"]["Distilled CFG Scale"] == "3.5"
+    assert info["extra_generation_params"]["Schedule type"] == "Simple"
+    native = wait_for_job(client, submit(client, {**FLUX, "seed": 21}))
+    assert np.abs(decoded(body["images"][0]) - decoded(native["image"])).max() <= 2
+    read = client.post("/sdapi/v1/png-info", json={"image": body["images"][0]}).json()
+    assert read["info"] == info["infotexts"][0]
+    assert read["parameters"]["Distilled CFG Scale"] == "3.5" and read["parameters"]["Schedule type"] == "Simple"
+    stronger = client.post("/sdapi/v1/txt2img", json={**FORGE, "distilled_cfg_scale": 7}).json()
+    assert np.abs(decoded(stronger["images"][0]) - decoded(body["images"][0])).max() > 2
+
+
+def test_webuiapi_calls_flux_with_a_forge_payload(service):
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=PORT, sampler="Euler", steps=4)
+    result = api.txt2img(prompt="a lighthouse by the sea", width=64, height=64, seed=21, cfg_scale=1,
+                         scheduler="Simple", override_settings={"sd_model_checkpoint": "demo-flux-dev"})  # fmt: skip
+    assert result.image.size == (64, 64)
+    assert parse_infotext(result.info["infotexts"][0])["Model"] == "demo-flux-dev"
+    assert "Distilled CFG Scale: 3.5" in api.png_info(result.image).info
+
+
+def test_a_sampler_flux_cannot_run_is_a_422_listing_its_choices(client):
+    """A1111 knows 'Euler a'; FLUX.1's flow-matching table does not have it."""
+    answer = client.post("/sdapi/v1/txt2img", json={**FORGE, "sampler_name": "Euler a"})
+    assert answer.status_code == 422, answer.text
+    assert "for FLUX.1 models; valid: Euler, DPM++ 2M, UniPC" in answer.json()["detail"]
+    native = client.post("/txt2img", json={**FLUX, "sampler_name": "Euler a"})
+    assert native.status_code == 422 and native.json()["field"] == "sampler_name"
+
+
+def test_two_flux_jobs_batch_and_keep_their_solo_pixels(client):
+    blocker = submit(client, FLUX_BLOCKER)
+    wait_until_processing(client, blocker)
+    bodies = [{**FLUX, "seed": 31, "prompt": "a red house"}, {**FLUX, "seed": 32, "prompt": "a cat in the snow"}]
+    assert_batched_with_solo_pixels(client, blocker, bodies)
