@@ -419,7 +419,16 @@ class FluxGenerator(_Generator):
     DEFAULT_BATCHING = family_batching(FAMILY)
 
 
+@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=8)
+class SD3Generator(_Generator):
+    """SD 3 / 3.5 checkpoints (Medium, Large, Large Turbo)."""
+
+    FAMILY = "sd3"
+    DEFAULT_BATCHING = family_batching(FAMILY)
+
+
 # Family -> its generator deployment: every family of pipelines/families/ has one, named `ModelFamily.deployment`.
 GENERATORS = {
-    deployment.func_or_class.FAMILY: deployment for deployment in (SD15Generator, SDXLGenerator, Refiner, FluxGenerator)
+    deployment.func_or_class.FAMILY: deployment
+    for deployment in (SD15Generator, SDXLGenerator, Refiner, FluxGenerator, SD3Generator)
 }

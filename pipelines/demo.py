@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from pipelines.demo_flux import FLUX_FOLDER, build_flux
+from pipelines.demo_flow import FLUX_FOLDER, SD35_FOLDER, build_flux, build_sd35
 from pipelines.ldm_layout import sd15_single_file_state_dict
 from pipelines.tokenizer import write_tokenizer_files
 
@@ -45,6 +45,7 @@ DEMO_LABELS = {
     "Demo SDXL Refiner": REFINER_FOLDER,
     "Demo SD1.5 Inpainting": "demo-sd15-inpainting",
     "Demo FLUX.1-dev": FLUX_FOLDER,
+    "Demo SD 3.5": SD35_FOLDER,
 }
 
 # The noise schedules real SD1.5 and SDXL checkpoints ship with.
@@ -220,6 +221,7 @@ def create_demo_models(models_dir: Path, overwrite: bool = False) -> list[Path]:
         "refiner": models_dir / REFINER_FOLDER,
         "inpainting": models_dir / SD15_INPAINTING_FILE,
         "flux": models_dir / FLUX_FOLDER,
+        "sd35": models_dir / SD35_FOLDER,
     }
     written = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -252,6 +254,8 @@ def create_demo_models(models_dir: Path, overwrite: bool = False) -> list[Path]:
                 _save_pipeline(build_sdxl_refiner(work), target)
             elif kind == "flux":
                 _save_pipeline(build_flux(work), target)
+            elif kind == "sd35":
+                _save_pipeline(build_sd35(work), target)
             written.append(target)
             logger.info("wrote %s", target)
     return written

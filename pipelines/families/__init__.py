@@ -13,14 +13,14 @@ class names in `diffusers`.
 
 from typing import Literal
 
-from pipelines.families import flux, sd15, sdxl
+from pipelines.families import flux, sd3, sd15, sdxl
 from pipelines.families.base import FamilyPipelines, ModelFamily
 
 __all__ = ["FAMILIES", "FamilyName", "FamilyPipelines", "ModelFamily", "family_label", "family_of"]
 
 # The served families, in the order their files are recognised and defaults chosen (SD1.5 first, as the seed API).
 FAMILIES: dict[str, ModelFamily] = {
-    family.name: family for family in (sd15.SD15, sdxl.SDXL, sdxl.SDXL_REFINER, flux.FLUX)
+    family.name: family for family in (sd15.SD15, sdxl.SDXL, sdxl.SDXL_REFINER, flux.FLUX, sd3.SD3)
 }
 FamilyName = Literal[tuple(FAMILIES)]  # type: ignore[valid-type]  # the closed set, as an enum in /openapi.json
 

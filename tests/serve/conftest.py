@@ -23,13 +23,13 @@ from pipelines.settings import PROJECT_ROOT
 PORT = int(os.environ.get("DIFFUSION_API_TEST_PORT", "8765"))
 MAX_QUEUED_JOBS = 12  # small, so the back-pressure test can fill it; above 4, the SD1.5 autoscaling target
 CORS_ORIGIN = "https://app.example"
-FAKE_GPUS = 5  # covers every GPU replica of serve_config.yaml at its minimum size, plus one autoscaled
+FAKE_GPUS = 6  # every GPU replica of serve_config.yaml at its minimum size, the ones at zero when asked for, one more
 # Compiled models are warmed at replica start; the demo's are not compiled, but the warm-up path is the same.
 WARMUP = [{"model": "Demo SD1.5", "width": 64, "height": 64, "steps": 2, "batch_sizes": [1, 2]},
           {"model": "Demo SDXL Refiner", "width": 64, "height": 64, "steps": 2, "batch_sizes": [1]}]  # fmt: skip
 WEBHOOK_PORT = PORT + 3  # the only callback host the session's service allows
 WEBHOOK_SECRET = "test-webhook-secret"
-LOGICAL_CPUS = 7  # serve_config.yaml asks for 6 CPUs at minimum size; they are time-shared on this machine
+LOGICAL_CPUS = 8  # serve_config.yaml asks for 6 CPUs at minimum size, 2 more from zero; time-shared here
 
 
 def patched_production_config(settings, outputs: Path, **arg_overrides) -> dict:

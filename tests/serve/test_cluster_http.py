@@ -49,8 +49,9 @@ def _cluster_application(settings, outputs, job_store: str) -> dict:
              "ray_actor_options": {"num_cpus": 0, "resources": {GENERATOR_NODE: 1}}},
             {"name": "SDXLGenerator", "num_replicas": 1, "ray_actor_options": on_head},
             {"name": "Refiner", "num_replicas": 1, "ray_actor_options": on_head},
-            {"name": "FluxGenerator", "ray_actor_options": on_head,
-             "autoscaling_config": {"min_replicas": 0, "initial_replicas": 0, "max_replicas": 1}},
+            *({"name": name, "ray_actor_options": on_head,
+               "autoscaling_config": {"min_replicas": 0, "initial_replicas": 0, "max_replicas": 1}}
+              for name in ("FluxGenerator", "SD3Generator")),
             {"name": "Upscaler", "num_replicas": 1, "ray_actor_options": on_head},
         ],
     }  # fmt: skip

@@ -87,7 +87,7 @@ def _keyed_application(settings, folder) -> dict:
             "retention_interval_s": 1,
         },
         # Only the SD1.5 path runs here; the rest scale from zero if ever asked, so the session's machine holds
-        # two more replicas, not six.
+        # two more replicas, not seven.
         "deployments": [
             *({"name": name, "num_replicas": 1, "ray_actor_options": ON_HEAD} for name in ("Ingress", "SD15Generator")),
             *(
@@ -96,7 +96,7 @@ def _keyed_application(settings, folder) -> dict:
                     "ray_actor_options": ON_HEAD,
                     "autoscaling_config": {"min_replicas": 0, "initial_replicas": 0, "max_replicas": 1},
                 }
-                for name in ("SDXLGenerator", "Refiner", "FluxGenerator", "Upscaler")
+                for name in ("SDXLGenerator", "Refiner", "FluxGenerator", "SD3Generator", "Upscaler")
             ),
         ],
     }

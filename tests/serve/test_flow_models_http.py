@@ -1,7 +1,9 @@
-"""FLUX.1 through the running service, on its own generator deployment: listed with its family; a native job;
+"""FLUX.1 and SD 3.5 through the running service, each on its own generator deployment (SD 3.5's starts from
+zero replicas when its first job comes). FLUX.1: listed with its family; a native job;
 Forge-shaped A1111 payloads (`sampler_name: Euler`, `scheduler: Simple`, `cfg_scale: 1`, `distilled_cfg_scale`)
 give the native job's pixels and Forge's infotext, read back by png-info and by webuiapi; two FLUX jobs batch and
-keep their solo pixels; a sampler it cannot run is a 422 listing its choices."""
+keep their solo pixels; a sampler it cannot run is a 422 listing its choices. SD 3.5: a native job and an A1111
+call, with the negative prompt used (ordinary CFG) and its infotext."""
 
 import json
 
@@ -81,3 +83,20 @@ def test_two_flux_jobs_batch_and_keep_their_solo_pixels(client):
     wait_until_processing(client, blocker)
     bodies = [{**FLUX, "seed": 31, "prompt": "a red house"}, {**FLUX, "seed": 32, "prompt": "a cat in the snow"}]
     assert_batched_with_solo_pixels(client, blocker, bodies)
+
+
+def test_sd35_jobs_through_both_doors(client):
+    native = {**FLUX, "model": "demo-sd35", "seed": 41, "negative_prompt": "blurry"}
+    job = wait_for_job(client, submit(client, native), timeout=180)  # its replica starts from zero first
+    assert job["state"] == "done", job
+    params = parse_infotext(job["infotext"])
+    assert (params["Sampler"], params["Schedule type"], params["CFG scale"]) == ("Euler", "Simple", "4.5")
+    assert params["Model"] == "demo-sd35" and not job["warnings"]
+    answer = client.post("/sdapi/v1/txt2img", json={"prompt": FLUX["prompt"], "negative_prompt": "red", "steps": 4,
+                                                    "width": 64, "height": 64, "seed": 41, "cfg_scale": 4.5,
+                                                    "override_settings": {"sd_model_checkpoint": "Demo SD 3.5"}},
+                         timeout=180)  # fmt: skip
+    assert answer.status_code == 200, answer.text
+    assert np.abs(decoded(answer.json()["images"][0]) - decoded(job["image"])).max() > 2  # another negative prompt
+    models = {model["name"]: model["family"] for model in client.get("/models").json()["models"]}
+    assert models["demo-sd35"] == "sd3"

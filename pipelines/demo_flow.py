@@ -1,0 +1,98 @@
+"""Tiny random-weight flow-matching models, FLUX.1-dev and SD 3.5, in the diffusers folder layout, for the demo
+and the tests.
+
+Their geometry is the real one where it matters (16 latent channels, an 8x VAE, 2x2 patches, CLIP + T5 text
+encoders, FLUX.1-dev's guidance embedding, SD 3.5's QK norm) and tiny everywhere else, so a 64x64, 4-step job
+takes well under a second on two CPU cores. The tokenizers are trained here (pipelines/tokenizer.py): nothing is
+downloaded.
+"""
+
+from pathlib import Path
+
+import torch
+
+from pipelines.tokenizer import t5_unigram_vocab
+
+FLUX_FOLDER = "demo-flux-dev"
+SD35_FOLDER = "demo-sd35"
+# FLUX.1's VAE normalisation and the dev scheduler's shift settings, as the released model_index ships them.
+FLUX_VAE_SCALING, FLUX_VAE_SHIFT = 0.3611, 0.1159
+FLUX_SCHEDULER = dict(
+    num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+    base_image_seq_len=256, max_image_seq_len=4096,
+)  # fmt: skip
+TEXT_WIDTH = 32
+# SD 3.5's VAE normalisation and scheduler shift, as its model_index ships them.
+SD3_VAE_SCALING, SD3_VAE_SHIFT = 1.5305, 0.0609
+
+
+def _t5(seed: int, width: int = TEXT_WIDTH):
+    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+
+    tokenizer = T5Tokenizer(vocab=t5_unigram_vocab(), extra_ids=0)
+    torch.manual_seed(seed)
+    config = T5Config(
+        vocab_size=len(tokenizer), d_model=width, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1,
+        decoder_start_token_id=0, is_encoder_decoder=False, use_cache=False,
+    )  # fmt: skip
+    return tokenizer, T5EncoderModel(config).eval()
+
+
+def build_flux(work: Path, seed: int = 40, guidance: bool = True):
+    """A tiny FluxPipeline; `guidance`: dev's guidance embedding (schnell has none)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    from pipelines.demo import _text_encoder, _tokenizer
+
+    tokenizer = _tokenizer(work)
+    tokenizer_2, text_encoder_2 = _t5(seed + 1)
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=TEXT_WIDTH, pooled_projection_dim=TEXT_WIDTH,
+        guidance_embeds=guidance, axes_dims_rope=[4, 6, 6],
+    ).eval()  # fmt: skip
+    vae = _vae16(seed + 2, FLUX_VAE_SCALING, FLUX_VAE_SHIFT)
+    return FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER), vae=vae,
+        text_encoder=_text_encoder(tokenizer, seed), tokenizer=tokenizer, text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2, transformer=transformer, image_encoder=None, feature_extractor=None,
+    )  # fmt: skip
+
+
+def _vae16(seed: int, scaling: float, shift: float):
+    """A 16-channel VAE as FLUX.1's and SD3's (no quant convolutions)."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        block_out_channels=[32, 32, 32, 32], in_channels=3, out_channels=3, latent_channels=16,
+        down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4, layers_per_block=1,
+        norm_num_groups=32, sample_size=128, scaling_factor=scaling, shift_factor=shift,
+        use_quant_conv=False, use_post_quant_conv=False,
+    ).eval()  # fmt: skip
+
+
+def build_sd35(work: Path, seed: int = 50):
+    """A tiny StableDiffusion3Pipeline with SD 3.5's QK norm and all three text encoders."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    from pipelines.demo import _text_encoder, _tokenizer
+
+    tokenizer, tokenizer_2 = _tokenizer(work), _tokenizer(work, pad_token="!")
+    joint_width = 2 * TEXT_WIDTH  # CLIP-L and CLIP-G side by side, padded to T5's width
+    tokenizer_3, text_encoder_3 = _t5(seed + 2, width=joint_width)
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=16, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=8, num_attention_heads=4,
+        joint_attention_dim=joint_width, caption_projection_dim=32, pooled_projection_dim=2 * TEXT_WIDTH,
+        out_channels=16, pos_embed_max_size=32, qk_norm="rms_norm",
+    ).eval()  # fmt: skip
+    return StableDiffusion3Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+        vae=_vae16(seed + 3, SD3_VAE_SCALING, SD3_VAE_SHIFT),
+        text_encoder=_text_encoder(tokenizer, seed, with_projection=True), tokenizer=tokenizer,
+        text_encoder_2=_text_encoder(tokenizer_2, seed + 1, with_projection=True), tokenizer_2=tokenizer_2,
+        text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3, transformer=transformer,
+    )  # fmt: skip

@@ -1,0 +1,74 @@
+"""Stable Diffusion 3 and 3.5 (Medium, Large, Large Turbo): a rectified-flow MMDiT transformer over 16-channel
+latents, with CLIP ViT-L and OpenCLIP ViT-bigG (pooled and hidden) and an optional T5-XXL text encoder (diffusers
+runs it without T5 when the folder has none). Ordinary classifier-free guidance with the negative prompt."""
+
+import json
+from pathlib import Path
+
+from pipelines.families.base import FamilyPipelines, ModelFamily
+from pipelines.samplers import SamplerSpec, ScheduleSpec
+
+# The published fit of SD3's 16 latent channels to RGB, with its bias.
+LATENT_RGB = (
+    (-0.0922, -0.0175, 0.0749), (0.0311, 0.0633, 0.0954), (0.1994, 0.0927, 0.0458), (0.0856, 0.0339, 0.0902),
+    (0.0587, 0.0272, -0.0496), (-0.0006, 0.1104, 0.0309), (0.0978, 0.0306, 0.0427), (-0.0042, 0.1038, 0.1358),
+    (-0.0194, 0.0020, 0.0669), (-0.0488, 0.0130, -0.0268), (0.0922, 0.0988, 0.0951), (-0.0278, 0.0524, -0.0542),
+    (0.0332, 0.0456, 0.0895), (-0.0069, -0.0030, -0.0810), (-0.0596, -0.0465, -0.0293), (-0.1448, -0.1463, -0.1189),
+)  # fmt: skip
+LATENT_RGB_BIAS = (0.2394, 0.2135, 0.1925)
+
+_FLOW = {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}
+# SD3's pipeline lets the scheduler make its own sigmas (no custom sigmas passed), so Heun runs here too.
+FLOW_SAMPLERS = {
+    "Euler": SamplerSpec("FlowMatchEulerDiscreteScheduler", default_schedule="simple", aliases=("k_euler",)),
+    "Heun": SamplerSpec(
+        "FlowMatchHeunDiscreteScheduler", default_schedule="simple", aliases=("k_heun",), schedules=("simple",)
+    ),  # fmt: skip
+    "DPM++ 2M": SamplerSpec(
+        "DPMSolverMultistepScheduler", _FLOW, "simple", aliases=("k_dpmpp_2m",), schedules=("simple",)
+    ),  # fmt: skip
+    "UniPC": SamplerSpec("UniPCMultistepScheduler", _FLOW, "simple", aliases=("unipc",), schedules=("simple",)),
+}
+FLOW_SCHEDULES = {
+    "automatic": ScheduleSpec("Automatic"),
+    "simple": ScheduleSpec("Simple"),
+    "karras": ScheduleSpec("Karras", {"use_karras_sigmas": True}),
+    "exponential": ScheduleSpec("Exponential", {"use_exponential_sigmas": True}),
+    "beta": ScheduleSpec("Beta", {"use_beta_sigmas": True}),
+}
+
+
+def _claims_folder(index: dict, folder: Path) -> bool:
+    config = folder / "transformer" / "config.json"
+    if not index.get("_class_name", "").startswith("StableDiffusion3") or not config.is_file():
+        return False
+    return json.loads(config.read_text()).get("_class_name") == "SD3Transformer2DModel"
+
+
+SD3 = ModelFamily(
+    name="sd3",
+    label="SD 3.5",
+    deployment="SD3Generator",
+    pipelines=FamilyPipelines(
+        txt2img="StableDiffusion3Pipeline",
+        img2img="StableDiffusion3Img2ImgPipeline",
+        inpaint="StableDiffusion3InpaintPipeline",
+    ),
+    native_size=(1024, 1024),
+    latent_rgb=LATENT_RGB,
+    latent_rgb_bias=LATENT_RGB_BIAS,
+    lora_family="sd3",
+    embedding_family=None,
+    max_batch_size=4,  # SD 3.5 Large in bf16: ~16 GB transformer + ~9.5 GB T5, 4 x 1024x1024 per batch
+    max_batch_pixels=4 * 1024 * 1024,
+    weights_folder="transformer",
+    prompt_encoding="plain",
+    samplers=FLOW_SAMPLERS,
+    schedules=FLOW_SCHEDULES,
+    # Stability's recommended guidance for 3.5 (its model cards: 3.5-4.5), not SD1.5's 7.
+    request_defaults={"cfg_scale": 4.5, "sampler_name": "Euler", "scheduler_type": "simple"},
+    sizes_multiple_of=16,  # 8x VAE downsampling, then 2x2 patches
+    claims_folder=_claims_folder,
+    optional_components=("text_encoder_3", "tokenizer_3"),  # without T5-XXL, as diffusers allows
+    inpainting_checkpoints=False,
+)
