@@ -135,3 +135,11 @@ def test_previews_unpack_the_transformers_tokens_as_diffusers_does(engine):
         PREVIEW_SINK.reset(token)
     assert previews  # 8x8 JPEGs, one pixel per latent
     assert family_of("flux").latent_layout == "packed" and len(family_of("flux").latent_rgb) == 16
+
+
+def test_hires_fix_with_an_image_upscaler_runs_both_passes(engine):
+    result = engine.generate(Txt2ImgRequest(**FLUX, hires={"enabled": True, "upscaler": "Lanczos", "scale": 2.0,
+                                                           "steps": 2, "denoising_strength": 0.5}))  # fmt: skip
+    assert result.image.size == (128, 128)
+    params = parse_infotext(result.infotext)
+    assert params["Hires upscaler"] == "Lanczos" and params["Distilled CFG Scale"] == "3.5"
