@@ -19,7 +19,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from pipelines.demo_flow import FLUX_FOLDER, SD35_FOLDER, build_flux, build_sd35
+from pipelines.demo_flow import (
+    FLUX_FOLDER,
+    FLUX_LORA_KOHYA,
+    FLUX_LORA_PEFT,
+    SD35_FOLDER,
+    SD35_LORA_PEFT,
+    build_flux,
+    build_sd35,
+    create_demo_flow_loras,
+)
 from pipelines.ldm_layout import sd15_single_file_state_dict
 from pipelines.tokenizer import write_tokenizer_files
 
@@ -371,11 +380,13 @@ def peft_lora(pipe, seed: int, rank: int = 4, strength: float = 0.4) -> dict:
 def create_demo_loras(loras_dir: Path, overwrite: bool = False) -> list[Path]:
     """Writes the demo LoRAs (for the demo SD1.5 and SDXL models) into `loras_dir`."""
     loras_dir.mkdir(parents=True, exist_ok=True)
-    targets = [loras_dir / name for name in (LORA_SD15_KOHYA, LORA_SD15_PEFT, LORA_SDXL_PEFT, LORA_SD15_PT)]
+    targets = [loras_dir / name for name in (LORA_SD15_KOHYA, LORA_SD15_PEFT, LORA_SDXL_PEFT, LORA_SD15_PT,
+                                             FLUX_LORA_PEFT, FLUX_LORA_KOHYA, SD35_LORA_PEFT)]  # fmt: skip
     if all(target.exists() for target in targets) and not overwrite:
         return []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
+        create_demo_flow_loras(loras_dir, work)
         sd15, sdxl = build_sd15(work), build_sdxl_base(work)
         kohya_metadata = {"ss_base_model_version": "sd_v1", "ss_network_module": "networks.lora"}
         save_file(kohya_lora(sd15, seed=101), targets[0], metadata=kohya_metadata)

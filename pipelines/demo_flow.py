@@ -96,3 +96,61 @@ def build_sd35(work: Path, seed: int = 50):
         text_encoder_2=_text_encoder(tokenizer_2, seed + 1, with_projection=True), tokenizer_2=tokenizer_2,
         text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3, transformer=transformer,
     )  # fmt: skip
+
+
+# LoRAs --------------------------------------------------------------------------------------------------------
+FLUX_LORA_PEFT = "demo-flux-peft.safetensors"  # diffusers/peft keys: transformer.<module>.lora_A / lora_B
+FLUX_LORA_KOHYA = "demo-flux-kohya.safetensors"  # kohya's FLUX keys: lora_unet_double_blocks_0_img_mlp_0 ...
+SD35_LORA_PEFT = "demo-sd35-peft.safetensors"  # diffusers/peft keys on SD 3.5's joint transformer blocks
+# kohya (Black Forest Labs' module names) -> diffusers' module, for the layers that map one to one.
+_KOHYA_FLUX_LAYERS = {
+    "double_blocks_{i}_img_mlp_0": "transformer_blocks.{i}.ff.net.0.proj",
+    "double_blocks_{i}_img_mlp_2": "transformer_blocks.{i}.ff.net.2",
+    "double_blocks_{i}_txt_mlp_0": "transformer_blocks.{i}.ff_context.net.0.proj",
+    "double_blocks_{i}_txt_mlp_2": "transformer_blocks.{i}.ff_context.net.2",
+}
+
+
+def _pair(layer: torch.nn.Linear, rank: int, generator: torch.Generator, strength: float):
+    down = torch.randn(rank, layer.in_features, generator=generator) * strength
+    up = torch.randn(layer.out_features, rank, generator=generator) * strength
+    return down.contiguous(), up.contiguous()
+
+
+def transformer_peft_lora(pipe, seed: int, rank: int = 4, strength: float = 0.5) -> dict:
+    """A LoRA in diffusers/peft keys on a transformer's attention projections (FLUX.1's or SD 3.5's)."""
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, layer in pipe.transformer.named_modules():
+        if isinstance(layer, torch.nn.Linear) and name.endswith(("attn.to_q", "attn.to_k", "attn.to_v")):
+            down, up = _pair(layer, rank, generator, strength)
+            state[f"transformer.{name}.lora_A.weight"], state[f"transformer.{name}.lora_B.weight"] = down, up
+    return state
+
+
+def flux_kohya_lora(pipe, seed: int, rank: int = 4, strength: float = 0.5) -> dict:
+    """A FLUX.1 LoRA in kohya's keys (`lora_unet_double_blocks_N_...` with `lora_down`, `lora_up`, `alpha`), on
+    the double blocks' MLPs."""
+    generator = torch.Generator().manual_seed(seed)
+    modules = dict(pipe.transformer.named_modules())
+    state = {}
+    for index in range(len(pipe.transformer.transformer_blocks)):
+        for kohya, diffusers_name in _KOHYA_FLUX_LAYERS.items():
+            key = "lora_unet_" + kohya.format(i=index)
+            down, up = _pair(modules[diffusers_name.format(i=index)], rank, generator, strength)
+            state[f"{key}.lora_down.weight"], state[f"{key}.lora_up.weight"] = down, up
+            state[f"{key}.alpha"] = torch.tensor(float(rank))
+    return state
+
+
+def create_demo_flow_loras(loras_dir: Path, work: Path) -> list[Path]:
+    """The demo FLUX.1 LoRAs (for the demo FLUX.1-dev, in the two key styles users meet) and an SD 3.5 one."""
+    from safetensors.torch import save_file
+
+    flux = build_flux(work)
+    peft, kohya, sd35 = loras_dir / FLUX_LORA_PEFT, loras_dir / FLUX_LORA_KOHYA, loras_dir / SD35_LORA_PEFT
+    save_file(transformer_peft_lora(flux, seed=301), peft, metadata={"format": "pt"})
+    save_file(flux_kohya_lora(flux, seed=302), kohya,
+              metadata={"ss_base_model_version": "flux1", "ss_network_module": "networks.lora_flux"})  # fmt: skip
+    save_file(transformer_peft_lora(build_sd35(work), seed=303), sd35, metadata={"format": "pt"})
+    return [peft, kohya, sd35]

@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 LORA_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 # The grammar of a usable tag, for reference: `find_lora_tags` finds exactly its matches, in linear time.
 PROMPT_LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^:>]*))?>")
-_LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+_LORA_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
 
 
 class UnknownLoraError(DiffusionAPIError):
@@ -130,7 +130,11 @@ def lora_short_hash(path: Path) -> str:
 
 
 def detect_lora_family(state: dict, metadata: dict[str, str]) -> str:
-    """sd15, sdxl, sd2 or unknown, from the training metadata, the key names, then the cross-attention width."""
+    """sd15, sdxl, sd2, flux, sd3 or unknown, from the training metadata, the key names, then the cross-attention
+    width."""
+    for family in FAMILIES.values():  # families with LoRA rules of their own first (FLUX.1, SD 3.5)
+        if family.claims_lora(state, metadata):
+            return family.lora_family
     hints = (metadata.get("ss_base_model_version", "") + " " + metadata.get("modelspec.architecture", "")).lower()
     if "xl" in hints:
         return "sdxl"
@@ -323,19 +327,21 @@ def _layer_shapes(module: torch.nn.Module) -> dict[str, tuple[int, int]]:
 
 
 def model_layer_shapes(entry: ModelEntry) -> LayerShapes | None:
-    """The Linear/Conv layers of a model's UNet and text encoders, from its configs on the `meta` device.
-    None when the configs are not on disk (a single-file checkpoint without `.configs/`)."""
+    """The Linear/Conv layers of a model's UNet (or transformer) and text encoders, from its configs on the
+    `meta` device. None when the configs are not on disk (a single-file checkpoint without `.configs/`)."""
+    import diffusers
     import torch
     import transformers
-    from diffusers import UNet2DConditionModel
 
     root = entry.config_dir if entry.format == "single-file" else entry.path
-    if root is None or not (root / "unet" / "config.json").exists():
+    denoiser = family_of(entry.family).weights_folder  # "unet", or "transformer" (FLUX.1, SD 3.5)
+    if root is None or not (root / denoiser / "config.json").exists():
         return None
     shapes: LayerShapes = {}
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(root / "unet"))
-        shapes["unet"] = _layer_shapes(unet)
+        config = json.loads((root / denoiser / "config.json").read_text())
+        model_class = getattr(diffusers, config.get("_class_name") or "UNet2DConditionModel")
+        shapes[denoiser] = _layer_shapes(model_class.from_config(model_class.load_config(root / denoiser)))
         for component in ("text_encoder", "text_encoder_2"):
             config_file = root / component / "config.json"
             if not config_file.exists():
@@ -356,17 +362,18 @@ def lora_layer_shapes(state: dict[str, torch.Tensor], family: str) -> LayerShape
         convert_unet_state_dict_to_peft,
     )
 
-    normalized, _ = _lora_loader_class(family).lora_state_dict(dict(state))
+    normalized = _lora_loader_class(family).lora_state_dict(dict(state))
+    if isinstance(normalized, tuple):  # SD1.5/SDXL's loaders answer (state dict, network alphas)
+        normalized = normalized[0]
     targets: LayerShapes = {}
     for component in _LORA_COMPONENTS:
         part = {k.removeprefix(f"{component}."): v for k, v in normalized.items() if k.startswith(f"{component}.")}
         if not part:
             continue
-        part = (
-            convert_unet_state_dict_to_peft(part)
-            if component == "unet"
-            else convert_state_dict_to_peft(convert_state_dict_to_diffusers(part))
-        )
+        if component == "unet":
+            part = convert_unet_state_dict_to_peft(part)
+        elif component != "transformer":  # a transformer's LoRA comes back from `lora_state_dict` in peft keys
+            part = convert_state_dict_to_peft(convert_state_dict_to_diffusers(part))
         layers: dict[str, list[int]] = {}
         for key, tensor in part.items():
             match = re.match(r"^(.*)\.lora_([AB])(?:\.[^.]+)?\.weight$", key)
@@ -408,8 +415,8 @@ def incompatibility(lora: LoraFile, targets: LayerShapes, entry: ModelEntry, mod
             f"{', '.join(takers[:-1])} and {takers[-1]} base models"
         )
     if lora.family != "unknown" and lora.family != family.lora_family:
-        article = "an"  # SD1.5, SDXL, SD 2.x, FLUX.1 all read "an ..."
         lora_label = family_label(lora.family)
+        article = "a" if lora_label.startswith("FLUX") else "an"  # an SD1.5, an SDXL, an SD 2.x, a FLUX.1
         return (
             f"'{lora.name}' is {article} {lora_label} LoRA; model '{entry.name}' is {family.label}: "
             f"use it with {article} {lora_label} model"

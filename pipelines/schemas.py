@@ -459,7 +459,7 @@ class ModelsResponse(BaseModel):
 class LoraInfo(BaseModel):
     name: str = Field(..., description="name to use in 'loras' or <lora:name:weight>")
     scale: float = 1.0
-    family: str = Field(..., description="sd15, sdxl, sd2 or unknown (detected from the tensors)")
+    family: str = Field(..., description="sd15, sdxl, sd2, flux, sd3 or unknown (detected from the tensors)")
 
 
 class LorasResponse(BaseModel):

@@ -54,6 +54,9 @@ class ModelFamily:
     # (with the folder, for component configs). Families are asked in `FAMILIES` order; the first claim wins.
     claims_checkpoint: Callable[[list[str]], bool] = lambda keys: False
     claims_folder: Callable[[dict, Path], bool] = lambda index, folder: False
+    # Its LoRA files, by tensor names and shapes (without torch) and training metadata; families that do not
+    # claim one leave it to pipelines/loras.py's SD rules.
+    claims_lora: Callable[[dict, dict], bool] = lambda shapes, metadata: False
     optional_components: tuple[str, ...] = ()  # a diffusers folder may lack these (SD 3.5's T5): loaded as None
     inpainting_checkpoints: bool = True  # 9-channel UNets (image + mask conditioning) exist for it
 

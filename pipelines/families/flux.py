@@ -63,6 +63,26 @@ def _claims_folder(index: dict, folder: Path) -> bool:
     return json.loads(config.read_text()).get("_class_name") == "FluxTransformer2DModel"
 
 
+FLUX_WIDTH = 3072  # the transformer's inner width (24 heads x 128)
+# Key names only FLUX.1 LoRAs have: kohya's (`lora_unet_double_blocks_0_...`), Black Forest Labs' / ComfyUI's
+# (`diffusion_model.double_blocks.0...`) and diffusers' (`transformer.single_transformer_blocks.0...`).
+LORA_KEY_MARKS = ("double_blocks", "single_blocks", "single_transformer_blocks")
+
+
+def claims_lora(shapes: dict, metadata: dict) -> bool:
+    """A FLUX.1 LoRA: its training metadata says so, or its key names (double/single blocks), or a diffusers
+    transformer LoRA whose attention is FLUX.1's width."""
+    hints = (metadata.get("ss_base_model_version", "") + " " + metadata.get("modelspec.architecture", "")).lower()
+    if "flux" in hints:
+        return True
+    if any(mark in key for key in shapes for mark in LORA_KEY_MARKS):
+        return True
+    for key, tensor in shapes.items():
+        if key.startswith("transformer.transformer_blocks.") and ".attn.to_q.lora_A" in key:
+            return tuple(tensor.shape)[-1] == FLUX_WIDTH
+    return False
+
+
 def has_guidance_embedding(transformer_config: dict) -> bool:
     """dev (and its fine-tunes) embed the guidance; schnell does not."""
     return bool(transformer_config.get("guidance_embeds"))
@@ -94,5 +114,6 @@ FLUX = ModelFamily(
     distilled_cfg_scale=3.5,
     sizes_multiple_of=16,  # 8x VAE downsampling, then 2x2 patches
     claims_folder=_claims_folder,
+    claims_lora=claims_lora,
     inpainting_checkpoints=False,
 )

@@ -45,6 +45,15 @@ def _claims_folder(index: dict, folder: Path) -> bool:
     return json.loads(config.read_text()).get("_class_name") == "SD3Transformer2DModel"
 
 
+def claims_lora(shapes: dict, metadata: dict) -> bool:
+    """An SD 3 / 3.5 LoRA: its training metadata says so, or kohya's `joint_blocks` keys, or a diffusers
+    transformer LoRA with `transformer_blocks` that is not FLUX.1's (pipelines/families/flux.py is asked first)."""
+    hints = (metadata.get("ss_base_model_version", "") + " " + metadata.get("modelspec.architecture", "")).lower()
+    if "stable-diffusion-v3" in hints or "sd3" in hints:
+        return True
+    return any("joint_blocks" in key or key.startswith("transformer.transformer_blocks.") for key in shapes)
+
+
 SD3 = ModelFamily(
     name="sd3",
     label="SD 3.5",
@@ -69,6 +78,7 @@ SD3 = ModelFamily(
     request_defaults={"cfg_scale": 4.5, "sampler_name": "Euler", "scheduler_type": "simple"},
     sizes_multiple_of=16,  # 8x VAE downsampling, then 2x2 patches
     claims_folder=_claims_folder,
+    claims_lora=claims_lora,
     optional_components=("text_encoder_3", "tokenizer_3"),  # without T5-XXL, as diffusers allows
     inpainting_checkpoints=False,
 )

@@ -28,7 +28,8 @@ def test_loras_are_listed_with_family(client):
     body = client.get("/loras").json()
     assert body["status"] == "success"
     assert {"name": "demo-sdxl-peft", "scale": 1.0, "family": "sdxl"} in body["loras"]
-    assert len(body["loras"]) == 4
+    assert {"name": "demo-flux-kohya", "scale": 1.0, "family": "flux"} in body["loras"]
+    assert len(body["loras"]) == 7
 
 
 def test_lora_job_applies_compatible_skips_incompatible_and_does_not_leak(client):

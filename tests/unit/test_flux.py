@@ -143,3 +143,24 @@ def test_hires_fix_with_an_image_upscaler_runs_both_passes(engine):
     assert result.image.size == (128, 128)
     params = parse_infotext(result.infotext)
     assert params["Hires upscaler"] == "Lanczos" and params["Distilled CFG Scale"] == "3.5"
+
+
+@pytest.mark.parametrize("lora", ["demo-flux-peft", "demo-flux-kohya"])
+def test_a_flux_lora_changes_the_image_and_scale_zero_does_not(engine, lora):
+    """diffusers/peft keys and kohya's FLUX keys; the model is as loaded after the job."""
+    plain = engine.generate(Txt2ImgRequest(**FLUX))
+    styled = engine.generate(Txt2ImgRequest(**FLUX, loras=[lora]))
+    assert difference(styled, plain) > 2 and not styled.warnings
+    assert parse_infotext(styled.infotext)["Lora hashes"].startswith(f"{lora}: ")
+    assert difference(engine.generate(Txt2ImgRequest(**FLUX, loras=[{"name": lora, "scale": 0}])), plain) == 0
+    assert difference(engine.generate(Txt2ImgRequest(**FLUX)), plain) == 0
+
+
+def test_loras_of_another_family_are_skipped_with_a_warning_naming_both(engine):
+    result = engine.generate(Txt2ImgRequest(**FLUX, loras=["demo-sd15-kohya", "demo-sd35-peft"]))
+    assert "'demo-sd15-kohya' is an SD1.5 LoRA; model 'demo-flux-dev' is FLUX.1" in " ".join(result.warnings)
+    assert "'demo-sd35-peft' is an SD 3.5 LoRA; model 'demo-flux-dev' is FLUX.1" in " ".join(result.warnings)
+    sd15 = engine.generate(Txt2ImgRequest(**{**FLUX, "model": "demo-sd15", "width": 64}, loras=["demo-flux-peft"]))
+    assert "'demo-flux-peft' is a FLUX.1 LoRA; model 'demo-sd15' is SD1.5: use it with a FLUX.1 model" in (
+        " ".join(sd15.warnings)
+    )

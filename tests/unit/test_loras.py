@@ -24,6 +24,7 @@ from pipelines.schemas import Img2ImgRequest, Txt2ImgRequest
 from tests.unit.test_generate import as_base64_png
 
 SD15_LORAS = ["demo-sd15-kohya", "demo-sd15-peft", "demo-sd15-unet-only"]
+FLOW_LORAS = ("demo-flux-peft", "demo-flux-kohya", "demo-sd35-peft")  # FLUX.1 and SD 3.5: not for these
 
 
 def request(**fields) -> Txt2ImgRequest:
@@ -39,7 +40,8 @@ def pixels(result) -> np.ndarray:
 def test_demo_loras_are_listed_with_their_family(engine):
     found = {lora.name: lora.family for lora in engine.loras.available()}
     assert found == {"demo-sd15-kohya": "sd15", "demo-sd15-peft": "sd15", "demo-sd15-unet-only": "sd15",
-                     "demo-sdxl-peft": "sdxl"}  # fmt: skip
+                     "demo-sdxl-peft": "sdxl", "demo-flux-peft": "flux", "demo-flux-kohya": "flux",
+                     "demo-sd35-peft": "sd3"}  # fmt: skip
 
 
 def test_names_resolve_with_or_without_extension_and_never_outside_the_folder(engine):
@@ -47,7 +49,7 @@ def test_names_resolve_with_or_without_extension_and_never_outside_the_folder(en
     assert library.resolve("demo-sd15-kohya.safetensors").name == "demo-sd15-kohya"
     assert library.resolve("DEMO-SD15-PEFT").name == "demo-sd15-peft"
     assert library.resolve("demo-sd15-unet-only.pt").path.suffix == ".pt"
-    with pytest.raises(UnknownLoraError, match="installed LoRAs: 'demo-sd15-kohya'") as raised:
+    with pytest.raises(UnknownLoraError, match="installed LoRAs: 'demo-flux-kohya', .*'demo-sd15-kohya'") as raised:
         library.resolve("missing")
     assert raised.value.status_code == 404 and raised.value.field == "loras"
     for bad in ("../demo-sd15-kohya", "/etc/passwd", "a\x00b"):
@@ -225,11 +227,12 @@ def test_report_for_the_demo_models_loads_every_pair(engine, catalog):
         ("demo-sd15", "demo-sdxl-peft"): False,
         **{("models--demo--tiny-sdxl-base", name): False for name in SD15_LORAS},
         ("models--demo--tiny-sdxl-base", "demo-sdxl-peft"): True,
+        **{(model, name): False for model in ("demo-sd15", "models--demo--tiny-sdxl-base") for name in FLOW_LORAS},
     }
     report = format_report(results, now=datetime.datetime(2026, 1, 2, 3, 4, 5))
     assert report.startswith("=" * 80 + "\nCOMPREHENSIVE LoRA COMPATIBILITY REPORT\n" + "=" * 80)
-    for line in ("Generated: 2026-01-02 03:04:05", "Total Tests: 8", "Compatible: 4", "Incompatible: 4",
-                 "Success Rate: 50.0%", "Demo SD1.5: 3/4 (75.0%)", "MODEL: Demo SDXL", "✓ COMPATIBLE LoRAs:",
+    for line in ("Generated: 2026-01-02 03:04:05", "Total Tests: 14", "Compatible: 4", "Incompatible: 10",
+                 "Success Rate: 28.6%", "Demo SD1.5: 3/7 (42.9%)", "MODEL: Demo SDXL", "✓ COMPATIBLE LoRAs:",
                  "✗ INCOMPATIBLE LoRAs:",
                  "    Reason: 'demo-sd15-kohya' is an SD1.5 LoRA; model 'models--demo--tiny-sdxl-base' is SDXL: use it "
                  "with an SD1.5 model"):  # fmt: skip

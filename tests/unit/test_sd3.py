@@ -96,3 +96,11 @@ def test_previews_read_its_16_latent_channels(engine):
         pipelines.generate.PREVIEW_INTERVAL_S = interval
         PREVIEW_SINK.reset(token)
     assert len(previews) >= 3
+
+
+def test_an_sd35_lora_changes_the_image_and_scale_zero_does_not(engine):
+    plain = engine.generate(Txt2ImgRequest(**SD35))
+    styled = engine.generate(Txt2ImgRequest(**SD35, loras=["demo-sd35-peft"]))
+    assert difference(styled, plain) > 2 and not styled.warnings
+    assert difference(engine.generate(Txt2ImgRequest(**SD35, loras=[{"name": "demo-sd35-peft", "scale": 0}])),
+                      plain) == 0  # fmt: skip
