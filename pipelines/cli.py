@@ -24,6 +24,7 @@ FLAGS = {
     "jpeg_quality": "--quality", "image": "--image", "denoising_strength": "--denoising-strength", "loras": "--lora",
     "hires.upscaler": "--upscaler", "vae": "--vae", "mask": "--mask", "mask_blur": "--mask-blur",
     "inpainting_fill": "--masked-content", "inpaint_full_res_padding": "--padding", "controlnet": "--controlnet",
+    "distilled_cfg_scale": "--distilled-cfg-scale",
 }  # fmt: skip
 
 
@@ -206,7 +207,8 @@ def _output_type(path: str) -> str:
 def _request_fields(args) -> dict:
     fields = {
         "prompt": args.prompt, "negative_prompt": args.negative_prompt, "steps": args.steps,
-        "cfg_scale": args.cfg_scale, "width": args.width, "height": args.height, "model": args.model,
+        "cfg_scale": args.cfg_scale, "distilled_cfg_scale": args.distilled_cfg_scale, "width": args.width,
+        "height": args.height, "model": args.model,
         "sampler_name": args.sampler, "scheduler_type": args.scheduler_type, "seed": args.seed,
         "clip_skip": args.clip_skip, "jpeg_quality": args.quality, "loras": _lora_flags(args.lora),
         "vae": args.vae, "controlnet": _controlnet_flags(args.controlnet),
@@ -380,7 +382,8 @@ def _add_generation_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--negative-prompt")
     parser.add_argument("--steps", type=int)
-    parser.add_argument("--cfg-scale", type=float)
+    parser.add_argument("--cfg-scale", type=float, help="absent: the model family's (7; FLUX.1 1; SD 3.5 4.5)")
+    parser.add_argument("--distilled-cfg-scale", type=float, help="FLUX.1 dev's guidance embedding (absent: 3.5)")
     parser.add_argument("--width", type=int)
     parser.add_argument("--height", type=int)
     parser.add_argument("--sampler", help="A1111 sampler name, e.g. 'DPM++ 2M' or 'Euler a'")

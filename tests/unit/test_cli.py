@@ -120,6 +120,19 @@ def test_loras_lists_name_scale_family(env_settings, capsys):
     assert ["demo-sdxl-peft", "1.0", "sdxl"] in rows and ["demo-sd15-unet-only", "1.0", "sd15"] in rows
 
 
+def test_txt2img_on_flux_with_forges_guidance_flags(env_settings, capsys, tmp_path):
+    output = tmp_path / "flux.png"
+    code, _, err = run_cli(capsys, "txt2img", "--prompt", "x", "--model", "Demo FLUX.1-dev", "--steps", "3",
+                           "--width", "64", "--height", "64", "--distilled-cfg-scale", "5",
+                           "--output", str(output))  # fmt: skip
+    assert code == 0, err
+    params = parse_infotext(read_infotext(output.read_bytes()))
+    assert (params["CFG scale"], params["Distilled CFG Scale"], params["Sampler"]) == ("1.0", "5.0", "Euler")
+    code, _, err = run_cli(capsys, "txt2img", "--prompt", "x", "--model", "Demo FLUX.1-dev", "--width", "72",
+                           "--output", str(output))  # fmt: skip
+    assert code == 2 and "--width" in err and "multiple of 16 for FLUX.1" in err
+
+
 def test_txt2img_with_a_lora_flag(env_settings, capsys, tmp_path):
     output = tmp_path / "lora.png"
     code, out, err = run_cli(capsys, "txt2img", "--prompt", "x", "--steps", "3", "--width", "64", "--height", "64",
