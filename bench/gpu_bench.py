@@ -2,14 +2,18 @@
 with one ControlNet unit or one IP-Adapter unit (what each costs on the architecture; the IP-Adapter way
 includes loading the adapter into the UNet and the ViT-H/14 image encoder's pass, as every such job does).
 
-Builds full-size SD1.5 and SDXL architectures with random weights (compute does not depend on the weight
-values), directly on the device, so no checkpoint and no download is needed. Imports `pipelines/` only (no
-Ray, no FastAPI): it runs on a bare GPU machine with torch + diffusers + transformers and this checkout (plus
-the engine's small imports: pydantic, psutil, piexif). `--tiny` runs the demo's tiny models at 64x64 (on the
-CPU where there is no GPU, or with `--device cpu`) in about half a minute, so a unit test keeps it working.
+Builds full-size SD1.5, SDXL, FLUX.1-dev and SD 3.5 Large architectures with random weights (compute does not
+depend on the weight values), directly on the device, so no checkpoint and no download is needed. FLUX.1 runs as
+Forge runs it (cfg_scale 1, distilled guidance 3.5: one transformer pass per step), SD 3.5 with CFG 4.5; the
+UNet-only ways (channels_last, fuse_qkv, eager attention, ControlNet, IP-Adapter) are SD1.5/SDXL's. Imports
+`pipelines/` only (no Ray, no FastAPI): it runs on a bare GPU machine with torch + diffusers + transformers and
+this checkout (plus the engine's small imports: pydantic, psutil, piexif). `--tiny` runs the demo's tiny models
+at 64x64 (on the CPU where there is no GPU, or with `--device cpu`) in about half a minute, so a unit test keeps
+it working.
 
     python bench/gpu_bench.py                                # CUDA, full size, appends to bench/RESULTS.md
     python bench/gpu_bench.py --models sdxl --batches 1 4    # a shorter run
+    python bench/gpu_bench.py --models flux sd35 --variants plain engine compile    # the flow models
     python bench/gpu_bench.py --tiny --no-results            # the CPU smoke run of the unit test
 
 Reported per (way, model, batch): seconds per image end to end, it/s of the denoising loop (steps per second
@@ -47,7 +51,9 @@ import torch  # noqa: E402  (after the sys.path line above)
 try:
     from pipelines.catalog import Family, ModelCatalog, ModelEntry
     from pipelines.demo import SD15_SCHEDULER, SDXL_SCHEDULER, build_sd15, build_sdxl_base
+    from pipelines.demo_flow import FLUX_SCHEDULER, T5_SPECIAL_IDS, build_flux, build_sd35, t5_tokenizer
     from pipelines.errors import OutOfMemoryError
+    from pipelines.families import family_of
     from pipelines.generate import ImageEngine
     from pipelines.models import LoadedModel, select_device
     from pipelines.schemas import Txt2ImgRequest
@@ -112,6 +118,30 @@ SDXL_UNET = dict(
     projection_class_embeddings_input_dim=2816, norm_num_groups=32,
 )  # fmt: skip
 SDXL_VAE = {**SD15_VAE, "scaling_factor": 0.13025, "force_upcast": True}
+# FLUX.1-dev: 12 B transformer (19 double + 38 single blocks, 3072 wide), T5-XXL, CLIP-L, a 16-channel VAE.
+FLUX_TRANSFORMER = dict(
+    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+    num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+    axes_dims_rope=(16, 56, 56),
+)  # fmt: skip
+T5_XXL = dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, vocab_size=32128,
+              feed_forward_proj="gated-gelu", relative_attention_num_buckets=32, is_encoder_decoder=False,
+              use_cache=False)  # fmt: skip
+VAE_16 = dict(
+    in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32,
+    act_fn="silu", sample_size=1024, use_quant_conv=False, use_post_quant_conv=False,
+)  # fmt: skip
+FLUX_VAE = {**VAE_16, "scaling_factor": 0.3611, "shift_factor": 0.1159}
+# SD 3.5 Large: 8 B MMDiT (38 blocks, 2432 wide, QK norm), CLIP-L and CLIP-G with projections, T5-XXL.
+SD35_TRANSFORMER = dict(
+    sample_size=128, patch_size=2, in_channels=16, num_layers=38, attention_head_dim=64, num_attention_heads=38,
+    joint_attention_dim=4096, caption_projection_dim=2432, pooled_projection_dim=2048, out_channels=16,
+    pos_embed_max_size=192, qk_norm="rms_norm",
+)  # fmt: skip
+SD35_VAE = {**VAE_16, "scaling_factor": 1.5305, "shift_factor": 0.0609}
+FLOW_FAMILIES = ("flux", "sd3")  # transformer models: no UNet-only speed options, no ControlNet / IP-Adapter here
+UNET_ONLY_WAYS = ("channels_last", "fuse_qkv", "eager", "controlnet", "ip_adapter")
 
 
 @dataclass(frozen=True)
@@ -127,11 +157,21 @@ class ModelSpec:
 FULL_MODELS = {
     "sd15": ModelSpec("sd15", "sd15", (512, 512), (768, 512)),
     "sdxl": ModelSpec("sdxl", "sdxl", (1024, 1024), (1152, 896)),
+    "flux": ModelSpec("flux", "flux", (1024, 1024), (1152, 896)),
+    "sd35": ModelSpec("sd35", "sd3", (1024, 1024), (1152, 896)),
 }
 TINY_MODELS = {
     "sd15": ModelSpec("sd15", "sd15", (64, 64), (96, 64)),
     "sdxl": ModelSpec("sdxl", "sdxl", (64, 64), (96, 64)),
+    "flux": ModelSpec("flux", "flux", (64, 64), (96, 64)),
+    "sd35": ModelSpec("sd35", "sd3", (64, 64), (96, 64)),
 }
+
+
+def guidance_of(family: str) -> dict:
+    """The request fields of a timed job: SD1.5/SDXL at CFG 7, the flow models at their family's defaults
+    (FLUX.1: cfg_scale 1 and distilled guidance 3.5, as Forge runs it; SD 3.5: CFG 4.5)."""
+    return {} if family in FLOW_FAMILIES else {"cfg_scale": CFG_SCALE, "sampler_name": SAMPLER}
 
 
 @dataclass(frozen=True)
@@ -223,13 +263,59 @@ def full_sdxl(work: Path, device: torch.device, dtype: torch.dtype):
     )  # fmt: skip
 
 
+def t5_encoder(device: torch.device, dtype: torch.dtype):
+    """T5-XXL's encoder at its published size, with T5's special token ids."""
+    from transformers import T5Config, T5EncoderModel
+
+    return on_device(lambda: T5EncoderModel(T5Config(**T5_XXL, **T5_SPECIAL_IDS)), device, dtype)
+
+
+def full_flux(work: Path, device: torch.device, dtype: torch.dtype):
+    """FLUX.1-dev at its published size, random weights."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    tokenizer = clip_tokenizer(work / "tokenizer")
+    return FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER),
+        vae=on_device(lambda: AutoencoderKL(**FLUX_VAE), device, dtype),
+        text_encoder=clip_encoder(CLIP_VIT_L, tokenizer, device, dtype), tokenizer=tokenizer,
+        text_encoder_2=t5_encoder(device, dtype), tokenizer_2=t5_tokenizer(),
+        transformer=on_device(lambda: FluxTransformer2DModel(**FLUX_TRANSFORMER), device, dtype),
+        image_encoder=None, feature_extractor=None,
+    )  # fmt: skip
+
+
+def full_sd35(work: Path, device: torch.device, dtype: torch.dtype):
+    """SD 3.5 Large at its published size, random weights."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+
+    tokenizer, tokenizer_2 = clip_tokenizer(work / "tokenizer"), clip_tokenizer(work / "tokenizer", pad_token="!")
+    return StableDiffusion3Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+        vae=on_device(lambda: AutoencoderKL(**SD35_VAE), device, dtype),
+        text_encoder=clip_encoder(CLIP_VIT_L, tokenizer, device, dtype, with_projection=True), tokenizer=tokenizer,
+        text_encoder_2=clip_encoder(CLIP_BIG_G, tokenizer_2, device, dtype, with_projection=True),
+        tokenizer_2=tokenizer_2, text_encoder_3=t5_encoder(device, dtype), tokenizer_3=t5_tokenizer(),
+        transformer=on_device(lambda: SD3Transformer2DModel(**SD35_TRANSFORMER), device, dtype),
+    )  # fmt: skip
+
+
+TINY_BUILDERS = {"sd15": build_sd15, "sdxl": build_sdxl_base, "flux": build_flux, "sd35": build_sd35}
+FULL_BUILDERS = {"sd15": full_sd15, "sdxl": full_sdxl, "flux": full_flux, "sd35": full_sd35}
+
+
 def build_pipeline(key: str, tiny: bool, work: Path, device: torch.device, dtype: torch.dtype):
     """A fresh pipeline (speed options change modules in place, so every variant gets its own)."""
     if tiny:  # the demo's tiny models, built on the CPU (they are small)
-        pipe = (build_sd15 if key == "sd15" else build_sdxl_base)(work / "tiny")
-        pipe.to(device=device, dtype=None if dtype == pipe.unet.dtype else dtype)
+        pipe = TINY_BUILDERS[key](work / "tiny")
+        pipe.to(device=device, dtype=None if dtype == pipe.vae.dtype else dtype)
     else:
-        pipe = (full_sd15 if key == "sd15" else full_sdxl)(work, device, dtype)
+        pipe = FULL_BUILDERS[key](work, device, dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -240,12 +326,15 @@ def build_vae(key: str, tiny: bool, work: Path, device: torch.device, dtype: tor
         return build_pipeline(key, tiny, work, device, dtype).vae
     from diffusers import AutoencoderKL
 
-    return on_device(lambda: AutoencoderKL(**(SDXL_VAE if key == "sdxl" else SD15_VAE)), device, dtype)
+    config = {"sd15": SD15_VAE, "sdxl": SDXL_VAE, "flux": FLUX_VAE, "sd35": SD35_VAE}[key]
+    return on_device(lambda: AutoencoderKL(**config), device, dtype)
 
 
 def parameter_count(pipe) -> str:
-    """The parameters of the UNet, text encoders and VAE (shows the full-size models are full size)."""
-    modules = [getattr(pipe, name, None) for name in ("unet", "text_encoder", "text_encoder_2", "vae")]
+    """The parameters of the UNet or transformer, text encoders and VAE (shows the full-size models are full
+    size)."""
+    names = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae")
+    modules = [getattr(pipe, name, None) for name in names]
     count = sum(p.numel() for module in modules if module is not None for p in module.parameters())
     return f"{count / 1e9:.2f} B" if count >= 1e8 else f"{count / 1e6:.2f} M"
 
@@ -352,20 +441,28 @@ def measure(job: Job, device: torch.device, memory: PeakMemory, warmup: int, rep
     )
 
 
-def plain_job(pipe, batch: int, size: tuple[int, int], steps: int) -> Job:
-    """The pipeline called directly, as a diffusers user would, with the engine's sampler and negative prompt."""
+def plain_job(pipe, family: str, batch: int, size: tuple[int, int], steps: int) -> Job:
+    """The pipeline called directly, as a diffusers user would, with the engine's sampler and guidance: Euler and
+    CFG 7 with an empty negative prompt on SD1.5/SDXL; the model's own flow-matching Euler on FLUX.1 (distilled
+    guidance 3.5, no negative pass) and SD 3.5 (CFG 4.5)."""
     from diffusers import EulerDiscreteScheduler
 
-    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
+    if family == "flux":
+        guidance = {"guidance_scale": family_of("flux").distilled_cfg_scale}
+    elif family == "sd3":
+        guidance = {"guidance_scale": family_of("sd3").request_defaults["cfg_scale"], "negative_prompt": [""] * batch}
+    else:
+        pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+        guidance = {"guidance_scale": CFG_SCALE, "negative_prompt": [""] * batch}
 
     def run(clock: StepClock) -> None:
         def on_step_end(pipeline, step_index, timestep, callback_kwargs):
             clock.tick(step_index + 1 >= pipeline.num_timesteps)
             return callback_kwargs
 
-        pipe(prompt=prompts, negative_prompt=[""] * batch, num_inference_steps=steps, guidance_scale=CFG_SCALE,
-             width=size[0], height=size[1], generator=[torch.Generator("cpu").manual_seed(s) for s in range(batch)],
+        pipe(prompt=prompts, num_inference_steps=steps, width=size[0], height=size[1], **guidance,
+             generator=[torch.Generator("cpu").manual_seed(s) for s in range(batch)],
              callback_on_step_end=on_step_end)  # fmt: skip
 
     return run
@@ -385,13 +482,12 @@ def engine_job(engine: ImageEngine, loaded: LoadedModel, batch: int, size: tuple
             Txt2ImgRequest(
                 prompt=PROMPTS[i % len(PROMPTS)],
                 steps=steps,
-                cfg_scale=CFG_SCALE,
                 width=size[0],
                 height=size[1],
                 seed=i,
-                sampler_name=SAMPLER,
                 controlnet=units,
-            )
+                **guidance_of(loaded.entry.family),
+            )  # fmt: skip
             for i in range(batch)
         ]
         jobs = [engine.prepare(request, loaded.entry) for request in requests]
@@ -510,6 +606,13 @@ def check_targets(report: Report, device: torch.device, dtype: torch.dtype, tiny
         if default is not None:
             text += f"defaults {default.seconds:.3f} s {verdict(default.seconds <= limit)}; "
         lines.append(text + f"best {best.way} {best.seconds:.3f} s {verdict(best.seconds <= limit)}.")
+    for model, label in (("flux", "FLUX.1-dev"), ("sd35", "SD 3.5 Large")):
+        single = [row for row in report.rows if row.model == model and row.way == "engine" and row.batch == 1
+                  and row.size == (1024, 1024) and row.seconds]  # fmt: skip
+        if single:
+            published = " (published: about 3-4 s on an H100 in bf16 at 28 steps)" if model == "flux" else ""
+            lines.append(f"{label} 1024x1024 {single[0].steps} steps, batch 1, engine: {single[0].seconds:.3f} "
+                         f"s/image{published}.")  # fmt: skip
     batched = engine_rows("sdxl")
     if batched:
         best = max(batched, key=lambda row: row.batch / row.seconds)
@@ -628,8 +731,8 @@ def bench_variant(setup: Setup, spec: ModelSpec, variant: Variant, report: Repor
     pipe = build_pipeline(spec.key, setup.tiny, setup.work, setup.device, setup.dtype)
     if spec.key not in report.built:
         report.built.add(spec.key)
-        report.note(f"{spec.key}: {parameter_count(pipe)} parameters (UNet, text encoders, VAE), built in "
-                    f"{time.perf_counter() - started:.1f} s")  # fmt: skip
+        report.note(f"{spec.key}: {parameter_count(pipe)} parameters (UNet or transformer, text encoders, VAE), "
+                    f"built in {time.perf_counter() - started:.1f} s")  # fmt: skip
     engine = loaded = None
     if variant.speed is not None:
         engine = new_engine(setup, variant.speed)
@@ -641,7 +744,7 @@ def bench_variant(setup: Setup, spec: ModelSpec, variant: Variant, report: Repor
 
     def job_for(batch: int, size: tuple[int, int]) -> Job:
         if engine is None:
-            return plain_job(pipe, batch, size, setup.steps)
+            return plain_job(pipe, spec.family, batch, size, setup.steps)
         return engine_job(engine, loaded, batch, size, setup.steps, controlnet, ip_adapter)
 
     compiled = variant.speed is not None and variant.speed.compile
@@ -684,7 +787,8 @@ def bench_vae(setup: Setup, key: str, size: int, report: Report) -> None:
     vae = build_vae(key, setup.tiny, setup.work, setup.device, setup.dtype)
     holder = SimpleNamespace(vae=vae)  # set_vae_tiling takes a pipeline; it only touches `.vae`
     generator = torch.Generator("cpu").manual_seed(0)
-    latent = torch.randn(1, 4, size // 8, size // 8, generator=generator).to(setup.device, setup.dtype)
+    channels = vae.config.latent_channels
+    latent = torch.randn(1, channels, size // 8, size // 8, generator=generator).to(setup.device, setup.dtype)
     default = SpeedOptions()
     auto = "tiles" if size * size > default.vae_tiling_min_pixels else "does not tile"
     report.note(f"VAE decode at {size}x{size}: the engine's default vae_tiling={default.vae_tiling} {auto} there "
@@ -731,7 +835,7 @@ def quiet_libraries() -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="the demo's tiny models at 64x64, a few steps (CPU)")
-    parser.add_argument("--models", nargs="+", choices=["sd15", "sdxl"], default=["sd15", "sdxl"])
+    parser.add_argument("--models", nargs="+", choices=list(FULL_MODELS), default=list(FULL_MODELS))
     parser.add_argument("--batches", nargs="+", type=int, help="batch sizes (default 1 2 4 8; --tiny: 1 2)")
     parser.add_argument("--steps", type=int, help="denoising steps (default 30; --tiny: 3)")
     parser.add_argument("--repeats", type=int, help="timed calls per measurement, median taken (3; --tiny: 1)")
@@ -764,6 +868,8 @@ def bench_all(args: argparse.Namespace, setup: Setup, chosen: list[Variant], ski
     for key in args.models:
         spec = specs[key]
         for variant in chosen:
+            if spec.family in FLOW_FAMILIES and variant.key in UNET_ONLY_WAYS:
+                continue  # a UNet's option, or a unit these families do not run
             if variant.key == "compile" and skip_compile:
                 for batch in args.batches:
                     report.add(Row(variant.way, key, batch, spec.size, args.steps, note="skipped on CPU (--tiny)"))
@@ -776,7 +882,7 @@ def bench_all(args: argparse.Namespace, setup: Setup, chosen: list[Variant], ski
                 report.add(Row(variant.way, key, 0, spec.size, args.steps, note=f"failed: {type(error).__name__}"))
             free_memory(setup, compiled=variant.speed is not None and variant.speed.compile)
     if not args.no_vae:
-        key = "sdxl" if "sdxl" in args.models else args.models[0]
+        key = "sdxl" if "sdxl" in args.models else args.models[0]  # SDXL's: the hires-fix decode
         try:
             bench_vae(setup, key, 256 if args.tiny else 2048, report)
         except Exception as error:
@@ -790,7 +896,8 @@ def run_details(args: argparse.Namespace, argv: list[str] | None) -> list[str]:
     """How the figures were taken, for the results file."""
     command = " ".join(["python bench/gpu_bench.py", *(argv if argv is not None else sys.argv[1:])])
     details = [
-        f"`{command}`: {args.steps} steps, sampler {SAMPLER}, CFG {CFG_SCALE:g}, batches "
+        f"`{command}`: {args.steps} steps, sampler {SAMPLER}, CFG {CFG_SCALE:g} (FLUX.1: cfg 1 and distilled 3.5, "
+        f"SD 3.5: CFG 4.5), batches "
         f"{' '.join(map(str, args.batches))}, {args.warmup} warm-up + median of {args.repeats} timed call(s); random "
         "weights. s/image and img/s are end to end; it/s is the denoising loop (steps per second of the whole batch)."
     ]

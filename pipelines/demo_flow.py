@@ -26,15 +26,25 @@ TEXT_WIDTH = 32
 SD3_VAE_SCALING, SD3_VAE_SHIFT = 1.5305, 0.0609
 
 
-def _t5(seed: int, width: int = TEXT_WIDTH):
-    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+T5_SPECIAL_IDS = dict(pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)  # as T5's own vocabulary
 
-    tokenizer = T5Tokenizer(vocab=t5_unigram_vocab(), extra_ids=0)
+
+def t5_tokenizer():
+    """A T5 tokenizer of the tiny vocabulary trained here (pipelines/tokenizer.py)."""
+    from transformers import T5Tokenizer
+
+    return T5Tokenizer(vocab=t5_unigram_vocab(), extra_ids=0)
+
+
+def _t5(seed: int, width: int = TEXT_WIDTH):
+    from transformers import T5Config, T5EncoderModel
+
+    tokenizer = t5_tokenizer()
     torch.manual_seed(seed)
     config = T5Config(
         vocab_size=len(tokenizer), d_model=width, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
-        relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1,
-        decoder_start_token_id=0, is_encoder_decoder=False, use_cache=False,
+        relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", is_encoder_decoder=False,
+        use_cache=False, **T5_SPECIAL_IDS,
     )  # fmt: skip
     return tokenizer, T5EncoderModel(config).eval()
 
