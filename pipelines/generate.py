@@ -294,6 +294,9 @@ class ImageEngine:
                 final_size = (first.hires.width, first.hires.height) if first.hires else (first.width, first.height)
                 set_vae_tiling(loaded.pipe, self.speed, *final_size)
                 clip_warnings = _fit_clip_skip(pipe, jobs)
+                if family.guidance == "distilled" and not loaded.denoiser.config.get("guidance_embeds"):
+                    for job in jobs:  # schnell: no guidance embedding, so no Distilled CFG Scale to run or write
+                        job.distilled_cfg_scale = None
                 embeddings = _load_embeddings(loaded.pipe, jobs)  # unloaded after the call
                 for job in jobs:
                     job.sampler = first.sampler  # equal in a batch; build_scheduler may have adjusted its label

@@ -164,3 +164,19 @@ def test_loras_of_another_family_are_skipped_with_a_warning_naming_both(engine):
     assert "'demo-flux-peft' is a FLUX.1 LoRA; model 'demo-sd15' is SD1.5: use it with a FLUX.1 model" in (
         " ".join(sd15.warnings)
     )
+
+
+def test_schnell_has_no_guidance_embedding_so_distilled_cfg_scale_does_nothing(settings, tmp_path):
+    """dev and schnell are told apart by the transformer's config, not the name."""
+    from pipelines.catalog import ModelCatalog
+    from pipelines.demo_flow import build_flux
+    from pipelines.generate import ImageEngine
+
+    models = tmp_path / "models"
+    build_flux(tmp_path / "work", guidance=False).save_pretrained(models / "my-flux-fine-tune")
+    engine = ImageEngine(ModelCatalog(settings.model_copy(update={"models_dir": models})), device="cpu")
+    fields = {**FLUX, "model": "my-flux-fine-tune"}
+    default = engine.generate(Txt2ImgRequest(**fields))
+    assert difference(default, engine.generate(Txt2ImgRequest(**fields, distilled_cfg_scale=7))) == 0
+    assert "Distilled CFG Scale" not in parse_infotext(default.infotext)
+    assert engine.catalog.resolve("my-flux-fine-tune").family == "flux"
