@@ -10,6 +10,7 @@ from deployments.job_client import same_store
 from deployments.job_db import SCHEMA_VERSION, SchemaError
 from deployments.job_records import JobSummary, LapsedDelivery
 from deployments.jobs import JobStore
+from pipelines.families import FAMILIES
 from pipelines.schemas import JobState
 
 
@@ -375,7 +376,7 @@ def test_job_counts_by_family_feed_the_metrics_endpoint(location):
     assert counted[("sd15", "done", "alice")] == 1 and made[("sd15", "done", "alice")] == 4  # images made
     assert counted[("sd15", "queued", "bob")] == 1 and made[("sd15", "queued", "bob")] == 2  # images queued
     assert counted[("sdxl", "cancelled", "alice")] == 1 and counted[("sd15", "queued", "alice")] == 0
-    assert len(counted) == 3 * 5 * 2  # every family and state, for each key with jobs
+    assert len(counted) == len(FAMILIES) * 5 * 2  # every family and state, for each key with jobs
 
 
 def test_retention_counts_each_owners_jobs_and_drops_never_started_cancellations_first(location, tmp_path):
