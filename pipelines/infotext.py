@@ -24,8 +24,9 @@ from PIL import Image, PngImagePlugin
 from pipelines.images import open_image
 
 # A1111's generation_params order; `extra` keys come after these, then the trailer keys.
-A1111_KEY_ORDER = [
-    "Steps", "Sampler", "Schedule type", "CFG scale", "Image CFG scale", "Seed", "Face restoration", "Size",
+A1111_KEY_ORDER = [  # A1111's order, with Forge's "Distilled CFG Scale" (FLUX.1) where Forge writes it
+    "Steps", "Sampler", "Schedule type", "CFG scale", "Distilled CFG Scale", "Image CFG scale", "Seed",
+    "Face restoration", "Size",
     "Model hash", "Model", "FP8 weight", "Cache FP16 weight for LoRA", "VAE hash", "VAE", "Variation seed",
     "Variation seed strength", "Seed resize from", "Denoising strength", "Conditional mask weight",
     "Clip skip", "ENSD", "Token merging ratio", "Token merging ratio hr", "Init image hash", "RNG", "Tiling",

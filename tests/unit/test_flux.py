@@ -36,6 +36,7 @@ def test_a_job_gives_the_pixels_of_plain_diffusers_flux_pipeline(engine, setting
     assert params["Sampler"] == "Euler" and params["Schedule type"] == "Simple"
     assert float(params["CFG scale"]) == 1.0 and float(params["Distilled CFG Scale"]) == 3.5
     assert params["Model"] == "demo-flux-dev"
+    assert "CFG scale: 1.0, Distilled CFG Scale: 3.5, Seed: 5" in ours.infotext  # Forge's order
 
 
 def test_cfg_scale_1_ignores_the_negative_prompt_and_true_cfg_uses_it(engine):
