@@ -30,11 +30,12 @@ from pipelines.a1111_schemas import (
 )
 from pipelines.catalog import ModelCatalog, ModelEntry
 from pipelines.errors import DiffusionAPIError, InvalidRequestError, UnknownSamplerError
+from pipelines.families import family_of
 from pipelines.images import decode_base64_bytes, open_image
 from pipelines.infotext import parse_infotext, read_infotext
 from pipelines.limits import LIMITS
 from pipelines.loras import LoraLibrary, find_lora_tags, replace_lora_tags
-from pipelines.samplers import SAMPLERS, SCHEDULES, resolve_sampler
+from pipelines.samplers import SAMPLERS, SCHEDULES, resolve_sampler, sampler_key
 from pipelines.schemas import Img2ImgRequest, JobState, Txt2ImgRequest
 from pipelines.settings import VERSION
 from pipelines.upscalers import LATENT_MODES, RESIZE_MODES, UpscalerLibrary
@@ -86,11 +87,12 @@ def _is_set(value: Any) -> bool:
     return value not in (None, "", "None", "none", "Use same checkpoint", "Use same sampler", "Use same scheduler")
 
 
-def _snapped_size(value: int, name: str, warnings: list[str]) -> int:
-    """A1111 accepts any size and works on multiples of 8; so do we, saying so."""
-    snapped = max(LIMITS.min_size, value - value % 8)
+def _snapped_size(value: int, name: str, warnings: list[str], multiple: int = 8) -> int:
+    """A1111 accepts any size and works on multiples of 8 (16 for FLUX.1 and SD 3.5: the model family's
+    `sizes_multiple_of`); so do we, saying so."""
+    snapped = max(LIMITS.min_size, value - value % multiple)
     if snapped != value:
-        warnings.append(f"{name} {value} is not a multiple of 8 (or below {LIMITS.min_size}); used {snapped}")
+        warnings.append(f"{name} {value} is not a multiple of {multiple} (or below {LIMITS.min_size}); used {snapped}")
     return snapped
 
 
@@ -139,6 +141,8 @@ def _sampler_and_schedule(request: A1111GenerationRequest) -> tuple[str, str | N
         if error.field == "scheduler_type":
             raise A1111NotFoundError(error.message.replace("scheduler_type", "scheduler"), field="scheduler") from None
         raise A1111NotFoundError(f"Sampler not found: {error.message}", field="sampler_name") from None
+    if schedule is None and sampler_key(sampler) is not None:
+        return resolved.sampler, None  # no schedule sent, none in the name: the model's family decides
     label_to_key = {spec.label: key for key, spec in SCHEDULES.items()}
     return resolved.sampler, label_to_key.get(resolved.schedule_label)
 
@@ -179,11 +183,23 @@ def check_prompt_lengths(request: A1111GenerationRequest) -> None:
                                       f"accepted", field=name)  # fmt: skip
 
 
+def _size_multiple(name: str | None, catalog: ModelCatalog | None) -> int:
+    """The size multiple of the model the request names (8; 16 for FLUX.1 and SD 3.5). An unknown model is the
+    submission's 404, not this translation's."""
+    if catalog is None:
+        return 8
+    try:
+        return family_of(catalog.resolve(name).family).sizes_multiple_of
+    except DiffusionAPIError:
+        return 8
+
+
 def to_native(
-    request: A1111Txt2ImgRequest | A1111Img2ImgRequest, default_model: str | None, loras: LoraLibrary | None = None
-) -> MappedRequest:
+    request: A1111Txt2ImgRequest | A1111Img2ImgRequest, default_model: str | None, loras: LoraLibrary | None = None,
+    catalog: ModelCatalog | None = None,
+) -> MappedRequest:  # fmt: skip
     """The native request an A1111 body asks for. Raises a DiffusionAPIError (4xx) naming the A1111 field
-    for a value the native API refuses (out of its limits)."""
+    for a value the native API refuses (out of its limits). `catalog`: to snap sizes to the model's family."""
     check_prompt_lengths(request)
     kind: Kind = "img2img" if isinstance(request, A1111Img2ImgRequest) else "txt2img"
     warnings = _unsupported_warnings(request, kind)
@@ -193,8 +209,9 @@ def to_native(
     overrides = request.override_settings or {}
     sampler, schedule = _sampler_and_schedule(request)
     steps = request.steps if request.steps is not None else 50
-    width = _snapped_size(request.width or 512, "width", warnings)
-    height = _snapped_size(request.height or 512, "height", warnings)
+    multiple = _size_multiple(overrides.get("sd_model_checkpoint") or default_model, catalog)
+    width = _snapped_size(request.width or 512, "width", warnings, multiple)
+    height = _snapped_size(request.height or 512, "height", warnings, multiple)
     native: dict[str, Any] = {
         "prompt": without_unknown_loras(request.prompt or "", loras, warnings),
         "negative_prompt": request.negative_prompt or "",
@@ -210,8 +227,8 @@ def to_native(
         "model": overrides.get("sd_model_checkpoint") or default_model,
         "preview": True,  # A1111's live previews are on by default: /progress answers them as current_image
     }
-    if "cfg_scale" in request.model_fields_set:  # unsent, the model's family decides: 7, or 1 for FLUX.1
-        native["cfg_scale"] = request.cfg_scale if request.cfg_scale is not None else 7.0
+    if "cfg_scale" in request.model_fields_set and request.cfg_scale is not None:  # unsent or null: the family's
+        native["cfg_scale"] = request.cfg_scale
     if request.distilled_cfg_scale is not None:
         native["distilled_cfg_scale"] = request.distilled_cfg_scale
     if isinstance(vae := overrides.get("sd_vae"), str) and vae.strip():

@@ -65,6 +65,11 @@ class ModelEntry:
             candidate = folder / filename
             if candidate.exists():
                 return candidate
+        # Large models ship their transformer in shards (FLUX.1-dev, SD 3.5 Large): the first shard, which
+        # differs between fine-tunes as the whole file would.
+        shards = sorted(folder.glob("diffusion_pytorch_model-*.safetensors")) or sorted(folder.glob("*.safetensors"))
+        if shards:
+            return shards[0]
         raise FileNotFoundError(f"no model weights in {folder}")
 
 

@@ -516,6 +516,10 @@ class ImageEngine:
         for name in ("clip_skip", "denoising_start", "denoising_end", "width", "height"):
             if name in arguments and name not in parameters:
                 arguments.pop(name)
+        if first.clip_skip > 1 and "clip_skip" not in parameters:  # FLUX.1's pipelines take none
+            for job in jobs:
+                job.warnings.append(f"clip_skip is not applied on {family.label} models; it was left out")
+                job.clip_skip = 1
         with torch.inference_mode():
             if is_inpaint_pipeline(pipe):  # a mask, or an inpainting checkpoint
                 masks = [job.inpaint for job in jobs]

@@ -322,10 +322,11 @@ def generation_job(request: ImageGenerationRequest, model: str, family: str) -> 
     return Translated(kind="txt2img", native=native, warnings=warnings, quality=quality, size=f"{width}x{height}")
 
 
-def snapped_size(width: int, height: int) -> tuple[int, int]:
-    """An input image's size as an output size: scaled down into the limits, each side a multiple of 8."""
+def snapped_size(width: int, height: int, multiple: int = 8) -> tuple[int, int]:
+    """An input image's size as an output size: scaled down into the limits, each side a multiple of 8 (of the
+    model family's `sizes_multiple_of`: 16 for FLUX.1 and SD 3.5)."""
     scale = min(1.0, LIMITS.max_size / max(width, height), (LIMITS.max_pixels / (width * height)) ** 0.5)
-    return tuple(max(LIMITS.min_size, int(side * scale) // 8 * 8) for side in (width, height))  # type: ignore[return-value]
+    return tuple(max(LIMITS.min_size, int(side * scale) // multiple * multiple) for side in (width, height))  # type: ignore[return-value]
 
 
 def _alpha(raw: bytes, field: str) -> tuple[Image.Image, Image.Image | None]:
@@ -351,7 +352,8 @@ def _png_base64(image: Image.Image) -> str:
     return encode_base64(buffer.getvalue())
 
 
-def edit_job(request: ImageEditFields, image: bytes, mask: bytes | None, model: str, extra_images: int) -> Translated:
+def edit_job(request: ImageEditFields, image: bytes, mask: bytes | None, model: str, extra_images: int,
+             multiple: int = 8) -> Translated:  # fmt: skip
     """`POST /v1/images/edits` as an img2img job: inpainting where the mask (or the image's own alpha) is
     transparent, else the whole image redrawn at EDIT_STRENGTH."""
     warnings = ["'input_fidelity' is accepted and not used here"] if request.input_fidelity is not None else []
@@ -369,7 +371,7 @@ def edit_job(request: ImageEditFields, image: bytes, mask: bytes | None, model: 
         native_mask = repaint_where_transparent(mask_alpha) if mask_alpha is not None else opened.convert("L")
     elif picture_alpha is not None and picture_alpha.getextrema()[0] < 128:
         native_mask = repaint_where_transparent(picture_alpha)  # as OpenAI: no mask, the image's transparent part
-    width, height = request.dimensions(snapped_size(*picture.size))
+    width, height = request.dimensions(snapped_size(*picture.size, multiple))
     strength = MASKED_EDIT_STRENGTH if native_mask is not None else EDIT_STRENGTH
     fields = {"prompt": request.prompt, "model": model, "width": width, "height": height, "batch_size": request.n,
               "image": _png_base64(picture.convert("RGB")), "denoising_strength": strength, **options,
@@ -380,10 +382,10 @@ def edit_job(request: ImageEditFields, image: bytes, mask: bytes | None, model: 
     return Translated(kind="img2img", native=native, warnings=warnings, quality=quality, size=f"{width}x{height}")
 
 
-def variation_job(request: ImageVariationFields, image: bytes, model: str) -> Translated:
+def variation_job(request: ImageVariationFields, image: bytes, model: str, multiple: int = 8) -> Translated:
     """`POST /v1/images/variations` as img2img of the image with an empty prompt at VARIATION_STRENGTH."""
     picture = decode_image(image, "image")
-    width, height = request.dimensions(snapped_size(*picture.size))
+    width, height = request.dimensions(snapped_size(*picture.size, multiple))
     fields = {"prompt": "", "model": model, "width": width, "height": height, "batch_size": request.n,
               "image": _png_base64(picture), "denoising_strength": VARIATION_STRENGTH, "file_type": "png",
               **_extras(request, (*COMMON_EXTRAS, *IMG2IMG_EXTRAS))}  # fmt: skip

@@ -2,6 +2,7 @@
 LoRAs, hires fix, refiner), checked and resolved before any model work, so bad input fails first."""
 
 import math
+import re
 import secrets
 from dataclasses import dataclass, field, replace
 
@@ -186,7 +187,7 @@ def prepare_job(
         job.denoising_strength = job.hires.denoising_strength
     _check_control_combinations(job, model)
     if family is not None:
-        _apply_family_rules(job, request, family)
+        _apply_family_rules(job, request, family, vaes)
     return job
 
 
@@ -198,13 +199,36 @@ def unsent_family_defaults(request: GenerationRequest, family: str) -> dict:
     return {name: value for name, value in defaults.items() if name not in request.model_fields_set}
 
 
-def _apply_family_rules(job: PreparedJob, request: GenerationRequest, family: ModelFamily) -> None:
-    """What a family asks of a job beyond the shared checks: its size multiple, and its guidance (FLUX.1's
-    distilled guidance; its negative prompt only with true CFG)."""
+A1111_SYNTAX = re.compile(r"[()\[\]]|\bBREAK\b")  # emphasis brackets or BREAK (pipelines/prompts.py reads them)
+
+
+def _apply_family_rules(job: PreparedJob, request: GenerationRequest, family: ModelFamily,
+                        vaes: VaeLibrary | None = None) -> None:  # fmt: skip
+    """What a family asks of a job beyond the shared checks: its size multiple (the hires size fitted to it),
+    a VAE of its latent channels, A1111's prompt syntax where it has no weighted encoding, and its guidance
+    (FLUX.1's distilled guidance; its negative prompt only with true CFG)."""
+    multiple = family.sizes_multiple_of
     for name in ("width", "height"):
-        if getattr(request, name) % family.sizes_multiple_of:
-            raise InvalidRequestError(f"{name} must be a multiple of {family.sizes_multiple_of} for {family.label} "
-                                      f"models, not {getattr(request, name)}", field=name)  # fmt: skip
+        if getattr(request, name) % multiple:
+            raise InvalidRequestError(f"{name} must be a multiple of {multiple} for {family.label} models, not "
+                                      f"{getattr(request, name)}", field=name)  # fmt: skip
+    if job.hires is not None and (job.hires.width % multiple or job.hires.height % multiple):
+        fitted = replace(job.hires, width=job.hires.width // multiple * multiple,
+                         height=job.hires.height // multiple * multiple)  # fmt: skip
+        job.warnings.append(f"hires size {job.hires.width}x{job.hires.height} made {fitted.width}x{fitted.height}: "
+                            f"{family.label} sizes are multiples of {multiple}")  # fmt: skip
+        job.hires = fitted
+    if family.prompt_encoding == "plain" and any(
+        A1111_SYNTAX.search(text) for text in (job.prompt, job.negative_prompt)
+    ):
+        job.warnings.append(f"emphasis and BREAK are not applied on {family.label} models: the prompt was sent "
+                            "without them")  # fmt: skip
+    if job.vae is not None and vaes is not None:
+        channels = vaes.latent_channels(job.vae)
+        if channels is not None and channels != family.latent_channels:
+            raise InvalidRequestError(f"vae: '{job.vae.name}' has {channels} latent channels and {family.label} "
+                                      f"models {family.latent_channels}: it is a VAE of another family",
+                                      field="vae")  # fmt: skip
     if family.guidance != "distilled":
         return
     job.distilled_cfg_scale = (request.distilled_cfg_scale if request.distilled_cfg_scale is not None

@@ -114,7 +114,8 @@ def _is_number(text: str) -> bool:
 
 
 def plain_text(spans: list[Span]) -> str:
-    return "".join(span.text for span in spans if not span.is_break)
+    """The spans' text without weights; a BREAK leaves a space (its words must not run into each other)."""
+    return "".join(" " if span.is_break else span.text for span in spans)
 
 
 @dataclass

@@ -180,6 +180,12 @@ def _schedule_key(value: str, schedules: dict[str, "ScheduleSpec"]) -> str | Non
     return None
 
 
+def sampler_key(value: str) -> str | None:
+    """The A1111 sampler a plain name or alias names (`k_euler` -> Euler); None for a name with a schedule in it
+    (`DPM++ 2M Karras`) or an unknown one."""
+    return _sampler_key(value, SAMPLERS)
+
+
 def _sampler_key(value: str, samplers: dict[str, SamplerSpec]) -> str | None:
     wanted = value.strip().lower()
     for name, spec in samplers.items():
@@ -281,6 +287,8 @@ def build_scheduler(resolved: ResolvedSampler, model_scheduler_config: dict):
                  "solver_order", "solver_type", "skip_prk_steps"):  # fmt: skip
         base.pop(flag, None)
     accepted = inspect.signature(scheduler_class.__init__).parameters
+    if "shift" in base and "flow_shift" in accepted and resolved.options.get("use_flow_sigmas"):
+        base["flow_shift"] = base["shift"]  # a flow-matching model's shift, under the name these solvers use
     dropped = [key for key in resolved.options if key not in accepted]
     if dropped:
         resolved.warnings.append(

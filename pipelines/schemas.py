@@ -179,8 +179,8 @@ class GenerationRequest(BaseModel):
     steps: int = Field(30, ge=1, le=LIMITS.max_steps, description="Number of inference steps")
     cfg_scale: float = Field(
         7.0, ge=0.0, le=LIMITS.max_cfg_scale,
-        description="Classifier-free guidance scale; absent on FLUX.1 models: 1 (no unconditional pass, the negative "
-        "prompt not used); above 1 there: true CFG with the negative prompt",
+        description="Classifier-free guidance scale; absent: 7, but 1 on FLUX.1 models (no unconditional pass, the "
+        "negative prompt not used; above 1 there: true CFG with it) and 4.5 on SD 3.5",
     )  # fmt: skip
     distilled_cfg_scale: float | None = Field(
         None, ge=0.0, le=LIMITS.max_cfg_scale,
@@ -192,7 +192,10 @@ class GenerationRequest(BaseModel):
     model: str | None = Field(
         None, max_length=255, description="Model name or label (see GET /models); absent or empty: the default"
     )
-    sampler_name: SamplerName = Field("DPM++ 2M Karras", description="See GET /sampling_methods")
+    sampler_name: SamplerName = Field(
+        "DPM++ 2M Karras",
+        description="See GET /sampling_methods; absent on FLUX.1 and SD 3.5 models: Euler (their samplers: README)",
+    )
     scheduler_type: ScheduleType | None = Field(
         None, description="Schedule type (seed values or A1111 names); absent: the sampler's own"
     )

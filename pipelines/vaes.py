@@ -9,6 +9,7 @@ load one (the ingress resolves VAE names with this module and must not load torc
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections import OrderedDict
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pipelines import tensor_shapes
 from pipelines.catalog import FileFactsCache, sha256_of_file
 from pipelines.errors import DiffusionAPIError, ModelLoadError
 from pipelines.names import find_named_file, scan_files_and_folders
@@ -85,6 +87,23 @@ class VaeLibrary:
     def short_hash(self, vae: VaeFile) -> str:
         """A1111's `VAE hash`: the first 10 hex digits of the file's sha256."""
         return self.facts.get(vae.weights_file.resolve(), "sha256", sha256_of_file)[:10]
+
+    def latent_channels(self, vae: VaeFile) -> int | None:
+        """Its latent channels (4 for SD1.5/SDXL VAEs, 16 for FLUX.1's and SD 3.5's), from the folder's config or
+        the file's tensor shapes, read without torch; None when they cannot be read (its load then says why)."""
+
+        def read(weights: Path) -> str:
+            try:
+                if vae.path.is_dir():
+                    return str(json.loads((vae.path / "config.json").read_text()).get("latent_channels", ""))
+                shapes = tensor_shapes.read(weights) or {}
+                conv_in = shapes.get("decoder.conv_in.weight") or shapes.get("first_stage_model.decoder.conv_in.weight")
+                return str(conv_in.shape[1]) if conv_in is not None else ""
+            except (OSError, ValueError, KeyError, IndexError):
+                return ""
+
+        value = self.facts.get(vae.weights_file.resolve(), "vae_latent_channels", read)
+        return int(value) if value else None
 
     def load(self, vae: VaeFile, like: torch.nn.Module) -> torch.nn.Module:
         """The VAE as a diffusers AutoencoderKL on the device and in the precision of `like` (the model's own

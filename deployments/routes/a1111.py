@@ -87,7 +87,8 @@ async def _sdapi_generate(request: A1111Txt2ImgRequest | A1111Img2ImgRequest, ht
     """Submits the job as any other, then waits for it (a client that goes away does not cancel it) and
     answers in A1111's shape. A retry with the same Idempotency-Key waits for the first call's job."""
     jobs = services.jobs
-    mapped = await asyncio.to_thread(a1111.to_native, request, await jobs.default_model(), services.libraries.loras)
+    mapped = await asyncio.to_thread(a1111.to_native, request, await jobs.default_model(), services.libraries.loras,
+                                     services.libraries.catalog)  # fmt: skip
     who = caller(http)
     job_id, replayed = await jobs.submit_once(idempotency_key, request, mapped.kind, mapped.native, who.owner,
                                               ORIGIN, warnings=mapped.warnings, limits=who.limits,

@@ -28,6 +28,7 @@ from deployments.services import Services, ServicesDep
 from pipelines import openai_images
 from pipelines.catalog import ModelEntry
 from pipelines.errors import DiffusionAPIError, InvalidRequestError
+from pipelines.families import family_of
 from pipelines.images import decode_base64_bytes, encode_base64
 from pipelines.infotext import MIME_TYPES
 from pipelines.openai_images import (
@@ -109,7 +110,8 @@ async def edits(form: Annotated[ImageEditForm, Form(media_type=MULTIPART)], http
     image = await files[0].read()
     mask = await form.mask.read() if form.mask is not None else None
     entry = await _model(services, form.model)
-    translated = await services.jobs.decoding(openai_images.edit_job, form, image, mask, entry.name, len(files) - 1)
+    translated = await services.jobs.decoding(openai_images.edit_job, form, image, mask, entry.name, len(files) - 1,
+                                              family_of(entry.family).sizes_multiple_of)  # fmt: skip
     return await _run(translated, form, "image_edit", http, response, services, idempotency_key)
 
 
@@ -120,7 +122,8 @@ async def variations(form: Annotated[ImageVariationForm, Form(media_type=MULTIPA
     """Variations of the image: img2img with an empty prompt at the strength the README names."""
     image = await form.image.read()
     entry = await _model(services, form.model)
-    translated = await services.jobs.decoding(openai_images.variation_job, form, image, entry.name)
+    translated = await services.jobs.decoding(openai_images.variation_job, form, image, entry.name,
+                                              family_of(entry.family).sizes_multiple_of)  # fmt: skip
     return await _run(translated, form, "image_generation", http, response, services, idempotency_key)
 
 

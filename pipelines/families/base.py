@@ -49,6 +49,7 @@ class ModelFamily:
     # Request fields a job of this family gets when the caller did not send them (FLUX.1: cfg_scale 1, Euler).
     request_defaults: dict[str, object] = field(default_factory=dict)
     distilled_cfg_scale: float | None = None  # guidance "distilled": the guidance embedding's default
+    latent_channels: int = 4  # its VAE's (a VAE file of other latent channels is another family's)
     sizes_multiple_of: int = 8  # width and height must be multiples of this (the VAE's downsampling x patching)
     # Recognising its files: an original-layout checkpoint's tensor names, a diffusers folder's model_index.json
     # (with the folder, for component configs). Families are asked in `FAMILIES` order; the first claim wins.

@@ -55,12 +55,18 @@ FLOW_SCHEDULES = {
 }
 
 
+PIPELINE_CLASSES = ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline")
+
+
 def _claims_folder(index: dict, folder: Path) -> bool:
-    """A diffusers FLUX.1 folder: `FluxPipeline` (or its img2img / inpainting class) with a FluxTransformer2DModel."""
+    """A diffusers FLUX.1 text-to-image folder: `FluxPipeline` (or its img2img / inpainting class) with a
+    FluxTransformer2DModel of 64 input channels. FLUX.1 Fill, Canny, Depth and Kontext (other pipelines, wider
+    inputs) are not claimed, so they are skipped with a warning naming their class."""
     config = folder / "transformer" / "config.json"
-    if not index.get("_class_name", "").startswith("Flux") or not config.is_file():
+    if index.get("_class_name") not in PIPELINE_CLASSES or not config.is_file():
         return False
-    return json.loads(config.read_text()).get("_class_name") == "FluxTransformer2DModel"
+    transformer = json.loads(config.read_text())
+    return transformer.get("_class_name") == "FluxTransformer2DModel" and transformer.get("in_channels") == 64
 
 
 FLUX_WIDTH = 3072  # the transformer's inner width (24 heads x 128)
@@ -112,6 +118,7 @@ FLUX = ModelFamily(
     schedules=FLOW_SCHEDULES,
     request_defaults={"cfg_scale": 1.0, "sampler_name": "Euler", "scheduler_type": "simple"},
     distilled_cfg_scale=3.5,
+    latent_channels=16,
     sizes_multiple_of=16,  # 8x VAE downsampling, then 2x2 patches
     claims_folder=_claims_folder,
     claims_lora=claims_lora,

@@ -76,6 +76,7 @@ SD3 = ModelFamily(
     schedules=FLOW_SCHEDULES,
     # Stability's recommended guidance for 3.5 (its model cards: 3.5-4.5), not SD1.5's 7.
     request_defaults={"cfg_scale": 4.5, "sampler_name": "Euler", "scheduler_type": "simple"},
+    latent_channels=16,
     sizes_multiple_of=16,  # 8x VAE downsampling, then 2x2 patches
     claims_folder=_claims_folder,
     claims_lora=claims_lora,

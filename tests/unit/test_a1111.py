@@ -228,3 +228,15 @@ def test_prompts_have_the_native_length_limit_checked_before_any_parsing(model, 
     monkeypatch.undo()
     at_limit = {field: "a" * limit, "init_images": ["x"]} if model is A1111Img2ImgRequest else {field: "a" * limit}
     assert a1111.to_native(model(**at_limit), None).native is not None
+
+
+def test_a_forge_call_on_flux_snaps_sizes_to_16_and_leaves_unsent_fields_to_the_family(catalog):
+    overrides = {"sd_model_checkpoint": "Demo FLUX.1-dev"}
+    mapped = a1111.to_native(A1111Txt2ImgRequest(prompt="x", sampler_name="DPM++ 2M", width=1000, height=520,
+                                                 override_settings=overrides), None, catalog=catalog)  # fmt: skip
+    native = mapped.native
+    assert (native.width, native.height) == (992, 512)
+    assert "width 1000 is not a multiple of 16 (or below 64); used 992" in mapped.warnings
+    assert native.scheduler_type is None and "cfg_scale" not in native.model_fields_set
+    sd15 = a1111.to_native(A1111Txt2ImgRequest(prompt="x", width=1000, cfg_scale=None), "demo-sd15", catalog=catalog)
+    assert sd15.native.width == 1000 and sd15.native.cfg_scale == 7.0  # null cfg_scale: the family's (SD: 7)

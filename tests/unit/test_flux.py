@@ -181,3 +181,45 @@ def test_schnell_has_no_guidance_embedding_so_distilled_cfg_scale_does_nothing(s
     assert difference(default, engine.generate(Txt2ImgRequest(**fields, distilled_cfg_scale=7))) == 0
     assert "Distilled CFG Scale" not in parse_infotext(default.infotext)
     assert engine.catalog.resolve("my-flux-fine-tune").family == "flux"
+
+
+def test_what_a1111_syntax_flux_does_not_run_is_said_and_not_written(engine):
+    """BREAK leaves a space, emphasis is removed, clip skip is not applied: each says so, none is in the
+    infotext as if it had run."""
+    joined = engine.generate(Txt2ImgRequest(**{**FLUX, "prompt": "a red house BREAK a cat"}, clip_skip=2))
+    spaced = engine.generate(Txt2ImgRequest(**{**FLUX, "prompt": "a red house   a cat"}))
+    assert difference(joined, spaced) == 0  # not "a red housea cat"
+    assert any("emphasis and BREAK are not applied on FLUX.1" in warning for warning in joined.warnings)
+    assert any("clip_skip is not applied on FLUX.1" in warning for warning in joined.warnings)
+    assert "Clip skip" not in joined.infotext
+
+
+def test_hires_sizes_are_fitted_to_16_and_a_vae_of_another_family_is_a_422(engine):
+    result = engine.generate(Txt2ImgRequest(**FLUX, hires={"enabled": True, "upscaler": "Lanczos", "scale": 1.1,
+                                                           "steps": 2}))  # fmt: skip
+    assert result.image.size == (64, 64) and any("hires size 72x72 made 64x64" in w for w in result.warnings)
+    with pytest.raises(DiffusionAPIError) as raised:
+        engine.generate(Txt2ImgRequest(**FLUX, vae="demo-vae-ft"))
+    assert raised.value.status_code == 422 and raised.value.field == "vae"
+    assert "4 latent channels and FLUX.1 models 16" in raised.value.message
+
+
+def test_a_sharded_transformer_is_hashed_and_listed(settings, tmp_path):
+    """FLUX.1-dev and SD 3.5 Large ship their transformers in shards."""
+    import shutil
+
+    from pipelines.catalog import ModelCatalog
+
+    models = tmp_path / "models"
+    shutil.copytree(settings.models_dir / "demo-flux-dev", models / "sharded-flux")
+    transformer = models / "sharded-flux" / "transformer"
+    from diffusers import FluxTransformer2DModel
+
+    model = FluxTransformer2DModel.from_pretrained(transformer)
+    (transformer / "diffusion_pytorch_model.safetensors").unlink()
+    model.save_pretrained(transformer, max_shard_size="20KB")
+    assert len(list(transformer.glob("diffusion_pytorch_model-*.safetensors"))) > 1
+    catalog = ModelCatalog(settings.model_copy(update={"models_dir": models}))
+    entry = catalog.resolve("sharded-flux")
+    assert entry.hash_file.name.startswith("diffusion_pytorch_model-00001-of-")
+    assert len(catalog.model_hash(entry)) == 10

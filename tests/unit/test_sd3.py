@@ -104,3 +104,18 @@ def test_an_sd35_lora_changes_the_image_and_scale_zero_does_not(engine):
     assert difference(styled, plain) > 2 and not styled.warnings
     assert difference(engine.generate(Txt2ImgRequest(**SD35, loras=[{"name": "demo-sd35-peft", "scale": 0}])),
                       plain) == 0  # fmt: skip
+
+
+def test_its_multistep_solvers_run_on_the_models_shift(engine):
+    """DPM++ 2M and UniPC name the flow shift `flow_shift`; SD 3.5's scheduler config says `shift: 3.0`."""
+    from pipelines.families import family_of
+    from pipelines.samplers import build_scheduler, resolve_sampler
+
+    loaded = engine.load("demo-sd35")
+    for sampler in ("DPM++ 2M", "UniPC"):
+        scheduler = build_scheduler(resolve_sampler(sampler, None, family_of("sd3")), loaded.scheduler_config)
+        assert scheduler.config.flow_shift == 3.0
+        scheduler.set_timesteps(10)
+        euler = build_scheduler(resolve_sampler("Euler", None, family_of("sd3")), loaded.scheduler_config)
+        euler.set_timesteps(10)
+        assert abs(float(scheduler.sigmas[1]) - float(euler.sigmas[1])) < 0.02  # both shifted: 0.96, not 0.9
