@@ -45,6 +45,7 @@ class AppArgs(BaseModel):
     controlnet_dir: str | None = None
     ipadapter_dir: str | None = None
     clip_vision_dir: str | None = None
+    text_encoder_dir: str | None = None
     annotators_dir: str | None = None
     outputs_dir: str | None = None  # a local folder, or an fsspec URL for the images (s3://..., file:///...)
     models_config: str | None = None
@@ -125,6 +126,7 @@ def build_app(args: dict | None = None) -> Application:
             "ipadapter_dir",
             "clip_vision_dir",
             "annotators_dir",
+            "text_encoder_dir",
             "outputs_dir",
             "models_config",
             "cache_dir",

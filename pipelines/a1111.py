@@ -14,6 +14,7 @@ import datetime
 import json
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import psutil
@@ -56,7 +57,7 @@ KNOWN_A1111_FIELDS = frozenset(
         "s_min_uncond", "s_churn", "s_tmax", "s_tmin", "s_noise", "override_settings_restore_afterwards",
         "disable_extra_networks", "comments", "firstpass_image", "firstphase_width", "firstphase_height",
         "script_args", "infotext", "force_task_id", "hr_additional_modules", "sampler_index", "image_cfg_scale",
-        "mask_round", "initial_noise_multiplier", "latent_mask", "user",
+        "mask_round", "initial_noise_multiplier", "latent_mask", "user", "forge_additional_modules",
     ]
 )  # fmt: skip
 # Where a native field came from, for error messages that name the field the client sent.
@@ -194,6 +195,34 @@ def _size_multiple(name: str | None, catalog: ModelCatalog | None) -> int:
         return 8
 
 
+def _checked_modules(modules: Any, model: str | None, catalog: ModelCatalog | None) -> list[str]:
+    """Forge's `forge_additional_modules` (file names, stems or paths) against the modules the model runs with:
+    each FLUX.1 single file runs with one set (configs/models.yaml `modules:`, else one of each kind installed),
+    so naming another is a 422 saying which it runs with; naming modules for a model that carries its own VAE
+    and text encoders is a warning."""
+    if not isinstance(modules, list) or not all(isinstance(item, str) for item in modules):
+        raise InvalidRequestError("forge_additional_modules: a list of module file names or paths",
+                                  field="forge_additional_modules")  # fmt: skip
+    try:
+        entry = catalog.resolve(model) if catalog is not None else None
+    except DiffusionAPIError:
+        return []  # the submission answers the unknown model
+    if entry is None:
+        return []
+    if not entry.modules:
+        return [f"forge_additional_modules ignored: model '{entry.name}' carries its own VAE and text encoders"]
+    runs_with = {path.stem for path in entry.modules}
+    asked = {Path(item.replace("\\", "/")).stem for item in modules}
+    if other := sorted(asked - runs_with):
+        raise InvalidRequestError(
+            f"forge_additional_modules: {', '.join(map(repr, other))} are not the modules model '{entry.name}' runs "
+            f"with ({', '.join(sorted(runs_with))}); this service runs each FLUX.1 single file with one module set, "
+            "chosen in configs/models.yaml under 'modules:' (GET /sdapi/v1/sd-modules lists the installed ones)",
+            field="forge_additional_modules",
+        )
+    return []
+
+
 def to_native(
     request: A1111Txt2ImgRequest | A1111Img2ImgRequest, default_model: str | None, loras: LoraLibrary | None = None,
     catalog: ModelCatalog | None = None,
@@ -233,6 +262,9 @@ def to_native(
         native["distilled_cfg_scale"] = request.distilled_cfg_scale
     if isinstance(vae := overrides.get("sd_vae"), str) and vae.strip():
         native["vae"] = vae  # "Automatic" and "None" mean the model's own, as in A1111
+    modules = overrides.get("forge_additional_modules", (request.model_extra or {}).get("forge_additional_modules"))
+    if modules:
+        warnings += _checked_modules(modules, native["model"], catalog)
     try:
         clip_skip = number_from_text(overrides.get("CLIP_stop_at_last_layers"))
     except ValueError as error:

@@ -54,6 +54,7 @@ class ModelEntry:
     path: Path  # the diffusers folder (the snapshot folder for HF cache) or the checkpoint file
     config_dir: Path | None = None  # single files: local diffusers configs, when present
     inpainting: bool = False  # a 9-channel UNet (image + mask conditioning): an inpainting checkpoint
+    modules: tuple[Path, ...] = ()  # a FLUX.1 single file's VAE, CLIP and T5 files (pipelines/modules.py)
 
     @property
     def hash_file(self) -> Path:
@@ -246,8 +247,23 @@ class ModelCatalog:
                 channels = self.facts.get(path, "unet_in_channels", unet_input_channels_of_checkpoint)
             config_dir = path.parent / ".configs" / path.stem
             return ModelEntry(path.stem, path.stem, family, "single-file", path,
-                              config_dir if config_dir.is_dir() else None, channels == INPAINTING_CHANNELS)  # fmt: skip
+                              config_dir if config_dir.is_dir() else None, channels == INPAINTING_CHANNELS,
+                              self._modules_of(path.stem, family))  # fmt: skip
         return None
+
+    def _modules_of(self, name: str, family: str) -> tuple[Path, ...]:
+        """The separate VAE and text-encoder files a single file of `family` runs with (FLUX.1's transformer
+        alone, as Black Forest Labs ships it); `configs/models.yaml` `modules: {name: [ae, clip_l, ...]}` picks
+        them where several of a kind are installed."""
+        if not family_of(family).single_file_modules:
+            return ()
+        from pipelines.modules import ModuleLibrary
+
+        configured = (self._config().get("modules") or {}).get(name)
+        found = ModuleLibrary(self.settings, self.facts).for_flux([str(item) for item in configured or []])
+        if isinstance(found, str):
+            raise UnsupportedModelError(f"a {family_of(family).label} transformer without its modules: {found}")
+        return tuple(module.path for module in found)
 
     def list_models(self) -> list[ModelEntry]:
         """Every usable checkpoint, sorted by name. Unreadable or unsupported ones are logged and skipped."""

@@ -23,11 +23,13 @@ from pipelines.demo_flow import (
     FLUX_FOLDER,
     FLUX_LORA_KOHYA,
     FLUX_LORA_PEFT,
+    FLUX_SINGLE_FILE,
     SD35_FOLDER,
     SD35_LORA_PEFT,
     build_flux,
     build_sd35,
     create_demo_flow_loras,
+    write_flux_single_file,
 )
 from pipelines.ldm_layout import sd15_single_file_state_dict
 from pipelines.tokenizer import write_tokenizer_files
@@ -54,6 +56,7 @@ DEMO_LABELS = {
     "Demo SDXL Refiner": REFINER_FOLDER,
     "Demo SD1.5 Inpainting": "demo-sd15-inpainting",
     "Demo FLUX.1-dev": FLUX_FOLDER,
+    "Demo FLUX.1-dev (single file)": "demo-flux-dev-single",
     "Demo SD 3.5": SD35_FOLDER,
 }
 
@@ -230,6 +233,7 @@ def create_demo_models(models_dir: Path, overwrite: bool = False) -> list[Path]:
         "refiner": models_dir / REFINER_FOLDER,
         "inpainting": models_dir / SD15_INPAINTING_FILE,
         "flux": models_dir / FLUX_FOLDER,
+        "flux-single": models_dir / FLUX_SINGLE_FILE,
         "sd35": models_dir / SD35_FOLDER,
     }
     written = []
@@ -263,6 +267,8 @@ def create_demo_models(models_dir: Path, overwrite: bool = False) -> list[Path]:
                 _save_pipeline(build_sdxl_refiner(work), target)
             elif kind == "flux":
                 _save_pipeline(build_flux(work), target)
+            elif kind == "flux-single":
+                write_flux_single_file(build_flux(work), models_dir)
             elif kind == "sd35":
                 _save_pipeline(build_sd35(work), target)
             written.append(target)

@@ -14,6 +14,9 @@ import torch
 from pipelines.tokenizer import t5_unigram_vocab
 
 FLUX_FOLDER = "demo-flux-dev"
+FLUX_SINGLE_FILE = "demo-flux-dev-single.safetensors"  # the same transformer in Black Forest Labs' layout
+# Its modules, as Forge users keep them (stable_diffusion/vae/, stable_diffusion/text_encoder/).
+FLUX_MODULE_FILES = ("flux-ae.safetensors", "demo-clip-l.safetensors", "demo-t5xxl.safetensors")
 SD35_FOLDER = "demo-sd35"
 # FLUX.1's VAE normalisation and the dev scheduler's shift settings, as the released model_index ships them.
 FLUX_VAE_SCALING, FLUX_VAE_SHIFT = 0.3611, 0.1159
@@ -164,3 +167,57 @@ def create_demo_flow_loras(loras_dir: Path, work: Path) -> list[Path]:
               metadata={"ss_base_model_version": "flux1", "ss_network_module": "networks.lora_flux"})  # fmt: skip
     save_file(transformer_peft_lora(build_sd35(work), seed=303), sd35, metadata={"format": "pt"})
     return [peft, kohya, sd35]
+
+
+# The FLUX.1 single file and its modules ------------------------------------------------------------------
+def write_flux_single_file(pipe, models_dir: Path) -> Path:
+    """The demo FLUX.1-dev's transformer as Black Forest Labs ships `flux1-dev.safetensors`, with the configs and
+    tokenizers it needs offline in `.configs/<name>/` (a diffusers folder without weights)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from pipelines.flux_layout import diffusers_to_bfl
+
+    target = models_dir / FLUX_SINGLE_FILE
+    save_file(diffusers_to_bfl(pipe.transformer.state_dict()), target, metadata={"format": "pt"})
+    configs = models_dir / ".configs" / target.stem
+    shutil.rmtree(configs, ignore_errors=True)
+    pipe.save_config(configs)
+    pipe.transformer.save_config(configs / "transformer")
+    pipe.vae.save_config(configs / "vae")
+    pipe.scheduler.save_pretrained(configs / "scheduler")
+    pipe.text_encoder.config.save_pretrained(configs / "text_encoder")
+    pipe.text_encoder_2.config.save_pretrained(configs / "text_encoder_2")
+    pipe.tokenizer.save_pretrained(configs / "tokenizer")
+    pipe.tokenizer_2.save_pretrained(configs / "tokenizer_2")
+    return target
+
+
+def create_demo_flux_modules(vaes_dir: Path, text_encoder_dir: Path, overwrite: bool = False) -> list[Path]:
+    """The demo FLUX.1-dev's VAE (original layout, as `ae.safetensors`), CLIP-L (`text_model.` keys, as
+    `clip_l.safetensors`) and T5 (as `t5xxl_fp16.safetensors`) as separate files: the single file's modules."""
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    from pipelines.ldm_layout import vae_ldm_state_dict
+
+    vae, clip, t5 = vaes_dir / FLUX_MODULE_FILES[0], *(text_encoder_dir / name for name in FLUX_MODULE_FILES[1:])
+    if all(path.exists() for path in (vae, clip, t5)) and not overwrite:
+        return []
+    vaes_dir.mkdir(parents=True, exist_ok=True)
+    text_encoder_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        pipe = build_flux(Path(tmp))
+    save_file(vae_ldm_state_dict(pipe.vae), vae)
+    clip_state = {key if key.startswith("text_model.") else f"text_model.{key}": tensor.contiguous()
+                  for key, tensor in pipe.text_encoder.state_dict().items()}  # fmt: skip
+    save_file(clip_state, clip)
+    t5_state = {
+        key: tensor.contiguous()
+        for key, tensor in pipe.text_encoder_2.state_dict().items()
+        if key != "encoder.embed_tokens.weight"
+    }  # tied to `shared.weight`, as the published file has it
+    save_file(t5_state, t5)
+    return [vae, clip, t5]

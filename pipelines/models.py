@@ -303,8 +303,11 @@ def load_pipeline(entry: ModelEntry, device: torch.device, dtype: torch.dtype):
     import diffusers
 
     try:
-        if entry.format == "single-file":
-            cls = getattr(diffusers, family_of(entry.family).pipelines.single_file)
+        family = family_of(entry.family)
+        if entry.format == "single-file" and family.single_file_loader is not None:
+            pipe = family.single_file_loader(entry, dtype)  # a transformer alone, with its module files
+        elif entry.format == "single-file":
+            cls = getattr(diffusers, family.pipelines.single_file)
             cls = inpainting_class(entry.family) if entry.inpainting else cls
             extra = {"config": str(entry.config_dir), "local_files_only": True} if entry.config_dir else {}
             pipe = cls.from_single_file(str(entry.path), dtype=dtype, **extra)
@@ -314,6 +317,8 @@ def load_pipeline(entry: ModelEntry, device: torch.device, dtype: torch.dtype):
             pipe = diffusers.DiffusionPipeline.from_pretrained(entry.path, dtype=dtype, local_files_only=True, **absent)
             if entry.inpainting and not isinstance(pipe, inpainting_class(entry.family)):
                 pipe = inpainting_class(entry.family).from_pipe(pipe)  # a folder saved with the txt2img class
+    except ModelLoadError:
+        raise
     except Exception as error:
         hint = ""
         if entry.format == "single-file" and entry.config_dir is None:

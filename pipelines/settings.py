@@ -27,6 +27,7 @@ class Settings(BaseModel):
     ipadapter_dir: Path  # IP-Adapter models (h94's files)
     clip_vision_dir: Path  # the CLIP image encoders IP-Adapters read reference images with
     annotators_dir: Path  # the weights of the ControlNet annotators that need them (depth)
+    text_encoder_dir: Path  # text encoders as separate files (FLUX.1 single files' CLIP-L and T5, as Forge's)
     outputs_dir: Path  # local things the service keeps by default: the job database, images unless outputs_url
     # Images in storage every node reaches (an fsspec URL: s3://bucket/prefix, file:///mnt/shared/...), given as
     # `outputs_dir` (app argument or DIFFUSION_API_OUTPUTS_DIR); None: images go in outputs_dir.
@@ -54,6 +55,7 @@ class Settings(BaseModel):
             ipadapter_dir=_env_path("DIFFUSION_API_IPADAPTER_DIR", sd / "ipadapter"),
             clip_vision_dir=_env_path("DIFFUSION_API_CLIP_VISION_DIR", sd / "clip_vision"),
             annotators_dir=_env_path("DIFFUSION_API_ANNOTATORS_DIR", sd / "annotators"),
+            text_encoder_dir=_env_path("DIFFUSION_API_TEXT_ENCODER_DIR", sd / "text_encoder"),
             outputs_dir=root / "outputs" if outputs_url else _env_path("DIFFUSION_API_OUTPUTS_DIR", root / "outputs"),
             outputs_url=outputs_url,
             cache_dir=_env_path("DIFFUSION_API_CACHE_DIR", sd / ".cache"),

@@ -21,6 +21,7 @@ from pipelines.demo import (
     create_demo_vae,
 )
 from pipelines.demo_adapters import create_demo_annotators, create_demo_ip_adapters
+from pipelines.demo_flow import create_demo_flux_modules
 from pipelines.settings import PROJECT_ROOT, Settings
 
 
@@ -35,6 +36,7 @@ def demo_root(tmp_path_factory) -> Path:
     create_demo_controlnets(root / "stable_diffusion" / "controlnet")
     create_demo_ip_adapters(root / "stable_diffusion" / "ipadapter", root / "stable_diffusion" / "clip_vision")
     create_demo_annotators(root / "stable_diffusion" / "annotators")
+    create_demo_flux_modules(root / "stable_diffusion" / "vae", root / "stable_diffusion" / "text_encoder")
     return root
 
 
@@ -68,6 +70,7 @@ def env_settings(monkeypatch, settings):
     monkeypatch.setenv("DIFFUSION_API_CONTROLNET_DIR", str(settings.controlnet_dir))
     monkeypatch.setenv("DIFFUSION_API_IPADAPTER_DIR", str(settings.ipadapter_dir))
     monkeypatch.setenv("DIFFUSION_API_CLIP_VISION_DIR", str(settings.clip_vision_dir))
+    monkeypatch.setenv("DIFFUSION_API_TEXT_ENCODER_DIR", str(settings.text_encoder_dir))
     monkeypatch.setenv("DIFFUSION_API_ANNOTATORS_DIR", str(settings.annotators_dir))
     monkeypatch.setenv("DIFFUSION_API_CACHE_DIR", str(settings.cache_dir))
     monkeypatch.setenv("DIFFUSION_API_EXTRA_MODELS_DIR", str(settings.extra_models_dir))

@@ -46,6 +46,7 @@ from pipelines.families import FAMILIES
 from pipelines.images import decode_base64_bytes, decode_base64_image, encode_base64
 from pipelines.infotext import encode_image, read_infotext
 from pipelines.limits import LIMITS
+from pipelines.modules import ModuleLibrary
 from pipelines.schemas import JobState
 from pipelines.upscalers import RESIZE_MODES, canonical_latent_name
 
@@ -185,6 +186,14 @@ async def sdapi_sd_models(services: ServicesDep) -> list[dict]:
 async def sdapi_sd_vae(services: ServicesDep) -> list[dict]:
     found = await asyncio.to_thread(services.libraries.vaes.available)
     return [{"model_name": vae.path.name, "filename": str(vae.path)} for vae in found]
+
+
+@router.get("/sd-modules", response_model=list[SdVae], responses=LISTING_ERRORS)
+async def sdapi_sd_modules(services: ServicesDep) -> list[dict]:
+    """Forge's: the separate VAE and text-encoder files a FLUX.1 single file runs with (pipelines/modules.py)."""
+    library = ModuleLibrary(services.settings, services.libraries.catalog.facts)
+    found = await asyncio.to_thread(library.available)
+    return [{"model_name": module.path.name, "filename": str(module.path)} for module in found]
 
 
 @router.get("/samplers", response_model=list[Sampler], responses=LISTING_ERRORS)

@@ -58,6 +58,11 @@ class ModelFamily:
     # Its LoRA files, by tensor names and shapes (without torch) and training metadata; families that do not
     # claim one leave it to pipelines/loras.py's SD rules.
     claims_lora: Callable[[dict, dict], bool] = lambda shapes, metadata: False
+    # A single file that is the denoiser alone (FLUX.1's, as Black Forest Labs ships it) runs with these module
+    # kinds (pipelines/modules.py), loaded by `single_file_loader(entry, dtype)` rather than diffusers'
+    # `from_single_file` of `pipelines.single_file`.
+    single_file_modules: tuple[str, ...] = ()
+    single_file_loader: Callable | None = None
     optional_components: tuple[str, ...] = ()  # a diffusers folder may lack these (SD 3.5's T5): loaded as None
     inpainting_checkpoints: bool = True  # 9-channel UNets (image + mask conditioning) exist for it
 

@@ -89,6 +89,20 @@ def claims_lora(shapes: dict, metadata: dict) -> bool:
     return False
 
 
+BFL_PREFIX = "model.diffusion_model."  # ComfyUI's full checkpoints put the transformer under it
+
+
+def is_bfl_layout(keys) -> bool:
+    """Black Forest Labs' layout (`double_blocks.N...`), alone or under ComfyUI's `model.diffusion_model.`."""
+    return any(key.removeprefix(BFL_PREFIX).startswith("double_blocks.") for key in keys)
+
+
+def _load_single_file(entry, dtype):
+    from pipelines.flux_single_file import load_flux_single_file  # torch and diffusers: the engine's side only
+
+    return load_flux_single_file(entry, dtype)
+
+
 def has_guidance_embedding(transformer_config: dict) -> bool:
     """dev (and its fine-tunes) embed the guidance; schnell does not."""
     return bool(transformer_config.get("guidance_embeds"))
@@ -120,7 +134,10 @@ FLUX = ModelFamily(
     distilled_cfg_scale=3.5,
     latent_channels=16,
     sizes_multiple_of=16,  # 8x VAE downsampling, then 2x2 patches
+    claims_checkpoint=is_bfl_layout,
     claims_folder=_claims_folder,
     claims_lora=claims_lora,
+    single_file_modules=("vae", "clip", "t5"),
+    single_file_loader=_load_single_file,
     inpainting_checkpoints=False,
 )

@@ -51,6 +51,7 @@ def patched_production_config(settings, outputs: Path, **arg_overrides) -> dict:
         "controlnet_dir": str(settings.controlnet_dir),
         "ipadapter_dir": str(settings.ipadapter_dir),
         "clip_vision_dir": str(settings.clip_vision_dir),
+        "text_encoder_dir": str(settings.text_encoder_dir),
         "annotators_dir": str(settings.annotators_dir),
         "upscalers_dir": str(settings.upscalers_dir),
         "outputs_dir": (outputs / "images").as_uri(),

@@ -100,3 +100,21 @@ def test_sd35_jobs_through_both_doors(client):
     assert np.abs(decoded(answer.json()["images"][0]) - decoded(job["image"])).max() > 2  # another negative prompt
     models = {model["name"]: model["family"] for model in client.get("/models").json()["models"]}
     assert models["demo-sd35"] == "sd3"
+
+
+def test_the_single_file_with_forges_modules_through_the_a1111_door(client):
+    """Black Forest Labs' layout with separate modules, as Forge clients name them (full paths work)."""
+    modules = client.get("/sdapi/v1/sd-modules").json()
+    assert {module["model_name"] for module in modules} == {"flux-ae.safetensors", "demo-clip-l.safetensors",
+                                                            "demo-t5xxl.safetensors"}  # fmt: skip
+    forge = {**FORGE, "override_settings": {"sd_model_checkpoint": "demo-flux-dev-single",
+                                            "forge_additional_modules": [m["filename"] for m in modules]}}  # fmt: skip
+    answer = client.post("/sdapi/v1/txt2img", json=forge)
+    assert answer.status_code == 200, answer.text
+    folder = client.post("/sdapi/v1/txt2img", json=FORGE).json()  # the same weights as a diffusers folder
+    assert np.abs(decoded(answer.json()["images"][0]) - decoded(folder["images"][0])).max() == 0
+    params = parse_infotext(json.loads(answer.json()["info"])["infotexts"][0])
+    assert (params["Module 1"], params["Module 2"], params["Module 3"]) == ("flux-ae", "demo-clip-l", "demo-t5xxl")
+    other = {**forge, "override_settings": {**forge["override_settings"], "forge_additional_modules": ["ae"]}}
+    refused = client.post("/sdapi/v1/txt2img", json=other)
+    assert refused.status_code == 422 and "not the modules model 'demo-flux-dev-single' runs with" in refused.text

@@ -76,7 +76,9 @@ from pipelines.catalog import check_mode_supported
 from pipelines.prepare import prepare_job
 from pipelines.schemas import Img2ImgRequest, Txt2ImgRequest
 from pipelines.settings import Settings
+from pipelines.families import family_of
 
+VAE_OF = {4: "demo-vae-ft", 16: "flux-ae"}  # a VAE of the model's latent channels (read without torch too)
 libraries = Libraries.from_settings(Settings.from_env())
 models = libraries.catalog.list_models()
 loras = libraries.loras.available()
@@ -88,7 +90,8 @@ prepared = []
 for model in models:
     for kind, request in (
         ("txt2img", Txt2ImgRequest(prompt="ink <lora:demo-sd15-peft:0.5> demo-style", model=model.name, steps=2,
-                                   width=64, height=64, vae="demo-vae-ft", hires={"scale": 2, "upscaler": "demo-x2"})),
+                                   width=64, height=64, vae=VAE_OF[family_of(model.family).latent_channels],
+                                   hires={"scale": 2, "upscaler": "demo-x2"})),
         ("img2img", Img2ImgRequest(prompt="a door demo-xl-style", model=model.name, steps=2, width=64, height=64,
                                    image=image, mask=image)),
     ):

@@ -1,0 +1,84 @@
+"""A FLUX.1 single-file transformer (Black Forest Labs' `flux1-dev.safetensors`) with its separate modules (the
+VAE and the two text encoders, pipelines/modules.py) as a diffusers FluxPipeline.
+
+The configs and tokenizers come from the model's `.configs/<name>/` folder (a diffusers FLUX.1 folder without
+weights), as for SD single files offline: the module files hold weights only. Each network is built on the meta
+device and its weights assigned from the file, so a 24 GB transformer is never held twice in memory.
+"""
+
+from pathlib import Path
+
+import torch
+
+from pipelines.catalog import ModelEntry
+from pipelines.errors import ModelLoadError
+from pipelines.flux_layout import bfl_to_diffusers
+from pipelines.state_dicts import read_state_dict
+
+
+def _assigned(model: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> torch.nn.Module:
+    """`model` (on the meta device) with `state`'s tensors; tied weights (T5's embeddings) are tied again."""
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    still_meta = [name for name, parameter in model.named_parameters() if parameter.is_meta]
+    if still_meta or unexpected:
+        problem = f"missing {still_meta[0]}" if still_meta else f"unexpected {unexpected[0]}"
+        raise ModelLoadError(f"{what}: its weights do not fit the model's config ({problem})", field="model")
+    return model.eval()
+
+
+def _text_encoder_state(path: Path, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A text encoder file's tensors under the model's own names: CLIP files come with and without
+    `text_model.` (transformers 5 dropped that level), T5 files with or without the `encoder.` part's twin."""
+    state = read_state_dict(path)
+    names = set(model.state_dict())
+    fitted = {}
+    for key, tensor in state.items():
+        for candidate in (key, key.removeprefix("text_model."), f"text_model.{key}"):
+            if candidate in names:
+                fitted[candidate] = tensor
+                break
+    return fitted
+
+
+def load_flux_single_file(entry: ModelEntry, dtype: torch.dtype):
+    import diffusers
+    import transformers
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    configs = entry.config_dir
+    if configs is None:
+        raise ModelLoadError(
+            f"could not load model '{entry.name}': a FLUX.1 single file needs its diffusers configs and tokenizers "
+            f"in {entry.path.parent / '.configs' / entry.name}/ (a FLUX.1 diffusers folder without its weights)",
+            field="model",
+        )
+    vae_file, clip_file, t5_file = entry.modules
+    with torch.device("meta"):
+        transformer = diffusers.FluxTransformer2DModel.from_config(
+            diffusers.FluxTransformer2DModel.load_config(configs / "transformer")
+        )
+        vae = diffusers.AutoencoderKL.from_config(diffusers.AutoencoderKL.load_config(configs / "vae"))
+        t5 = transformers.T5EncoderModel(transformers.AutoConfig.from_pretrained(configs / "text_encoder_2"))
+    # CLIP-L (123 M parameters) is built for real: its position ids are a buffer no file holds.
+    clip = transformers.CLIPTextModel(transformers.AutoConfig.from_pretrained(configs / "text_encoder"))
+    transformer = _assigned(transformer, bfl_to_diffusers(read_state_dict(entry.path)), entry.path.name)
+    ldm_vae = read_state_dict(vae_file)
+    vae_state = ldm_vae if "decoder.up_blocks.0.resnets.0.conv1.weight" in ldm_vae else (
+        convert_ldm_vae_checkpoint(ldm_vae, dict(vae.config)))  # fmt: skip
+    vae = _assigned(vae, vae_state, vae_file.name)
+    clip_state = _text_encoder_state(clip_file, clip)
+    clip.load_state_dict(clip_state, strict=False)
+    if missing := sorted(set(clip.state_dict()) - set(clip_state) - {"embeddings.position_ids"}):
+        raise ModelLoadError(f"{clip_file.name}: its weights do not fit the model's config (missing {missing[0]})",
+                             field="model")  # fmt: skip
+    clip.eval()
+    t5 = _assigned(t5, _text_encoder_state(t5_file, t5), t5_file.name)
+    pipe = diffusers.FluxPipeline(
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(configs / "scheduler"),
+        vae=vae, text_encoder=clip, tokenizer=transformers.AutoTokenizer.from_pretrained(configs / "tokenizer"),
+        text_encoder_2=t5, tokenizer_2=transformers.AutoTokenizer.from_pretrained(configs / "tokenizer_2"),
+        transformer=transformer, image_encoder=None, feature_extractor=None,
+    )  # fmt: skip
+    return pipe.to(dtype=dtype)

@@ -1,0 +1,72 @@
+"""Separate model parts, as Forge calls them "modules": the VAE and text-encoder files a single-file FLUX.1
+transformer (`flux1-dev.safetensors`, as Black Forest Labs ships it) runs with.
+
+They are found where Forge users keep them: the VAE (`ae.safetensors`) in `stable_diffusion/vae/`, CLIP-L
+(`clip_l.safetensors`) and T5-XXL (`t5xxl_fp16.safetensors`) in `stable_diffusion/text_encoder/`. Each file's
+kind is read from its tensor names and shapes, without torch (the ingress lists them): a 16-channel VAE, a CLIP
+text encoder, a T5 encoder. A FLUX.1 single file runs with one of each: the ones `configs/models.yaml` names
+for it under `modules:`, else the first of each kind by name.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pipelines import tensor_shapes
+from pipelines.catalog import FileFactsCache
+from pipelines.names import scan_named_files
+from pipelines.settings import Settings
+
+ModuleKind = Literal["vae", "clip", "t5"]
+FLUX_MODULE_KINDS: tuple[ModuleKind, ...] = ("vae", "clip", "t5")  # in the order a FLUX.1 pipeline takes them
+MODULE_SUFFIXES = (".safetensors",)
+
+
+@dataclass(frozen=True)
+class ModuleFile:
+    name: str  # the file name without extension, as Forge's infotext names it (`Module 1: ae`)
+    path: Path
+    kind: ModuleKind | None  # None: not a module this service reads
+
+
+def kind_of(shapes: dict) -> ModuleKind | None:
+    """A module's kind from its tensor names and shapes."""
+    conv_in = shapes.get("decoder.conv_in.weight")
+    if conv_in is not None and len(conv_in.shape) == 4 and conv_in.shape[1] == 16:
+        return "vae"  # FLUX.1's autoencoder (16 latent channels), original or diffusers layout
+    if any(key.endswith("SelfAttention.q.weight") for key in shapes):
+        return "t5"
+    if any(key.endswith("embeddings.token_embedding.weight") for key in shapes):
+        return "clip"
+    return None
+
+
+class ModuleLibrary:
+    def __init__(self, settings: Settings, facts: FileFactsCache | None = None):
+        self.folders = (settings.vaes_dir, settings.text_encoder_dir)
+        self.allow_external_links = settings.allow_external_links
+        self.facts = facts or FileFactsCache(settings.cache_dir / "file_facts.json")
+
+    def available(self) -> list[ModuleFile]:
+        """Every module file of a kind this service reads, by name."""
+        found = []
+        for folder in self.folders:
+            for name, path in scan_named_files(folder, MODULE_SUFFIXES, self.allow_external_links):
+                kind = self.facts.get(path, "module_kind", lambda file: kind_of(tensor_shapes.read(file) or {}) or "")
+                if kind:
+                    found.append(ModuleFile(Path(name).name, path, kind))
+        return sorted(found, key=lambda module: module.name.lower())
+
+    def for_flux(self, configured: list[str] | None = None) -> tuple[ModuleFile, ...] | str:
+        """The VAE, CLIP and T5 a FLUX.1 single file runs with (`configured`: names from configs/models.yaml,
+        any order); the reason as text when one of them is missing."""
+        modules = self.available()
+        chosen = []
+        for kind in FLUX_MODULE_KINDS:
+            of_kind = [module for module in modules if module.kind == kind]
+            named = [module for module in of_kind if configured and module.name in configured]
+            if not (named or of_kind):
+                where = "stable_diffusion/vae/" if kind == "vae" else "stable_diffusion/text_encoder/"
+                return f"no {'FLUX.1 VAE' if kind == 'vae' else kind.upper()} module file in {where}"
+            chosen.append((named or of_kind)[0])
+        return tuple(chosen)

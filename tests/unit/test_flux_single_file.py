@@ -1,0 +1,97 @@
+"""A FLUX.1 single file as Black Forest Labs ships it (the transformer alone, in its key layout) with its modules
+as separate files (VAE in vae/, CLIP-L and T5 in text_encoder/, as Forge keeps them): the layout converter agrees
+with diffusers' own on a full-size state dict, the demo single file gives exactly the pixels of the same weights
+as a diffusers folder, Forge's `Module N` infotext, and what is missing or mismatched is said."""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines import a1111
+from pipelines.a1111_schemas import A1111Txt2ImgRequest
+from pipelines.catalog import ModelCatalog
+from pipelines.errors import DiffusionAPIError
+from pipelines.flux_layout import bfl_to_diffusers, diffusers_to_bfl
+from pipelines.infotext import parse_infotext
+from pipelines.modules import ModuleLibrary
+from pipelines.schemas import Txt2ImgRequest
+from tests.unit.test_controlnet import pixels
+
+BASE = {"prompt": "a lighthouse by the sea", "steps": 4, "width": 64, "height": 64, "seed": 5}
+SINGLE = "demo-flux-dev-single"
+
+
+def test_the_layout_converter_agrees_with_diffusers_on_a_full_size_transformer():
+    """diffusers' converter takes FLUX.1's width (3072) as given, so it can only be compared at full size: on the
+    meta device, names and shapes; the tiny demo's round trip checks the values."""
+    from diffusers import FluxTransformer2DModel
+    from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
+
+    config = dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=128,
+                  num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+                  axes_dims_rope=(16, 56, 56))  # fmt: skip
+    with torch.device("meta"):
+        full = FluxTransformer2DModel(**config).state_dict()
+        bfl = diffusers_to_bfl(full)
+        ours = bfl_to_diffusers(dict(bfl))
+        theirs = convert_flux_transformer_checkpoint_to_diffusers(dict(bfl))
+    assert set(ours) == set(theirs) == set(full)
+    assert all(ours[key].shape == theirs[key].shape == full[key].shape for key in full)
+    assert "double_blocks.0.img_attn.qkv.weight" in bfl and "single_blocks.1.linear1.weight" in bfl
+
+
+def test_the_demo_single_file_round_trips_and_is_listed_with_its_modules(engine, settings):
+    from safetensors.torch import load_file
+
+    folder = engine.load("demo-flux-dev").pipe.transformer.state_dict()
+    stored = load_file(settings.models_dir / f"{SINGLE}.safetensors")
+    back = bfl_to_diffusers(stored)
+    assert set(back) == set(folder) and all(torch.equal(back[key], folder[key]) for key in folder)
+    entry = engine.catalog.resolve("Demo FLUX.1-dev (single file)")
+    assert (entry.family, entry.format) == ("flux", "single-file")
+    assert [path.name for path in entry.modules] == ["flux-ae.safetensors", "demo-clip-l.safetensors",
+                                                      "demo-t5xxl.safetensors"]  # fmt: skip
+    kinds = {module.name: module.kind for module in ModuleLibrary(settings).available()}
+    assert kinds == {"flux-ae": "vae", "demo-clip-l": "clip", "demo-t5xxl": "t5"}  # the SD VAE is no module
+
+
+def test_the_single_file_gives_the_folders_pixels_and_forges_module_infotext(engine):
+    single = engine.generate(Txt2ImgRequest(**BASE, model=SINGLE))
+    folder = engine.generate(Txt2ImgRequest(**BASE, model="demo-flux-dev"))
+    assert np.abs(pixels(single) - pixels(folder)).max() == 0
+    params = parse_infotext(single.infotext)
+    assert (params["Module 1"], params["Module 2"], params["Module 3"]) == ("flux-ae", "demo-clip-l", "demo-t5xxl")
+    assert params["Model"] == SINGLE and params["Model hash"] == engine.catalog.model_hash(
+        engine.catalog.resolve(SINGLE)
+    )
+
+
+def test_a_single_file_without_its_modules_is_skipped_naming_what_is_missing(settings, tmp_path, caplog):
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(settings.models_dir / f"{SINGLE}.safetensors", models)
+    shutil.copytree(settings.models_dir / ".configs" / SINGLE, models / ".configs" / SINGLE)
+    lonely = settings.model_copy(update={"models_dir": models, "text_encoder_dir": tmp_path / "none"})
+    assert ModelCatalog(lonely).list_models() == []
+    assert "a FLUX.1 transformer without its modules: no CLIP module file in stable_diffusion/text_encoder/" in (
+        caplog.text
+    )
+
+
+def test_forges_additional_modules_are_checked_against_the_models(catalog):
+    def mapped(modules, model=SINGLE):
+        request = A1111Txt2ImgRequest(prompt="x", width=64, height=64, override_settings={
+            "sd_model_checkpoint": model, "forge_additional_modules": modules})  # fmt: skip
+        return a1111.to_native(request, None, catalog=catalog)
+
+    assert mapped(["flux-ae", "demo-clip-l.safetensors", "/forge/models/text_encoder/demo-t5xxl.safetensors"])
+    with pytest.raises(DiffusionAPIError) as raised:
+        mapped(["ae.safetensors", "demo-clip-l"])
+    assert raised.value.status_code == 422 and raised.value.field == "forge_additional_modules"
+    assert "'ae' are not the modules model 'demo-flux-dev-single' runs with" in raised.value.message
+    folder = mapped(["flux-ae"], model="demo-flux-dev")
+    assert "forge_additional_modules ignored: model 'demo-flux-dev' carries its own VAE" in " ".join(folder.warnings)
+    with pytest.raises(DiffusionAPIError, match="a list of module file names"):
+        mapped("flux-ae")
