@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 Family = FamilyName  # the served families' ids (pipelines/families/)
 ModelFormat = Literal["diffusers", "hf-cache", "single-file"]
-SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".gguf")  # .gguf: GGUF-quantized FLUX.1 transformers
 UNET_WEIGHT_FILES = (
     "diffusion_pytorch_model.safetensors",
     "diffusion_pytorch_model.fp16.safetensors",

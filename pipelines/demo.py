@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 from pipelines.demo_flow import (
     FLUX_FOLDER,
+    FLUX_GGUF_FILE,
     FLUX_LORA_KOHYA,
     FLUX_LORA_PEFT,
     FLUX_SINGLE_FILE,
@@ -29,6 +30,7 @@ from pipelines.demo_flow import (
     build_flux,
     build_sd35,
     create_demo_flow_loras,
+    write_flux_gguf,
     write_flux_single_file,
 )
 from pipelines.ldm_layout import sd15_single_file_state_dict
@@ -57,6 +59,7 @@ DEMO_LABELS = {
     "Demo SD1.5 Inpainting": "demo-sd15-inpainting",
     "Demo FLUX.1-dev": FLUX_FOLDER,
     "Demo FLUX.1-dev (single file)": "demo-flux-dev-single",
+    "Demo FLUX.1-dev (GGUF Q8_0)": "demo-flux-dev-Q8_0",
     "Demo SD 3.5": SD35_FOLDER,
 }
 
@@ -234,12 +237,13 @@ def create_demo_models(models_dir: Path, overwrite: bool = False) -> list[Path]:
         "inpainting": models_dir / SD15_INPAINTING_FILE,
         "flux": models_dir / FLUX_FOLDER,
         "flux-single": models_dir / FLUX_SINGLE_FILE,
+        "flux-gguf": models_dir / FLUX_GGUF_FILE,  # after the single file: it shares its .configs
         "sd35": models_dir / SD35_FOLDER,
     }
     written = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        sd15 = None
+        sd15 = flux = None
         for kind, target in targets.items():
             if target.exists() and not overwrite:
                 logger.info("keeping existing %s", target)
@@ -266,9 +270,14 @@ def create_demo_models(models_dir: Path, overwrite: bool = False) -> list[Path]:
             elif kind == "refiner":
                 _save_pipeline(build_sdxl_refiner(work), target)
             elif kind == "flux":
-                _save_pipeline(build_flux(work), target)
+                flux = flux or build_flux(work)  # one model in three formats
+                _save_pipeline(flux, target)
             elif kind == "flux-single":
-                write_flux_single_file(build_flux(work), models_dir)
+                flux = flux or build_flux(work)
+                write_flux_single_file(flux, models_dir)
+            elif kind == "flux-gguf":
+                flux = flux or build_flux(work)
+                write_flux_gguf(flux, models_dir)
             elif kind == "sd35":
                 _save_pipeline(build_sd35(work), target)
             written.append(target)

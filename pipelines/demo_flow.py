@@ -15,6 +15,7 @@ from pipelines.tokenizer import t5_unigram_vocab
 
 FLUX_FOLDER = "demo-flux-dev"
 FLUX_SINGLE_FILE = "demo-flux-dev-single.safetensors"  # the same transformer in Black Forest Labs' layout
+FLUX_GGUF_FILE = "demo-flux-dev-Q8_0.gguf"  # and GGUF-quantized (Q8_0), as city96's flux1-dev-Q8_0.gguf
 # Its modules, as Forge users keep them (stable_diffusion/vae/, stable_diffusion/text_encoder/).
 FLUX_MODULE_FILES = ("flux-ae.safetensors", "demo-clip-l.safetensors", "demo-t5xxl.safetensors")
 SD35_FOLDER = "demo-sd35"
@@ -191,6 +192,37 @@ def write_flux_single_file(pipe, models_dir: Path) -> Path:
     pipe.text_encoder_2.config.save_pretrained(configs / "text_encoder_2")
     pipe.tokenizer.save_pretrained(configs / "tokenizer")
     pipe.tokenizer_2.save_pretrained(configs / "tokenizer_2")
+    return target
+
+
+def write_flux_gguf(pipe, models_dir: Path) -> Path:
+    """The demo FLUX.1-dev's transformer as a GGUF file in Black Forest Labs' names, quantized as the published
+    ones are: Q8_0 for the matrices whose rows are whole 32-value blocks, 16-bit floats for the other matrices,
+    32-bit for the vectors; with the same `.configs/` as the single file."""
+    import shutil
+
+    import numpy as np
+    from gguf import GGMLQuantizationType, GGUFWriter
+    from gguf.quants import quantize
+
+    from pipelines.flux_layout import diffusers_to_bfl
+
+    target = models_dir / FLUX_GGUF_FILE
+    writer = GGUFWriter(str(target), arch="flux")
+    for name, tensor in diffusers_to_bfl(pipe.transformer.state_dict()).items():
+        values = tensor.float().numpy()
+        if values.ndim == 2 and values.shape[-1] % 32 == 0:
+            packed = quantize(values, GGMLQuantizationType.Q8_0)
+            writer.add_tensor(name, packed, raw_shape=packed.shape, raw_dtype=GGMLQuantizationType.Q8_0)
+        else:
+            writer.add_tensor(name, values.astype(np.float16) if values.ndim > 1 else values)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    configs = models_dir / ".configs"
+    shutil.rmtree(configs / target.stem, ignore_errors=True)
+    shutil.copytree(configs / Path(FLUX_SINGLE_FILE).stem, configs / target.stem)
     return target
 
 

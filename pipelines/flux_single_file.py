@@ -2,8 +2,9 @@
 VAE and the two text encoders, pipelines/modules.py) as a diffusers FluxPipeline.
 
 The configs and tokenizers come from the model's `.configs/<name>/` folder (a diffusers FLUX.1 folder without
-weights), as for SD single files offline: the module files hold weights only. Each network is built on the meta
-device and its weights assigned from the file, so a 24 GB transformer is never held twice in memory.
+weights), as for SD single files offline: the module files hold weights only. The transformer goes through
+diffusers' single-file loader (GGUF files through its GGUF support); the modules are built on the meta device and
+their weights assigned from the files, so no network is held twice in memory.
 """
 
 from pathlib import Path
@@ -42,6 +43,22 @@ def _text_encoder_state(path: Path, model: torch.nn.Module) -> dict[str, torch.T
     return fitted
 
 
+def load_transformer(path: Path, configs: Path, dtype: torch.dtype):
+    """The transformer of a BFL-layout file through diffusers' own single-file loader, given the tensors already
+    in its names (pipelines/flux_layout.py). A `.gguf` file stays quantized as it is (Q8_0, Q4_0, ...) through
+    diffusers' GGUF support: its layers dequantize on the fly, in `dtype`."""
+    import diffusers
+    from diffusers.loaders.single_file_utils import load_single_file_checkpoint
+
+    quantized = path.suffix.lower() == ".gguf"
+    tensors = load_single_file_checkpoint(str(path), local_files_only=True)
+    options = {"quantization_config": diffusers.GGUFQuantizationConfig(compute_dtype=dtype)} if quantized else {}
+    return diffusers.FluxTransformer2DModel.from_single_file(
+        bfl_to_diffusers(tensors), config=str(configs), subfolder="transformer", torch_dtype=dtype,
+        local_files_only=True, **options,
+    ).eval()  # fmt: skip
+
+
 def load_flux_single_file(entry: ModelEntry, dtype: torch.dtype):
     import diffusers
     import transformers
@@ -55,15 +72,12 @@ def load_flux_single_file(entry: ModelEntry, dtype: torch.dtype):
             field="model",
         )
     vae_file, clip_file, t5_file = entry.modules
+    transformer = load_transformer(entry.path, configs, dtype)
     with torch.device("meta"):
-        transformer = diffusers.FluxTransformer2DModel.from_config(
-            diffusers.FluxTransformer2DModel.load_config(configs / "transformer")
-        )
         vae = diffusers.AutoencoderKL.from_config(diffusers.AutoencoderKL.load_config(configs / "vae"))
         t5 = transformers.T5EncoderModel(transformers.AutoConfig.from_pretrained(configs / "text_encoder_2"))
     # CLIP-L (123 M parameters) is built for real: its position ids are a buffer no file holds.
     clip = transformers.CLIPTextModel(transformers.AutoConfig.from_pretrained(configs / "text_encoder"))
-    transformer = _assigned(transformer, bfl_to_diffusers(read_state_dict(entry.path)), entry.path.name)
     ldm_vae = read_state_dict(vae_file)
     vae_state = ldm_vae if "decoder.up_blocks.0.resnets.0.conv1.weight" in ldm_vae else (
         convert_ldm_vae_checkpoint(ldm_vae, dict(vae.config)))  # fmt: skip
@@ -81,4 +95,6 @@ def load_flux_single_file(entry: ModelEntry, dtype: torch.dtype):
         text_encoder_2=t5, tokenizer_2=transformers.AutoTokenizer.from_pretrained(configs / "tokenizer_2"),
         transformer=transformer, image_encoder=None, feature_extractor=None,
     )  # fmt: skip
-    return pipe.to(dtype=dtype)
+    for module in (vae, clip, t5):  # the transformer is in `dtype` already (and a quantized one cannot be cast)
+        module.to(dtype=dtype)
+    return pipe

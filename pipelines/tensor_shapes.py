@@ -49,8 +49,14 @@ class _ShapeUnpickler(pickle.Unpickler):
 
 
 def read(path: Path) -> dict | None:
-    """{name: TensorShape} of a `.safetensors` file or the dict a `torch.save` zip holds (nested dicts kept as
-    they are); None when the file is of a kind only torch reads."""
+    """{name: TensorShape} of a `.safetensors` or `.gguf` file or the dict a `torch.save` zip holds (nested
+    dicts kept as they are); None when the file is of a kind only torch reads."""
+    if path.suffix.lower() == ".gguf":  # llama.cpp's format (GGUF-quantized FLUX.1 transformers): numpy only
+        from gguf import GGUFReader
+
+        # GGUF lists a tensor's dimensions innermost first; torch's order is the reverse.
+        return {tensor.name: TensorShape(tuple(int(side) for side in reversed(tensor.shape)))
+                for tensor in GGUFReader(str(path)).tensors}  # fmt: skip
     if path.suffix.lower() == ".safetensors":
         from safetensors import safe_open
 

@@ -95,3 +95,17 @@ def test_forges_additional_modules_are_checked_against_the_models(catalog):
     assert "forge_additional_modules ignored: model 'demo-flux-dev' carries its own VAE" in " ".join(folder.warnings)
     with pytest.raises(DiffusionAPIError, match="a list of module file names"):
         mapped("flux-ae")
+
+
+def test_a_gguf_transformer_loads_quantized_and_generates_near_the_full_weights(engine):
+    """city96-style GGUF (Q8_0 matrices, BFL names) through diffusers' GGUF support: the layers stay quantized."""
+    entry = engine.catalog.resolve("Demo FLUX.1-dev (GGUF Q8_0)")
+    assert (entry.family, entry.format, entry.path.suffix) == ("flux", "single-file", ".gguf")
+    quantized = engine.generate(Txt2ImgRequest(**BASE, model=entry.name))
+    loaded = engine.load(entry)
+    assert type(loaded.pipe.transformer.transformer_blocks[0].attn.to_q).__name__ == "GGUFLinear"
+    full = engine.generate(Txt2ImgRequest(**BASE, model="demo-flux-dev"))
+    assert 0 < np.abs(pixels(quantized) - pixels(full)).max() <= 4  # Q8_0: near, not equal
+    assert parse_infotext(quantized.infotext)["Model"] == "demo-flux-dev-Q8_0"
+    styled = engine.generate(Txt2ImgRequest(**BASE, model=entry.name, loras=["demo-flux-peft"]))  # on GGUF layers
+    assert np.abs(pixels(styled) - pixels(quantized)).max() > 2 and not styled.warnings
