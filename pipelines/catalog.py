@@ -20,6 +20,7 @@ import yaml
 
 from pipelines.errors import UnknownModelError
 from pipelines.families import FAMILIES, FamilyName, family_of
+from pipelines.families.base import UnsupportedModelError
 from pipelines.names import check_user_name
 from pipelines.settings import Settings
 
@@ -37,10 +38,6 @@ UNET_WEIGHT_FILES = (
     "diffusion_pytorch_model.fp16.bin",
 )
 _A1111_TITLE = re.compile(r"^(?P<name>.+?) \[[0-9a-fA-F]{8,10}\]$")
-
-
-class UnsupportedModelError(Exception):
-    """Files that look like a model of a family this service does not run (skipped with a warning)."""
 
 
 @dataclass(frozen=True)
@@ -143,9 +140,9 @@ def _served_labels() -> str:
     return ", ".join(family.label for family in FAMILIES.values())
 
 
-def family_of_checkpoint_keys(keys: list[str]) -> Family:
-    """The family of an original-layout (A1111/CompVis, BFL, ...) checkpoint, from its tensor names: the first
-    family of the table that claims them."""
+def family_of_checkpoint_keys(keys) -> Family:
+    """The family of an original-layout (A1111/CompVis, BFL, ...) checkpoint, from its tensor names (a list, or
+    a name -> shape mapping where shapes tell variants apart): the first family of the table that claims it."""
     for family in FAMILIES.values():
         if family.claims_checkpoint(keys):
             return family.name
@@ -202,6 +199,7 @@ class ModelCatalog:
         self.settings = settings
         self.facts = FileFactsCache(settings.cache_dir / "file_facts.json")
         self._parsed_config: tuple[tuple[int, int], dict] | None = None
+        self._skipped: dict[str, str] = {}  # models found and skipped by the last scans: name -> why
 
     # Configuration ---------------------------------------------------------------------------------------
     def _config(self) -> dict:
@@ -241,7 +239,7 @@ class ModelCatalog:
             return ModelEntry(path.name, path.name, family, model_format, folder,
                               inpainting=channels == INPAINTING_CHANNELS)  # fmt: skip
         if path.is_file() and path.suffix.lower() in SINGLE_FILE_SUFFIXES:
-            family = self.facts.get(path, "family", lambda p: family_of_checkpoint_keys(_checkpoint_keys(p)))
+            family = self.facts.get(path, "family", lambda p: family_of_checkpoint_keys(_checkpoint_shapes(p)))
             channels = 4
             if family_of(family).inpainting_checkpoints:
                 channels = self.facts.get(path, "unet_in_channels", unet_input_channels_of_checkpoint)
@@ -259,8 +257,13 @@ class ModelCatalog:
             return ()
         from pipelines.modules import ModuleLibrary
 
-        configured = (self._config().get("modules") or {}).get(name)
-        found = ModuleLibrary(self.settings, self.facts).for_flux([str(item) for item in configured or []])
+        table = self._config().get("modules") or {}
+        configured = table.get(name) if isinstance(table, dict) else None
+        valid = isinstance(configured, list) and all(isinstance(item, str) for item in configured)
+        if configured is not None and not valid:
+            raise UnsupportedModelError(f"configs/models.yaml modules.{name}: a list of module file names, "
+                                        f"not {configured!r}")  # fmt: skip
+        found = ModuleLibrary(self.settings, self.facts).for_flux(configured)
         if isinstance(found, str):
             raise UnsupportedModelError(f"a {family_of(family).label} transformer without its modules: {found}")
         return tuple(module.path for module in found)
@@ -284,6 +287,7 @@ class ModelCatalog:
                     found = self._scan_one(path)
                 except UnsupportedModelError as error:
                     logger.warning("skipping %s: %s", path, error)
+                    self._skipped[Path(path.name).stem if path.is_file() else path.name] = str(error)
                     continue
                 except (OSError, ValueError, RuntimeError) as error:
                     logger.warning("skipping unreadable model %s: %s", path, error)
@@ -352,6 +356,10 @@ class ModelCatalog:
             if candidate.lower() in by_label:
                 return by_label[candidate.lower()]
         choices = ", ".join(f"'{e.name}' ({e.label})" if e.label != e.name else f"'{e.name}'" for e in models)
+        for candidate in candidates:
+            if candidate in self._skipped:  # installed, but not usable: say why rather than "unknown"
+                raise UnknownModelError(f"{field} {requested!r} is installed but skipped: {self._skipped[candidate]}",
+                                        field=field)  # fmt: skip
         raise UnknownModelError(
             f"unknown {field} {requested!r}; installed models: {choices or 'none'}",
             field=field,

@@ -29,10 +29,28 @@ def _assigned(model: torch.nn.Module, state: dict[str, torch.Tensor], what: str)
     return model.eval()
 
 
+CONFIG_FILES = (
+    "model_index.json", "transformer/config.json", "vae/config.json", "text_encoder/config.json",
+    "text_encoder_2/config.json", "scheduler/scheduler_config.json", "tokenizer", "tokenizer_2",
+)  # fmt: skip
+
+
+def _refuse_scaled_fp8(state: dict, path: Path) -> None:
+    """ComfyUI's "scaled fp8" files keep a scale per weight that plain loading would drop (wrong images, no
+    error): refused, naming the file."""
+    if "scaled_fp8" in state or any(key.endswith(".scale_weight") for key in state):
+        raise ModelLoadError(f"{path.name} is a 'scaled fp8' file, which this service does not read; use the fp16 "
+                             "or plain fp8 (e4m3fn) file", field="model")  # fmt: skip
+
+
 def _text_encoder_state(path: Path, model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A text encoder file's tensors under the model's own names: CLIP files come with and without
-    `text_model.` (transformers 5 dropped that level), T5 files with or without the `encoder.` part's twin."""
+    `text_model.` (transformers 5 dropped that level); T5 files hold the embeddings as `shared.weight` or only as
+    `encoder.embed_tokens.weight`."""
     state = read_state_dict(path)
+    _refuse_scaled_fp8(state, path)
+    if "shared.weight" not in state and "encoder.embed_tokens.weight" in state:
+        state["shared.weight"] = state["encoder.embed_tokens.weight"]
     names = set(model.state_dict())
     fitted = {}
     for key, tensor in state.items():
@@ -52,10 +70,21 @@ def load_transformer(path: Path, configs: Path, dtype: torch.dtype):
 
     quantized = path.suffix.lower() == ".gguf"
     tensors = load_single_file_checkpoint(str(path), local_files_only=True)
+    _refuse_scaled_fp8(tensors, path)
+    converted = bfl_to_diffusers(tensors)
+    config = diffusers.FluxTransformer2DModel.load_config(configs / "transformer")
+    with torch.device("meta"):
+        expected = set(diffusers.FluxTransformer2DModel.from_config(config).state_dict())
+    if set(converted) != expected:  # another variant than the configs describe (schnell vs dev, other depth)
+        extra, missing = sorted(set(converted) - expected), sorted(expected - set(converted))
+        problems = ([f"{len(missing)} weights missing (e.g. {missing[0]})"] if missing else []) + (
+            [f"{len(extra)} not in the configs (e.g. {extra[0]})"] if extra else [])  # fmt: skip
+        raise ModelLoadError(f"{path.name} does not match its configs in {configs}/transformer: "
+                             f"{', '.join(problems)}; the configs must be those of the same FLUX.1 variant (dev or "
+                             "schnell)", field="model")  # fmt: skip
     options = {"quantization_config": diffusers.GGUFQuantizationConfig(compute_dtype=dtype)} if quantized else {}
     return diffusers.FluxTransformer2DModel.from_single_file(
-        bfl_to_diffusers(tensors), config=str(configs), subfolder="transformer", torch_dtype=dtype,
-        local_files_only=True, **options,
+        converted, config=str(configs), subfolder="transformer", torch_dtype=dtype, local_files_only=True, **options,
     ).eval()  # fmt: skip
 
 
@@ -71,14 +100,22 @@ def load_flux_single_file(entry: ModelEntry, dtype: torch.dtype):
             f"in {entry.path.parent / '.configs' / entry.name}/ (a FLUX.1 diffusers folder without its weights)",
             field="model",
         )
+    if absent := [name for name in CONFIG_FILES if not (configs / name).exists()]:
+        raise ModelLoadError(f"could not load model '{entry.name}': {configs}/ lacks {', '.join(absent)} (a FLUX.1 "
+                             "diffusers folder's configs and tokenizers, without weights)", field="model")  # fmt: skip
     vae_file, clip_file, t5_file = entry.modules
     transformer = load_transformer(entry.path, configs, dtype)
     with torch.device("meta"):
         vae = diffusers.AutoencoderKL.from_config(diffusers.AutoencoderKL.load_config(configs / "vae"))
-        t5 = transformers.T5EncoderModel(transformers.AutoConfig.from_pretrained(configs / "text_encoder_2"))
+        t5 = transformers.T5EncoderModel(
+            transformers.AutoConfig.from_pretrained(configs / "text_encoder_2", local_files_only=True)
+        )
     # CLIP-L (123 M parameters) is built for real: its position ids are a buffer no file holds.
-    clip = transformers.CLIPTextModel(transformers.AutoConfig.from_pretrained(configs / "text_encoder"))
+    clip = transformers.CLIPTextModel(
+        transformers.AutoConfig.from_pretrained(configs / "text_encoder", local_files_only=True)
+    )
     ldm_vae = read_state_dict(vae_file)
+    _refuse_scaled_fp8(ldm_vae, vae_file)
     vae_state = ldm_vae if "decoder.up_blocks.0.resnets.0.conv1.weight" in ldm_vae else (
         convert_ldm_vae_checkpoint(ldm_vae, dict(vae.config)))  # fmt: skip
     vae = _assigned(vae, vae_state, vae_file.name)
@@ -89,12 +126,17 @@ def load_flux_single_file(entry: ModelEntry, dtype: torch.dtype):
                              field="model")  # fmt: skip
     clip.eval()
     t5 = _assigned(t5, _text_encoder_state(t5_file, t5), t5_file.name)
+    tokenizers = [transformers.AutoTokenizer.from_pretrained(configs / name, local_files_only=True)
+                  for name in ("tokenizer", "tokenizer_2")]  # fmt: skip
     pipe = diffusers.FluxPipeline(
         scheduler=diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(configs / "scheduler"),
-        vae=vae, text_encoder=clip, tokenizer=transformers.AutoTokenizer.from_pretrained(configs / "tokenizer"),
-        text_encoder_2=t5, tokenizer_2=transformers.AutoTokenizer.from_pretrained(configs / "tokenizer_2"),
+        vae=vae, text_encoder=clip, tokenizer=tokenizers[0], text_encoder_2=t5, tokenizer_2=tokenizers[1],
         transformer=transformer, image_encoder=None, feature_extractor=None,
     )  # fmt: skip
     for module in (vae, clip, t5):  # the transformer is in `dtype` already (and a quantized one cannot be cast)
         module.to(dtype=dtype)
+    if dtype == torch.float16:  # T5's feed-forward output overflows in fp16: kept in fp32, as from_pretrained does
+        for name, module in t5.named_modules():
+            if name.endswith(tuple(t5._keep_in_fp32_modules or ())):
+                module.to(dtype=torch.float32)
     return pipe

@@ -1,6 +1,6 @@
 """The shape of a model family's facts (pipelines/families/__init__.py has the table)."""
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -10,6 +10,10 @@ from pipelines.samplers import SamplerSpec, ScheduleSpec
 Guidance = Literal["cfg", "distilled"]  # classifier-free guidance; FLUX's guidance embedding (+ optional true CFG)
 PromptEncoding = Literal["a1111-clip", "plain"]  # A1111's weighted CLIP chunks where asked for; diffusers' own
 LatentLayout = Literal["spatial", "packed"]  # UNet latents (c, h, w); transformer tokens (h*w/4, c*4) for FLUX
+
+
+class UnsupportedModelError(Exception):
+    """Files that look like a model of a family this service does not run (skipped with a warning)."""
 
 
 @dataclass(frozen=True)
@@ -53,7 +57,7 @@ class ModelFamily:
     sizes_multiple_of: int = 8  # width and height must be multiples of this (the VAE's downsampling x patching)
     # Recognising its files: an original-layout checkpoint's tensor names, a diffusers folder's model_index.json
     # (with the folder, for component configs). Families are asked in `FAMILIES` order; the first claim wins.
-    claims_checkpoint: Callable[[list[str]], bool] = lambda keys: False
+    claims_checkpoint: Callable[[Iterable[str]], bool] = lambda keys: False  # may raise UnsupportedModelError
     claims_folder: Callable[[dict, Path], bool] = lambda index, folder: False
     # Its LoRA files, by tensor names and shapes (without torch) and training metadata; families that do not
     # claim one leave it to pipelines/loras.py's SD rules.

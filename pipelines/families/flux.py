@@ -9,9 +9,10 @@ transformer's config (`guidance_embeds`).
 """
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
-from pipelines.families.base import FamilyPipelines, ModelFamily
+from pipelines.families.base import FamilyPipelines, ModelFamily, UnsupportedModelError
 from pipelines.samplers import SamplerSpec, ScheduleSpec
 
 # The published fit of FLUX.1's 16 latent channels to RGB, with its bias (the latents as the transformer
@@ -97,6 +98,25 @@ def is_bfl_layout(keys) -> bool:
     return any(key.removeprefix(BFL_PREFIX).startswith("double_blocks.") for key in keys)
 
 
+def _claims_checkpoint(keys) -> bool:
+    """A FLUX.1 text-to-image transformer in BFL's layout. Other models of that layout are told apart and
+    refused by name: FLUX.2 and Chroma (no pooled-text modulation), and FLUX.1 Fill, Canny and Depth (their
+    `img_in` takes the image condition too: 384 or 128 inputs, not 64), which other pipelines run."""
+    if not is_bfl_layout(keys):
+        return False
+    names = {key.removeprefix(BFL_PREFIX) for key in keys}
+    if "vector_in.in_layer.weight" not in names or "double_blocks.0.img_mod.lin.weight" not in names:
+        raise UnsupportedModelError("a Black Forest Labs-layout transformer that is not FLUX.1 (FLUX.2 or Chroma)")
+    img_in = next((shape for key, shape in keys.items() if key.removeprefix(BFL_PREFIX) == "img_in.weight"),
+                  None) if isinstance(keys, Mapping) else None  # fmt: skip
+    if img_in is not None and img_in.shape[-1] != 64:
+        raise UnsupportedModelError(
+            f"a FLUX.1 variant with {img_in.shape[-1]} input channels (Fill, Canny or "
+            "Depth), which this service does not run; FLUX.1 text-to-image files have 64"
+        )
+    return True
+
+
 def _load_single_file(entry, dtype):
     from pipelines.flux_single_file import load_flux_single_file  # torch and diffusers: the engine's side only
 
@@ -134,7 +154,7 @@ FLUX = ModelFamily(
     distilled_cfg_scale=3.5,
     latent_channels=16,
     sizes_multiple_of=16,  # 8x VAE downsampling, then 2x2 patches
-    claims_checkpoint=is_bfl_layout,
+    claims_checkpoint=_claims_checkpoint,
     claims_folder=_claims_folder,
     claims_lora=claims_lora,
     single_file_modules=("vae", "clip", "t5"),

@@ -74,10 +74,13 @@ def test_a_single_file_without_its_modules_is_skipped_naming_what_is_missing(set
     shutil.copy(settings.models_dir / f"{SINGLE}.safetensors", models)
     shutil.copytree(settings.models_dir / ".configs" / SINGLE, models / ".configs" / SINGLE)
     lonely = settings.model_copy(update={"models_dir": models, "text_encoder_dir": tmp_path / "none"})
-    assert ModelCatalog(lonely).list_models() == []
-    assert "a FLUX.1 transformer without its modules: no CLIP module file in stable_diffusion/text_encoder/" in (
-        caplog.text
-    )
+    catalog = ModelCatalog(lonely)
+    assert catalog.list_models() == []
+    why = f"a FLUX.1 transformer without its modules: no CLIP module file in {tmp_path / 'none'}"
+    assert why in caplog.text
+    with pytest.raises(DiffusionAPIError) as raised:  # asked for, it is not "unknown": the answer says why
+        catalog.resolve(SINGLE)
+    assert raised.value.status_code == 404 and f"'{SINGLE}' is installed but skipped: {why}" in raised.value.message
 
 
 def test_forges_additional_modules_are_checked_against_the_models(catalog):
@@ -109,3 +112,43 @@ def test_a_gguf_transformer_loads_quantized_and_generates_near_the_full_weights(
     assert parse_infotext(quantized.infotext)["Model"] == "demo-flux-dev-Q8_0"
     styled = engine.generate(Txt2ImgRequest(**BASE, model=entry.name, loras=["demo-flux-peft"]))  # on GGUF layers
     assert np.abs(pixels(styled) - pixels(quantized)).max() > 2 and not styled.warnings
+
+
+def test_configs_of_another_variant_or_missing_say_what_does_not_match(engine, settings, tmp_path):
+    """A schnell-shaped configs folder for a dev file: named mismatch, not an index error; a missing tokenizer:
+    named before any weight is read; a scaled-fp8 file: refused by name."""
+    from safetensors.torch import load_file, save_file
+
+    from pipelines.flux_single_file import load_transformer
+    from pipelines.models import load_pipeline
+
+    configs = tmp_path / "configs"
+    shutil.copytree(settings.models_dir / ".configs" / SINGLE, configs)
+    config = configs / "transformer" / "config.json"
+    config.write_text(config.read_text().replace('"guidance_embeds": true', '"guidance_embeds": false'))
+    with pytest.raises(DiffusionAPIError, match="does not match its configs .* not in the configs .*guidance"):
+        load_transformer(settings.models_dir / f"{SINGLE}.safetensors", configs, torch.float32)
+    shutil.rmtree(configs / "tokenizer_2")
+    entry = engine.catalog.resolve(SINGLE)
+    from dataclasses import replace
+
+    with pytest.raises(DiffusionAPIError, match="lacks tokenizer_2"):
+        load_pipeline(replace(entry, config_dir=configs), torch.device("cpu"), torch.float32)
+    scaled = tmp_path / "t5xxl_fp8_e4m3fn_scaled.safetensors"
+    save_file({**load_file(entry.modules[2]), "scaled_fp8": torch.zeros(1)}, scaled)
+    with pytest.raises(DiffusionAPIError, match="'scaled fp8' file"):
+        load_pipeline(replace(entry, modules=(*entry.modules[:2], scaled)), torch.device("cpu"), torch.float32)
+
+
+def test_other_black_forest_labs_layouts_are_refused_by_name():
+    from pipelines.catalog import UnsupportedModelError, family_of_checkpoint_keys
+    from pipelines.tensor_shapes import TensorShape
+
+    dev = {"img_in.weight": TensorShape((3072, 64)), "vector_in.in_layer.weight": TensorShape((3072, 768)),
+           "double_blocks.0.img_mod.lin.weight": TensorShape((18432, 3072))}  # fmt: skip
+    assert family_of_checkpoint_keys(dev) == "flux"
+    assert family_of_checkpoint_keys({f"model.diffusion_model.{key}": shape for key, shape in dev.items()}) == "flux"
+    with pytest.raises(UnsupportedModelError, match="384 input channels \\(Fill, Canny or Depth\\)"):
+        family_of_checkpoint_keys({**dev, "img_in.weight": TensorShape((3072, 384))})
+    with pytest.raises(UnsupportedModelError, match="not FLUX.1 \\(FLUX.2 or Chroma\\)"):
+        family_of_checkpoint_keys({key: shape for key, shape in dev.items() if not key.startswith("vector_in")})
