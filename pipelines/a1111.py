@@ -195,14 +195,14 @@ def _size_multiple(name: str | None, catalog: ModelCatalog | None) -> int:
         return 8
 
 
-def _checked_modules(modules: Any, model: str | None, catalog: ModelCatalog | None) -> list[str]:
+def _checked_modules(modules: Any, model: str | None, catalog: ModelCatalog | None,
+                     place: str = "forge_additional_modules") -> list[str]:  # fmt: skip
     """Forge's `forge_additional_modules` (file names, stems or paths) against the modules the model runs with:
     each FLUX.1 single file runs with one set (configs/models.yaml `modules:`, else one of each kind installed),
     so naming another is a 422 saying which it runs with; naming modules for a model that carries its own VAE
     and text encoders is a warning."""
     if not isinstance(modules, list) or not all(isinstance(item, str) for item in modules):
-        raise InvalidRequestError("forge_additional_modules: a list of module file names or paths",
-                                  field="forge_additional_modules")  # fmt: skip
+        raise InvalidRequestError(f"{place}: a list of module file names or paths", field=place)
     try:
         entry = catalog.resolve(model) if catalog is not None else None
     except DiffusionAPIError:
@@ -214,11 +214,12 @@ def _checked_modules(modules: Any, model: str | None, catalog: ModelCatalog | No
     runs_with = {path.stem for path in entry.modules}
     asked = {Path(item.replace("\\", "/")).stem for item in modules}
     if other := sorted(asked - runs_with):
+        named = ", ".join(repr(name[:60]) for name in other[:5]) + (" ..." if len(other) > 5 else "")
         raise InvalidRequestError(
-            f"forge_additional_modules: {', '.join(map(repr, other))} are not the modules model '{entry.name}' runs "
+            f"{place}: {named} are not the modules model '{entry.name}' runs "
             f"with ({', '.join(sorted(runs_with))}); this service runs each FLUX.1 single file with one module set, "
             "chosen in configs/models.yaml under 'modules:' (GET /sdapi/v1/sd-modules lists the installed ones)",
-            field="forge_additional_modules",
+            field=place,
         )
     return []
 
@@ -262,9 +263,12 @@ def to_native(
         native["distilled_cfg_scale"] = request.distilled_cfg_scale
     if isinstance(vae := overrides.get("sd_vae"), str) and vae.strip():
         native["vae"] = vae  # "Automatic" and "None" mean the model's own, as in A1111
-    modules = overrides.get("forge_additional_modules", (request.model_extra or {}).get("forge_additional_modules"))
+    in_overrides = "forge_additional_modules" in overrides
+    modules = overrides["forge_additional_modules"] if in_overrides else (request.model_extra or {}).get(
+        "forge_additional_modules")  # fmt: skip
     if modules:
-        warnings += _checked_modules(modules, native["model"], catalog)
+        place = "override_settings.forge_additional_modules" if in_overrides else "forge_additional_modules"
+        warnings += _checked_modules(modules, native["model"], catalog, place)
     try:
         clip_skip = number_from_text(overrides.get("CLIP_stop_at_last_layers"))
     except ValueError as error:

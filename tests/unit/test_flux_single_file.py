@@ -42,6 +42,23 @@ def test_the_layout_converter_agrees_with_diffusers_on_a_full_size_transformer()
     assert "double_blocks.0.img_attn.qkv.weight" in bfl and "single_blocks.1.linear1.weight" in bfl
 
 
+def test_the_layout_converter_gives_diffusers_values_at_full_width():
+    """The values too, where diffusers' converter can run (FLUX.1's 3072 width; one block of each kind; bytes
+    rather than floats, as the conversion only moves tensors): a mistake both directions of ours shared would show."""
+    from diffusers import FluxTransformer2DModel
+    from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
+
+    config = dict(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=128,
+                  num_attention_heads=24, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
+                  axes_dims_rope=(16, 56, 56))  # fmt: skip
+    with torch.device("meta"):
+        shapes = {key: tensor.shape for key, tensor in FluxTransformer2DModel(**config).state_dict().items()}
+    generator = torch.Generator().manual_seed(0)
+    full = {key: torch.randint(0, 255, shape, dtype=torch.uint8, generator=generator) for key, shape in shapes.items()}
+    theirs = convert_flux_transformer_checkpoint_to_diffusers(diffusers_to_bfl(full))
+    assert set(theirs) == set(full) and all(torch.equal(theirs[key], full[key]) for key in full)
+
+
 def test_the_demo_single_file_round_trips_and_is_listed_with_its_modules(engine, settings):
     from safetensors.torch import load_file
 
@@ -92,7 +109,7 @@ def test_forges_additional_modules_are_checked_against_the_models(catalog):
     assert mapped(["flux-ae", "demo-clip-l.safetensors", "/forge/models/text_encoder/demo-t5xxl.safetensors"])
     with pytest.raises(DiffusionAPIError) as raised:
         mapped(["ae.safetensors", "demo-clip-l"])
-    assert raised.value.status_code == 422 and raised.value.field == "forge_additional_modules"
+    assert raised.value.status_code == 422 and raised.value.field == "override_settings.forge_additional_modules"
     assert "'ae' are not the modules model 'demo-flux-dev-single' runs with" in raised.value.message
     folder = mapped(["flux-ae"], model="demo-flux-dev")
     assert "forge_additional_modules ignored: model 'demo-flux-dev' carries its own VAE" in " ".join(folder.warnings)
