@@ -69,7 +69,12 @@ def load_transformer(path: Path, configs: Path, dtype: torch.dtype):
     from diffusers.loaders.single_file_utils import load_single_file_checkpoint
 
     quantized = path.suffix.lower() == ".gguf"
-    tensors = load_single_file_checkpoint(str(path), local_files_only=True)
+    if quantized:  # diffusers' own reader, called directly: its file-type check is case-sensitive (".GGUF")
+        from diffusers.models.model_loading_utils import load_gguf_checkpoint
+
+        tensors = load_gguf_checkpoint(str(path))
+    else:
+        tensors = load_single_file_checkpoint(str(path), local_files_only=True)
     _refuse_scaled_fp8(tensors, path)
     converted = bfl_to_diffusers(tensors)
     config = diffusers.FluxTransformer2DModel.load_config(configs / "transformer")
