@@ -96,6 +96,24 @@ SAMPLERS: dict[str, SamplerSpec] = {
     "LCM": SamplerSpec("LCMScheduler", aliases=("lcm",)),
 }
 
+# Flow-matching models (FLUX.1, SD 3.5): the samplers that run on flow sigmas, and Forge's schedule types for
+# them (Simple: the model's own shifted sigmas, the default). Ancestral and SDE samplers are not here: their noise
+# does not follow each job's seed in a batch. A family module takes the ones its pipeline can run.
+FLOW_PREDICTION = {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}
+FLOW_SAMPLERS: dict[str, SamplerSpec] = {
+    "Euler": SamplerSpec("FlowMatchEulerDiscreteScheduler", default_schedule="simple", aliases=("k_euler",)),
+    "Heun": SamplerSpec(
+        "FlowMatchHeunDiscreteScheduler", default_schedule="simple", aliases=("k_heun",), schedules=("simple",)
+    ),  # fmt: skip
+    "DPM++ 2M": SamplerSpec(
+        "DPMSolverMultistepScheduler", FLOW_PREDICTION, "simple", aliases=("k_dpmpp_2m",), schedules=("simple",)
+    ),  # fmt: skip
+    "UniPC": SamplerSpec(
+        "UniPCMultistepScheduler", FLOW_PREDICTION, "simple", aliases=("unipc",), schedules=("simple",)
+    ),  # fmt: skip
+}
+
+
 # The seed API's names, in its order (old A1111 names with the schedule in the name). Listed first.
 SEED_SAMPLER_NAMES = [
     "Euler", "Euler a", "Heun", "DPM2", "DPM++ 2S a", "DPM++ 2M", "DPM++ 2M Karras", "DPM++ SDE",
@@ -133,6 +151,13 @@ SCHEDULES: dict[str, ScheduleSpec] = {
     "simple": ScheduleSpec("Simple", {"timestep_spacing": "trailing"}),
     "normal": ScheduleSpec("Normal", {"timestep_spacing": "linspace"}),
     "ddim": ScheduleSpec("DDIM", {"timestep_spacing": "leading"}),
+    "beta": ScheduleSpec("Beta", {"use_beta_sigmas": True}),
+}
+FLOW_SCHEDULES: dict[str, ScheduleSpec] = {
+    "automatic": ScheduleSpec("Automatic"),
+    "simple": ScheduleSpec("Simple"),
+    "karras": ScheduleSpec("Karras", {"use_karras_sigmas": True}),
+    "exponential": ScheduleSpec("Exponential", {"use_exponential_sigmas": True}),
     "beta": ScheduleSpec("Beta", {"use_beta_sigmas": True}),
 }
 # The seed API's `scheduler_type` values that are not A1111 names.

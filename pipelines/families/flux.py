@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from pipelines.families.base import FamilyPipelines, ModelFamily, UnsupportedModelError
-from pipelines.samplers import SamplerSpec, ScheduleSpec
+from pipelines.samplers import FLOW_SAMPLERS, FLOW_SCHEDULES
 
 # The published fit of FLUX.1's 16 latent channels to RGB, with its bias (the latents as the transformer
 # sees them: shifted and scaled).
@@ -25,35 +25,9 @@ LATENT_RGB = (
 )  # fmt: skip
 LATENT_RGB_BIAS = (-0.0329, -0.0718, -0.0851)
 
-# The samplers that run on flow-matching sigmas in diffusers' FluxPipeline (it passes its own sigmas and the
-# resolution-dependent shift `mu` to the scheduler). Heun is not here: diffusers' FlowMatchHeunDiscreteScheduler
-# does not take custom sigmas. Ancestral and SDE samplers are not here either: their noise does not follow each
-# job's seed in a batch.
-FLOW_SAMPLERS = {
-    "Euler": SamplerSpec("FlowMatchEulerDiscreteScheduler", default_schedule="simple", aliases=("k_euler",)),
-    "DPM++ 2M": SamplerSpec(
-        "DPMSolverMultistepScheduler",
-        {"use_flow_sigmas": True, "prediction_type": "flow_prediction"},
-        "simple",
-        aliases=("k_dpmpp_2m",),
-        schedules=("simple",),
-    ),
-    "UniPC": SamplerSpec(
-        "UniPCMultistepScheduler",
-        {"use_flow_sigmas": True, "prediction_type": "flow_prediction"},
-        "simple",
-        aliases=("unipc",),
-        schedules=("simple",),
-    ),
-}
-# Forge's schedule types for FLUX.1; Simple is the model's own shifted sigmas, the default.
-FLOW_SCHEDULES = {
-    "automatic": ScheduleSpec("Automatic"),
-    "simple": ScheduleSpec("Simple"),
-    "karras": ScheduleSpec("Karras", {"use_karras_sigmas": True}),
-    "exponential": ScheduleSpec("Exponential", {"use_exponential_sigmas": True}),
-    "beta": ScheduleSpec("Beta", {"use_beta_sigmas": True}),
-}
+# diffusers' FluxPipeline passes its own sigmas and the resolution-dependent shift `mu` to the scheduler; Heun
+# (FlowMatchHeunDiscreteScheduler) takes no custom sigmas, so it is not FLUX.1's.
+SAMPLERS = {name: spec for name, spec in FLOW_SAMPLERS.items() if name != "Heun"}
 
 
 PIPELINE_CLASSES = ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline")
@@ -148,7 +122,7 @@ FLUX = ModelFamily(
     guidance="distilled",
     prompt_encoding="plain",
     latent_layout="packed",
-    samplers=FLOW_SAMPLERS,
+    samplers=SAMPLERS,
     schedules=FLOW_SCHEDULES,
     request_defaults={"cfg_scale": 1.0, "sampler_name": "Euler", "scheduler_type": "simple"},
     distilled_cfg_scale=3.5,

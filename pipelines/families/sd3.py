@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from pipelines.families.base import FamilyPipelines, ModelFamily
-from pipelines.samplers import SamplerSpec, ScheduleSpec
+from pipelines.samplers import FLOW_SAMPLERS, FLOW_SCHEDULES
 
 # The published fit of SD3's 16 latent channels to RGB, with its bias.
 LATENT_RGB = (
@@ -17,25 +17,8 @@ LATENT_RGB = (
 )  # fmt: skip
 LATENT_RGB_BIAS = (0.2394, 0.2135, 0.1925)
 
-_FLOW = {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}
-# SD3's pipeline lets the scheduler make its own sigmas (no custom sigmas passed), so Heun runs here too.
-FLOW_SAMPLERS = {
-    "Euler": SamplerSpec("FlowMatchEulerDiscreteScheduler", default_schedule="simple", aliases=("k_euler",)),
-    "Heun": SamplerSpec(
-        "FlowMatchHeunDiscreteScheduler", default_schedule="simple", aliases=("k_heun",), schedules=("simple",)
-    ),  # fmt: skip
-    "DPM++ 2M": SamplerSpec(
-        "DPMSolverMultistepScheduler", _FLOW, "simple", aliases=("k_dpmpp_2m",), schedules=("simple",)
-    ),  # fmt: skip
-    "UniPC": SamplerSpec("UniPCMultistepScheduler", _FLOW, "simple", aliases=("unipc",), schedules=("simple",)),
-}
-FLOW_SCHEDULES = {
-    "automatic": ScheduleSpec("Automatic"),
-    "simple": ScheduleSpec("Simple"),
-    "karras": ScheduleSpec("Karras", {"use_karras_sigmas": True}),
-    "exponential": ScheduleSpec("Exponential", {"use_exponential_sigmas": True}),
-    "beta": ScheduleSpec("Beta", {"use_beta_sigmas": True}),
-}
+# SD3's pipeline lets the scheduler make its own sigmas (no custom sigmas passed), so Heun runs here too: every
+# flow-matching sampler of pipelines/samplers.py.
 
 
 def _claims_folder(index: dict, folder: Path) -> bool:
