@@ -7,11 +7,13 @@ class and component configs, or tensor names), never from the name. Hashes and f
 by path, size and mtime, so a large checkpoint is hashed once.
 """
 
+import functools
 import hashlib
 import json
 import logging
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
@@ -132,10 +134,6 @@ def _checkpoint_shapes(path: Path) -> dict:
     return state.get("state_dict", state)
 
 
-def _checkpoint_keys(path: Path) -> list[str]:
-    return list(_checkpoint_shapes(path).keys())
-
-
 def _served_labels() -> str:
     return ", ".join(family.label for family in FAMILIES.values())
 
@@ -225,8 +223,9 @@ class ModelCatalog:
         dirs = [self.settings.models_dir, self.settings.extra_models_dir]
         return [d for d in dict.fromkeys(dirs) if d.is_dir()]
 
-    def _scan_one(self, path: Path) -> ModelEntry | None:
-        """The model at `path` (named as found; the label is set by the caller), or None if it is none."""
+    def _scan_one(self, path: Path, modules: Callable[[], list]) -> ModelEntry | None:
+        """The model at `path` (named as found; the label is set by the caller), or None if it is none.
+        `modules()`: the installed module files (pipelines/modules.py), read once per scan when first asked."""
         folder = _hf_snapshot(path) if path.is_dir() and path.name.startswith("models--") else path
         if folder is not None and folder.is_dir() and (folder / "model_index.json").exists():
             unet_config = folder / "unet" / "config.json"
@@ -246,27 +245,30 @@ class ModelCatalog:
             config_dir = path.parent / ".configs" / path.stem
             return ModelEntry(path.stem, path.stem, family, "single-file", path,
                               config_dir if config_dir.is_dir() else None, channels == INPAINTING_CHANNELS,
-                              self._modules_of(path.stem, family))  # fmt: skip
+                              self._modules_of(path.stem, family, modules))  # fmt: skip
         return None
 
-    def _modules_of(self, name: str, family: str) -> tuple[Path, ...]:
+    def _modules_of(self, name: str, family: str, modules: Callable[[], list]) -> tuple[Path, ...]:
         """The separate VAE and text-encoder files a single file of `family` runs with (FLUX.1's transformer
         alone, as Black Forest Labs ships it); `configs/models.yaml` `modules: {name: [ae, clip_l, ...]}` picks
         them where several of a kind are installed."""
         if not family_of(family).single_file_modules:
             return ()
-        from pipelines.modules import ModuleLibrary
-
         table = self._config().get("modules") or {}
         configured = table.get(name) if isinstance(table, dict) else None
         valid = isinstance(configured, list) and all(isinstance(item, str) for item in configured)
         if configured is not None and not valid:
             raise UnsupportedModelError(f"configs/models.yaml modules.{name}: a list of module file names, "
                                         f"not {configured!r}")  # fmt: skip
-        found = ModuleLibrary(self.settings, self.facts).for_flux(configured)
+        found = self._module_library().for_flux(configured, modules())
         if isinstance(found, str):
             raise UnsupportedModelError(f"a {family_of(family).label} transformer without its modules: {found}")
         return tuple(module.path for module in found)
+
+    def _module_library(self):
+        from pipelines.modules import ModuleLibrary  # imported here: it imports this module (FileFactsCache)
+
+        return ModuleLibrary(self.settings, self.facts)
 
     def list_models(self) -> list[ModelEntry]:
         """Every usable checkpoint, sorted by name. Unreadable or unsupported ones are logged and skipped."""
@@ -274,6 +276,7 @@ class ModelCatalog:
         for label, name in self.configured_aliases().items():
             labels_by_name.setdefault(name, label)
         entries: dict[str, ModelEntry] = {}
+        modules = functools.cache(lambda: self._module_library().available())  # for FLUX.1 single files only
         for directory in self._model_dirs():
             root = directory.resolve()
             for path in sorted(directory.iterdir()):
@@ -284,10 +287,10 @@ class ModelCatalog:
                                    path, directory)  # fmt: skip
                     continue
                 try:
-                    found = self._scan_one(path)
+                    found = self._scan_one(path, modules)
                 except UnsupportedModelError as error:
                     logger.warning("skipping %s: %s", path, error)
-                    self._skipped[Path(path.name).stem if path.is_file() else path.name] = str(error)
+                    self._skipped[path.stem if path.is_file() else path.name] = str(error)
                     continue
                 except (OSError, ValueError, RuntimeError) as error:
                     logger.warning("skipping unreadable model %s: %s", path, error)

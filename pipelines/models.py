@@ -312,7 +312,7 @@ def load_pipeline(entry: ModelEntry, device: torch.device, dtype: torch.dtype):
             extra = {"config": str(entry.config_dir), "local_files_only": True} if entry.config_dir else {}
             pipe = cls.from_single_file(str(entry.path), dtype=dtype, **extra)
         else:
-            absent = {name: None for name in family_of(entry.family).optional_components
+            absent = {name: None for name in family.optional_components
                       if not (entry.path / name).is_dir()}  # fmt: skip
             pipe = diffusers.DiffusionPipeline.from_pretrained(entry.path, dtype=dtype, local_files_only=True, **absent)
             if entry.inpainting and not isinstance(pipe, inpainting_class(entry.family)):

@@ -76,10 +76,11 @@ class ModuleLibrary:
                     found.append(ModuleFile(Path(name).name, path, kind))
         return sorted(found, key=lambda module: module.name.lower())
 
-    def for_flux(self, configured: list[str] | None = None) -> tuple[ModuleFile, ...] | str:
+    def for_flux(self, configured: list[str] | None = None,
+                 modules: list[ModuleFile] | None = None) -> tuple[ModuleFile, ...] | str:  # fmt: skip
         """The VAE, CLIP and T5 a FLUX.1 single file runs with (`configured`: names from configs/models.yaml,
-        any order); the reason as text when one of them is missing."""
-        modules = self.available()
+        any order), among `modules` (`available()` when not given); the reason as text when one is missing."""
+        modules = self.available() if modules is None else modules
         wanted = {Path(name).stem for name in configured or []}  # `ae`, `ae.safetensors` or `sub/ae` alike
         if unknown := sorted(wanted - {module.name for module in modules}):
             return f"configs/models.yaml names modules that are not installed: {', '.join(unknown)}"

@@ -97,11 +97,6 @@ def _load_single_file(entry, dtype):
     return load_flux_single_file(entry, dtype)
 
 
-def has_guidance_embedding(transformer_config: dict) -> bool:
-    """dev (and its fine-tunes) embed the guidance; schnell does not."""
-    return bool(transformer_config.get("guidance_embeds"))
-
-
 FLUX = ModelFamily(
     name="flux",
     label="FLUX.1",
