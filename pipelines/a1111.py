@@ -184,31 +184,26 @@ def check_prompt_lengths(request: A1111GenerationRequest) -> None:
                                       f"accepted", field=name)  # fmt: skip
 
 
-def _size_multiple(name: str | None, catalog: ModelCatalog | None) -> int:
-    """The size multiple of the model the request names (8; 16 for FLUX.1 and SD 3.5). An unknown model is the
-    submission's 404, not this translation's."""
+def _resolved(name: str | None, catalog: ModelCatalog | None) -> ModelEntry | None:
+    """The model the request names, where the translation needs its family or modules; None without a catalog
+    or for an unknown model (the submission answers that one with its 404)."""
     if catalog is None:
-        return 8
+        return None
     try:
-        return family_of(catalog.resolve(name).family).sizes_multiple_of
+        return catalog.resolve(name)
     except DiffusionAPIError:
-        return 8
+        return None
 
 
-def _checked_modules(modules: Any, model: str | None, catalog: ModelCatalog | None,
-                     place: str = "forge_additional_modules") -> list[str]:  # fmt: skip
+def _checked_modules(modules: Any, entry: ModelEntry | None, place: str = "forge_additional_modules") -> list[str]:
     """Forge's `forge_additional_modules` (file names, stems or paths) against the modules the model runs with:
     each FLUX.1 single file runs with one set (configs/models.yaml `modules:`, else one of each kind installed),
     so naming another is a 422 saying which it runs with; naming modules for a model that carries its own VAE
     and text encoders is a warning."""
     if not isinstance(modules, list) or not all(isinstance(item, str) for item in modules):
         raise InvalidRequestError(f"{place}: a list of module file names or paths", field=place)
-    try:
-        entry = catalog.resolve(model) if catalog is not None else None
-    except DiffusionAPIError:
-        return []  # the submission answers the unknown model
     if entry is None:
-        return []
+        return []  # no catalog here, or an unknown model: the submission answers it
     if not entry.modules:
         return [f"forge_additional_modules ignored: model '{entry.name}' carries its own VAE and text encoders"]
     runs_with = {path.stem for path in entry.modules}
@@ -239,7 +234,8 @@ def to_native(
     overrides = request.override_settings or {}
     sampler, schedule = _sampler_and_schedule(request)
     steps = request.steps if request.steps is not None else 50
-    multiple = _size_multiple(overrides.get("sd_model_checkpoint") or default_model, catalog)
+    entry = _resolved(overrides.get("sd_model_checkpoint") or default_model, catalog)  # resolved once, here
+    multiple = family_of(entry.family).sizes_multiple_of if entry is not None else 8
     width = _snapped_size(request.width or 512, "width", warnings, multiple)
     height = _snapped_size(request.height or 512, "height", warnings, multiple)
     native: dict[str, Any] = {
@@ -268,7 +264,7 @@ def to_native(
         "forge_additional_modules")  # fmt: skip
     if modules:
         place = "override_settings.forge_additional_modules" if in_overrides else "forge_additional_modules"
-        warnings += _checked_modules(modules, native["model"], catalog, place)
+        warnings += _checked_modules(modules, entry, place)
     try:
         clip_skip = number_from_text(overrides.get("CLIP_stop_at_last_layers"))
     except ValueError as error:
