@@ -125,33 +125,30 @@ _KOHYA_FLUX_LAYERS = {
 }
 
 
-def _pair(layer: torch.nn.Linear, rank: int, generator: torch.Generator, strength: float):
-    down = torch.randn(rank, layer.in_features, generator=generator) * strength
-    up = torch.randn(layer.out_features, rank, generator=generator) * strength
-    return down.contiguous(), up.contiguous()
-
-
 def transformer_peft_lora(pipe, seed: int, rank: int = 4, strength: float = 0.5) -> dict:
     """A LoRA in diffusers/peft keys on a transformer's attention projections (FLUX.1's or SD 3.5's)."""
+    from pipelines.demo import _linear_targets, _lora_pair
+
     generator = torch.Generator().manual_seed(seed)
     state = {}
-    for name, layer in pipe.transformer.named_modules():
-        if isinstance(layer, torch.nn.Linear) and name.endswith(("attn.to_q", "attn.to_k", "attn.to_v")):
-            down, up = _pair(layer, rank, generator, strength)
-            state[f"transformer.{name}.lora_A.weight"], state[f"transformer.{name}.lora_B.weight"] = down, up
+    for name, layer in _linear_targets(pipe.transformer, ("attn.to_q", "attn.to_k", "attn.to_v")):
+        down, up = _lora_pair(layer, rank, generator, strength)
+        state[f"transformer.{name}.lora_A.weight"], state[f"transformer.{name}.lora_B.weight"] = down, up
     return state
 
 
 def flux_kohya_lora(pipe, seed: int, rank: int = 4, strength: float = 0.5) -> dict:
     """A FLUX.1 LoRA in kohya's keys (`lora_unet_double_blocks_N_...` with `lora_down`, `lora_up`, `alpha`), on
     the double blocks' MLPs."""
+    from pipelines.demo import _lora_pair
+
     generator = torch.Generator().manual_seed(seed)
     modules = dict(pipe.transformer.named_modules())
     state = {}
     for index in range(len(pipe.transformer.transformer_blocks)):
         for kohya, diffusers_name in _KOHYA_FLUX_LAYERS.items():
             key = "lora_unet_" + kohya.format(i=index)
-            down, up = _pair(modules[diffusers_name.format(i=index)], rank, generator, strength)
+            down, up = _lora_pair(modules[diffusers_name.format(i=index)], rank, generator, strength)
             state[f"{key}.lora_down.weight"], state[f"{key}.lora_up.weight"] = down, up
             state[f"{key}.alpha"] = torch.tensor(float(rank))
     return state
