@@ -98,14 +98,17 @@ def _text_encoder(tokenizer, seed: int, with_projection: bool = False):
     return model_class(config).eval()
 
 
-def _vae(seed: int, scaling_factor: float):
+def _vae(seed: int, scaling_factor: float, latent_channels: int = 4, shift_factor: float | None = None):
+    """SD's 4-channel VAE, or with 16 channels and a shift FLUX.1's and SD 3's (which have no quant convs)."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
+    quant_convs = latent_channels == 4
     return AutoencoderKL(
-        block_out_channels=[32, 32, 32, 32], in_channels=3, out_channels=3, latent_channels=4,
+        block_out_channels=[32, 32, 32, 32], in_channels=3, out_channels=3, latent_channels=latent_channels,
         down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
         layers_per_block=1, norm_num_groups=32, sample_size=128, scaling_factor=scaling_factor,
+        shift_factor=shift_factor, use_quant_conv=quant_convs, use_post_quant_conv=quant_convs,
     ).eval()  # fmt: skip
 
 

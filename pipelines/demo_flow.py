@@ -57,7 +57,7 @@ def build_flux(work: Path, seed: int = 40, guidance: bool = True):
     """A tiny FluxPipeline; `guidance`: dev's guidance embedding (schnell has none)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
-    from pipelines.demo import _text_encoder, _tokenizer
+    from pipelines.demo import _text_encoder, _tokenizer, _vae
 
     tokenizer = _tokenizer(work)
     tokenizer_2, text_encoder_2 = _t5(seed + 1)
@@ -67,7 +67,7 @@ def build_flux(work: Path, seed: int = 40, guidance: bool = True):
         num_attention_heads=2, joint_attention_dim=TEXT_WIDTH, pooled_projection_dim=TEXT_WIDTH,
         guidance_embeds=guidance, axes_dims_rope=[4, 6, 6],
     ).eval()  # fmt: skip
-    vae = _vae16(seed + 2, FLUX_VAE_SCALING, FLUX_VAE_SHIFT)
+    vae = _vae(seed + 2, FLUX_VAE_SCALING, latent_channels=16, shift_factor=FLUX_VAE_SHIFT)
     return FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER), vae=vae,
         text_encoder=_text_encoder(tokenizer, seed), tokenizer=tokenizer, text_encoder_2=text_encoder_2,
@@ -75,24 +75,11 @@ def build_flux(work: Path, seed: int = 40, guidance: bool = True):
     )  # fmt: skip
 
 
-def _vae16(seed: int, scaling: float, shift: float):
-    """A 16-channel VAE as FLUX.1's and SD3's (no quant convolutions)."""
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(seed)
-    return AutoencoderKL(
-        block_out_channels=[32, 32, 32, 32], in_channels=3, out_channels=3, latent_channels=16,
-        down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4, layers_per_block=1,
-        norm_num_groups=32, sample_size=128, scaling_factor=scaling, shift_factor=shift,
-        use_quant_conv=False, use_post_quant_conv=False,
-    ).eval()  # fmt: skip
-
-
 def build_sd35(work: Path, seed: int = 50):
     """A tiny StableDiffusion3Pipeline with SD 3.5's QK norm and all three text encoders."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
-    from pipelines.demo import _text_encoder, _tokenizer
+    from pipelines.demo import _text_encoder, _tokenizer, _vae
 
     tokenizer, tokenizer_2 = _tokenizer(work), _tokenizer(work, pad_token="!")
     joint_width = 2 * TEXT_WIDTH  # CLIP-L and CLIP-G side by side, padded to T5's width
@@ -105,7 +92,7 @@ def build_sd35(work: Path, seed: int = 50):
     ).eval()  # fmt: skip
     return StableDiffusion3Pipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
-        vae=_vae16(seed + 3, SD3_VAE_SCALING, SD3_VAE_SHIFT),
+        vae=_vae(seed + 3, SD3_VAE_SCALING, latent_channels=16, shift_factor=SD3_VAE_SHIFT),
         text_encoder=_text_encoder(tokenizer, seed, with_projection=True), tokenizer=tokenizer,
         text_encoder_2=_text_encoder(tokenizer_2, seed + 1, with_projection=True), tokenizer_2=tokenizer_2,
         text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3, transformer=transformer,
