@@ -77,6 +77,7 @@ def _keyed_application(settings, folder) -> dict:
             "ipadapter_dir": str(settings.ipadapter_dir),
             "clip_vision_dir": str(settings.clip_vision_dir),
             "annotators_dir": str(settings.annotators_dir),
+            "text_encoder_dir": str(settings.text_encoder_dir),
             "upscalers_dir": str(settings.upscalers_dir),
             "models_config": str(settings.models_config),
             "cache_dir": str(settings.cache_dir),
@@ -283,6 +284,16 @@ def test_a_job_with_max_loras_loras_leaves_the_next_callers_image_as_it_was(keye
     assert wait_done(http, after, "bob")["state"] == "done"
     assert np.abs(image_pixels(http, with_loras, "alice") - image_pixels(http, baseline, "bob")).max() > 0
     assert np.array_equal(image_pixels(http, after, "bob"), image_pixels(http, baseline, "bob"))
+
+
+def test_forges_module_listing_needs_a_key_and_is_the_same_for_every_key(keyed):
+    """GET /sdapi/v1/sd-modules lists installed files (no key's data): behind the key, one answer for all."""
+    http = keyed["http"]
+    assert http.get("/sdapi/v1/sd-modules").status_code == 401
+    alice, bob = (http.get("/sdapi/v1/sd-modules", headers=auth(name)) for name in ("alice", "bob"))
+    assert alice.status_code == bob.status_code == 200 and alice.json() == bob.json()
+    assert {module["model_name"] for module in alice.json()} == {"flux-ae.safetensors", "demo-clip-l.safetensors",
+                                                                 "demo-t5xxl.safetensors"}  # fmt: skip
 
 
 def test_an_ip_adapter_job_keeps_its_references_to_its_key_and_leaves_the_model_as_it_was(keyed):
