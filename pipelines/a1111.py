@@ -197,9 +197,9 @@ def _resolved(name: str | None, catalog: ModelCatalog | None) -> ModelEntry | No
 
 def _checked_modules(modules: Any, entry: ModelEntry | None, place: str = "forge_additional_modules") -> list[str]:
     """Forge's `forge_additional_modules` (file names, stems or paths) against the modules the model runs with:
-    each FLUX.1 single file runs with one set (configs/models.yaml `modules:`, else one of each kind installed),
-    so naming another is a 422 saying which it runs with; naming modules for a model that carries its own VAE
-    and text encoders is a warning."""
+    each FLUX.1 or SD 3.5 single file runs with one set (configs/models.yaml `modules:`, else one of each kind it
+    lacks, installed), so naming another is a 422 saying which it runs with; naming modules for a model that
+    carries its own VAE and text encoders is a warning."""
     if not isinstance(modules, list) or not all(isinstance(item, str) for item in modules):
         raise InvalidRequestError(f"{place}: a list of module file names or paths", field=place)
     if entry is None:
@@ -212,7 +212,7 @@ def _checked_modules(modules: Any, entry: ModelEntry | None, place: str = "forge
         named = ", ".join(repr(name[:60]) for name in other[:5]) + (" ..." if len(other) > 5 else "")
         raise InvalidRequestError(
             f"{place}: {named} are not the modules model '{entry.name}' runs "
-            f"with ({', '.join(sorted(runs_with))}); this service runs each FLUX.1 single file with one module set, "
+            f"with ({', '.join(sorted(runs_with))}); this service runs each single file with one module set, "
             "chosen in configs/models.yaml under 'modules:' (GET /sdapi/v1/sd-modules lists the installed ones)",
             field=place,
         )

@@ -53,7 +53,7 @@ class ModelEntry:
     path: Path  # the diffusers folder (the snapshot folder for HF cache) or the checkpoint file
     config_dir: Path | None = None  # single files: local diffusers configs, when present
     inpainting: bool = False  # a 9-channel UNet (image + mask conditioning): an inpainting checkpoint
-    modules: tuple[Path, ...] = ()  # a FLUX.1 single file's VAE, CLIP and T5 files (pipelines/modules.py)
+    modules: tuple[Path, ...] = ()  # a single file's separate VAE and text encoder files (pipelines/modules.py)
 
     @property
     def hash_file(self) -> Path:
@@ -245,13 +245,14 @@ class ModelCatalog:
             config_dir = path.parent / ".configs" / path.stem
             return ModelEntry(path.stem, path.stem, family, "single-file", path,
                               config_dir if config_dir.is_dir() else None, channels == INPAINTING_CHANNELS,
-                              self._modules_of(path.stem, family, modules))  # fmt: skip
+                              self._modules_of(path, family, modules))  # fmt: skip
         return None
 
-    def _modules_of(self, name: str, family: str, modules: Callable[[], list]) -> tuple[Path, ...]:
-        """The separate VAE and text-encoder files a single file of `family` runs with (FLUX.1's transformer
-        alone, as Black Forest Labs ships it); `configs/models.yaml` `modules: {name: [ae, clip_l, ...]}` picks
-        them where several of a kind are installed."""
+    def _modules_of(self, path: Path, family: str, modules: Callable[[], list]) -> tuple[Path, ...]:
+        """The separate VAE and text-encoder files the single file at `path` runs with (FLUX.1's transformer
+        alone, as Black Forest Labs ships it; SD 3.5's without its text encoders); `configs/models.yaml`
+        `modules: {name: [ae, clip_l, ...]}` picks them where several of a kind are installed."""
+        name = path.stem
         if not family_of(family).single_file_modules:
             return ()
         table = self._config().get("modules") or {}
@@ -260,7 +261,9 @@ class ModelCatalog:
         if configured is not None and not valid:
             raise UnsupportedModelError(f"configs/models.yaml modules.{name}: a list of module file names, "
                                         f"not {configured!r}")  # fmt: skip
-        found = self._module_library().for_flux(configured, modules())
+        carried_by = family_of(family).carried_modules
+        carried = self.facts.get(path, "carried_modules", lambda p: ",".join(carried_by(_checkpoint_shapes(p))))
+        found = self._module_library().for_family(family_of(family), carried.split(","), configured, modules())
         if isinstance(found, str):
             raise UnsupportedModelError(f"a {family_of(family).label} transformer without its modules: {found}")
         return tuple(module.path for module in found)
@@ -276,7 +279,7 @@ class ModelCatalog:
         for label, name in self.configured_aliases().items():
             labels_by_name.setdefault(name, label)
         entries: dict[str, ModelEntry] = {}
-        modules = functools.cache(lambda: self._module_library().available())  # for FLUX.1 single files only
+        modules = functools.cache(lambda: self._module_library().available())  # for single files that need modules
         for directory in self._model_dirs():
             root = directory.resolve()
             for path in sorted(directory.iterdir()):

@@ -57,7 +57,7 @@ def cmd_demo_models(args) -> None:
         create_demo_vae,
     )
     from pipelines.demo_adapters import create_demo_annotators, create_demo_ip_adapters
-    from pipelines.demo_flow import create_demo_flux_modules
+    from pipelines.demo_flow import create_demo_modules
 
     settings = _settings()
     models_dir = Path(args.models_dir) if args.models_dir else settings.models_dir
@@ -72,7 +72,7 @@ def cmd_demo_models(args) -> None:
     written += create_demo_controlnets(settings.controlnet_dir, overwrite=args.force)
     written += create_demo_ip_adapters(settings.ipadapter_dir, settings.clip_vision_dir, overwrite=args.force)
     written += create_demo_annotators(settings.annotators_dir, overwrite=args.force)
-    written += create_demo_flux_modules(Path(args.vaes_dir) if args.vaes_dir else settings.vaes_dir,
+    written += create_demo_modules(Path(args.vaes_dir) if args.vaes_dir else settings.vaes_dir,
                                         settings.text_encoder_dir, overwrite=args.force)  # fmt: skip
     for path in written:
         print(f"wrote {path}")

@@ -27,11 +27,13 @@ from pipelines.demo_flow import (
     FLUX_SINGLE_FILE,
     SD35_FOLDER,
     SD35_LORA_PEFT,
+    SD35_SINGLE_FILE,
     build_flux,
     build_sd35,
     create_demo_flow_loras,
     write_flux_gguf,
     write_flux_single_file,
+    write_sd35_single_file,
 )
 from pipelines.ldm_layout import sd15_single_file_state_dict
 from pipelines.tokenizer import write_tokenizer_files
@@ -61,6 +63,7 @@ DEMO_LABELS = {
     "Demo FLUX.1-dev (single file)": "demo-flux-dev-single",
     "Demo FLUX.1-dev (GGUF Q8_0)": "demo-flux-dev-Q8_0",
     "Demo SD 3.5": SD35_FOLDER,
+    "Demo SD 3.5 (single file)": "demo-sd35-single",
 }
 
 # The noise schedules real SD1.5 and SDXL checkpoints ship with.
@@ -242,11 +245,12 @@ def create_demo_models(models_dir: Path, overwrite: bool = False) -> list[Path]:
         "flux-single": models_dir / FLUX_SINGLE_FILE,
         "flux-gguf": models_dir / FLUX_GGUF_FILE,  # after the single file: it shares its .configs
         "sd35": models_dir / SD35_FOLDER,
+        "sd35-single": models_dir / SD35_SINGLE_FILE,
     }
     written = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        sd15 = flux = None
+        sd15 = flux = sd35 = None
         for kind, target in targets.items():
             if target.exists() and not overwrite:
                 logger.info("keeping existing %s", target)
@@ -282,7 +286,11 @@ def create_demo_models(models_dir: Path, overwrite: bool = False) -> list[Path]:
                 flux = flux or build_flux(work)
                 write_flux_gguf(flux, models_dir)
             elif kind == "sd35":
-                _save_pipeline(build_sd35(work), target)
+                sd35 = sd35 or build_sd35(work)  # one model in two formats
+                _save_pipeline(sd35, target)
+            elif kind == "sd35-single":
+                sd35 = sd35 or build_sd35(work)
+                write_sd35_single_file(sd35, models_dir)
             written.append(target)
             logger.info("wrote %s", target)
     return written

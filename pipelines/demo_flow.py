@@ -1,5 +1,6 @@
-"""Tiny random-weight flow-matching models, FLUX.1-dev and SD 3.5, in the diffusers folder layout, for the demo
-and the tests.
+"""Tiny random-weight flow-matching models, FLUX.1-dev and SD 3.5, for the demo and the tests: as diffusers
+folders, as the single files their makers ship (with the VAE and text encoders they lack as module files) and
+FLUX.1 as GGUF.
 
 Their geometry is the real one where it matters (16 latent channels, an 8x VAE, 2x2 patches, CLIP + T5 text
 encoders, FLUX.1-dev's guidance embedding, SD 3.5's QK norm) and tiny everywhere else, so a 64x64, 4-step job
@@ -16,16 +17,19 @@ from pipelines.tokenizer import t5_unigram_vocab
 FLUX_FOLDER = "demo-flux-dev"
 FLUX_SINGLE_FILE = "demo-flux-dev-single.safetensors"  # the same transformer in Black Forest Labs' layout
 FLUX_GGUF_FILE = "demo-flux-dev-Q8_0.gguf"  # and GGUF-quantized (Q8_0), as city96's flux1-dev-Q8_0.gguf
-# Its modules, as Forge users keep them (stable_diffusion/vae/, stable_diffusion/text_encoder/).
-FLUX_MODULE_FILES = ("flux-ae.safetensors", "demo-clip-l.safetensors", "demo-t5xxl.safetensors")
 SD35_FOLDER = "demo-sd35"
+SD35_SINGLE_FILE = "demo-sd35-single.safetensors"  # the same model in Stability's layout: MMDiT + VAE
+# The single files' modules, as Forge and ComfyUI users keep them (stable_diffusion/vae/, .../text_encoder/):
+# FLUX.1's VAE, and the CLIP-L, CLIP-G and T5 text encoders (FLUX.1 uses CLIP-L and T5; SD 3.5 all three).
+MODULE_FILES = ("flux-ae.safetensors", "demo-clip-l.safetensors", "demo-clip-g.safetensors", "demo-t5xxl.safetensors")
 # FLUX.1's VAE normalisation and the dev scheduler's shift settings, as the released model_index ships them.
 FLUX_VAE_SCALING, FLUX_VAE_SHIFT = 0.3611, 0.1159
 FLUX_SCHEDULER = dict(
     num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
     base_image_seq_len=256, max_image_seq_len=4096,
 )  # fmt: skip
-TEXT_WIDTH = 32
+TEXT_WIDTH = 32  # the CLIP encoders'
+T5_WIDTH = 2 * TEXT_WIDTH  # SD 3.5 pads CLIP-L and CLIP-G side by side to T5's width
 # SD 3.5's VAE normalisation and scheduler shift, as its model_index ships them.
 SD3_VAE_SCALING, SD3_VAE_SHIFT = 1.5305, 0.0609
 
@@ -40,7 +44,7 @@ def t5_tokenizer():
     return T5Tokenizer(vocab=t5_unigram_vocab(), extra_ids=0)
 
 
-def _t5(seed: int, width: int = TEXT_WIDTH):
+def _t5(seed: int, width: int = T5_WIDTH):
     from transformers import T5Config, T5EncoderModel
 
     tokenizer = t5_tokenizer()
@@ -53,47 +57,66 @@ def _t5(seed: int, width: int = TEXT_WIDTH):
     return tokenizer, T5EncoderModel(config).eval()
 
 
+def shared_text_encoders(work: Path, seed: int = 40):
+    """The demo's CLIP-L (with its projection, as `clip_l.safetensors` has it) and T5-XXL, which FLUX.1 and SD
+    3.5 share as real ones do: (CLIP tokenizer, CLIP-L, T5 tokenizer, T5)."""
+    from pipelines.demo import _text_encoder, _tokenizer
+
+    tokenizer = _tokenizer(work)
+    tokenizer_t5, t5 = _t5(seed + 1)
+    return tokenizer, _text_encoder(tokenizer, seed, with_projection=True), tokenizer_t5, t5
+
+
+def _without_projection(clip_l):
+    """CLIP-L as FLUX.1 runs it (CLIPTextModel: pooled output, no projection), with the same weights."""
+    from transformers import CLIPTextModel
+
+    model = CLIPTextModel(clip_l.config).eval()
+    state = {key.removeprefix("text_model."): tensor for key, tensor in clip_l.state_dict().items()}
+    model.load_state_dict({key: tensor for key, tensor in state.items() if key in model.state_dict()})
+    return model
+
+
 def build_flux(work: Path, seed: int = 40, guidance: bool = True):
     """A tiny FluxPipeline; `guidance`: dev's guidance embedding (schnell has none)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
-    from pipelines.demo import _text_encoder, _tokenizer, _vae
+    from pipelines.demo import _vae
 
-    tokenizer = _tokenizer(work)
-    tokenizer_2, text_encoder_2 = _t5(seed + 1)
+    tokenizer, clip_l, tokenizer_2, text_encoder_2 = shared_text_encoders(work, seed)
     torch.manual_seed(seed)
     transformer = FluxTransformer2DModel(
         patch_size=1, in_channels=64, num_layers=1, num_single_layers=2, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=TEXT_WIDTH, pooled_projection_dim=TEXT_WIDTH,
+        num_attention_heads=2, joint_attention_dim=T5_WIDTH, pooled_projection_dim=TEXT_WIDTH,
         guidance_embeds=guidance, axes_dims_rope=[4, 6, 6],
     ).eval()  # fmt: skip
     vae = _vae(seed + 2, FLUX_VAE_SCALING, latent_channels=16, shift_factor=FLUX_VAE_SHIFT)
     return FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER), vae=vae,
-        text_encoder=_text_encoder(tokenizer, seed), tokenizer=tokenizer, text_encoder_2=text_encoder_2,
+        text_encoder=_without_projection(clip_l), tokenizer=tokenizer, text_encoder_2=text_encoder_2,
         tokenizer_2=tokenizer_2, transformer=transformer, image_encoder=None, feature_extractor=None,
     )  # fmt: skip
 
 
 def build_sd35(work: Path, seed: int = 50):
-    """A tiny StableDiffusion3Pipeline with SD 3.5's QK norm and all three text encoders."""
+    """A tiny StableDiffusion3Pipeline with SD 3.5's QK norm and all three text encoders (CLIP-L and T5 the
+    demo FLUX.1's)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
     from pipelines.demo import _text_encoder, _tokenizer, _vae
 
-    tokenizer, tokenizer_2 = _tokenizer(work), _tokenizer(work, pad_token="!")
-    joint_width = 2 * TEXT_WIDTH  # CLIP-L and CLIP-G side by side, padded to T5's width
-    tokenizer_3, text_encoder_3 = _t5(seed + 2, width=joint_width)
+    tokenizer, clip_l, tokenizer_3, text_encoder_3 = shared_text_encoders(work)
+    tokenizer_2 = _tokenizer(work, pad_token="!")
     torch.manual_seed(seed)
     transformer = SD3Transformer2DModel(
         sample_size=16, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=8, num_attention_heads=4,
-        joint_attention_dim=joint_width, caption_projection_dim=32, pooled_projection_dim=2 * TEXT_WIDTH,
+        joint_attention_dim=T5_WIDTH, caption_projection_dim=32, pooled_projection_dim=2 * TEXT_WIDTH,
         out_channels=16, pos_embed_max_size=32, qk_norm="rms_norm",
     ).eval()  # fmt: skip
     return StableDiffusion3Pipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
         vae=_vae(seed + 3, SD3_VAE_SCALING, latent_channels=16, shift_factor=SD3_VAE_SHIFT),
-        text_encoder=_text_encoder(tokenizer, seed, with_projection=True), tokenizer=tokenizer,
+        text_encoder=clip_l, tokenizer=tokenizer,
         text_encoder_2=_text_encoder(tokenizer_2, seed + 1, with_projection=True), tokenizer_2=tokenizer_2,
         text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3, transformer=transformer,
     )  # fmt: skip
@@ -154,7 +177,7 @@ def create_demo_flow_loras(loras_dir: Path, work: Path) -> list[Path]:
     return [peft, kohya, sd35]
 
 
-# The FLUX.1 single file and its modules ------------------------------------------------------------------
+# The single files and their modules -----------------------------------------------------------------------
 def write_flux_single_file(pipe, models_dir: Path) -> Path:
     """The demo FLUX.1-dev's transformer as Black Forest Labs ships `flux1-dev.safetensors`, with the configs and
     tokenizers it needs offline in `.configs/<name>/` (a diffusers folder without weights)."""
@@ -179,21 +202,15 @@ def write_flux_single_file(pipe, models_dir: Path) -> Path:
     return target
 
 
-def write_flux_gguf(pipe, models_dir: Path) -> Path:
-    """The demo FLUX.1-dev's transformer as a GGUF file in Black Forest Labs' names, quantized as the published
-    ones are: Q8_0 for the matrices whose rows are whole 32-value blocks, 16-bit floats for the other matrices,
-    32-bit for the vectors; with the same `.configs/` as the single file."""
-    import shutil
-
+def write_gguf(state: dict, target: Path, arch: str) -> Path:
+    """A transformer's tensors as a GGUF file, quantized as the published ones (city96's) are: Q8_0 for the
+    matrices whose rows are whole 32-value blocks, 16-bit floats for the other matrices, 32-bit for the vectors."""
     import numpy as np
     from gguf import GGMLQuantizationType, GGUFWriter
     from gguf.quants import quantize
 
-    from pipelines.flux_layout import diffusers_to_bfl
-
-    target = models_dir / FLUX_GGUF_FILE
-    writer = GGUFWriter(str(target), arch="flux")
-    for name, tensor in diffusers_to_bfl(pipe.transformer.state_dict()).items():
+    writer = GGUFWriter(str(target), arch=arch)
+    for name, tensor in state.items():
         values = tensor.float().numpy()
         if values.ndim == 2 and values.shape[-1] % 32 == 0:
             packed = quantize(values, GGMLQuantizationType.Q8_0)
@@ -204,36 +221,85 @@ def write_flux_gguf(pipe, models_dir: Path) -> Path:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    return target
+
+
+def write_flux_gguf(pipe, models_dir: Path) -> Path:
+    """The demo FLUX.1-dev's transformer as a Q8_0 GGUF file in Black Forest Labs' names, with the same
+    `.configs/` as the single file."""
+    import shutil
+
+    from pipelines.flux_layout import diffusers_to_bfl
+
+    target = write_gguf(diffusers_to_bfl(pipe.transformer.state_dict()), models_dir / FLUX_GGUF_FILE, arch="flux")
     configs = models_dir / ".configs"
     shutil.rmtree(configs / target.stem, ignore_errors=True)
     shutil.copytree(configs / Path(FLUX_SINGLE_FILE).stem, configs / target.stem)
     return target
 
 
-def create_demo_flux_modules(vaes_dir: Path, text_encoder_dir: Path, overwrite: bool = False) -> list[Path]:
-    """The demo FLUX.1-dev's VAE (original layout, as `ae.safetensors`), CLIP-L (`text_model.` keys, as
-    `clip_l.safetensors`) and T5 (as `t5xxl_fp16.safetensors`) as separate files: the single file's modules."""
+def write_sd35_single_file(pipe, models_dir: Path) -> Path:
+    """The demo SD 3.5 as Stability ships `sd3.5_large.safetensors`: the MMDiT under `model.diffusion_model.` and
+    the VAE under `first_stage_model.`, in their original layouts; the text encoders are the module files. With
+    the configs and tokenizers it needs offline in `.configs/<name>/`."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from pipelines.families.sd3 import SAI_PREFIX
+    from pipelines.ldm_layout import VAE_PREFIX, vae_ldm_state_dict
+    from pipelines.sd3_layout import diffusers_to_sai
+
+    target = models_dir / SD35_SINGLE_FILE
+    transformer = diffusers_to_sai(pipe.transformer.state_dict())
+    state = {f"{SAI_PREFIX}{key}": tensor for key, tensor in transformer.items()}
+    state |= {VAE_PREFIX + key: tensor for key, tensor in vae_ldm_state_dict(pipe.vae).items()}
+    save_file(state, target, metadata={"format": "pt"})
+    configs = models_dir / ".configs" / target.stem
+    shutil.rmtree(configs, ignore_errors=True)
+    pipe.save_config(configs)
+    pipe.transformer.save_config(configs / "transformer")
+    pipe.vae.save_config(configs / "vae")
+    pipe.scheduler.save_pretrained(configs / "scheduler")
+    for suffix in ("", "_2", "_3"):
+        getattr(pipe, f"text_encoder{suffix}").config.save_pretrained(configs / f"text_encoder{suffix}")
+        getattr(pipe, f"tokenizer{suffix}").save_pretrained(configs / f"tokenizer{suffix}")
+    return target
+
+
+def _clip_file_state(model) -> dict:
+    """A CLIP text encoder as `clip_l.safetensors` / `clip_g.safetensors` hold it: `text_model.` keys and the
+    projection."""
+    return {key if key.startswith(("text_model.", "text_projection")) else f"text_model.{key}": tensor.contiguous()
+            for key, tensor in model.state_dict().items()}  # fmt: skip
+
+
+def create_demo_modules(vaes_dir: Path, text_encoder_dir: Path, overwrite: bool = False) -> list[Path]:
+    """The module files the demo single files run with: the demo FLUX.1-dev's VAE (original layout, as
+    `ae.safetensors`), the CLIP-L and T5 that FLUX.1 and SD 3.5 share (as `clip_l.safetensors` and
+    `t5xxl_fp16.safetensors`) and SD 3.5's CLIP-G (as `clip_g.safetensors`)."""
     import tempfile
 
     from safetensors.torch import save_file
 
     from pipelines.ldm_layout import vae_ldm_state_dict
 
-    vae, clip, t5 = vaes_dir / FLUX_MODULE_FILES[0], *(text_encoder_dir / name for name in FLUX_MODULE_FILES[1:])
-    if all(path.exists() for path in (vae, clip, t5)) and not overwrite:
+    vae = vaes_dir / MODULE_FILES[0]
+    clip_l, clip_g, t5 = (text_encoder_dir / name for name in MODULE_FILES[1:])
+    if all(path.exists() for path in (vae, clip_l, clip_g, t5)) and not overwrite:
         return []
     vaes_dir.mkdir(parents=True, exist_ok=True)
     text_encoder_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        pipe = build_flux(Path(tmp))
-    save_file(vae_ldm_state_dict(pipe.vae), vae)
-    clip_state = {key if key.startswith("text_model.") else f"text_model.{key}": tensor.contiguous()
-                  for key, tensor in pipe.text_encoder.state_dict().items()}  # fmt: skip
-    save_file(clip_state, clip)
+        sd35 = build_sd35(Path(tmp))
+        flux_vae = build_flux(Path(tmp)).vae
+    save_file(vae_ldm_state_dict(flux_vae), vae)
+    save_file(_clip_file_state(sd35.text_encoder), clip_l)
+    save_file(_clip_file_state(sd35.text_encoder_2), clip_g)
     t5_state = {
         key: tensor.contiguous()
-        for key, tensor in pipe.text_encoder_2.state_dict().items()
+        for key, tensor in sd35.text_encoder_3.state_dict().items()
         if key != "encoder.embed_tokens.weight"
     }  # tied to `shared.weight`, as the published file has it
     save_file(t5_state, t5)
-    return [vae, clip, t5]
+    return [vae, clip_l, clip_g, t5]

@@ -580,7 +580,7 @@ class ImageEngine:
         if job.refiner is not None:
             params.update({"Refiner": f"{job.refiner.model.name} [{job.refiner.model_hash}]",
                            "Refiner switch at": job.refiner.switch_at})  # fmt: skip
-        for index, module in enumerate(loaded.entry.modules, start=1):  # a FLUX.1 single file's, as Forge writes
+        for index, module in enumerate(loaded.entry.modules, start=1):  # a single file's modules, as Forge writes
             params[f"Module {index}"] = module.stem
         for index, control in enumerate(job.controls):  # as the ControlNet extension writes its units
             params[f"ControlNet {index}"] = control.infotext()

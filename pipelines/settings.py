@@ -27,7 +27,7 @@ class Settings(BaseModel):
     ipadapter_dir: Path  # IP-Adapter models (h94's files)
     clip_vision_dir: Path  # the CLIP image encoders IP-Adapters read reference images with
     annotators_dir: Path  # the weights of the ControlNet annotators that need them (depth)
-    text_encoder_dir: Path  # text encoders as separate files (FLUX.1 single files' CLIP-L and T5, as Forge's)
+    text_encoder_dir: Path  # text encoders as separate files (CLIP-L, CLIP-G, T5 of FLUX.1 and SD 3.5 single files)
     outputs_dir: Path  # local things the service keeps by default: the job database, images unless outputs_url
     # Images in storage every node reaches (an fsspec URL: s3://bucket/prefix, file:///mnt/shared/...), given as
     # `outputs_dir` (app argument or DIFFUSION_API_OUTPUTS_DIR); None: images go in outputs_dir.

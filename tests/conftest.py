@@ -21,7 +21,7 @@ from pipelines.demo import (
     create_demo_vae,
 )
 from pipelines.demo_adapters import create_demo_annotators, create_demo_ip_adapters
-from pipelines.demo_flow import create_demo_flux_modules
+from pipelines.demo_flow import create_demo_modules
 from pipelines.settings import PROJECT_ROOT, Settings
 
 
@@ -36,7 +36,7 @@ def demo_root(tmp_path_factory) -> Path:
     create_demo_controlnets(root / "stable_diffusion" / "controlnet")
     create_demo_ip_adapters(root / "stable_diffusion" / "ipadapter", root / "stable_diffusion" / "clip_vision")
     create_demo_annotators(root / "stable_diffusion" / "annotators")
-    create_demo_flux_modules(root / "stable_diffusion" / "vae", root / "stable_diffusion" / "text_encoder")
+    create_demo_modules(root / "stable_diffusion" / "vae", root / "stable_diffusion" / "text_encoder")
     return root
 
 

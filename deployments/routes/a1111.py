@@ -190,7 +190,8 @@ async def sdapi_sd_vae(services: ServicesDep) -> list[dict]:
 
 @router.get("/sd-modules", response_model=list[SdVae], responses=LISTING_ERRORS)
 async def sdapi_sd_modules(services: ServicesDep) -> list[dict]:
-    """Forge's: the separate VAE and text-encoder files a FLUX.1 single file runs with (pipelines/modules.py)."""
+    """Forge's: the separate VAE and text-encoder files FLUX.1 and SD 3.5 single files run with
+    (pipelines/modules.py)."""
     library = ModuleLibrary(services.settings, services.libraries.catalog.facts)
     found = await asyncio.to_thread(library.available)
     return [{"model_name": module.path.name, "filename": str(module.path)} for module in found]

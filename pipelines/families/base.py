@@ -62,10 +62,16 @@ class ModelFamily:
     # Its LoRA files, by tensor names and shapes (without torch) and training metadata; families that do not
     # claim one leave it to pipelines/loras.py's SD rules.
     claims_lora: Callable[[dict, dict], bool] = lambda shapes, metadata: False
-    # A single file that is the denoiser alone (FLUX.1's, as Black Forest Labs ships it) runs with these module
-    # kinds (pipelines/modules.py), loaded by `single_file_loader(entry, dtype)` rather than diffusers'
-    # `from_single_file` of `pipelines.single_file`.
+    # A single file that lacks parts of the model (FLUX.1's transformer alone, as Black Forest Labs ships it; SD
+    # 3.5's without its text encoders) runs with module files of these kinds (pipelines/modules.py), in this
+    # order, but for those it carries itself (`carried_modules(keys)`) and optional ones that are not installed;
+    # `module_names`: the usual file names of a kind, where they are the family's own (its VAE). Such files are
+    # loaded by `single_file_loader(entry, dtype)` rather than diffusers' `from_single_file` of
+    # `pipelines.single_file`.
     single_file_modules: tuple[str, ...] = ()
+    optional_modules: tuple[str, ...] = ()
+    module_names: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    carried_modules: Callable[[Iterable[str]], tuple[str, ...]] = lambda keys: ()
     single_file_loader: Callable | None = None
     optional_components: tuple[str, ...] = ()  # a diffusers folder may lack these (SD 3.5's T5): loaded as None
     inpainting_checkpoints: bool = True  # 9-channel UNets (image + mask conditioning) exist for it

@@ -127,6 +127,7 @@ FLUX = ModelFamily(
     claims_folder=_claims_folder,
     claims_lora=claims_lora,
     single_file_modules=("vae", "clip", "t5"),
+    module_names={"vae": ("ae", "flux")},  # Black Forest Labs' `ae.safetensors`
     single_file_loader=_load_single_file,
     inpainting_checkpoints=False,
 )

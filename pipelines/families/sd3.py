@@ -1,6 +1,9 @@
 """Stable Diffusion 3 and 3.5 (Medium, Large, Large Turbo): a rectified-flow MMDiT transformer over 16-channel
 latents, with CLIP ViT-L and OpenCLIP ViT-bigG (pooled and hidden) and an optional T5-XXL text encoder (diffusers
-runs it without T5 when the folder has none). Ordinary classifier-free guidance with the negative prompt."""
+runs it without T5 when the folder has none). Ordinary classifier-free guidance with the negative prompt.
+
+Its files: diffusers folders, and Stability's single files (pipelines/sd3_single_file.py) with the text encoders
+they lack as module files."""
 
 import json
 from pathlib import Path
@@ -19,6 +22,30 @@ LATENT_RGB_BIAS = (0.2394, 0.2135, 0.1925)
 
 # SD3's pipeline lets the scheduler make its own sigmas (no custom sigmas passed), so Heun runs here too: every
 # flow-matching sampler of pipelines/samplers.py.
+
+
+SAI_PREFIX = "model.diffusion_model."  # Stability's single files put the MMDiT under it (GGUF files do not)
+# The parts a Stability-layout file may carry besides the transformer (`sd3.5_large.safetensors` has the VAE;
+# `sd3_medium_incl_clips*.safetensors` the text encoders too), by module kind (pipelines/modules.py).
+SAI_PARTS = {
+    "vae": "first_stage_model.", "clip": "text_encoders.clip_l.", "clip_g": "text_encoders.clip_g.",
+    "t5": "text_encoders.t5xxl.",
+}  # fmt: skip
+
+
+def _claims_checkpoint(keys) -> bool:
+    """Stability's MMDiT layout (`joint_blocks.N.x_block...`), under `model.diffusion_model.` or alone."""
+    return any(key.removeprefix(SAI_PREFIX).startswith("joint_blocks.") for key in keys)
+
+
+def _carried_modules(keys) -> tuple[str, ...]:
+    return tuple(kind for kind, prefix in SAI_PARTS.items() if any(key.startswith(prefix) for key in keys))
+
+
+def _load_single_file(entry, dtype):
+    from pipelines.sd3_single_file import load_sd3_single_file  # torch and diffusers: the engine's side only
+
+    return load_sd3_single_file(entry, dtype)
 
 
 def _claims_folder(index: dict, folder: Path) -> bool:
@@ -61,8 +88,16 @@ SD3 = ModelFamily(
     request_defaults={"cfg_scale": 4.5, "sampler_name": "Euler", "scheduler_type": "simple"},
     latent_channels=16,
     sizes_multiple_of=16,  # 8x VAE downsampling, then 2x2 patches
+    claims_checkpoint=_claims_checkpoint,
     claims_folder=_claims_folder,
     claims_lora=claims_lora,
     optional_components=("text_encoder_3", "tokenizer_3"),  # without T5-XXL, as diffusers allows
+    # Stability's single files carry the VAE, not the text encoders (ComfyUI's text_encoders/clip_l.safetensors,
+    # clip_g.safetensors, t5xxl_fp16.safetensors, the same files FLUX.1 uses); without a T5 it runs without one.
+    single_file_modules=("vae", "clip", "clip_g", "t5"),
+    optional_modules=("t5",),
+    module_names={"vae": ("sd3",)},  # sd3_vae.safetensors, sd3.5_vae.safetensors, ...
+    carried_modules=_carried_modules,
+    single_file_loader=_load_single_file,
     inpainting_checkpoints=False,
 )

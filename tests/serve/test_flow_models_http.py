@@ -99,14 +99,23 @@ def test_sd35_jobs_through_both_doors(client):
     assert answer.status_code == 200, answer.text
     assert np.abs(decoded(answer.json()["images"][0]) - decoded(job["image"])).max() > 2  # another negative prompt
     models = {model["name"]: model["family"] for model in client.get("/models").json()["models"]}
-    assert models["demo-sd35"] == "sd3"
+    assert models["demo-sd35"] == models["demo-sd35-single"] == "sd3"
+    # Stability's single-file layout with the text encoders as modules: the folder's pixels, Module N infotext
+    single = client.post("/sdapi/v1/txt2img", json={
+        "prompt": FLUX["prompt"], "negative_prompt": "blurry", "steps": 4, "width": 64, "height": 64, "seed": 41,
+        "override_settings": {"sd_model_checkpoint": "Demo SD 3.5 (single file)"}}, timeout=180)  # fmt: skip
+    assert single.status_code == 200, single.text
+    assert np.abs(decoded(single.json()["images"][0]) - decoded(job["image"])).max() == 0
+    params = parse_infotext(json.loads(single.json()["info"])["infotexts"][0])
+    assert (params["Model"], params["Module 2"], params["CFG scale"]) == ("demo-sd35-single", "demo-clip-g", "4.5")
 
 
 def test_the_single_file_with_forges_modules_through_the_a1111_door(client):
     """Black Forest Labs' layout with separate modules, as Forge clients name them (full paths work)."""
-    modules = client.get("/sdapi/v1/sd-modules").json()
-    assert {module["model_name"] for module in modules} == {"flux-ae.safetensors", "demo-clip-l.safetensors",
-                                                            "demo-t5xxl.safetensors"}  # fmt: skip
+    listed = client.get("/sdapi/v1/sd-modules").json()
+    names = {module["model_name"] for module in listed}
+    assert names == {f"{name}.safetensors" for name in ("flux-ae", "demo-clip-l", "demo-clip-g", "demo-t5xxl")}
+    modules = [module for module in listed if module["model_name"] != "demo-clip-g.safetensors"]  # SD 3.5's
     forge = {**FORGE, "override_settings": {"sd_model_checkpoint": "demo-flux-dev-single",
                                             "forge_additional_modules": [m["filename"] for m in modules]}}  # fmt: skip
     answer = client.post("/sdapi/v1/txt2img", json=forge)

@@ -15,7 +15,7 @@ def test_hello_and_health(client):
     assert client.get("/hello").json() == {"ok": True}
     health = client.get("/health").json()
     assert health["status"] in ("healthy", "warning")
-    assert health["models"]["count"] == 9
+    assert health["models"]["count"] == 10
     assert health["system"]["cpu_count"] >= 1 and health["system"]["memory_total_gb"] > 0
     assert "cuda_available" in health["gpu"] and health["outputs"]["free_space_gb"] > 0
     # GPU figures come from the generator replicas, which report their device and loaded models.

@@ -27,6 +27,7 @@ def test_every_demo_format_is_found_with_its_family(catalog):
         ("demo-flux-dev-single", "single-file", "flux"),
         ("demo-flux-dev-Q8_0", "single-file", "flux"),
         ("demo-sd35", "diffusers", "sd3"),
+        ("demo-sd35-single", "single-file", "sd3"),
     }
     assert [m.name for m in catalog.list_models() if m.inpainting] == ["demo-sd15-inpainting"]
 

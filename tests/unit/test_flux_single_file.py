@@ -73,7 +73,8 @@ def test_the_demo_single_file_round_trips_and_is_listed_with_its_modules(engine,
     assert [path.name for path in entry.modules] == ["flux-ae.safetensors", "demo-clip-l.safetensors",
                                                       "demo-t5xxl.safetensors"]  # fmt: skip
     kinds = {module.name: module.kind for module in ModuleLibrary(settings).available()}
-    assert kinds == {"flux-ae": "vae", "demo-clip-l": "clip", "demo-t5xxl": "t5"}  # the SD VAE is no module
+    # the SD VAE is no module; CLIP-G is SD 3.5's
+    assert kinds == {"flux-ae": "vae", "demo-clip-l": "clip", "demo-clip-g": "clip_g", "demo-t5xxl": "t5"}
 
 
 def test_the_single_file_gives_the_folders_pixels_and_forges_module_infotext(engine):
@@ -95,7 +96,7 @@ def test_a_single_file_without_its_modules_is_skipped_naming_what_is_missing(set
     lonely = settings.model_copy(update={"models_dir": models, "text_encoder_dir": tmp_path / "none"})
     catalog = ModelCatalog(lonely)
     assert catalog.list_models() == []
-    why = f"a FLUX.1 transformer without its modules: no CLIP module file in {tmp_path / 'none'}"
+    why = f"a FLUX.1 transformer without its modules: no CLIP-L module file in {tmp_path / 'none'}"
     assert why in caplog.text
     with pytest.raises(DiffusionAPIError) as raised:  # asked for, it is not "unknown": the answer says why
         catalog.resolve(SINGLE)

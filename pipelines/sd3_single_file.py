@@ -1,0 +1,124 @@
+"""An SD 3 / 3.5 single file (Stability's `sd3.5_large.safetensors`: the MMDiT transformer and the VAE, in
+Stability's key layout) as a diffusers StableDiffusion3Pipeline, with the text encoders it lacks from module files
+(CLIP-L, CLIP-G and, optional as in diffusers, T5-XXL: pipelines/modules.py).
+
+Files that carry their text encoders (`sd3_medium_incl_clips_t5xxlfp8.safetensors`, under `text_encoders.`) use
+their own; a transformer alone (a GGUF file) takes its VAE from a module file too. The configs and tokenizers come
+from the model's `.configs/<name>/` folder (a diffusers SD 3.5 folder without weights). The transformer's layout is
+converted by diffusers' own converter, which reads every width from the tensors (a file of the wrong variant for
+its configs is a clear error, not a crash later).
+"""
+
+import torch
+
+from pipelines import single_file_parts as parts
+from pipelines.catalog import ModelEntry
+from pipelines.errors import ModelLoadError
+from pipelines.families.sd3 import SAI_PARTS, SAI_PREFIX
+from pipelines.modules import kind_of_file
+
+CONFIG_FILES = (
+    "model_index.json", "transformer/config.json", "vae/config.json", "text_encoder/config.json",
+    "text_encoder_2/config.json", "scheduler/scheduler_config.json", "tokenizer", "tokenizer_2",
+)  # fmt: skip
+T5_CONFIG_FILES = ("text_encoder_3/config.json", "tokenizer_3")
+
+
+def _read(entry: ModelEntry) -> tuple[dict[str, torch.Tensor], bool]:
+    """The file's tensors, and whether they are GGUF-quantized (kept so: diffusers' GGUF layers dequantize on the
+    fly)."""
+    from diffusers.loaders.single_file_utils import load_single_file_checkpoint
+
+    quantized = entry.path.suffix.lower() == ".gguf"
+    if quantized:  # diffusers' own reader, called directly: its file-type check is case-sensitive (".GGUF")
+        from diffusers.models.model_loading_utils import load_gguf_checkpoint
+
+        tensors = load_gguf_checkpoint(str(entry.path))
+    else:
+        tensors = load_single_file_checkpoint(str(entry.path), local_files_only=True)
+    parts.refuse_scaled_fp8(tensors, entry.path.name)
+    return tensors, quantized
+
+
+def _part(tensors: dict[str, torch.Tensor], kind: str) -> dict[str, torch.Tensor]:
+    """A part the file carries, under its own names (`text_encoders.clip_l.transformer.` stripped); the VAE keeps
+    `first_stage_model.`, which diffusers' VAE converter reads."""
+    prefix = SAI_PARTS[kind]
+    if kind == "vae":
+        return {key: tensor for key, tensor in tensors.items() if key.startswith(prefix)}
+    prefix += "transformer."
+    return {key.removeprefix(prefix): tensor for key, tensor in tensors.items() if key.startswith(prefix)}
+
+
+def load_transformer(entry: ModelEntry, own: dict[str, torch.Tensor], quantized: bool, dtype: torch.dtype):
+    """The transformer from its tensors in Stability's names (without the prefix; the converter pops them)."""
+    import diffusers
+    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+
+    try:
+        converted = convert_sd3_transformer_checkpoint_to_diffusers(own)
+    except KeyError as error:  # the converter reads the tensors every SD 3 transformer has
+        raise ModelLoadError(f"{entry.path.name} is not a whole SD 3 / 3.5 transformer: it lacks {error}",
+                             field="model") from error  # fmt: skip
+    configs = entry.config_dir / "transformer"
+    with torch.device("meta"):
+        expected = set(diffusers.SD3Transformer2DModel.from_config(
+            diffusers.SD3Transformer2DModel.load_config(configs)).state_dict())  # fmt: skip
+    if set(converted) != expected:  # another variant than the configs describe (Medium vs Large, other depth)
+        extra, missing = sorted(set(converted) - expected), sorted(expected - set(converted))
+        problems = ([f"{len(missing)} weights missing (e.g. {missing[0]})"] if missing else []) + (
+            [f"{len(extra)} not in the configs (e.g. {extra[0]})"] if extra else [])  # fmt: skip
+        raise ModelLoadError(f"{entry.path.name} does not match its configs in {configs}: {', '.join(problems)}; "
+                             "the configs must be those of the same SD 3 / 3.5 variant (Medium, Large or Large "
+                             "Turbo)", field="model")  # fmt: skip
+    options = {"quantization_config": diffusers.GGUFQuantizationConfig(compute_dtype=dtype)} if quantized else {}
+    return diffusers.SD3Transformer2DModel.from_single_file(
+        converted, config=str(entry.config_dir), subfolder="transformer", torch_dtype=dtype,
+        local_files_only=True, **options,
+    ).eval()  # fmt: skip
+
+
+def load_sd3_single_file(entry: ModelEntry, dtype: torch.dtype):
+    import diffusers
+    import transformers
+
+    configs = entry.config_dir
+    if configs is None:
+        raise ModelLoadError(
+            f"could not load model '{entry.name}': an SD 3.5 single file needs its diffusers configs and "
+            f"tokenizers in {entry.path.parent / '.configs' / entry.name}/ (an SD 3.5 diffusers folder without its "
+            "weights)", field="model",
+        )  # fmt: skip
+    tensors, quantized = _read(entry)
+    modules = {kind_of_file(path): path for path in entry.modules}
+    carried = {kind: _part(tensors, kind) for kind, prefix in SAI_PARTS.items()
+               if kind not in modules and any(key.startswith(prefix) for key in tensors)}  # fmt: skip
+    own = {key.removeprefix(SAI_PREFIX): tensor for key, tensor in tensors.items()
+           if not key.startswith(tuple(SAI_PARTS.values()))}  # fmt: skip
+    del tensors  # the transformer's tensors are let go of as they are loaded
+    with_t5 = "t5" in modules or "t5" in carried
+    if absent := parts.missing_configs(configs, CONFIG_FILES + (T5_CONFIG_FILES if with_t5 else ())):
+        raise ModelLoadError(f"could not load model '{entry.name}': {configs}/ lacks {', '.join(absent)} (an SD "
+                             "3.5 diffusers folder's configs and tokenizers, without weights)",
+                             field="model")  # fmt: skip
+
+    def weights(kind: str) -> tuple[dict[str, torch.Tensor], str]:
+        """A part's weights: from its module file, else from the file that carries it."""
+        if kind in modules:
+            return parts.read_module(modules[kind]), modules[kind].name
+        return carried.pop(kind), f"{entry.path.name} ({SAI_PARTS[kind]})"
+
+    transformer = load_transformer(entry, own, quantized, dtype)
+    vae = parts.vae(configs, *weights("vae"))
+    clip_l = parts.clip(configs, "text_encoder", *weights("clip"), with_projection=True)
+    clip_g = parts.clip(configs, "text_encoder_2", *weights("clip_g"), with_projection=True)
+    t5 = parts.t5(configs, "text_encoder_3", *weights("t5")) if with_t5 else None
+    tokenizers = [transformers.AutoTokenizer.from_pretrained(configs / name, local_files_only=True)
+                  for name in ("tokenizer", "tokenizer_2", "tokenizer_3")[: 3 if with_t5 else 2]]  # fmt: skip
+    pipe = diffusers.StableDiffusion3Pipeline(
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(configs / "scheduler"),
+        vae=vae, text_encoder=clip_l, tokenizer=tokenizers[0], text_encoder_2=clip_g, tokenizer_2=tokenizers[1],
+        text_encoder_3=t5, tokenizer_3=tokenizers[2] if with_t5 else None, transformer=transformer,
+    )  # fmt: skip
+    parts.to_dtype([module for module in (vae, clip_l, clip_g, t5) if module is not None], dtype)
+    return pipe

@@ -1,0 +1,114 @@
+"""The parts of a transformer model's single file, built from their weights: the VAE and the text encoders, read
+from separate module files (pipelines/modules.py) or from the checkpoint itself, with the configs of the model's
+`.configs/<name>/` folder (FLUX.1's and SD 3.5's single-file loaders share them).
+
+Large parts are built on the meta device and their weights assigned from the files, so no network is held twice
+in memory.
+"""
+
+from pathlib import Path
+
+import torch
+
+from pipelines.errors import ModelLoadError
+from pipelines.state_dicts import read_state_dict
+
+
+def refuse_scaled_fp8(state: dict, source: str) -> None:
+    """ComfyUI's "scaled fp8" files keep a scale per weight that plain loading would drop (wrong images, no
+    error): refused, naming the file."""
+    if "scaled_fp8" in state or any(key.endswith(".scale_weight") for key in state):
+        raise ModelLoadError(f"{source} is a 'scaled fp8' file, which this service does not read; use the fp16 "
+                             "or plain fp8 (e4m3fn) file", field="model")  # fmt: skip
+
+
+def read_module(path: Path) -> dict[str, torch.Tensor]:
+    """A module file's tensors (not a scaled-fp8 one)."""
+    state = read_state_dict(path)
+    refuse_scaled_fp8(state, path.name)
+    return state
+
+
+def assigned(model: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> torch.nn.Module:
+    """`model` (on the meta device) with `state`'s tensors; tied weights (T5's embeddings) are tied again."""
+    _, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    still_meta = [name for name, parameter in model.named_parameters() if parameter.is_meta]
+    if still_meta or unexpected:
+        problem = f"missing {still_meta[0]}" if still_meta else f"unexpected {unexpected[0]}"
+        raise ModelLoadError(f"{what}: its weights do not fit the model's config ({problem})", field="model")
+    return model.eval()
+
+
+def text_encoder_state(state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A text encoder's tensors under the model's own names: CLIP files come with and without `text_model.`
+    (transformers 5 dropped that level in CLIPTextModel); T5 files hold the embeddings as `shared.weight` or only
+    as `encoder.embed_tokens.weight`."""
+    if "shared.weight" not in state and "encoder.embed_tokens.weight" in state:
+        state = {**state, "shared.weight": state["encoder.embed_tokens.weight"]}
+    names = set(model.state_dict())
+    fitted = {}
+    for key, tensor in state.items():
+        for candidate in (key, key.removeprefix("text_model."), f"text_model.{key}"):
+            if candidate in names:
+                fitted[candidate] = tensor
+                break
+    return fitted
+
+
+def vae(configs: Path, ldm_state: dict[str, torch.Tensor], what: str):
+    """The VAE of `configs/vae` with weights in the original (`ae.safetensors`, `first_stage_model.`) or
+    diffusers layout."""
+    import diffusers
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    with torch.device("meta"):
+        model = diffusers.AutoencoderKL.from_config(diffusers.AutoencoderKL.load_config(configs / "vae"))
+    state = ldm_state if "decoder.up_blocks.0.resnets.0.conv1.weight" in ldm_state else (
+        convert_ldm_vae_checkpoint(ldm_state, dict(model.config)))  # fmt: skip
+    return assigned(model, state, what)
+
+
+def clip(configs: Path, subfolder: str, state: dict[str, torch.Tensor], what: str, with_projection: bool = False):
+    """A CLIP text encoder of `configs/<subfolder>` with `state`'s weights. Built for real, not on the meta
+    device: its position ids are a buffer no file holds (CLIP-L has 123 M parameters, CLIP-G 695 M)."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(configs / subfolder, local_files_only=True)
+    model_class = transformers.CLIPTextModelWithProjection if with_projection else transformers.CLIPTextModel
+    model = model_class(config)
+    fitted = text_encoder_state(state, model)
+    model.load_state_dict(fitted, strict=False)
+    if missing := sorted(set(model.state_dict()) - set(fitted) - {"embeddings.position_ids",
+                                                                   "text_model.embeddings.position_ids"}):  # fmt: skip
+        raise ModelLoadError(f"{what}: its weights do not fit the model's config (missing {missing[0]})",
+                             field="model")  # fmt: skip
+    return model.eval()
+
+
+def t5(configs: Path, subfolder: str, state: dict[str, torch.Tensor], what: str):
+    """A T5 encoder of `configs/<subfolder>` with `state`'s weights."""
+    import transformers
+
+    with torch.device("meta"):
+        model = transformers.T5EncoderModel(
+            transformers.AutoConfig.from_pretrained(configs / subfolder, local_files_only=True)
+        )
+    return assigned(model, text_encoder_state(state, model), what)
+
+
+def to_dtype(modules, dtype: torch.dtype) -> None:
+    """The parts in `dtype`; a T5's feed-forward output overflows in fp16, so those layers stay in fp32, as
+    `from_pretrained` keeps them."""
+    for module in modules:
+        module.to(dtype=dtype)
+        keep = tuple(getattr(module, "_keep_in_fp32_modules", None) or ())
+        if dtype == torch.float16 and keep:
+            for name, layer in module.named_modules():
+                if name.endswith(keep):
+                    layer.to(dtype=torch.float32)
+
+
+def missing_configs(configs: Path, names) -> list[str]:
+    return [name for name in names if not (configs / name).exists()]
