@@ -1,6 +1,7 @@
-"""GPU benchmark of the image engine: plain diffusers vs the engine vs the engine with each speed option on, and
-with one ControlNet unit or one IP-Adapter unit (what each costs on the architecture; the IP-Adapter way
-includes loading the adapter into the UNet and the ViT-H/14 image encoder's pass, as every such job does).
+"""GPU benchmark of the image engine: plain diffusers vs the engine vs the engine with each speed option on (model
+CPU offload included: its peak GPU memory is the point; it needs `accelerate`), and with one ControlNet unit or one
+IP-Adapter unit (what each costs on the architecture; the IP-Adapter way includes loading the adapter into the UNet
+and the ViT-H/14 image encoder's pass, as every such job does).
 
 Builds full-size SD1.5, SDXL, FLUX.1-dev and SD 3.5 Large architectures with random weights (compute does not
 depend on the weight values), directly on the device, so no checkpoint and no download is needed. FLUX.1 runs as
@@ -196,6 +197,7 @@ def variants(compile_mode: str, compile_allowed: bool) -> list[Variant]:
         Variant("compile", "engine + compile", SpeedOptions(compile=True, compile_mode=compile_mode)),
         Variant("eager", "engine + eager attention", SpeedOptions(attention="eager")),
         Variant("vae_tiling", "engine + vae_tiling=always", SpeedOptions(vae_tiling="always")),
+        Variant("cpu_offload", "engine + model CPU offload", SpeedOptions(cpu_offload="model")),
         Variant("all_fast", "engine + all fast", SpeedOptions(**fast)),
         Variant("controlnet", "engine + ControlNet", SpeedOptions(), controlnet=True),
         Variant("ip_adapter", "engine + IP-Adapter", SpeedOptions(), ip_adapter=True),

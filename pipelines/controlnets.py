@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 from pipelines import tensor_shapes
 from pipelines.annotators import AnnotatorLibrary
 from pipelines.catalog import FileFactsCache
+from pipelines.devices import execution_device
 from pipelines.errors import DiffusionAPIError, InvalidRequestError, ModelLoadError
 from pipelines.ipadapters import IpAdapterFile, IpAdapterLibrary
 from pipelines.names import find_named_file, scan_files_and_folders
@@ -165,7 +166,8 @@ class ControlNetLibrary:
         job's model's UNet, whose configuration a single file is read into); cached."""
         # One ControlNet per family's UNet shape (an inpainting checkpoint's 9-channel UNet included: a ControlNet
         # always takes the 4 latent channels).
-        key = (str(entry.path), entry.weights_file.stat().st_mtime_ns, unet.device, unet.dtype,
+        device = execution_device(unet)  # the GPU with model CPU offload, where the UNet waits on the CPU
+        key = (str(entry.path), entry.weights_file.stat().st_mtime_ns, device, unet.dtype,
                unet.config.cross_attention_dim, unet.config.addition_embed_type)  # fmt: skip
         with self._lock:
             if key in self._loaded:
@@ -176,7 +178,7 @@ class ControlNetLibrary:
             except Exception as error:  # a user's file: unreadable, another layout, another architecture
                 message = f"could not load ControlNet '{entry.name}': {error}"
                 raise ModelLoadError(message, field="controlnet") from error
-            loaded = loaded.to(device=unet.device, dtype=unet.dtype).eval()
+            loaded = loaded.to(device=device, dtype=unet.dtype).eval()
             while len(self._loaded) >= self.max_loaded:
                 self._loaded.popitem(last=False)
             self._loaded[key] = loaded

@@ -152,7 +152,10 @@ class ImageEngine:
                 return loaded
             self._make_room()
             started = time.perf_counter()
-            loaded = self._keep(entry, load_pipeline(entry, self.device, self.dtype))
+            # With model CPU offload, the parts stay in CPU memory and go to the device as each runs.
+            offloaded = self.speed.cpu_offload == "model"
+            device = torch.device("cpu") if offloaded else self.device
+            loaded = self._keep(entry, load_pipeline(entry, device, self.dtype))
             options = ", ".join(loaded.speed) or "no speed options"
             logger.info("loaded model %s in %.2fs on %s (%s; %s)", entry.name, time.perf_counter() - started,
                         self.device, str(self.dtype).removeprefix("torch."), options)  # fmt: skip
@@ -175,7 +178,7 @@ class ImageEngine:
 
     def _keep(self, entry: ModelEntry, pipe) -> LoadedModel:
         loaded = LoadedModel(entry, pipe, self.catalog.model_hash(entry) if entry.path.exists() else "0" * 10)
-        loaded.speed = apply_speed_options(pipe, self.speed)
+        loaded.speed = apply_speed_options(pipe, self.speed, self.device)
         loaded.qkv_fused = "fused QKV" in loaded.speed
         self._loaded[entry.name] = loaded
         return loaded

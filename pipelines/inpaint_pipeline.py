@@ -28,7 +28,7 @@ def inpaint_arguments(pipe, plans: list[InpaintPlan | None], seeds: list[int], a
     if image is None:  # txt2img: from pure noise (SDXL's inpainting pipeline defaults to 0.9999, one step less)
         extra.update(image=[Image.new("RGB", (width, height), GRAY)] * count, strength=1.0)
     elif isinstance(image, torch.Tensor):  # latents (a latent hires pass): no pixels to mask
-        blank = torch.zeros(1, 3, height, width, device=pipe.device, dtype=pipe.vae.dtype)
+        blank = torch.zeros(1, 3, height, width, device=pipe._execution_device, dtype=pipe.vae.dtype)
         extra["masked_image_latents"] = _encode(pipe, blank, seeds[:1]).repeat(count, 1, 1, 1)
     fill = plans[0].fill if plans[0] else 1  # one fill per batch (PreparedJob.batch_key)
     if fill in (2, 3) and not isinstance(image, torch.Tensor):
@@ -43,8 +43,9 @@ def _masked_content_latents(pipe, images, masks, seeds: list[int], fill: int, wi
     from diffusers.utils.torch_utils import randn_tensor
 
     pixels = pipe.image_processor.preprocess(images, height=height, width=width)
-    pixels = pixels.to(pipe.device, pipe.vae.dtype)
-    mask = pipe.mask_processor.preprocess(masks, height=height, width=width).to(pipe.device, pipe.vae.dtype)
+    device = pipe._execution_device  # the GPU with model CPU offload too (diffusers' own pipelines use it)
+    pixels = pixels.to(device, pipe.vae.dtype)
+    mask = pipe.mask_processor.preprocess(masks, height=height, width=width).to(device, pipe.vae.dtype)
     latents = _encode(pipe, pixels, seeds)
     latent_mask = torch.nn.functional.interpolate(mask, size=latents.shape[-2:]).round()
     if fill == 2:  # A1111 draws it from the job's seed

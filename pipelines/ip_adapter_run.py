@@ -19,6 +19,7 @@ import torch
 
 from pipelines.control_plan import IpAdapterPlan, ip_adapter_units
 from pipelines.control_run import applies_to_pass
+from pipelines.devices import execution_device
 from pipelines.ipadapters import IpAdapterLibrary
 from pipelines.prepare import PreparedJob
 
@@ -51,7 +52,7 @@ def encode_references(jobs: list[PreparedJob], library: IpAdapterLibrary, unet) 
     units = ip_adapter_units(jobs[0].controls)
     if not units:
         return None
-    device, dtype = unet.device, unet.dtype
+    device, dtype = execution_device(unet), unet.dtype
     positive, negative = [], []
     for index in units:
         plan: IpAdapterPlan = jobs[0].controls[index]

@@ -52,6 +52,22 @@ def select_device(
     return chosen, torch_dtype
 
 
+@contextlib.contextmanager
+def offload_paused(pipe):
+    """Model CPU offload's hooks off while the block changes the model (loads LoRA or IP-Adapter weights), and
+    on again for the same device after it. diffusers' loaders do this themselves, but put the hooks back for
+    the default accelerator (device 0, or an error on a CPU-only host), not the pipeline's."""
+    device = getattr(pipe, "_offload_device", None)
+    if device is None or not getattr(pipe, "_all_hooks", None):
+        yield
+        return
+    pipe.remove_all_hooks()
+    try:
+        yield
+    finally:
+        pipe.enable_model_cpu_offload(device=device)
+
+
 def check_device(device: torch.device) -> None:
     """Raises when the device no longer computes: a GPU that fell off the bus, or a CUDA context broken by an
     earlier fault (CUDA errors are sticky: every later call raises them). A one-element kernel and its result
@@ -142,8 +158,9 @@ class LoadedModel:
         try:
             count = len(state_dicts)
             try:
-                self.pipe.load_ip_adapter(state_dicts, subfolder=[None] * count, weight_name=[None] * count,
-                                          image_encoder_folder=None)  # fmt: skip
+                with offload_paused(self.pipe):
+                    self.pipe.load_ip_adapter(state_dicts, subfolder=[None] * count, weight_name=[None] * count,
+                                              image_encoder_folder=None)  # fmt: skip
             except torch.cuda.OutOfMemoryError:
                 raise
             except Exception as error:  # a file of another architecture: layers missing or of other shapes
@@ -191,7 +208,8 @@ class LoadedModel:
         job's own); the error text on failure."""
         self._evict_adapters(self.MAX_CACHED_ADAPTERS - 1, keep)
         try:
-            self.pipe.load_lora_weights(read_lora_state_dict(use.lora.path), adapter_name=use.adapter_name)
+            with offload_paused(self.pipe):
+                self.pipe.load_lora_weights(read_lora_state_dict(use.lora.path), adapter_name=use.adapter_name)
         except Exception as error:  # size mismatches are RuntimeError; unknown layers are peft errors
             self._forget_adapter(use.adapter_name)
             return f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"

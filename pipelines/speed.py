@@ -8,7 +8,7 @@ by `select_device`: bfloat16 on GPUs that have it, else float16; float32 on the 
 
 Set them with the app argument `speed` (serve configs) or environment variables (`DIFFUSION_API_ATTENTION`,
 `DIFFUSION_API_CHANNELS_LAST`, `DIFFUSION_API_FUSE_QKV`, `DIFFUSION_API_COMPILE`, `DIFFUSION_API_COMPILE_MODE`,
-`DIFFUSION_API_VAE_TILING`, `DIFFUSION_API_VAE_SLICING`); the app argument wins.
+`DIFFUSION_API_VAE_TILING`, `DIFFUSION_API_VAE_SLICING`, `DIFFUSION_API_CPU_OFFLOAD`); the app argument wins.
 """
 
 import logging
@@ -28,6 +28,7 @@ _ENV = {
     "compile_mode": "DIFFUSION_API_COMPILE_MODE",
     "vae_tiling": "DIFFUSION_API_VAE_TILING",
     "vae_slicing": "DIFFUSION_API_VAE_SLICING",
+    "cpu_offload": "DIFFUSION_API_CPU_OFFLOAD",
 }
 
 
@@ -52,6 +53,11 @@ class SpeedOptions(BaseModel):
     vae_tiling_min_pixels: int = Field(1536 * 1024, ge=64 * 64)
     # Decode a batch one image at a time: a batch's decode needs one image's memory (same pixels).
     vae_slicing: bool = True
+    # For GPUs smaller than the model: diffusers' model CPU offload keeps the model's parts (text encoders,
+    # denoiser, VAE) in CPU memory and moves each to the GPU while it runs, so the GPU holds the largest part
+    # rather than all of them (FLUX.1-dev in bf16: its 24 GB transformer rather than 34 GB; a Q8_0 GGUF one: 12
+    # GB). Same pixels; each job pays the copies over PCIe. Loaded models then wait in CPU memory.
+    cpu_offload: Literal["never", "model"] = "never"
 
     @classmethod
     def from_env(cls, overrides: dict | None = None) -> "SpeedOptions":
@@ -64,8 +70,9 @@ class SpeedOptions(BaseModel):
         return cls(**{**values, **(overrides or {})})
 
 
-def apply_speed_options(pipe, options: SpeedOptions) -> list[str]:
-    """Applies the load-time options to a freshly loaded pipeline; returns the names of those applied."""
+def apply_speed_options(pipe, options: SpeedOptions, device=None) -> list[str]:
+    """Applies the load-time options to a freshly loaded pipeline (loaded on the CPU when `cpu_offload` is on,
+    for `device`); returns the names of those applied."""
     import torch
 
     applied = []
@@ -92,6 +99,9 @@ def apply_speed_options(pipe, options: SpeedOptions) -> list[str]:
     if options.compile and denoiser is not None:
         denoiser.compile(mode=options.compile_mode)
         applied.append(f"torch.compile ({options.compile_mode})")
+    if options.cpu_offload == "model":
+        pipe.enable_model_cpu_offload(device=device)  # device None: diffusers' default accelerator
+        applied.append("model CPU offload")
     return applied
 
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from pipelines import tensor_shapes
 from pipelines.catalog import FileFactsCache, sha256_of_file
+from pipelines.devices import execution_device
 from pipelines.errors import DiffusionAPIError, ModelLoadError
 from pipelines.names import find_named_file, scan_files_and_folders
 from pipelines.settings import Settings
@@ -108,7 +109,8 @@ class VaeLibrary:
     def load(self, vae: VaeFile, like: torch.nn.Module) -> torch.nn.Module:
         """The VAE as a diffusers AutoencoderKL on the device and in the precision of `like` (the model's own
         VAE, whose configuration a single file is read into); cached."""
-        key = (str(vae.path), vae.path.stat().st_mtime_ns, like.device, like.dtype, like.config.scaling_factor)
+        device = execution_device(like)  # the GPU with model CPU offload, where the model's VAE waits on the CPU
+        key = (str(vae.path), vae.path.stat().st_mtime_ns, device, like.dtype, like.config.scaling_factor)
         with self._lock:
             if key in self._loaded:
                 self._loaded.move_to_end(key)
@@ -117,7 +119,7 @@ class VaeLibrary:
                 loaded = self._read(vae, like)
             except Exception as error:  # a user's file: unreadable, pickled classes, another layout
                 raise ModelLoadError(f"could not load VAE '{vae.name}': {error}", field="vae") from error
-            loaded = loaded.to(device=like.device, dtype=like.dtype).eval()
+            loaded = loaded.to(device=device, dtype=like.dtype).eval()
             while len(self._loaded) >= self.max_loaded:
                 self._loaded.popitem(last=False)
             self._loaded[key] = loaded

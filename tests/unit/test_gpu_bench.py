@@ -22,6 +22,7 @@ WAYS = [
     "engine + compile",
     "engine + eager attention",
     "engine + vae_tiling=always",
+    "engine + model CPU offload",
     "engine + all fast",
     "engine + ControlNet",
     "engine + IP-Adapter",

@@ -1,0 +1,74 @@
+"""The speed option `cpu_offload: model` (diffusers' model CPU offload, for GPUs smaller than the model): every
+part of a loaded model gets its offload hook, the jobs of every kind give the pixels they give without it, and
+loading a job's LoRAs or IP-Adapter puts the hooks back for the engine's device (diffusers' own loaders put them
+back for the default accelerator, which a CPU-only host has not).
+
+This machine has no GPU, so the hooks' device here is the CPU: these tests hold the wiring (hooks, pixels, the
+parts a job adds placed where the model runs), not the memory saved; bench/gpu_bench.py measures that on a GPU
+(`--cpu-offload`)."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipelines.generate import ImageEngine
+from pipelines.schemas import Img2ImgRequest, Txt2ImgRequest
+from pipelines.speed import SpeedOptions
+from tests.unit.test_controlnet import as_base64, hint, pixels
+
+BASE = {"prompt": "a lighthouse", "steps": 4, "width": 64, "height": 64, "seed": 5, "fileType": "png"}
+
+
+@pytest.fixture(scope="module")
+def offloaded(catalog):
+    return ImageEngine(catalog, device="cpu", max_loaded_models=2, speed=SpeedOptions(cpu_offload="model"))
+
+
+def _hooked(pipe) -> dict[str, str]:
+    """Each model part's offload hook and the device it runs the part on."""
+    from accelerate.hooks import CpuOffload
+
+    parts = {name: part for name, part in pipe.components.items() if hasattr(part, "parameters")}
+    return {name: str(part._hf_hook.execution_device) for name, part in parts.items()
+            if isinstance(getattr(part, "_hf_hook", None), CpuOffload)}  # fmt: skip
+
+
+def test_every_part_of_a_loaded_model_is_offloaded(offloaded):
+    loaded = offloaded.load("demo-sd15")
+    assert "model CPU offload" in loaded.speed
+    assert set(_hooked(loaded.pipe)) == {"text_encoder", "unet", "vae"}
+    assert set(_hooked(offloaded.load("demo-flux-dev").pipe)) == {"text_encoder", "text_encoder_2", "transformer",
+                                                                   "vae"}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"model": "demo-sd15"},
+        {"model": "demo-sd15", "loras": ["demo-sd15-kohya"], "vae": "demo-vae-ft"},
+        {"model": "demo-sd15", "controlnet": [{"model": "demo-sd15-canny", "image": as_base64(hint())}]},
+        {"model": "demo-sd15", "controlnet": [{"model": "ip-adapter_demo_sd15", "module": "ip-adapter_clip_sd15",
+                                               "image": as_base64(hint())}]},  # fmt: skip
+        {"model": "demo-sd15", "hires": {"enabled": True, "scale": 2.0, "steps": 4, "denoising_strength": 0.5}},
+        {"model": "Demo SDXL"},
+        {"model": "demo-flux-dev", "loras": ["demo-flux-peft"]},
+        {"model": "demo-sd35-single"},
+    ],
+    ids=["sd15", "lora+vae", "controlnet", "ip-adapter", "hires", "sdxl", "flux+lora", "sd35-single"],
+)
+def test_jobs_give_the_pixels_they_give_without_it(engine, offloaded, fields):
+    ours = offloaded.generate(Txt2ImgRequest(**BASE, **fields))
+    assert np.array_equal(pixels(ours), pixels(engine.generate(Txt2ImgRequest(**BASE, **fields))))
+    assert not ours.warnings  # a LoRA that failed to load would be a warning, not an error
+    # the hooks are back after the job's LoRA / IP-Adapter loads, for this engine's device
+    assert set(_hooked(offloaded.load(fields["model"]).pipe).values()) == {"cpu:0"}
+
+
+def test_img2img_and_inpainting_run_offloaded(engine, offloaded):
+    image = as_base64(Image.new("RGB", (64, 64), (200, 40, 40)))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    for fields in ({"image": image, "denoising_strength": 0.6},
+                   {"image": image, "mask": as_base64(mask), "inpainting_fill": 2}):  # fmt: skip
+        request = Img2ImgRequest(**BASE, model="demo-sd15", **fields)
+        assert np.array_equal(pixels(offloaded.generate(request)), pixels(engine.generate(request)))
