@@ -17,6 +17,7 @@ from pipelines.speed import SpeedOptions
 from tests.unit.test_controlnet import as_base64, hint, pixels
 
 BASE = {"prompt": "a lighthouse", "steps": 4, "width": 64, "height": 64, "seed": 5, "fileType": "png"}
+IP_ADAPTER_UNIT = {"model": "ip-adapter_demo_sd15", "module": "ip-adapter_clip_sd15", "image": as_base64(hint())}
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +48,7 @@ def test_every_part_of_a_loaded_model_is_offloaded(offloaded):
         {"model": "demo-sd15"},
         {"model": "demo-sd15", "loras": ["demo-sd15-kohya"], "vae": "demo-vae-ft"},
         {"model": "demo-sd15", "controlnet": [{"model": "demo-sd15-canny", "image": as_base64(hint())}]},
-        {"model": "demo-sd15", "controlnet": [{"model": "ip-adapter_demo_sd15", "module": "ip-adapter_clip_sd15",
-                                               "image": as_base64(hint())}]},  # fmt: skip
+        {"model": "demo-sd15", "controlnet": [IP_ADAPTER_UNIT]},
         {"model": "demo-sd15", "hires": {"enabled": True, "scale": 2.0, "steps": 4, "denoising_strength": 0.5}},
         {"model": "Demo SDXL"},
         {"model": "demo-flux-dev", "loras": ["demo-flux-peft"]},
