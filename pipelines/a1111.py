@@ -14,7 +14,6 @@ import datetime
 import json
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import psutil
@@ -36,6 +35,7 @@ from pipelines.images import decode_base64_bytes, open_image
 from pipelines.infotext import parse_infotext, read_infotext
 from pipelines.limits import LIMITS
 from pipelines.loras import LoraLibrary, find_lora_tags, replace_lora_tags
+from pipelines.modules import module_stem
 from pipelines.samplers import SAMPLERS, SCHEDULES, resolve_sampler, sampler_key
 from pipelines.schemas import Img2ImgRequest, JobState, Txt2ImgRequest
 from pipelines.settings import VERSION
@@ -207,7 +207,7 @@ def _checked_modules(modules: Any, entry: ModelEntry | None, place: str = "forge
     if not entry.modules:
         return [f"forge_additional_modules ignored: model '{entry.name}' carries its own VAE and text encoders"]
     runs_with = {path.stem for path in entry.modules}
-    asked = {Path(item.replace("\\", "/")).stem for item in modules}
+    asked = {module_stem(item) for item in modules}
     if other := sorted(asked - runs_with):
         named = ", ".join(repr(name[:60]) for name in other[:5]) + (" ..." if len(other) > 5 else "")
         raise InvalidRequestError(
@@ -216,6 +216,9 @@ def _checked_modules(modules: Any, entry: ModelEntry | None, place: str = "forge
             "chosen in configs/models.yaml under 'modules:' (GET /sdapi/v1/sd-modules lists the installed ones)",
             field=place,
         )
+    if unnamed := sorted(runs_with - asked):
+        return [f"{place}: model '{entry.name}' runs with its whole module set, {', '.join(unnamed)} too (the set is "
+                "chosen per model in configs/models.yaml under 'modules:', not per request)"]  # fmt: skip
     return []
 
 

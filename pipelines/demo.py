@@ -31,6 +31,8 @@ from pipelines.demo_flow import (
     build_flux,
     build_sd35,
     create_demo_flow_loras,
+    is_current_generation,
+    stamp_generation,
     write_flux_gguf,
     write_flux_single_file,
     write_sd35_single_file,
@@ -248,11 +250,13 @@ def create_demo_models(models_dir: Path, overwrite: bool = False) -> list[Path]:
         "sd35-single": models_dir / SD35_SINGLE_FILE,
     }
     written = []
+    flow_kinds = ("flux", "flux-single", "flux-gguf", "sd35", "sd35-single")  # one generation (demo_flow.py)
+    stale_flow = not is_current_generation(models_dir)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         sd15 = flux = sd35 = None
         for kind, target in targets.items():
-            if target.exists() and not overwrite:
+            if target.exists() and not overwrite and not (stale_flow and kind in flow_kinds):
                 logger.info("keeping existing %s", target)
                 continue
             if target.is_dir():
@@ -293,6 +297,7 @@ def create_demo_models(models_dir: Path, overwrite: bool = False) -> list[Path]:
                 write_sd35_single_file(sd35, models_dir)
             written.append(target)
             logger.info("wrote %s", target)
+    stamp_generation(models_dir)
     return written
 
 

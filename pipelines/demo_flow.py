@@ -34,6 +34,22 @@ T5_WIDTH = 2 * TEXT_WIDTH  # SD 3.5 pads CLIP-L and CLIP-G side by side to T5's 
 SD3_VAE_SCALING, SD3_VAE_SHIFT = 1.5305, 0.0609
 
 
+# The flow models' demo files are written together: a checkout whose demo files are of an older generation (other
+# widths, modules not shared) gets them all rewritten by `make demo-models`, not some kept and some new.
+FLOW_DEMO_GENERATION = "2"  # 2: SD 3.5 single file; CLIP-L and T5 shared with FLUX.1
+GENERATION_STAMP = ".demo-flow-generation"
+
+
+def is_current_generation(folder: Path) -> bool:
+    stamp = folder / GENERATION_STAMP
+    return stamp.is_file() and stamp.read_text().strip() == FLOW_DEMO_GENERATION
+
+
+def stamp_generation(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / GENERATION_STAMP).write_text(FLOW_DEMO_GENERATION + "\n")
+
+
 T5_SPECIAL_IDS = dict(pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)  # as T5's own vocabulary
 
 
@@ -58,13 +74,17 @@ def _t5(seed: int, width: int = T5_WIDTH):
 
 
 def shared_text_encoders(work: Path, seed: int = 40):
-    """The demo's CLIP-L (with its projection, as `clip_l.safetensors` has it) and T5-XXL, which FLUX.1 and SD
-    3.5 share as real ones do: (CLIP tokenizer, CLIP-L, T5 tokenizer, T5)."""
+    """The demo's CLIP-L and T5-XXL, which FLUX.1 and SD 3.5 share as real ones do: (CLIP tokenizer, CLIP-L, T5
+    tokenizer, T5). CLIP-L as SD 3's pipeline holds it: with an identity projection (SD 3 takes its pooled output
+    unprojected; `clip_l.safetensors` has no projection)."""
     from pipelines.demo import _text_encoder, _tokenizer
 
     tokenizer = _tokenizer(work)
     tokenizer_t5, t5 = _t5(seed + 1)
-    return tokenizer, _text_encoder(tokenizer, seed, with_projection=True), tokenizer_t5, t5
+    clip_l = _text_encoder(tokenizer, seed, with_projection=True)
+    with torch.no_grad():
+        clip_l.text_projection.weight.copy_(torch.eye(TEXT_WIDTH))
+    return tokenizer, clip_l, tokenizer_t5, t5
 
 
 def _without_projection(clip_l):
@@ -267,11 +287,12 @@ def write_sd35_single_file(pipe, models_dir: Path) -> Path:
     return target
 
 
-def _clip_file_state(model) -> dict:
-    """A CLIP text encoder as `clip_l.safetensors` / `clip_g.safetensors` hold it: `text_model.` keys and the
-    projection."""
-    return {key if key.startswith(("text_model.", "text_projection")) else f"text_model.{key}": tensor.contiguous()
-            for key, tensor in model.state_dict().items()}  # fmt: skip
+def _clip_file_state(model, projection: bool) -> dict:
+    """A CLIP text encoder as `clip_l.safetensors` (`text_model.` keys) and `clip_g.safetensors` (with its
+    projection too) hold it."""
+    state = {key if key.startswith(("text_model.", "text_projection")) else f"text_model.{key}": tensor.contiguous()
+             for key, tensor in model.state_dict().items()}  # fmt: skip
+    return state if projection else {key: tensor for key, tensor in state.items() if not key.startswith("text_proj")}
 
 
 def create_demo_modules(vaes_dir: Path, text_encoder_dir: Path, overwrite: bool = False) -> list[Path]:
@@ -286,7 +307,8 @@ def create_demo_modules(vaes_dir: Path, text_encoder_dir: Path, overwrite: bool 
 
     vae = vaes_dir / MODULE_FILES[0]
     clip_l, clip_g, t5 = (text_encoder_dir / name for name in MODULE_FILES[1:])
-    if all(path.exists() for path in (vae, clip_l, clip_g, t5)) and not overwrite:
+    current = is_current_generation(text_encoder_dir)
+    if all(path.exists() for path in (vae, clip_l, clip_g, t5)) and current and not overwrite:
         return []
     vaes_dir.mkdir(parents=True, exist_ok=True)
     text_encoder_dir.mkdir(parents=True, exist_ok=True)
@@ -294,12 +316,13 @@ def create_demo_modules(vaes_dir: Path, text_encoder_dir: Path, overwrite: bool 
         sd35 = build_sd35(Path(tmp))
         flux_vae = build_flux(Path(tmp)).vae
     save_file(vae_ldm_state_dict(flux_vae), vae)
-    save_file(_clip_file_state(sd35.text_encoder), clip_l)
-    save_file(_clip_file_state(sd35.text_encoder_2), clip_g)
+    save_file(_clip_file_state(sd35.text_encoder, projection=False), clip_l)
+    save_file(_clip_file_state(sd35.text_encoder_2, projection=True), clip_g)
     t5_state = {
         key: tensor.contiguous()
         for key, tensor in sd35.text_encoder_3.state_dict().items()
         if key != "encoder.embed_tokens.weight"
     }  # tied to `shared.weight`, as the published file has it
     save_file(t5_state, t5)
+    stamp_generation(text_encoder_dir)
     return [vae, clip_l, clip_g, t5]

@@ -1,6 +1,8 @@
 """An SD 3 / 3.5 single file (Stability's `sd3.5_large.safetensors`: the MMDiT transformer and the VAE, in
 Stability's key layout) as a diffusers StableDiffusion3Pipeline, with the text encoders it lacks from module files
-(CLIP-L, CLIP-G and, optional as in diffusers, T5-XXL: pipelines/modules.py).
+(CLIP-L, CLIP-G and, optional as in diffusers, T5-XXL: pipelines/modules.py). CLIP-L's pooled output goes in
+unprojected, as in Stability's reference code and diffusers' single-file loader (`clip_l.safetensors` holds no
+projection).
 
 Files that carry their text encoders (`sd3_medium_incl_clips_t5xxlfp8.safetensors`, under `text_encoders.`) use
 their own; a transformer alone (a GGUF file) takes its VAE from a module file too. The configs and tokenizers come
@@ -12,6 +14,7 @@ its configs is a clear error, not a crash later).
 import torch
 
 from pipelines import single_file_parts as parts
+from pipelines import tensor_shapes
 from pipelines.catalog import ModelEntry
 from pipelines.errors import ModelLoadError
 from pipelines.families.sd3 import SAI_PARTS, SAI_PREFIX
@@ -89,18 +92,20 @@ def load_sd3_single_file(entry: ModelEntry, dtype: torch.dtype):
             f"tokenizers in {entry.path.parent / '.configs' / entry.name}/ (an SD 3.5 diffusers folder without its "
             "weights)", field="model",
         )  # fmt: skip
-    tensors, quantized = _read(entry)
     modules = {kind_of_file(path): path for path in entry.modules}
-    carried = {kind: _part(tensors, kind) for kind, prefix in SAI_PARTS.items()
-               if kind not in modules and any(key.startswith(prefix) for key in tensors)}  # fmt: skip
-    own = {key.removeprefix(SAI_PREFIX): tensor for key, tensor in tensors.items()
-           if not key.startswith(tuple(SAI_PARTS.values()))}  # fmt: skip
-    del tensors  # the transformer's tensors are let go of as they are loaded
-    with_t5 = "t5" in modules or "t5" in carried
+    keys = tensor_shapes.read(entry.path) or {}  # the header: the configs are checked before 16 GB are read
+    carried_kinds = [kind for kind, prefix in SAI_PARTS.items()
+                     if kind not in modules and any(key.startswith(prefix) for key in keys)]  # fmt: skip
+    with_t5 = "t5" in modules or "t5" in carried_kinds
     if absent := parts.missing_configs(configs, CONFIG_FILES + (T5_CONFIG_FILES if with_t5 else ())):
         raise ModelLoadError(f"could not load model '{entry.name}': {configs}/ lacks {', '.join(absent)} (an SD "
                              "3.5 diffusers folder's configs and tokenizers, without weights)",
                              field="model")  # fmt: skip
+    tensors, quantized = _read(entry)
+    carried = {kind: _part(tensors, kind) for kind in carried_kinds}
+    own = {key.removeprefix(SAI_PREFIX): tensor for key, tensor in tensors.items()
+           if not key.startswith(tuple(SAI_PARTS.values()))}  # fmt: skip
+    del tensors  # parts a module file replaces are not kept
 
     def weights(kind: str) -> tuple[dict[str, torch.Tensor], str]:
         """A part's weights: from its module file, else from the file that carries it."""
@@ -110,7 +115,7 @@ def load_sd3_single_file(entry: ModelEntry, dtype: torch.dtype):
 
     transformer = load_transformer(entry, own, quantized, dtype)
     vae = parts.vae(configs, *weights("vae"))
-    clip_l = parts.clip(configs, "text_encoder", *weights("clip"), with_projection=True)
+    clip_l = parts.clip(configs, "text_encoder", *weights("clip"), with_projection=True, identity_projection=True)
     clip_g = parts.clip(configs, "text_encoder_2", *weights("clip_g"), with_projection=True)
     t5 = parts.t5(configs, "text_encoder_3", *weights("t5")) if with_t5 else None
     tokenizers = [transformers.AutoTokenizer.from_pretrained(configs / name, local_files_only=True)

@@ -2,8 +2,8 @@
 from separate module files (pipelines/modules.py) or from the checkpoint itself, with the configs of the model's
 `.configs/<name>/` folder (FLUX.1's and SD 3.5's single-file loaders share them).
 
-Large parts are built on the meta device and their weights assigned from the files, so no network is held twice
-in memory.
+The parts are built on the meta device and their weights assigned from the files, so no network is initialised
+for nothing or held twice in memory.
 """
 
 from pathlib import Path
@@ -43,10 +43,12 @@ def assigned(model: torch.nn.Module, state: dict[str, torch.Tensor], what: str) 
 
 def text_encoder_state(state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A text encoder's tensors under the model's own names: CLIP files come with and without `text_model.`
-    (transformers 5 dropped that level in CLIPTextModel); T5 files hold the embeddings as `shared.weight` or only
-    as `encoder.embed_tokens.weight`."""
+    (transformers 5 dropped that level in CLIPTextModel) and some hold OpenCLIP's bare, transposed
+    `text_projection`; T5 files hold the embeddings as `shared.weight` or only as `encoder.embed_tokens.weight`."""
     if "shared.weight" not in state and "encoder.embed_tokens.weight" in state:
         state = {**state, "shared.weight": state["encoder.embed_tokens.weight"]}
+    if "text_projection" in state and "text_projection.weight" not in state:
+        state = {**state, "text_projection.weight": state["text_projection"].T.contiguous()}
     names = set(model.state_dict())
     fitted = {}
     for key, tensor in state.items():
@@ -70,21 +72,27 @@ def vae(configs: Path, ldm_state: dict[str, torch.Tensor], what: str):
     return assigned(model, state, what)
 
 
-def clip(configs: Path, subfolder: str, state: dict[str, torch.Tensor], what: str, with_projection: bool = False):
-    """A CLIP text encoder of `configs/<subfolder>` with `state`'s weights. Built for real, not on the meta
-    device: its position ids are a buffer no file holds (CLIP-L has 123 M parameters, CLIP-G 695 M)."""
+def clip(configs: Path, subfolder: str, state: dict[str, torch.Tensor], what: str, with_projection: bool = False,
+         identity_projection: bool = False):  # fmt: skip
+    """A CLIP text encoder of `configs/<subfolder>` with `state`'s weights (`with_projection`: with its pooled
+    output's projection, as SD 3 takes CLIP-G's; `identity_projection`: with an identity there, as SD 3 takes
+    CLIP-L's pooled output unprojected, which is why `clip_l.safetensors` holds no projection)."""
     import transformers
 
     config = transformers.AutoConfig.from_pretrained(configs / subfolder, local_files_only=True)
     model_class = transformers.CLIPTextModelWithProjection if with_projection else transformers.CLIPTextModel
-    model = model_class(config)
+    with torch.device("meta"):
+        model = model_class(config)
     fitted = text_encoder_state(state, model)
-    model.load_state_dict(fitted, strict=False)
-    if missing := sorted(set(model.state_dict()) - set(fitted) - {"embeddings.position_ids",
-                                                                   "text_model.embeddings.position_ids"}):  # fmt: skip
-        raise ModelLoadError(f"{what}: its weights do not fit the model's config (missing {missing[0]})",
-                             field="model")  # fmt: skip
-    return model.eval()
+    if identity_projection:
+        fitted["text_projection.weight"] = torch.eye(config.hidden_size)  # cast with the rest
+    model = assigned(model, fitted, what)
+    # Its position ids are a buffer no file holds (not saved): made again where the meta device left none.
+    embeddings = model.text_model.embeddings if hasattr(model, "text_model") else model.embeddings
+    if embeddings.position_ids.is_meta:
+        positions = torch.arange(config.max_position_embeddings).expand((1, -1))
+        embeddings.register_buffer("position_ids", positions, persistent=False)
+    return model
 
 
 def t5(configs: Path, subfolder: str, state: dict[str, torch.Tensor], what: str):

@@ -71,7 +71,19 @@ def test_clip_l_and_clip_g_are_told_apart_by_width_then_by_name():
 
     assert kind_of(clip(768)) == "clip" and kind_of(clip(1280)) == "clip_g"
     assert kind_of(clip(768), "clip_g_renamed") == "clip"  # the published widths decide
-    assert kind_of(clip(32), "demo-clip-g") == "clip_g" and kind_of(clip(32), "tiny-clip") == "clip"
+    assert kind_of(clip(32), "demo-clip-g") == "clip_g" and kind_of(clip(32), "demo-clip-l") == "clip"
+    assert kind_of(clip(32), "tiny-clip") is None and kind_of(clip(1024), "clip_l") is None  # SD 2's ViT-H: none
+
+
+def test_clip_l_goes_in_unprojected_as_in_stabilitys_code(engine):
+    """`clip_l.safetensors` has no projection (the demo's neither): SD 3 takes CLIP-L's pooled output as it is."""
+    from safetensors import safe_open
+
+    entry = engine.catalog.resolve(SINGLE)
+    with safe_open(str(entry.modules[0]), framework="pt") as clip_l:
+        assert not any(key.startswith("text_projection") for key in clip_l.keys())  # noqa: SIM118
+    projection = engine.load(entry).pipe.text_encoder.text_projection.weight
+    assert torch.equal(projection, torch.eye(projection.shape[0]))
 
 
 def test_the_single_file_gives_the_folders_pixels(engine):
@@ -152,7 +164,8 @@ def test_a_transformer_alone_takes_an_sd3_vae_module_never_flux(settings, tmp_pa
     catalog = ModelCatalog(settings.model_copy(update={"models_dir": models, "vaes_dir": vaes}))
     with pytest.raises(DiffusionAPIError) as raised:
         catalog.resolve(SINGLE)
-    assert raised.value.status_code == 404 and f"no 16-channel VAE module file in {vaes}" in raised.value.message
+    assert raised.value.status_code == 404 and f"no SD 3.5 VAE in {vaes}" in raised.value.message
+    assert "flux-ae found, not taken" in raised.value.message
     save_file(vae, vaes / "sd3.5_vae.safetensors")
     catalog = ModelCatalog(settings.model_copy(update={"models_dir": models, "vaes_dir": vaes}))
     assert catalog.resolve(SINGLE).modules[0].name == "sd3.5_vae.safetensors"
@@ -192,6 +205,46 @@ def test_a_gguf_transformer_loads_quantized_with_an_sd3_vae_module(settings, tmp
     assert difference(quantized, folder) <= 4  # Q8_0: near the full weights
     styled = engine.generate(Txt2ImgRequest(**BASE, model="sd35-Q8_0", loras=["demo-sd35-peft"]))
     assert difference(styled, quantized) > 2 and not styled.warnings
+
+
+def test_configs_models_yaml_picks_modules_by_name_overrides_carried_parts_and_leaves_t5_out(settings, tmp_path):
+    """`modules:` names (dots inside a name are kept: `sd3.5_vae`) win over the VAE the file carries, and a list
+    that does not name a T5 runs without one, though one is installed; a VAE with no usual name is not taken."""
+    from safetensors.torch import load_file, save_file
+
+    from pipelines.ldm_layout import VAE_PREFIX
+
+    vaes = tmp_path / "vae"
+    vaes.mkdir()
+    state = load_file(settings.models_dir / f"{SINGLE}.safetensors")
+    save_file({key.removeprefix(VAE_PREFIX): tensor for key, tensor in state.items() if key.startswith(VAE_PREFIX)},
+              vaes / "sd3.5_vae.safetensors")  # fmt: skip
+    config = tmp_path / "models.yaml"
+    config.write_text(f"modules:\n  {SINGLE}: [sd3.5_vae, demo-clip-g.safetensors, demo-clip-l]\n")
+    catalog = ModelCatalog(settings.model_copy(update={"vaes_dir": vaes, "models_config": config}))
+    assert [path.name for path in catalog.resolve(SINGLE).modules] == [
+        "sd3.5_vae.safetensors", "demo-clip-l.safetensors", "demo-clip-g.safetensors"]  # fmt: skip
+    ours = ImageEngine(catalog, device="cpu").generate(Txt2ImgRequest(**BASE, model=SINGLE))
+    assert parse_infotext(ours.infotext)["Module 1"] == "sd3.5_vae" and "Module 4" not in ours.infotext
+    assert ImageEngine(catalog, device="cpu").load(SINGLE).pipe.text_encoder_3 is None
+    # FLUX.1's single file: a 16-channel VAE without an `ae`/`flux` name is not taken for it
+    unnamed = tmp_path / "vae-unnamed"
+    unnamed.mkdir()
+    shutil.copy(settings.vaes_dir / "flux-ae.safetensors", unnamed / "diffusion_pytorch_model.safetensors")
+    catalog = ModelCatalog(settings.model_copy(update={"vaes_dir": unnamed}))
+    with pytest.raises(DiffusionAPIError, match=r"no FLUX.1 VAE in .*usual name \(ae\* or flux\*\)"):
+        catalog.resolve("demo-flux-dev-single")
+
+
+def test_a_forge_module_subset_is_answered_with_the_whole_set(catalog):
+    from pipelines import a1111
+    from pipelines.a1111_schemas import A1111Txt2ImgRequest
+
+    request = A1111Txt2ImgRequest(prompt="x", width=64, height=64, override_settings={
+        "sd_model_checkpoint": SINGLE, "forge_additional_modules": ["C:\\forge\\text_encoder\\demo-clip-l.safetensors",
+                                                                   "demo-clip-g"]})  # fmt: skip
+    mapped = a1111.to_native(request, None, catalog=catalog)
+    assert any("runs with its whole module set, demo-t5xxl too" in warning for warning in mapped.warnings)
 
 
 def test_configs_of_another_variant_or_missing_say_what_does_not_match(engine, settings, tmp_path):
