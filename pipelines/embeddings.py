@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from pipelines import tensor_shapes
 from pipelines.catalog import FileFactsCache, sha256_of_file
+from pipelines.devices import offload_paused
 from pipelines.families import family_of
 from pipelines.names import scan_named_files
 from pipelines.settings import Settings
@@ -168,8 +169,9 @@ def load_into(pipe, embeddings: list[EmbeddingFile]) -> tuple[list[tuple], dict[
             continue
         try:
             for tensor, tokenizer, encoder in plan:
-                pipe.load_textual_inversion(tensor, token=token_of(embedding), tokenizer=tokenizer,
-                                            text_encoder=encoder)  # fmt: skip
+                with offload_paused(pipe):
+                    pipe.load_textual_inversion(tensor, token=token_of(embedding), tokenizer=tokenizer,
+                                                text_encoder=encoder)  # fmt: skip
                 loaded.append((token_of(embedding), tokenizer, encoder, len(tensor)))
         except BaseException:  # nothing of this call stays in the model when it fails midway
             unload_from(pipe, loaded)

@@ -523,7 +523,9 @@ class ImageEngine:
             for job in jobs:
                 job.warnings.append(f"clip_skip is not applied on {family.label} models; it was left out")
                 job.clip_skip = 1
-        with torch.inference_mode():
+        # no_grad, not inference_mode: with model CPU offload the hooks move the weights inside this block, and
+        # weights made inference tensors could not be changed in place after it (a LoRA's norm weights)
+        with torch.no_grad():
             if is_inpaint_pipeline(pipe):  # a mask, or an inpainting checkpoint
                 masks = [job.inpaint for job in jobs]
                 arguments.update(inpaint_arguments(pipe, masks, [job.seed for job in jobs], arguments))

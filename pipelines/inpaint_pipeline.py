@@ -62,5 +62,5 @@ def _masked_content_latents(pipe, images, masks, seeds: list[int], fill: int, wi
 def _encode(pipe, pixels: torch.Tensor, seeds: list[int]) -> torch.Tensor:
     """Pixels in [-1, 1] -> the scaled latents the pipeline works on (its own VAE encoding)."""
     generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
-    with torch.inference_mode():
+    with torch.no_grad():  # not inference_mode: offload hooks move the VAE's weights here (generate.py says why)
         return pipe._encode_vae_image(pixels, generator=generators)

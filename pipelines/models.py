@@ -12,6 +12,7 @@ import psutil
 import torch
 
 from pipelines.catalog import Mode, ModelEntry, check_mode_supported
+from pipelines.devices import is_offloaded, offload_paused, reset_offload
 from pipelines.errors import ModelLoadError
 from pipelines.families import family_of
 from pipelines.loras import LoraUse, read_lora_state_dict
@@ -50,22 +51,6 @@ def select_device(
     else:
         torch_dtype = torch.float32 if chosen.type == "cpu" else torch.float16
     return chosen, torch_dtype
-
-
-@contextlib.contextmanager
-def offload_paused(pipe):
-    """Model CPU offload's hooks off while the block changes the model (loads LoRA or IP-Adapter weights), and
-    on again for the same device after it. diffusers' loaders do this themselves, but put the hooks back for
-    the default accelerator (device 0, or an error on a CPU-only host), not the pipeline's."""
-    device = getattr(pipe, "_offload_device", None)
-    if device is None or not getattr(pipe, "_all_hooks", None):
-        yield
-        return
-    pipe.remove_all_hooks()
-    try:
-        yield
-    finally:
-        pipe.enable_model_cpu_offload(device=device)
 
 
 def check_device(device: torch.device) -> None:
@@ -128,7 +113,8 @@ class LoadedModel:
     def job_scope(self):
         """Everything a job changes on this model is put back when the block ends, however it ends (an error
         included), so no job's settings reach the next caller's images: the scheduler of every pipeline of the
-        model, its LoRAs (turned off), the fused QKV projections LoRAs unfuse, and VAE tiling. Hold `lock`."""
+        model, its LoRAs (turned off), the fused QKV projections LoRAs unfuse, VAE tiling, and with model CPU offload
+        where its parts are. Hold `lock`."""
         schedulers = {id(pipe): pipe.scheduler for pipe in self._pipelines()}
         base_scheduler = self.pipe.scheduler
         own_vae = self.pipe.vae
@@ -141,6 +127,10 @@ class LoadedModel:
                 pipe.scheduler = schedulers.get(id(pipe), base_scheduler)
             if tiling is not None and own_vae.use_tiling != tiling:
                 own_vae.enable_tiling() if tiling else own_vae.disable_tiling()
+            # With model CPU offload, every part back on the CPU and fresh hooks, however the job ended: diffusers
+            # offloads only after a call that returns (a cancelled or out-of-memory job left its denoiser on the
+            # GPU, or half moved), and not at all after a call of a pipeline made from this one (img2img, ...).
+            reset_offload(self.pipe)
 
     @contextlib.contextmanager
     def ip_adapters_loaded(self, state_dicts: list[dict]):
@@ -252,6 +242,10 @@ class LoadedModel:
             yield
         finally:
             self._set_vae(own)
+            if is_offloaded(self.pipe):  # diffusers hooked it into this model's chain after the call: not kept
+                from accelerate.hooks import remove_hook_from_module
+
+                remove_hook_from_module(vae)
 
     def _set_vae(self, vae) -> None:
         for pipe in (self.pipe, self._img2img, self._inpaint):

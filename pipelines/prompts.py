@@ -216,7 +216,7 @@ def _encode_chunk(encoder, tokens: list[int], weights: list[float], clip_skip: i
     return hidden[0], (pooled[0] if pooled is not None else None)
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: offload hooks move the encoders' weights here (generate.py says why)
 def encode_prompts(pipe, prompts: list[str], negative_prompts: list[str], clip_skip: int) -> dict[str, torch.Tensor]:
     """Prompt and negative-prompt embeddings of a batch, as diffusers pipelines take them (`prompt_embeds`,
     `negative_prompt_embeds`, and SDXL's pooled ones), all padded to the same number of chunks with the empty

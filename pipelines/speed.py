@@ -15,7 +15,7 @@ import logging
 import os
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +56,17 @@ class SpeedOptions(BaseModel):
     # For GPUs smaller than the model: diffusers' model CPU offload keeps the model's parts (text encoders,
     # denoiser, VAE) in CPU memory and moves each to the GPU while it runs, so the GPU holds the largest part
     # rather than all of them (FLUX.1-dev in bf16: its 24 GB transformer rather than 34 GB; a Q8_0 GGUF one: 12
-    # GB). Same pixels; each job pays the copies over PCIe. Loaded models then wait in CPU memory.
+    # GB), plus the ControlNets and IP-Adapter encoders a job uses. Same pixels; each job pays the copies over
+    # PCIe. Loaded models then wait in CPU memory; after every job each part is back there (pipelines/devices.py).
     cpu_offload: Literal["never", "model"] = "never"
+
+    @model_validator(mode="after")
+    def _offload_without_cuda_graphs(self) -> "SpeedOptions":
+        if self.cpu_offload == "model" and self.compile and self.compile_mode in ("reduce-overhead", "max-autotune"):
+            raise ValueError(f"speed.compile_mode {self.compile_mode!r} records CUDA graphs, whose weight addresses "
+                             "model CPU offload changes every job: use 'max-autotune-no-cudagraphs' or 'default' "
+                             "with cpu_offload 'model'")  # fmt: skip
+        return self
 
     @classmethod
     def from_env(cls, overrides: dict | None = None) -> "SpeedOptions":

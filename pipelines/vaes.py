@@ -114,7 +114,8 @@ class VaeLibrary:
         with self._lock:
             if key in self._loaded:
                 self._loaded.move_to_end(key)
-                return self._loaded[key]
+                # where the model runs: with model CPU offload, diffusers moved it to the CPU after its last call
+                return self._loaded[key].to(device=device)
             try:
                 loaded = self._read(vae, like)
             except Exception as error:  # a user's file: unreadable, pickled classes, another layout

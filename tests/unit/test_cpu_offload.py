@@ -4,13 +4,14 @@ loading a job's LoRAs or IP-Adapter puts the hooks back for the engine's device 
 back for the default accelerator, which a CPU-only host has not).
 
 This machine has no GPU, so the hooks' device here is the CPU: these tests hold the wiring (hooks, pixels, the
-parts a job adds placed where the model runs), not the memory saved; bench/gpu_bench.py measures that on a GPU
-(`--cpu-offload`)."""
+parts a job adds placed where the model runs, the hooks off while weights are loaded and reset after every job),
+not the memory saved; `bench/gpu_bench.py --variants engine cpu_offload` measures that on a GPU."""
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from pipelines.errors import JobCancelledError
 from pipelines.generate import ImageEngine
 from pipelines.schemas import Img2ImgRequest, Txt2ImgRequest
 from pipelines.speed import SpeedOptions
@@ -72,3 +73,47 @@ def test_img2img_and_inpainting_run_offloaded(engine, offloaded):
                    {"image": image, "mask": as_base64(mask), "inpainting_fill": 2}):  # fmt: skip
         request = Img2ImgRequest(**BASE, model="demo-sd15", **fields)
         assert np.array_equal(pixels(offloaded.generate(request)), pixels(engine.generate(request)))
+
+
+def test_weights_are_loaded_with_the_hooks_off_and_put_back_for_the_engines_device(offloaded, monkeypatch):
+    """diffusers' textual-inversion loader would put the hooks back for the text encoder's device, which between
+    jobs is the CPU: on a GPU host every later job would run on the CPU. The engine takes them off first."""
+    loaded = offloaded.load("demo-sd15")
+    device = loaded.pipe._offload_device
+    seen = []
+    original = loaded.pipe.load_textual_inversion
+
+    def spy(*args, **kwargs):
+        seen.append([name for name, part in loaded.pipe.components.items() if hasattr(part, "_hf_hook")])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(loaded.pipe, "load_textual_inversion", spy)
+    result = offloaded.generate(Txt2ImgRequest(**{**BASE, "prompt": "a lighthouse, demo-style"}, model="demo-sd15"))
+    assert seen and all(hooked == [] for hooked in seen) and not result.warnings
+    assert loaded.pipe._offload_device == device and set(_hooked(loaded.pipe)) == {"text_encoder", "unet", "vae"}
+
+
+def test_a_job_that_stops_midway_leaves_every_part_offloaded(engine, offloaded, monkeypatch):
+    """diffusers offloads only after a call that returns: a cancelled (or out-of-memory) job would leave its
+    denoiser on the GPU for the next job to run out of memory beside. The job's scope resets the offload."""
+    loaded = offloaded.load("demo-sd15")
+    resets = []
+    original = loaded.pipe.enable_model_cpu_offload
+    monkeypatch.setattr(loaded.pipe, "enable_model_cpu_offload", lambda **kw: (resets.append(kw), original(**kw)))
+
+    def cancel(done, total, phase):
+        if done >= 2:
+            raise JobCancelledError("cancelled by request")
+
+    with pytest.raises(JobCancelledError):
+        offloaded.generate(Txt2ImgRequest(**BASE, model="demo-sd15"), progress=cancel)
+    assert resets == [{"device": loaded.pipe._offload_device}]
+    assert all(str(next(loaded.pipe.components[name].parameters()).device) == "cpu" for name in _hooked(loaded.pipe))
+    after = offloaded.generate(Txt2ImgRequest(**BASE, model="demo-sd15"))
+    assert np.array_equal(pixels(after), pixels(engine.generate(Txt2ImgRequest(**BASE, model="demo-sd15"))))
+
+
+def test_cuda_graph_compile_modes_are_refused_with_offload():
+    with pytest.raises(ValueError, match="records CUDA graphs"):
+        SpeedOptions(cpu_offload="model", compile=True, compile_mode="reduce-overhead")
+    assert SpeedOptions(cpu_offload="model", compile=True).compile_mode == "max-autotune-no-cudagraphs"
