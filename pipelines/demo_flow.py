@@ -201,7 +201,6 @@ def create_demo_flow_loras(loras_dir: Path, work: Path) -> list[Path]:
 def write_flux_single_file(pipe, models_dir: Path) -> Path:
     """The demo FLUX.1-dev's transformer as Black Forest Labs ships `flux1-dev.safetensors`, with the configs and
     tokenizers it needs offline in `.configs/<name>/` (a diffusers folder without weights)."""
-    import shutil
 
     from safetensors.torch import save_file
 
@@ -209,17 +208,23 @@ def write_flux_single_file(pipe, models_dir: Path) -> Path:
 
     target = models_dir / FLUX_SINGLE_FILE
     save_file(diffusers_to_bfl(pipe.transformer.state_dict()), target, metadata={"format": "pt"})
-    configs = models_dir / ".configs" / target.stem
+    write_configs(pipe, models_dir / ".configs" / target.stem, encoders=("", "_2"))
+    return target
+
+
+def write_configs(pipe, configs: Path, encoders: tuple[str, ...]) -> None:
+    """A transformer pipeline's configs and tokenizers without weights (what a single file needs offline in
+    `.configs/<name>/`); `encoders`: the suffixes of its text encoders and tokenizers ("", "_2", ...)."""
+    import shutil
+
     shutil.rmtree(configs, ignore_errors=True)
     pipe.save_config(configs)
     pipe.transformer.save_config(configs / "transformer")
     pipe.vae.save_config(configs / "vae")
     pipe.scheduler.save_pretrained(configs / "scheduler")
-    pipe.text_encoder.config.save_pretrained(configs / "text_encoder")
-    pipe.text_encoder_2.config.save_pretrained(configs / "text_encoder_2")
-    pipe.tokenizer.save_pretrained(configs / "tokenizer")
-    pipe.tokenizer_2.save_pretrained(configs / "tokenizer_2")
-    return target
+    for suffix in encoders:
+        getattr(pipe, f"text_encoder{suffix}").config.save_pretrained(configs / f"text_encoder{suffix}")
+        getattr(pipe, f"tokenizer{suffix}").save_pretrained(configs / f"tokenizer{suffix}")
 
 
 def write_gguf(state: dict, target: Path, arch: str) -> Path:
@@ -262,7 +267,6 @@ def write_sd35_single_file(pipe, models_dir: Path) -> Path:
     """The demo SD 3.5 as Stability ships `sd3.5_large.safetensors`: the MMDiT under `model.diffusion_model.` and
     the VAE under `first_stage_model.`, in their original layouts; the text encoders are the module files. With
     the configs and tokenizers it needs offline in `.configs/<name>/`."""
-    import shutil
 
     from safetensors.torch import save_file
 
@@ -275,15 +279,7 @@ def write_sd35_single_file(pipe, models_dir: Path) -> Path:
     state = {f"{SAI_PREFIX}{key}": tensor for key, tensor in transformer.items()}
     state |= {VAE_PREFIX + key: tensor for key, tensor in vae_ldm_state_dict(pipe.vae).items()}
     save_file(state, target, metadata={"format": "pt"})
-    configs = models_dir / ".configs" / target.stem
-    shutil.rmtree(configs, ignore_errors=True)
-    pipe.save_config(configs)
-    pipe.transformer.save_config(configs / "transformer")
-    pipe.vae.save_config(configs / "vae")
-    pipe.scheduler.save_pretrained(configs / "scheduler")
-    for suffix in ("", "_2", "_3"):
-        getattr(pipe, f"text_encoder{suffix}").config.save_pretrained(configs / f"text_encoder{suffix}")
-        getattr(pipe, f"tokenizer{suffix}").save_pretrained(configs / f"tokenizer{suffix}")
+    write_configs(pipe, models_dir / ".configs" / target.stem, encoders=("", "_2", "_3"))
     return target
 
 

@@ -13,7 +13,6 @@ import torch
 
 from pipelines import single_file_parts as parts
 from pipelines.catalog import ModelEntry
-from pipelines.errors import ModelLoadError
 from pipelines.flux_layout import bfl_to_diffusers
 
 CONFIG_FILES = (
@@ -23,51 +22,20 @@ CONFIG_FILES = (
 
 
 def load_transformer(path: Path, configs: Path, dtype: torch.dtype):
-    """The transformer of a BFL-layout file through diffusers' own single-file loader, given the tensors already
-    in its names (pipelines/flux_layout.py). A `.gguf` file stays quantized as it is (Q8_0, Q4_0, ...) through
-    diffusers' GGUF support: its layers dequantize on the fly, in `dtype`."""
+    """The transformer of a BFL-layout file (or GGUF), its tensors put in diffusers' names by
+    pipelines/flux_layout.py."""
     import diffusers
-    from diffusers.loaders.single_file_utils import load_single_file_checkpoint
 
-    quantized = path.suffix.lower() == ".gguf"
-    if quantized:  # diffusers' own reader, called directly: its file-type check is case-sensitive (".GGUF")
-        from diffusers.models.model_loading_utils import load_gguf_checkpoint
-
-        tensors = load_gguf_checkpoint(str(path))
-    else:
-        tensors = load_single_file_checkpoint(str(path), local_files_only=True)
-    parts.refuse_scaled_fp8(tensors, path.name)
-    converted = bfl_to_diffusers(tensors)
-    config = diffusers.FluxTransformer2DModel.load_config(configs / "transformer")
-    with torch.device("meta"):
-        expected = set(diffusers.FluxTransformer2DModel.from_config(config).state_dict())
-    if set(converted) != expected:  # another variant than the configs describe (schnell vs dev, other depth)
-        extra, missing = sorted(set(converted) - expected), sorted(expected - set(converted))
-        problems = ([f"{len(missing)} weights missing (e.g. {missing[0]})"] if missing else []) + (
-            [f"{len(extra)} not in the configs (e.g. {extra[0]})"] if extra else [])  # fmt: skip
-        raise ModelLoadError(f"{path.name} does not match its configs in {configs}/transformer: "
-                             f"{', '.join(problems)}; the configs must be those of the same FLUX.1 variant (dev or "
-                             "schnell)", field="model")  # fmt: skip
-    options = {"quantization_config": diffusers.GGUFQuantizationConfig(compute_dtype=dtype)} if quantized else {}
-    return diffusers.FluxTransformer2DModel.from_single_file(
-        converted, config=str(configs), subfolder="transformer", torch_dtype=dtype, local_files_only=True, **options,
-    ).eval()  # fmt: skip
+    tensors, quantized = parts.read_checkpoint(path)
+    return parts.transformer(diffusers.FluxTransformer2DModel, bfl_to_diffusers(tensors), configs, quantized, dtype,
+                             path.name, "FLUX.1 variant (dev or schnell)")  # fmt: skip
 
 
 def load_flux_single_file(entry: ModelEntry, dtype: torch.dtype):
     import diffusers
     import transformers
 
-    configs = entry.config_dir
-    if configs is None:
-        raise ModelLoadError(
-            f"could not load model '{entry.name}': a FLUX.1 single file needs its diffusers configs and tokenizers "
-            f"in {entry.path.parent / '.configs' / entry.name}/ (a FLUX.1 diffusers folder without its weights)",
-            field="model",
-        )
-    if absent := parts.missing_configs(configs, CONFIG_FILES):
-        raise ModelLoadError(f"could not load model '{entry.name}': {configs}/ lacks {', '.join(absent)} (a FLUX.1 "
-                             "diffusers folder's configs and tokenizers, without weights)", field="model")  # fmt: skip
+    configs = parts.configs_of(entry, "FLUX.1", CONFIG_FILES)
     vae_file, clip_file, t5_file = entry.modules
     transformer = load_transformer(entry.path, configs, dtype)
     vae = parts.vae(configs, parts.read_module(vae_file), vae_file.name)

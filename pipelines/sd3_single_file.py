@@ -27,22 +27,6 @@ CONFIG_FILES = (
 T5_CONFIG_FILES = ("text_encoder_3/config.json", "tokenizer_3")
 
 
-def _read(entry: ModelEntry) -> tuple[dict[str, torch.Tensor], bool]:
-    """The file's tensors, and whether they are GGUF-quantized (kept so: diffusers' GGUF layers dequantize on the
-    fly)."""
-    from diffusers.loaders.single_file_utils import load_single_file_checkpoint
-
-    quantized = entry.path.suffix.lower() == ".gguf"
-    if quantized:  # diffusers' own reader, called directly: its file-type check is case-sensitive (".GGUF")
-        from diffusers.models.model_loading_utils import load_gguf_checkpoint
-
-        tensors = load_gguf_checkpoint(str(entry.path))
-    else:
-        tensors = load_single_file_checkpoint(str(entry.path), local_files_only=True)
-    parts.refuse_scaled_fp8(tensors, entry.path.name)
-    return tensors, quantized
-
-
 def _part(tensors: dict[str, torch.Tensor], kind: str) -> dict[str, torch.Tensor]:
     """A part the file carries, under its own names (`text_encoders.clip_l.transformer.` stripped); the VAE keeps
     `first_stage_model.`, which diffusers' VAE converter reads."""
@@ -63,45 +47,21 @@ def load_transformer(entry: ModelEntry, own: dict[str, torch.Tensor], quantized:
     except KeyError as error:  # the converter reads the tensors every SD 3 transformer has
         raise ModelLoadError(f"{entry.path.name} is not a whole SD 3 / 3.5 transformer: it lacks {error}",
                              field="model") from error  # fmt: skip
-    configs = entry.config_dir / "transformer"
-    with torch.device("meta"):
-        expected = set(diffusers.SD3Transformer2DModel.from_config(
-            diffusers.SD3Transformer2DModel.load_config(configs)).state_dict())  # fmt: skip
-    if set(converted) != expected:  # another variant than the configs describe (Medium vs Large, other depth)
-        extra, missing = sorted(set(converted) - expected), sorted(expected - set(converted))
-        problems = ([f"{len(missing)} weights missing (e.g. {missing[0]})"] if missing else []) + (
-            [f"{len(extra)} not in the configs (e.g. {extra[0]})"] if extra else [])  # fmt: skip
-        raise ModelLoadError(f"{entry.path.name} does not match its configs in {configs}: {', '.join(problems)}; "
-                             "the configs must be those of the same SD 3 / 3.5 variant (Medium, Large or Large "
-                             "Turbo)", field="model")  # fmt: skip
-    options = {"quantization_config": diffusers.GGUFQuantizationConfig(compute_dtype=dtype)} if quantized else {}
-    return diffusers.SD3Transformer2DModel.from_single_file(
-        converted, config=str(entry.config_dir), subfolder="transformer", torch_dtype=dtype,
-        local_files_only=True, **options,
-    ).eval()  # fmt: skip
+    return parts.transformer(diffusers.SD3Transformer2DModel, converted, entry.config_dir, quantized, dtype,
+                             entry.path.name, "SD 3 / 3.5 variant (Medium, Large or Large Turbo)")  # fmt: skip
 
 
 def load_sd3_single_file(entry: ModelEntry, dtype: torch.dtype):
     import diffusers
     import transformers
 
-    configs = entry.config_dir
-    if configs is None:
-        raise ModelLoadError(
-            f"could not load model '{entry.name}': an SD 3.5 single file needs its diffusers configs and "
-            f"tokenizers in {entry.path.parent / '.configs' / entry.name}/ (an SD 3.5 diffusers folder without its "
-            "weights)", field="model",
-        )  # fmt: skip
     modules = {kind_of_file(path): path for path in entry.modules}
     keys = tensor_shapes.read(entry.path) or {}  # the header: the configs are checked before 16 GB are read
     carried_kinds = [kind for kind, prefix in SAI_PARTS.items()
                      if kind not in modules and any(key.startswith(prefix) for key in keys)]  # fmt: skip
     with_t5 = "t5" in modules or "t5" in carried_kinds
-    if absent := parts.missing_configs(configs, CONFIG_FILES + (T5_CONFIG_FILES if with_t5 else ())):
-        raise ModelLoadError(f"could not load model '{entry.name}': {configs}/ lacks {', '.join(absent)} (an SD "
-                             "3.5 diffusers folder's configs and tokenizers, without weights)",
-                             field="model")  # fmt: skip
-    tensors, quantized = _read(entry)
+    configs = parts.configs_of(entry, "SD 3.5", CONFIG_FILES + (T5_CONFIG_FILES if with_t5 else ()))
+    tensors, quantized = parts.read_checkpoint(entry.path)
     carried = {kind: _part(tensors, kind) for kind in carried_kinds}
     own = {key.removeprefix(SAI_PREFIX): tensor for key, tensor in tensors.items()
            if not key.startswith(tuple(SAI_PARTS.values()))}  # fmt: skip

@@ -120,3 +120,57 @@ def to_dtype(modules, dtype: torch.dtype) -> None:
 
 def missing_configs(configs: Path, names) -> list[str]:
     return [name for name in names if not (configs / name).exists()]
+
+
+def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
+    """A single file's tensors (not a scaled-fp8 one), and whether they are GGUF-quantized: a `.gguf` file stays
+    quantized as it is (Q8_0, Q4_0, ...) through diffusers' GGUF support, its layers dequantizing on the fly."""
+    from diffusers.loaders.single_file_utils import load_single_file_checkpoint
+
+    quantized = path.suffix.lower() == ".gguf"
+    if quantized:  # diffusers' own reader, called directly: its file-type check is case-sensitive (".GGUF")
+        from diffusers.models.model_loading_utils import load_gguf_checkpoint
+
+        tensors = load_gguf_checkpoint(str(path))
+    else:
+        tensors = load_single_file_checkpoint(str(path), local_files_only=True)
+    refuse_scaled_fp8(tensors, path.name)
+    return tensors, quantized
+
+
+def configs_of(entry, family_label: str, files) -> Path:
+    """The single file's `.configs/<name>/` folder (its model's diffusers folder without weights: configs and
+    tokenizers), with `files` in it; a load error naming what is missing."""
+    configs = entry.config_dir
+    if configs is None:
+        raise ModelLoadError(
+            f"could not load model '{entry.name}': this {family_label} single file needs its diffusers configs and "
+            f"tokenizers in {entry.path.parent / '.configs' / entry.name}/ (the model's diffusers folder without "
+            "its weights)", field="model",
+        )  # fmt: skip
+    if absent := missing_configs(configs, files):
+        raise ModelLoadError(f"could not load model '{entry.name}': {configs}/ lacks {', '.join(absent)} (the "
+                             f"{family_label} diffusers folder's configs and tokenizers, without weights)",
+                             field="model")  # fmt: skip
+    return configs
+
+
+def transformer(model_class, converted: dict[str, torch.Tensor], configs: Path, quantized: bool,
+                dtype: torch.dtype, what: str, variants: str):  # fmt: skip
+    """The transformer of `configs/transformer` from its tensors in diffusers' names, through diffusers' own
+    single-file loader; tensors of another variant than the configs describe are a load error naming the
+    difference (`variants`: the family's, for the message)."""
+    import diffusers
+
+    with torch.device("meta"):
+        expected = set(model_class.from_config(model_class.load_config(configs / "transformer")).state_dict())
+    if set(converted) != expected:
+        extra, missing = sorted(set(converted) - expected), sorted(expected - set(converted))
+        problems = ([f"{len(missing)} weights missing (e.g. {missing[0]})"] if missing else []) + (
+            [f"{len(extra)} not in the configs (e.g. {extra[0]})"] if extra else [])  # fmt: skip
+        raise ModelLoadError(f"{what} does not match its configs in {configs}/transformer: {', '.join(problems)}; "
+                             f"the configs must be those of the same {variants}", field="model")  # fmt: skip
+    options = {"quantization_config": diffusers.GGUFQuantizationConfig(compute_dtype=dtype)} if quantized else {}
+    return model_class.from_single_file(
+        converted, config=str(configs), subfolder="transformer", torch_dtype=dtype, local_files_only=True, **options,
+    ).eval()  # fmt: skip
