@@ -86,12 +86,14 @@ class DetectRequest(BaseModel):
         default_factory=list, max_length=MAX_DETECT_IMAGES, description="webuiapi's name for `controlnet_input_images`"
     )
     controlnet_processor_res: ProcessorResolution = Field(-1, description="-1: the module's default (512)")
-    controlnet_threshold_a: float = Field(-1, allow_inf_nan=False, description="-1: the module's default; "
-                                          "clamped to the slider's range, as the extension does")  # fmt: skip
-    controlnet_threshold_b: float = Field(-1, allow_inf_nan=False, description="As `controlnet_threshold_a`")
+    # Strict: the schema says number (an integer is one), so `true` or "64" is a 422, not a threshold of 1 or 64.
+    controlnet_threshold_a: float = Field(-1, strict=True, allow_inf_nan=False, description="-1: the module's "
+                                          "default; clamped to the slider's range, as the extension does")  # fmt: skip
+    controlnet_threshold_b: float = Field(-1, strict=True, allow_inf_nan=False,
+                                          description="As `controlnet_threshold_a`")  # fmt: skip
     controlnet_masks: list[DetectImage] = Field(default_factory=list, max_length=MAX_DETECT_IMAGES,
                                                 description="Accepted; no preprocessor here takes a mask")  # fmt: skip
-    low_vram: bool = False
+    low_vram: bool = Field(False, strict=True)
 
 
 class DetectResponse(BaseModel):

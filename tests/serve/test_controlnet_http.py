@@ -71,6 +71,9 @@ def test_detect_answers_each_images_map_in_the_extensions_shape(client):
                                                       "controlnet_input_images": [as_base64(photo())]})  # fmt: skip
     assert unknown.status_code == 422 and "depth_zoe" in unknown.json()["errors"]
     assert client.post("/controlnet/detect", json={"controlnet_module": "canny"}).status_code == 422
+    for wrong in ({"controlnet_threshold_a": True}, {"controlnet_threshold_b": "64"}, {"low_vram": 1}):
+        refused = client.post("/controlnet/detect", json={**webuiapi_default, **wrong})  # the schema's types, strictly
+        assert refused.status_code == 422 and next(iter(wrong)) in refused.text, refused.text
     types = client.get("/controlnet/control_types").json()["control_types"]
     assert (
         CANNY_TITLE in types["Canny"]["model_list"] and types["Canny"]["default_model"] in types["Canny"]["model_list"]
