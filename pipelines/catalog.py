@@ -54,6 +54,7 @@ class ModelEntry:
     config_dir: Path | None = None  # single files: local diffusers configs, when present
     inpainting: bool = False  # a 9-channel UNet (image + mask conditioning): an inpainting checkpoint
     modules: tuple[Path, ...] = ()  # a single file's separate VAE and text encoder files (pipelines/modules.py)
+    largest_side: int | None = None  # the largest width or height its denoiser can make, where it has a limit
 
     @property
     def hash_file(self) -> Path:
@@ -121,7 +122,7 @@ class FileFactsCache:
         return value
 
 
-def _checkpoint_shapes(path: Path) -> dict:
+def checkpoint_shapes(path: Path) -> dict:
     """A single-file checkpoint's tensor names and shapes, read without torch where the format allows (the
     ingress resolves models with this module: pipelines/tensor_shapes.py); else loaded with torch."""
     from pipelines import tensor_shapes
@@ -158,7 +159,7 @@ INPAINTING_CHANNELS = 9  # 4 latent + 1 mask + 4 masked-image latent channels
 
 def unet_input_channels_of_checkpoint(path: Path) -> int:
     """The UNet's input channels in an original-layout checkpoint (9 for inpainting checkpoints)."""
-    state = _checkpoint_shapes(path)
+    state = checkpoint_shapes(path)
     return int(state[UNET_INPUT_KEY].shape[1]) if UNET_INPUT_KEY in state else 4
 
 
@@ -235,18 +236,27 @@ class ModelCatalog:
                 channels = self.facts.get(unet_config, "unet_in_channels",
                                           lambda _: unet_input_channels_of_folder(folder))  # fmt: skip
             model_format: ModelFormat = "hf-cache" if folder != path else "diffusers"
-            return ModelEntry(path.name, path.name, family, model_format, folder,
-                              inpainting=channels == INPAINTING_CHANNELS)  # fmt: skip
+            return self._with_largest_side(ModelEntry(path.name, path.name, family, model_format, folder,
+                                                      inpainting=channels == INPAINTING_CHANNELS))  # fmt: skip
         if path.is_file() and path.suffix.lower() in SINGLE_FILE_SUFFIXES:
-            family = self.facts.get(path, "family", lambda p: family_of_checkpoint_keys(_checkpoint_shapes(p)))
+            family = self.facts.get(path, "family", lambda p: family_of_checkpoint_keys(checkpoint_shapes(p)))
             channels = 4
             if family_of(family).inpainting_checkpoints:
                 channels = self.facts.get(path, "unet_in_channels", unet_input_channels_of_checkpoint)
             config_dir = path.parent / ".configs" / path.stem
-            return ModelEntry(path.stem, path.stem, family, "single-file", path,
-                              config_dir if config_dir.is_dir() else None, channels == INPAINTING_CHANNELS,
-                              self._modules_of(path, family, modules))  # fmt: skip
+            return self._with_largest_side(ModelEntry(
+                path.stem, path.stem, family, "single-file", path, config_dir if config_dir.is_dir() else None,
+                channels == INPAINTING_CHANNELS, self._modules_of(path, family, modules),
+            ))  # fmt: skip
         return None
+
+    def _with_largest_side(self, entry: ModelEntry) -> ModelEntry:
+        """The entry with its family's size limit read from its files (cached with the weights' file facts)."""
+        read = family_of(entry.family).largest_side
+        if read is None:
+            return entry
+        side = self.facts.get(entry.hash_file, "largest_side", lambda _: str(read(entry.path) or ""))
+        return replace(entry, largest_side=int(side)) if side else entry
 
     def _modules_of(self, path: Path, family: str, modules: Callable[[], list]) -> tuple[Path, ...]:
         """The separate VAE and text-encoder files the single file at `path` runs with (FLUX.1's transformer
@@ -262,7 +272,7 @@ class ModelCatalog:
             raise UnsupportedModelError(f"configs/models.yaml modules.{name}: a list of module file names, "
                                         f"not {configured!r}")  # fmt: skip
         carried_by = family_of(family).carried_modules
-        carried = self.facts.get(path, "carried_modules", lambda p: ",".join(carried_by(_checkpoint_shapes(p))))
+        carried = self.facts.get(path, "carried_modules", lambda p: ",".join(carried_by(checkpoint_shapes(p))))
         found = self._module_library().for_family(family_of(family), carried.split(","), configured, modules())
         if isinstance(found, str):
             raise UnsupportedModelError(f"a {family_of(family).label} transformer without its modules: {found}")

@@ -36,7 +36,7 @@ SD3_VAE_SCALING, SD3_VAE_SHIFT = 1.5305, 0.0609
 
 # The flow models' demo files are written together: a checkout whose demo files are of an older generation (other
 # widths, modules not shared) gets them all rewritten by `make demo-models`, not some kept and some new.
-FLOW_DEMO_GENERATION = "2"  # 2: SD 3.5 single file; CLIP-L and T5 shared with FLUX.1
+FLOW_DEMO_GENERATION = "3"  # 2: SD 3.5 single file; CLIP-L and T5 shared with FLUX.1; 3: SD 3.5 up to 2048 px
 GENERATION_STAMP = ".demo-flow-generation"
 
 
@@ -131,7 +131,7 @@ def build_sd35(work: Path, seed: int = 50):
     transformer = SD3Transformer2DModel(
         sample_size=16, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=8, num_attention_heads=4,
         joint_attention_dim=T5_WIDTH, caption_projection_dim=32, pooled_projection_dim=2 * TEXT_WIDTH,
-        out_channels=16, pos_embed_max_size=32, qk_norm="rms_norm",
+        out_channels=16, pos_embed_max_size=128, qk_norm="rms_norm",  # 2048 px a side, as limits.yaml allows
     ).eval()  # fmt: skip
     return StableDiffusion3Pipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),

@@ -188,6 +188,7 @@ def prepare_job(
     _check_control_combinations(job, model)
     if family is not None:
         _apply_family_rules(job, request, family, vaes)
+        _check_largest_side(job, model)
     return job
 
 
@@ -243,6 +244,21 @@ def _apply_family_rules(job: PreparedJob, request: GenerationRequest, family: Mo
     if job.inpaint is not None and job.inpaint.fill in (2, 3):
         raise InvalidRequestError(f"inpainting_fill 2 (latent noise) and 3 (latent nothing) cannot run on "
                                   f"{family.label} models here; use 0 or 1", field="inpainting_fill")  # fmt: skip
+
+
+def _check_largest_side(job: PreparedJob, model: ModelEntry) -> None:
+    """A model whose denoiser makes images only up to a size of its own (SD 3's position table) refuses larger
+    ones here, rather than diffusers failing the job after it waited in the queue."""
+    if model.largest_side is None:
+        return
+    sizes = [("width", job.width), ("height", job.height)]
+    if job.hires is not None:
+        sizes += [("hires.scale", job.hires.width), ("hires.scale", job.hires.height)]
+    for name, side in sizes:
+        if side > model.largest_side:
+            what = "the hires fix's final size" if name == "hires.scale" else name
+            raise InvalidRequestError(f"{what} {side} is above the {model.largest_side} px a side model "
+                                      f"'{model.name}' can make", field=name)  # fmt: skip
 
 
 def _check_control_combinations(job: PreparedJob, model: ModelEntry | None) -> None:

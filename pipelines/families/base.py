@@ -75,6 +75,9 @@ class ModelFamily:
     single_file_loader: Callable | None = None
     optional_components: tuple[str, ...] = ()  # a diffusers folder may lack these (SD 3.5's T5): loaded as None
     inpainting_checkpoints: bool = True  # 9-channel UNets (image + mask conditioning) exist for it
+    # The largest width or height a model at `path` (a diffusers folder or a single file) can make, read from its
+    # files (SD 3's table of patch positions); None (or None from it): no limit beyond configs/limits.yaml.
+    largest_side: Callable[[Path], int | None] | None = None
 
     @property
     def txt2img(self) -> bool:

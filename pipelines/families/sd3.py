@@ -6,6 +6,7 @@ Its files: diffusers folders, and Stability's single files (pipelines/sd3_single
 they lack as module files."""
 
 import json
+import math
 from pathlib import Path
 
 from pipelines.families.base import FamilyPipelines, ModelFamily
@@ -24,6 +25,7 @@ LATENT_RGB_BIAS = (0.2394, 0.2135, 0.1925)
 # flow-matching sampler of pipelines/samplers.py.
 
 
+VAE_DOWNSAMPLING = 8
 SAI_PREFIX = "model.diffusion_model."  # Stability's single files put the MMDiT under it (GGUF files do not)
 # The parts a Stability-layout file may carry besides the transformer (`sd3.5_large.safetensors` has the VAE;
 # `sd3_medium_incl_clips*.safetensors` the text encoders too), by module kind (pipelines/modules.py).
@@ -46,6 +48,24 @@ def _load_single_file(entry, dtype):
     from pipelines.sd3_single_file import load_sd3_single_file  # torch and diffusers: the engine's side only
 
     return load_sd3_single_file(entry, dtype)
+
+
+def _largest_side(path: Path) -> int | None:
+    """SD 3's transformer places patches from a learned table `pos_embed_max_size` patches a side (diffusers
+    refuses a larger image mid-job): 192 for SD 3.5 Large (3072 px), 384 for Medium. From a folder's transformer
+    config, or a single file's table (`pos_embed`, 1 x side² x width) and patch size (`x_embedder.proj`)."""
+    if path.is_dir():
+        config = json.loads((path / "transformer" / "config.json").read_text())
+        side, patch = config.get("pos_embed_max_size"), config.get("patch_size", 2)
+    else:
+        from pipelines.catalog import checkpoint_shapes  # the catalog imports this table
+
+        shapes = {key.removeprefix(SAI_PREFIX): value.shape for key, value in checkpoint_shapes(path).items()
+                  if hasattr(value, "shape")}  # fmt: skip
+        table, projection = shapes.get("pos_embed"), shapes.get("x_embedder.proj.weight")
+        side = math.isqrt(table[1]) if table is not None and len(table) == 3 else None
+        patch = projection[-1] if projection is not None else 2
+    return side * patch * VAE_DOWNSAMPLING if side else None
 
 
 def _claims_folder(index: dict, folder: Path) -> bool:
@@ -100,4 +120,5 @@ SD3 = ModelFamily(
     carried_modules=_carried_modules,
     single_file_loader=_load_single_file,
     inpainting_checkpoints=False,
+    largest_side=_largest_side,
 )

@@ -4,6 +4,7 @@ with FLUX.1): the demo writer's layout is diffusers' converter's inverse, the si
 folder's pixels, files that carry their text encoders or lack T5 or the VAE load as users have them, and what is
 missing or mismatched is said."""
 
+import json
 import shutil
 from dataclasses import replace
 
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from pipelines.catalog import ModelCatalog
-from pipelines.errors import DiffusionAPIError
+from pipelines.errors import DiffusionAPIError, InvalidRequestError
 from pipelines.generate import ImageEngine
 from pipelines.infotext import parse_infotext
 from pipelines.modules import ModuleLibrary, kind_of
@@ -141,7 +142,9 @@ def test_a_file_that_carries_its_text_encoders_uses_its_own(engine, settings, tm
                                                         "vaes_dir": empty}))  # fmt: skip
     assert catalog.resolve(SINGLE).modules == ()
     ours = ImageEngine(catalog, device="cpu").generate(Txt2ImgRequest(**BASE, model=SINGLE))
-    assert difference(ours, engine.generate(Txt2ImgRequest(**BASE, model="demo-sd35"))) == 0
+    # Equal weights read from another file lie at other memory alignments, which CPU
+    # kernels round differently: within 2/255, not always 0.
+    assert difference(ours, engine.generate(Txt2ImgRequest(**BASE, model="demo-sd35"))) <= 2
     assert "Module 1" not in parse_infotext(ours.infotext)
 
 
@@ -262,3 +265,35 @@ def test_configs_of_another_variant_or_missing_say_what_does_not_match(engine, s
         load_pipeline(replace(entry, config_dir=configs), torch.device("cpu"), torch.float32)
     with pytest.raises(DiffusionAPIError, match="needs its diffusers configs and tokenizers"):
         load_pipeline(replace(entry, config_dir=None), torch.device("cpu"), torch.float32)
+
+
+def test_sizes_beyond_the_transformers_position_table_are_refused_when_the_job_is_prepared(engine, settings, tmp_path):
+    """SD 3's transformer places patches from a table `pos_embed_max_size` patches a side (192 for 3.5 Large:
+    3072 px): a larger image is refused naming the field before it queues, not by diffusers mid-job. The demo's
+    table covers what configs/limits.yaml allows."""
+    from safetensors.torch import load_file, save_file
+
+    assert engine.catalog.resolve("demo-sd35").largest_side == engine.catalog.resolve(SINGLE).largest_side == 2048
+    models = tmp_path / "models"
+    _copy_single(settings, models)
+    state = load_file(models / f"{SINGLE}.safetensors")
+    width = state["model.diffusion_model.pos_embed"].shape[-1]
+    state["model.diffusion_model.pos_embed"] = torch.zeros(1, 16 * 16, width)  # 16 patches of 2x2 latents a side
+    save_file(state, models / f"{SINGLE}.safetensors")
+    folder = models / "sd35-small-table"
+    shutil.copytree(settings.models_dir / "demo-sd35", folder)
+    config = json.loads((folder / "transformer" / "config.json").read_text())
+    (folder / "transformer" / "config.json").write_text(json.dumps({**config, "pos_embed_max_size": 20}))
+    catalog = ModelCatalog(settings.model_copy(update={"models_dir": models}))
+    for name, largest in ((SINGLE, 256), ("sd35-small-table", 320)):
+        entry = catalog.resolve(name)
+        assert entry.largest_side == largest
+        assert engine.prepare(Txt2ImgRequest(**{**BASE, "width": largest, "height": 64}), entry).width == largest
+        with pytest.raises(InvalidRequestError) as refused:
+            engine.prepare(Txt2ImgRequest(**{**BASE, "width": 64, "height": largest + 16}), entry)
+        assert (refused.value.field, refused.value.status_code) == ("height", 422)
+        assert f"height {largest + 16} is above the {largest} px a side model '{name}' can make" in str(refused.value)
+        hires = {"hires": {"enabled": True, "scale": 2.0}}
+        with pytest.raises(InvalidRequestError) as refused:
+            engine.prepare(Txt2ImgRequest(**{**BASE, "width": largest, "height": 64, **hires}), entry)
+        assert refused.value.field == "hires.scale"
