@@ -12,6 +12,7 @@ warning in `info` (clients send their own fields), never refused.
 
 import datetime
 import json
+import re
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -72,6 +73,21 @@ _A1111_FIELD_OF = {
     "hires.upscaler": "hr_upscaler",
     "scheduler_type": "scheduler",
 }
+
+
+def in_a1111_terms(error: DiffusionAPIError) -> DiffusionAPIError:
+    """An error of the native job's checks, naming its field as the A1111 client sent it ("hires.upscaler" is
+    `hr_upscaler` here). The message's mention of the field is renamed too where the native name cannot be an
+    ordinary word (dotted or snake_case: not "model" or "image")."""
+    native = error.field or ""
+    a1111_name = _A1111_FIELD_OF.get(native)
+    if a1111_name is None:
+        return error
+    error.field = a1111_name
+    if "." in native or "_" in native:
+        error.message = re.sub(rf"(?<![\w.]){re.escape(native)}(?![\w.])", a1111_name, error.message)
+        error.args = (error.message,)
+    return error
 
 
 @dataclass

@@ -91,10 +91,13 @@ async def _sdapi_generate(request: A1111Txt2ImgRequest | A1111Img2ImgRequest, ht
     mapped = await asyncio.to_thread(a1111.to_native, request, await jobs.default_model(), services.libraries.loras,
                                      services.libraries.catalog)  # fmt: skip
     who = caller(http)
-    job_id, replayed = await jobs.submit_once(idempotency_key, request, mapped.kind, mapped.native, who.owner,
-                                              ORIGIN, warnings=mapped.warnings, limits=who.limits,
-                                              hand_over=lambda: services.arrivals.hand_over(http),
-                                              return_images=request.send_images is not False)  # fmt: skip
+    try:
+        job_id, replayed = await jobs.submit_once(idempotency_key, request, mapped.kind, mapped.native, who.owner,
+                                                  ORIGIN, warnings=mapped.warnings, limits=who.limits,
+                                                  hand_over=lambda: services.arrivals.hand_over(http),
+                                                  return_images=request.send_images is not False)  # fmt: skip
+    except DiffusionAPIError as error:  # a check of the native job: named as this door's field
+        raise a1111.in_a1111_terms(error) from None
     if replayed:
         response.headers[REPLAYED_HEADER] = "true"
     job = await jobs.wait_until_ended(job_id)

@@ -78,6 +78,20 @@ def test_a_sampler_flux_cannot_run_is_a_422_listing_its_choices(client):
     assert native.status_code == 422 and native.json()["field"] == "sampler_name"
 
 
+def test_the_a1111_door_names_its_own_fields_in_the_familys_refusals(client):
+    """The family's checks run on the native job; an A1111 client is told the field it sent: `scheduler`, not
+    the native `scheduler_type`; `hr_upscaler`, not `hires.upscaler`."""
+    answer = client.post("/sdapi/v1/txt2img", json={**FORGE, "scheduler": "SGM Uniform"})
+    assert answer.status_code == 422, answer.text
+    detail = answer.json()["detail"]
+    assert detail.startswith("unknown scheduler 'sgm_uniform' for FLUX.1 models; valid: Automatic, Simple"), detail
+    answer = client.post("/sdapi/v1/txt2img", json={**FORGE, "enable_hr": True, "hr_upscaler": "Latent"})
+    assert answer.status_code == 422, answer.text
+    assert answer.json()["detail"].endswith("choose a model upscaler or Lanczos for hr_upscaler")
+    native = client.post("/txt2img", json={**FLUX, "hires": {"enabled": True, "upscaler": "Latent"}})
+    assert native.status_code == 422 and native.json()["field"] == "hires.upscaler"
+
+
 def test_two_flux_jobs_batch_and_keep_their_solo_pixels(client):
     blocker = submit(client, FLUX_BLOCKER)
     wait_until_processing(client, blocker)
