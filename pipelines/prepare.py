@@ -206,8 +206,9 @@ A1111_SYNTAX = re.compile(r"[()\[\]]|\bBREAK\b")  # emphasis brackets or BREAK (
 def _apply_family_rules(job: PreparedJob, request: GenerationRequest, family: ModelFamily,
                         vaes: VaeLibrary | None = None) -> None:  # fmt: skip
     """What a family asks of a job beyond the shared checks: its size multiple (the hires size fitted to it),
-    a VAE of its latent channels, A1111's prompt syntax where it has no weighted encoding, and its guidance
-    (FLUX.1's distilled guidance; its negative prompt only with true CFG)."""
+    a VAE of its latent channels, A1111's prompt syntax where it has no weighted encoding, what packed latents
+    cannot do (a latent hires fix or fill), and its guidance (FLUX.1's distilled guidance; its negative prompt
+    only with true CFG)."""
     multiple = family.sizes_multiple_of
     for name in ("width", "height"):
         if getattr(request, name) % multiple:
@@ -230,6 +231,14 @@ def _apply_family_rules(job: PreparedJob, request: GenerationRequest, family: Mo
             raise InvalidRequestError(f"vae: '{job.vae.name}' has {channels} latent channels and {family.label} "
                                       f"models {family.latent_channels}: it is a VAE of another family",
                                       field="vae")  # fmt: skip
+    if family.latent_layout == "packed":  # FLUX.1's tokens: no latent image to resize or fill
+        if job.hires is not None and job.hires.latent is not None:
+            raise InvalidRequestError(f"a latent hires fix cannot run on {family.label} models (their latents are "
+                                      "packed); choose a model upscaler or Lanczos for hires.upscaler",
+                                      field="hires.upscaler")  # fmt: skip
+        if job.inpaint is not None and job.inpaint.fill in (2, 3):
+            raise InvalidRequestError(f"inpainting_fill 2 (latent noise) and 3 (latent nothing) cannot run on "
+                                      f"{family.label} models here; use 0 or 1", field="inpainting_fill")  # fmt: skip
     if family.guidance != "distilled":
         return
     job.distilled_cfg_scale = (request.distilled_cfg_scale if request.distilled_cfg_scale is not None
@@ -237,13 +246,6 @@ def _apply_family_rules(job: PreparedJob, request: GenerationRequest, family: Mo
     if job.cfg_scale <= 1 and job.negative_prompt.strip():
         job.warnings.append(f"negative_prompt not used: with cfg_scale {job.cfg_scale:g} a {family.label} model "
                             "runs no unconditional pass; a cfg_scale above 1 uses it (true CFG)")  # fmt: skip
-    if job.hires is not None and job.hires.latent is not None:
-        raise InvalidRequestError(f"a latent hires fix cannot run on {family.label} models (their latents are "
-                                  "packed); choose a model upscaler or Lanczos for hires.upscaler",
-                                  field="hires.upscaler")  # fmt: skip
-    if job.inpaint is not None and job.inpaint.fill in (2, 3):
-        raise InvalidRequestError(f"inpainting_fill 2 (latent noise) and 3 (latent nothing) cannot run on "
-                                  f"{family.label} models here; use 0 or 1", field="inpainting_fill")  # fmt: skip
 
 
 def _check_largest_side(job: PreparedJob, model: ModelEntry) -> None:

@@ -22,10 +22,11 @@ from pydantic import (
 
 from pipelines.annotators import ANNOTATOR_ALIASES, ANNOTATORS
 from pipelines.catalog import Family
+from pipelines.families import ModelFamily
 from pipelines.inpaint import InpaintingFill
 from pipelines.limits import LIMITS
 from pipelines.preprocessors import ALIASES, IP_ADAPTER_ALIASES, IP_ADAPTER_MODULES, PREPROCESSORS
-from pipelines.samplers import accepted_sampler_names, accepted_schedule_types
+from pipelines.samplers import SAMPLERS, SCHEDULES, accepted_sampler_names, accepted_schedule_types, resolve_sampler
 from pipelines.upscalers import LATENT_MODES
 
 FILE_TYPES = ("jpg", "jpeg", "png", "webp", "avif", "gif")  # "jpeg" is read as "jpg"
@@ -449,8 +450,73 @@ class QueueStatusResponse(BaseModel):
 class ModelInfo(BaseModel):
     name: str
     label: str
-    family: Family
+    family: Family = Field(..., description="What its jobs take and default to: GET /families")
     inpainting: bool = Field(False, description="An inpainting checkpoint (9-channel UNet); it also does txt2img")
+    max_size: int = Field(
+        LIMITS.max_size, description="The largest width or height a job on it may ask: configs/limits.yaml's, or "
+        "less where the model's own is (SD 3's position table)",
+    )  # fmt: skip
+
+
+class FamilyDefaults(BaseModel):
+    """What a job of the family runs with where the request leaves the field out."""
+
+    sampler_name: str
+    scheduler_type: str
+    cfg_scale: float
+    distilled_cfg_scale: float | None = Field(..., description="Families with a guidance embedding (FLUX.1 dev)")
+
+
+class Size(BaseModel):
+    width: int
+    height: int
+
+
+class FamilyInfo(BaseModel):
+    """A model family's facts a client needs to build a request for one of its models."""
+
+    name: Family
+    label: str
+    guidance: Literal["cfg", "distilled"] = Field(
+        ..., description="cfg: classifier-free guidance with the negative prompt; distilled: a guidance embedding "
+        "(distilled_cfg_scale), true CFG and the negative prompt only with cfg_scale above 1 (FLUX.1)",
+    )  # fmt: skip
+    txt2img: bool = Field(..., description="false: it only continues images (the SDXL refiner)")
+    samplers: list[str] = Field(..., description="The sampler_name values its models run (A1111's names)")
+    schedule_types: list[str] = Field(..., description="The scheduler_type values its models run")
+    defaults: FamilyDefaults
+    native_size: Size = Field(..., description="The size it was trained at (the OpenAI door's size auto)")
+    sizes_multiple_of: int = Field(..., description="width and height must be multiples of this")
+    latent_hires: bool = Field(..., description="false: its hires fix takes a model upscaler or Lanczos, not a "
+                               "latent mode (FLUX.1's packed latents)")  # fmt: skip
+
+
+def family_info(family: ModelFamily) -> FamilyInfo:
+    """The family's row as a client needs it: its own sampler and schedule tables where it has them (FLUX.1's and
+    SD 3's flow-matching ones), else the shared A1111 tables; the request's defaults with the family's over them,
+    as the job runs them (the seed's "DPM++ 2M Karras" is DPM++ 2M with the Karras schedule)."""
+    samplers = family.samplers if family.samplers is not None else SAMPLERS
+    schedules = family.schedules if family.schedules is not None else SCHEDULES
+    fields = Txt2ImgRequest.model_fields
+    sent = {name: fields[name].default for name in ("sampler_name", "scheduler_type", "cfg_scale")}
+    sent.update(family.request_defaults)
+    resolved = resolve_sampler(sent["sampler_name"], sent["scheduler_type"], family)
+    schedule = next(key for key, spec in schedules.items() if spec.label == resolved.schedule_label)
+    defaults = {"sampler_name": resolved.sampler, "scheduler_type": schedule, "cfg_scale": sent["cfg_scale"]}
+    width, height = family.native_size
+    return FamilyInfo(
+        name=family.name, label=family.label, guidance=family.guidance, txt2img=family.txt2img,
+        samplers=list(samplers), schedule_types=list(schedules),
+        defaults=FamilyDefaults(**defaults, distilled_cfg_scale=family.distilled_cfg_scale),
+        native_size=Size(width=width, height=height), sizes_multiple_of=family.sizes_multiple_of,
+        latent_hires=family.latent_layout == "spatial",
+    )  # fmt: skip
+
+
+class FamiliesResponse(BaseModel):
+    status: Literal["success", "error"] = "success"
+    families: list[FamilyInfo]
+    error: str | None = None
 
 
 class ModelsResponse(BaseModel):

@@ -1,5 +1,5 @@
-"""What is installed: checkpoints and their aliases, LoRAs, upscalers, VAEs, embeddings, samplers. Folders are
-read on every request (in a worker thread), so a file dropped in is listed at once."""
+"""What is installed: checkpoints and their aliases, LoRAs, upscalers, VAEs, embeddings, samplers; what each model
+family takes. Folders are read on every request (in a worker thread), so a file dropped in is listed at once."""
 
 import asyncio
 
@@ -7,10 +7,13 @@ from fastapi import APIRouter
 
 from deployments.contract import documented_errors
 from deployments.services import ServicesDep
+from pipelines.families import FAMILIES
+from pipelines.limits import LIMITS
 from pipelines.samplers import sampler_names, schedule_type_names
 from pipelines.schemas import (
     EmbeddingInfo,
     EmbeddingsResponse,
+    FamiliesResponse,
     LoraInfo,
     LorasResponse,
     ModelAlias,
@@ -22,6 +25,7 @@ from pipelines.schemas import (
     UpscalersResponse,
     VaeInfo,
     VaesResponse,
+    family_info,
 )
 from pipelines.upscalers import LATENT_MODES, RESIZE_MODES
 
@@ -33,8 +37,16 @@ ERRORS = documented_errors(401, 503)
 async def models(services: ServicesDep) -> ModelsResponse:
     entries = await asyncio.to_thread(services.libraries.catalog.list_models)
     return ModelsResponse(
-        models=[ModelInfo(name=e.name, label=e.label, family=e.family, inpainting=e.inpainting) for e in entries]
-    )
+        models=[ModelInfo(name=e.name, label=e.label, family=e.family, inpainting=e.inpainting,
+                          max_size=min(LIMITS.max_size, e.largest_side or LIMITS.max_size)) for e in entries]
+    )  # fmt: skip
+
+
+@router.get("/families", response_model=FamiliesResponse, responses=ERRORS)
+async def families() -> FamiliesResponse:
+    """What each model family's jobs take (samplers, schedule types, size multiple) and default to, so a client
+    can build a request for the model it picked (`family` in GET /models)."""
+    return FamiliesResponse(families=[family_info(family) for family in FAMILIES.values()])
 
 
 @router.get("/models/aliases", response_model=ModelAliasesResponse, responses=ERRORS)

@@ -30,6 +30,31 @@ def test_the_model_is_listed_with_its_family(client):
     assert any(title.startswith("demo-flux-dev [") for title in titles)
 
 
+def test_families_say_what_their_models_take_and_default_to(client):
+    """GET /families: a client that picked a model in /models builds its request from its family's row; the
+    rows are what the jobs accept (a sampler listed runs, one not listed is refused)."""
+    families = {family["name"]: family for family in client.get("/families").json()["families"]}
+    assert set(families) == {"sd15", "sdxl", "sdxl-refiner", "flux", "sd3"}
+    flux, sd3, sd15 = families["flux"], families["sd3"], families["sd15"]
+    assert flux["samplers"] == ["Euler", "DPM++ 2M", "UniPC"] and flux["guidance"] == "distilled"
+    assert flux["defaults"] == {"sampler_name": "Euler", "scheduler_type": "simple", "cfg_scale": 1.0,
+                                "distilled_cfg_scale": 3.5}  # fmt: skip
+    assert (flux["sizes_multiple_of"], flux["native_size"]) == (16, {"width": 1024, "height": 1024})
+    assert not flux["latent_hires"] and sd3["latent_hires"] and families["sd15"]["latent_hires"]
+    assert sd3["defaults"]["cfg_scale"] == 4.5 and sd3["guidance"] == "cfg" and "Heun" in sd3["samplers"]
+    assert sd15["defaults"] == {"sampler_name": "DPM++ 2M", "scheduler_type": "karras", "cfg_scale": 7.0,
+                                "distilled_cfg_scale": None}  # fmt: skip
+    assert (
+        "Euler a" in sd15["samplers"] and "Euler a" not in flux["samplers"] and not families["sdxl-refiner"]["txt2img"]
+    )
+    job = wait_for_job(client, submit(client, {**FLUX, "sampler_name": flux["samplers"][-1],
+                                               "scheduler_type": flux["schedule_types"][-1]}))  # fmt: skip
+    assert job["state"] == "done", job
+    assert parse_infotext(job["infotext"])["Sampler"] == flux["samplers"][-1]
+    models = {model["name"]: model for model in client.get("/models").json()["models"]}
+    assert models["demo-sd35"]["max_size"] == models["demo-flux-dev"]["max_size"] == 2048  # limits.yaml's
+
+
 def test_a_native_job_runs_on_the_flux_generator_with_forges_defaults(client):
     job = wait_for_job(client, submit(client, {**FLUX, "seed": 3, "negative_prompt": "blurry"}))
     assert job["state"] == "done", job

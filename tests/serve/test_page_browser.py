@@ -56,9 +56,9 @@ def test_the_page_generates_an_image_with_progress(page, client):
     refiners = [option.get_attribute("value") for option in page.locator("#refiner_checkpoint option").all()]
     assert "demo-sd15" in models and "models--demo--tiny-sdxl-base" in models
     assert refiners[0] == "" and len(refiners) == 2 and refiners[1] not in models  # "none", then the refiner
-    assert page.locator("#sampler_name option").count() > 10
     assert "Latent" in page.locator("#hires_upscaler").inner_text()
     page.select_option("#model", "demo-sd15")
+    assert page.locator("#sampler_name option").count() > 10  # A1111's, for an SD1.5 model
     page.fill("#prompt", "a lighthouse drawn by a browser")
     for field, value in {"#width": "256", "#height": "256", "#steps": "60", "#seed": "21"}.items():
         page.fill(field, value)
@@ -101,3 +101,26 @@ def test_the_page_cancels_a_running_job(page, client):
     page.click("#cancel")
     page.wait_for_function("document.getElementById('phase').textContent.startsWith('cancelled')", timeout=60_000)
     assert client.get(f"/queue/{page.inner_text('#job-id')}").json()["state"] == "cancelled"
+
+
+def test_the_page_takes_the_chosen_models_family_samplers_and_defaults(page, client):
+    """FLUX.1: its three samplers, CFG 1 and its distilled CFG, sent with the job and in its infotext; back on
+    an SD1.5 model: A1111's samplers, CFG 7, no distilled CFG."""
+    page.wait_for_function("document.querySelectorAll('#model option').length > 0")
+    page.select_option("#model", "demo-flux-dev")
+    assert [option.get_attribute("value") for option in page.locator("#sampler_name option").all()] == [
+        "Euler", "DPM++ 2M", "UniPC"]  # fmt: skip
+    assert page.input_value("#cfg_scale") == "1" and page.is_visible("#distilled_cfg_scale")
+    assert page.get_attribute("#width", "step") == "16" and page.input_value("#hires_upscaler") == "Lanczos"
+    for field, value in {"#width": "64", "#height": "64", "#steps": "4", "#distilled_cfg_scale": "5"}.items():
+        page.fill(field, value)
+    page.click("#submit")
+    page.wait_for_selector("#result:not([hidden])", timeout=120_000)
+    status = client.get(f"/queue/{page.inner_text('#job-id')}").json()
+    assert status["state"] == "done" and status["payload"]["distilled_cfg_scale"] == 5
+    assert "Distilled CFG Scale: 5" in page.inner_text("#infotext") and "Sampler: Euler" in page.inner_text("#infotext")
+    screenshot(page, "page-flux.png")
+    page.select_option("#model", "demo-sd15")
+    assert page.locator("#sampler_name option").count() > 10 and page.input_value("#sampler_name") == "DPM++ 2M"
+    assert page.input_value("#cfg_scale") == "7" and page.is_hidden("#distilled_cfg_scale")
+    assert page.get_attribute("#width", "step") == "8"

@@ -148,7 +148,7 @@ def png_base64(size=(64, 64), text: str | None = None) -> str:
 def test_every_request_needs_a_key_and_admin_routes_need_an_admin(keyed):
     http = keyed["http"]
     assert http.get("/hello").status_code == 200  # open: load balancers probe it
-    for path in ("/models", "/sdapi/v1/sd-models"):
+    for path in ("/models", "/families", "/sdapi/v1/sd-models"):
         assert http.get(path).status_code == 401
         assert http.get(path, headers={"Authorization": "Bearer not-a-key"}).status_code == 401
         assert http.get(path, headers=auth("bob")).status_code == 200
