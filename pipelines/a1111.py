@@ -85,7 +85,7 @@ def in_a1111_terms(error: DiffusionAPIError) -> DiffusionAPIError:
         return error
     error.field = a1111_name
     if "." in native or "_" in native:
-        error.message = re.sub(rf"(?<![\w.]){re.escape(native)}(?![\w.])", a1111_name, error.message)
+        error.message = re.sub(rf"(?<![\w.]){re.escape(native)}(?!\w|\.\w)", a1111_name, error.message)
         error.args = (error.message,)
     return error
 

@@ -251,11 +251,15 @@ class ModelCatalog:
         return None
 
     def _with_largest_side(self, entry: ModelEntry) -> ModelEntry:
-        """The entry with its family's size limit read from its files (cached with the weights' file facts)."""
-        read = family_of(entry.family).largest_side
-        if read is None:
+        """The entry with its family's size limit read from its files (cached in the file facts)."""
+        family = family_of(entry.family)
+        if family.largest_side is None:
             return entry
-        side = self.facts.get(entry.hash_file, "largest_side", lambda _: str(read(entry.path) or ""))
+        # A fact of the folder's denoiser config (as `unet_in_channels` of unet/config.json), or of the file.
+        source = entry.path / family.weights_folder / "config.json" if entry.path.is_dir() else entry.path
+        if not source.is_file():
+            return entry  # a folder without it does not load: the load says so
+        side = self.facts.get(source, "largest_side", lambda _: str(family.largest_side(entry.path) or ""))
         return replace(entry, largest_side=int(side)) if side else entry
 
     def _modules_of(self, path: Path, family: str, modules: Callable[[], list]) -> tuple[Path, ...]:

@@ -181,7 +181,7 @@ def prepare_job(
                          f"removed from the prompt" for item in job.foreign_embeddings]  # fmt: skip
     job.controls = plan_controls(request.controlnet, model, controlnets, request.width, request.height,
                                  job.init_image, raw, job.warnings)  # fmt: skip
-    job.hires = _plan_hires(request, mode, upscalers, job.warnings)
+    job.hires = _plan_hires(request, mode, upscalers, job.warnings, model)
     job.refiner = _plan_refiner(request, mode, model, catalog, job.warnings)
     if job.hires is not None:
         job.denoising_strength = job.hires.denoising_strength
@@ -250,16 +250,12 @@ def _apply_family_rules(job: PreparedJob, request: GenerationRequest, family: Mo
 
 def _check_largest_side(job: PreparedJob, model: ModelEntry) -> None:
     """A model whose denoiser makes images only up to a size of its own (SD 3's position table) refuses larger
-    ones here, rather than diffusers failing the job after it waited in the queue."""
+    ones here, rather than diffusers failing the job after it waited in the queue (a hires size was fitted)."""
     if model.largest_side is None:
         return
-    sizes = [("width", job.width), ("height", job.height)]
-    if job.hires is not None:
-        sizes += [("hires.scale", job.hires.width), ("hires.scale", job.hires.height)]
-    for name, side in sizes:
+    for name, side in (("width", job.width), ("height", job.height)):
         if side > model.largest_side:
-            what = "the hires fix's final size" if name == "hires.scale" else name
-            raise InvalidRequestError(f"{what} {side} is above the {model.largest_side} px a side model "
+            raise InvalidRequestError(f"{name} {side} is above the {model.largest_side} px a side model "
                                       f"'{model.name}' can make", field=name)  # fmt: skip
 
 
@@ -294,8 +290,14 @@ def at_least_one_step(steps: int, strength: float, field_prefix: str, warnings: 
 
 
 def _plan_hires(
-    request: GenerationRequest, mode: Mode, upscalers: UpscalerLibrary | None, warnings: list[str]
+    request: GenerationRequest,
+    mode: Mode,
+    upscalers: UpscalerLibrary | None,
+    warnings: list[str],
+    model: ModelEntry | None = None,
 ) -> HiresPlan | None:
+    """The hires fix's plan; a final size above the limits (configs/limits.yaml's, or the model's own where
+    smaller: SD 3's position table) is fitted to them with a warning, as A1111 users expect of a scale."""
     hires = request.hires if isinstance(request, Txt2ImgRequest) else None  # a field of txt2img only
     if hires is None or not hires.enabled:
         return None
@@ -304,14 +306,16 @@ def _plan_hires(
     upscaler = upscalers.check(hires.upscaler)
     scale = hires.scale
     width, height = hires_size(request.width, request.height, scale)
-    if max(width, height) > LIMITS.max_size or width * height > LIMITS.max_pixels:
+    max_side = min(LIMITS.max_size, model.largest_side or LIMITS.max_size) if model is not None else LIMITS.max_size
+    if max(width, height) > max_side or width * height > LIMITS.max_pixels:
         # The largest factor within the limits (the first pass itself is within them: at least 1x).
         first_pixels = request.width * request.height
-        scale = min(LIMITS.max_size / max(request.width, request.height), math.sqrt(LIMITS.max_pixels / first_pixels))
+        scale = min(max_side / max(request.width, request.height), math.sqrt(LIMITS.max_pixels / first_pixels))
         fitted = (max(8, int(request.width * scale) // 8 * 8), max(8, int(request.height * scale) // 8 * 8))
+        whose = f" (model '{model.name}' makes at most {max_side} px a side)" if max_side < LIMITS.max_size else ""
         warnings.append(
-            f"hires fix: {hires.scale:g}x would make {width}x{height}, above the limits of {LIMITS.max_size} px a "
-            f"side and {LIMITS.max_pixels} pixels; upscaled {scale:.3g}x to {fitted[0]}x{fitted[1]} instead"
+            f"hires fix: {hires.scale:g}x would make {width}x{height}, above the limits of {max_side} px a "
+            f"side and {LIMITS.max_pixels} pixels{whose}; upscaled {scale:.3g}x to {fitted[0]}x{fitted[1]} instead"
         )
         width, height = fitted
         scale = round(scale, 3)

@@ -23,6 +23,7 @@ from pydantic import (
 from pipelines.annotators import ANNOTATOR_ALIASES, ANNOTATORS
 from pipelines.catalog import Family
 from pipelines.families import ModelFamily
+from pipelines.families.base import Guidance
 from pipelines.inpaint import InpaintingFill
 from pipelines.limits import LIMITS
 from pipelines.preprocessors import ALIASES, IP_ADAPTER_ALIASES, IP_ADAPTER_MODULES, PREPROCESSORS
@@ -477,7 +478,7 @@ class FamilyInfo(BaseModel):
 
     name: Family
     label: str
-    guidance: Literal["cfg", "distilled"] = Field(
+    guidance: Guidance = Field(
         ..., description="cfg: classifier-free guidance with the negative prompt; distilled: a guidance embedding "
         "(distilled_cfg_scale), true CFG and the negative prompt only with cfg_scale above 1 (FLUX.1)",
     )  # fmt: skip

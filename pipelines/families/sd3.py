@@ -56,7 +56,8 @@ def _largest_side(path: Path) -> int | None:
     config, or a single file's table (`pos_embed`, 1 x side² x width) and patch size (`x_embedder.proj`)."""
     if path.is_dir():
         config = json.loads((path / "transformer" / "config.json").read_text())
-        side, patch = config.get("pos_embed_max_size"), config.get("patch_size", 2)
+        # Absent: SD3Transformer2DModel's default (96); null: a sin-cos table made for any size, no limit.
+        side, patch = config.get("pos_embed_max_size", 96), config.get("patch_size", 2)
     else:
         from pipelines.catalog import checkpoint_shapes  # the catalog imports this table
 
@@ -65,7 +66,9 @@ def _largest_side(path: Path) -> int | None:
         table, projection = shapes.get("pos_embed"), shapes.get("x_embedder.proj.weight")
         side = math.isqrt(table[1]) if table is not None and len(table) == 3 else None
         patch = projection[-1] if projection is not None else 2
-    return side * patch * VAE_DOWNSAMPLING if side else None
+    if not isinstance(side, int) or not isinstance(patch, int) or side <= 0 or patch <= 0:
+        return None  # a config diffusers cannot load either: the load says so
+    return side * patch * VAE_DOWNSAMPLING
 
 
 def _claims_folder(index: dict, folder: Path) -> bool:

@@ -269,8 +269,8 @@ def test_configs_of_another_variant_or_missing_say_what_does_not_match(engine, s
 
 def test_sizes_beyond_the_transformers_position_table_are_refused_when_the_job_is_prepared(engine, settings, tmp_path):
     """SD 3's transformer places patches from a table `pos_embed_max_size` patches a side (192 for 3.5 Large:
-    3072 px): a larger image is refused naming the field before it queues, not by diffusers mid-job. The demo's
-    table covers what configs/limits.yaml allows."""
+    3072 px): a larger image is refused naming the field before it queues, not by diffusers mid-job; a hires
+    scale is fitted to it. The demo's table covers what configs/limits.yaml allows."""
     from safetensors.torch import load_file, save_file
 
     assert engine.catalog.resolve("demo-sd35").largest_side == engine.catalog.resolve(SINGLE).largest_side == 2048
@@ -284,7 +284,12 @@ def test_sizes_beyond_the_transformers_position_table_are_refused_when_the_job_i
     shutil.copytree(settings.models_dir / "demo-sd35", folder)
     config = json.loads((folder / "transformer" / "config.json").read_text())
     (folder / "transformer" / "config.json").write_text(json.dumps({**config, "pos_embed_max_size": 20}))
+    unsaid = models / "sd35-default-table"  # no pos_embed_max_size: SD3Transformer2DModel's default, 96
+    shutil.copytree(folder, unsaid)
+    (unsaid / "transformer" / "config.json").write_text(json.dumps(
+        {key: value for key, value in config.items() if key != "pos_embed_max_size"}))  # fmt: skip
     catalog = ModelCatalog(settings.model_copy(update={"models_dir": models}))
+    assert catalog.resolve("sd35-default-table").largest_side == 1536
     for name, largest in ((SINGLE, 256), ("sd35-small-table", 320)):
         entry = catalog.resolve(name)
         assert entry.largest_side == largest
@@ -293,7 +298,8 @@ def test_sizes_beyond_the_transformers_position_table_are_refused_when_the_job_i
             engine.prepare(Txt2ImgRequest(**{**BASE, "width": 64, "height": largest + 16}), entry)
         assert (refused.value.field, refused.value.status_code) == ("height", 422)
         assert f"height {largest + 16} is above the {largest} px a side model '{name}' can make" in str(refused.value)
-        hires = {"hires": {"enabled": True, "scale": 2.0}}
-        with pytest.raises(InvalidRequestError) as refused:
-            engine.prepare(Txt2ImgRequest(**{**BASE, "width": largest, "height": 64, **hires}), entry)
-        assert refused.value.field == "hires.scale"
+        # A hires scale is fitted to the model's limit, as to limits.yaml's, with a warning.
+        hires = engine.prepare(Txt2ImgRequest(**{**BASE, "width": largest // 2, "height": 64,
+                                                 "hires": {"enabled": True, "scale": 4.0}}), entry)  # fmt: skip
+        assert (hires.hires.width, hires.hires.height) == (largest, 128)
+        assert f"(model '{name}' makes at most {largest} px a side); upscaled 2x" in " ".join(hires.warnings)
