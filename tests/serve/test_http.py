@@ -26,7 +26,8 @@ def test_hello_and_health(client):
 
 def test_listings(client):
     models = client.get("/models").json()
-    assert {"name": "demo-sd15", "label": "Demo SD1.5", "family": "sd15", "inpainting": False} in models["models"]
+    assert {"name": "demo-sd15", "label": "Demo SD1.5", "family": "sd15", "inpainting": False,
+            "max_size": 2048} in models["models"]  # fmt: skip
     aliases = client.get("/models/aliases").json()
     assert {"name": "models--demo--tiny-sdxl-base", "label": "Demo SDXL"} in aliases["models"]
     methods = client.get("/sampling_methods").json()

