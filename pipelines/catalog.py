@@ -23,6 +23,7 @@ import yaml
 from pipelines.errors import UnknownModelError
 from pipelines.families import FAMILIES, FamilyName, family_of
 from pipelines.families.base import UnsupportedModelError
+from pipelines.limits import LIMITS
 from pipelines.names import check_user_name
 from pipelines.settings import Settings
 
@@ -55,6 +56,11 @@ class ModelEntry:
     inpainting: bool = False  # a 9-channel UNet (image + mask conditioning): an inpainting checkpoint
     modules: tuple[Path, ...] = ()  # a single file's separate VAE and text encoder files (pipelines/modules.py)
     largest_side: int | None = None  # the largest width or height its denoiser can make, where it has a limit
+
+    @property
+    def max_size(self) -> int:
+        """The largest width or height a job on it may ask: configs/limits.yaml's, or its own where smaller."""
+        return min(LIMITS.max_size, self.largest_side or LIMITS.max_size)
 
     @property
     def hash_file(self) -> Path:

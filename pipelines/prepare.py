@@ -306,7 +306,7 @@ def _plan_hires(
     upscaler = upscalers.check(hires.upscaler)
     scale = hires.scale
     width, height = hires_size(request.width, request.height, scale)
-    max_side = min(LIMITS.max_size, model.largest_side or LIMITS.max_size) if model is not None else LIMITS.max_size
+    max_side = model.max_size if model is not None else LIMITS.max_size
     if max(width, height) > max_side or width * height > LIMITS.max_pixels:
         # The largest factor within the limits (the first pass itself is within them: at least 1x).
         first_pixels = request.width * request.height

@@ -8,7 +8,6 @@ from fastapi import APIRouter
 from deployments.contract import documented_errors
 from deployments.services import ServicesDep
 from pipelines.families import FAMILIES
-from pipelines.limits import LIMITS
 from pipelines.samplers import sampler_names, schedule_type_names
 from pipelines.schemas import (
     EmbeddingInfo,
@@ -38,7 +37,7 @@ async def models(services: ServicesDep) -> ModelsResponse:
     entries = await asyncio.to_thread(services.libraries.catalog.list_models)
     return ModelsResponse(
         models=[ModelInfo(name=e.name, label=e.label, family=e.family, inpainting=e.inpainting,
-                          max_size=min(LIMITS.max_size, e.largest_side or LIMITS.max_size)) for e in entries]
+                          max_size=e.max_size) for e in entries]
     )  # fmt: skip
 
 
